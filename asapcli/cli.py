@@ -1,0 +1,57 @@
+"""The `asap` command: a thin Typer app that dispatches to asapcli.commands."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import typer
+from transformers.utils import logging as transformers_logging
+
+from . import display
+from .commands import run
+from .errors import AsapError, UsageError
+
+app = typer.Typer(
+    name="asap",
+    help="Prune the visual tokens of vision-language models with ASAP, and measure what it saves.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,  # plain usage errors: one "Error:" line, scriptable
+    pretty_exceptions_enable=False,
+)
+
+
+def user_errors(command):
+    """Print one `Error:` line and exit non-zero instead of a traceback; ASAP_DEBUG=1 re-raises."""
+
+    @functools.wraps(command)
+    def guarded(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as error:
+            if os.environ.get("ASAP_DEBUG") == "1":
+                raise
+            if isinstance(error, AsapError):
+                display.error(str(error))
+                raise typer.Exit(2 if isinstance(error, UsageError) else 1) from None
+            display.error(f"{type(error).__name__}: {error} (ASAP_DEBUG=1 shows the traceback)")
+            raise typer.Exit(1) from None
+
+    return guarded
+
+
+@app.callback()
+def main_options() -> None:
+    """Prune the visual tokens of vision-language models with ASAP, and measure what it saves."""
+    transformers_logging.set_verbosity_error()  # generate()'s notices are not the user's business
+    transformers_logging.disable_progress_bar()  # our own spinner says what is loading
+
+
+app.command("run")(user_errors(run.run))
+
+
+def main() -> None:
+    app()

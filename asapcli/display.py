@@ -1,0 +1,36 @@
+"""Everything the commands show: stdout carries answers and JSON, stderr everything else."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import nullcontext
+
+from rich.console import Console
+
+# Spinners, tables, progress and warnings go to stderr; colour only on a terminal.
+err = Console(stderr=True, highlight=False)
+
+
+def status(message: str):
+    """A spinner on stderr while something slow runs; nothing when stderr is not a terminal."""
+    return err.status(message) if err.is_terminal else nullcontext()
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data) + "\n")
+    sys.stdout.flush()
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def note(message: str) -> None:
+    """A one-line summary on stderr, never wrapped (scripts grep it)."""
+    err.print(message, markup=False, style="dim", soft_wrap=True)
+
+
+def error(message: str) -> None:
+    err.print(f"Error: {message}", markup=False, soft_wrap=True)

@@ -1,0 +1,192 @@
+"""The language model's layer loop, driven by the project so that visual tokens can be pruned.
+
+`PrunedDecoder` wraps the LVLM's own text decoder (`model.get_decoder()`) and is installed with
+the public `model.set_decoder`. The LVLM keeps doing everything else itself: vision tower,
+projector, placing image features, the LM head, `generate()` with its sampling, streaming and
+KV cache. We chose this over an own prefill/decode loop because each model family's
+multimodal preprocessing (LLaVA-NeXT tiles and newlines, Qwen's 3-D positions) stays the
+model's own code, untouched.
+
+A `PruningPlan` is set for the duration of one `generate()` or forward call with
+`with decoder.pruning(plan):` (generate() rejects keyword arguments its model's forward does not
+name, so the plan cannot travel as one). The plan names image spans in absolute positions of the
+conversation, so it is inert during decoding steps and earlier turns, and a chat turn that
+brings a new image prunes only that image's span in its own prefill.
+
+After layer L-1 the sequence shrinks to text + k visual tokens per span; the kept tokens keep
+their ORIGINAL position ids, so RoPE is unchanged for them. The DynamicCache then holds all
+tokens in layers < L and the pruned sequence in layers >= L; layer 0 is never pruned, so its
+length (`get_seq_length()`) stays the true position of the next token for decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .methods import PruningMethod, SpanView
+
+
+@dataclass
+class PruningPlan:
+    """What to prune in the next prefill: `spans` are [start, end) positions of image tokens in the
+    whole token sequence. `layer` is L: layers 0..L-1 see every token. The decoder appends to
+    `kept` the absolute positions it kept for each span it pruned (an output, for reporting)."""
+
+    method: PruningMethod
+    k: int
+    layer: int
+    spans: list[tuple[int, int]]
+    kept: list[torch.Tensor] = field(default_factory=list)
+    merged: int = 0
+
+
+class PrunePass:
+    """The state of one pruning prefill: the spans inside this forward's chunk (chunk
+    coordinates) and the scores the attention function records for them at layer L-1."""
+
+    def __init__(self, plan: PruningPlan, chunk_start: int, chunk_len: int):
+        self.plan = plan
+        self.method = plan.method
+        self.layer = plan.layer
+        self.spans = [
+            slice(start - chunk_start, end - chunk_start)
+            for start, end in plan.spans
+            if chunk_start <= start and end <= chunk_start + chunk_len
+        ]
+        self.scores: dict[int, dict[str, torch.Tensor | None]] = {}
+
+    def record(self, index: int, **scores: torch.Tensor | None) -> None:
+        self.scores[index] = scores
+
+    def prune(self, hidden: torch.Tensor, chunk_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select k tokens per span from the output of layer L-1. Returns the kept chunk indices
+        (ascending) and the new hidden states (1, kept, d)."""
+        keep = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
+        hidden = hidden.clone()
+        for index, span in enumerate(self.spans):
+            n = span.stop - span.start
+            if self.plan.k >= n:
+                continue  # nothing to prune in this span
+            scores = self.scores.get(index, {})
+            view = SpanView(
+                start=span.start + chunk_start,
+                hidden=hidden[0, span],
+                importance=_first(scores.get("importance")),
+                mass=_first(scores.get("mass")),
+                saliency=_first(scores.get("saliency")),
+            )
+            selection = self.method.select(view, self.plan.k)
+            kept = selection.kept + span.start
+            keep[span] = False
+            keep[kept] = True
+            hidden[0, kept] = selection.hidden
+            self.plan.kept.append(kept + chunk_start)
+            self.plan.merged += selection.merged
+        index = keep.nonzero().squeeze(1)
+        return index, hidden[:, index]
+
+
+def _first(scores: torch.Tensor | None) -> torch.Tensor | None:
+    return None if scores is None else scores[0]
+
+
+class PrunedDecoder(nn.Module):
+    """Runs the wrapped decoder's own layers, norm and rotary embedding, pruning between layer
+    L-1 and L when a `PruningPlan` says so. Without a plan it is the plain causal decoder."""
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+        self.plan: PruningPlan | None = None
+
+    @contextmanager
+    def pruning(self, plan: PruningPlan | None) -> Iterator[PruningPlan | None]:
+        """Prune by `plan` in the forward calls made inside the block."""
+        previous, self.plan = self.plan, plan
+        try:
+            yield plan
+        finally:
+            self.plan = previous
+
+    @property
+    def config(self):
+        return self.decoder.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.decoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.decoder.set_input_embeddings(value)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: DynamicCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        decoder, config = self.decoder, self.decoder.config
+        if inputs_embeds is None:
+            inputs_embeds = decoder.embed_tokens(input_ids)
+        use_cache = config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=config)
+        chunk_start = past_key_values.get_seq_length() if past_key_values is not None else 0
+        chunk_len = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(chunk_len, device=inputs_embeds.device)[None] + chunk_start
+
+        prune_pass = None
+        if self.plan is not None and self.plan.method.prunes:
+            prune_pass = PrunePass(self.plan, chunk_start, chunk_len)
+            if not prune_pass.spans:
+                prune_pass = None
+        if prune_pass is not None and inputs_embeds.shape[0] != 1:
+            raise NotImplementedError("pruning runs on one sequence at a time (batches come later)")
+
+        hidden = inputs_embeds
+        position_embeddings = decoder.rotary_emb(hidden, position_ids)
+        mask, mask_kv_len = None, None
+        for index, layer in enumerate(decoder.layers[: config.num_hidden_layers]):
+            if prune_pass is not None and index == prune_pass.layer:
+                keep, hidden = prune_pass.prune(hidden, chunk_start)
+                position_ids = position_ids[..., keep]
+                position_embeddings = decoder.rotary_emb(hidden, position_ids)
+                mask_kv_len = None
+            # Layers hold different cache lengths after pruning: a mask per distinct length.
+            kv_len = past_key_values.get_seq_length(index) if past_key_values is not None else 0
+            if mask_kv_len is None or kv_len != mask_kv_len:
+                pruned_layer = past_key_values is not None and kv_len != past_key_values.get_seq_length(0)
+                mask = create_causal_mask(
+                    config=config,
+                    inputs_embeds=hidden,
+                    # Padding masks are indexed by full positions; pruned layers see none (batch 1).
+                    attention_mask=None if (pruned_layer or hidden.shape[1] != chunk_len) else attention_mask,
+                    past_key_values=past_key_values,
+                    position_ids=position_ids,
+                    layer_idx=index,
+                )
+                mask_kv_len = kv_len
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                asap_pass=prune_pass if prune_pass is not None and index < prune_pass.layer else None,
+                **kwargs,
+            )
+        hidden = decoder.norm(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)

@@ -1,0 +1,14 @@
+"""Pruning methods behind one interface; `METHODS` is the registry the CLI offers."""
+
+from __future__ import annotations
+
+from .asap import Asap
+from .base import PruningMethod, Selection, SpanView
+from .fastv import FastV
+from .random import Random
+from .vanilla import Vanilla
+
+METHODS: dict[str, type[PruningMethod]] = {m.name: m for m in (Vanilla, FastV, Random, Asap)}
+SCORE_QUERIES = ("last", "text", "all")
+
+__all__ = ["METHODS", "SCORE_QUERIES", "PruningMethod", "Selection", "SpanView"]

@@ -1,0 +1,41 @@
+"""ASAP (arXiv 2603.14549): SG-BiMask selection, saliency-weighted consolidation, budget
+reallocation. DESIGN.md section 3 says how each step is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from .base import PruningMethod, Selection, SpanView
+
+
+@dataclass(frozen=True)
+class Asap(PruningMethod):
+    name = "asap"
+    sg_bimask = True
+    needs_mass = True
+    score_queries: str = "last"
+    lambda_max: float = 1.0
+    merge_threshold: float = 0.9
+
+    def select(self, span: SpanView, k: int) -> Selection:
+        selected = ops.top_k(span.importance, k)
+        hidden = span.hidden[selected]
+        anchor = ops.consolidation_groups(hidden, span.saliency[selected], self.merge_threshold)
+        merged_hidden = ops.merge_states(hidden, span.saliency[selected], anchor)
+        is_anchor = anchor == torch.arange(k, device=anchor.device)
+        survivors, survivor_hidden = selected[is_anchor], merged_hidden[is_anchor]
+
+        # Budget reallocation: refill the absorbed slots from the pruned pool by raw mass s.
+        absorbed = k - survivors.numel()
+        pool = torch.ones(span.hidden.shape[0], dtype=torch.bool, device=selected.device)
+        pool[selected] = False
+        pool_index = pool.nonzero().squeeze(1)
+        refill = pool_index[torch.topk(span.mass[pool_index], absorbed).indices]
+
+        kept = torch.cat([survivors, refill])
+        states = torch.cat([survivor_hidden, span.hidden[refill]])
+        order = kept.argsort()
+        return Selection(kept=kept[order], hidden=states[order], merged=absorbed)

@@ -1,0 +1,57 @@
+"""The interface every pruning method implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class SpanView:
+    """What the decoder saw of one image span at the last dense layer (L-1).
+
+    hidden (n, d) is that layer's output for the span's tokens. The scores are present only when
+    the method asked for them: importance (n,) is the attention each token received from the
+    method's query rows; mass (n,) is the raw attention mass s (Eq. 2) and saliency (n,) its
+    min-max normalisation s_hat (Eq. 3).
+    """
+
+    start: int
+    hidden: torch.Tensor
+    importance: torch.Tensor | None = None
+    mass: torch.Tensor | None = None
+    saliency: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The k tokens of a span that go on past layer L-1: indices into the span, ascending, and
+    the hidden states they carry (changed only where a method merges tokens)."""
+
+    kept: torch.Tensor
+    hidden: torch.Tensor
+    merged: int = 0
+
+
+class PruningMethod:
+    """One visual-token pruning method. Subclasses set the class flags and implement `select`.
+
+    The flags tell the decoder what to compute in layers 0..L-1:
+    - `prunes`: False only for the vanilla reference.
+    - `sg_bimask`: replace the causal mask inside image spans by SG-BiMask (Eq. 4-5).
+    - `score_queries`: which query rows rank the tokens at layer L-1 ("last", "text", "all"),
+      or None when the method needs no attention scores.
+    - `needs_mass`: record s and s_hat at layer L-1.
+    """
+
+    name: ClassVar[str]
+    prunes: ClassVar[bool] = True
+    sg_bimask: ClassVar[bool] = False
+    needs_mass: ClassVar[bool] = False
+    score_queries: str | None = None
+    lambda_max: float = 1.0
+
+    def select(self, span: SpanView, k: int) -> Selection:
+        raise NotImplementedError

@@ -1,0 +1,19 @@
+"""FastV (Chen et al., ECCV 2024): causal attention from the last prompt token at layer L-1,
+top-k, drop the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import ops
+from .base import PruningMethod, Selection, SpanView
+
+
+@dataclass(frozen=True)
+class FastV(PruningMethod):
+    name = "fastv"
+    score_queries: str = "last"
+
+    def select(self, span: SpanView, k: int) -> Selection:
+        kept = ops.top_k(span.importance, k)
+        return Selection(kept=kept, hidden=span.hidden[kept])

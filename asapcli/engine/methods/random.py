@@ -1,0 +1,22 @@
+"""Seeded uniform choice of k tokens: the floor any scoring method must beat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import PruningMethod, Selection, SpanView
+
+
+@dataclass(frozen=True)
+class Random(PruningMethod):
+    name = "random"
+    seed: int = 0
+
+    def select(self, span: SpanView, k: int) -> Selection:
+        # Seeded per span so that two images of one prompt do not get the same pattern.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + span.start)
+        kept = torch.randperm(span.hidden.shape[0], generator=generator)[:k].sort().values
+        kept = kept.to(span.hidden.device)
+        return Selection(kept=kept, hidden=span.hidden[kept])

@@ -1,0 +1,16 @@
+"""No pruning: the reference every other method is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import PruningMethod, Selection, SpanView
+
+
+@dataclass(frozen=True)
+class Vanilla(PruningMethod):
+    name = "vanilla"
+    prunes = False
+
+    def select(self, span: SpanView, k: int) -> Selection:
+        raise AssertionError("vanilla never prunes")

@@ -1,0 +1,128 @@
+"""The pure tensor functions of ASAP (paper section 4), testable without a model.
+
+Shapes: B batch, H query heads, n tokens of one image span, D head dim, d hidden size.
+Every score is computed in float32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+EPS = 1e-6  # the paper's epsilon, Eq. 3 and Eq. 4
+
+
+def attention_mass(span_queries: torch.Tensor, span_keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Eq. 2: s_j = sum_{i in I} q_i . k_j * scale, averaged over heads.
+
+    span_queries (B, H, n, D) and span_keys (B, H, n, D), RoPE applied, key heads already repeated
+    for GQA. Computed as (sum_i q_i) . k_j: O(n D) per head, never the n x n matrix. Returns (B, n).
+    """
+    query_sum = span_queries.float().sum(dim=2)
+    return torch.einsum("bhd,bhnd->bhn", query_sum, span_keys.float()).mean(dim=1) * scaling
+
+
+def min_max(scores: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: min-max normalisation over the last dimension (the image span)."""
+    low = scores.amin(dim=-1, keepdim=True)
+    high = scores.amax(dim=-1, keepdim=True)
+    return (scores - low) / (high - low + EPS)
+
+
+def sg_bimask(saliency: torch.Tensor, lambda_max: float) -> torch.Tensor:
+    """Eq. 4: the additive mask of one image span under SG-BiMask.
+
+    saliency (B, n) is s_hat. Returns (B, n, n): 0 where query i >= key j, ln(max(lambda_j, eps))
+    above the diagonal, with lambda_j = lambda_max * s_hat_j.
+    """
+    n = saliency.shape[-1]
+    leak = torch.log(torch.clamp(lambda_max * saliency.float(), min=EPS))
+    future = torch.ones(n, n, dtype=torch.bool, device=saliency.device).triu(diagonal=1)
+    return torch.where(future, leak[:, None, :], torch.zeros((), device=saliency.device))
+
+
+def received_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    key_span: slice,
+    rows_per_chunk: int = 256,
+) -> torch.Tensor:
+    """Attention probability each key of `key_span` receives, averaged over heads and query rows.
+
+    queries (B, H, r, D), keys (B, H, kv, D) with heads repeated, mask (B, 1|H, r, kv) additive or
+    None. The softmax runs over all keys (text included), as in the real forward pass; rows are
+    processed in chunks so that scoring many rows never holds an r x kv x H tensor. Returns (B, n).
+    """
+    total = None
+    keys = keys.float()
+    for start in range(0, queries.shape[2], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        logits = torch.matmul(queries[:, :, rows].float(), keys.transpose(-1, -2)) * scaling
+        if mask is not None:
+            logits = logits + mask[:, :, rows].float()
+        probs = torch.softmax(logits, dim=-1)[..., key_span]
+        chunk_sum = probs.sum(dim=2).mean(dim=1)
+        total = chunk_sum if total is None else total + chunk_sum
+    return total / queries.shape[2]
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores of a 1-D tensor, in ascending (original) order."""
+    return torch.topk(scores, k).indices.sort().values
+
+
+def visit_order(saliency: torch.Tensor) -> torch.Tensor:
+    """Descending saliency; ties go to the lower position first (a stable sort)."""
+    return torch.sort(saliency, descending=True, stable=True).indices
+
+
+def consolidation_groups(hidden: torch.Tensor, saliency: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The anchor of every kept token under salience-anchored routing (section 4.2).
+
+    hidden (n, d) and saliency (n,) of the kept tokens, in position order. Tokens are visited by
+    descending saliency; a token not yet absorbed becomes an anchor and absorbs every later-visited,
+    unabsorbed token whose cosine similarity with it exceeds `threshold`. Returns anchor (n,) long:
+    anchor[j] == j for anchors, else the index of the token that absorbed j. Source sets are
+    disjoint and flow towards higher (or equal, earlier) saliency by construction.
+    """
+    order = visit_order(saliency)
+    unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    similar = ((unit @ unit.T) > threshold)[order][:, order].cpu().numpy()
+    n = len(order)
+    anchor_in_visit = np.arange(n)
+    absorbed = np.zeros(n, dtype=bool)
+    for i in range(n):  # n <= k, a few hundred: cheap next to one decoder layer
+        if absorbed[i]:
+            continue
+        members = similar[i, i + 1 :] & ~absorbed[i + 1 :]
+        absorbed[i + 1 :] |= members
+        anchor_in_visit[i + 1 :][members] = i
+    anchor = torch.empty(n, dtype=torch.long)
+    order_cpu = order.cpu()
+    anchor[order_cpu] = order_cpu[torch.from_numpy(anchor_in_visit)]
+    return anchor.to(hidden.device)
+
+
+def merge_states(hidden: torch.Tensor, saliency: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: each anchor becomes the saliency-weighted convex combination of itself and its sources.
+
+    Returns (n, d) where anchors hold merged states and other rows are unchanged. A group whose
+    weights are all zero falls back to the plain mean, so no state is ever divided by zero.
+    """
+    n = hidden.shape[0]
+    weights = saliency.float()
+    states = hidden.float()
+    weighted_sum = torch.zeros_like(states).index_add_(0, anchor, weights[:, None] * states)
+    weight_total = torch.zeros(n, device=hidden.device).index_add_(0, anchor, weights)
+    plain_sum = torch.zeros_like(states).index_add_(0, anchor, states)
+    count = torch.zeros(n, device=hidden.device).index_add_(0, anchor, torch.ones_like(weights))
+    zero_weight = weight_total <= 0
+    merged = torch.where(
+        zero_weight[:, None],
+        plain_sum / count.clamp(min=1)[:, None],
+        weighted_sum / weight_total.clamp(min=torch.finfo(torch.float32).tiny)[:, None],
+    )
+    is_anchor = anchor == torch.arange(n, device=hidden.device)
+    return torch.where(is_anchor[:, None], merged, states).to(hidden.dtype)

@@ -1,0 +1,178 @@
+"""plan() and generate(): one pruned prefill plus cached decoding, through the model's own
+`generate()`, with what it kept and how fast it ran."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import BatchFeature, DynamicCache
+from transformers.generation.streamers import BaseStreamer
+
+from . import flops
+from .engine import METHODS, SCORE_QUERIES, PruningPlan, image_spans, make_method
+from .errors import UsageError
+from .loading import Loaded
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """What the user asked for; `None` options take the method's own defaults."""
+
+    method: str = "asap"
+    k: int = 128
+    layer: int = 2
+    lambda_max: float | None = None
+    merge_threshold: float | None = None
+    score_queries: str | None = None
+    seed: int = 0
+
+    def check(self, num_layers: int | None = None) -> None:
+        """Raise UsageError for a value out of range; the layer's upper bound needs the model."""
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.k < 1:
+            raise UsageError(f"k must be at least 1, got {self.k}")
+        if self.layer < 1:
+            raise UsageError(f"layer must be at least 1 (layers 0..L-1 see every token), got {self.layer}")
+        if num_layers is not None and self.layer > num_layers - 1:
+            raise UsageError(f"layer must be in 1..{num_layers - 1} for this model ({num_layers} layers), got {self.layer}")
+        if self.lambda_max is not None and not 0 < self.lambda_max <= 1:
+            raise UsageError(f"lambda-max must be in (0, 1], got {self.lambda_max}")
+        if self.merge_threshold is not None and not -1 <= self.merge_threshold <= 1:
+            raise UsageError(f"merge-threshold is a cosine similarity in [-1, 1], got {self.merge_threshold}")
+        if self.score_queries is not None and self.score_queries not in SCORE_QUERIES:
+            raise UsageError(f"score-queries must be one of {', '.join(SCORE_QUERIES)}, got {self.score_queries!r}")
+
+
+def plan(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings, since: int = 0) -> PruningPlan:
+    """The pruning plan for the image spans of `input_ids` (one sequence) at positions >= `since`."""
+    settings.check(loaded.num_layers)
+    method = make_method(
+        settings.method,
+        lambda_max=settings.lambda_max,
+        merge_threshold=settings.merge_threshold,
+        score_queries=settings.score_queries,
+        seed=settings.seed,
+    )
+    spans = [span for span in image_spans(input_ids, loaded.image_token_id) if span[0] >= since]
+    return PruningPlan(method=method, k=settings.k, layer=settings.layer, spans=spans)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    visual_tokens: int
+    kept_tokens: int
+    merged_tokens: int
+    prefill_seconds: float
+    decode_tokens_per_second: float
+    flops_ratio: float
+    kept_positions: list[list[int]] = field(default_factory=list)
+
+    @property
+    def pruned(self) -> bool:
+        return self.kept_tokens < self.visual_tokens
+
+
+class _Streamer(BaseStreamer):
+    """Receives token ids from generate(): times the first token and hands on new text."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.shown = ""
+        self.seen_prompt = False
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:  # generate() first hands over the prompt
+            self.seen_prompt = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.ids.extend(value.flatten().tolist())
+        self._show(final=False)
+
+    def end(self) -> None:
+        self._show(final=True)
+
+    def _show(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # Hold back a partial multi-byte character, and never re-emit what was shown.
+        if self.on_text and text.startswith(self.shown) and (final or not text.endswith("\ufffd")):
+            if len(text) > len(self.shown):
+                self.on_text(text[len(self.shown) :])
+            self.shown = text
+
+
+def generate(
+    loaded: Loaded,
+    inputs: BatchFeature,
+    pruning: PruningPlan | None,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
+    cache: DynamicCache | None = None,
+) -> GenerationResult:
+    """Prefill (pruned by `pruning`, if given) and decode up to `max_tokens` tokens.
+
+    `cache` continues a conversation: `inputs` then holds the whole dialogue and only the tokens
+    the cache has not seen are prefilled.
+    """
+    model, tokenizer = loaded.model, loaded.processor.tokenizer
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    streamer = _Streamer(tokenizer, on_text)
+    sampling = {"do_sample": False} if temperature <= 0 else {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
+    torch.manual_seed(seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    _synchronize(model.device)
+    started = time.perf_counter()
+    with torch.inference_mode(), loaded.decoder.pruning(pruning):
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_tokens,
+            streamer=streamer,
+            past_key_values=cache,
+            pad_token_id=pad_id,
+            **sampling,
+        )
+    _synchronize(model.device)
+    finished = time.perf_counter()
+
+    prompt_len = inputs["input_ids"].shape[1]
+    new_ids = output[0, prompt_len:]
+    first = streamer.first_token_at or finished
+    n_new = int(new_ids.numel())
+    spans = pruning.spans if pruning is not None else image_spans(inputs["input_ids"][0], loaded.image_token_id)
+    visual = sum(end - start for start, end in spans)
+    kept = visual
+    if pruning is not None and pruning.method.prunes:
+        kept = sum(min(pruning.k, end - start) for start, end in spans)
+    stages = flops.single_prune(loaded.num_layers, visual, kept, pruning.layer if pruning else 0)
+    text_config = model.config.get_text_config()
+    return GenerationResult(
+        text=tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
+        prompt_tokens=prompt_len,
+        generated_tokens=n_new,
+        visual_tokens=visual,
+        kept_tokens=kept,
+        merged_tokens=pruning.merged if pruning is not None else 0,
+        prefill_seconds=first - started,
+        decode_tokens_per_second=(n_new - 1) / (finished - first) if n_new > 1 and finished > first else 0.0,
+        flops_ratio=flops.flops_ratio(stages, visual, text_config.hidden_size, text_config.intermediate_size),
+        kept_positions=[positions.tolist() for positions in pruning.kept] if pruning is not None else [],
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,66 @@
+"""Model presets: one TOML file per known model in `profiles/` (installed as `asapcli.profiles`).
+
+A preset names the hub checkpoint, the architecture numbers the FLOPs formulas need (so that
+no weights are needed to compute them) and the default pruning layer and budgets.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    visual_tokens: int
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hub_id: str
+    description: str
+    architecture: Architecture
+    layer: int
+    k: int
+    budgets: tuple[int, ...]
+
+
+def _profiles():
+    return resources.files("asapcli.profiles")
+
+
+def preset_names() -> list[str]:
+    return sorted(entry.name.removesuffix(".toml") for entry in _profiles().iterdir() if entry.name.endswith(".toml"))
+
+
+def find_preset(name: str) -> Preset | None:
+    entry = _profiles() / f"{name}.toml"
+    if not entry.is_file():
+        return None
+    data = tomllib.loads(entry.read_text())
+    defaults = data.get("defaults", {})
+    return Preset(
+        name=name,
+        hub_id=data["hub_id"],
+        description=data.get("description", ""),
+        architecture=Architecture(**data["architecture"]),
+        layer=defaults.get("layer", 2),
+        k=defaults.get("k", 128),
+        budgets=tuple(defaults.get("budgets", ())),
+    )
+
+
+def get_preset(name: str) -> Preset:
+    preset = find_preset(name)
+    if preset is None:
+        raise UsageError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
+    return preset
