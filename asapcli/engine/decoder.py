@@ -174,7 +174,9 @@ class PrunedDecoder(nn.Module):
                     # Padding masks are indexed by full positions; pruned layers see none (batch 1).
                     attention_mask=None if (pruned_layer or hidden.shape[1] != chunk_len) else attention_mask,
                     past_key_values=past_key_values,
-                    position_ids=position_ids,
+                    # No position ids: pruned positions jump, which transformers would read as
+                    # packed sequences and answer with a block-diagonal mask.
+                    position_ids=None,
                     layer_idx=index,
                 )
                 mask_kv_len = kv_len

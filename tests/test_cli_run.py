@@ -1,0 +1,124 @@
+"""`asap run` end to end through the CLI on the tiny model: text, --json, and every user error."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from asapcli.cli import app
+
+runner = CliRunner()
+
+
+def asap(*args, input=None):
+    return runner.invoke(app, [str(arg) for arg in args], input=input)
+
+
+def test_run_streams_an_answer_and_a_summary(llava_path, image_file):
+    result = asap("run", image_file, "what colour?", "-m", llava_path, "-k", 16, "--max-tokens", 5)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()  # the (random-weight) answer
+    assert "asap k=16 L=2: kept 16/64 visual tokens" in result.stderr
+    assert "FLOPs" in result.stderr and "prefill" in result.stderr
+
+
+def test_run_json_is_one_object_with_the_figures(llava_path, image_file):
+    result = asap("run", image_file, "what colour?", "-m", llava_path, "--method", "fastv", "-k", 16, "--json",
+                  "--max-tokens", 4)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"] == "fastv" and data["k"] == 16 and data["layer"] == 2
+    assert (data["visual_tokens_before"], data["visual_tokens_after"]) == (64, 16)
+    expected_ratio = (2 * (4 * 64 * 64**2 + 2 * 64**2 * 64 + 3 * 64 * 64 * 128)
+                      + 2 * (4 * 16 * 64**2 + 2 * 16**2 * 64 + 3 * 16 * 64 * 128)) / (
+                      4 * (4 * 64 * 64**2 + 2 * 64**2 * 64 + 3 * 64 * 64 * 128))
+    assert data["flops_ratio"] == pytest.approx(expected_ratio)
+    assert data["prefill_seconds"] > 0 and data["tokens_per_second"] >= 0
+    assert 1 <= data["generated_tokens"] <= 4 and isinstance(data["answer"], str)
+
+
+def test_run_reads_the_prompt_from_stdin(llava_path, image_file):
+    result = asap("run", image_file, "-", "-m", llava_path, "--json", "--max-tokens", 2, input="what colour?\n")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["prompt_tokens"] > 64
+
+
+def test_k_at_least_the_visual_tokens_prunes_nothing_and_says_so(llava_path, image_file):
+    result = asap("run", image_file, "hi", "-m", llava_path, "-k", 64, "--max-tokens", 2)
+    assert result.exit_code == 0, result.output
+    assert "nothing pruned" in result.stderr
+
+
+def test_vanilla_and_asap_agree_when_nothing_is_pruned(llava_path, image_file):
+    answers = []
+    for extra in (["--method", "vanilla"], ["--method", "asap", "-k", 1000, "--lambda-max", 1e-9]):
+        result = asap("run", image_file, "what?", "-m", llava_path, "--json", "--max-tokens", 8, *extra)
+        answers.append(json.loads(result.stdout)["answer"])
+    assert answers[0] == answers[1]
+
+
+@pytest.fixture
+def corrupt_image(tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return path
+
+
+@pytest.fixture
+def model_without_image_token(tmp_path, llava_path):
+    import shutil
+
+    folder = tmp_path / "no-image-token"
+    shutil.copytree(llava_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["image_token_id"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["{missing}", "hi", "-m", "{model}"], 1, "image not found"),
+        (["{corrupt}", "hi", "-m", "{model}"], 1, "not an image format PIL can open"),
+        (["{image}", "hi", "-m", "{model}", "-k", "0"], 2, "k must be at least 1"),
+        (["{image}", "hi", "-m", "{model}", "--layer", "0"], 2, "layer must be at least 1"),
+        (["{image}", "hi", "-m", "{model}", "--layer", "4"], 2, "layer must be in 1..3"),
+        (["{image}", "hi", "-m", "{model}", "--lambda-max", "0"], 2, "lambda-max must be in (0, 1]"),
+        (["{image}", "hi", "-m", "{model}", "--lambda-max", "1.5"], 2, "lambda-max must be in (0, 1]"),
+        (["{image}", "   ", "-m", "{model}"], 2, "the prompt is empty"),
+        (["{image}", "hi", "-m", "{model}", "--method", "magic"], 2, "unknown method 'magic'"),
+        (["{image}", "hi"], 2, "no model given"),
+        (["{image}", "hi", "-m", "{no_image_token}"], 1, "has no image_token_id"),
+        (["{image}", "hi", "-m", "no-such-org/no-such-model"], 1, "cannot load model"),
+        (["{image}", "hi", "-m", "{model}", "--device", "cuda:7"], 1, "no CUDA GPU"),
+    ],
+)
+def test_user_errors_are_one_line_and_non_zero(
+    args, code, message, llava_path, image_file, corrupt_image, model_without_image_token, tmp_path
+):
+    names = {
+        "model": llava_path,
+        "image": image_file,
+        "corrupt": corrupt_image,
+        "missing": tmp_path / "nope.jpg",
+        "no_image_token": model_without_image_token,
+    }
+    result = asap("run", *[arg.format(**names) for arg in args])
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"Error: {lines[0].removeprefix('Error: ')}"] and message in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_usage_errors_from_the_parser_exit_2(llava_path, image_file):
+    result = asap("run", image_file, "hi", "-m", llava_path, "--max-tokens", "0")
+    assert result.exit_code == 2
+    assert "Error:" in result.stderr
+
+
+def test_asap_debug_shows_the_traceback(llava_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("ASAP_DEBUG", "1")
+    result = asap("run", tmp_path / "nope.jpg", "hi", "-m", llava_path)
+    assert result.exit_code != 0
+    assert "image not found" in str(result.exception)

@@ -1,0 +1,148 @@
+"""The pruned decoder inside real (tiny) transformers LVLMs, against transformers' own forward
+and generate(), and the shape of the KV cache it leaves behind."""
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, DynamicCache
+
+from asapcli.engine import PruningPlan, image_spans, make_method
+from asapcli.generation import PruneSettings, generate, plan
+from asapcli.inputs import build_inputs, user_message
+from asapcli.loading import load
+
+FAMILIES = ["llava", "llava-next"]
+
+
+@pytest.fixture(scope="module")
+def loaded(model_paths):
+    return {name: load(str(path), device="cpu") for name, path in model_paths.items()}
+
+
+@pytest.fixture(scope="module")
+def reference(model_paths):
+    return {name: AutoModelForImageTextToText.from_pretrained(path).eval() for name, path in model_paths.items()}
+
+
+def two_image_inputs(lvlm, images):
+    return build_inputs(lvlm.processor, [user_message("what is where?", 2)], images)
+
+
+def logits(lvlm, inputs, pruning=None, cache=None):
+    with torch.inference_mode(), lvlm.decoder.pruning(pruning):
+        return lvlm.model(**inputs, past_key_values=cache, use_cache=cache is not None).logits
+
+
+def test_image_spans_are_the_runs_of_image_tokens():
+    ids = torch.tensor([1, 9, 9, 9, 2, 3, 9, 9, 4, 9])
+    assert image_spans(ids, 9) == [(1, 4), (6, 8), (9, 10)]
+    assert image_spans(torch.tensor([1, 2]), 9) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vanilla_matches_transformers_forward_and_generate(family, loaded, reference, images):
+    lvlm, ref = loaded[family], reference[family]
+    inputs = two_image_inputs(lvlm, images)
+    pruning = plan(lvlm, inputs["input_ids"][0], PruneSettings(method="vanilla"))
+    with torch.inference_mode():
+        expected = ref(**inputs).logits
+        expected_tokens = ref.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert torch.allclose(logits(lvlm, inputs, pruning), expected, atol=1e-5)
+    result = generate(lvlm, inputs, pruning, max_tokens=12)
+    assert result.generated_tokens == expected_tokens.shape[1] - inputs["input_ids"].shape[1]
+    assert result.text == lvlm.processor.tokenizer.decode(
+        expected_tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    ).strip()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_asap_with_nothing_to_prune_and_vanishing_lambda_is_vanilla(family, loaded, reference, images):
+    lvlm, ref = loaded[family], reference[family]
+    inputs = two_image_inputs(lvlm, images)
+    pruning = plan(lvlm, inputs["input_ids"][0], PruneSettings(method="asap", k=10_000, lambda_max=1e-12))
+    with torch.inference_mode():
+        expected = ref(**inputs).logits
+        expected_tokens = ref.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert torch.allclose(logits(lvlm, inputs, pruning), expected, atol=1e-5)
+    with torch.inference_mode(), lvlm.decoder.pruning(pruning):
+        tokens = lvlm.model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert torch.equal(tokens, expected_tokens)
+
+
+def test_sg_bimask_changes_the_forward_pass_of_layers_before_l(loaded, images):
+    """SG-BiMask is part of the forward pass (paper C.1), not only of the scoring."""
+    lvlm = loaded["llava"]
+    inputs = two_image_inputs(lvlm, images)
+    soft = plan(lvlm, inputs["input_ids"][0], PruneSettings(method="asap", k=10_000, lambda_max=1.0))
+    assert not torch.allclose(logits(lvlm, inputs, soft), logits(lvlm, inputs), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["fastv", "random", "asap"])
+def test_layers_from_l_on_hold_text_plus_k_per_image(family, method, loaded, images):
+    lvlm, k, layer = loaded[family], 8, 2
+    inputs = two_image_inputs(lvlm, images)
+    ids = inputs["input_ids"][0]
+    spans = image_spans(ids, lvlm.image_token_id)
+    assert len(spans) == 2
+    visual = sum(end - start for start, end in spans)
+    pruning = plan(lvlm, ids, PruneSettings(method=method, k=k, layer=layer))
+    cache = DynamicCache(config=lvlm.model.config.get_text_config())
+    out = logits(lvlm, inputs, pruning, cache)
+    total, text = ids.numel(), ids.numel() - visual
+    lengths = [cache.get_seq_length(i) for i in range(lvlm.num_layers)]
+    assert lengths == [total] * layer + [text + 2 * k] * (lvlm.num_layers - layer)
+    assert out.shape[1] == text + 2 * k
+    # Every kept position lies inside its own span; k per span.
+    assert [len(kept) for kept in pruning.kept] == [k, k]
+    for kept, (start, end) in zip(pruning.kept, spans):
+        assert kept.min() >= start and kept.max() < end and torch.equal(kept, kept.sort().values)
+
+
+@pytest.mark.parametrize("method", ["fastv", "asap"])
+def test_decoding_after_pruning_runs_and_reports(method, loaded, images):
+    lvlm = loaded["llava"]
+    inputs = two_image_inputs(lvlm, images)
+    pruning = plan(lvlm, inputs["input_ids"][0], PruneSettings(method=method, k=8, layer=2))
+    result = generate(lvlm, inputs, pruning, max_tokens=10)
+    assert result.generated_tokens >= 1
+    assert (result.visual_tokens, result.kept_tokens) == (128, 16)
+    assert result.flops_ratio < 0.6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_equals_a_pruned_prefill_of_the_same_tokens(family, loaded, images):
+    """Random selection does not depend on the query rows, so the from-scratch prefill keeps
+    the same tokens as the prefill whose cache the decoding steps extend."""
+    lvlm = loaded[family]
+    inputs = two_image_inputs(lvlm, images)
+    ids = inputs["input_ids"][0]
+    settings = PruneSettings(method="random", k=8, layer=2, seed=3)
+    with torch.inference_mode(), lvlm.decoder.pruning(plan(lvlm, ids, settings)):
+        generated = lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
+                                        return_dict_in_generate=True)
+    sequence = generated.sequences
+    assert sequence.shape[1] == ids.numel() + 6
+    whole = dict(inputs, input_ids=sequence, attention_mask=torch.ones_like(sequence))
+    scratch = logits(lvlm, whole, plan(lvlm, sequence[0], settings))
+    n_text_after = 6
+    for step in range(1, n_text_after):
+        # logits of decoding step `step` came from the token at sequence position prompt+step-1
+        assert torch.allclose(generated.logits[step][0], scratch[0, -(n_text_after - step) - 1], atol=1e-4)
+
+
+def test_a_plan_ignores_spans_already_in_the_cache(loaded, images):
+    """A later chat turn: the image is in the cache already, only new text is prefilled."""
+    lvlm = loaded["llava"]
+    first = build_inputs(lvlm.processor, [user_message("hi", 1)], images[:1])
+    settings = PruneSettings(method="asap", k=8, layer=2)
+    cache = DynamicCache(config=lvlm.model.config.get_text_config())
+    logits(lvlm, first, plan(lvlm, first["input_ids"][0], settings), cache)
+    before = [cache.get_seq_length(i) for i in range(lvlm.num_layers)]
+    more = lvlm.processor.tokenizer(" more", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([first["input_ids"], more], dim=1)
+    second_plan = plan(lvlm, ids[0], settings)  # names the old span; nothing in this chunk
+    with torch.inference_mode(), lvlm.decoder.pruning(second_plan):
+        lvlm.model(input_ids=more, past_key_values=cache, use_cache=True)
+    after = [cache.get_seq_length(i) for i in range(lvlm.num_layers)]
+    assert [a - b for a, b in zip(after, before)] == [more.shape[1]] * lvlm.num_layers
+    assert second_plan.kept == []
