@@ -26,19 +26,24 @@ if TYPE_CHECKING:
 ATTENTION_NAME = "asap_sdpa"
 
 
-def additive_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """The (B, 1, q, kv) float mask equivalent to what transformers passed: None means causal
-    with the queries at the end of the keys, a bool mask means True = attend."""
+def additive_mask(
+    attention_mask: torch.Tensor | None, query: torch.Tensor, kv_len: int, rows: slice = slice(None)
+) -> torch.Tensor:
+    """The (B, 1, r, kv) float mask, for query `rows`, equivalent to what transformers passed:
+    None means causal with the queries at the end of the keys, a bool mask means True = attend."""
     batch, _, q_len, _ = query.shape
     dtype, device = query.dtype, query.device
+    row_index = torch.arange(q_len, device=device)[rows]
     if attention_mask is not None and attention_mask.dtype != torch.bool:
-        return attention_mask.to(dtype).expand(batch, 1, q_len, kv_len).clone()
+        return attention_mask[:, :, rows].to(dtype).expand(batch, 1, len(row_index), kv_len).clone()
     if attention_mask is None:
-        rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-        attention_mask = (torch.arange(kv_len, device=device)[None, :] <= rows)[None, None]
+        allowed = torch.arange(kv_len, device=device)[None, :] <= row_index[:, None] + (kv_len - q_len)
+        attention_mask = allowed[None, None]
+    else:
+        attention_mask = attention_mask[:, :, rows]
     blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=device)
     mask = torch.where(attention_mask, torch.zeros((), dtype=dtype, device=device), blocked)
-    return mask.expand(batch, 1, q_len, kv_len).contiguous()
+    return mask.expand(batch, 1, len(row_index), kv_len).contiguous()
 
 
 def score_rows(score_queries: str, span: slice, q_len: int) -> slice:
@@ -75,9 +80,7 @@ def asap_attention(
     is_scoring_layer = layer == asap_pass.layer - 1
     need_mass = method.sg_bimask or (is_scoring_layer and method.needs_mass)
 
-    mask = None
-    if method.sg_bimask or (is_scoring_layer and method.score_queries):
-        mask = additive_mask(attention_mask, query, kv_len)
+    mask = additive_mask(attention_mask, query, kv_len) if method.sg_bimask else None
     for index, span in enumerate(asap_pass.spans):
         key_span = slice(span.start + offset, span.stop + offset)
         mass = saliency = None
@@ -90,7 +93,9 @@ def asap_attention(
             importance = None
             if method.score_queries:
                 rows = score_rows(method.score_queries, span, q_len)
-                importance = ops.received_attention(query[:, :, rows], keys, mask[:, :, rows], scaling, key_span)
+                # Without SG-BiMask only the scoring rows of the causal mask are ever needed.
+                row_mask = mask[:, :, rows] if mask is not None else additive_mask(attention_mask, query, kv_len, rows)
+                importance = ops.received_attention(query[:, :, rows], keys, row_mask, scaling, key_span)
             asap_pass.record(index, importance=importance, mass=mass, saliency=saliency)
 
     if method.sg_bimask:
