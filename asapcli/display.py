@@ -8,8 +8,10 @@ from contextlib import nullcontext
 
 from rich.console import Console
 
-# Spinners, tables, progress and warnings go to stderr; colour only on a terminal.
+# Spinners, progress and warnings go to stderr; colour only on a terminal. `out` is for the
+# result a command exists to show (a table), `err` for everything around it.
 err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
 
 
 def status(message: str):

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import UsageError
+
 CONVENTION = "multiply-accumulates of the visual tokens only, per layer 4vd^2 + 2v^2d + 3vdm (paper Eq. 7)"
+GQA_CONVENTION = (
+    "multiply-accumulates of the visual tokens only, per layer 2vd^2 (1 + kv_heads/heads) + 2v^2d + 3vdm "
+    "(Eq. 7 with grouped-query k/v projections)"
+)
 
 
 @dataclass(frozen=True)
@@ -19,22 +25,60 @@ class Stage:
     tokens: int
 
 
-def layer_flops(v: int, hidden: int, intermediate: int) -> int:
-    return 4 * v * hidden**2 + 2 * v**2 * hidden + 3 * v * hidden * intermediate
+def layer_flops(v: int, hidden: int, intermediate: int, kv_fraction: float = 1.0) -> float:
+    """One layer with v visual tokens. `kv_fraction` = kv_heads / heads shrinks the k and v
+    projections for grouped-query attention; 1 is the paper's multi-head count."""
+    projections = 2 * v * hidden**2 * (1 + kv_fraction)
+    return projections + 2 * v**2 * hidden + 3 * v * hidden * intermediate
 
 
-def schedule_flops(stages: list[Stage], hidden: int, intermediate: int) -> int:
+def schedule_flops(stages: list[Stage], hidden: int, intermediate: int, kv_fraction: float = 1.0) -> float:
     """Eq. 7: the sum over stages of L_n x per-layer FLOPs with v_n tokens."""
-    return sum(stage.layers * layer_flops(stage.tokens, hidden, intermediate) for stage in stages)
+    return sum(stage.layers * layer_flops(stage.tokens, hidden, intermediate, kv_fraction) for stage in stages)
 
 
 def single_prune(num_layers: int, visual_tokens: int, kept: int, layer: int) -> list[Stage]:
     """All tokens in layers 0..L-1, `kept` tokens in layers L..end (one pruning step)."""
-    return [Stage(layer, visual_tokens), Stage(num_layers - layer, min(kept, visual_tokens))]
+    if kept >= visual_tokens:
+        return [Stage(num_layers, visual_tokens)]
+    return pruning_schedule(num_layers, visual_tokens, [(layer, kept)])
 
 
-def flops_ratio(stages: list[Stage], visual_tokens: int, hidden: int, intermediate: int) -> float:
+def pruning_schedule(num_layers: int, visual_tokens: int, steps: list[tuple[int, int]]) -> list[Stage]:
+    """Stages from pruning steps (layer, tokens): from `layer` on, `tokens` visual tokens remain.
+    Layer 0 means pruned before the first decoder layer. Empty stages are dropped."""
+    stages, start, tokens = [], 0, visual_tokens
+    for layer, kept in sorted(steps):
+        if not 0 <= layer <= num_layers:
+            raise UsageError(f"pruning layer {layer} is outside this model's 0..{num_layers} layers")
+        if kept < 1:
+            raise UsageError(f"a stage must keep at least 1 token, got {kept}")
+        if kept > tokens:
+            raise UsageError(f"tokens must not grow along the schedule: {kept} after {tokens} at layer {layer}")
+        stages.append(Stage(layer - start, tokens))
+        start, tokens = layer, kept
+    stages.append(Stage(num_layers - start, tokens))
+    return [stage for stage in stages if stage.layers > 0]
+
+
+def parse_schedule(text: str) -> list[tuple[int, int]]:
+    """'2:960,16:480' -> [(2, 960), (16, 480)]."""
+    steps = []
+    for item in text.split(","):
+        layer, sep, tokens = item.strip().partition(":")
+        if not sep or not layer.strip().isdigit() or not tokens.strip().isdigit():
+            raise UsageError(f"bad schedule item {item.strip()!r}: write LAYER:TOKENS, e.g. 2:960,16:480")
+        steps.append((int(layer), int(tokens)))
+    layers = [layer for layer, _ in steps]
+    if len(set(layers)) != len(layers):
+        raise UsageError(f"schedule names a layer twice: {text}")
+    return steps
+
+
+def flops_ratio(
+    stages: list[Stage], visual_tokens: int, hidden: int, intermediate: int, kv_fraction: float = 1.0
+) -> float:
     """Eq. 8: pruned FLOPs over L x full-layer FLOPs."""
     num_layers = sum(stage.layers for stage in stages)
-    vanilla = num_layers * layer_flops(visual_tokens, hidden, intermediate)
-    return schedule_flops(stages, hidden, intermediate) / vanilla if vanilla else 1.0
+    vanilla = num_layers * layer_flops(visual_tokens, hidden, intermediate, kv_fraction)
+    return schedule_flops(stages, hidden, intermediate, kv_fraction) / vanilla if vanilla else 1.0

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from .engine import PrunedDecoder, install
 from .errors import AsapError, UsageError
-from .presets import Preset, find_preset
+from .presets import Architecture, Preset, find_preset, preset_names
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -68,6 +68,8 @@ def resolve_source(model: str) -> tuple[str, Preset | None]:
         return str(Path(model).expanduser()), None
     if Path(model).expanduser().exists():
         raise UsageError(f"model {model!r} is a file; give a model folder, a preset name or a hub id")
+    if "/" not in model:  # LVLM hub ids are owner/name: a bare word is a preset name
+        raise UsageError(f"unknown preset {model!r}; known presets: {', '.join(preset_names())} (or a folder, or a hub id)")
     return model, None
 
 
@@ -86,3 +88,44 @@ def load(model: str, device: str = "auto", dtype: str = "auto") -> Loaded:
     lvlm = lvlm.to(target).eval()
     decoder = install(lvlm)
     return Loaded(model=lvlm, processor=processor, decoder=decoder, name=model, preset=preset)
+
+
+def load_architecture(model: str, visual_tokens: int | None = None) -> Architecture:
+    """The numbers the FLOPs formulas need, from a preset or a model's config alone (no weights).
+    `visual_tokens` overrides the count; without it a config must tell it (LLaVA-1.5 style)."""
+    source, preset = resolve_source(model)
+    if preset is not None:
+        architecture = preset.architecture
+        if visual_tokens is not None:
+            architecture = Architecture(**{**architecture.__dict__, "visual_tokens": visual_tokens})
+        return architecture
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise AsapError(f"cannot read the config of {model!r}: {str(error).strip().splitlines()[0]}") from error
+    text = config.get_text_config()
+    if visual_tokens is None:
+        visual_tokens = _tokens_per_image(config)
+    if visual_tokens is None:
+        raise UsageError(f"cannot tell how many visual tokens {model!r} makes per image; pass --visual-tokens")
+    heads = text.num_attention_heads
+    return Architecture(
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        visual_tokens=visual_tokens,
+    )
+
+
+def _tokens_per_image(config) -> int | None:
+    """A fixed-resolution LLaVA-style config: (image / patch)^2 patches, plus CLS under 'full'.
+    Tiling models (LLaVA-NeXT, ...) vary per image and return None."""
+    if getattr(config, "image_grid_pinpoints", None) is not None:
+        return None
+    vision = getattr(config, "vision_config", None)
+    if vision is None or not getattr(vision, "image_size", None) or not getattr(vision, "patch_size", None):
+        return None
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)

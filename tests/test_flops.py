@@ -1,0 +1,87 @@
+"""Eq. 7-8 against hand-computed numbers, and `asap flops` through the CLI."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from asapcli import flops
+from asapcli.cli import app
+from asapcli.errors import UsageError
+
+runner = CliRunner()
+
+
+def test_layer_flops_is_the_papers_formula():
+    # v=2, d=3, m=5: 4*2*9 + 2*4*3 + 3*2*3*5 = 72 + 24 + 90
+    assert flops.layer_flops(2, 3, 5) == 186
+    # GQA with half the kv heads: 2*2*9*(1 + 0.5) = 54 instead of 72
+    assert flops.layer_flops(2, 3, 5, kv_fraction=0.5) == 168
+
+
+def test_llava_1_5_7b_vanilla_and_pruned_match_the_paper():
+    vanilla = flops.schedule_flops([flops.Stage(32, 576)], 4096, 11008)
+    assert vanilla / 1e12 == pytest.approx(3.817, abs=5e-4)  # paper Table 1 / 4
+    before_first_layer = flops.pruning_schedule(32, 576, [(0, 128)])
+    assert flops.schedule_flops(before_first_layer, 4096, 11008) / 1e12 == pytest.approx(0.833, abs=5e-4)
+
+
+def test_schedules_and_the_ratio_eq_8():
+    stages = flops.pruning_schedule(10, 100, [(2, 50), (6, 20)])
+    assert stages == [flops.Stage(2, 100), flops.Stage(4, 50), flops.Stage(4, 20)]
+    expected = (2 * flops.layer_flops(100, 8, 16) + 4 * flops.layer_flops(50, 8, 16) + 4 * flops.layer_flops(20, 8, 16)) / (
+        10 * flops.layer_flops(100, 8, 16)
+    )
+    assert flops.flops_ratio(stages, 100, 8, 16) == pytest.approx(expected)
+    assert flops.single_prune(10, 100, 500, 2) == [flops.Stage(10, 100)]  # k >= v: nothing pruned
+
+
+@pytest.mark.parametrize(
+    "steps, message",
+    [([(2, 50), (4, 80)], "must not grow"), ([(11, 5)], "outside"), ([(2, 0)], "at least 1")],
+)
+def test_bad_schedules_are_usage_errors(steps, message):
+    with pytest.raises(UsageError, match=message):
+        flops.pruning_schedule(10, 100, steps)
+
+
+def test_parse_schedule():
+    assert flops.parse_schedule("2:960, 16:480") == [(2, 960), (16, 480)]
+    with pytest.raises(UsageError):
+        flops.parse_schedule("2-960")
+
+
+def test_flops_cli_table_and_json():
+    result = runner.invoke(app, ["flops", "-m", "llava-1.5-7b", "--k", "128", "--layer", "2"])
+    assert result.exit_code == 0, result.output
+    assert "3.817" in result.stdout and "26.71%" in result.stdout and "multiply-accumulates" in result.stdout
+    result = runner.invoke(app, ["flops", "-m", "llava-next-7b", "--schedule", "2:960,16:480", "--json"])
+    data = json.loads(result.stdout)
+    assert data["tflops_vanilla"] == pytest.approx(20.825, abs=5e-3)  # paper Table 2
+    assert [s["tokens"] for s in data["stages"]] == [2880, 960, 480]
+    assert data["ratio"] == pytest.approx(data["tflops"] / data["tflops_vanilla"])
+    assert "visual tokens only" in data["convention"]
+
+
+def test_flops_from_a_local_config(llava_path):
+    result = runner.invoke(app, ["flops", "-m", str(llava_path), "--k", "16", "--layer", "1", "--json", "--gqa"])
+    data = json.loads(result.stdout)
+    assert data["architecture"] == {"layers": 4, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2,
+                                    "visual_tokens": 64}
+    expected = flops.layer_flops(64, 64, 128, 0.5) + 3 * flops.layer_flops(16, 64, 128, 0.5)
+    assert data["tflops"] * 1e12 == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-m", "no-such-preset"], "unknown preset 'no-such-preset'"),
+        (["-m", "llava-1.5-7b", "--schedule", "2:100,4:200"], "must not grow"),
+        (["-m", "llava-1.5-7b", "--schedule", "40:100"], "outside this model's 0..32 layers"),
+        (["-m", "llava-1.5-7b", "--k", "0"], "k must be at least 1"),
+    ],
+)
+def test_flops_errors(args, message):
+    result = runner.invoke(app, ["flops", *args])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: ") and message in result.stderr
