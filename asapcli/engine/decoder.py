@@ -167,12 +167,13 @@ class PrunedDecoder(nn.Module):
             # Layers hold different cache lengths after pruning: a mask per distinct length.
             kv_len = past_key_values.get_seq_length(index) if past_key_values is not None else 0
             if mask_kv_len is None or kv_len != mask_kv_len:
-                pruned_layer = past_key_values is not None and kv_len != past_key_values.get_seq_length(0)
+                # A layer that saw every token has cached exactly chunk_start of them.
+                full_layer = kv_len == chunk_start and hidden.shape[1] == chunk_len
                 mask = create_causal_mask(
                     config=config,
                     inputs_embeds=hidden,
                     # Padding masks are indexed by full positions; pruned layers see none (batch 1).
-                    attention_mask=None if (pruned_layer or hidden.shape[1] != chunk_len) else attention_mask,
+                    attention_mask=attention_mask if full_layer else None,
                     past_key_values=past_key_values,
                     # No position ids: pruned positions jump, which transformers would read as
                     # packed sequences and answer with a block-diagonal mask.
