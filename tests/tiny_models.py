@@ -91,15 +91,7 @@ def build_llava(path: Path, layers: int = 4) -> Path:
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(path)
     images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    LlavaProcessor(
-        image_processor=images,
-        tokenizer=tok,
-        patch_size=4,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    ).save_pretrained(path)
-    return path
+    return save_processor(LlavaProcessor, images, tok, path)
 
 
 def build_llava_next(path: Path) -> Path:
@@ -120,7 +112,12 @@ def build_llava_next(path: Path) -> Path:
         crop_size={"height": 16, "width": 16},
         image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
     )
-    LlavaNextProcessor(
+    return save_processor(LlavaNextProcessor, images, tok, path)
+
+
+def save_processor(processor_class, images, tok, path: Path) -> Path:
+    """The processor of a 4 px-patch CLIP tower whose CLS token is dropped ('default')."""
+    processor_class(
         image_processor=images,
         tokenizer=tok,
         patch_size=4,
