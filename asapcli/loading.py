@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -81,8 +81,7 @@ def load(model: str, device: str = "auto", dtype: str = "auto") -> Loaded:
         processor = AutoProcessor.from_pretrained(source)
         lvlm = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AsapError(f"cannot load model {model!r}: {reason}") from error
+        raise AsapError(f"cannot load model {model!r}: {_first_line(error)}") from error
     if getattr(lvlm.config, "image_token_id", None) is None:
         raise AsapError(f"model {model!r} has no image_token_id in its config: asap prunes image tokens only")
     lvlm = lvlm.to(target).eval()
@@ -95,14 +94,13 @@ def load_architecture(model: str, visual_tokens: int | None = None) -> Architect
     `visual_tokens` overrides the count; without it a config must tell it (LLaVA-1.5 style)."""
     source, preset = resolve_source(model)
     if preset is not None:
-        architecture = preset.architecture
-        if visual_tokens is not None:
-            architecture = Architecture(**{**architecture.__dict__, "visual_tokens": visual_tokens})
-        return architecture
+        if visual_tokens is None:
+            return preset.architecture
+        return replace(preset.architecture, visual_tokens=visual_tokens)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise AsapError(f"cannot read the config of {model!r}: {str(error).strip().splitlines()[0]}") from error
+        raise AsapError(f"cannot read the config of {model!r}: {_first_line(error)}") from error
     text = config.get_text_config()
     if visual_tokens is None:
         visual_tokens = _tokens_per_image(config)
@@ -129,3 +127,9 @@ def _tokens_per_image(config) -> int | None:
         return None
     patches = (vision.image_size // vision.patch_size) ** 2
     return patches + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
+
+
+def _first_line(error: Exception) -> str:
+    """Library errors run to many lines; the first says what went wrong."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

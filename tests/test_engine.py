@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, DynamicCache
 
-from asapcli.engine import PruningPlan, image_spans, make_method
+from asapcli.engine import image_spans
 from asapcli.generation import PruneSettings, generate, plan
 from asapcli.inputs import build_inputs, user_message
 from asapcli.loading import load

@@ -30,8 +30,7 @@ def flops_command(
     json: options.Json = False,
 ) -> None:
     """Theoretical FLOPs of the visual tokens, vanilla and pruned (paper Eq. 7-8)."""
-    if model is None:
-        raise UsageError("no model given: pass -m/--model with a preset, a model folder or a hub id")
+    model = options.require_model(model)
     if schedule is not None and (k is not None or layer is not None):
         raise UsageError("give either --schedule or -k/--layer, not both")
     if k is not None and k < 1:

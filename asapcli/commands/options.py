@@ -6,6 +6,9 @@ from typing import Annotated
 
 import typer
 
+from ..errors import UsageError
+from ..presets import preset_names
+
 Model = Annotated[
     str | None,
     typer.Option("-m", "--model", help="A preset name (see profiles/), a local model folder or a hub id."),
@@ -36,3 +39,10 @@ MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens
 Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling and for the random method.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
+
+
+def require_model(model: str | None) -> str:
+    """-m/--model is required until a bundled default model exists."""
+    if model is None:
+        raise UsageError(f"no model given: pass -m/--model with a preset ({', '.join(preset_names())}), a folder or a hub id")
+    return model

@@ -10,11 +10,9 @@ from typing import Annotated
 import typer
 
 from .. import display
-from ..errors import UsageError
 from ..generation import GenerationResult, PruneSettings, generate, plan
 from ..inputs import build_inputs, check_prompt, load_image, user_message
 from ..loading import load
-from ..presets import preset_names
 from . import options
 
 
@@ -36,8 +34,7 @@ def run(
     json: options.Json = False,
 ) -> None:
     """Answer PROMPT about IMAGE, pruning visual tokens inside the language model."""
-    if model is None:
-        raise UsageError(f"no model given: pass -m/--model with a preset ({', '.join(preset_names())}), a folder or a hub id")
+    model = options.require_model(model)
     if prompt == "-":
         prompt = sys.stdin.read().strip()
     check_prompt(prompt)

@@ -29,8 +29,8 @@ def install(model: PreTrainedModel) -> PrunedDecoder:
     if isinstance(decoder, PrunedDecoder):
         return decoder
     name = attention.register()
-    text_key = next((key for key in model.config.sub_configs if key == "text_config"), None)
-    model.set_attn_implementation({text_key: name} if text_key else name)
+    has_text_config = "text_config" in model.config.sub_configs
+    model.set_attn_implementation({"text_config": name} if has_text_config else name)
     pruned = PrunedDecoder(decoder)
     model.set_decoder(pruned)
     return pruned
