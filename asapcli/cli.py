@@ -9,7 +9,7 @@ import typer
 from transformers.utils import logging as transformers_logging
 
 from . import display
-from .commands import flops, run
+from .commands import flops, profile, run
 from .errors import AsapError, UsageError
 
 app = typer.Typer(
@@ -52,6 +52,7 @@ def main_options() -> None:
 
 app.command("run")(user_errors(run.run))
 app.command("flops")(user_errors(flops.flops_command))
+app.command("profile")(user_errors(profile.profile))
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import nullcontext
 
@@ -12,6 +13,8 @@ from rich.console import Console
 # result a command exists to show (a table), `err` for everything around it.
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
+if not out.is_terminal and "COLUMNS" not in os.environ:
+    out.width = 160  # a table piped to a file or a CI log is not cut at 80 columns
 
 
 def status(message: str):

@@ -38,7 +38,9 @@ class PruneSettings:
         if self.layer < 1:
             raise UsageError(f"layer must be at least 1 (layers 0..L-1 see every token), got {self.layer}")
         if num_layers is not None and self.layer > num_layers - 1:
-            raise UsageError(f"layer must be in 1..{num_layers - 1} for this model ({num_layers} layers), got {self.layer}")
+            raise UsageError(
+                f"layer must be in 1..{num_layers - 1} for this model ({num_layers} layers), got {self.layer}"
+            )
         if self.lambda_max is not None and not 0 < self.lambda_max <= 1:
             raise UsageError(f"lambda-max must be in (0, 1], got {self.lambda_max}")
         if self.merge_threshold is not None and not -1 <= self.merge_threshold <= 1:
@@ -127,11 +129,13 @@ def generate(
     the cache has not seen are prefilled.
     """
     model, tokenizer = loaded.model, loaded.processor.tokenizer
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = on_model(loaded, inputs)
     streamer = _Streamer(tokenizer, on_text)
-    sampling = {"do_sample": False} if temperature <= 0 else {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
+    sampling = (
+        {"do_sample": False}
+        if temperature <= 0
+        else {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
+    )
     torch.manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     _synchronize(model.device)
@@ -152,13 +156,11 @@ def generate(
     new_ids = output[0, prompt_len:]
     first = streamer.first_token_at or finished
     n_new = int(new_ids.numel())
-    spans = pruning.spans if pruning is not None else image_spans(inputs["input_ids"][0], loaded.image_token_id)
-    visual = sum(end - start for start, end in spans)
-    kept = visual
-    if pruning is not None and pruning.method.prunes:
-        kept = sum(min(pruning.k, end - start) for start, end in spans)
-    stages = flops.single_prune(loaded.num_layers, visual, kept, pruning.layer if pruning else 0)
-    text_config = model.config.get_text_config()
+    if pruning is None:
+        visual = kept = sum(end - start for start, end in image_spans(inputs["input_ids"][0], loaded.image_token_id))
+    else:
+        visual, kept = token_counts(pruning)
+    _, ratio = token_flops(loaded, visual, kept, pruning.layer if pruning else 0)
     return GenerationResult(
         text=tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
         prompt_tokens=prompt_len,
@@ -168,9 +170,35 @@ def generate(
         merged_tokens=pruning.merged if pruning is not None else 0,
         prefill_seconds=first - started,
         decode_tokens_per_second=(n_new - 1) / (finished - first) if n_new > 1 and finished > first else 0.0,
-        flops_ratio=flops.flops_ratio(stages, visual, text_config.hidden_size, text_config.intermediate_size),
+        flops_ratio=ratio,
         kept_positions=[positions.tolist() for positions in pruning.kept] if pruning is not None else [],
     )
+
+
+def on_model(loaded: Loaded, inputs: BatchFeature) -> BatchFeature:
+    """The inputs on the model's device, images in the model's dtype."""
+    inputs = inputs.to(loaded.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+    return inputs
+
+
+def token_counts(pruning: PruningPlan) -> tuple[int, int]:
+    """Visual tokens in the plan's spans, and how many of them go past layer L-1."""
+    sizes = [end - start for start, end in pruning.spans]
+    if not pruning.method.prunes:
+        return sum(sizes), sum(sizes)
+    return sum(sizes), sum(min(size, pruning.k) for size in sizes)
+
+
+def token_flops(loaded: Loaded, tokens: int, kept: int, layer: int) -> tuple[float, float]:
+    """Theoretical TFLOPs (Eq. 7) of `tokens` tokens of which `kept` go past layer L-1, and the
+    ratio to keeping them all (Eq. 8). The paper counts the visual tokens; given the whole
+    prompt, the same formula tells what the prefill as a whole should save."""
+    text = loaded.model.config.get_text_config()
+    stages = flops.single_prune(loaded.num_layers, tokens, kept, layer)
+    tflops = flops.schedule_flops(stages, text.hidden_size, text.intermediate_size) / 1e12
+    return tflops, flops.flops_ratio(stages, tokens, text.hidden_size, text.intermediate_size)
 
 
 def _synchronize(device: torch.device) -> None:

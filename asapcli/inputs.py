@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
 
 from .errors import AsapError, UsageError
@@ -23,6 +23,17 @@ def load_image(path: str | Path) -> Image.Image:
         raise AsapError(f"cannot read image {path}: not an image format PIL can open") from error
     except OSError as error:
         raise AsapError(f"cannot read image {path}: {error}") from error
+
+
+def pattern_image(size: int = 336) -> Image.Image:
+    """A deterministic picture for measuring without an image file: a colour gradient with a few
+    shapes (what it shows does not change what a prefill costs)."""
+    ramp = Image.linear_gradient("L").resize((size, size))
+    image = Image.merge("RGB", (ramp, ramp.rotate(90), ramp.rotate(180)))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((size // 8, size // 8, size // 3, size // 3), fill=(220, 30, 30))
+    draw.ellipse((size // 2, size // 2, 7 * size // 8, 7 * size // 8), fill=(30, 30, 220))
+    return image
 
 
 def check_prompt(prompt: str) -> str:

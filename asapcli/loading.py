@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 from .engine import PrunedDecoder, install
 from .errors import AsapError, UsageError
 from .presets import Architecture, Preset, find_preset, preset_names
+from .random_model import LlavaShape, build_llava
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -59,8 +60,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_source(model: str) -> tuple[str, Preset | None]:
-    """A preset name, a local folder or a hub id -> what from_pretrained takes, and the preset."""
+def resolve_source(model: str) -> tuple[str | None, Preset | None]:
+    """A preset name, a local folder or a hub id -> what from_pretrained takes (None for a preset
+    without a checkpoint), and the preset."""
     preset = find_preset(model)
     if preset is not None:
         return preset.hub_id, preset
@@ -69,7 +71,9 @@ def resolve_source(model: str) -> tuple[str, Preset | None]:
     if Path(model).expanduser().exists():
         raise UsageError(f"model {model!r} is a file; give a model folder, a preset name or a hub id")
     if "/" not in model:  # LVLM hub ids are owner/name: a bare word is a preset name
-        raise UsageError(f"unknown preset {model!r}; known presets: {', '.join(preset_names())} (or a folder, or a hub id)")
+        raise UsageError(
+            f"unknown preset {model!r}; known presets: {', '.join(preset_names())} (or a folder, or a hub id)"
+        )
     return model, None
 
 
@@ -77,16 +81,35 @@ def load(model: str, device: str = "auto", dtype: str = "auto") -> Loaded:
     source, preset = resolve_source(model)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
-    try:
-        processor = AutoProcessor.from_pretrained(source)
-        lvlm = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
-    except (OSError, ValueError, KeyError) as error:
-        raise AsapError(f"cannot load model {model!r}: {_first_line(error)}") from error
+    if preset is not None and preset.random_weights is not None:
+        lvlm, processor = build_llava(_random_shape(preset))
+        lvlm = lvlm.to(torch_dtype)
+    elif source is None:
+        raise AsapError(
+            f"preset {model!r} gives architecture numbers only (for asap flops); "
+            "pass a transformers-format model folder or hub id with -m to run it"
+        )
+    else:
+        try:
+            processor = AutoProcessor.from_pretrained(source)
+            lvlm = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
+        except (OSError, ValueError, KeyError) as error:
+            raise AsapError(f"cannot load model {model!r}: {_first_line(error)}") from error
     if getattr(lvlm.config, "image_token_id", None) is None:
         raise AsapError(f"model {model!r} has no image_token_id in its config: asap prunes image tokens only")
     lvlm = lvlm.to(target).eval()
     decoder = install(lvlm)
     return Loaded(model=lvlm, processor=processor, decoder=decoder, name=model, preset=preset)
+
+
+def _random_shape(preset: Preset) -> LlavaShape:
+    arch = preset.architecture
+    shape = LlavaShape(arch.layers, arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, **preset.random_weights)
+    if shape.visual_tokens != arch.visual_tokens:
+        raise AsapError(
+            f"preset {preset.name!r}: its vision tower makes {shape.visual_tokens} tokens, not {arch.visual_tokens}"
+        )
+    return shape
 
 
 def load_architecture(model: str, visual_tokens: int | None = None) -> Architecture:

@@ -1,7 +1,9 @@
 """Model presets: one TOML file per known model in `profiles/` (installed as `asapcli.profiles`).
 
-A preset names the hub checkpoint, the architecture numbers the FLOPs formulas need (so that
-no weights are needed to compute them) and the default pruning layer and budgets.
+A preset names where the model comes from (a hub checkpoint, or `[random_weights]`: built from
+the numbers alone), the architecture numbers the FLOPs formulas need (so that no weights are
+needed to compute them) and the default pruning layer and budgets. A preset with neither gives
+the architecture only.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ class Architecture:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    hub_id: str
+    hub_id: str | None
     description: str
     architecture: Architecture
     layer: int
     k: int
     budgets: tuple[int, ...]
+    random_weights: dict | None = None  # the vision tower of a model built without a checkpoint
 
 
 def _profiles():
@@ -50,12 +53,13 @@ def find_preset(name: str) -> Preset | None:
     defaults = data.get("defaults", {})
     return Preset(
         name=name,
-        hub_id=data["hub_id"],
+        hub_id=data.get("hub_id"),
         description=data.get("description", ""),
         architecture=Architecture(**data["architecture"]),
         layer=defaults.get("layer", 2),
         k=defaults.get("k", 128),
         budgets=tuple(defaults.get("budgets", ())),
+        random_weights=data.get("random_weights"),
     )
 
 

@@ -21,7 +21,9 @@ def flops_command(
     ] = None,
     schedule: Annotated[
         str | None,
-        typer.Option("--schedule", help="Several pruning steps LAYER:TOKENS,..., e.g. 2:960,16:480 (instead of -k/--layer)."),
+        typer.Option(
+            "--schedule", help="Several pruning steps LAYER:TOKENS,..., e.g. 2:960,16:480 (instead of -k/--layer)."
+        ),
     ] = None,
     visual_tokens: Annotated[
         int | None, typer.Option("--visual-tokens", min=1, help="Visual tokens before pruning (default: the model's).")
@@ -40,7 +42,7 @@ def flops_command(
     steps = [(step, min(tokens, arch.visual_tokens)) for step, tokens in steps]
     stages = flops.pruning_schedule(arch.layers, arch.visual_tokens, steps)
     kv_fraction = arch.kv_heads / arch.heads if gqa else 1.0
-    count = lambda stage_list: flops.schedule_flops(stage_list, arch.hidden, arch.intermediate, kv_fraction)  # noqa: E731
+    count = lambda stage_list: flops.schedule_flops(stage_list, arch.hidden, arch.intermediate, kv_fraction)
     vanilla = count([flops.Stage(arch.layers, arch.visual_tokens)])
     pruned = count(stages)
     convention = flops.GQA_CONVENTION if gqa else flops.CONVENTION
@@ -52,9 +54,7 @@ def flops_command(
                 "tflops_vanilla": vanilla / 1e12,
                 "tflops": pruned / 1e12,
                 "ratio": pruned / vanilla,
-                "stages": [
-                    {"layers": s.layers, "tokens": s.tokens, "tflops": count([s]) / 1e12} for s in stages
-                ],
+                "stages": [{"layers": s.layers, "tokens": s.tokens, "tflops": count([s]) / 1e12} for s in stages],
                 "architecture": arch.__dict__,
                 "convention": convention,
             }

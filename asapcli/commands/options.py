@@ -20,7 +20,9 @@ K = Annotated[
 ]
 Layer = Annotated[
     int | None,
-    typer.Option("--layer", help="Prune after layer L-1: layers 0..L-1 see every token. Default: the preset's, else 2."),
+    typer.Option(
+        "--layer", help="Prune after layer L-1: layers 0..L-1 see every token. Default: the preset's, else 2."
+    ),
 ]
 LambdaMax = Annotated[
     float | None, typer.Option("--lambda-max", help="asap: SG-BiMask's largest forward visibility, in (0, 1].")
@@ -34,7 +36,9 @@ ScoreQueries = Annotated[
     typer.Option("--score-queries", help="asap: query rows that rank tokens: last, text or all."),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")]
+Dtype = Annotated[
+    str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
+]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling and for the random method.")]
@@ -44,5 +48,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on std
 def require_model(model: str | None) -> str:
     """-m/--model is required until a bundled default model exists."""
     if model is None:
-        raise UsageError(f"no model given: pass -m/--model with a preset ({', '.join(preset_names())}), a folder or a hub id")
+        raise UsageError(
+            f"no model given: pass -m/--model with a preset ({', '.join(preset_names())}), a folder or a hub id"
+        )
     return model

@@ -1,0 +1,212 @@
+"""asap profile: prefill cost of several methods at one or more budgets, side by side in one run
+(the layout of the paper's Table 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+from .. import display
+from ..engine import METHODS
+from ..errors import UsageError
+from ..generation import PruneSettings
+from ..inputs import build_inputs, check_prompt, load_image, pattern_image, user_message
+from ..loading import load
+from ..profiling import Measurement, measure
+from . import options
+
+DEFAULT_MODEL = "bench"  # builds from its preset alone, so `asap profile` runs on a fresh machine
+
+
+def profile(
+    model: Annotated[
+        str,
+        typer.Option(
+            "-m", "--model", help="A preset, a local model folder or a hub id. Default: bench (random weights)."
+        ),
+    ] = DEFAULT_MODEL,
+    image: Annotated[
+        Path | None,
+        typer.Option("--image", help="The image. Default: a built-in test pattern at the model's resolution."),
+    ] = None,
+    prompt: Annotated[
+        str, typer.Option("--prompt", help="The question asked about the image.")
+    ] = "Describe the image.",
+    methods: Annotated[
+        str, typer.Option("--methods", help=f"Comma-separated methods to compare, from {', '.join(METHODS)}.")
+    ] = "vanilla,fastv,asap",
+    budgets: Annotated[
+        str | None,
+        typer.Option(
+            "-k",
+            "--k",
+            help="Comma-separated budgets (visual tokens kept per image). Default: the preset's k, else 128.",
+        ),
+    ] = None,
+    layer: options.Layer = None,
+    lambda_max: options.LambdaMax = None,
+    merge_threshold: options.MergeThreshold = None,
+    score_queries: options.ScoreQueries = None,
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=1, help="Timed prefills per method; the median is shown.")
+    ] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed prefills before them.")] = 1,
+    decode_tokens: Annotated[int, typer.Option("--decode-tokens", min=1, help="Tokens decoded to time decoding.")] = 16,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="CPU threads for PyTorch (default: PyTorch's choice).")
+    ] = None,
+    seed: options.Seed = 0,
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per method and budget (JSON Lines).")
+    ] = False,
+) -> None:
+    """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
+    names = _split(methods, "--methods")
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    ks = [_budget(item) for item in _split(budgets, "-k/--k")] if budgets is not None else None
+    check_prompt(prompt)
+    picture = load_image(image) if image is not None else None
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    with display.status(f"Loading {model}"):
+        loaded = load(model, device=device, dtype=dtype)
+    preset = loaded.preset
+    ks = ks or [preset.k if preset else 128]
+    layer = layer if layer is not None else (preset.layer if preset else 2)
+    if picture is None:
+        picture = pattern_image()
+    inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [picture])
+    runs = [
+        PruneSettings(
+            method=name,
+            k=k,
+            layer=layer,
+            lambda_max=lambda_max,
+            merge_threshold=merge_threshold,
+            score_queries=score_queries,
+            seed=seed,
+        )
+        for name in names
+        for k in ([ks[0]] if name == "vanilla" else ks)  # vanilla does not depend on k
+    ]
+    for settings in runs:
+        settings.check(loaded.num_layers)
+
+    results: list[Measurement] = []
+    for index, settings in enumerate(runs, 1):
+        label = f"[{index}/{len(runs)}] {settings.method}" + (
+            "" if settings.method == "vanilla" else f" k={settings.k}"
+        )
+        with display.status(label) as spinner:
+            results.append(measure(loaded, inputs, settings, repeats, warmup, decode_tokens, _progress(spinner, label)))
+
+    on_gpu = loaded.device.type == "cuda"
+    context = {
+        "model": model,
+        "device": str(loaded.device) if on_gpu else "cpu",
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "threads": None if on_gpu else torch.get_num_threads(),
+        "layer": layer,
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "repeats": repeats,
+        "warmup": warmup,
+        "time": "cuda_events" if on_gpu else "cpu_wall",
+        "memory": "cuda_max_memory_allocated" if on_gpu else "cpu_allocator_peak",
+    }
+    vanilla = next((result for result in results if result.method == "vanilla"), None)
+    if json:
+        for result in results:
+            display.print_json({**context, **_record(result, vanilla)})
+        return
+    display.out.print(_table(results, vanilla, on_gpu, context))
+    where = f"{torch.cuda.get_device_name(loaded.device)}" if on_gpu else f"CPU, {context['threads']} threads"
+    time = "CUDA-event time" if on_gpu else "wall time"
+    memory = "torch.cuda.max_memory_allocated" if on_gpu else "CPU allocator peak (torch profiler)"
+    for line in (
+        f"{where}, {context['dtype']}; {context['prompt_tokens']} prompt tokens; pruned after layer {layer - 1} (L={layer}).",
+        "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
+        f"prefill: {time}, median of {repeats} after {warmup} warm-up; time %: of vanilla's.",
+        f"peak: {memory} during prefill, above the weights, KV cache included.",
+    ):
+        display.out.print(line, markup=False, soft_wrap=True)
+
+
+def _progress(spinner, label: str):
+    """Step messages for the spinner, when there is one (a terminal)."""
+    return None if spinner is None else lambda step: spinner.update(f"{label}: {step}")
+
+
+def _split(text: str, option: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise UsageError(f"{option} is empty")
+    return items
+
+
+def _budget(item: str) -> int:
+    if not item.isdigit() or int(item) < 1:
+        raise UsageError(f"k must be a whole number of at least 1, got {item!r}")
+    return int(item)
+
+
+def _record(result: Measurement, vanilla: Measurement | None) -> dict:
+    return {
+        "method": result.method,
+        "k": result.k,
+        "visual_tokens": result.visual_tokens,
+        "kept_tokens": result.kept_tokens,
+        "merged_tokens": result.merged_tokens,
+        "tflops": result.tflops,
+        "flops_ratio": result.flops_ratio,
+        "prompt_flops_ratio": result.prompt_flops_ratio,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "prefill_seconds": result.prefill_median,
+        "prefill_seconds_all": result.prefill_seconds,
+        "time_ratio": result.prefill_median / vanilla.prefill_median if vanilla else None,
+        "decode_tokens_per_second": result.decode_tokens_per_second,
+    }
+
+
+def _table(results: list[Measurement], vanilla: Measurement | None, on_gpu: bool, context: dict) -> Table:
+    memory, time = ("GPU peak MB", "CUDA ms") if on_gpu else ("CPU peak MB", "CPU ms")
+    columns = [
+        "method",
+        "k",
+        "tokens",
+        "TFLOPs",
+        "FLOPs %",
+        "prompt %",
+        "KV MB",
+        memory,
+        f"prefill {time}",
+        "time %",
+        "decode tok/s",
+    ]
+    table = Table(title=f"{context['model']}: prefill of one image", title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for result in results:
+        table.add_row(
+            result.method,
+            "-" if result.k is None else str(result.k),
+            f"{result.kept_tokens}/{result.visual_tokens}",
+            f"{result.tflops:.4f}",
+            f"{result.flops_ratio:.1%}",
+            f"{result.prompt_flops_ratio:.1%}",
+            f"{result.kv_cache_bytes / 2**20:.1f}",
+            f"{result.peak_memory_bytes / 2**20:.1f}",
+            f"{result.prefill_median * 1000:.1f}",
+            f"{result.prefill_median / vanilla.prefill_median:.1%}" if vanilla else "-",
+            f"{result.decode_tokens_per_second:.1f}",
+        )
+    return table

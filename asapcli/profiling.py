@@ -1,0 +1,173 @@
+"""What one method costs on one input: prefill time, peak memory, KV-cache storage, decoding
+speed, and the theoretical FLOPs beside them. `asap profile` runs it per method and budget.
+
+On CUDA the figures are CUDA-event time and `torch.cuda.max_memory_allocated`; on CPU they are
+wall time (perf_counter) and the peak of the CPU allocator's live bytes recorded by the torch
+profiler. Memory is counted above what was allocated before the prefill (the weights), so it is
+what the prefill itself needs: activations, scores, masks and the KV cache it leaves behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from transformers import BatchFeature, DynamicCache
+
+from .generation import PruneSettings, on_model, plan, token_counts, token_flops
+from .loading import Loaded
+
+T = TypeVar("T")
+
+
+@dataclass
+class Measurement:
+    method: str
+    k: int | None  # None: vanilla, nothing pruned
+    visual_tokens: int
+    kept_tokens: int
+    merged_tokens: int
+    tflops: float  # Eq. 7, the visual tokens in the language model
+    flops_ratio: float  # Eq. 8
+    prompt_flops_ratio: float  # Eq. 8 counted over every prompt token, text included
+    kv_cache_bytes: int
+    peak_memory_bytes: int
+    prefill_seconds: list[float] = field(default_factory=list)
+    decode_tokens_per_second: float = 0.0
+
+    @property
+    def prefill_median(self) -> float:
+        return statistics.median(self.prefill_seconds)
+
+
+def kv_cache_bytes(cache: DynamicCache) -> int:
+    """Bytes held by the key and value tensors of every layer of the cache."""
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for layer in cache.layers
+        for tensor in (layer.keys, layer.values)
+        if tensor is not None
+    )
+
+
+def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
+    """One pruned prefill of the whole prompt: (logits of the last token, cache, plan)."""
+    pruning = plan(loaded, inputs["input_ids"][0], settings)
+    with torch.inference_mode(), loaded.decoder.pruning(pruning):
+        output = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
+    return output.logits[:, -1], output.past_key_values, pruning
+
+
+def decode(loaded: Loaded, logits: torch.Tensor, cache: DynamicCache, steps: int) -> None:
+    """`steps` greedy tokens on `cache`, whatever they are (end-of-text does not stop it)."""
+    with torch.inference_mode():
+        for _ in range(steps):
+            token = logits.argmax(dim=-1, keepdim=True)
+            logits = loaded.model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def seconds(device: torch.device, work: Callable[[], object]) -> float:
+    """Time `work`: CUDA events on a GPU, wall time on CPU; the device is synchronised first."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        work()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
+def peak_memory(device: torch.device, work: Callable[[], T]) -> tuple[int, T]:
+    """The most memory allocated at any moment of `work`, above what was allocated before it,
+    and what `work` returned (held until the count ends, so a cache left behind counts)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = work()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, result
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        result = work()
+    return _cpu_peak(profiler.events()), result
+
+
+def _cpu_peak(events) -> int:
+    """Replay the profiler's allocations (attributed to the op that made them, self only, so
+    nested ops count once) and frees ('[memory]' events) in time order; return the peak."""
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.time_range.start):
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """The profiler's C++ side prints a line to fd 2 on start and stop; stderr is ours."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def measure(
+    loaded: Loaded,
+    inputs: BatchFeature,
+    settings: PruneSettings,
+    repeats: int = 5,
+    warmup: int = 1,
+    decode_tokens: int = 16,
+    on_step: Callable[[str], None] | None = None,
+) -> Measurement:
+    """Prefill `warmup` + `repeats` times (the median of the repeats is the time), then once more
+    to count memory, then decode `decode_tokens` tokens on that cache."""
+    device = loaded.device
+    inputs = on_model(loaded, inputs)
+    step = on_step or (lambda _: None)
+    times = []
+    for index in range(warmup + repeats):
+        step(f"prefill {index + 1}/{warmup + repeats}")
+        elapsed = seconds(device, lambda: prefill(loaded, inputs, settings))
+        if index >= warmup:
+            times.append(elapsed)
+    step("memory")
+    peak, (logits, cache, pruning) = peak_memory(device, lambda: prefill(loaded, inputs, settings))
+    cache_bytes = kv_cache_bytes(cache)
+    step("decode")
+    decode(loaded, logits, cache, 1)  # warm the decode path
+    decode_time = seconds(device, lambda: decode(loaded, logits, cache, decode_tokens))
+
+    visual, kept = token_counts(pruning)
+    tflops, ratio = token_flops(loaded, visual, kept, settings.layer)
+    prompt = int(inputs["input_ids"].shape[1])
+    _, prompt_ratio = token_flops(loaded, prompt, prompt - (visual - kept), settings.layer)
+    return Measurement(
+        method=settings.method,
+        k=settings.k if pruning.method.prunes else None,
+        visual_tokens=visual,
+        kept_tokens=kept,
+        merged_tokens=pruning.merged,
+        tflops=tflops,
+        flops_ratio=ratio,
+        prompt_flops_ratio=prompt_ratio,
+        kv_cache_bytes=cache_bytes,
+        peak_memory_bytes=peak,
+        prefill_seconds=times,
+        decode_tokens_per_second=decode_tokens / decode_time if decode_time > 0 else 0.0,
+    )

@@ -1,0 +1,95 @@
+"""`asap profile` on the tiny model: every column, one JSON object per method and budget, the
+KV-cache bytes equal to the cache tensors' own, and its errors; the CPU peak-memory replay."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from asapcli.cli import app
+from asapcli.generation import PruneSettings
+from asapcli.inputs import build_inputs, pattern_image, user_message
+from asapcli.loading import load
+from asapcli.profiling import kv_cache_bytes, peak_memory, prefill
+
+runner = CliRunner()
+FAST = ["--repeats", "1", "--warmup", "0", "--decode-tokens", "2"]
+
+
+def asap(*args):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def test_profile_table_has_every_column(llava_path):
+    result = asap("profile", "-m", llava_path, "-k", 16, "--threads", 1, *FAST)
+    assert result.exit_code == 0, result.output
+    header = result.stdout
+    for column in ("method", "tokens", "TFLOPs", "FLOPs %", "prompt %", "KV MB", "CPU peak MB", "prefill CPU ms",
+                   "time %", "decode tok/s"):
+        assert column in header
+    rows = {line.split("│")[1].strip() for line in header.splitlines() if line.startswith("│")}
+    assert rows == {"vanilla", "fastv", "asap"}
+    assert "16/64" in header and "CPU, 1 threads" in header
+
+
+def test_profile_json_is_one_object_per_method_and_budget(llava_path):
+    result = asap("profile", "-m", llava_path, "--methods", "vanilla,random,asap", "-k", "16,8", "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["method"], r["k"]) for r in records] == [
+        ("vanilla", None), ("random", 16), ("random", 8), ("asap", 16), ("asap", 8)
+    ]
+    prompt = records[0]["prompt_tokens"]
+    # 4 layers, 2 key/value heads of 16 dims, float32: keys and values of every cached token.
+    per_token_layer = 2 * 2 * 16 * 4
+    for record in records:
+        kept = record["kept_tokens"]
+        assert kept == (64 if record["method"] == "vanilla" else record["k"])
+        assert record["kv_cache_bytes"] == per_token_layer * (2 * prompt + 2 * (prompt - 64 + kept))
+        assert record["prefill_seconds"] > 0 and record["decode_tokens_per_second"] > 0
+        assert record["peak_memory_bytes"] >= record["kv_cache_bytes"]
+        assert record["time"] == "cpu_wall" and record["threads"] >= 1
+    assert records[0]["flops_ratio"] == 1.0 and records[0]["time_ratio"] == 1.0
+    assert records[2]["flops_ratio"] < records[1]["flops_ratio"] < 1.0
+    assert records[1]["flops_ratio"] < records[1]["prompt_flops_ratio"] < 1.0  # text tokens are never pruned
+
+
+def test_kv_cache_bytes_sums_the_cache_tensors(llava_path):
+    loaded = load(str(llava_path), device="cpu")
+    inputs = build_inputs(loaded.processor, [user_message("hi", 1)], [pattern_image(32)])
+    _, cache, _ = prefill(loaded, inputs, PruneSettings(method="fastv", k=10, layer=2))
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    n = inputs["input_ids"].shape[1]
+    assert lengths == [n, n, n - 54, n - 54]
+    assert kv_cache_bytes(cache) == sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def test_cpu_peak_memory_sees_a_temporary_and_what_is_kept():
+    def work():
+        temporary = torch.ones(1024, 1024)  # 4 MiB, freed before the end
+        kept = temporary.sum(dim=0)  # 4 KiB, returned
+        del temporary
+        return kept
+
+    peak, kept = peak_memory(torch.device("cpu"), work)
+    assert 4 * 2**20 <= peak < 5 * 2**20
+    assert kept.shape == (1024,)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "fastv,foo"], "unknown method 'foo'"),
+        (["-k", "0"], "k must be a whole number of at least 1"),
+        (["-k", "16,x"], "got 'x'"),
+        (["--layer", "4"], "layer must be in 1..3"),
+        (["--prompt", " "], "the prompt is empty"),
+        (["--image", "missing.png"], "image not found"),
+    ],
+)
+def test_profile_errors_are_one_line(llava_path, args, message):
+    result = asap("profile", "-m", llava_path, *args, *FAST)
+    assert result.exit_code != 0
+    assert result.stderr.startswith("Error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
