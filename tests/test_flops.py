@@ -85,3 +85,48 @@ def test_flops_errors(args, message):
     result = runner.invoke(app, ["flops", *args])
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: ") and message in result.stderr
+
+
+@pytest.mark.parametrize("method", ["vanilla", "fastv", "asap"])
+def test_fvcore_counts_eq_7_exactly_on_the_tiny_model(llava_path, method):
+    from asapcli.flop_count import count_flops
+    from asapcli.generation import PruneSettings
+    from asapcli.loading import load
+
+    loaded = load(str(llava_path), device="cpu")
+    k, layer = 16, 2
+    settings = None if method == "vanilla" else PruneSettings(method=method, k=k, layer=layer)
+    counted = count_flops(loaded, 64, settings)
+    # The tiny model is grouped-query (4 query heads, 2 key/value heads): k/v projections at half size.
+    dense, pruned = flops.layer_flops(64, 64, 128, 0.5), flops.layer_flops(k, 64, 128, 0.5)
+    expected = [dense] * 4 if method == "vanilla" else [dense, dense, pruned, pruned]
+    assert counted.per_layer == expected
+    # Scoring ops, counted apart: FastV's last row against 64 keys; ASAP adds the mass of 2 layers.
+    scoring = {"vanilla": {}, "fastv": {"matmul": 64 * 64}, "asap": {"matmul": 64 * 64, "einsum": 2 * 64 * 64}}
+    assert counted.other == scoring[method]
+
+
+def test_flops_measure_through_the_cli(llava_path):
+    result = runner.invoke(app, ["flops", "-m", str(llava_path), "-k", "16", "--measure", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["measured"]["tflops"] == pytest.approx(data["tflops"], rel=1e-12)
+    assert data["measured"]["tflops_vanilla"] == pytest.approx(data["tflops_vanilla"], rel=1e-12)
+    assert data["measured"]["stages_tflops"] == pytest.approx([s["tflops"] for s in data["stages"]], rel=1e-12)
+    assert "grouped-query" in data["convention"]
+    table = runner.invoke(app, ["flops", "-m", str(llava_path), "-k", "16", "--measure"])
+    assert "measured MFLOPs" in table.stdout and "fvcore" in table.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--schedule", "1:32,2:16"], "--measure runs one pruning step"),
+        (["--layer", "0"], "layer must be at least 1"),
+        (["--layer", "4"], "layer must be in 1..3"),
+    ],
+)
+def test_flops_measure_errors(llava_path, args, message):
+    result = runner.invoke(app, ["flops", "-m", str(llava_path), "--measure", *args])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: ") and message in result.stderr

@@ -1,4 +1,5 @@
-"""asap flops: theoretical FLOPs of a pruning schedule (paper Eq. 7-8), no weights needed."""
+"""asap flops: theoretical FLOPs of a pruning schedule (paper Eq. 7-8), no weights needed; with
+--measure, fvcore's count of a real forward beside them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from rich.table import Table
 
 from .. import display, flops
 from ..errors import UsageError
-from ..loading import load_architecture
+from ..generation import PruneSettings
+from ..loading import load, load_architecture
 from . import options
 
 
@@ -29,6 +31,15 @@ def flops_command(
         int | None, typer.Option("--visual-tokens", min=1, help="Visual tokens before pruning (default: the model's).")
     ] = None,
     gqa: Annotated[bool, typer.Option("--gqa", help="Count k/v projections at their grouped-query size.")] = False,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            "--measure", help="Also count a real forward of the model's language model with fvcore (loads the model)."
+        ),
+    ] = False,
+    method: Annotated[str, typer.Option("--method", help="With --measure: the method that prunes.")] = "asap",
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
     json: options.Json = False,
 ) -> None:
     """Theoretical FLOPs of the visual tokens, vanilla and pruned (paper Eq. 7-8)."""
@@ -41,36 +52,104 @@ def flops_command(
     steps = flops.parse_schedule(schedule) if schedule else [(2 if layer is None else layer, 128 if k is None else k)]
     steps = [(step, min(tokens, arch.visual_tokens)) for step, tokens in steps]
     stages = flops.pruning_schedule(arch.layers, arch.visual_tokens, steps)
-    kv_fraction = arch.kv_heads / arch.heads if gqa else 1.0
-    count = lambda stage_list: flops.schedule_flops(stage_list, arch.hidden, arch.intermediate, kv_fraction)
-    vanilla = count([flops.Stage(arch.layers, arch.visual_tokens)])
-    pruned = count(stages)
-    convention = flops.GQA_CONVENTION if gqa else flops.CONVENTION
+    # fvcore counts what the model computes: grouped-query k/v projections at their real size.
+    kv_fraction = arch.kv_heads / arch.heads if gqa or measure else 1.0
+
+    def count(stage_list: list[flops.Stage]) -> float:
+        return flops.schedule_flops(stage_list, arch.hidden, arch.intermediate, kv_fraction)
+
+    vanilla, pruned = count([flops.Stage(arch.layers, arch.visual_tokens)]), count(stages)
+    convention = flops.GQA_CONVENTION if kv_fraction != 1.0 else flops.CONVENTION
+    counted = _measure(model, arch.visual_tokens, steps, method, device, dtype) if measure else None
 
     if json:
-        display.print_json(
-            {
-                "model": model,
-                "tflops_vanilla": vanilla / 1e12,
-                "tflops": pruned / 1e12,
-                "ratio": pruned / vanilla,
-                "stages": [{"layers": s.layers, "tokens": s.tokens, "tflops": count([s]) / 1e12} for s in stages],
-                "architecture": arch.__dict__,
-                "convention": convention,
+        record = {
+            "model": model,
+            "tflops_vanilla": vanilla / 1e12,
+            "tflops": pruned / 1e12,
+            "ratio": pruned / vanilla,
+            "stages": [{"layers": s.layers, "tokens": s.tokens, "tflops": count([s]) / 1e12} for s in stages],
+            "architecture": arch.__dict__,
+            "convention": convention,
+        }
+        if counted is not None:
+            record["measured"] = {
+                "tflops_vanilla": counted["vanilla"].total / 1e12,
+                "tflops": counted["pruned"].total / 1e12,
+                "stages_tflops": [sum(layers) / 1e12 for layers in _by_stage(counted["pruned"].per_layer, stages)],
+                "method": method,
+                "method_ops_tflops": {op: n / 1e12 for op, n in counted["pruned"].other.items()},
+                "counter": "fvcore (multiply-accumulates) with a scaled_dot_product_attention handle",
             }
-        )
+        display.print_json(record)
         return
+    display.out.print(_table(model, arch, stages, count, counted))
+    display.out.print(f"Convention: {convention}.", markup=False, soft_wrap=True)
+    if counted is not None:
+        extra = ", ".join(f"{op} {n:,}" for op, n in counted["pruned"].other.items()) or "none"
+        display.out.print(
+            f"Measured: fvcore's count of the language model run on {arch.visual_tokens} visual tokens "
+            f"(linear layers and attention), pruned by {method}; the method's own scoring ops, counted "
+            f"apart: {extra} FLOPs.",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+def _measure(model: str, visual_tokens: int, steps, method: str, device: str, dtype: str):
+    """fvcore's counts, vanilla and pruned, of the loaded model's language model."""
+    from ..flop_count import count_flops  # fvcore and the model load only when asked for
+
+    if len(steps) != 1:
+        raise UsageError("--measure runs one pruning step: give -k/--layer, not a --schedule of several")
+    ((layer, k),) = steps
+    settings = PruneSettings(method=method, k=k, layer=layer)
+    settings.check()
+    with display.status(f"Loading {model}"):
+        loaded = load(model, device=device, dtype=dtype)
+    settings.check(loaded.num_layers)
+    with display.status("Counting FLOPs with fvcore"):
+        return {"vanilla": count_flops(loaded, visual_tokens), "pruned": count_flops(loaded, visual_tokens, settings)}
+
+
+def _by_stage(per_layer: list[int], stages: list[flops.Stage]) -> list[list[int]]:
+    groups, start = [], 0
+    for stage in stages:
+        groups.append(per_layer[start : start + stage.layers])
+        start += stage.layers
+    return groups
+
+
+def _unit(flop_count: float) -> tuple[str, float]:
+    """The unit that shows `flop_count` with a few significant digits (tiny models count MFLOPs)."""
+    for name, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9)):
+        if flop_count >= 0.1 * scale:
+            return name, scale
+    return "MFLOPs", 1e6
+
+
+def _table(model, arch, stages, count, counted) -> Table:
+    vanilla, pruned = count([flops.Stage(arch.layers, arch.visual_tokens)]), count(stages)
+    unit, scale = _unit(vanilla)
     table = Table(title=f"{model}: FLOPs of the visual tokens", title_justify="left")
-    for column in ("stage", "layers", "visual tokens", "TFLOPs"):
+    columns = ["stage", "layers", "visual tokens", unit] + ([f"measured {unit}"] if counted else [])
+    for column in columns:
         table.add_column(column, justify="left" if column == "stage" else "right")
+    measured = _by_stage(counted["pruned"].per_layer, stages) if counted else [None] * len(stages)
     start = 0
-    for index, stage in enumerate(stages):
-        span = f"{start}..{start + stage.layers - 1}"
-        table.add_row(str(index), span, str(stage.tokens), f"{count([stage]) / 1e12:.3f}")
+    for index, (stage, layers) in enumerate(zip(stages, measured)):
+        cells = [str(index), f"{start}..{start + stage.layers - 1}", str(stage.tokens), f"{count([stage]) / scale:.3f}"]
+        table.add_row(*cells, *([f"{sum(layers) / scale:.3f}"] if counted else []))
         start += stage.layers
     table.add_section()
-    table.add_row("vanilla", f"0..{arch.layers - 1}", str(arch.visual_tokens), f"{vanilla / 1e12:.3f}")
-    table.add_row("pruned", "", "", f"{pruned / 1e12:.3f}")
-    table.add_row("ratio", "", "", f"{pruned / vanilla:.2%}")
-    display.out.print(table)
-    display.out.print(f"Convention: {convention}.", markup=False, soft_wrap=True)
+    rows = [
+        ("vanilla", f"0..{arch.layers - 1}", str(arch.visual_tokens), vanilla, counted and counted["vanilla"].total),
+        ("pruned", "", "", pruned, counted and counted["pruned"].total),
+    ]
+    for name, span, tokens, analytic, measured_total in rows:
+        table.add_row(
+            name, span, tokens, f"{analytic / scale:.3f}", *([f"{measured_total / scale:.3f}"] if counted else [])
+        )
+    ratio = [f"{counted['pruned'].total / counted['vanilla'].total:.2%}"] if counted else []
+    table.add_row("ratio", "", "", f"{pruned / vanilla:.2%}", *ratio)
+    return table
