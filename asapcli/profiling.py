@@ -129,27 +129,39 @@ def _quiet_stderr() -> Iterator[None]:
 def measure(
     loaded: Loaded,
     inputs: BatchFeature,
-    settings: PruneSettings,
+    runs: list[PruneSettings],
     repeats: int = 5,
     warmup: int = 1,
     decode_tokens: int = 16,
     on_step: Callable[[str], None] | None = None,
-) -> Measurement:
-    """Prefill `warmup` + `repeats` times (the median of the repeats is the time), then once more
-    to count memory, then decode `decode_tokens` tokens on that cache."""
+) -> list[Measurement]:
+    """Time `warmup` + `repeats` prefills of every run (the median of the repeats is its time),
+    interleaved round by round so that a machine that speeds up or slows down meanwhile affects
+    every run alike; then per run one more prefill to count memory, and decoding on its cache."""
     device = loaded.device
     inputs = on_model(loaded, inputs)
     step = on_step or (lambda _: None)
-    times = []
-    for index in range(warmup + repeats):
-        step(f"prefill {index + 1}/{warmup + repeats}")
-        elapsed = seconds(device, lambda: prefill(loaded, inputs, settings))
-        if index >= warmup:
-            times.append(elapsed)
-    step("memory")
+    times: list[list[float]] = [[] for _ in runs]
+    for round_index in range(warmup + repeats):
+        step(f"prefill round {round_index + 1}/{warmup + repeats}" + (" (warm-up)" if round_index < warmup else ""))
+        for settings, run_times in zip(runs, times):
+            elapsed = seconds(device, lambda settings=settings: prefill(loaded, inputs, settings))
+            if round_index >= warmup:
+                run_times.append(elapsed)
+    results = []
+    for settings, run_times in zip(runs, times):
+        step(f"memory and decoding, {settings.method}" + ("" if settings.method == "vanilla" else f" k={settings.k}"))
+        results.append(_costs(loaded, inputs, settings, run_times, decode_tokens))
+    return results
+
+
+def _costs(
+    loaded: Loaded, inputs: BatchFeature, settings: PruneSettings, times: list[float], decode_tokens: int
+) -> Measurement:
+    """Memory and KV cache of one more prefill, decoding speed on its cache, FLOPs in theory."""
+    device = loaded.device
     peak, (logits, cache, pruning) = peak_memory(device, lambda: prefill(loaded, inputs, settings))
     cache_bytes = kv_cache_bytes(cache)
-    step("decode")
     decode(loaded, logits, cache, 1)  # warm the decode path
     decode_time = seconds(device, lambda: decode(loaded, logits, cache, decode_tokens))
 

@@ -101,13 +101,8 @@ def profile(
     for settings in runs:
         settings.check(loaded.num_layers)
 
-    results: list[Measurement] = []
-    for index, settings in enumerate(runs, 1):
-        label = f"[{index}/{len(runs)}] {settings.method}" + (
-            "" if settings.method == "vanilla" else f" k={settings.k}"
-        )
-        with display.status(label) as spinner:
-            results.append(measure(loaded, inputs, settings, repeats, warmup, decode_tokens, _progress(spinner, label)))
+    with display.status(f"Measuring {len(runs)} runs") as spinner:
+        results = measure(loaded, inputs, runs, repeats, warmup, decode_tokens, _progress(spinner))
 
     on_gpu = loaded.device.type == "cuda"
     context = {
@@ -134,15 +129,15 @@ def profile(
     for line in (
         f"{where}, {context['dtype']}; {context['prompt_tokens']} prompt tokens; pruned after layer {layer - 1} (L={layer}).",
         "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
-        f"prefill: {time}, median of {repeats} after {warmup} warm-up; time %: of vanilla's.",
+        f"prefill: {time}, median of {repeats} rounds after {warmup} warm-up, methods interleaved; time %: of vanilla's.",
         f"peak: {memory} during prefill, above the weights, KV cache included.",
     ):
         display.out.print(line, markup=False, soft_wrap=True)
 
 
-def _progress(spinner, label: str):
+def _progress(spinner):
     """Step messages for the spinner, when there is one (a terminal)."""
-    return None if spinner is None else lambda step: spinner.update(f"{label}: {step}")
+    return None if spinner is None else lambda step: spinner.update(f"Measuring: {step}")
 
 
 def _split(text: str, option: str) -> list[str]:
