@@ -39,3 +39,11 @@ def note(message: str) -> None:
 
 def error(message: str) -> None:
     err.print(f"Error: {message}", markup=False, soft_wrap=True)
+
+
+def flop_unit(flop_count: float) -> tuple[str, float]:
+    """The unit that shows `flop_count` with a few significant digits (tiny models count MFLOPs)."""
+    for name, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9)):
+        if flop_count >= 0.1 * scale:
+            return name, scale
+    return "MFLOPs", 1e6

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import BatchFeature, DynamicCache
+from transformers import BatchFeature, DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from . import flops
@@ -75,10 +75,26 @@ class GenerationResult:
     decode_tokens_per_second: float
     flops_ratio: float
     kept_positions: list[list[int]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens, end-of-text included
+    fed_tokens: int = 0  # prompt tokens this call prefilled (the rest came from the cache)
+    stopped: bool = False  # cut short by `should_stop`
 
     @property
     def pruned(self) -> bool:
         return self.kept_tokens < self.visual_tokens
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends generation cleanly between two decoding steps once `should_stop()` says so (a Ctrl-C
+    inside a forward would leave the KV cache with some layers one token longer than others)."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+        self.fired = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.fired = self.fired or self.should_stop()
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
 class _Streamer(BaseStreamer):
@@ -122,11 +138,12 @@ def generate(
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
     cache: DynamicCache | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Prefill (pruned by `pruning`, if given) and decode up to `max_tokens` tokens.
 
     `cache` continues a conversation: `inputs` then holds the whole dialogue and only the tokens
-    the cache has not seen are prefilled.
+    the cache has not seen are prefilled. `should_stop` is polled after every token.
     """
     model, tokenizer = loaded.model, loaded.processor.tokenizer
     inputs = on_model(loaded, inputs)
@@ -138,6 +155,8 @@ def generate(
     )
     torch.manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = _StopWhen(should_stop) if should_stop is not None else None
+    cached = cache.get_seq_length() if cache is not None else 0
     _synchronize(model.device)
     started = time.perf_counter()
     with torch.inference_mode(), loaded.decoder.pruning(pruning):
@@ -147,6 +166,7 @@ def generate(
             streamer=streamer,
             past_key_values=cache,
             pad_token_id=pad_id,
+            stopping_criteria=StoppingCriteriaList([stop] if stop else []),
             **sampling,
         )
     _synchronize(model.device)
@@ -172,6 +192,9 @@ def generate(
         decode_tokens_per_second=(n_new - 1) / (finished - first) if n_new > 1 and finished > first else 0.0,
         flops_ratio=ratio,
         kept_positions=[positions.tolist() for positions in pruning.kept] if pruning is not None else [],
+        token_ids=new_ids.tolist(),
+        fed_tokens=prompt_len - cached,
+        stopped=bool(stop and stop.fired),
     )
 
 

@@ -120,17 +120,9 @@ def _by_stage(per_layer: list[int], stages: list[flops.Stage]) -> list[list[int]
     return groups
 
 
-def _unit(flop_count: float) -> tuple[str, float]:
-    """The unit that shows `flop_count` with a few significant digits (tiny models count MFLOPs)."""
-    for name, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9)):
-        if flop_count >= 0.1 * scale:
-            return name, scale
-    return "MFLOPs", 1e6
-
-
 def _table(model, arch, stages, count, counted) -> Table:
     vanilla, pruned = count([flops.Stage(arch.layers, arch.visual_tokens)]), count(stages)
-    unit, scale = _unit(vanilla)
+    unit, scale = display.flop_unit(vanilla)
     table = Table(title=f"{model}: FLOPs of the visual tokens", title_justify="left")
     columns = ["stage", "layers", "visual tokens", unit] + ([f"measured {unit}"] if counted else [])
     for column in columns:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import typer
 
 from ..errors import UsageError
-from ..presets import preset_names
+from ..generation import PruneSettings
+from ..presets import Preset, preset_names
 
 Model = Annotated[
     str | None,
@@ -52,3 +54,12 @@ def require_model(model: str | None) -> str:
             f"no model given: pass -m/--model with a preset ({', '.join(preset_names())}), a folder or a hub id"
         )
     return model
+
+
+def with_preset_defaults(
+    settings: PruneSettings, preset: Preset | None, k: int | None, layer: int | None
+) -> PruneSettings:
+    """k and layer the user did not give come from the model's preset, when it has one."""
+    if preset is None:
+        return settings
+    return replace(settings, k=preset.k if k is None else k, layer=preset.layer if layer is None else layer)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -52,12 +51,7 @@ def run(
 
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
-    if loaded.preset is not None:
-        settings = replace(
-            settings,
-            k=loaded.preset.k if k is None else k,
-            layer=loaded.preset.layer if layer is None else layer,
-        )
+    settings = options.with_preset_defaults(settings, loaded.preset, k, layer)
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [picture])
     pruning = plan(loaded, inputs["input_ids"][0], settings)
     result = generate(

@@ -1,0 +1,180 @@
+"""A multi-turn conversation on one pruned KV cache. Knows nothing of the terminal.
+
+Each turn renders the whole dialogue with the model's own chat template, but prefills only the
+tokens the cache has not seen: history is never prefilled again. A turn that brings new images
+prunes their spans in its own prefill (the plan names spans past the cached tokens only); the
+images of earlier turns stay in the cache as they were pruned then.
+
+The cache must hold exactly the tokens the rendered dialogue starts with. It holds what was fed:
+each turn's prompt and all its generated tokens but the last. Re-rendering an answer can
+tokenize differently from how it was generated (a leading space, an answer cut at
+--max-tokens): then the cache is cut back to the longest common prefix, which only ever drops
+text after the last image, and the rest is prefilled. Were the difference to reach into an
+image (it cannot with the templates we know), the dialogue is prefilled afresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import BatchFeature, DynamicCache
+
+from .engine import image_spans
+from .errors import AsapError
+from .generation import GenerationResult, PruneSettings, generate, plan, token_flops
+from .inputs import build_inputs, check_prompt, load_image, user_message
+from .loading import Loaded
+from .profiling import kv_cache_bytes
+
+# Processor outputs with one entry per image along dim 0; a turn passes only its new images.
+PER_IMAGE_INPUTS = ("pixel_values", "image_sizes")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+@dataclass
+class Turn:
+    number: int
+    prompt: str
+    images: list[str]  # the images this turn brought
+    result: GenerationResult
+    cached_tokens: int  # tokens in the (layer-0) cache after the turn
+
+
+class ChatSession:
+    def __init__(
+        self,
+        loaded: Loaded,
+        settings: PruneSettings,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ):
+        self.loaded = loaded
+        self.settings = settings
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.seed = seed
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the dialogue, its images (pending ones too) and the cache."""
+        self.messages: list[dict] = []
+        self.images: list[Image.Image] = []
+        self.pending: list[tuple[str, Image.Image]] = []
+        self.cache = DynamicCache(config=self.loaded.model.config.get_text_config())
+        self.seen: list[int] = []  # the token ids the cache holds, in order
+        self.turns: list[Turn] = []
+        self.tflops_vanilla = 0.0  # Eq. 7 for the images pruned so far, unpruned and pruned
+        self.tflops_pruned = 0.0
+
+    def add_image(self, path: str | Path) -> str:
+        """Queue an image for the next message. Raises AsapError for a bad file."""
+        self.pending.append((Path(path).name, load_image(path)))
+        return Path(path).name
+
+    def set_k(self, k: int) -> None:
+        """The budget for images from the next message on."""
+        settings = replace(self.settings, k=k)
+        settings.check(self.loaded.num_layers)
+        self.settings = settings
+
+    def ask(
+        self,
+        text: str,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Turn:
+        """One user turn: prefill what is new (pruning new images), stream the answer."""
+        check_prompt(text)
+        new_images = [image for _, image in self.pending]
+        messages = self.messages + [user_message(text, len(new_images))]
+        images = self.images + new_images
+        features = build_inputs(self.loaded.processor, messages, images)
+        ids = features["input_ids"][0]
+        cached = self._reuse_cache(ids.tolist())
+        pruning = plan(self.loaded, ids, self.settings, since=cached)
+        result = generate(
+            self.loaded,
+            _with_images_from(features, len(images) - len(new_images)),
+            pruning,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            seed=self.seed,
+            on_text=on_text,
+            cache=self.cache,
+            should_stop=should_stop,
+        )
+        # The last generated token was never fed to the model: the cache ends before it.
+        self.seen = ids.tolist() + result.token_ids[:-1]
+        self.messages = messages + [{"role": "assistant", "content": [{"type": "text", "text": result.text}]}]
+        self.images = images
+        turn = Turn(len(self.turns) + 1, text, [name for name, _ in self.pending], result, self.cache.get_seq_length())
+        self.pending = []
+        self.turns.append(turn)
+        if result.visual_tokens:
+            self.tflops_vanilla += token_flops(self.loaded, result.visual_tokens, result.visual_tokens, 0)[0]
+            self.tflops_pruned += token_flops(self.loaded, result.visual_tokens, result.kept_tokens, pruning.layer)[0]
+        return turn
+
+    def _reuse_cache(self, ids: list[int]) -> int:
+        """Cut the cache back to its longest common prefix with `ids` (always leaving at least one
+        token to prefill) and return how many tokens it keeps."""
+        common = 0
+        for cached, new in zip(self.seen, ids):
+            if cached != new:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)
+        drop = len(self.seen) - common
+        if drop == 0:
+            return common
+        last_image_end = max(
+            (end for _, end in image_spans(torch.tensor(self.seen), self.loaded.image_token_id)), default=0
+        )
+        if common < last_image_end:  # the cached images no longer match: start over
+            self.cache = DynamicCache(config=self.loaded.model.config.get_text_config())
+            self.seen = []
+            return 0
+        # Only text after the last image goes, and text is never pruned: every layer drops as many.
+        for layer in self.cache.layers:
+            layer.crop(-drop)
+        self.seen = self.seen[:common]
+        return common
+
+    def stats(self) -> dict:
+        lengths = [layer.get_seq_length() for layer in self.cache.layers]
+        last = self.turns[-1].result if self.turns else None
+        return {
+            "turns": len(self.turns),
+            "images": len(self.images),
+            "pending_images": len(self.pending),
+            "k": self.settings.k,
+            "method": self.settings.method,
+            "layer": self.settings.layer,
+            "cache_tokens_per_layer": lengths,
+            "kv_cache_bytes": kv_cache_bytes(self.cache),
+            "tflops_vanilla": self.tflops_vanilla,
+            "tflops": self.tflops_pruned,
+            "tflops_saved": self.tflops_vanilla - self.tflops_pruned,
+            "last_prefill_seconds": last.prefill_seconds if last else None,
+            "last_tokens_per_second": last.decode_tokens_per_second if last else None,
+        }
+
+
+def _with_images_from(features: BatchFeature, first: int) -> BatchFeature:
+    """The processed dialogue with the per-image inputs of images `first`.. only: earlier images
+    are in the cache already, and the model places image features by count."""
+    if first == 0:
+        return features
+    unknown = [key for key in features if key not in TEXT_INPUTS + PER_IMAGE_INPUTS]
+    if unknown:
+        raise AsapError(f"chat cannot split this model's image inputs per image yet ({', '.join(unknown)})")
+    kept = BatchFeature({key: features[key] for key in TEXT_INPUTS if key in features})
+    for key in PER_IMAGE_INPUTS:
+        if key in features and features[key].shape[0] > first:
+            kept[key] = features[key][first:]
+    return kept

@@ -1,0 +1,221 @@
+"""asap chat [IMAGE]: a multi-turn conversation on one pruned KV cache.
+
+On a terminal it prompts with '> ' and streams answers; Ctrl-C stops an answer and keeps the
+session, Ctrl-D exits. Piped, it reads one user turn (or /command) per line and prints answers
+plainly, or one JSON object per turn with --json. Errors inside the chat keep the session; a
+piped session that met one exits 1 at the end, so that scripts notice.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import display
+from ..chat import ChatSession, Turn
+from ..errors import AsapError, UsageError
+from ..generation import PruneSettings
+from ..inputs import load_image
+from ..loading import load
+from . import options
+from .run import summary
+
+HELP = """Commands:
+  /image PATH   add an image to your next message (pruned to k tokens in its own prefill)
+  /k N          visual tokens kept per image, from the next image on
+  /stats        tokens cached per layer, KV-cache size, FLOPs saved so far, last speeds
+  /reset        forget the conversation, its images and the cache (alias /clear)
+  /help         this list
+  /exit         leave (Ctrl-D too); Ctrl-C stops an answer and keeps the session"""
+
+
+def chat(
+    image: Annotated[Path | None, typer.Argument(metavar="[IMAGE]", help="An image for the first message.")] = None,
+    model: options.Model = None,
+    method: options.Method = "asap",
+    k: options.K = None,
+    layer: options.Layer = None,
+    lambda_max: options.LambdaMax = None,
+    merge_threshold: options.MergeThreshold = None,
+    score_queries: options.ScoreQueries = None,
+    max_tokens: options.MaxTokens = 128,
+    temperature: options.Temperature = 0.0,
+    seed: options.Seed = 0,
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object per turn instead of text.")] = False,
+) -> None:
+    """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
+    model = options.require_model(model)
+    settings = PruneSettings(
+        method=method,
+        k=128 if k is None else k,
+        layer=2 if layer is None else layer,
+        lambda_max=lambda_max,
+        merge_threshold=merge_threshold,
+        score_queries=score_queries,
+        seed=seed,
+    )
+    settings.check()
+    if image is not None:
+        load_image(image)  # a bad first image fails before the long load
+    with display.status(f"Loading {model}"):
+        loaded = load(model, device=device, dtype=dtype)
+    settings = options.with_preset_defaults(settings, loaded.preset, k, layer)
+    settings.check(loaded.num_layers)
+    session = ChatSession(loaded, settings, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    if image is not None:
+        session.add_image(image)
+
+    interactive = sys.stdin.isatty()
+    if interactive and not json:
+        display.note(
+            f"Chatting with {model} ({settings.method}, k={settings.k}, L={settings.layer}). /help lists commands."
+        )
+    failed = False
+    for line in _lines(interactive):
+        try:
+            if line.startswith("/"):
+                if not _command(session, line, json):
+                    break
+            else:
+                _turn(session, line, json, interactive)
+        except AsapError as error:
+            display.error(str(error))
+            failed = True
+    if failed and not interactive:
+        raise typer.Exit(1)
+
+
+def _lines(interactive: bool) -> Iterator[str]:
+    """User lines, blank ones skipped: prompted on a terminal (Ctrl-C clears the line), else stdin."""
+    if not interactive:
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
+        return
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            display.err.print()
+            return
+        except KeyboardInterrupt:
+            display.err.print()
+            continue
+        if line.strip():
+            yield line.strip()
+
+
+def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> None:
+    with _interruptible() as interrupted:
+        turn = session.ask(text, on_text=None if json else display.write, should_stop=interrupted)
+    if json:
+        display.print_json(_record(turn))
+        return
+    display.write("\n")
+    if turn.result.stopped:
+        display.note("(stopped)")
+    if interactive:
+        display.note(summary(session.settings, turn.result) + f"; {turn.cached_tokens} tokens in cache")
+
+
+def _command(session: ChatSession, line: str, json: bool) -> bool:
+    """Run a /command; False means leave."""
+    name, _, argument = line.partition(" ")
+    argument = argument.strip()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        display.out.print(HELP, markup=False, highlight=False, soft_wrap=True)
+    elif name == "/image":
+        if not argument:
+            raise UsageError("/image needs a path: /image PATH")
+        added = session.add_image(argument)
+        display.note(f"{added} will go with your next message.")
+    elif name in ("/reset", "/clear"):
+        session.reset()
+        display.note("Conversation, images and cache cleared.")
+    elif name == "/k":
+        if not argument.isdigit() or int(argument) < 1:
+            raise UsageError(f"/k needs a whole number of at least 1, got {argument!r}")
+        session.set_k(int(argument))
+        display.note(f"k = {session.settings.k} from the next image on.")
+    elif name == "/stats":
+        stats = session.stats()
+        if json:
+            display.print_json({"stats": stats})
+        else:
+            display.out.print(_stats_text(stats), markup=False, highlight=False, soft_wrap=True)
+    else:
+        raise UsageError(f"unknown command {name}; /help lists them")
+    return True
+
+
+@contextmanager
+def _interruptible() -> Iterator[Callable[[], bool]]:
+    """While an answer streams, Ctrl-C asks generation to stop after the current token."""
+    pressed = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    except ValueError:  # not the main thread (embedded use): Ctrl-C keeps its default meaning
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _record(turn: Turn) -> dict:
+    result = turn.result
+    return {
+        "turn": turn.number,
+        "prompt": turn.prompt,
+        "answer": result.text,
+        "images": turn.images,
+        "fed_tokens": result.fed_tokens,
+        "cached_tokens": turn.cached_tokens,
+        "visual_tokens_before": result.visual_tokens,
+        "visual_tokens_after": result.kept_tokens,
+        "merged_tokens": result.merged_tokens,
+        "flops_ratio": result.flops_ratio,
+        "prefill_seconds": result.prefill_seconds,
+        "tokens_per_second": result.decode_tokens_per_second,
+        "generated_tokens": result.generated_tokens,
+        "stopped": result.stopped,
+    }
+
+
+def _stats_text(stats: dict) -> str:
+    lengths = stats["cache_tokens_per_layer"]
+    groups, start = [], 0
+    for index in range(1, len(lengths) + 1):  # runs of layers holding as many tokens
+        if index == len(lengths) or lengths[index] != lengths[start]:
+            span = f"{start}" if index - 1 == start else f"{start}-{index - 1}"
+            groups.append(f"layers {span}: {lengths[start]}")
+            start = index
+    saved = stats["tflops_saved"] * 1e12
+    unit, scale = display.flop_unit(saved)
+    share = f" ({saved / 1e12 / stats['tflops_vanilla']:.1%} of the images' vanilla FLOPs)" if saved else ""
+    speeds = "no turn yet"
+    if stats["last_prefill_seconds"] is not None:
+        speeds = f"prefill {stats['last_prefill_seconds']:.3f} s, decode {stats['last_tokens_per_second']:.1f} tokens/s"
+    return "\n".join(
+        [
+            (
+                f"turns {stats['turns']}, images {stats['images']} (+{stats['pending_images']} pending); "
+                f"{stats['method']} k={stats['k']} L={stats['layer']}"
+            ),
+            "tokens in cache: " + ("; ".join(groups) if groups else "none"),
+            f"KV cache: {stats['kv_cache_bytes'] / 2**20:.2f} MB",
+            f"FLOPs saved so far (Eq. 7, visual tokens): {saved / scale:.3f} {unit}{share}",
+            f"last turn: {speeds}",
+        ]
+    )

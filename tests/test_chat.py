@@ -1,0 +1,217 @@
+"""Multi-turn chat on one pruned KV cache: a scripted transcript through the CLI, equivalence
+with a single prefill of the whole dialogue, and what the cache holds after each turn."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+from typer.testing import CliRunner
+
+from asapcli.chat import ChatSession
+from asapcli.cli import app
+from asapcli.engine import METHODS, PruningPlan, image_spans, make_method
+from asapcli.generation import PruneSettings, on_model
+from asapcli.inputs import build_inputs, user_message
+from asapcli.loading import load
+
+runner = CliRunner()
+K, LAYER, VISUAL = 16, 2, 64  # the tiny LLaVA makes 64 visual tokens per image
+
+
+def chat(*args, input):
+    return runner.invoke(app, ["chat", *[str(arg) for arg in args]], input=input)
+
+
+@pytest.fixture(scope="module")
+def lvlm(llava_path):
+    return load(str(llava_path), device="cpu")
+
+
+@pytest.fixture
+def second_image(tmp_path, images):
+    path = tmp_path / "second.png"
+    images[1].save(path)
+    return path
+
+
+def test_transcript_through_the_cli(llava_path, image_file, second_image):
+    transcript = f"hi\nwhat colour is it?\n/image {second_image}\ncompare the two\n/stats\n/reset\n/exit\nnever read\n"
+    result = chat(image_file, "-m", llava_path, "-k", K, "--max-tokens", 4, input=transcript)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    answers, stats = lines[:3], "\n".join(lines[3:])
+    assert all(answer.strip() for answer in answers)  # three answers, one line each
+    # Two images pruned to 16 of 64 tokens in layers >= 2; layers 0-1 hold every token.
+    assert "images 2" in stats and "asap k=16 L=2" in stats
+    assert "tokens in cache: layers 0-1: " in stats and "; layers 2-3: " in stats
+    full, pruned = (int(part.split(": ")[1]) for part in stats.splitlines()[1].removeprefix("tokens in cache: ").split("; "))
+    assert full - pruned == 2 * (VISUAL - K)
+    assert "KV cache:" in stats and "FLOPs saved so far" in stats
+    assert "second.png will go with your next message." in result.stderr
+    assert "cleared" in result.stderr
+
+
+def test_json_transcript_has_one_object_per_turn(llava_path, image_file, second_image):
+    transcript = f"hi\nwhat colour?\n/image {second_image}\nand now?\n/stats\n"
+    result = chat(image_file, "-m", llava_path, "-k", K, "--max-tokens", 3, "--json", input=transcript)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    turns, stats = records[:3], records[3]["stats"]
+    assert [t["turn"] for t in turns] == [1, 2, 3]
+    assert [t["images"] for t in turns] == [["picture.png"], [], ["second.png"]]
+    assert [(t["visual_tokens_before"], t["visual_tokens_after"]) for t in turns] == [(64, 16), (0, 0), (64, 16)]
+    # Later turns prefill only what is new: never an earlier image again.
+    assert turns[0]["fed_tokens"] > VISUAL > turns[1]["fed_tokens"]
+    assert VISUAL < turns[2]["fed_tokens"] < 2 * VISUAL
+    assert stats["cache_tokens_per_layer"][0] == turns[2]["cached_tokens"]
+    assert stats["turns"] == 3 and stats["tflops_saved"] > 0
+
+
+def test_errors_keep_the_session_and_its_cache(llava_path, image_file):
+    transcript = "hi\n/image missing.png\n/frobnicate\n/k zero\nstill there?\n/stats\n"
+    result = chat(image_file, "-m", llava_path, "-k", K, "--max-tokens", 3, "--json", input=transcript)
+    assert result.exit_code == 1  # a piped session that met an error says so at the end
+    errors = result.stderr.strip().splitlines()
+    assert errors == [
+        "Error: image not found: missing.png",
+        "Error: unknown command /frobnicate; /help lists them",
+        "Error: /k needs a whole number of at least 1, got 'zero'",
+    ]
+    first, second, stats = (json.loads(line) for line in result.stdout.splitlines())
+    assert second["cached_tokens"] == first["cached_tokens"] + second["fed_tokens"]  # turn 1's cache was kept
+    assert stats["stats"]["images"] == 1 and stats["stats"]["pending_images"] == 0
+
+
+def test_chat_usage_errors(llava_path, image_file):
+    result = chat("missing.png", "-m", llava_path, input="")
+    assert result.exit_code == 1 and result.stderr.startswith("Error: image not found")
+    result = chat(image_file, "-m", llava_path, "--layer", 9, input="")
+    assert result.exit_code == 2 and "layer must be in 1..3" in result.stderr
+
+
+def two_turns(lvlm, method, image):
+    session = ChatSession(lvlm, PruneSettings(method=method, k=K, layer=LAYER), max_tokens=5)
+    session.pending.append(("picture", image))
+    session.ask("what is in the picture?")
+    session.ask("and which colour?")
+    return session
+
+
+@pytest.fixture
+def replay_scores(monkeypatch):
+    """Records the SpanView each method's select() sees, and can replay the recorded importance:
+    a selection is scored by the prompt of the turn that brought the image, which a single
+    prefill of the whole dialogue (with more text after the image) cannot see."""
+    seen = []
+    replay = []
+
+    def install(method_name):
+        original = METHODS[method_name].select
+
+        def select(self, span, k):
+            if replay:
+                span = replace(span, importance=replay.pop(0))
+            seen.append(span)
+            return original(self, span, k)
+
+        monkeypatch.setattr(METHODS[method_name], "select", select)
+
+    return install, seen, replay
+
+
+@pytest.mark.parametrize("method", ["vanilla", "fastv", "asap"])
+def test_two_turns_equal_one_pruned_prefill_of_the_dialogue(lvlm, images, method, replay_scores):
+    install, seen, replay = replay_scores
+    if method != "vanilla":
+        install(method)
+    session = two_turns(lvlm, method, images[0])
+    messages = session.messages + [user_message("one more?", 0)]
+    features = build_inputs(lvlm.processor, messages, session.images)
+    ids = features["input_ids"]
+
+    # The chat path: only what the cache has not seen goes through the model.
+    cached = session._reuse_cache(ids[0].tolist())
+    assert cached > VISUAL
+    chat_plan = PruningPlan(make_method(method), K, LAYER, spans=[])
+    with torch.inference_mode(), lvlm.decoder.pruning(chat_plan):
+        chat_logits = lvlm.model(input_ids=ids[:, cached:], past_key_values=session.cache, use_cache=True).logits
+
+    # The reference: the whole dialogue in one pruned prefill, its image scored as in turn 1.
+    replay.extend(span.importance for span in seen)
+    single_plan = PruningPlan(make_method(method), K, LAYER, spans=image_spans(ids[0], lvlm.image_token_id))
+    with torch.inference_mode(), lvlm.decoder.pruning(single_plan):
+        single = lvlm.model(**on_model(lvlm, features), use_cache=True)
+
+    assert torch.allclose(chat_logits[0, -1], single.logits[0, -1], atol=1e-5)
+    for chat_layer, single_layer in zip(session.cache.layers, single.past_key_values.layers, strict=True):
+        assert chat_layer.keys.shape == single_layer.keys.shape
+        assert torch.allclose(chat_layer.keys, single_layer.keys, atol=1e-5)
+        assert torch.allclose(chat_layer.values, single_layer.values, atol=1e-5)
+
+
+def test_turn_two_feeds_only_what_the_cache_has_not_seen(lvlm, images):
+    session = ChatSession(lvlm, PruneSettings(method="asap", k=K, layer=LAYER), max_tokens=5)
+    session.pending.append(("picture", images[0]))
+    first = session.ask("what is in the picture?")
+    prompt_one = first.result.prompt_tokens
+    after_one = [(layer.keys.clone(), layer.values.clone()) for layer in session.cache.layers]
+    seen_one = list(session.seen)  # turn 1's prompt and its answer but the last token
+    second = session.ask("and which colour?")
+    ids_two = session.seen[: second.result.prompt_tokens]
+    common = next(i for i, (a, b) in enumerate(zip([*seen_one, None], ids_two)) if a != b)
+
+    assert first.result.fed_tokens == prompt_one
+    # Turn 2 prefills exactly what follows the longest common prefix of the cache and the
+    # re-rendered dialogue. That prefix holds all of turn 1's prompt, image included: only answer
+    # tokens that the template renders differently from how they were generated are fed again
+    # (here the tiny model answered with no space after "ASSISTANT:", the template adds one).
+    assert common >= prompt_one
+    assert second.result.fed_tokens == len(ids_two) - common
+    lengths = [layer.get_seq_length() for layer in session.cache.layers]
+    assert lengths == [len(session.seen)] * LAYER + [len(session.seen) - (VISUAL - K)] * 2
+    for (keys, values), layer in zip(after_one, session.cache.layers):  # turn 1's entries untouched
+        n = keys.shape[2] - (len(seen_one) - common)
+        assert torch.equal(layer.keys[:, :, :n], keys[:, :, :n]) and torch.equal(layer.values[:, :, :n], values[:, :, :n])
+
+
+def test_a_new_image_is_pruned_in_its_own_turn_with_the_new_k(lvlm, images):
+    session = ChatSession(lvlm, PruneSettings(method="fastv", k=K, layer=LAYER), max_tokens=3)
+    session.pending.append(("first", images[0]))
+    session.ask("hi")
+    session.set_k(8)
+    session.pending.append(("second", images[1]))
+    turn = session.ask("and this one?")
+    assert (turn.result.visual_tokens, turn.result.kept_tokens) == (VISUAL, 8)
+    full, pruned = session.cache.layers[0].get_seq_length(), session.cache.layers[LAYER].get_seq_length()
+    assert full - pruned == (VISUAL - K) + (VISUAL - 8)
+
+
+def test_stopping_mid_answer_leaves_a_consistent_cache(lvlm, images):
+    session = ChatSession(lvlm, PruneSettings(method="asap", k=K, layer=LAYER), max_tokens=20)
+    session.pending.append(("picture", images[0]))
+    turn = session.ask("describe it", should_stop=lambda: True)
+    assert turn.result.stopped and turn.result.generated_tokens == 1
+    session.ask("go on")
+    lengths = [layer.get_seq_length() for layer in session.cache.layers]
+    assert lengths == [len(session.seen)] * LAYER + [len(session.seen) - (VISUAL - K)] * 2
+
+
+def test_vanilla_chat_with_two_llava_next_images_equals_transformers(llava_next_path, images):
+    lvlm = load(str(llava_next_path), device="cpu")
+    session = ChatSession(lvlm, PruneSettings(method="vanilla"), max_tokens=4)
+    session.pending.append(("first", images[0]))
+    session.ask("what is this?")
+    session.pending.append(("second", images[1]))
+    session.ask("and this?")
+    features = build_inputs(lvlm.processor, session.messages + [user_message("so?", 0)], session.images)
+    cached = session._reuse_cache(features["input_ids"][0].tolist())
+    with torch.inference_mode(), lvlm.decoder.pruning(None):
+        chat_logits = lvlm.model(
+            input_ids=features["input_ids"][:, cached:], past_key_values=session.cache, use_cache=True
+        ).logits
+    reference = AutoModelForImageTextToText.from_pretrained(llava_next_path).eval()
+    with torch.inference_mode():
+        expected = reference(**features).logits
+    assert torch.allclose(chat_logits[0, -1], expected[0, -1], atol=1e-5)
