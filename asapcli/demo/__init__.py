@@ -1,0 +1,1 @@
+"""The bundled demo model's world: synthetic scenes, questions, and the script that trains it."""

@@ -1,0 +1,172 @@
+"""Synthetic scenes and one-word questions about them: the demo model's world.
+
+A scene is a 96 x 96 picture (24 x 24 patches of 4 px: 576 visual tokens, as LLaVA-1.5 makes)
+with a plain or noisy background and 0-5 sprites of 16 px: cars, circles, squares and
+triangles in a few colours, anywhere, the top rows included (a pruning method with a bias to
+the bottom of the image drops them: the paper's Fig. 2). Everything is drawn from a seeded
+generator, so a seed names a dataset.
+
+Questions ask about one object at a time and have one-word answers:
+- colour:   "what colour is the car?"           (the scene has exactly one car)
+- shape:    "what shape is the red object?"     (exactly one red object)
+- exists:   "is there a blue circle?"           (yes / no, half of each)
+- position: "is the car at the top or the bottom?"  (one car, centre above or below the middle)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+SIZE = 96
+PATCH = 4
+SPRITE = 16
+KINDS = ("car", "circle", "square", "triangle")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 80, 220),
+    "yellow": (235, 200, 40),
+}
+QUESTION_TYPES = ("colour", "shape", "exists", "position")
+MAX_SPRITES = 5
+
+
+@dataclass(frozen=True)
+class Sprite:
+    kind: str
+    colour: str
+    x: int  # top-left corner, pixels
+    y: int
+
+    @property
+    def top(self) -> bool:
+        """Centre in the upper half of the image."""
+        return self.y + SPRITE / 2 < SIZE / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    seed: int
+    background: tuple[int, int, int]
+    noise: float  # weight of per-pixel random colour blended into the background; 0 is plain
+    sprites: tuple[Sprite, ...]
+
+    def render(self) -> Image.Image:
+        image = Image.new("RGB", (SIZE, SIZE), self.background)
+        if self.noise:
+            noise = Image.frombytes("RGB", (SIZE, SIZE), random.Random(self.seed).randbytes(SIZE * SIZE * 3))
+            image = Image.blend(image, noise, self.noise)
+        draw = ImageDraw.Draw(image)
+        for sprite in self.sprites:
+            _draw(draw, sprite)
+        return image
+
+    def patch_labels(self) -> list[int]:
+        """Per patch (row-major, 24 x 24): 0 for background, else 1 + the index of
+        (kind, colour) of the sprite covering it, for pretraining the vision tower."""
+        grid = SIZE // PATCH
+        labels = [0] * grid * grid
+        for sprite in self.sprites:
+            label = 1 + KINDS.index(sprite.kind) * len(COLOURS) + list(COLOURS).index(sprite.colour)
+            for row in range(sprite.y // PATCH, (sprite.y + SPRITE) // PATCH):
+                for col in range(sprite.x // PATCH, (sprite.x + SPRITE) // PATCH):
+                    labels[row * grid + col] = label
+        return labels
+
+
+NUM_PATCH_LABELS = 1 + len(KINDS) * len(COLOURS)
+
+
+@dataclass(frozen=True)
+class Question:
+    scene: Scene
+    type: str
+    text: str
+    answer: str
+
+
+def _draw(draw: ImageDraw.ImageDraw, sprite: Sprite) -> None:
+    x, y, s, fill = sprite.x, sprite.y, SPRITE, COLOURS[sprite.colour]
+    if sprite.kind == "circle":
+        draw.ellipse((x + 1, y + 1, x + s - 2, y + s - 2), fill=fill)
+    elif sprite.kind == "square":
+        draw.rectangle((x + 2, y + 2, x + s - 3, y + s - 3), fill=fill)
+    elif sprite.kind == "triangle":
+        draw.polygon([(x + s // 2, y + 1), (x + 1, y + s - 2), (x + s - 2, y + s - 2)], fill=fill)
+    else:  # a car: body, cabin, two dark wheels
+        draw.rectangle((x + 1, y + 6, x + s - 2, y + 11), fill=fill)
+        draw.rectangle((x + 4, y + 2, x + 11, y + 6), fill=fill)
+        draw.ellipse((x + 2, y + 10, x + 6, y + 14), fill=(20, 20, 20))
+        draw.ellipse((x + 9, y + 10, x + 13, y + 14), fill=(20, 20, 20))
+
+
+def make_scene(rng: random.Random, min_sprites: int = 0) -> Scene:
+    """A scene with min_sprites..5 non-overlapping sprites on the 4 px patch grid."""
+    background = tuple(rng.randint(90, 170) for _ in range(3))
+    noise = rng.choice((0.0, 0.0, 0.1, 0.2))
+    count = rng.randint(min_sprites, MAX_SPRITES)
+    sprites: list[Sprite] = []
+    for _ in range(count * 20):  # rejection sampling for non-overlapping places
+        if len(sprites) == count:
+            break
+        x = rng.randrange(0, SIZE - SPRITE + 1, PATCH)
+        y = rng.randrange(0, SIZE - SPRITE + 1, PATCH)
+        if all(abs(x - other.x) >= SPRITE or abs(y - other.y) >= SPRITE for other in sprites):
+            sprites.append(Sprite(rng.choice(KINDS), rng.choice(list(COLOURS)), x, y))
+    return Scene(seed=rng.getrandbits(32), background=background, noise=noise, sprites=tuple(sprites))
+
+
+def ask(scene: Scene, question_type: str, rng: random.Random) -> Question | None:
+    """A question of that type the scene can answer, or None when it has no suitable object."""
+    kinds = [sprite.kind for sprite in scene.sprites]
+    colours = [sprite.colour for sprite in scene.sprites]
+    if question_type == "colour":
+        unique = [s for s in scene.sprites if kinds.count(s.kind) == 1]
+        if not unique:
+            return None
+        sprite = rng.choice(unique)
+        return Question(scene, "colour", f"what colour is the {sprite.kind}?", sprite.colour)
+    if question_type == "shape":
+        unique = [s for s in scene.sprites if colours.count(s.colour) == 1]
+        if not unique:
+            return None
+        sprite = rng.choice(unique)
+        return Question(scene, "shape", f"what shape is the {sprite.colour} object?", sprite.kind)
+    if question_type == "position":
+        unique = [s for s in scene.sprites if kinds.count(s.kind) == 1]
+        if not unique:
+            return None
+        sprite = rng.choice(unique)
+        answer = "top" if sprite.top else "bottom"
+        return Question(scene, "position", f"is the {sprite.kind} at the top or the bottom?", answer)
+    if question_type == "exists":
+        present = {(s.colour, s.kind) for s in scene.sprites}
+        if present and rng.random() < 0.5:
+            colour, kind = rng.choice(sorted(present))
+            answer = "yes"
+        else:
+            absent = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in present]
+            colour, kind = rng.choice(absent)
+            answer = "no"
+        return Question(scene, "exists", f"is there a {colour} {kind}?", answer)
+    raise ValueError(f"unknown question type {question_type!r}")
+
+
+def questions(seed: int, count: int, types: tuple[str, ...] = QUESTION_TYPES) -> list[Question]:
+    """`count` questions, the types in turn, each on its own scene; a seed names the set."""
+    rng = random.Random(seed)
+    result: list[Question] = []
+    while len(result) < count:
+        question_type = types[len(result) % len(types)]
+        question = ask(make_scene(rng, min_sprites=1), question_type, rng)
+        if question is not None:
+            result.append(question)
+    return result
+
+
+def normalise(answer: str) -> str:
+    """Exact-match scoring ignores case, surrounding space and final punctuation."""
+    return answer.strip().lower().rstrip(".!?").strip()

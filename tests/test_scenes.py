@@ -1,0 +1,56 @@
+"""The demo model's synthetic world: deterministic, answerable, covering the top rows."""
+
+from collections import Counter
+
+from asapcli.demo import scenes
+
+
+def test_a_seed_names_the_same_questions_and_pixels():
+    first, again = scenes.questions(7, 40), scenes.questions(7, 40)
+    assert first == again
+    assert all(a.scene.render().tobytes() == b.scene.render().tobytes() for a, b in zip(first, again))
+    assert scenes.questions(8, 40) != first
+
+
+def test_every_answer_follows_from_the_scene():
+    for question in scenes.questions(1, 400):
+        sprites = question.scene.sprites
+        if question.type == "colour":
+            (sprite,) = [s for s in sprites if question.text == f"what colour is the {s.kind}?"]
+            assert question.answer == sprite.colour
+        elif question.type == "shape":
+            (sprite,) = [s for s in sprites if question.text == f"what shape is the {s.colour} object?"]
+            assert question.answer == sprite.kind
+        elif question.type == "position":
+            (sprite,) = [s for s in sprites if question.text == f"is the {s.kind} at the top or the bottom?"]
+            assert question.answer == ("top" if sprite.y + 8 < 48 else "bottom")
+        else:
+            named = {f"is there a {s.colour} {s.kind}?" for s in sprites}
+            assert question.answer == ("yes" if question.text in named else "no")
+
+
+def test_types_answers_and_places_are_balanced_enough():
+    questions = scenes.questions(2, 800)
+    assert Counter(q.type for q in questions) == {t: 200 for t in scenes.QUESTION_TYPES}
+    answers = Counter((q.type, q.answer) for q in questions)
+    assert 60 <= answers["exists", "yes"] <= 140 and 60 <= answers["position", "top"] <= 140
+    assert {answers["colour", c] > 20 for c in scenes.COLOURS} == {True}
+    top_row_sprites = [s for q in questions for s in q.scene.sprites if s.y < scenes.SPRITE]
+    assert len(top_row_sprites) > 200  # the rows a bottom-biased pruner drops are well covered
+
+
+def test_patch_labels_mark_each_sprite_on_the_24_by_24_grid():
+    scene = next(q.scene for q in scenes.questions(3, 50) if len(q.scene.sprites) >= 3)
+    labels = scene.patch_labels()
+    assert len(labels) == 24 * 24
+    assert sum(label != 0 for label in labels) == 16 * len(scene.sprites)  # 4 x 4 patches each
+    sprite = scene.sprites[0]
+    label = 1 + scenes.KINDS.index(sprite.kind) * len(scenes.COLOURS) + list(scenes.COLOURS).index(sprite.colour)
+    assert labels[(sprite.y // 4) * 24 + sprite.x // 4] == label
+    assert max(labels) < scenes.NUM_PATCH_LABELS
+    assert scene.render().size == (96, 96)
+
+
+def test_normalise():
+    assert scenes.normalise("  Red.\n") == "red"
+    assert scenes.normalise("YES!") == "yes"
