@@ -1,0 +1,190 @@
+"""Train the bundled demo model from scratch on synthetic scenes (seeded, resumable).
+
+    python -m asapcli.demo.train --out runs/demo            # resumes from runs/demo/checkpoint.pt
+    python -m asapcli.demo.train --out runs/demo --export asapcli/demo/model
+
+The model is a genuine transformers LLaVA (CLIP-style tower, projector, Llama with RoPE) built
+by `random_model`, 96 px images in 4 px patches = 576 visual tokens. Training has two parts:
+the first `--vision-steps` steps teach the tower and projector to name the sprite (kind and
+colour) under each patch, through a linear head on the projected features; then the question
+loss (answer tokens only) trains everything, the patch loss kept beside it. The head is not
+part of the exported model.
+
+Batches are drawn from a stream seeded by the step number, so a resumed run sees the same data
+as an uninterrupted one. A checkpoint (model, head, optimiser, step) is written atomically
+every `--checkpoint-every` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..random_model import LlavaShape, build_llava
+from . import scenes
+
+SHAPE = LlavaShape(
+    layers=4,
+    hidden=128,
+    intermediate=384,
+    heads=4,
+    kv_heads=4,
+    image_size=scenes.SIZE,
+    patch_size=scenes.PATCH,
+    vision_hidden=64,
+    vision_layers=2,
+    vision_heads=2,
+    max_positions=1024,
+)
+EVAL_SEED = 1_000_000  # held-out questions come from a stream no training step draws from
+
+
+def conversation(question: scenes.Question, with_answer: bool) -> list[dict]:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.text}]}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": question.answer}]})
+    return messages
+
+
+def batch(processor, questions: list[scenes.Question]) -> dict[str, torch.Tensor]:
+    """Token ids, attention mask, pixels, answer-only labels and patch labels for a batch."""
+    full = [processor.apply_chat_template(conversation(q, True)) for q in questions]
+    prompts = [processor.apply_chat_template(conversation(q, False), add_generation_prompt=True) for q in questions]
+    images = [q.scene.render() for q in questions]
+    inputs = processor(text=full, images=images, return_tensors="pt", padding=True)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    tokenizer = processor.tokenizer
+    for row, (prompt, text) in enumerate(zip(prompts, full)):
+        start = len(processor(text=prompt, images=[images[row]])["input_ids"][0])
+        end = len(processor(text=text, images=[images[row]])["input_ids"][0])
+        labels[row, start:end] = inputs["input_ids"][row, start:end]
+    labels[inputs["input_ids"] == tokenizer.pad_token_id] = -100
+    inputs["labels"] = labels
+    inputs["patch_labels"] = torch.tensor([q.scene.patch_labels() for q in questions])
+    return inputs
+
+
+def losses(model, head: nn.Module, inputs: dict[str, torch.Tensor], vision_only: bool) -> dict[str, torch.Tensor]:
+    features = torch.stack(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+    patch = nn.functional.cross_entropy(head(features).flatten(0, 1), inputs["patch_labels"].flatten())
+    if vision_only:
+        return {"patch": patch, "total": patch}
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    image_positions = inputs["input_ids"] == model.config.image_token_id
+    embeds = embeds.masked_scatter(image_positions[..., None], features.to(embeds.dtype))
+    answer = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["labels"]).loss
+    return {"patch": patch, "answer": answer, "total": answer + 0.5 * patch}
+
+
+@torch.no_grad()
+def evaluate(model, processor, count: int) -> dict[str, float]:
+    """Greedy answers to `count` held-out questions, exact match, accuracy per type."""
+    model.eval()
+    hits, totals = defaultdict(int), defaultdict(int)
+    for question in scenes.questions(EVAL_SEED, count):
+        text = processor.apply_chat_template(conversation(question, False), add_generation_prompt=True)
+        inputs = processor(text=text, images=[question.scene.render()], return_tensors="pt")
+        output = model.generate(
+            **inputs, max_new_tokens=10, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+        )
+        answer = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        totals[question.type] += 1
+        hits[question.type] += scenes.normalise(answer) == question.answer
+    model.train()
+    return {kind: hits[kind] / totals[kind] for kind in totals}
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="Run folder: checkpoint and log.")
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--vision-steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-count", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--export", type=Path, help="Save the trained model with save_pretrained here and stop.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    model, processor = build_llava(SHAPE, seed=args.seed)
+    model = model.to(device).train()
+    head = nn.Linear(SHAPE.hidden, scenes.NUM_PATCH_LABELS).to(device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.01)
+    checkpoint = args.out / "checkpoint.pt"
+    step = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device)
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resumed at step {step}", flush=True)
+    if args.export:
+        model.eval().save_pretrained(args.export)
+        processor.save_pretrained(args.export)
+        print(f"exported step {step} to {args.export}", flush=True)
+        return
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    started, window = time.perf_counter(), defaultdict(float)
+    while step < args.steps:
+        questions = scenes.questions(args.seed * 1_000_003 + step, args.batch)
+        inputs = {key: value.to(device) for key, value in batch(processor, questions).items()}
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr)
+        loss = losses(model, head, inputs, vision_only=step < args.vision_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss["total"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        for name, value in loss.items():
+            window[name] += value.item()
+        if step % 20 == 0:
+            elapsed = time.perf_counter() - started
+            means = " ".join(f"{name} {total / 20:.3f}" for name, total in window.items())
+            print(
+                f"step {step}/{args.steps} {means} lr {optimizer.param_groups[0]['lr']:.2e} {elapsed / 20:.2f} s/step",
+                flush=True,
+            )
+            started, window = time.perf_counter(), defaultdict(float)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            temporary = checkpoint.with_suffix(".tmp")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "head": head.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                },
+                temporary,
+            )
+            temporary.replace(checkpoint)
+        if step % args.eval_every == 0 and step >= args.vision_steps:
+            accuracy = evaluate(model, processor, args.eval_count)
+            print(
+                f"eval step {step}: " + " ".join(f"{kind} {value:.1%}" for kind, value in accuracy.items()), flush=True
+            )
+
+
+if __name__ == "__main__":
+    main()
