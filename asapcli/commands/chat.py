@@ -123,7 +123,14 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
     if turn.result.stopped:
         display.note("(stopped)")
     if interactive:
-        display.note(summary(session.settings, turn.result) + f"; {turn.cached_tokens} tokens in cache")
+        result = turn.result
+        line = summary(session.settings, result)
+        if not result.visual_tokens:  # the turn brought no image: nothing to prune
+            line = (
+                f"{result.fed_tokens} new tokens prefilled in {result.prefill_seconds:.3f} s; "
+                f"decode {result.decode_tokens_per_second:.1f} tokens/s"
+            )
+        display.note(f"{line}; {turn.cached_tokens} tokens in cache")
 
 
 def _command(session: ChatSession, line: str, json: bool) -> bool:

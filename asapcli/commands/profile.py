@@ -31,7 +31,9 @@ def profile(
     ] = DEFAULT_MODEL,
     image: Annotated[
         Path | None,
-        typer.Option("--image", help="The image. Default: a built-in test pattern at the model's resolution."),
+        typer.Option(
+            "--image", help="The image. Default: a built-in test pattern (what it shows does not change the cost)."
+        ),
     ] = None,
     prompt: Annotated[
         str, typer.Option("--prompt", help="The question asked about the image.")
@@ -52,7 +54,7 @@ def profile(
     merge_threshold: options.MergeThreshold = None,
     score_queries: options.ScoreQueries = None,
     repeats: Annotated[
-        int, typer.Option("--repeats", min=1, help="Timed prefills per method; the median is shown.")
+        int, typer.Option("--repeats", min=1, help="Timed rounds, one prefill per method each; the median is shown.")
     ] = 5,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed prefills before them.")] = 1,
     decode_tokens: Annotated[int, typer.Option("--decode-tokens", min=1, help="Tokens decoded to time decoding.")] = 16,
