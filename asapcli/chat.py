@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -26,7 +25,7 @@ from transformers import BatchFeature, DynamicCache
 from .engine import image_spans
 from .errors import AsapError
 from .generation import GenerationResult, PruneSettings, generate, plan, token_flops
-from .inputs import build_inputs, check_prompt, load_image, user_message
+from .inputs import build_inputs, check_prompt, user_message
 from .loading import Loaded
 from .profiling import kv_cache_bytes
 
@@ -71,10 +70,9 @@ class ChatSession:
         self.tflops_vanilla = 0.0  # Eq. 7 for the images pruned so far, unpruned and pruned
         self.tflops_pruned = 0.0
 
-    def add_image(self, path: str | Path) -> str:
-        """Queue an image for the next message. Raises AsapError for a bad file."""
-        self.pending.append((Path(path).name, load_image(path)))
-        return Path(path).name
+    def add_image(self, name: str, image: Image.Image) -> None:
+        """Queue an image for the next message."""
+        self.pending.append((name, image))
 
     def set_k(self, k: int) -> None:
         """The budget for images from the next message on."""

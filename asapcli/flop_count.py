@@ -23,8 +23,8 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
-from .engine import PruningPlan, make_method
-from .generation import PruneSettings
+from .engine import PruningPlan
+from .generation import PruneSettings, pruning_plan
 from .loading import Loaded
 
 LAYER_OPS = ("linear", "scaled_dot_product_attention")
@@ -65,16 +65,7 @@ class _VisualOnly(torch.nn.Module):
 def count_flops(loaded: Loaded, visual_tokens: int, settings: PruneSettings | None = None) -> CountedFlops:
     """fvcore's count of one language-model forward over `visual_tokens` tokens, pruned to
     `settings.k` after layer `settings.layer` - 1 when settings are given."""
-    plan = None
-    if settings is not None:
-        method = make_method(
-            settings.method,
-            lambda_max=settings.lambda_max,
-            merge_threshold=settings.merge_threshold,
-            score_queries=settings.score_queries,
-            seed=settings.seed,
-        )
-        plan = PruningPlan(method=method, k=settings.k, layer=settings.layer, spans=[(0, visual_tokens)])
+    plan = pruning_plan(settings, [(0, visual_tokens)]) if settings is not None else None
     hidden = loaded.model.config.get_text_config().hidden_size
     generator = torch.Generator().manual_seed(0)
     states = torch.randn(1, visual_tokens, hidden, generator=generator).to(loaded.device, loaded.model.dtype)

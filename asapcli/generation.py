@@ -52,6 +52,12 @@ class PruneSettings:
 def plan(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings, since: int = 0) -> PruningPlan:
     """The pruning plan for the image spans of `input_ids` (one sequence) at positions >= `since`."""
     settings.check(loaded.num_layers)
+    spans = [span for span in image_spans(input_ids, loaded.image_token_id) if span[0] >= since]
+    return pruning_plan(settings, spans)
+
+
+def pruning_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> PruningPlan:
+    """The plan that prunes `spans` ([start, end) token positions) as `settings` say."""
     method = make_method(
         settings.method,
         lambda_max=settings.lambda_max,
@@ -59,7 +65,6 @@ def plan(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings, since
         score_queries=settings.score_queries,
         seed=settings.seed,
     )
-    spans = [span for span in image_spans(input_ids, loaded.image_token_id) if span[0] >= since]
     return PruningPlan(method=method, k=settings.k, layer=settings.layer, spans=spans)
 
 

@@ -46,7 +46,9 @@ def test_transcript_through_the_cli(llava_path, image_file, second_image):
     # Two images pruned to 16 of 64 tokens in layers >= 2; layers 0-1 hold every token.
     assert "images 2" in stats and "asap k=16 L=2" in stats
     assert "tokens in cache: layers 0-1: " in stats and "; layers 2-3: " in stats
-    full, pruned = (int(part.split(": ")[1]) for part in stats.splitlines()[1].removeprefix("tokens in cache: ").split("; "))
+    full, pruned = (
+        int(part.split(": ")[1]) for part in stats.splitlines()[1].removeprefix("tokens in cache: ").split("; ")
+    )
     assert full - pruned == 2 * (VISUAL - K)
     assert "KV cache:" in stats and "FLOPs saved so far" in stats
     assert "second.png will go with your next message." in result.stderr
@@ -93,7 +95,7 @@ def test_chat_usage_errors(llava_path, image_file):
 
 def two_turns(lvlm, method, image):
     session = ChatSession(lvlm, PruneSettings(method=method, k=K, layer=LAYER), max_tokens=5)
-    session.pending.append(("picture", image))
+    session.add_image("picture", image)
     session.ask("what is in the picture?")
     session.ask("and which colour?")
     return session
@@ -153,7 +155,7 @@ def test_two_turns_equal_one_pruned_prefill_of_the_dialogue(lvlm, images, method
 
 def test_turn_two_feeds_only_what_the_cache_has_not_seen(lvlm, images):
     session = ChatSession(lvlm, PruneSettings(method="asap", k=K, layer=LAYER), max_tokens=5)
-    session.pending.append(("picture", images[0]))
+    session.add_image("picture", images[0])
     first = session.ask("what is in the picture?")
     prompt_one = first.result.prompt_tokens
     after_one = [(layer.keys.clone(), layer.values.clone()) for layer in session.cache.layers]
@@ -173,15 +175,17 @@ def test_turn_two_feeds_only_what_the_cache_has_not_seen(lvlm, images):
     assert lengths == [len(session.seen)] * LAYER + [len(session.seen) - (VISUAL - K)] * 2
     for (keys, values), layer in zip(after_one, session.cache.layers):  # turn 1's entries untouched
         n = keys.shape[2] - (len(seen_one) - common)
-        assert torch.equal(layer.keys[:, :, :n], keys[:, :, :n]) and torch.equal(layer.values[:, :, :n], values[:, :, :n])
+        assert torch.equal(layer.keys[:, :, :n], keys[:, :, :n]) and torch.equal(
+            layer.values[:, :, :n], values[:, :, :n]
+        )
 
 
 def test_a_new_image_is_pruned_in_its_own_turn_with_the_new_k(lvlm, images):
     session = ChatSession(lvlm, PruneSettings(method="fastv", k=K, layer=LAYER), max_tokens=3)
-    session.pending.append(("first", images[0]))
+    session.add_image("first", images[0])
     session.ask("hi")
     session.set_k(8)
-    session.pending.append(("second", images[1]))
+    session.add_image("second", images[1])
     turn = session.ask("and this one?")
     assert (turn.result.visual_tokens, turn.result.kept_tokens) == (VISUAL, 8)
     full, pruned = session.cache.layers[0].get_seq_length(), session.cache.layers[LAYER].get_seq_length()
@@ -190,7 +194,7 @@ def test_a_new_image_is_pruned_in_its_own_turn_with_the_new_k(lvlm, images):
 
 def test_stopping_mid_answer_leaves_a_consistent_cache(lvlm, images):
     session = ChatSession(lvlm, PruneSettings(method="asap", k=K, layer=LAYER), max_tokens=20)
-    session.pending.append(("picture", images[0]))
+    session.add_image("picture", images[0])
     turn = session.ask("describe it", should_stop=lambda: True)
     assert turn.result.stopped and turn.result.generated_tokens == 1
     session.ask("go on")
@@ -201,9 +205,9 @@ def test_stopping_mid_answer_leaves_a_consistent_cache(lvlm, images):
 def test_vanilla_chat_with_two_llava_next_images_equals_transformers(llava_next_path, images):
     lvlm = load(str(llava_next_path), device="cpu")
     session = ChatSession(lvlm, PruneSettings(method="vanilla"), max_tokens=4)
-    session.pending.append(("first", images[0]))
+    session.add_image("first", images[0])
     session.ask("what is this?")
-    session.pending.append(("second", images[1]))
+    session.add_image("second", images[1])
     session.ask("and this?")
     features = build_inputs(lvlm.processor, session.messages + [user_message("so?", 0)], session.images)
     cached = session._reuse_cache(features["input_ids"][0].tolist())

@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +21,6 @@ import typer
 from .. import display
 from ..chat import ChatSession, Turn
 from ..errors import AsapError, UsageError
-from ..generation import PruneSettings
 from ..inputs import load_image
 from ..loading import load
 from . import options
@@ -53,25 +53,16 @@ def chat(
 ) -> None:
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
     model = options.require_model(model)
-    settings = PruneSettings(
-        method=method,
-        k=128 if k is None else k,
-        layer=2 if layer is None else layer,
-        lambda_max=lambda_max,
-        merge_threshold=merge_threshold,
-        score_queries=score_queries,
-        seed=seed,
-    )
-    settings.check()
-    if image is not None:
-        load_image(image)  # a bad first image fails before the long load
+    settings_for = partial(options.prune_settings, method, k, layer, lambda_max, merge_threshold, score_queries, seed)
+    settings_for().check()
+    first_image = load_image(image) if image is not None else None  # a bad image fails before the long load
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
-    settings = options.with_preset_defaults(settings, loaded.preset, k, layer)
+    settings = settings_for(loaded.preset)
     settings.check(loaded.num_layers)
     session = ChatSession(loaded, settings, max_tokens=max_tokens, temperature=temperature, seed=seed)
-    if image is not None:
-        session.add_image(image)
+    if first_image is not None:
+        session.add_image(image.name, first_image)
 
     interactive = sys.stdin.isatty()
     if interactive and not json:
@@ -144,8 +135,9 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
     elif name == "/image":
         if not argument:
             raise UsageError("/image needs a path: /image PATH")
-        added = session.add_image(argument)
-        display.note(f"{added} will go with your next message.")
+        path = Path(argument)
+        session.add_image(path.name, load_image(path))
+        display.note(f"{path.name} will go with your next message.")
     elif name in ("/reset", "/clear"):
         session.reset()
         display.note("Conversation, images and cache cleared.")

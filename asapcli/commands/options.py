@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -56,10 +55,25 @@ def require_model(model: str | None) -> str:
     return model
 
 
-def with_preset_defaults(
-    settings: PruneSettings, preset: Preset | None, k: int | None, layer: int | None
+def prune_settings(
+    method: str,
+    k: int | None,
+    layer: int | None,
+    lambda_max: float | None,
+    merge_threshold: float | None,
+    score_queries: str | None,
+    seed: int,
+    preset: Preset | None = None,
 ) -> PruneSettings:
-    """k and layer the user did not give come from the model's preset, when it has one."""
-    if preset is None:
-        return settings
-    return replace(settings, k=preset.k if k is None else k, layer=preset.layer if layer is None else layer)
+    """The pruning options as given; k and layer left out come from the model's preset, else
+    from PruneSettings' own defaults."""
+    chosen = {"k": preset.k, "layer": preset.layer} if preset is not None else {}
+    chosen.update({name: value for name, value in (("k", k), ("layer", layer)) if value is not None})
+    return PruneSettings(
+        method=method,
+        lambda_max=lambda_max,
+        merge_threshold=merge_threshold,
+        score_queries=score_queries,
+        seed=seed,
+        **chosen,
+    )

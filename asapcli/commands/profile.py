@@ -13,7 +13,6 @@ from rich.table import Table
 from .. import display
 from ..engine import METHODS
 from ..errors import UsageError
-from ..generation import PruneSettings
 from ..inputs import build_inputs, check_prompt, load_image, pattern_image, user_message
 from ..loading import load
 from ..profiling import Measurement, measure
@@ -73,33 +72,21 @@ def profile(
     unknown = [name for name in names if name not in METHODS]
     if unknown:
         raise UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    ks = [_budget(item) for item in _split(budgets, "-k/--k")] if budgets is not None else None
+    ks = [_budget(item) for item in _split(budgets, "-k/--k")] if budgets is not None else [None]
     check_prompt(prompt)
-    picture = load_image(image) if image is not None else None
+    picture = load_image(image) if image is not None else pattern_image()
     if threads is not None:
         torch.set_num_threads(threads)
 
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
-    preset = loaded.preset
-    ks = ks or [preset.k if preset else 128]
-    layer = layer if layer is not None else (preset.layer if preset else 2)
-    if picture is None:
-        picture = pattern_image()
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [picture])
     runs = [
-        PruneSettings(
-            method=name,
-            k=k,
-            layer=layer,
-            lambda_max=lambda_max,
-            merge_threshold=merge_threshold,
-            score_queries=score_queries,
-            seed=seed,
-        )
+        options.prune_settings(name, k, layer, lambda_max, merge_threshold, score_queries, seed, loaded.preset)
         for name in names
-        for k in ([ks[0]] if name == "vanilla" else ks)  # vanilla does not depend on k
+        for k in (ks[:1] if name == "vanilla" else ks)  # vanilla does not depend on k
     ]
+    layer = runs[0].layer
     for settings in runs:
         settings.check(loaded.num_layers)
 
@@ -109,7 +96,7 @@ def profile(
     on_gpu = loaded.device.type == "cuda"
     context = {
         "model": model,
-        "device": str(loaded.device) if on_gpu else "cpu",
+        "device": str(loaded.device),
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "threads": None if on_gpu else torch.get_num_threads(),
         "layer": layer,

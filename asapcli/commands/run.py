@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -38,20 +39,12 @@ def run(
         prompt = sys.stdin.read().strip()
     check_prompt(prompt)
     picture = load_image(image)
-    settings = PruneSettings(
-        method=method,
-        k=128 if k is None else k,
-        layer=2 if layer is None else layer,
-        lambda_max=lambda_max,
-        merge_threshold=merge_threshold,
-        score_queries=score_queries,
-        seed=seed,
-    )
-    settings.check()  # fail before a long load where the model is not needed to tell
+    settings_for = partial(options.prune_settings, method, k, layer, lambda_max, merge_threshold, score_queries, seed)
+    settings_for().check()  # fail before a long load where the model is not needed to tell
 
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
-    settings = options.with_preset_defaults(settings, loaded.preset, k, layer)
+    settings = settings_for(loaded.preset)
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [picture])
     pruning = plan(loaded, inputs["input_ids"][0], settings)
     result = generate(

@@ -121,25 +121,18 @@ def make_scene(rng: random.Random, min_sprites: int = 0) -> Scene:
 
 def ask(scene: Scene, question_type: str, rng: random.Random) -> Question | None:
     """A question of that type the scene can answer, or None when it has no suitable object."""
-    kinds = [sprite.kind for sprite in scene.sprites]
-    colours = [sprite.colour for sprite in scene.sprites]
-    if question_type == "colour":
-        unique = [s for s in scene.sprites if kinds.count(s.kind) == 1]
+    if question_type in ("colour", "shape", "position"):
+        # The object must be the only one of its kind (asked by kind) or colour (asked by colour).
+        key = (lambda s: s.colour) if question_type == "shape" else (lambda s: s.kind)
+        keys = [key(sprite) for sprite in scene.sprites]
+        unique = [sprite for sprite in scene.sprites if keys.count(key(sprite)) == 1]
         if not unique:
             return None
         sprite = rng.choice(unique)
-        return Question(scene, "colour", f"what colour is the {sprite.kind}?", sprite.colour)
-    if question_type == "shape":
-        unique = [s for s in scene.sprites if colours.count(s.colour) == 1]
-        if not unique:
-            return None
-        sprite = rng.choice(unique)
-        return Question(scene, "shape", f"what shape is the {sprite.colour} object?", sprite.kind)
-    if question_type == "position":
-        unique = [s for s in scene.sprites if kinds.count(s.kind) == 1]
-        if not unique:
-            return None
-        sprite = rng.choice(unique)
+        if question_type == "colour":
+            return Question(scene, "colour", f"what colour is the {sprite.kind}?", sprite.colour)
+        if question_type == "shape":
+            return Question(scene, "shape", f"what shape is the {sprite.colour} object?", sprite.kind)
         answer = "top" if sprite.top else "bottom"
         return Question(scene, "position", f"is the {sprite.kind} at the top or the bottom?", answer)
     if question_type == "exists":
