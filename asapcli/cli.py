@@ -9,7 +9,7 @@ import typer
 from transformers.utils import logging as transformers_logging
 
 from . import display
-from .commands import chat, flops, profile, run
+from .commands import chat, eval, flops, profile, run
 from .errors import AsapError, UsageError
 
 app = typer.Typer(
@@ -54,6 +54,7 @@ app.command("run")(user_errors(run.run))
 app.command("chat")(user_errors(chat.chat))
 app.command("flops")(user_errors(flops.flops_command))
 app.command("profile")(user_errors(profile.profile))
+app.command("eval")(user_errors(eval.eval_command))
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from transformers import BatchFeature, DynamicCache, StoppingCriteria, StoppingC
 from transformers.generation.streamers import BaseStreamer
 
 from . import flops
-from .engine import METHODS, SCORE_QUERIES, PruningPlan, image_spans, make_method
+from .engine import METHODS, SCORE_QUERIES, SCORES, PruningPlan, image_spans, make_method
 from .errors import UsageError
 from .loading import Loaded
 
@@ -27,6 +27,7 @@ class PruneSettings:
     lambda_max: float | None = None
     merge_threshold: float | None = None
     score_queries: str | None = None
+    score: str | None = None
     seed: int = 0
 
     def check(self, num_layers: int | None = None) -> None:
@@ -47,6 +48,8 @@ class PruneSettings:
             raise UsageError(f"merge-threshold is a cosine similarity in [-1, 1], got {self.merge_threshold}")
         if self.score_queries is not None and self.score_queries not in SCORE_QUERIES:
             raise UsageError(f"score-queries must be one of {', '.join(SCORE_QUERIES)}, got {self.score_queries!r}")
+        if self.score is not None and self.score not in SCORES:
+            raise UsageError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
 
 
 def plan(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings, since: int = 0) -> PruningPlan:
@@ -63,6 +66,7 @@ def pruning_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> Pruni
         lambda_max=settings.lambda_max,
         merge_threshold=settings.merge_threshold,
         score_queries=settings.score_queries,
+        score=settings.score,
         seed=settings.seed,
     )
     return PruningPlan(method=method, k=settings.k, layer=settings.layer, spans=spans)

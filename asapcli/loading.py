@@ -64,6 +64,11 @@ def resolve_source(model: str) -> tuple[str | None, Preset | None]:
     """A preset name, a local folder or a hub id -> what from_pretrained takes (None for a preset
     without a checkpoint), and the preset."""
     preset = find_preset(model)
+    if preset is not None and preset.bundled:
+        folder = preset.bundled_path()
+        if not (folder / "config.json").is_file():
+            raise AsapError(f"the bundled model of preset {model!r} is missing from this installation ({folder})")
+        return str(folder), preset
     if preset is not None:
         return preset.hub_id, preset
     if Path(model).expanduser().is_dir():

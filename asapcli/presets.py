@@ -1,7 +1,7 @@
 """Model presets: one TOML file per known model in `profiles/` (installed as `asapcli.profiles`).
 
-A preset names where the model comes from (a hub checkpoint, or `[random_weights]`: built from
-the numbers alone), the architecture numbers the FLOPs formulas need (so that no weights are
+A preset names where the model comes from (a hub checkpoint; `bundled`: a checkpoint folder
+shipped inside the package; or `[random_weights]`: built from the numbers alone), the architecture numbers the FLOPs formulas need (so that no weights are
 needed to compute them) and the default pruning layer and budgets. A preset with neither gives
 the architecture only.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -35,6 +36,10 @@ class Preset:
     k: int
     budgets: tuple[int, ...]
     random_weights: dict | None = None  # the vision tower of a model built without a checkpoint
+    bundled: str | None = None  # a save_pretrained folder inside the asapcli package
+
+    def bundled_path(self) -> Path | None:
+        return Path(str(resources.files("asapcli") / self.bundled)) if self.bundled else None
 
 
 def _profiles():
@@ -60,6 +65,7 @@ def find_preset(name: str) -> Preset | None:
         k=defaults.get("k", 128),
         budgets=tuple(defaults.get("budgets", ())),
         random_weights=data.get("random_weights"),
+        bundled=data.get("bundled"),
     )
 
 

@@ -113,9 +113,12 @@ def processor_kwargs(shape: LlavaShape, tokenizer: PreTrainedTokenizerFast) -> d
     }
 
 
-def build_llava(shape: LlavaShape, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A random-weight LlavaForConditionalGeneration and its processor (seeded)."""
-    tokenizer = char_tokenizer()
+def build_llava(
+    shape: LlavaShape, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random-weight LlavaForConditionalGeneration and its processor (seeded); the tokenizer
+    must have <s>, </s>, <pad> and an <image> token (default: `char_tokenizer()`)."""
+    tokenizer = tokenizer or char_tokenizer()
     config = LlavaConfig(
         vision_config=vision_config(shape),
         text_config=text_config(shape, tokenizer),

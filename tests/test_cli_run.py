@@ -88,7 +88,6 @@ def model_without_image_token(tmp_path, llava_path):
         (["{image}", "hi", "-m", "{model}", "--lambda-max", "1.5"], 2, "lambda-max must be in (0, 1]"),
         (["{image}", "   ", "-m", "{model}"], 2, "the prompt is empty"),
         (["{image}", "hi", "-m", "{model}", "--method", "magic"], 2, "unknown method 'magic'"),
-        (["{image}", "hi"], 2, "no model given"),
         (["{image}", "hi", "-m", "{no_image_token}"], 1, "has no image_token_id"),
         (["{image}", "hi", "-m", "no-such-org/no-such-model"], 1, "cannot load model"),
         (["{image}", "hi", "-m", "{model}", "--device", "cuda:7"], 1, "no CUDA GPU"),

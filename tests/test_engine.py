@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForImageTextToText, DynamicCache
 
 from asapcli.engine import image_spans
+from asapcli.errors import UsageError
 from asapcli.generation import PruneSettings, generate, plan
 from asapcli.inputs import build_inputs, user_message
 from asapcli.loading import load
@@ -77,7 +78,7 @@ def test_sg_bimask_changes_the_forward_pass_of_layers_before_l(loaded, images):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["fastv", "random", "asap"])
+@pytest.mark.parametrize("method", ["fastv", "random", "asap", "asap-bimask-only"])
 def test_layers_from_l_on_hold_text_plus_k_per_image(family, method, loaded, images):
     lvlm, k, layer = loaded[family], 8, 2
     inputs = two_image_inputs(lvlm, images)
@@ -146,3 +147,39 @@ def test_a_plan_ignores_spans_already_in_the_cache(loaded, images):
     after = [cache.get_seq_length(i) for i in range(lvlm.num_layers)]
     assert [a - b for a, b in zip(after, before)] == [more.shape[1]] * lvlm.num_layers
     assert second_plan.kept == []
+
+
+def test_bimask_only_is_asap_without_consolidation(loaded, images):
+    lvlm = loaded["llava"]
+    inputs = two_image_inputs(lvlm, images)
+    ids = inputs["input_ids"][0]
+    kept = {}
+    for name, settings in {
+        "bimask-only": PruneSettings(method="asap-bimask-only", k=8),
+        "asap, nothing merged": PruneSettings(method="asap", k=8, merge_threshold=1.0),
+        "asap": PruneSettings(method="asap", k=8, merge_threshold=-1.0),  # everything merges
+    }.items():
+        pruning = plan(lvlm, ids, settings)
+        logits(lvlm, inputs, pruning)
+        kept[name] = torch.cat(pruning.kept)
+    assert torch.equal(kept["bimask-only"], kept["asap, nothing merged"])
+    assert not torch.equal(kept["bimask-only"], kept["asap"])  # refilled from the pruned pool
+
+
+@pytest.mark.parametrize("method", ["fastv", "asap"])
+def test_contribution_score_ranks_by_attention_times_value_norm(method, loaded, images):
+    lvlm = loaded["llava"]
+    inputs = two_image_inputs(lvlm, images)
+    ids = inputs["input_ids"][0]
+    importance = {}
+    for score in ("attention", "contribution"):
+        pruning = plan(lvlm, ids, PruneSettings(method=method, k=8, score=score))
+        logits(lvlm, inputs, pruning)
+        importance[score] = torch.cat(pruning.importance)
+        assert [len(kept) for kept in pruning.kept] == [8, 8]
+    assert not torch.allclose(importance["attention"], importance["contribution"])
+
+
+def test_unknown_score_is_a_usage_error():
+    with pytest.raises(UsageError, match="score must be one of attention, contribution"):
+        PruneSettings(method="fastv", score="magic").check()

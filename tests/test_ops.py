@@ -47,6 +47,17 @@ def test_received_attention_equals_softmax_columns_in_any_chunking():
         assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_contribution_weights_each_head_by_the_value_norm():
+    torch.manual_seed(2)
+    queries, keys = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 7, 4)
+    norms = torch.rand(1, 2, 3) + 0.5  # per head, per span key
+    probs = torch.softmax(queries @ keys.transpose(-1, -2), dim=-1)[..., 4:7]
+    expected = (probs * norms[:, :, None, :]).mean(dim=2).mean(dim=1)
+    got = ops.received_attention(queries, keys, None, 1.0, slice(4, 7), value_norms=norms)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, ops.received_attention(queries, keys, None, 1.0, slice(4, 7)))
+
+
 def test_top_k_returns_positions_in_order():
     assert ops.top_k(torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2]), 3).tolist() == [1, 2, 3]
 

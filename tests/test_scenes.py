@@ -54,3 +54,20 @@ def test_patch_labels_mark_each_sprite_on_the_24_by_24_grid():
 def test_normalise():
     assert scenes.normalise("  Red.\n") == "red"
     assert scenes.normalise("YES!") == "yes"
+
+
+def test_scene_questions_ask_every_answerable_type_once_per_scene():
+    asked = scenes.scene_questions(4, 50)
+    assert asked == scenes.scene_questions(4, 50) and len(asked) == 50
+    for questions in asked:
+        assert len({q.scene for q in questions}) == 1
+        assert len({q.type for q in questions}) == len(questions) >= 1
+    assert Counter(len(questions) for questions in asked)[4] > 10
+
+
+def test_region_is_where_the_object_asked_about_is():
+    for question in scenes.questions(5, 200):
+        if question.type in ("colour", "shape", "position"):
+            assert question.region == ("top" if question.sprite.top else "bottom")
+        if question.type == "exists" and question.answer == "no":
+            assert question.region is None

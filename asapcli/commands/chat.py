@@ -37,13 +37,14 @@ HELP = """Commands:
 
 def chat(
     image: Annotated[Path | None, typer.Argument(metavar="[IMAGE]", help="An image for the first message.")] = None,
-    model: options.Model = None,
+    model: options.Model = options.DEFAULT_MODEL,
     method: options.Method = "asap",
     k: options.K = None,
     layer: options.Layer = None,
     lambda_max: options.LambdaMax = None,
     merge_threshold: options.MergeThreshold = None,
     score_queries: options.ScoreQueries = None,
+    score: options.Score = None,
     max_tokens: options.MaxTokens = 128,
     temperature: options.Temperature = 0.0,
     seed: options.Seed = 0,
@@ -52,8 +53,17 @@ def chat(
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object per turn instead of text.")] = False,
 ) -> None:
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
-    model = options.require_model(model)
-    settings_for = partial(options.prune_settings, method, k, layer, lambda_max, merge_threshold, score_queries, seed)
+    settings_for = partial(
+        options.prune_settings,
+        method=method,
+        k=k,
+        layer=layer,
+        lambda_max=lambda_max,
+        merge_threshold=merge_threshold,
+        score_queries=score_queries,
+        score=score,
+        seed=seed,
+    )
     settings_for().check()
     first_image = load_image(image) if image is not None else None  # a bad image fails before the long load
     with display.status(f"Loading {model}"):

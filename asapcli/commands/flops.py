@@ -16,7 +16,7 @@ from . import options
 
 
 def flops_command(
-    model: options.Model = None,
+    model: options.Model = options.DEFAULT_MODEL,
     k: options.K = None,
     layer: Annotated[
         int | None, typer.Option("--layer", help="Prune after layer L-1; 0 prunes before the first layer.")
@@ -43,7 +43,6 @@ def flops_command(
     json: options.Json = False,
 ) -> None:
     """Theoretical FLOPs of the visual tokens, vanilla and pruned (paper Eq. 7-8)."""
-    model = options.require_model(model)
     if schedule is not None and (k is not None or layer is not None):
         raise UsageError("give either --schedule or -k/--layer, not both")
     if k is not None and k < 1:

@@ -6,15 +6,22 @@ from typing import Annotated
 
 import typer
 
+from ..engine import METHODS
 from ..errors import UsageError
 from ..generation import PruneSettings
-from ..presets import Preset, preset_names
+from ..presets import Preset
+
+DEFAULT_MODEL = "demo"  # bundled with the package: every command runs offline on a fresh machine
 
 Model = Annotated[
-    str | None,
-    typer.Option("-m", "--model", help="A preset name (see profiles/), a local model folder or a hub id."),
+    str,
+    typer.Option(
+        "-m",
+        "--model",
+        help="A preset name (see profiles/), a local model folder or a hub id. Default: demo, the bundled model.",
+    ),
 ]
-Method = Annotated[str, typer.Option("--method", help="Pruning method: vanilla, fastv, random or asap.")]
+Method = Annotated[str, typer.Option("--method", help=f"Pruning method: {', '.join(METHODS)}.")]
 K = Annotated[
     int | None,
     typer.Option("-k", "--k", help="Visual tokens kept per image. Default: the preset's, else 128."),
@@ -36,6 +43,14 @@ ScoreQueries = Annotated[
     str | None,
     typer.Option("--score-queries", help="asap: query rows that rank tokens: last, text or all."),
 ]
+Score = Annotated[
+    str | None,
+    typer.Option(
+        "--score",
+        help="fastv, asap: rank by the attention a token receives (attention, default) or by attention "
+        "times the norm of its value vector (contribution, CAPA).",
+    ),
+]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[
     str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
@@ -44,36 +59,48 @@ MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens
 Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling and for the random method.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
+Budgets = Annotated[
+    str | None,
+    typer.Option(
+        "-k", "--k", help="Comma-separated budgets (visual tokens kept per image). Default: the preset's, else 128."
+    ),
+]
+Threads = Annotated[
+    int | None, typer.Option("--threads", min=1, help="CPU threads for PyTorch (default: PyTorch's choice).")
+]
 
 
-def require_model(model: str | None) -> str:
-    """-m/--model is required until a bundled default model exists."""
-    if model is None:
-        raise UsageError(
-            f"no model given: pass -m/--model with a preset ({', '.join(preset_names())}), a folder or a hub id"
-        )
-    return model
+def method_list(text: str) -> list[str]:
+    """Comma-separated method names, each one known."""
+    names = _split(text, "--methods")
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return names
 
 
-def prune_settings(
-    method: str,
-    k: int | None,
-    layer: int | None,
-    lambda_max: float | None,
-    merge_threshold: float | None,
-    score_queries: str | None,
-    seed: int,
-    preset: Preset | None = None,
-) -> PruneSettings:
-    """The pruning options as given; k and layer left out come from the model's preset, else
-    from PruneSettings' own defaults."""
+def budget_list(text: str | None) -> list[int] | None:
+    """Comma-separated budgets, each a whole number >= 1; None when not given."""
+    if text is None:
+        return None
+    budgets = []
+    for item in _split(text, "-k/--k"):
+        if not item.isdigit() or int(item) < 1:
+            raise UsageError(f"k must be a whole number of at least 1, got {item!r}")
+        budgets.append(int(item))
+    return budgets
+
+
+def _split(text: str, option: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise UsageError(f"{option} is empty")
+    return items
+
+
+def prune_settings(preset: Preset | None = None, **given) -> PruneSettings:
+    """PruneSettings from the options as given (None: not given). k and layer left out come
+    from the model's preset; anything else left out takes PruneSettings' own default."""
     chosen = {"k": preset.k, "layer": preset.layer} if preset is not None else {}
-    chosen.update({name: value for name, value in (("k", k), ("layer", layer)) if value is not None})
-    return PruneSettings(
-        method=method,
-        lambda_max=lambda_max,
-        merge_threshold=merge_threshold,
-        score_queries=score_queries,
-        seed=seed,
-        **chosen,
-    )
+    chosen.update({name: value for name, value in given.items() if value is not None})
+    return PruneSettings(**chosen)

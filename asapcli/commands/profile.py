@@ -12,22 +12,14 @@ from rich.table import Table
 
 from .. import display
 from ..engine import METHODS
-from ..errors import UsageError
 from ..inputs import build_inputs, check_prompt, load_image, pattern_image, user_message
 from ..loading import load
 from ..profiling import Measurement, measure
 from . import options
 
-DEFAULT_MODEL = "bench"  # builds from its preset alone, so `asap profile` runs on a fresh machine
-
 
 def profile(
-    model: Annotated[
-        str,
-        typer.Option(
-            "-m", "--model", help="A preset, a local model folder or a hub id. Default: bench (random weights)."
-        ),
-    ] = DEFAULT_MODEL,
+    model: options.Model = options.DEFAULT_MODEL,
     image: Annotated[
         Path | None,
         typer.Option(
@@ -40,26 +32,18 @@ def profile(
     methods: Annotated[
         str, typer.Option("--methods", help=f"Comma-separated methods to compare, from {', '.join(METHODS)}.")
     ] = "vanilla,fastv,asap",
-    budgets: Annotated[
-        str | None,
-        typer.Option(
-            "-k",
-            "--k",
-            help="Comma-separated budgets (visual tokens kept per image). Default: the preset's k, else 128.",
-        ),
-    ] = None,
+    budgets: options.Budgets = None,
     layer: options.Layer = None,
     lambda_max: options.LambdaMax = None,
     merge_threshold: options.MergeThreshold = None,
     score_queries: options.ScoreQueries = None,
+    score: options.Score = None,
     repeats: Annotated[
         int, typer.Option("--repeats", min=1, help="Timed rounds, one prefill per method each; the median is shown.")
     ] = 5,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed prefills before them.")] = 1,
     decode_tokens: Annotated[int, typer.Option("--decode-tokens", min=1, help="Tokens decoded to time decoding.")] = 16,
-    threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="CPU threads for PyTorch (default: PyTorch's choice).")
-    ] = None,
+    threads: options.Threads = None,
     seed: options.Seed = 0,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -68,11 +52,8 @@ def profile(
     ] = False,
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
-    names = _split(methods, "--methods")
-    unknown = [name for name in names if name not in METHODS]
-    if unknown:
-        raise UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    ks = [_budget(item) for item in _split(budgets, "-k/--k")] if budgets is not None else [None]
+    names = options.method_list(methods)
+    ks = options.budget_list(budgets) or [None]
     check_prompt(prompt)
     picture = load_image(image) if image is not None else pattern_image()
     if threads is not None:
@@ -82,7 +63,17 @@ def profile(
         loaded = load(model, device=device, dtype=dtype)
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [picture])
     runs = [
-        options.prune_settings(name, k, layer, lambda_max, merge_threshold, score_queries, seed, loaded.preset)
+        options.prune_settings(
+            loaded.preset,
+            method=name,
+            k=k,
+            layer=layer,
+            lambda_max=lambda_max,
+            merge_threshold=merge_threshold,
+            score_queries=score_queries,
+            score=score,
+            seed=seed,
+        )
         for name in names
         for k in (ks[:1] if name == "vanilla" else ks)  # vanilla does not depend on k
     ]
@@ -127,19 +118,6 @@ def profile(
 def _progress(spinner):
     """Step messages for the spinner, when there is one (a terminal)."""
     return None if spinner is None else lambda step: spinner.update(f"Measuring: {step}")
-
-
-def _split(text: str, option: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise UsageError(f"{option} is empty")
-    return items
-
-
-def _budget(item: str) -> int:
-    if not item.isdigit() or int(item) < 1:
-        raise UsageError(f"k must be a whole number of at least 1, got {item!r}")
-    return int(item)
 
 
 def _record(result: Measurement, vanilla: Measurement | None) -> dict:

@@ -86,6 +86,14 @@ class Question:
     type: str
     text: str
     answer: str
+    sprite: Sprite | None = None  # the object asked about; None for "is there ...?" answered no
+
+    @property
+    def region(self) -> str | None:
+        """ "top" or "bottom": the half of the image the object asked about is in."""
+        if self.sprite is None:
+            return None
+        return "top" if self.sprite.top else "bottom"
 
 
 def _draw(draw: ImageDraw.ImageDraw, sprite: Sprite) -> None:
@@ -130,21 +138,21 @@ def ask(scene: Scene, question_type: str, rng: random.Random) -> Question | None
             return None
         sprite = rng.choice(unique)
         if question_type == "colour":
-            return Question(scene, "colour", f"what colour is the {sprite.kind}?", sprite.colour)
+            return Question(scene, "colour", f"what colour is the {sprite.kind}?", sprite.colour, sprite)
         if question_type == "shape":
-            return Question(scene, "shape", f"what shape is the {sprite.colour} object?", sprite.kind)
+            return Question(scene, "shape", f"what shape is the {sprite.colour} object?", sprite.kind, sprite)
         answer = "top" if sprite.top else "bottom"
-        return Question(scene, "position", f"is the {sprite.kind} at the top or the bottom?", answer)
+        return Question(scene, "position", f"is the {sprite.kind} at the top or the bottom?", answer, sprite)
     if question_type == "exists":
         present = {(s.colour, s.kind) for s in scene.sprites}
         if present and rng.random() < 0.5:
             colour, kind = rng.choice(sorted(present))
-            answer = "yes"
-        else:
-            absent = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in present]
-            colour, kind = rng.choice(absent)
-            answer = "no"
-        return Question(scene, "exists", f"is there a {colour} {kind}?", answer)
+            matches = [s for s in scene.sprites if (s.colour, s.kind) == (colour, kind)]
+            sprite = matches[0] if len(matches) == 1 else None  # two of them: no one place
+            return Question(scene, "exists", f"is there a {colour} {kind}?", "yes", sprite)
+        absent = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in present]
+        colour, kind = rng.choice(absent)
+        return Question(scene, "exists", f"is there a {colour} {kind}?", "no")
     raise ValueError(f"unknown question type {question_type!r}")
 
 
@@ -158,6 +166,28 @@ def questions(seed: int, count: int, types: tuple[str, ...] = QUESTION_TYPES) ->
         if question is not None:
             result.append(question)
     return result
+
+
+def scene_questions(seed: int, count: int) -> list[list[Question]]:
+    """`count` scenes with one question of every type each can answer, in a shuffled order:
+    several answers per image for the price of one image in training."""
+    rng = random.Random(seed)
+    result = []
+    while len(result) < count:
+        scene = make_scene(rng, min_sprites=1)
+        types = list(QUESTION_TYPES)
+        rng.shuffle(types)
+        asked = [q for q in (ask(scene, kind, rng) for kind in types) if q is not None]
+        if asked:
+            result.append(asked)
+    return result
+
+
+WORDS = (
+    *("what", "colour", "is", "the", "shape", "object", "there", "a", "at", "top", "or", "bottom", "yes", "no"),
+    *KINDS,
+    *COLOURS,
+)  # every word of every question and answer: the demo model's vocabulary
 
 
 def normalise(answer: str) -> str:

@@ -24,7 +24,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
 from ..random_model import LlavaShape, build_llava
 from . import scenes
@@ -45,28 +47,58 @@ SHAPE = LlavaShape(
 EVAL_SEED = 1_000_000  # held-out questions come from a stream no training step draws from
 
 
-def conversation(question: scenes.Question, with_answer: bool) -> list[dict]:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.text}]}]
-    if with_answer:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": question.answer}]})
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per word of the scenes' world, lower-cased, punctuation apart; any other word
+    is <unk>. Words as tokens spare a 4-layer model the work of spelling them out of characters,
+    and an answer is one token and the end of text."""
+    words = [*SPECIAL, *TEMPLATE_WORDS, *scenes.WORDS]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+SPECIAL = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+TEMPLATE_WORDS = ("user", "assistant", ":", "?", ".", ",")
+
+
+def conversation(questions: list[scenes.Question], with_answers: bool) -> list[dict]:
+    """The image, then the questions in turn; with their answers for training."""
+    messages = []
+    for index, question in enumerate(questions):
+        content = [{"type": "image"}] if index == 0 else []
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": question.text}]})
+        if with_answers:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": question.answer}]})
     return messages
 
 
-def batch(processor, questions: list[scenes.Question]) -> dict[str, torch.Tensor]:
-    """Token ids, attention mask, pixels, answer-only labels and patch labels for a batch."""
-    full = [processor.apply_chat_template(conversation(q, True)) for q in questions]
-    prompts = [processor.apply_chat_template(conversation(q, False), add_generation_prompt=True) for q in questions]
-    images = [q.scene.render() for q in questions]
-    inputs = processor(text=full, images=images, return_tensors="pt", padding=True)
-    labels = torch.full_like(inputs["input_ids"], -100)
-    tokenizer = processor.tokenizer
-    for row, (prompt, text) in enumerate(zip(prompts, full)):
-        start = len(processor(text=prompt, images=[images[row]])["input_ids"][0])
-        end = len(processor(text=text, images=[images[row]])["input_ids"][0])
-        labels[row, start:end] = inputs["input_ids"][row, start:end]
-    labels[inputs["input_ids"] == tokenizer.pad_token_id] = -100
+def batch(processor, scene_questions: list[list[scenes.Question]]) -> dict[str, torch.Tensor]:
+    """Token ids, attention mask, pixels, answer-only labels and patch labels: one sequence per
+    scene, holding all of its questions and answers."""
+    texts = [processor.apply_chat_template(conversation(asked, True)) for asked in scene_questions]
+    images = [asked[0].scene.render() for asked in scene_questions]
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    ids, tokenizer = inputs["input_ids"], processor.tokenizer
+    # Labels: each answer token and the end of text after it, found after every "assistant :".
+    assistant, colon = tokenizer.convert_tokens_to_ids(["assistant", ":"])
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    answer[:, 2:] = (ids[:, :-2] == assistant) & (ids[:, 1:-1] == colon)
+    labels = torch.full_like(ids, -100)
+    labels[answer] = ids[answer]
+    ends = torch.zeros_like(answer)
+    ends[:, 1:] = answer[:, :-1]
+    labels[ends] = ids[ends]
     inputs["labels"] = labels
-    inputs["patch_labels"] = torch.tensor([q.scene.patch_labels() for q in questions])
+    inputs["patch_labels"] = torch.tensor([asked[0].scene.patch_labels() for asked in scene_questions])
     return inputs
 
 
@@ -88,7 +120,7 @@ def evaluate(model, processor, count: int) -> dict[str, float]:
     model.eval()
     hits, totals = defaultdict(int), defaultdict(int)
     for question in scenes.questions(EVAL_SEED, count):
-        text = processor.apply_chat_template(conversation(question, False), add_generation_prompt=True)
+        text = processor.apply_chat_template(conversation([question], False), add_generation_prompt=True)
         inputs = processor(text=text, images=[question.scene.render()], return_tensors="pt")
         output = model.generate(
             **inputs, max_new_tokens=10, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
@@ -125,7 +157,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    model, processor = build_llava(SHAPE, seed=args.seed)
+    model, processor = build_llava(SHAPE, seed=args.seed, tokenizer=word_tokenizer())
     model = model.to(device).train()
     head = nn.Linear(SHAPE.hidden, scenes.NUM_PATCH_LABELS).to(device)
     optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.01)
@@ -147,8 +179,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     started, window = time.perf_counter(), defaultdict(float)
     while step < args.steps:
-        questions = scenes.questions(args.seed * 1_000_003 + step, args.batch)
-        inputs = {key: value.to(device) for key, value in batch(processor, questions).items()}
+        asked = scenes.scene_questions(args.seed * 1_000_003 + step, args.batch)
+        inputs = {key: value.to(device) for key, value in batch(processor, asked).items()}
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr)
         loss = losses(model, head, inputs, vision_only=step < args.vision_steps)

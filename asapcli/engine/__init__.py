@@ -8,10 +8,11 @@ from transformers import PreTrainedModel
 
 from . import attention
 from .decoder import PrunedDecoder, PruningPlan
-from .methods import METHODS, SCORE_QUERIES, PruningMethod
+from .methods import METHODS, SCORE_QUERIES, SCORES, PruningMethod
 
 __all__ = [
     "METHODS",
+    "SCORES",
     "SCORE_QUERIES",
     "PrunedDecoder",
     "PruningMethod",

@@ -95,7 +95,12 @@ def asap_attention(
                 rows = score_rows(method.score_queries, span, q_len)
                 # Without SG-BiMask only the scoring rows of the causal mask are ever needed.
                 row_mask = mask[:, :, rows] if mask is not None else additive_mask(attention_mask, query, kv_len, rows)
-                importance = ops.received_attention(query[:, :, rows], keys, row_mask, scaling, key_span)
+                value_norms = None
+                if method.score == "contribution":
+                    value_norms = repeat_kv(value[:, :, key_span], module.num_key_value_groups).float().norm(dim=-1)
+                importance = ops.received_attention(
+                    query[:, :, rows], keys, row_mask, scaling, key_span, value_norms=value_norms
+                )
             asap_pass.record(index, importance=importance, mass=mass, saliency=saliency)
 
     if method.sg_bimask:

@@ -38,13 +38,16 @@ from .methods import PruningMethod, SpanView
 class PruningPlan:
     """What to prune in the next prefill: `spans` are [start, end) positions of image tokens in the
     whole token sequence. `layer` is L: layers 0..L-1 see every token. The decoder appends to
-    `kept` the absolute positions it kept for each span it pruned (an output, for reporting)."""
+    `kept` the absolute positions it kept for each span it pruned, and to `importance` the
+    attention each span's tokens received at layer L-1 when the method scores them (outputs,
+    for reporting)."""
 
     method: PruningMethod
     k: int
     layer: int
     spans: list[tuple[int, int]]
     kept: list[torch.Tensor] = field(default_factory=list)
+    importance: list[torch.Tensor] = field(default_factory=list)
     merged: int = 0
 
 
@@ -72,10 +75,12 @@ class PrunePass:
         keep = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
         hidden = hidden.clone()
         for index, span in enumerate(self.spans):
+            scores = self.scores.get(index, {})
+            if scores.get("importance") is not None:
+                self.plan.importance.append(scores["importance"][0])
             n = span.stop - span.start
             if self.plan.k >= n:
                 continue  # nothing to prune in this span
-            scores = self.scores.get(index, {})
             view = SpanView(
                 start=span.start + chunk_start,
                 hidden=hidden[0, span],

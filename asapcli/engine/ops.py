@@ -47,13 +47,16 @@ def received_attention(
     mask: torch.Tensor | None,
     scaling: float,
     key_span: slice,
+    value_norms: torch.Tensor | None = None,
     rows_per_chunk: int = 256,
 ) -> torch.Tensor:
     """Attention probability each key of `key_span` receives, averaged over heads and query rows.
 
     queries (B, H, r, D), keys (B, H, kv, D) with heads repeated, mask (B, 1|H, r, kv) additive or
     None. The softmax runs over all keys (text included), as in the real forward pass; rows are
-    processed in chunks so that scoring many rows never holds an r x kv x H tensor. Returns (B, n).
+    processed in chunks so that scoring many rows never holds an r x kv x H tensor. With
+    `value_norms` (B, H, n), the norm of each span key's value vector per head, each probability
+    is weighted by it first: CAPA's attention contribution. Returns (B, n).
     """
     total = None
     keys = keys.float()
@@ -63,6 +66,8 @@ def received_attention(
         if mask is not None:
             logits = logits + mask[:, :, rows].float()
         probs = torch.softmax(logits, dim=-1)[..., key_span]
+        if value_norms is not None:
+            probs = probs * value_norms[:, :, None, :].float()
         chunk_sum = probs.sum(dim=2).mean(dim=1)
         total = chunk_sum if total is None else total + chunk_sum
     return total / queries.shape[2]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .asap import Asap
+from .asap import Asap, AsapBimaskOnly
 from .base import PruningMethod, Selection, SpanView
 from .fastv import FastV
 from .random import Random
 from .vanilla import Vanilla
 
-METHODS: dict[str, type[PruningMethod]] = {m.name: m for m in (Vanilla, FastV, Random, Asap)}
+METHODS: dict[str, type[PruningMethod]] = {m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly)}
 SCORE_QUERIES = ("last", "text", "all")
+SCORES = ("attention", "contribution")
 
-__all__ = ["METHODS", "SCORE_QUERIES", "PruningMethod", "Selection", "SpanView"]
+__all__ = ["METHODS", "SCORES", "SCORE_QUERIES", "PruningMethod", "Selection", "SpanView"]

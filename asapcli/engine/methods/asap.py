@@ -17,6 +17,7 @@ class Asap(PruningMethod):
     sg_bimask = True
     needs_mass = True
     score_queries: str = "last"
+    score: str = "attention"
     lambda_max: float = 1.0
     merge_threshold: float = 0.9
 
@@ -39,3 +40,15 @@ class Asap(PruningMethod):
         states = torch.cat([survivor_hidden, span.hidden[refill]])
         order = kept.argsort()
         return Selection(kept=kept[order], hidden=states[order], merged=absorbed)
+
+
+@dataclass(frozen=True)
+class AsapBimaskOnly(Asap):
+    """The ablation between FastV and ASAP: SG-BiMask in layers 0..L-1 and its top-k selection,
+    no consolidation or refill."""
+
+    name = "asap-bimask-only"
+
+    def select(self, span: SpanView, k: int) -> Selection:
+        kept = ops.top_k(span.importance, k)
+        return Selection(kept=kept, hidden=span.hidden[kept])

@@ -44,6 +44,8 @@ class PruningMethod:
     - `score_queries`: which query rows rank the tokens at layer L-1 ("last", "text", "all"),
       or None when the method needs no attention scores.
     - `needs_mass`: record s and s_hat at layer L-1.
+    - `score`: "attention" ranks by the attention probability received; "contribution" weights
+      it by the norm of the token's value vector (CAPA).
     """
 
     name: ClassVar[str]
@@ -51,6 +53,7 @@ class PruningMethod:
     sg_bimask: ClassVar[bool] = False
     needs_mass: ClassVar[bool] = False
     score_queries: str | None = None
+    score: str = "attention"
     lambda_max: float = 1.0
 
     def select(self, span: SpanView, k: int) -> Selection:

@@ -13,6 +13,7 @@ from .base import PruningMethod, Selection, SpanView
 class FastV(PruningMethod):
     name = "fastv"
     score_queries: str = "last"
+    score: str = "attention"
 
     def select(self, span: SpanView, k: int) -> Selection:
         kept = ops.top_k(span.importance, k)

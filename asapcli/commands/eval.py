@@ -1,0 +1,183 @@
+"""asap eval: accuracy per method and budget on a question set (the layout of the paper's
+Table 1), optionally plotted, and the attention shift made visible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .. import display, evaluation, figures
+from ..engine import METHODS
+from ..loading import load
+from . import options
+
+
+def eval_command(
+    model: options.Model = options.DEFAULT_MODEL,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help='JSONL of {"image": path, "question": str, "answer": str} (optional "type"), images relative '
+            "to the file. Default: the demo model's held-out synthetic scenes.",
+        ),
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", min=1, help="Questions to ask (default: 200, or all of --data).")
+    ] = None,
+    methods: Annotated[
+        str, typer.Option("--methods", help=f"Comma-separated methods, from {', '.join(METHODS)}.")
+    ] = "vanilla,fastv,random,asap",
+    budgets: options.Budgets = None,
+    layer: options.Layer = None,
+    lambda_max: options.LambdaMax = None,
+    merge_threshold: options.MergeThreshold = None,
+    score_queries: options.ScoreQueries = None,
+    score: options.Score = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 10,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG of accuracy against FLOPs ratio, one line per method.")
+    ] = None,
+    attention_profile: Annotated[
+        Path | None,
+        typer.Option(
+            "--attention-profile",
+            help="Also write a PNG of the mean attention the last prompt token pays to each image row at layer "
+            "L-1, causal vs SG-BiMask (two more passes over the questions).",
+        ),
+    ] = None,
+    threads: options.Threads = None,
+    seed: options.Seed = 0,
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with every row instead of a table.")
+    ] = False,
+) -> None:
+    """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
+    names = options.method_list(methods)
+    ks = options.budget_list(budgets)
+    for path in (plot, attention_profile):
+        if path is not None:
+            figures.check_writable(path)
+    items = evaluation.read_items(data, n) if data is not None else evaluation.synthetic_items(n or 200)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    with display.status(f"Loading {model}"):
+        loaded = load(model, device=device, dtype=dtype)
+    base = options.prune_settings(
+        loaded.preset,
+        layer=layer,
+        lambda_max=lambda_max,
+        merge_threshold=merge_threshold,
+        score_queries=score_queries,
+        score=score,
+        seed=seed,
+    )
+    if ks is None:
+        ks = list(loaded.preset.budgets) if loaded.preset and loaded.preset.budgets else [base.k]
+    runs = evaluation.runs(names, ks, base)
+    for settings in runs:
+        settings.check(loaded.num_layers)
+
+    with _progress() as progress:
+        task = progress.add_task("Answering", total=len(items) * len(runs))
+        scores = evaluation.evaluate(loaded, items, runs, max_tokens, on_step=lambda: progress.advance(task))
+        profile = None
+        if attention_profile is not None:
+            task = progress.add_task("Attention profile", total=2 * len(items))
+            profile = evaluation.attention_profile(
+                loaded, items, base.layer, lambda_max, on_step=lambda: progress.advance(task)
+            )
+
+    vanilla = next((score for score in scores if score.settings.method == "vanilla"), None)
+    source = str(data) if data is not None else "synthetic held-out scenes"
+    if plot is not None:
+        figures.save_png(figures.accuracy_plot(_series(scores), f"{model}: {source}, n={len(items)}"), plot)
+    if profile is not None:
+        title = f"{model}: attention of the last prompt token per image row, layer {profile.layer - 1}"
+        curves = {"causal (FastV)": profile.causal, "SG-BiMask (ASAP)": profile.sg_bimask}
+        figures.save_png(figures.row_profile_plot(curves, title), attention_profile)
+
+    if json:
+        display.print_json(
+            {
+                "model": model,
+                "data": source,
+                "n": len(items),
+                "layer": base.layer,
+                "results": [_record(score, vanilla) for score in scores],
+                "attention_profile": None
+                if profile is None
+                else {"causal": profile.causal, "sg_bimask": profile.sg_bimask},
+            }
+        )
+        return
+    display.out.print(_table(scores, vanilla, f"{model}: {source}, n={len(items)}, L={base.layer}"))
+    display.out.print(
+        "FLOPs %: paper Eq. 8, visual tokens only; accuracy: normalised exact match, greedy; avg: mean over "
+        "question types; rel: avg / vanilla's; top/bottom: questions about one object in that half of the image.",
+        markup=False,
+        soft_wrap=True,
+    )
+    for path in (plot, attention_profile):
+        if path is not None:
+            display.note(f"wrote {path}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=display.err,
+        transient=True,
+        disable=not display.err.is_terminal,
+    )
+
+
+def _series(scores: list[evaluation.Score]) -> dict[str, list[tuple[float, float]]]:
+    series: dict[str, list[tuple[float, float]]] = {}
+    for score in scores:
+        series.setdefault(score.settings.method, []).append((100 * score.flops_ratio, 100 * score.average))
+    return series
+
+
+def _record(score: evaluation.Score, vanilla: evaluation.Score | None) -> dict:
+    return {
+        "method": score.settings.method,
+        "k": None if score.settings.method == "vanilla" else score.settings.k,
+        "flops_ratio": score.flops_ratio,
+        "accuracy": score.accuracy(),
+        "region_accuracy": score.region_accuracy(),
+        "average": score.average,
+        "relative": score.average / vanilla.average if vanilla and vanilla.average else None,
+        "questions": sum(score.totals.values()),
+    }
+
+
+def _table(scores: list[evaluation.Score], vanilla: evaluation.Score | None, title: str) -> Table:
+    types = list(scores[0].totals)
+    regions = [region for region in ("top", "bottom") if region in scores[0].region_totals]
+    table = Table(title=title, title_justify="left")
+    for column in ["method", "k", "FLOPs %", *types, "avg", "rel", *regions]:
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for score in scores:
+        record = _record(score, vanilla)
+        table.add_row(
+            score.settings.method,
+            "-" if record["k"] is None else str(record["k"]),
+            f"{score.flops_ratio:.1%}",
+            *(f"{record['accuracy'][kind]:.1%}" for kind in types),
+            f"{score.average:.1%}",
+            "-" if record["relative"] is None else f"{record['relative']:.1%}",
+            *(f"{record['region_accuracy'][region]:.1%}" for region in regions),
+        )
+    return table

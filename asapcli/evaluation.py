@@ -1,0 +1,183 @@
+"""Accuracy under pruning: a question set run through methods and budgets (the paper's Table 1),
+and the attention the last prompt token pays to each image row (the attention shift, Fig. 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import figures
+from .demo import scenes
+from .errors import AsapError
+from .generation import PruneSettings, generate, on_model, plan
+from .inputs import build_inputs, load_image, user_message
+from .loading import Loaded
+
+EVAL_SEED = 1_000_000  # the held-out synthetic set: a stream no training step draws from
+ALL = "all"  # the question type of items that name none
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question about one image, with the answer exact-match scoring expects."""
+
+    image: Image.Image | Path
+    question: str
+    answer: str
+    type: str = ALL
+    region: str | None = None  # "top" / "bottom": where the object asked about is
+
+    def picture(self) -> Image.Image:
+        return self.image if isinstance(self.image, Image.Image) else load_image(self.image)
+
+
+def synthetic_items(count: int, seed: int = EVAL_SEED) -> list[Item]:
+    """The demo model's held-out questions (question types in turn, one scene each)."""
+    return [Item(q.scene.render(), q.text, q.answer, q.type, q.region) for q in scenes.questions(seed, count)]
+
+
+def read_items(path: Path, limit: int | None = None) -> list[Item]:
+    """A JSONL file of {"image": path, "question": str, "answer": str} (optional "type"); image
+    paths are relative to the file's folder. Every line is checked before anything runs."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AsapError(f"question file not found: {path}")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise AsapError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise AsapError(f"{path}:{number}: expected an object with image, question and answer")
+        missing = [key for key in ("image", "question", "answer") if not str(record.get(key, "")).strip()]
+        if missing:
+            raise AsapError(f"{path}:{number}: missing or empty {', '.join(missing)}")
+        image = path.parent / Path(record["image"]).expanduser()
+        if not image.is_file():
+            raise AsapError(f"{path}:{number}: image not found: {image}")
+        items.append(Item(image, str(record["question"]), str(record["answer"]), str(record.get("type", ALL))))
+        if limit is not None and len(items) == limit:
+            break
+    if not items:
+        raise AsapError(f"{path} holds no questions")
+    return items
+
+
+@dataclass
+class Score:
+    """Exact-match results of one method at one budget."""
+
+    settings: PruneSettings
+    flops_ratio: float = 1.0
+    hits: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    totals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    region_hits: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    region_totals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, item: Item, correct: bool) -> None:
+        self.hits[item.type] += correct
+        self.totals[item.type] += 1
+        if item.region is not None:
+            self.region_hits[item.region] += correct
+            self.region_totals[item.region] += 1
+
+    def accuracy(self) -> dict[str, float]:
+        return {kind: self.hits[kind] / self.totals[kind] for kind in self.totals}
+
+    def region_accuracy(self) -> dict[str, float]:
+        return {region: self.region_hits[region] / self.region_totals[region] for region in self.region_totals}
+
+    @property
+    def average(self) -> float:
+        """The mean over question types, as Table 1 averages over benchmarks."""
+        accuracy = self.accuracy()
+        return sum(accuracy.values()) / len(accuracy) if accuracy else math.nan
+
+
+def runs(methods: list[str], budgets: list[int], base: PruneSettings) -> list[PruneSettings]:
+    """Table 1's rows: vanilla once (it keeps everything at any budget), then every pruning
+    method at every budget, largest budget first."""
+    rows = [replace(base, method="vanilla")] if "vanilla" in methods else []
+    for k in sorted(set(budgets), reverse=True):
+        rows += [replace(base, method=method, k=k) for method in methods if method != "vanilla"]
+    return rows
+
+
+def correct(answer: str, expected: str) -> bool:
+    return scenes.normalise(answer) == scenes.normalise(expected)
+
+
+def evaluate(
+    loaded: Loaded,
+    items: list[Item],
+    settings: list[PruneSettings],
+    max_tokens: int = 10,
+    on_step: Callable[[], None] | None = None,
+) -> list[Score]:
+    """Greedy answers to every item under every setting, scored by normalised exact match. The
+    inputs of an item are built once and shared by its settings."""
+    scores = [Score(setting) for setting in settings]
+    for item, inputs in _prepared(loaded, items):
+        for score in scores:
+            pruning = plan(loaded, inputs["input_ids"][0], score.settings)
+            result = generate(loaded, inputs, pruning, max_tokens=max_tokens, seed=score.settings.seed)
+            score.add(item, correct(result.text, item.answer))
+            score.flops_ratio = result.flops_ratio
+            if on_step is not None:
+                on_step()
+    return scores
+
+
+@dataclass
+class AttentionProfile:
+    """Mean attention the last prompt token pays to each row of the image grid at layer L-1,
+    under the causal mask (what FastV ranks by) and under SG-BiMask (what ASAP ranks by)."""
+
+    layer: int
+    causal: list[float]
+    sg_bimask: list[float]
+
+
+def attention_profile(
+    loaded: Loaded,
+    items: list[Item],
+    layer: int,
+    lambda_max: float | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> AttentionProfile:
+    """Scores every item's image at layer `layer`-1 without pruning anything (k = the whole
+    prompt) and averages the attention per image row. Needs a square grid of tokens per image.
+    FastV's settings score under the causal mask, ASAP's under SG-BiMask."""
+    masks = {"causal": "fastv", "sg_bimask": "asap"}
+    sums = {mask: torch.zeros(()) for mask in masks}
+    for _, inputs in _prepared(loaded, items):
+        everything = inputs["input_ids"].shape[1]
+        for mask, method in masks.items():
+            settings = PruneSettings(method, k=everything, layer=layer, score_queries="last", lambda_max=lambda_max)
+            pruning = plan(loaded, inputs["input_ids"][0], settings)
+            with torch.inference_mode(), loaded.decoder.pruning(pruning):
+                loaded.model(**on_model(loaded, inputs))
+            sums[mask] = sums[mask] + _per_row(pruning.importance[0])
+            if on_step is not None:
+                on_step()
+    return AttentionProfile(layer, *((sums[mask] / len(items)).tolist() for mask in masks))
+
+
+def _per_row(importance: torch.Tensor) -> torch.Tensor:
+    grid, skip = figures.token_grid(importance.numel())
+    return importance[skip:].float().cpu().reshape(grid, grid).sum(dim=1)
+
+
+def _prepared(loaded: Loaded, items: list[Item]) -> Iterator[tuple[Item, dict]]:
+    for item in items:
+        yield item, build_inputs(loaded.processor, [user_message(item.question, 1)], [item.picture()])
