@@ -20,7 +20,6 @@ from .generation import PruneSettings, generate, on_model, plan
 from .inputs import build_inputs, load_image, user_message
 from .loading import Loaded
 
-EVAL_SEED = 1_000_000  # the held-out synthetic set: a stream no training step draws from
 ALL = "all"  # the question type of items that name none
 
 
@@ -38,7 +37,7 @@ class Item:
         return self.image if isinstance(self.image, Image.Image) else load_image(self.image)
 
 
-def synthetic_items(count: int, seed: int = EVAL_SEED) -> list[Item]:
+def synthetic_items(count: int, seed: int = scenes.EVAL_SEED) -> list[Item]:
     """The demo model's held-out questions (question types in turn, one scene each)."""
     return [Item(q.scene.render(), q.text, q.answer, q.type, q.region) for q in scenes.questions(seed, count)]
 

@@ -31,6 +31,7 @@ COLOURS = {
     "yellow": (235, 200, 40),
 }
 QUESTION_TYPES = ("colour", "shape", "exists", "position")
+EVAL_SEED = 1_000_000  # the held-out questions: a stream no training step draws from
 MAX_SPRITES = 5
 
 

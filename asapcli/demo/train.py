@@ -44,7 +44,6 @@ SHAPE = LlavaShape(
     vision_heads=2,
     max_positions=1024,
 )
-EVAL_SEED = 1_000_000  # held-out questions come from a stream no training step draws from
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -119,7 +118,7 @@ def evaluate(model, processor, count: int) -> dict[str, float]:
     """Greedy answers to `count` held-out questions, exact match, accuracy per type."""
     model.eval()
     hits, totals = defaultdict(int), defaultdict(int)
-    for question in scenes.questions(EVAL_SEED, count):
+    for question in scenes.questions(scenes.EVAL_SEED, count):
         text = processor.apply_chat_template(conversation([question], False), add_generation_prompt=True)
         inputs = processor(text=text, images=[question.scene.render()], return_tensors="pt")
         output = model.generate(
