@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
-from .engine import image_spans
-from .errors import AsapError
+from .engine import METHODS, image_spans
+from .errors import AsapError, UsageError
 from .generation import GenerationResult, PruneSettings, generate, plan, token_flops
 from .inputs import build_inputs, check_prompt, user_message
 from .loading import Loaded
@@ -52,6 +52,10 @@ class ChatSession:
         temperature: float = 0.0,
         seed: int = 0,
     ):
+        settings.check(loaded.num_layers)
+        if METHODS[settings.method].before_llm:
+            # They prune layer 0 as well, whose length is what locates each new turn.
+            raise UsageError(f"{settings.method} prunes before the language model; asap chat takes in-LLM methods only")
         self.loaded = loaded
         self.settings = settings
         self.max_tokens = max_tokens

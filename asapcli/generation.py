@@ -69,7 +69,8 @@ def pruning_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> Pruni
         score=settings.score,
         seed=settings.seed,
     )
-    return PruningPlan(method=method, k=settings.k, layer=settings.layer, spans=spans)
+    layer = 0 if method.before_llm else settings.layer
+    return PruningPlan(method=method, k=settings.k, layer=layer, spans=spans)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_tokens_per_second: float
     flops_ratio: float
+    layer: int = 0  # L of the plan: 0 for methods that prune before the language model
     kept_positions: list[list[int]] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # the generated tokens, end-of-text included
     fed_tokens: int = 0  # prompt tokens this call prefilled (the rest came from the cache)
@@ -200,6 +202,7 @@ def generate(
         prefill_seconds=first - started,
         decode_tokens_per_second=(n_new - 1) / (finished - first) if n_new > 1 and finished > first else 0.0,
         flops_ratio=ratio,
+        layer=pruning.layer if pruning is not None else 0,
         kept_positions=[positions.tolist() for positions in pruning.kept] if pruning is not None else [],
         token_ids=new_ids.tolist(),
         fed_tokens=prompt_len - cached,
@@ -220,7 +223,7 @@ def token_counts(pruning: PruningPlan) -> tuple[int, int]:
     sizes = [end - start for start, end in pruning.spans]
     if not pruning.method.prunes:
         return sum(sizes), sum(sizes)
-    return sum(sizes), sum(min(size, pruning.k) for size in sizes)
+    return sum(sizes), sum(pruning.method.kept_count(size, pruning.k) for size in sizes)
 
 
 def token_flops(loaded: Loaded, tokens: int, kept: int, layer: int) -> tuple[float, float]:

@@ -166,9 +166,9 @@ def _costs(
     decode_time = seconds(device, lambda: decode(loaded, logits, cache, decode_tokens))
 
     visual, kept = token_counts(pruning)
-    tflops, ratio = token_flops(loaded, visual, kept, settings.layer)
+    tflops, ratio = token_flops(loaded, visual, kept, pruning.layer)
     prompt = int(inputs["input_ids"].shape[1])
-    _, prompt_ratio = token_flops(loaded, prompt, prompt - (visual - kept), settings.layer)
+    _, prompt_ratio = token_flops(loaded, prompt, prompt - (visual - kept), pruning.layer)
     return Measurement(
         method=settings.method,
         k=settings.k if pruning.method.prunes else None,

@@ -91,6 +91,8 @@ def test_chat_usage_errors(llava_path, image_file):
     assert result.exit_code == 1 and result.stderr.startswith("Error: image not found")
     result = chat(image_file, "-m", llava_path, "--layer", 9, input="")
     assert result.exit_code == 2 and "layer must be in 1..3" in result.stderr
+    result = chat(image_file, "-m", llava_path, "--method", "pool", input="")
+    assert result.exit_code == 2 and "pool prunes before the language model" in result.stderr
 
 
 def two_turns(lvlm, method, image):

@@ -121,3 +121,18 @@ def test_asap_debug_shows_the_traceback(llava_path, tmp_path, monkeypatch):
     result = asap("run", tmp_path / "nope.jpg", "hi", "-m", llava_path)
     assert result.exit_code != 0
     assert "image not found" in str(result.exception)
+
+
+def test_pool_on_a_tiling_model_is_one_error_line(llava_next_path, image_file):
+    result = asap("run", image_file, "hi", "-m", llava_next_path, "--method", "pool", "-k", 4)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "pool needs the image span to be one square grid" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["divprune", "pool"])
+def test_methods_before_the_llm_report_layer_0(method, llava_path, image_file):
+    result = asap("run", image_file, "hi", "-m", llava_path, "--method", method, "-k", 16, "--json", "--max-tokens", 2)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["layer"] == 0 and data["visual_tokens_after"] == 16

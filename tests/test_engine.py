@@ -183,3 +183,41 @@ def test_contribution_score_ranks_by_attention_times_value_norm(method, loaded, 
 def test_unknown_score_is_a_usage_error():
     with pytest.raises(UsageError, match="score must be one of attention, contribution"):
         PruneSettings(method="fastv", score="magic").check()
+
+
+@pytest.mark.parametrize("method, kept_per_image", [("divprune", 8), ("pool", 4)])  # pool: 2 x 2 <= 8 cells
+def test_methods_before_the_llm_prune_every_layer(method, kept_per_image, loaded, images):
+    lvlm = loaded["llava"]
+    inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    ids = inputs["input_ids"][0]
+    pruning = plan(lvlm, ids, PruneSettings(method=method, k=8, layer=2))
+    assert pruning.layer == 0  # whatever --layer said
+    cache = DynamicCache(config=lvlm.model.config.get_text_config())
+    logits(lvlm, inputs, pruning, cache)
+    text = ids.numel() - 64
+    assert [cache.get_seq_length(i) for i in range(lvlm.num_layers)] == [text + kept_per_image] * lvlm.num_layers
+    result = generate(lvlm, inputs, plan(lvlm, ids, PruneSettings(method=method, k=8)), max_tokens=4)
+    assert (result.visual_tokens, result.kept_tokens) == (64, kept_per_image)
+    def per_layer(v, d=64, m=128):  # Eq. 7's layer term on the tiny model
+        return 4 * v * d * d + 2 * v * v * d + 3 * v * d * m
+
+    assert result.flops_ratio == pytest.approx(per_layer(kept_per_image) / per_layer(64))  # every layer pruned
+
+
+def test_divprune_equals_the_model_fed_only_the_kept_features(loaded, images):
+    """Pruning before the LLM with original positions is the plain model run on the shorter
+    sequence of embeddings at those positions."""
+    lvlm = loaded["llava"]
+    inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    ids = inputs["input_ids"][0]
+    pruning = plan(lvlm, ids, PruneSettings(method="divprune", k=8))
+    pruned = logits(lvlm, inputs, pruning)
+    model = lvlm.model
+    with torch.inference_mode():
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        features = torch.cat(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+        embeds[inputs["input_ids"] == lvlm.image_token_id] = features.reshape(-1, embeds.shape[-1])
+        start, end = image_spans(ids, lvlm.image_token_id)[0]
+        keep = torch.cat([torch.arange(start), pruning.kept[0], torch.arange(end, ids.numel())])
+        reference = model(inputs_embeds=embeds[:, keep], position_ids=keep[None]).logits
+    assert torch.allclose(pruned, reference, atol=1e-5)

@@ -58,6 +58,20 @@ def test_contribution_weights_each_head_by_the_value_norm():
     assert not torch.allclose(got, ops.received_attention(queries, keys, None, 1.0, slice(4, 7)))
 
 
+def test_max_min_diverse_starts_from_the_loneliest_row_then_goes_farthest():
+    # Rows 0 and 1 nearly coincide; 3 is orthogonal to all; 4 sits between 0 and 2.
+    features = torch.tensor([[1, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [0, 0, 1], [0.7, 0.7, 0]])
+    assert ops.max_min_diverse(features, 3).tolist() == [0, 2, 3]
+    assert ops.max_min_diverse(features, 5).tolist() == [0, 1, 2, 3, 4]  # each row once
+
+
+def test_pooled_grid_averages_blocks_and_places_them_at_their_corners():
+    features = torch.arange(32, dtype=torch.float32).reshape(16, 2)  # a 4 x 4 grid
+    pooled, corners = ops.pooled_grid(features, side=4, cells=2)
+    assert pooled[:, 0].tolist() == [5.0, 9.0, 21.0, 25.0]  # e.g. (0 + 2 + 8 + 10) / 4
+    assert corners.tolist() == [0, 2, 8, 10]
+
+
 def test_top_k_returns_positions_in_order():
     assert ops.top_k(torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2]), 3).tolist() == [1, 2, 3]
 

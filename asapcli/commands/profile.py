@@ -103,11 +103,13 @@ def profile(
             display.print_json({**context, **_record(result, vanilla)})
         return
     display.out.print(_table(results, vanilla, on_gpu, context))
+    early = [name for name in names if METHODS[name].before_llm]
     where = f"{torch.cuda.get_device_name(loaded.device)}" if on_gpu else f"CPU, {context['threads']} threads"
     time = "CUDA-event time" if on_gpu else "wall time"
     memory = "torch.cuda.max_memory_allocated" if on_gpu else "CPU allocator peak (torch profiler)"
     for line in (
-        f"{where}, {context['dtype']}; {context['prompt_tokens']} prompt tokens; pruned after layer {layer - 1} (L={layer}).",
+        f"{where}, {context['dtype']}; {context['prompt_tokens']} prompt tokens; pruned after layer {layer - 1} (L={layer})"
+        + (f"; {', '.join(early)}: before layer 0 (L=0)." if early else "."),
         "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
         f"prefill: {time}, median of {repeats} rounds after {warmup} warm-up, methods interleaved; time %: of vanilla's.",
         f"peak: {memory} during prefill, above the weights, KV cache included.",

@@ -90,7 +90,7 @@ def run(
                 "model": model,
                 "method": settings.method,
                 "k": settings.k,
-                "layer": settings.layer,
+                "layer": result.layer,
                 "visual_tokens_before": result.visual_tokens,
                 "visual_tokens_after": result.kept_tokens,
                 "merged_tokens": result.merged_tokens,
@@ -108,7 +108,7 @@ def run(
 
 
 def summary(settings: PruneSettings, result: GenerationResult) -> str:
-    head = f"{settings.method} k={settings.k} L={settings.layer}: "
+    head = f"{settings.method} k={settings.k} L={result.layer}: "
     if settings.method == "vanilla":
         kept = f"all {result.visual_tokens} visual tokens kept (no pruning)"
     elif not result.pruned:

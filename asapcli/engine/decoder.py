@@ -16,7 +16,10 @@ brings a new image prunes only that image's span in its own prefill.
 After layer L-1 the sequence shrinks to text + k visual tokens per span; the kept tokens keep
 their ORIGINAL position ids, so RoPE is unchanged for them. The DynamicCache then holds all
 tokens in layers < L and the pruned sequence in layers >= L; layer 0 is never pruned, so its
-length (`get_seq_length()`) stays the true position of the next token for decoding.
+length (`get_seq_length()`) stays the true position of the next token, which a chat's later
+turns rely on. Methods that prune before the language model (`before_llm`, L = 0) prune
+layer 0 too: single prompts decode fine (generate() numbers the steps from the attention
+mask), chat refuses them.
 """
 
 from __future__ import annotations
@@ -172,13 +175,13 @@ class PrunedDecoder(nn.Module):
             # Layers hold different cache lengths after pruning: a mask per distinct length.
             kv_len = past_key_values.get_seq_length(index) if past_key_values is not None else 0
             if mask_kv_len is None or kv_len != mask_kv_len:
-                # A layer that saw every token has cached exactly chunk_start of them.
-                full_layer = kv_len == chunk_start and hidden.shape[1] == chunk_len
+                # The padding mask covers every token of the conversation: it fits only layers that
+                # kept them all. Pruned layers get none (batch 1: there is no padding to mask).
+                fits = attention_mask is not None and attention_mask.shape[-1] == kv_len + hidden.shape[1]
                 mask = create_causal_mask(
                     config=config,
                     inputs_embeds=hidden,
-                    # Padding masks are indexed by full positions; pruned layers see none (batch 1).
-                    attention_mask=attention_mask if full_layer else None,
+                    attention_mask=attention_mask if fits else None,
                     past_key_values=past_key_values,
                     # No position ids: pruned positions jump, which transformers would read as
                     # packed sequences and answer with a block-diagonal mask.

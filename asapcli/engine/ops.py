@@ -131,3 +131,33 @@ def merge_states(hidden: torch.Tensor, saliency: torch.Tensor, anchor: torch.Ten
     )
     is_anchor = anchor == torch.arange(n, device=hidden.device)
     return torch.where(is_anchor[:, None], merged, states).to(hidden.dtype)
+
+
+def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune's greedy answer to the max-min diversity problem: k rows of `features` (n, d)
+    whose smallest pairwise cosine distance is large. The first pick is the row farthest from
+    its nearest neighbour; each next pick is the row farthest from everything picked so far.
+    Returns the indices in ascending order."""
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    distance = 1 - unit @ unit.T
+    n = distance.shape[0]
+    nearest_other = distance.masked_fill(torch.eye(n, dtype=torch.bool, device=distance.device), float("inf"))
+    picked = [int(nearest_other.amin(dim=1).argmax())]
+    closest = distance[picked[0]].clone()  # each row's distance to its closest picked row
+    closest[picked[0]] = float("-inf")
+    while len(picked) < k:
+        picked.append(int(closest.argmax()))
+        closest = torch.minimum(closest, distance[picked[-1]])
+        closest[picked[-1]] = float("-inf")
+    return torch.tensor(sorted(picked), device=features.device)
+
+
+def pooled_grid(features: torch.Tensor, side: int, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool a `side` x `side` grid of token features (side^2, d), row-major, down to
+    `cells` x `cells`. Returns the pooled features (cells^2, d) and, for each cell, the index of
+    the token at its top-left corner (where it sits in the sequence)."""
+    grid = features.float().T.reshape(1, -1, side, side)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(grid, cells).reshape(-1, cells * cells).T
+    starts = [(i * side) // cells for i in range(cells)]  # adaptive pooling's cell boundaries
+    corners = torch.tensor([row * side + col for row in starts for col in starts], device=features.device)
+    return pooled.to(features.dtype), corners

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from .asap import Asap, AsapBimaskOnly
 from .base import PruningMethod, Selection, SpanView
+from .divprune import DivPrune
 from .fastv import FastV
+from .pool import Pool
 from .random import Random
 from .vanilla import Vanilla
 
-METHODS: dict[str, type[PruningMethod]] = {m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly)}
+METHODS: dict[str, type[PruningMethod]] = {
+    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool)
+}
 SCORE_QUERIES = ("last", "text", "all")
 SCORES = ("attention", "contribution")
 

@@ -44,6 +44,10 @@ class PruningMethod:
     - `score_queries`: which query rows rank the tokens at layer L-1 ("last", "text", "all"),
       or None when the method needs no attention scores.
     - `needs_mass`: record s and s_hat at layer L-1.
+    - `before_llm`: prune the projected visual features before decoder layer 0 instead of after
+      layer L-1 (the plan's layer is 0 whatever L the user gave). Kept tokens keep their
+      original positions, as with every method here: generate() numbers the decoding steps
+      from the full prompt.
     - `score`: "attention" ranks by the attention probability received; "contribution" weights
       it by the norm of the token's value vector (CAPA).
     """
@@ -52,9 +56,14 @@ class PruningMethod:
     prunes: ClassVar[bool] = True
     sg_bimask: ClassVar[bool] = False
     needs_mass: ClassVar[bool] = False
+    before_llm: ClassVar[bool] = False
     score_queries: str | None = None
     score: str = "attention"
     lambda_max: float = 1.0
+
+    def kept_count(self, tokens: int, k: int) -> int:
+        """How many of a span's `tokens` go on at budget k."""
+        return min(tokens, k)
 
     def select(self, span: SpanView, k: int) -> Selection:
         raise NotImplementedError

@@ -1,0 +1,19 @@
+"""DivPrune (Alvar et al., CVPR 2025): before the language model, keep the k projected visual
+features that are most diverse (greedy max-min cosine distance); no attention involved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import ops
+from .base import PruningMethod, Selection, SpanView
+
+
+@dataclass(frozen=True)
+class DivPrune(PruningMethod):
+    name = "divprune"
+    before_llm = True
+
+    def select(self, span: SpanView, k: int) -> Selection:
+        kept = ops.max_min_diverse(span.hidden, k)
+        return Selection(kept=kept, hidden=span.hidden[kept])

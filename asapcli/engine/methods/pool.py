@@ -1,0 +1,36 @@
+"""Spatial average pooling: before the language model, the image's grid of projected features
+is pooled down to the largest square grid of at most k cells. Plain downsampling, the baseline
+a pruning method has to beat."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ...errors import UsageError
+from .. import ops
+from .base import PruningMethod, Selection, SpanView
+
+
+@dataclass(frozen=True)
+class Pool(PruningMethod):
+    name = "pool"
+    before_llm = True
+
+    def kept_count(self, tokens: int, k: int) -> int:
+        return min(math.isqrt(k), _side(tokens)) ** 2
+
+    def select(self, span: SpanView, k: int) -> Selection:
+        side = _side(span.hidden.shape[0])
+        pooled, corners = ops.pooled_grid(span.hidden, side, math.isqrt(k))
+        return Selection(kept=corners, hidden=pooled)
+
+
+def _side(tokens: int) -> int:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise UsageError(
+            f"pool needs the image span to be one square grid of patches; this one has {tokens} tokens "
+            "(a tiling model such as LLaVA-NeXT?)"
+        )
+    return side
