@@ -7,8 +7,9 @@ The model is a genuine transformers LLaVA (CLIP-style tower, projector, Llama wi
 by `random_model`, 96 px images in 4 px patches = 576 visual tokens. Training has two parts:
 the first `--vision-steps` steps teach the tower and projector to name the sprite (kind and
 colour) under each patch, through a linear head on the projected features; then the question
-loss (answer tokens only) trains everything, the patch loss kept beside it. The head is not
-part of the exported model.
+loss (answer tokens only; every question of an image in one multi-turn sequence) trains
+everything, the patch loss kept beside it. The tokenizer has one token per word of the scenes'
+world (`word_tokenizer`). The head is not part of the exported model.
 
 Batches are drawn from a stream seeded by the step number, so a resumed run sees the same data
 as an uninterrupted one. A checkpoint (model, head, optimiser, step) is written atomically
@@ -46,6 +47,10 @@ SHAPE = LlavaShape(
 )
 
 
+SPECIAL = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+TEMPLATE_WORDS = ("user", "assistant", ":", "?", ".", ",")
+
+
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """One token per word of the scenes' world, lower-cased, punctuation apart; any other word
     is <unk>. Words as tokens spare a 4-layer model the work of spelling them out of characters,
@@ -63,10 +68,6 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
-
-
-SPECIAL = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-TEMPLATE_WORDS = ("user", "assistant", ":", "?", ".", ",")
 
 
 def conversation(questions: list[scenes.Question], with_answers: bool) -> list[dict]:
