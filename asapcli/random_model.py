@@ -59,12 +59,17 @@ class LlavaShape:
         return (self.image_size // self.patch_size) ** 2
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """Every printable ASCII character is a token, plus <s>, </s>, <pad>, <image> and newline."""
-    words = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "\n"] + [chr(c) for c in range(32, 127)]
-    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.decoder = decoders.Fuse()
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+
+
+def word_level_tokenizer(words: list[str], pre_tokenizer, decoder, normalizer=None) -> PreTrainedTokenizerFast:
+    """A tokenizer with one id per entry of SPECIAL_TOKENS + `words`, with the special tokens a
+    LLaVA processor needs."""
+    vocab = [*SPECIAL_TOKENS, *words]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizer, decoder
+    if normalizer is not None:
+        backend.normalizer = normalizer
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
@@ -73,6 +78,12 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """Every printable ASCII character is a token, plus <s>, </s>, <pad>, <image> and newline."""
+    characters = ["\n"] + [chr(c) for c in range(32, 127)]
+    return word_level_tokenizer(characters, pre_tokenizers.Split("", behavior="isolated"), decoders.Fuse())
 
 
 def text_config(shape: LlavaShape, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:

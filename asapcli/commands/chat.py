@@ -69,7 +69,6 @@ def chat(
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
     settings = settings_for(loaded.preset)
-    settings.check(loaded.num_layers)
     session = ChatSession(loaded, settings, max_tokens=max_tokens, temperature=temperature, seed=seed)
     if first_image is not None:
         session.add_image(image.name, first_image)

@@ -25,11 +25,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import decoders, normalizers, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from ..random_model import LlavaShape, build_llava
+from ..random_model import LlavaShape, build_llava, word_level_tokenizer
 from . import scenes
 
 SHAPE = LlavaShape(
@@ -47,7 +47,6 @@ SHAPE = LlavaShape(
 )
 
 
-SPECIAL = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 TEMPLATE_WORDS = ("user", "assistant", ":", "?", ".", ",")
 
 
@@ -55,18 +54,11 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     """One token per word of the scenes' world, lower-cased, punctuation apart; any other word
     is <unk>. Words as tokens spare a 4-layer model the work of spelling them out of characters,
     and an answer is one token and the end of text."""
-    words = [*SPECIAL, *TEMPLATE_WORDS, *scenes.WORDS]
-    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and runs of punctuation
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+    return word_level_tokenizer(
+        [*TEMPLATE_WORDS, *scenes.WORDS],
+        pre_tokenizers.Whitespace(),  # words and runs of punctuation
+        decoders.WordPiece(prefix="##"),  # joins tokens with spaces
+        normalizers.Lowercase(),
     )
 
 
