@@ -100,11 +100,16 @@ def load(model: str, device: str = "auto", dtype: str = "auto") -> Loaded:
             lvlm = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
         except (OSError, ValueError, KeyError) as error:
             raise AsapError(f"cannot load model {model!r}: {_first_line(error)}") from error
+    return prepare(lvlm.to(target), processor, model, preset)
+
+
+def prepare(lvlm: PreTrainedModel, processor, name: str, preset: Preset | None = None) -> Loaded:
+    """An LVLM and its processor, checked and with the pruned decoder installed."""
     if getattr(lvlm.config, "image_token_id", None) is None:
-        raise AsapError(f"model {model!r} has no image_token_id in its config: asap prunes image tokens only")
-    lvlm = lvlm.to(target).eval()
+        raise AsapError(f"model {name!r} has no image_token_id in its config: asap prunes image tokens only")
+    lvlm = lvlm.eval()
     decoder = install(lvlm)
-    return Loaded(model=lvlm, processor=processor, decoder=decoder, name=model, preset=preset)
+    return Loaded(model=lvlm, processor=processor, decoder=decoder, name=name, preset=preset)
 
 
 def _random_shape(preset: Preset) -> LlavaShape:

@@ -3,11 +3,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import tiny_models  # noqa: E402
+import pytest
+import tiny_models
+import torch
+from PIL import Image
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

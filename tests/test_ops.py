@@ -138,6 +138,24 @@ def test_asap_select_keeps_exactly_k_and_refills_by_raw_mass():
     assert torch.equal(selection.hidden[2], hidden[4]) and torch.equal(selection.hidden[3], hidden[6])
 
 
+def test_asap_merges_no_more_tokens_than_the_pruned_pool_can_refill():
+    """k close to the span size: 6 tokens, k = 5, all alike. The pool holds one token, so one
+    merge at most (the most salient token absorbs the next in visiting order), and k stay."""
+    hidden = _states(*[[1, 0.01 * i] for i in range(6)])
+    span = SpanView(
+        start=0,
+        hidden=hidden,
+        importance=torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.1]),
+        mass=torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 3.0]),
+        saliency=torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0]),
+    )
+    selection = Asap(merge_threshold=0.5).select(span, k=5)
+    assert selection.merged == 1 and selection.kept.tolist() == [0, 2, 3, 4, 5]
+    assert torch.allclose(selection.hidden[0], (1.0 * hidden[0] + 0.8 * hidden[1]) / 1.8)
+    anchor = ops.consolidation_groups(hidden, span.saliency, threshold=0.5, limit=2)
+    assert anchor.tolist() == [0, 0, 0, 3, 4, 5]
+
+
 def test_asap_select_without_merges_is_plain_top_k():
     torch.manual_seed(0)
     hidden = torch.nn.functional.one_hot(torch.arange(6)).float()  # all orthogonal

@@ -169,18 +169,30 @@ def questions(seed: int, count: int, types: tuple[str, ...] = QUESTION_TYPES) ->
     return result
 
 
+TRAINING_MIX = {"colour": 1, "shape": 1, "exists": 3, "position": 2}
+# Questions of each type asked per training scene (distinct ones, as far as the scene has them):
+# the two types the model learned slowest are asked more often; extra questions cost a few
+# tokens beside the image's 576.
+
+
 def scene_questions(seed: int, count: int) -> list[list[Question]]:
-    """`count` scenes with one question of every type each can answer, in a shuffled order:
-    several answers per image for the price of one image in training."""
+    """`count` scenes, each with distinct questions of every type it can answer (up to
+    TRAINING_MIX of each) in a shuffled order: several answers per image for the price of one
+    image in training."""
     rng = random.Random(seed)
     result = []
     while len(result) < count:
         scene = make_scene(rng, min_sprites=1)
-        types = list(QUESTION_TYPES)
-        rng.shuffle(types)
-        asked = [q for q in (ask(scene, kind, rng) for kind in types) if q is not None]
+        asked: dict[str, Question] = {}
+        for question_type, times in TRAINING_MIX.items():
+            for _ in range(times):
+                question = ask(scene, question_type, rng)
+                if question is not None:
+                    asked.setdefault(question.text, question)
         if asked:
-            result.append(asked)
+            questions = list(asked.values())
+            rng.shuffle(questions)
+            result.append(questions)
     return result
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import PreTrainedModel
 
 from . import attention
-from .decoder import PrunedDecoder, PruningPlan
+from .decoder import PrunedDecoder, PruningPlan, UnsupportedModel
 from .methods import METHODS, SCORE_QUERIES, SCORES, PruningMethod
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "PrunedDecoder",
     "PruningMethod",
     "PruningPlan",
+    "UnsupportedModel",
+    "check_supported",
     "image_spans",
     "install",
     "make_method",
@@ -29,12 +31,40 @@ def install(model: PreTrainedModel) -> PrunedDecoder:
     decoder = model.get_decoder()
     if isinstance(decoder, PrunedDecoder):
         return decoder
+    check_supported(model)
     name = attention.register()
     has_text_config = "text_config" in model.config.sub_configs
     model.set_attn_implementation({"text_config": name} if has_text_config else name)
     pruned = PrunedDecoder(decoder)
     model.set_decoder(pruned)
     return pruned
+
+
+DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Raise UnsupportedModel naming what the engine cannot drive in `model`: a language model
+    not built as embeddings, layers, norm and one rotary embedding, or layers that attend
+    otherwise than fully and causally (sliding windows). Checked before anything is changed."""
+    name = type(model).__name__
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError) as error:
+        raise UnsupportedModel(f"{name} does not expose its language model (get_decoder)") from error
+    missing = [part for part in DECODER_PARTS if not hasattr(decoder, part)]
+    if missing:
+        raise UnsupportedModel(
+            f"{name}: its language model {type(decoder).__name__} has no {', '.join(missing)}; the engine drives "
+            f"decoders made of {', '.join(DECODER_PARTS)} (Llama, Mistral, Qwen style)"
+        )
+    text = model.config.get_text_config()
+    other = sorted(set(getattr(text, "layer_types", None) or ()) - {"full_attention"})
+    if other or getattr(text, "use_sliding_window", False):
+        raise UnsupportedModel(
+            f"{name} has {', '.join(other) or 'sliding-window'} layers; the pruning engine supports full causal "
+            "attention in every layer only (sliding windows are not supported yet)"
+        )
 
 
 def image_spans(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:

@@ -34,7 +34,12 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from ..errors import AsapError
 from .methods import PruningMethod, SpanView
+
+
+class UnsupportedModel(AsapError):
+    """The model is built in a way the pruning engine cannot drive (yet)."""
 
 
 @dataclass
@@ -102,6 +107,18 @@ class PrunePass:
         return index, hidden[:, index]
 
 
+def _split_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(positions for the rotary embedding, positions handed to the layers). Qwen-VL models
+    give (4, B, N): text positions, then the three M-RoPE axes (time, height, width); (3, B, N)
+    is M-RoPE alone. Pruning gathers all of them at the kept tokens, so a kept token keeps
+    its original 3-D position, and decoding goes on from the model's own rope deltas."""
+    if position_ids.ndim == 3 and position_ids.shape[0] == 4:
+        return position_ids[1:], position_ids[0]
+    if position_ids.ndim == 3:
+        return position_ids, None
+    return position_ids, position_ids
+
+
 def _first(scores: torch.Tensor | None) -> torch.Tensor | None:
     return None if scores is None else scores[0]
 
@@ -145,6 +162,13 @@ class PrunedDecoder(nn.Module):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         decoder, config = self.decoder, self.decoder.config
+        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
+            # The LVLM built its language model's masks itself: it attends otherwise than
+            # causally (PaliGemma attends bidirectionally over the image and prompt prefix).
+            raise UnsupportedModel(
+                "this model builds its own attention masks for its language model (bidirectional attention "
+                "over the image, say); the pruning engine supports causal attention with a padding mask only"
+            )
         if inputs_embeds is None:
             inputs_embeds = decoder.embed_tokens(input_ids)
         use_cache = config.use_cache if use_cache is None else use_cache
@@ -154,6 +178,7 @@ class PrunedDecoder(nn.Module):
         chunk_len = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = torch.arange(chunk_len, device=inputs_embeds.device)[None] + chunk_start
+        rope_positions, position_ids = _split_positions(position_ids)
 
         prune_pass = None
         if self.plan is not None and self.plan.method.prunes:
@@ -164,13 +189,14 @@ class PrunedDecoder(nn.Module):
             raise NotImplementedError("pruning runs on one sequence at a time (batches come later)")
 
         hidden = inputs_embeds
-        position_embeddings = decoder.rotary_emb(hidden, position_ids)
+        position_embeddings = decoder.rotary_emb(hidden, rope_positions)
         mask, mask_kv_len = None, None
         for index, layer in enumerate(decoder.layers[: config.num_hidden_layers]):
             if prune_pass is not None and index == prune_pass.layer:
                 keep, hidden = prune_pass.prune(hidden, chunk_start)
-                position_ids = position_ids[..., keep]
-                position_embeddings = decoder.rotary_emb(hidden, position_ids)
+                rope_positions = rope_positions[..., keep]
+                position_ids = position_ids[..., keep] if position_ids is not None else None
+                position_embeddings = decoder.rotary_emb(hidden, rope_positions)
                 mask_kv_len = None
             # Layers hold different cache lengths after pruning: a mask per distinct length.
             kv_len = past_key_values.get_seq_length(index) if past_key_values is not None else 0

@@ -83,14 +83,18 @@ def visit_order(saliency: torch.Tensor) -> torch.Tensor:
     return torch.sort(saliency, descending=True, stable=True).indices
 
 
-def consolidation_groups(hidden: torch.Tensor, saliency: torch.Tensor, threshold: float) -> torch.Tensor:
+def consolidation_groups(
+    hidden: torch.Tensor, saliency: torch.Tensor, threshold: float, limit: int | None = None
+) -> torch.Tensor:
     """The anchor of every kept token under salience-anchored routing (section 4.2).
 
     hidden (n, d) and saliency (n,) of the kept tokens, in position order. Tokens are visited by
     descending saliency; a token not yet absorbed becomes an anchor and absorbs every later-visited,
     unabsorbed token whose cosine similarity with it exceeds `threshold`. Returns anchor (n,) long:
     anchor[j] == j for anchors, else the index of the token that absorbed j. Source sets are
-    disjoint and flow towards higher (or equal, earlier) saliency by construction.
+    disjoint and flow towards higher (or equal, earlier) saliency by construction. At most `limit`
+    tokens are absorbed in all (the first ones in visiting order): a budget refill can only
+    replace as many as the pruned pool holds.
     """
     order = visit_order(saliency)
     unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
@@ -98,10 +102,13 @@ def consolidation_groups(hidden: torch.Tensor, saliency: torch.Tensor, threshold
     n = len(order)
     anchor_in_visit = np.arange(n)
     absorbed = np.zeros(n, dtype=bool)
+    budget = n if limit is None else limit
     for i in range(n):  # n <= k, a few hundred: cheap next to one decoder layer
         if absorbed[i]:
             continue
         members = similar[i, i + 1 :] & ~absorbed[i + 1 :]
+        members[np.flatnonzero(members)[budget:]] = False
+        budget -= int(members.sum())
         absorbed[i + 1 :] |= members
         anchor_in_visit[i + 1 :][members] = i
     anchor = torch.empty(n, dtype=torch.long)

@@ -24,7 +24,8 @@ class Asap(PruningMethod):
     def select(self, span: SpanView, k: int) -> Selection:
         selected = ops.top_k(span.importance, k)
         hidden = span.hidden[selected]
-        anchor = ops.consolidation_groups(hidden, span.saliency[selected], self.merge_threshold)
+        pool_size = span.hidden.shape[0] - k
+        anchor = ops.consolidation_groups(hidden, span.saliency[selected], self.merge_threshold, limit=pool_size)
         merged_hidden = ops.merge_states(hidden, span.saliency[selected], anchor)
         is_anchor = anchor == torch.arange(k, device=anchor.device)
         survivors, survivor_hidden = selected[is_anchor], merged_hidden[is_anchor]

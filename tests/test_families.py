@@ -1,0 +1,215 @@
+"""The engine in Qwen2.5-VL (3-D M-RoPE positions) and InternVL (tiles in one image span), on
+tiny random-weight models loaded through from_pretrained, against transformers' own forward and
+generate(); and a clear error for the models the engine cannot drive."""
+
+import importlib.util
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import tiny_models
+import torch
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    BatchFeature,
+    DynamicCache,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+)
+from typer.testing import CliRunner
+
+from asapcli.cli import app
+from asapcli.engine import PrunedDecoder, UnsupportedModel, check_supported, image_spans, install
+from asapcli.generation import PruneSettings, generate, plan
+from asapcli.loading import Loaded, prepare
+
+BUILDERS = {
+    "qwen2.5-vl": (tiny_models.build_qwen2_5_vl, tiny_models.qwen_inputs),
+    "internvl": (tiny_models.build_internvl, tiny_models.internvl_inputs),
+}
+
+
+@dataclass
+class Family:
+    name: str
+    path: str
+    loaded: Loaded
+    reference: torch.nn.Module  # the same checkpoint, transformers' own code untouched
+    inputs: BatchFeature  # one user turn with two images
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, images):
+    built = {}
+    for name, (build, make_inputs) in BUILDERS.items():
+        path = build(tmp_path_factory.mktemp(name))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path)
+        loaded = prepare(model, SimpleNamespace(tokenizer=tokenizer), name)
+        reference = AutoModelForImageTextToText.from_pretrained(path).eval()
+        built[name] = Family(name, str(path), loaded, reference, make_inputs(tokenizer, images, "what is where?"))
+    return built
+
+
+@pytest.fixture(params=list(BUILDERS))
+def family(request, families):
+    return families[request.param]
+
+
+def logits(loaded, inputs, pruning=None, cache=None):
+    with torch.inference_mode(), loaded.decoder.pruning(pruning):
+        return loaded.model(**inputs, past_key_values=cache, use_cache=cache is not None).logits
+
+
+def test_each_image_is_one_span_of_its_own_tokens(family):
+    ids = family.inputs["input_ids"][0]
+    spans = image_spans(ids, family.loaded.image_token_id)
+    assert len(spans) == 2
+    if family.name == "internvl":  # every tile of an image inside one <img> ... </img>
+        tiles = family.inputs["pixel_values"].shape[0]
+        assert sum(end - start for start, end in spans) == tiles * tiny_models.INTERNVL_TILE_TOKENS
+        start_token = family.loaded.processor.tokenizer.convert_tokens_to_ids("<img>")
+        assert all(ids[start - 1] == start_token for start, _ in spans)
+    else:  # one pad per merged 2 x 2 group of 4 px patches
+        grids = family.inputs["image_grid_thw"]
+        assert [end - start for start, end in spans] == [int(grid.prod()) // 4 for grid in grids]
+
+
+def test_vanilla_matches_transformers_forward_and_generate(family):
+    inputs, loaded = family.inputs, family.loaded
+    pruning = plan(loaded, inputs["input_ids"][0], PruneSettings(method="vanilla"))
+    with torch.inference_mode():
+        expected = family.reference(**inputs).logits
+        expected_tokens = family.reference.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.allclose(logits(loaded, inputs, pruning), expected, atol=1e-5)
+    with torch.inference_mode(), loaded.decoder.pruning(pruning):
+        tokens = loaded.model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(tokens, expected_tokens)
+
+
+def test_asap_with_nothing_to_prune_and_vanishing_lambda_is_vanilla(family):
+    inputs, loaded = family.inputs, family.loaded
+    pruning = plan(loaded, inputs["input_ids"][0], PruneSettings(method="asap", k=10_000, lambda_max=1e-12))
+    with torch.inference_mode():
+        expected = family.reference(**inputs).logits
+    assert torch.allclose(logits(loaded, inputs, pruning), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fastv", "random", "asap"])
+def test_layers_from_l_on_hold_text_plus_k_per_image(family, method):
+    loaded, k, layer = family.loaded, 8, 2
+    ids = family.inputs["input_ids"][0]
+    spans = image_spans(ids, loaded.image_token_id)
+    visual = sum(end - start for start, end in spans)
+    pruning = plan(loaded, ids, PruneSettings(method=method, k=k, layer=layer))
+    cache = DynamicCache(config=loaded.model.config.get_text_config())
+    out = logits(loaded, family.inputs, pruning, cache)
+    text = ids.numel() - visual
+    lengths = [cache.get_seq_length(i) for i in range(loaded.num_layers)]
+    assert lengths == [ids.numel()] * layer + [text + 2 * k] * (loaded.num_layers - layer)
+    assert out.shape[1] == text + 2 * k
+    for kept, (start, end) in zip(pruning.kept, spans, strict=True):
+        assert len(kept) == k and kept.min() >= start and kept.max() < end
+
+
+def test_cached_decoding_equals_a_pruned_prefill_of_the_same_tokens(family):
+    """Decoding steps continue from the cache with the model's own positions (Qwen: its rope
+    deltas); a from-scratch pruned prefill of prompt + answer computes every position anew."""
+    loaded, inputs = family.loaded, family.inputs
+    ids = inputs["input_ids"][0]
+    settings = PruneSettings(method="random", k=8, layer=2, seed=3)
+    steps = 6
+    with torch.inference_mode(), loaded.decoder.pruning(plan(loaded, ids, settings)):
+        generated = loaded.model.generate(
+            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    sequence = generated.sequences
+    whole = dict(inputs, input_ids=sequence, attention_mask=torch.ones_like(sequence))
+    if "mm_token_type_ids" in inputs:
+        whole["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, steps))
+    scratch = logits(loaded, whole, plan(loaded, sequence[0], settings))
+    for step in range(1, steps):
+        assert torch.allclose(generated.logits[step][0], scratch[0, -(steps - step) - 1], atol=1e-4)
+
+
+def test_kept_tokens_keep_their_original_3d_positions(families):
+    """Qwen2.5-VL: pruning before the language model equals transformers' own model fed only the
+    kept embeddings, at the (time, height, width) positions get_rope_index gave them in the
+    whole prompt."""
+    qwen = families["qwen2.5-vl"]
+    inputs, loaded, reference = qwen.inputs, qwen.loaded, qwen.reference
+    ids = inputs["input_ids"][0]
+    pruning = plan(loaded, ids, PruneSettings(method="divprune", k=8))
+    pruned = logits(loaded, inputs, pruning)
+    with torch.inference_mode():
+        model = reference.model
+        positions, _ = model.get_rope_index(
+            inputs["input_ids"], image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+        )  # fmt: skip
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        features = torch.cat(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+        embeds[inputs["input_ids"] == loaded.image_token_id] = features
+        (first_start, first_end), (second_start, second_end) = image_spans(ids, loaded.image_token_id)
+        keep = torch.cat([
+            torch.arange(first_start), pruning.kept[0], torch.arange(first_end, second_start), pruning.kept[1],
+            torch.arange(second_end, ids.numel()),
+        ])  # fmt: skip
+        assert not torch.equal(positions[1, 0, keep], positions[2, 0, keep])  # height and width differ: 3-D
+        expected = reference(inputs_embeds=embeds[:, keep], position_ids=positions[..., keep]).logits
+    assert torch.allclose(pruned, expected, atol=1e-5)
+
+
+def test_decoding_after_pruning_reports_what_was_kept(family):
+    result = generate(
+        family.loaded,
+        family.inputs,
+        plan(family.loaded, family.inputs["input_ids"][0], PruneSettings(method="asap", k=8)),
+        max_tokens=4,
+    )
+    visual = sum(end - start for start, end in image_spans(family.inputs["input_ids"][0], family.loaded.image_token_id))
+    assert (result.visual_tokens, result.kept_tokens) == (visual, 16)
+    assert result.generated_tokens >= 1 and result.flops_ratio < 1
+
+
+TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 300}  # fmt: skip
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "image_size": 16, "patch_size": 4}  # fmt: skip
+
+
+def test_sliding_window_layers_are_refused_by_name():
+    config = Gemma3Config(vision_config=TINY_VISION, text_config=TINY_TEXT, image_token_id=299, mm_tokens_per_image=4)
+    gemma3 = Gemma3ForConditionalGeneration(config)
+    with pytest.raises(UnsupportedModel, match="sliding_attention layers"):
+        install(gemma3)
+    assert not isinstance(gemma3.get_decoder(), PrunedDecoder)  # refused before anything changed
+
+
+def test_a_model_that_masks_its_own_image_attention_fails_clearly():
+    """PaliGemma attends bidirectionally over its image and prompt prefix: its language model
+    receives a ready-made 4-D mask, which the engine refuses instead of pruning wrongly."""
+    config = PaliGemmaConfig(
+        vision_config={"model_type": "siglip_vision_model", **TINY_VISION},
+        text_config={"model_type": "gemma", **TINY_TEXT},
+        image_token_id=299,
+        projection_dim=64,
+    )
+    paligemma = PaliGemmaForConditionalGeneration(config).eval()
+    check_supported(paligemma)  # its structure is fine; its masks are not
+    install(paligemma)
+    ids = torch.tensor([[299] * 16 + [5, 6, 7]])
+    with pytest.raises(UnsupportedModel, match="builds its own attention masks"):
+        paligemma(input_ids=ids, pixel_values=torch.zeros(1, 3, 16, 16), token_type_ids=torch.zeros_like(ids))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
+def test_asap_run_says_what_these_processors_need(families, image_file):
+    result = CliRunner().invoke(app, ["run", str(image_file), "what?", "-m", families["internvl"].path])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: cannot load model") and "torchvision" in lines[0]
