@@ -164,6 +164,28 @@ def test_kept_tokens_keep_their_original_3d_positions(families):
     assert torch.allclose(pruned, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["vanilla", "asap", "divprune"])
+def test_a_qwen_batch_equals_its_samples_one_by_one(families, images, method):
+    """Two rows of different lengths and image sizes: each row its own 3-D positions and rope
+    deltas, its own k tokens; decoding continues per row."""
+    qwen = families["qwen2.5-vl"]
+    loaded, tokenizer = qwen.loaded, qwen.loaded.processor.tokenizer
+    samples = [([images[0]], "what is it?"), ([images[1]], "where is the blue thing in this picture?")]
+    batch = tiny_models.qwen_batch(tokenizer, samples)
+    settings = PruneSettings(method=method, k=8)
+    steps = 5
+    options = {"max_new_tokens": steps, "min_new_tokens": steps, "do_sample": False, "output_logits": True,
+               "return_dict_in_generate": True}  # fmt: skip
+    with torch.inference_mode(), loaded.decoder.pruning([plan(loaded, row, settings) for row in batch["input_ids"]]):
+        batched = loaded.model.generate(**batch, **options)
+    for row, sample in enumerate(samples):
+        single = tiny_models.qwen_batch(tokenizer, [sample])
+        with torch.inference_mode(), loaded.decoder.pruning(plan(loaded, single["input_ids"][0], settings)):
+            alone = loaded.model.generate(**single, **options)
+        for step in range(steps):
+            assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-5)
+
+
 def test_decoding_after_pruning_reports_what_was_kept(family):
     result = generate(
         family.loaded,

@@ -106,10 +106,18 @@ def qwen_image_processor() -> Qwen2VLImageProcessorPil:
 def qwen_inputs(tokenizer, images, prompt: str) -> BatchFeature:
     """What Qwen2.5-VL's processor makes of one user turn: each image as <|vision_start|>, one
     <|image_pad|> per merged 2 x 2 patch group, <|vision_end|>; mm_token_type_ids 1 on the pads."""
-    pixels = qwen_image_processor()(images=images, return_tensors="pt")
-    pads = [int(grid.prod()) // 4 for grid in pixels["image_grid_thw"]]
-    vision = "".join(f"<|vision_start|>{'<|image_pad|>' * n}<|vision_end|>" for n in pads)
-    ids = tokenizer(f"USER: {vision}{prompt}\nASSISTANT:", return_tensors="pt")
+    return qwen_batch(tokenizer, [(images, prompt)])
+
+
+def qwen_batch(tokenizer, samples: list[tuple[list, str]]) -> BatchFeature:
+    """qwen_inputs for several (images, prompt) samples, left-padded into one batch."""
+    pixels = qwen_image_processor()(images=[image for images, _ in samples for image in images], return_tensors="pt")
+    pads = iter(int(grid.prod()) // 4 for grid in pixels["image_grid_thw"])
+    texts = []
+    for images, prompt in samples:
+        vision = "".join(f"<|vision_start|>{'<|image_pad|>' * next(pads)}<|vision_end|>" for _ in images)
+        texts.append(f"USER: {vision}{prompt}\nASSISTANT:")
+    ids = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
     mm_types = (ids["input_ids"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")).int()
     return BatchFeature({**ids, **pixels, "mm_token_type_ids": mm_types})
 

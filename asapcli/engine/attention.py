@@ -81,25 +81,31 @@ def asap_attention(
     need_mass = method.sg_bimask or (is_scoring_layer and method.needs_mass)
 
     mask = additive_mask(attention_mask, query, kv_len) if method.sg_bimask else None
-    for index, span in enumerate(asap_pass.spans):
+    for index, (row, span) in enumerate(asap_pass.spans):
         key_span = slice(span.start + offset, span.stop + offset)
+        rows_of = slice(row, row + 1)  # this span's batch row
         mass = saliency = None
         if need_mass:
-            mass = ops.attention_mass(query[:, :, span], keys[:, :, key_span], scaling)
+            mass = ops.attention_mass(query[rows_of, :, span], keys[rows_of, :, key_span], scaling)
             saliency = ops.min_max(mass)
         if method.sg_bimask:
-            mask[:, :, span, key_span] = ops.sg_bimask(saliency, method.lambda_max)[:, None].to(mask.dtype)
+            mask[rows_of, :, span, key_span] = ops.sg_bimask(saliency, method.lambda_max)[:, None].to(mask.dtype)
         if is_scoring_layer:
             importance = None
             if method.score_queries:
-                rows = score_rows(method.score_queries, span, q_len)
+                queries = score_rows(method.score_queries, span, q_len)
                 # Without SG-BiMask only the scoring rows of the causal mask are ever needed.
-                row_mask = mask[:, :, rows] if mask is not None else additive_mask(attention_mask, query, kv_len, rows)
+                query_mask = (
+                    mask[rows_of, :, queries]
+                    if mask is not None
+                    else additive_mask(attention_mask, query, kv_len, queries)[rows_of]
+                )
                 value_norms = None
                 if method.score == "contribution":
-                    value_norms = repeat_kv(value[:, :, key_span], module.num_key_value_groups).float().norm(dim=-1)
+                    values = repeat_kv(value[rows_of, :, key_span], module.num_key_value_groups)
+                    value_norms = values.float().norm(dim=-1)
                 importance = ops.received_attention(
-                    query[:, :, rows], keys, row_mask, scaling, key_span, value_norms=value_norms
+                    query[rows_of, :, queries], keys[rows_of], query_mask, scaling, key_span, value_norms=value_norms
                 )
             asap_pass.record(index, importance=importance, mass=mass, saliency=saliency)
 

@@ -20,6 +20,11 @@ length (`get_seq_length()`) stays the true position of the next token, which a c
 turns rely on. Methods that prune before the language model (`before_llm`, L = 0) prune
 layer 0 too: single prompts decode fine (generate() numbers the steps from the attention
 mask), chat refuses them.
+
+A batch takes one plan per row (left-padded, as generate() pads). Rows may keep different
+numbers of tokens (LLaVA-NeXT tiles differ per image): the shorter rows are left-filled with
+some of their dropped slots, and the pruned layers get their own padding mask that marks those
+and the batch padding, kept for the decoding steps of the same call.
 """
 
 from __future__ import annotations
@@ -60,15 +65,19 @@ class PruningPlan:
 
 
 class PrunePass:
-    """The state of one pruning prefill: the spans inside this forward's chunk (chunk
-    coordinates) and the scores the attention function records for them at layer L-1."""
+    """The state of one pruning prefill over a batch (one plan per row): the spans inside this
+    forward's chunk as (row, slice in chunk coordinates) pairs, and the scores the attention
+    function records for each pair at layer L-1."""
 
-    def __init__(self, plan: PruningPlan, chunk_start: int, chunk_len: int):
-        self.plan = plan
-        self.method = plan.method
-        self.layer = plan.layer
+    def __init__(self, plans: list[PruningPlan], chunk_start: int, chunk_len: int, attention_mask: torch.Tensor | None):
+        self.plans = plans
+        self.attention_mask = attention_mask
+        self.method = plans[0].method
+        self.layer = plans[0].layer
+        self.k = plans[0].k
         self.spans = [
-            slice(start - chunk_start, end - chunk_start)
+            (row, slice(start - chunk_start, end - chunk_start))
+            for row, plan in enumerate(plans)
             for start, end in plan.spans
             if chunk_start <= start and end <= chunk_start + chunk_len
         ]
@@ -77,34 +86,50 @@ class PrunePass:
     def record(self, index: int, **scores: torch.Tensor | None) -> None:
         self.scores[index] = scores
 
-    def prune(self, hidden: torch.Tensor, chunk_start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Select k tokens per span from the output of layer L-1. Returns the kept chunk indices
-        (ascending) and the new hidden states (1, kept, d)."""
-        keep = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
+    def _unpadded(self, row: int, position: int) -> int:
+        """A position of the padded batch, counted in its own row's tokens (padding left out)."""
+        if self.attention_mask is None:
+            return position
+        return int(self.attention_mask[row, :position].sum())
+
+    def prune(self, hidden: torch.Tensor, chunk_start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Select k tokens per span from the output of layer L-1 (B, N, d). Returns, per row,
+        the chunk indices that go on (B, M), ascending, the hidden states there (B, M, d), and
+        which of them are real (B, M): rows that keep fewer than M tokens are left-filled with
+        some of their dropped slots, masked out, as a padded batch is."""
+        batch, length = hidden.shape[:2]
+        keep = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
         hidden = hidden.clone()
-        for index, span in enumerate(self.spans):
-            scores = self.scores.get(index, {})
+        for index, (row, span) in enumerate(self.spans):
+            plan, scores = self.plans[row], self.scores.get(index, {})
             if scores.get("importance") is not None:
-                self.plan.importance.append(scores["importance"][0])
-            n = span.stop - span.start
-            if self.plan.k >= n:
+                plan.importance.append(scores["importance"][0])
+            if self.k >= span.stop - span.start:
                 continue  # nothing to prune in this span
             view = SpanView(
-                start=span.start + chunk_start,
-                hidden=hidden[0, span],
+                start=self._unpadded(row, span.start + chunk_start),
+                hidden=hidden[row, span],
                 importance=_first(scores.get("importance")),
                 mass=_first(scores.get("mass")),
                 saliency=_first(scores.get("saliency")),
             )
-            selection = self.method.select(view, self.plan.k)
+            selection = self.method.select(view, self.k)
             kept = selection.kept + span.start
-            keep[span] = False
-            keep[kept] = True
-            hidden[0, kept] = selection.hidden
-            self.plan.kept.append(kept + chunk_start)
-            self.plan.merged += selection.merged
-        index = keep.nonzero().squeeze(1)
-        return index, hidden[:, index]
+            keep[row, span] = False
+            keep[row, kept] = True
+            hidden[row, kept] = selection.hidden
+            plan.kept.append(kept + chunk_start)
+            plan.merged += selection.merged
+        # Kept tokens rank above dropped ones, each group in position order: the top `width`
+        # ranks of a row are its kept tokens and, for a row that keeps fewer than the longest,
+        # its last dropped slots as fillers; sorted by rank, the fillers come first.
+        width = int(keep.sum(1).max())
+        position = torch.arange(length, device=hidden.device)
+        rank = torch.where(keep, position + length, position).expand(batch, -1)
+        top = rank.topk(width, dim=1)
+        index = top.indices.gather(1, top.values.argsort(dim=1))
+        real = keep.gather(1, index)
+        return index, hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), real
 
 
 def _split_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -119,6 +144,13 @@ def _split_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return position_ids, position_ids
 
 
+def _gather_positions(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Positions (B, N) or (axes, B, N) at the kept chunk indices `index` (B, M), per row."""
+    if positions.ndim == 3:
+        return positions.expand(-1, index.shape[0], -1).gather(2, index[None].expand(positions.shape[0], -1, -1))
+    return positions.expand(index.shape[0], -1).gather(1, index)
+
+
 def _first(scores: torch.Tensor | None) -> torch.Tensor | None:
     return None if scores is None else scores[0]
 
@@ -130,16 +162,25 @@ class PrunedDecoder(nn.Module):
     def __init__(self, decoder: nn.Module):
         super().__init__()
         self.decoder = decoder
-        self.plan: PruningPlan | None = None
+        self.plans: list[PruningPlan] | None = None
+        # After a batched pruning prefill: which tokens of the pruned layers' cache are real
+        # (rows padded to one length), (B, cached) from layer `pruned_from` on; None: all are.
+        self.pruned_from: int | None = None
+        self.pruned_padding: torch.Tensor | None = None
 
     @contextmanager
-    def pruning(self, plan: PruningPlan | None) -> Iterator[PruningPlan | None]:
-        """Prune by `plan` in the forward calls made inside the block."""
-        previous, self.plan = self.plan, plan
+    def pruning(self, plan: PruningPlan | list[PruningPlan] | None) -> Iterator[PruningPlan | list[PruningPlan] | None]:
+        """Prune by `plan` in the forward calls made inside the block; a list holds one plan per
+        row of a batch (same method, k and layer; each row its own spans)."""
+        plans = [plan] if isinstance(plan, PruningPlan) else plan
+        if plans and len({(p.method, p.k, p.layer) for p in plans}) != 1:
+            raise ValueError("the plans of one batch must share method, k and layer")
+        previous = self.plans, self.pruned_from, self.pruned_padding
+        self.plans, self.pruned_from, self.pruned_padding = plans, None, None
         try:
             yield plan
         finally:
-            self.plan = previous
+            self.plans, self.pruned_from, self.pruned_padding = previous
 
     @property
     def config(self):
@@ -180,41 +221,43 @@ class PrunedDecoder(nn.Module):
             position_ids = torch.arange(chunk_len, device=inputs_embeds.device)[None] + chunk_start
         rope_positions, position_ids = _split_positions(position_ids)
 
+        if chunk_start == 0:  # a new sequence: no pruned cache yet
+            self.pruned_from, self.pruned_padding = None, None
         prune_pass = None
-        if self.plan is not None and self.plan.method.prunes:
-            prune_pass = PrunePass(self.plan, chunk_start, chunk_len)
+        if self.plans is not None and self.plans[0].method.prunes:
+            if len(self.plans) != inputs_embeds.shape[0]:
+                raise ValueError(f"{len(self.plans)} pruning plans for a batch of {inputs_embeds.shape[0]}")
+            prune_pass = PrunePass(self.plans, chunk_start, chunk_len, attention_mask)
             if not prune_pass.spans:
                 prune_pass = None
-        if prune_pass is not None and inputs_embeds.shape[0] != 1:
-            raise NotImplementedError("pruning runs on one sequence at a time (batches come later)")
 
         hidden = inputs_embeds
         position_embeddings = decoder.rotary_emb(hidden, rope_positions)
-        mask, mask_kv_len = None, None
+        mask, mask_key = None, None
         for index, layer in enumerate(decoder.layers[: config.num_hidden_layers]):
             if prune_pass is not None and index == prune_pass.layer:
-                keep, hidden = prune_pass.prune(hidden, chunk_start)
-                rope_positions = rope_positions[..., keep]
-                position_ids = position_ids[..., keep] if position_ids is not None else None
+                keep, hidden, real = prune_pass.prune(hidden, chunk_start)
+                chunk_mask = attention_mask[:, -chunk_len:] if attention_mask is not None else None
+                cached = past_key_values.get_seq_length(index) if past_key_values is not None else 0
+                self._note_padding(index, real, keep, chunk_mask, cached)
+                rope_positions = _gather_positions(rope_positions, keep)
+                position_ids = _gather_positions(position_ids, keep) if position_ids is not None else None
                 position_embeddings = decoder.rotary_emb(hidden, rope_positions)
-                mask_kv_len = None
             # Layers hold different cache lengths after pruning: a mask per distinct length.
             kv_len = past_key_values.get_seq_length(index) if past_key_values is not None else 0
-            if mask_kv_len is None or kv_len != mask_kv_len:
-                # The padding mask covers every token of the conversation: it fits only layers that
-                # kept them all. Pruned layers get none (batch 1: there is no padding to mask).
-                fits = attention_mask is not None and attention_mask.shape[-1] == kv_len + hidden.shape[1]
+            pruned = self.pruned_from is not None and index >= self.pruned_from
+            if mask_key != (kv_len, pruned):
                 mask = create_causal_mask(
                     config=config,
                     inputs_embeds=hidden,
-                    attention_mask=attention_mask if fits else None,
+                    attention_mask=self._padding(attention_mask, pruned, kv_len + hidden.shape[1]),
                     past_key_values=past_key_values,
                     # No position ids: pruned positions jump, which transformers would read as
                     # packed sequences and answer with a block-diagonal mask.
                     position_ids=None,
                     layer_idx=index,
                 )
-                mask_kv_len = kv_len
+                mask_key = (kv_len, pruned)
             hidden = layer(
                 hidden,
                 attention_mask=mask,
@@ -227,3 +270,29 @@ class PrunedDecoder(nn.Module):
             )
         hidden = decoder.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+    def _note_padding(
+        self, layer: int, real: torch.Tensor, keep: torch.Tensor, chunk_mask: torch.Tensor | None, cached: int
+    ) -> None:
+        """Remember which tokens of the pruned layers are real: the kept ones that were not
+        padding. Nothing to remember when all are (one sequence, or rows that stay aligned)."""
+        if chunk_mask is not None:
+            real = real & chunk_mask.bool().gather(1, keep)
+        if bool(real.all()):
+            return
+        past = torch.ones(real.shape[0], cached, dtype=torch.bool, device=real.device)
+        self.pruned_from, self.pruned_padding = layer, torch.cat([past, real], dim=1)
+
+    def _padding(self, attention_mask: torch.Tensor | None, pruned: bool, length: int) -> torch.Tensor | None:
+        """The 2-D padding mask for a layer whose keys will number `length`. transformers' mask
+        covers every token of the conversation: it fits only layers that kept them all; pruned
+        layers of a padded batch get theirs, the tokens decoded since then added as real."""
+        if pruned:
+            grown = length - self.pruned_padding.shape[1]
+            if grown > 0:
+                ones = self.pruned_padding.new_ones(self.pruned_padding.shape[0], grown)
+                self.pruned_padding = torch.cat([self.pruned_padding, ones], dim=1)
+            return self.pruned_padding
+        if attention_mask is not None and attention_mask.shape[-1] == length:
+            return attention_mask
+        return None  # a pruned layer of one sequence, or of aligned rows: nothing is padding

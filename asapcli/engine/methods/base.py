@@ -12,7 +12,8 @@ import torch
 class SpanView:
     """What the decoder saw of one image span at the last dense layer (L-1).
 
-    hidden (n, d) is that layer's output for the span's tokens. The scores are present only when
+    start is the position of the span's first token in its own sequence (padding of a batch
+    not counted). hidden (n, d) is that layer's output for the span's tokens. The scores are present only when
     the method asked for them: importance (n,) is the attention each token received from the
     method's query rows; mass (n,) is the raw attention mass s (Eq. 2) and saliency (n,) its
     min-max normalisation s_hat (Eq. 3).
