@@ -140,6 +140,18 @@ class _Streamer(BaseStreamer):
             self.shown = text
 
 
+class _FirstToken(StoppingCriteria):
+    """Notes when the first token of a batch is out (generate() checks stopping after every
+    step): the end of the prefill. Never stops anything."""
+
+    def __init__(self):
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.at = self.at or time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def generate(
     loaded: Loaded,
     inputs: BatchFeature,
@@ -156,9 +168,53 @@ def generate(
     `cache` continues a conversation: `inputs` then holds the whole dialogue and only the tokens
     the cache has not seen are prefilled. `should_stop` is polled after every token.
     """
-    model, tokenizer = loaded.model, loaded.processor.tokenizer
     inputs = on_model(loaded, inputs)
-    streamer = _Streamer(tokenizer, on_text)
+    streamer = _Streamer(loaded.processor.tokenizer, on_text)
+    stop = _StopWhen(should_stop) if should_stop is not None else None
+    cached = cache.get_seq_length() if cache is not None else 0
+    output, started, finished = _generate(
+        loaded, inputs, pruning, max_tokens, temperature, seed, streamer=streamer, stop=stop, cache=cache
+    )
+    prompt_len = inputs["input_ids"].shape[1]
+    result = _result(loaded, inputs["input_ids"][0], output[0, prompt_len:], pruning, started,
+                     streamer.first_token_at or finished, finished)  # fmt: skip
+    result.fed_tokens = prompt_len - cached
+    result.stopped = bool(stop and stop.fired)
+    return result
+
+
+def generate_batch(
+    loaded: Loaded,
+    inputs: BatchFeature,
+    plans: list[PruningPlan],
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[GenerationResult]:
+    """Several samples as one left-padded batch (`inputs`), one plan per row: prefilled and
+    decoded together, a result per row (the times are the batch's)."""
+    inputs = on_model(loaded, inputs)
+    first = _FirstToken()
+    output, started, finished = _generate(loaded, inputs, plans, max_tokens, temperature, seed, stop=first)
+    prompt_len = inputs["input_ids"].shape[1]
+    eos = loaded.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    results = []
+    for row, pruning in enumerate(plans):
+        new_ids = output[row, prompt_len:].tolist()
+        ends = [index for index, token in enumerate(new_ids) if token in eos]
+        new_ids = new_ids[: ends[0] + 1] if ends else new_ids  # what follows is the batch's padding
+        padding = int((inputs["attention_mask"][row] == 0).sum()) if "attention_mask" in inputs else 0
+        result = _result(loaded, inputs["input_ids"][row, padding:], torch.tensor(new_ids), pruning, started,
+                         first.at or finished, finished)  # fmt: skip
+        result.kept_positions = [[position - padding for position in kept] for kept in result.kept_positions]
+        results.append(result)
+    return results
+
+
+def _generate(loaded, inputs, pruning, max_tokens, temperature, seed, streamer=None, stop=None, cache=None):
+    """The model's own generate() inside the pruning context: (output ids, start, end times)."""
+    model, tokenizer = loaded.model, loaded.processor.tokenizer
     sampling = (
         {"do_sample": False}
         if temperature <= 0
@@ -166,8 +222,6 @@ def generate(
     )
     torch.manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stop = _StopWhen(should_stop) if should_stop is not None else None
-    cached = cache.get_seq_length() if cache is not None else 0
     _synchronize(model.device)
     started = time.perf_counter()
     with torch.inference_mode(), loaded.decoder.pruning(pruning):
@@ -181,20 +235,28 @@ def generate(
             **sampling,
         )
     _synchronize(model.device)
-    finished = time.perf_counter()
+    return output, started, time.perf_counter()
 
-    prompt_len = inputs["input_ids"].shape[1]
-    new_ids = output[0, prompt_len:]
-    first = streamer.first_token_at or finished
+
+def _result(
+    loaded: Loaded,
+    prompt_ids: torch.Tensor,
+    new_ids: torch.Tensor,
+    pruning: PruningPlan | None,
+    started: float,
+    first: float,
+    finished: float,
+) -> GenerationResult:
+    """The figures of one sequence: its prompt (padding left out), its new tokens, its plan."""
     n_new = int(new_ids.numel())
     if pruning is None:
-        visual = kept = sum(end - start for start, end in image_spans(inputs["input_ids"][0], loaded.image_token_id))
+        visual = kept = sum(end - start for start, end in image_spans(prompt_ids, loaded.image_token_id))
     else:
         visual, kept = token_counts(pruning)
     _, ratio = token_flops(loaded, visual, kept, pruning.layer if pruning else 0)
     return GenerationResult(
-        text=tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
-        prompt_tokens=prompt_len,
+        text=loaded.processor.tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
+        prompt_tokens=int(prompt_ids.numel()),
         generated_tokens=n_new,
         visual_tokens=visual,
         kept_tokens=kept,
@@ -205,8 +267,7 @@ def generate(
         layer=pruning.layer if pruning is not None else 0,
         kept_positions=[positions.tolist() for positions in pruning.kept] if pruning is not None else [],
         token_ids=new_ids.tolist(),
-        fed_tokens=prompt_len - cached,
-        stopped=bool(stop and stop.fired),
+        fed_tokens=int(prompt_ids.numel()),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -54,3 +56,44 @@ def build_inputs(processor: ProcessorMixin, messages: list[dict], images: list[I
         raise AsapError("the model's processor has no chat template; asap needs one to build prompts")
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     return processor(images=images or None, text=text, return_tensors="pt")
+
+
+def build_batch_inputs(processor: ProcessorMixin, samples: list[tuple[str, Image.Image]]) -> BatchFeature:
+    """Several (prompt, image) samples, each one user turn, left-padded into one batch (the
+    padding side generate() needs)."""
+    if getattr(processor, "chat_template", None) is None:
+        raise AsapError("the model's processor has no chat template; asap needs one to build prompts")
+    texts = [
+        processor.apply_chat_template([user_message(prompt, 1)], add_generation_prompt=True) for prompt, _ in samples
+    ]
+    images = [image for _, image in samples]
+    return processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
+
+
+def expand_images(paths: list[str]) -> list[Path]:
+    """Image arguments, a quoted glob pattern expanded (sorted); a pattern matching nothing is an error."""
+    expanded: list[Path] = []
+    for text in paths:
+        if any(char in text for char in "*?["):
+            matches = sorted(glob.glob(os.path.expanduser(text)))
+            if not matches:
+                raise AsapError(f"no image matches {text!r}")
+            expanded.extend(Path(match) for match in matches)
+        else:
+            expanded.append(Path(text))
+    return expanded
+
+
+def pair_samples(images: list[Path], prompts: list[str]) -> list[tuple[Path, str]]:
+    """One prompt for every image, one image for every prompt, or as many of each, in order."""
+    if not images:
+        raise UsageError("give an image")
+    if len(prompts) == 1:
+        return [(image, prompts[0]) for image in images]
+    if len(images) == 1:
+        return [(images[0], prompt) for prompt in prompts]
+    if len(images) != len(prompts):
+        raise UsageError(
+            f"{len(images)} images and {len(prompts)} prompts: give one prompt, one image, or as many of each"
+        )
+    return list(zip(images, prompts, strict=True))

@@ -136,3 +136,35 @@ def test_methods_before_the_llm_report_layer_0(method, llava_path, image_file):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["layer"] == 0 and data["visual_tokens_after"] == 16
+
+
+def test_several_images_run_as_one_batch_equal_to_single_runs(llava_next_path, tmp_path, images):
+    """LLaVA-NeXT tiles the two images differently: the batch is padded and its rows keep k each."""
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(tmp_path / f"{index}.png")
+        image.save(paths[-1])
+    common = ["-m", llava_next_path, "-k", 8, "--max-tokens", 5, "--json"]
+    batch = asap("run", *paths, "what colour?", *common)
+    assert batch.exit_code == 0, batch.output
+    rows = [json.loads(line) for line in batch.stdout.splitlines()]
+    assert [row["image"] for row in rows] == [str(path) for path in paths]
+    for row, path in zip(rows, paths, strict=True):
+        single = json.loads(asap("run", path, "what colour?", *common).stdout)
+        assert row["answer"] == single["answer"] and row["visual_tokens_after"] == single["visual_tokens_after"] == 8
+        assert row["visual_tokens_before"] == single["visual_tokens_before"]
+    globbed = asap("run", tmp_path / "*.png", "what colour?", *common)
+    assert [json.loads(line)["answer"] for line in globbed.stdout.splitlines()] == [row["answer"] for row in rows]
+
+
+def test_several_prompts_on_one_image_and_pairing_errors(llava_path, image_file):
+    common = ["-m", llava_path, "-k", 16, "--max-tokens", 3]
+    result = asap("run", image_file, "-p", "what colour?", "-p", "where is the blue patch?", *common)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count(str(image_file)) == 2 and "[where is the blue patch?]" in result.stdout
+    mismatch = asap("run", image_file, image_file, "-p", "a?", "-p", "b?", "-p", "c?", *common)
+    assert mismatch.exit_code == 2 and "2 images and 3 prompts" in mismatch.output
+    nothing = asap("run", str(image_file.parent / "*.jpeg"), "what?", *common)
+    assert nothing.exit_code == 1 and "no image matches" in nothing.output
+    kept = asap("run", image_file, image_file, "what?", "--save-kept", image_file.parent / "k.png", *common)
+    assert kept.exit_code == 2 and "--save-kept draws one image" in kept.output

@@ -1,4 +1,5 @@
-"""asap run IMAGE PROMPT: answer one question about one image, with pruning."""
+"""asap run IMAGE PROMPT: answer a question about an image, with pruning; several images or
+prompts run as one padded batch."""
 
 from __future__ import annotations
 
@@ -10,15 +11,37 @@ from typing import Annotated
 import typer
 
 from .. import display, figures
-from ..generation import GenerationResult, PruneSettings, generate, plan
-from ..inputs import build_inputs, check_prompt, load_image, user_message
+from ..errors import UsageError
+from ..generation import GenerationResult, PruneSettings, generate, generate_batch, plan
+from ..inputs import (
+    build_batch_inputs,
+    build_inputs,
+    check_prompt,
+    expand_images,
+    load_image,
+    pair_samples,
+    user_message,
+)
 from ..loading import load
 from . import options
 
 
 def run(
-    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The image file.")],
-    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="The question; '-' reads it from stdin.")],
+    arguments: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="IMAGE... PROMPT",
+            help="Image files (or a quoted glob), then the question ('-' reads it from stdin). With --prompt, "
+            "all are images.",
+        ),
+    ],
+    more_images: Annotated[
+        list[str] | None, typer.Option("--image", "-i", help="Another image (repeatable; a quoted glob works).")
+    ] = None,
+    prompts: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", "-p", help="A question (repeatable): one per image, or each for the one image."),
+    ] = None,
     model: options.Model = options.DEFAULT_MODEL,
     method: options.Method = "asap",
     k: options.K = None,
@@ -41,12 +64,23 @@ def run(
     ] = None,
     json: options.Json = False,
 ) -> None:
-    """Answer PROMPT about IMAGE, pruning visual tokens inside the language model."""
-    if prompt == "-":
-        prompt = sys.stdin.read().strip()
-    check_prompt(prompt)
-    picture = load_image(image)
+    """Answer PROMPT about IMAGE, pruning visual tokens inside the language model.
+
+    Several images (or prompts) run as one padded batch: each sample keeps its own k tokens.
+    """
+    if not prompts:
+        if len(arguments) < 2 and not more_images:
+            raise UsageError("give an image and a prompt: asap run IMAGE PROMPT")
+        *arguments, prompt = arguments
+        prompts = [prompt]
+    prompts = [sys.stdin.read().strip() if prompt == "-" else prompt for prompt in prompts]
+    for prompt in prompts:
+        check_prompt(prompt)
+    samples = pair_samples(expand_images([*arguments, *(more_images or [])]), prompts)
+    pictures = {path: load_image(path) for path, _ in samples}
     if save_kept is not None:
+        if len(samples) > 1:
+            raise UsageError("--save-kept draws one image; run one sample to use it")
         figures.check_writable(save_kept)
     settings_for = partial(
         options.prune_settings,
@@ -64,6 +98,10 @@ def run(
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
     settings = settings_for(loaded.preset)
+    if len(samples) > 1:
+        run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json)
+        return
+    (image, prompt), picture = samples[0], pictures[samples[0][0]]
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [picture])
     pruning = plan(loaded, inputs["input_ids"][0], settings)
     span_tokens = pruning.spans[0][1] - pruning.spans[0][0] if pruning.spans else 0
@@ -84,27 +122,50 @@ def run(
         picture_kept = figures.kept_picture(picture, loaded.processor.image_processor, span_tokens, kept)
         figures.save_png(picture_kept, save_kept)
     if json:
-        display.print_json(
-            {
-                "answer": result.text,
-                "model": model,
-                "method": settings.method,
-                "k": settings.k,
-                "layer": result.layer,
-                "visual_tokens_before": result.visual_tokens,
-                "visual_tokens_after": result.kept_tokens,
-                "merged_tokens": result.merged_tokens,
-                "flops_ratio": result.flops_ratio,
-                "prefill_seconds": result.prefill_seconds,
-                "tokens_per_second": result.decode_tokens_per_second,
-                "prompt_tokens": result.prompt_tokens,
-                "generated_tokens": result.generated_tokens,
-                "device": str(loaded.device),
-            }
-        )
+        display.print_json(figures_of(loaded, settings, image, prompt, result))
     else:
         display.write("\n")
         display.note(summary(settings, result))
+
+
+def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json) -> None:
+    """Every sample in one left-padded batch; an answer line each, then a summary line each."""
+    inputs = build_batch_inputs(loaded.processor, [(prompt, pictures[image]) for image, prompt in samples])
+    plans = [plan(loaded, row, settings) for row in inputs["input_ids"]]
+    with display.status(f"Answering {len(samples)} samples in one batch"):
+        results = generate_batch(loaded, inputs, plans, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    several_prompts = len({prompt for _, prompt in samples}) > 1
+    for (image, prompt), result in zip(samples, results, strict=True):
+        if json:
+            display.print_json(figures_of(loaded, settings, image, prompt, result))
+        else:
+            label = f"{image} [{prompt}]" if several_prompts else str(image)
+            display.write(f"{label}: {result.text}\n")
+    if not json:
+        for (image, _), result in zip(samples, results, strict=True):
+            display.note(f"{image}: {summary(settings, result)}")
+
+
+def figures_of(loaded, settings: PruneSettings, image: Path, prompt: str, result: GenerationResult) -> dict:
+    """One sample's answer and figures, as --json prints them (one object per line)."""
+    return {
+        "answer": result.text,
+        "image": str(image),
+        "prompt": prompt,
+        "model": loaded.name,
+        "method": settings.method,
+        "k": settings.k,
+        "layer": result.layer,
+        "visual_tokens_before": result.visual_tokens,
+        "visual_tokens_after": result.kept_tokens,
+        "merged_tokens": result.merged_tokens,
+        "flops_ratio": result.flops_ratio,
+        "prefill_seconds": result.prefill_seconds,
+        "tokens_per_second": result.decode_tokens_per_second,
+        "prompt_tokens": result.prompt_tokens,
+        "generated_tokens": result.generated_tokens,
+        "device": str(loaded.device),
+    }
 
 
 def summary(settings: PruneSettings, result: GenerationResult) -> str:
