@@ -40,6 +40,14 @@ def test_run_without_a_model_uses_the_bundled_one():
     assert data["model"] == "demo" and data["visual_tokens_before"] == 576 and data["visual_tokens_after"] == 128
 
 
+def test_the_readme_example_answers_red_with_asap_on():
+    """The newcomer's first command, exactly: no flags, ASAP at k=128 on, the car in the top rows."""
+    result = runner.invoke(app, ["run", str(REPO / "examples" / "car.png"), "what colour is the car?"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "red"
+    assert "asap k=128 L=2: kept 128/576" in result.stderr
+
+
 def test_examples_are_the_committed_renders():
     for name, scene in EXAMPLES.items():
         committed = Image.open(REPO / "examples" / f"{name}.png").convert("RGB")
