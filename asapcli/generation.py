@@ -94,6 +94,19 @@ class GenerationResult:
     def pruned(self) -> bool:
         return self.kept_tokens < self.visual_tokens
 
+    def as_json(self) -> dict:
+        """The answer and the figures every command's --json reports for it."""
+        return {
+            "answer": self.text,
+            "visual_tokens_before": self.visual_tokens,
+            "visual_tokens_after": self.kept_tokens,
+            "merged_tokens": self.merged_tokens,
+            "flops_ratio": self.flops_ratio,
+            "prefill_seconds": self.prefill_seconds,
+            "tokens_per_second": self.decode_tokens_per_second,
+            "generated_tokens": self.generated_tokens,
+        }
+
 
 class _StopWhen(StoppingCriteria):
     """Ends generation cleanly between two decoding steps once `should_stop()` says so (a Ctrl-C
@@ -109,7 +122,7 @@ class _StopWhen(StoppingCriteria):
 
 
 class _Streamer(BaseStreamer):
-    """Receives token ids from generate(): times the first token and hands on new text."""
+    """Receives token ids from generate() and hands on the new text as it comes."""
 
     def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
         self.tokenizer = tokenizer
@@ -117,14 +130,11 @@ class _Streamer(BaseStreamer):
         self.ids: list[int] = []
         self.shown = ""
         self.seen_prompt = False
-        self.first_token_at: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
         if not self.seen_prompt:  # generate() first hands over the prompt
             self.seen_prompt = True
             return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
         self.ids.extend(value.flatten().tolist())
         self._show(final=False)
 
@@ -141,8 +151,8 @@ class _Streamer(BaseStreamer):
 
 
 class _FirstToken(StoppingCriteria):
-    """Notes when the first token of a batch is out (generate() checks stopping after every
-    step): the end of the prefill. Never stops anything."""
+    """Notes when the first token is out (generate() checks stopping after every step): the end
+    of the prefill. Never stops anything."""
 
     def __init__(self):
         self.at: float | None = None
@@ -169,18 +179,15 @@ def generate(
     the cache has not seen are prefilled. `should_stop` is polled after every token.
     """
     inputs = on_model(loaded, inputs)
-    streamer = _Streamer(loaded.processor.tokenizer, on_text)
+    streamer = _Streamer(loaded.processor.tokenizer, on_text) if on_text is not None else None
     stop = _StopWhen(should_stop) if should_stop is not None else None
     cached = cache.get_seq_length() if cache is not None else 0
-    output, started, finished = _generate(
-        loaded, inputs, pruning, max_tokens, temperature, seed, streamer=streamer, stop=stop, cache=cache
-    )
+    output, clock = _generate(loaded, inputs, pruning, max_tokens, temperature, seed, streamer, stop, cache)
     prompt_len = inputs["input_ids"].shape[1]
-    result = _result(loaded, inputs["input_ids"][0], output[0, prompt_len:], pruning, started,
-                     streamer.first_token_at or finished, finished)  # fmt: skip
-    result.fed_tokens = prompt_len - cached
-    result.stopped = bool(stop and stop.fired)
-    return result
+    return _result(
+        loaded, inputs["input_ids"][0], output[0, prompt_len:], pruning, clock, cached=cached,
+        stopped=bool(stop and stop.fired),
+    )  # fmt: skip
 
 
 def generate_batch(
@@ -194,8 +201,7 @@ def generate_batch(
     """Several samples as one left-padded batch (`inputs`), one plan per row: prefilled and
     decoded together, a result per row (the times are the batch's)."""
     inputs = on_model(loaded, inputs)
-    first = _FirstToken()
-    output, started, finished = _generate(loaded, inputs, plans, max_tokens, temperature, seed, stop=first)
+    output, clock = _generate(loaded, inputs, plans, max_tokens, temperature, seed)
     prompt_len = inputs["input_ids"].shape[1]
     eos = loaded.model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -205,15 +211,30 @@ def generate_batch(
         ends = [index for index, token in enumerate(new_ids) if token in eos]
         new_ids = new_ids[: ends[0] + 1] if ends else new_ids  # what follows is the batch's padding
         padding = int((inputs["attention_mask"][row] == 0).sum()) if "attention_mask" in inputs else 0
-        result = _result(loaded, inputs["input_ids"][row, padding:], torch.tensor(new_ids), pruning, started,
-                         first.at or finished, finished)  # fmt: skip
-        result.kept_positions = [[position - padding for position in kept] for kept in result.kept_positions]
-        results.append(result)
+        prompt_ids = inputs["input_ids"][row, padding:]
+        results.append(_result(loaded, prompt_ids, torch.tensor(new_ids), pruning, clock, padding=padding))
     return results
 
 
-def _generate(loaded, inputs, pruning, max_tokens, temperature, seed, streamer=None, stop=None, cache=None):
-    """The model's own generate() inside the pruning context: (output ids, start, end times)."""
+@dataclass(frozen=True)
+class _Clock:
+    started: float
+    first_token: float  # the end of the prefill
+    finished: float
+
+
+def _generate(
+    loaded: Loaded,
+    inputs: BatchFeature,
+    pruning: PruningPlan | list[PruningPlan] | None,
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    streamer: _Streamer | None = None,
+    stop: _StopWhen | None = None,
+    cache: DynamicCache | None = None,
+) -> tuple[torch.Tensor, _Clock]:
+    """The model's own generate() inside the pruning context: the output ids and its times."""
     model, tokenizer = loaded.model, loaded.processor.tokenizer
     sampling = (
         {"do_sample": False}
@@ -222,6 +243,7 @@ def _generate(loaded, inputs, pruning, max_tokens, temperature, seed, streamer=N
     )
     torch.manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    first = _FirstToken()
     _synchronize(model.device)
     started = time.perf_counter()
     with torch.inference_mode(), loaded.decoder.pruning(pruning):
@@ -231,11 +253,12 @@ def _generate(loaded, inputs, pruning, max_tokens, temperature, seed, streamer=N
             streamer=streamer,
             past_key_values=cache,
             pad_token_id=pad_id,
-            stopping_criteria=StoppingCriteriaList([stop] if stop else []),
+            stopping_criteria=StoppingCriteriaList([first, stop] if stop else [first]),
             **sampling,
         )
     _synchronize(model.device)
-    return output, started, time.perf_counter()
+    finished = time.perf_counter()
+    return output, _Clock(started, first.at or finished, finished)
 
 
 def _result(
@@ -243,17 +266,20 @@ def _result(
     prompt_ids: torch.Tensor,
     new_ids: torch.Tensor,
     pruning: PruningPlan | None,
-    started: float,
-    first: float,
-    finished: float,
+    clock: _Clock,
+    cached: int = 0,
+    padding: int = 0,
+    stopped: bool = False,
 ) -> GenerationResult:
-    """The figures of one sequence: its prompt (padding left out), its new tokens, its plan."""
+    """The figures of one sequence: its prompt (`cached` tokens of it came from the cache,
+    `padding` batch padding before it left out), its new tokens, its plan."""
     n_new = int(new_ids.numel())
     if pruning is None:
         visual = kept = sum(end - start for start, end in image_spans(prompt_ids, loaded.image_token_id))
     else:
         visual, kept = token_counts(pruning)
     _, ratio = token_flops(loaded, visual, kept, pruning.layer if pruning else 0)
+    decoding = clock.finished - clock.first_token
     return GenerationResult(
         text=loaded.processor.tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
         prompt_tokens=int(prompt_ids.numel()),
@@ -261,13 +287,14 @@ def _result(
         visual_tokens=visual,
         kept_tokens=kept,
         merged_tokens=pruning.merged if pruning is not None else 0,
-        prefill_seconds=first - started,
-        decode_tokens_per_second=(n_new - 1) / (finished - first) if n_new > 1 and finished > first else 0.0,
+        prefill_seconds=clock.first_token - clock.started,
+        decode_tokens_per_second=(n_new - 1) / decoding if n_new > 1 and decoding > 0 else 0.0,
         flops_ratio=ratio,
         layer=pruning.layer if pruning is not None else 0,
-        kept_positions=[positions.tolist() for positions in pruning.kept] if pruning is not None else [],
+        kept_positions=[(positions - padding).tolist() for positions in pruning.kept] if pruning is not None else [],
         token_ids=new_ids.tolist(),
-        fed_tokens=int(prompt_ids.numel()),
+        fed_tokens=int(prompt_ids.numel()) - cached,
+        stopped=stopped,
     )
 
 

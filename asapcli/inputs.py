@@ -52,20 +52,20 @@ def user_message(text: str, n_images: int) -> dict:
 
 def build_inputs(processor: ProcessorMixin, messages: list[dict], images: list[Image.Image]) -> BatchFeature:
     """Render `messages` with the model's chat template and process text and images together."""
+    return processor(images=images or None, text=prompt_text(processor, messages), return_tensors="pt")
+
+
+def prompt_text(processor: ProcessorMixin, messages: list[dict]) -> str:
+    """`messages` rendered with the model's own chat template, ready for the answer."""
     if getattr(processor, "chat_template", None) is None:
         raise AsapError("the model's processor has no chat template; asap needs one to build prompts")
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(images=images or None, text=text, return_tensors="pt")
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def build_batch_inputs(processor: ProcessorMixin, samples: list[tuple[str, Image.Image]]) -> BatchFeature:
     """Several (prompt, image) samples, each one user turn, left-padded into one batch (the
     padding side generate() needs)."""
-    if getattr(processor, "chat_template", None) is None:
-        raise AsapError("the model's processor has no chat template; asap needs one to build prompts")
-    texts = [
-        processor.apply_chat_template([user_message(prompt, 1)], add_generation_prompt=True) for prompt, _ in samples
-    ]
+    texts = [prompt_text(processor, [user_message(prompt, 1)]) for prompt, _ in samples]
     images = [image for _, image in samples]
     return processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
 

@@ -186,17 +186,10 @@ def _record(turn: Turn) -> dict:
     return {
         "turn": turn.number,
         "prompt": turn.prompt,
-        "answer": result.text,
+        **result.as_json(),
         "images": turn.images,
         "fed_tokens": result.fed_tokens,
         "cached_tokens": turn.cached_tokens,
-        "visual_tokens_before": result.visual_tokens,
-        "visual_tokens_after": result.kept_tokens,
-        "merged_tokens": result.merged_tokens,
-        "flops_ratio": result.flops_ratio,
-        "prefill_seconds": result.prefill_seconds,
-        "tokens_per_second": result.decode_tokens_per_second,
-        "generated_tokens": result.generated_tokens,
         "stopped": result.stopped,
     }
 

@@ -122,7 +122,7 @@ def run(
         picture_kept = figures.kept_picture(picture, loaded.processor.image_processor, span_tokens, kept)
         figures.save_png(picture_kept, save_kept)
     if json:
-        display.print_json(figures_of(loaded, settings, image, prompt, result))
+        display.print_json(_json_record(loaded, settings, image, prompt, result))
     else:
         display.write("\n")
         display.note(summary(settings, result))
@@ -137,7 +137,7 @@ def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed
     several_prompts = len({prompt for _, prompt in samples}) > 1
     for (image, prompt), result in zip(samples, results, strict=True):
         if json:
-            display.print_json(figures_of(loaded, settings, image, prompt, result))
+            display.print_json(_json_record(loaded, settings, image, prompt, result))
         else:
             label = f"{image} [{prompt}]" if several_prompts else str(image)
             display.write(f"{label}: {result.text}\n")
@@ -146,24 +146,17 @@ def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed
             display.note(f"{image}: {summary(settings, result)}")
 
 
-def figures_of(loaded, settings: PruneSettings, image: Path, prompt: str, result: GenerationResult) -> dict:
+def _json_record(loaded, settings: PruneSettings, image: Path, prompt: str, result: GenerationResult) -> dict:
     """One sample's answer and figures, as --json prints them (one object per line)."""
     return {
-        "answer": result.text,
+        **result.as_json(),
         "image": str(image),
         "prompt": prompt,
         "model": loaded.name,
         "method": settings.method,
         "k": settings.k,
         "layer": result.layer,
-        "visual_tokens_before": result.visual_tokens,
-        "visual_tokens_after": result.kept_tokens,
-        "merged_tokens": result.merged_tokens,
-        "flops_ratio": result.flops_ratio,
-        "prefill_seconds": result.prefill_seconds,
-        "tokens_per_second": result.decode_tokens_per_second,
         "prompt_tokens": result.prompt_tokens,
-        "generated_tokens": result.generated_tokens,
         "device": str(loaded.device),
     }
 

@@ -28,7 +28,7 @@ __all__ = [
 def install(model: PreTrainedModel) -> PrunedDecoder:
     """Route the language model through `PrunedDecoder` and the registered attention function.
     Only the text model's attention changes; the vision tower keeps its own. Idempotent."""
-    decoder = model.get_decoder()
+    decoder = _language_model(model)
     if isinstance(decoder, PrunedDecoder):
         return decoder
     check_supported(model)
@@ -48,10 +48,7 @@ def check_supported(model: PreTrainedModel) -> None:
     not built as embeddings, layers, norm and one rotary embedding, or layers that attend
     otherwise than fully and causally (sliding windows). Checked before anything is changed."""
     name = type(model).__name__
-    try:
-        decoder = model.get_decoder()
-    except (AttributeError, NotImplementedError) as error:
-        raise UnsupportedModel(f"{name} does not expose its language model (get_decoder)") from error
+    decoder = _language_model(model)
     missing = [part for part in DECODER_PARTS if not hasattr(decoder, part)]
     if missing:
         raise UnsupportedModel(
@@ -65,6 +62,13 @@ def check_supported(model: PreTrainedModel) -> None:
             f"{name} has {', '.join(other) or 'sliding-window'} layers; the pruning engine supports full causal "
             "attention in every layer only (sliding windows are not supported yet)"
         )
+
+
+def _language_model(model: PreTrainedModel):
+    try:
+        return model.get_decoder()
+    except (AttributeError, NotImplementedError) as error:
+        raise UnsupportedModel(f"{type(model).__name__} does not expose its language model (get_decoder)") from error
 
 
 def image_spans(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
