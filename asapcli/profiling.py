@@ -5,6 +5,9 @@ On CUDA the figures are CUDA-event time and `torch.cuda.max_memory_allocated`; o
 wall time (perf_counter) and the peak of the CPU allocator's live bytes recorded by the torch
 profiler. Memory is counted above what was allocated before the prefill (the weights), so it is
 what the prefill itself needs: activations, scores, masks and the KV cache it leaves behind.
+
+A batch of N is N copies of the sample in one forward (each row its own plan, as `asap run`
+batches them): its images/s beside batch 1's is what batching buys on this device.
 """
 
 from __future__ import annotations
@@ -30,20 +33,26 @@ T = TypeVar("T")
 class Measurement:
     method: str
     k: int | None  # None: vanilla, nothing pruned
+    batch: int  # samples in the forward; the token, FLOPs and ratio figures are per sample
     visual_tokens: int
     kept_tokens: int
     merged_tokens: int
     tflops: float  # Eq. 7, the visual tokens in the language model
     flops_ratio: float  # Eq. 8
     prompt_flops_ratio: float  # Eq. 8 counted over every prompt token, text included
-    kv_cache_bytes: int
+    kv_cache_bytes: int  # the whole batch's, as is the peak memory
     peak_memory_bytes: int
     prefill_seconds: list[float] = field(default_factory=list)
-    decode_tokens_per_second: float = 0.0
+    decode_tokens_per_second: float = 0.0  # tokens of every row
 
     @property
     def prefill_median(self) -> float:
         return statistics.median(self.prefill_seconds)
+
+    @property
+    def images_per_second(self) -> float:
+        """Prefill throughput: samples (one image each) prefilled per second."""
+        return self.batch / self.prefill_median
 
 
 def kv_cache_bytes(cache: DynamicCache) -> int:
@@ -57,15 +66,17 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 
 
 def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
-    """One pruned prefill of the whole prompt: (logits of the last token, cache, plan)."""
-    pruning = plan(loaded, inputs["input_ids"][0], settings)
-    with torch.inference_mode(), loaded.decoder.pruning(pruning):
+    """One pruned prefill of a whole batch, a plan per row: (logits of the last token, cache,
+    the first row's plan)."""
+    plans = [plan(loaded, row, settings) for row in inputs["input_ids"]]
+    with torch.inference_mode(), loaded.decoder.pruning(plans):
         output = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
-    return output.logits[:, -1], output.past_key_values, pruning
+    return output.logits[:, -1], output.past_key_values, plans[0]
 
 
 def decode(loaded: Loaded, logits: torch.Tensor, cache: DynamicCache, steps: int) -> None:
-    """`steps` greedy tokens on `cache`, whatever they are (end-of-text does not stop it)."""
+    """`steps` greedy tokens on `cache`, whatever they are (end-of-text does not stop it). No
+    padding mask: the rows of a profiling batch are copies of one sample, none is padded."""
     with torch.inference_mode():
         for _ in range(steps):
             token = logits.argmax(dim=-1, keepdim=True)
@@ -128,30 +139,33 @@ def _quiet_stderr() -> Iterator[None]:
 
 def measure(
     loaded: Loaded,
-    inputs: BatchFeature,
+    batches: list[BatchFeature],
     runs: list[PruneSettings],
     repeats: int = 5,
     warmup: int = 1,
     decode_tokens: int = 16,
     on_step: Callable[[str], None] | None = None,
 ) -> list[Measurement]:
-    """Time `warmup` + `repeats` prefills of every run (the median of the repeats is its time),
-    interleaved round by round so that a machine that speeds up or slows down meanwhile affects
-    every run alike; then per run one more prefill to count memory, and decoding on its cache."""
+    """Time `warmup` + `repeats` prefills of every run on every batch (the median of the repeats
+    is its time), interleaved round by round so that a machine that speeds up or slows down
+    meanwhile affects them all alike; then per run and batch one more prefill to count memory,
+    and decoding on its cache. The results go run by run, the batches in the order given."""
     device = loaded.device
-    inputs = on_model(loaded, inputs)
+    batches = [on_model(loaded, inputs) for inputs in batches]
+    cases = [(settings, inputs) for settings in runs for inputs in batches]
     step = on_step or (lambda _: None)
-    times: list[list[float]] = [[] for _ in runs]
+    times: list[list[float]] = [[] for _ in cases]
     for round_index in range(warmup + repeats):
         step(f"prefill round {round_index + 1}/{warmup + repeats}" + (" (warm-up)" if round_index < warmup else ""))
-        for settings, run_times in zip(runs, times):
-            elapsed = seconds(device, lambda settings=settings: prefill(loaded, inputs, settings))
+        for (settings, inputs), case_times in zip(cases, times):
+            elapsed = seconds(device, lambda settings=settings, inputs=inputs: prefill(loaded, inputs, settings))
             if round_index >= warmup:
-                run_times.append(elapsed)
+                case_times.append(elapsed)
     results = []
-    for settings, run_times in zip(runs, times):
-        step(f"memory and decoding, {settings.method}" + ("" if settings.method == "vanilla" else f" k={settings.k}"))
-        results.append(_costs(loaded, inputs, settings, run_times, decode_tokens))
+    for (settings, inputs), case_times in zip(cases, times):
+        k = "" if settings.method == "vanilla" else f" k={settings.k}"
+        step(f"memory and decoding, {settings.method}{k}, batch {inputs['input_ids'].shape[0]}")
+        results.append(_costs(loaded, inputs, settings, case_times, decode_tokens))
     return results
 
 
@@ -165,13 +179,14 @@ def _costs(
     decode(loaded, logits, cache, 1)  # warm the decode path
     decode_time = seconds(device, lambda: decode(loaded, logits, cache, decode_tokens))
 
+    batch, prompt = inputs["input_ids"].shape
     visual, kept = token_counts(pruning)
     tflops, ratio = token_flops(loaded, visual, kept, pruning.layer)
-    prompt = int(inputs["input_ids"].shape[1])
     _, prompt_ratio = token_flops(loaded, prompt, prompt - (visual - kept), pruning.layer)
     return Measurement(
         method=settings.method,
         k=settings.k if pruning.method.prunes else None,
+        batch=batch,
         visual_tokens=visual,
         kept_tokens=kept,
         merged_tokens=pruning.merged,
@@ -181,5 +196,5 @@ def _costs(
         kv_cache_bytes=cache_bytes,
         peak_memory_bytes=peak,
         prefill_seconds=times,
-        decode_tokens_per_second=decode_tokens / decode_time if decode_time > 0 else 0.0,
+        decode_tokens_per_second=batch * decode_tokens / decode_time if decode_time > 0 else 0.0,
     )

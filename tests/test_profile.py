@@ -1,5 +1,6 @@
 """`asap profile` on the tiny model: every column, one JSON object per method and budget, the
-KV-cache bytes equal to the cache tensors' own, and its errors; the CPU peak-memory replay."""
+KV-cache bytes equal to the cache tensors' own, batch 1 beside batch N, and its errors; the CPU
+peak-memory replay."""
 
 import json
 
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 
 from asapcli.cli import app
 from asapcli.generation import PruneSettings
-from asapcli.inputs import build_inputs, pattern_image, user_message
+from asapcli.inputs import build_batch_inputs, build_inputs, pattern_image, user_message
 from asapcli.loading import load
 from asapcli.profiling import kv_cache_bytes, peak_memory, prefill
 
@@ -63,6 +64,35 @@ def test_kv_cache_bytes_sums_the_cache_tensors(llava_path):
     n = inputs["input_ids"].shape[1]
     assert lengths == [n, n, n - 54, n - 54]
     assert kv_cache_bytes(cache) == sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def test_profile_batch_measures_batch_one_beside_batch_n(llava_path):
+    result = asap("profile", "-m", llava_path, "--methods", "vanilla,asap", "-k", 16, "--batch", 3, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["method"], r["batch"]) for r in records] == [("vanilla", 1), ("vanilla", 3), ("asap", 1), ("asap", 3)]
+    for single, batched in (records[:2], records[2:]):
+        assert batched["kept_tokens"] == single["kept_tokens"] and batched["flops_ratio"] == single["flops_ratio"]
+        assert batched["kv_cache_bytes"] == 3 * single["kv_cache_bytes"]  # every row keeps its own k tokens
+        assert single["throughput_ratio"] == 1.0
+        for record in (single, batched):
+            assert record["images_per_second"] == pytest.approx(record["batch"] / record["prefill_seconds"])
+        assert batched["throughput_ratio"] == pytest.approx(batched["images_per_second"] / single["images_per_second"])
+    assert records[1]["time_ratio"] == 1.0  # against vanilla at the same batch size
+
+    table = asap("profile", "-m", llava_path, "-k", 16, "--batch", 2, "--threads", 1, *FAST)
+    assert table.exit_code == 0, table.output
+    assert "images/s" in table.stdout and "vs batch 1" in table.stdout and "batch 2: 2 copies" in table.stdout
+
+
+def test_a_profiling_batch_prefills_each_row_like_the_sample_alone(llava_path):
+    loaded = load(str(llava_path), device="cpu")
+    settings = PruneSettings(method="asap", k=10, layer=2)
+    sample = ("what is it?", pattern_image(32))
+    alone, _, _ = prefill(loaded, build_batch_inputs(loaded.processor, [sample]), settings)
+    batched, cache, _ = prefill(loaded, build_batch_inputs(loaded.processor, [sample] * 3), settings)
+    assert torch.allclose(batched, alone.expand(3, -1), atol=1e-5)
+    assert [layer.keys.shape[0] for layer in cache.layers] == [3] * 4
 
 
 def test_cpu_peak_memory_sees_a_temporary_and_what_is_kept():

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from .. import display
 from ..engine import METHODS
-from ..inputs import build_inputs, check_prompt, load_image, pattern_image, user_message
+from ..inputs import build_batch_inputs, check_prompt, load_image, pattern_image
 from ..loading import load
 from ..profiling import Measurement, measure
 from . import options
@@ -43,6 +43,14 @@ def profile(
     ] = 5,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed prefills before them.")] = 1,
     decode_tokens: Annotated[int, typer.Option("--decode-tokens", min=1, help="Tokens decoded to time decoding.")] = 16,
+    batch: Annotated[
+        int,
+        typer.Option(
+            "--batch",
+            min=1,
+            help="Also run N copies of the sample as one batch, beside batch 1, and compare their images/s.",
+        ),
+    ] = 1,
     threads: options.Threads = None,
     seed: options.Seed = 0,
     device: options.Device = "auto",
@@ -61,7 +69,7 @@ def profile(
 
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
-    inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [picture])
+    batches = [build_batch_inputs(loaded.processor, [(prompt, picture)] * size) for size in sorted({1, batch})]
     runs = [
         options.prune_settings(
             loaded.preset,
@@ -82,7 +90,7 @@ def profile(
         settings.check(loaded.num_layers)
 
     with display.status(f"Measuring {len(runs)} runs") as spinner:
-        results = measure(loaded, inputs, runs, repeats, warmup, decode_tokens, _progress(spinner))
+        results = measure(loaded, batches, runs, repeats, warmup, decode_tokens, _progress(spinner))
 
     on_gpu = loaded.device.type == "cuda"
     context = {
@@ -91,29 +99,34 @@ def profile(
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "threads": None if on_gpu else torch.get_num_threads(),
         "layer": layer,
-        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "prompt_tokens": int(batches[0]["input_ids"].shape[1]),
         "repeats": repeats,
         "warmup": warmup,
         "time": "cuda_events" if on_gpu else "cpu_wall",
         "memory": "cuda_max_memory_allocated" if on_gpu else "cpu_allocator_peak",
     }
-    vanilla = next((result for result in results if result.method == "vanilla"), None)
     if json:
         for result in results:
-            display.print_json({**context, **_record(result, vanilla)})
+            display.print_json({**context, **_record(result, results)})
         return
-    display.out.print(_table(results, vanilla, on_gpu, context))
+    display.out.print(_table(results, on_gpu, context, batched=batch > 1))
     early = [name for name in names if METHODS[name].before_llm]
     where = f"{torch.cuda.get_device_name(loaded.device)}" if on_gpu else f"CPU, {context['threads']} threads"
     time = "CUDA-event time" if on_gpu else "wall time"
     memory = "torch.cuda.max_memory_allocated" if on_gpu else "CPU allocator peak (torch profiler)"
-    for line in (
+    notes = [
         f"{where}, {context['dtype']}; {context['prompt_tokens']} prompt tokens; pruned after layer {layer - 1} (L={layer})"
         + (f"; {', '.join(early)}: before layer 0 (L=0)." if early else "."),
         "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
         f"prefill: {time}, median of {repeats} rounds after {warmup} warm-up, methods interleaved; time %: of vanilla's.",
         f"peak: {memory} during prefill, above the weights, KV cache included.",
-    ):
+    ]
+    if batch > 1:
+        notes.append(
+            f"batch {batch}: {batch} copies of the sample in one forward; images/s: samples prefilled per second, "
+            "vs batch 1: over batch 1's for the same method; KV, peak and decode tok/s: the whole batch's."
+        )
+    for line in notes:
         display.out.print(line, markup=False, soft_wrap=True)
 
 
@@ -122,10 +135,22 @@ def _progress(spinner):
     return None if spinner is None else lambda step: spinner.update(f"Measuring: {step}")
 
 
-def _record(result: Measurement, vanilla: Measurement | None) -> dict:
+def _vanilla(result: Measurement, results: list[Measurement]) -> Measurement | None:
+    """Vanilla's measurement at the same batch size."""
+    return next((other for other in results if other.method == "vanilla" and other.batch == result.batch), None)
+
+
+def _single(result: Measurement, results: list[Measurement]) -> Measurement:
+    """The same method and budget at batch 1."""
+    return next(other for other in results if (other.method, other.k, other.batch) == (result.method, result.k, 1))
+
+
+def _record(result: Measurement, results: list[Measurement]) -> dict:
+    vanilla = _vanilla(result, results)
     return {
         "method": result.method,
         "k": result.k,
+        "batch": result.batch,
         "visual_tokens": result.visual_tokens,
         "kept_tokens": result.kept_tokens,
         "merged_tokens": result.merged_tokens,
@@ -137,15 +162,18 @@ def _record(result: Measurement, vanilla: Measurement | None) -> dict:
         "prefill_seconds": result.prefill_median,
         "prefill_seconds_all": result.prefill_seconds,
         "time_ratio": result.prefill_median / vanilla.prefill_median if vanilla else None,
+        "images_per_second": result.images_per_second,
+        "throughput_ratio": result.images_per_second / _single(result, results).images_per_second,
         "decode_tokens_per_second": result.decode_tokens_per_second,
     }
 
 
-def _table(results: list[Measurement], vanilla: Measurement | None, on_gpu: bool, context: dict) -> Table:
+def _table(results: list[Measurement], on_gpu: bool, context: dict, batched: bool) -> Table:
     memory, time = ("GPU peak MB", "CUDA ms") if on_gpu else ("CPU peak MB", "CPU ms")
     columns = [
         "method",
         "k",
+        *(["batch"] if batched else []),
         "tokens",
         "TFLOPs",
         "FLOPs %",
@@ -154,15 +182,20 @@ def _table(results: list[Measurement], vanilla: Measurement | None, on_gpu: bool
         memory,
         f"prefill {time}",
         "time %",
+        *(["images/s", "vs batch 1"] if batched else []),
         "decode tok/s",
     ]
-    table = Table(title=f"{context['model']}: prefill of one image", title_justify="left")
+    what = "one image" + (", batch 1 and batched" if batched else "")
+    table = Table(title=f"{context['model']}: prefill of {what}", title_justify="left")
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right")
     for result in results:
+        vanilla = _vanilla(result, results)
+        single = _single(result, results)
         table.add_row(
             result.method,
             "-" if result.k is None else str(result.k),
+            *([str(result.batch)] if batched else []),
             f"{result.kept_tokens}/{result.visual_tokens}",
             f"{result.tflops:.4f}",
             f"{result.flops_ratio:.1%}",
@@ -171,6 +204,11 @@ def _table(results: list[Measurement], vanilla: Measurement | None, on_gpu: bool
             f"{result.peak_memory_bytes / 2**20:.1f}",
             f"{result.prefill_median * 1000:.1f}",
             f"{result.prefill_median / vanilla.prefill_median:.1%}" if vanilla else "-",
+            *(
+                [f"{result.images_per_second:.2f}", f"{result.images_per_second / single.images_per_second:.2f}x"]
+                if batched
+                else []
+            ),
             f"{result.decode_tokens_per_second:.1f}",
         )
     return table

@@ -169,7 +169,7 @@ def questions(seed: int, count: int, types: tuple[str, ...] = QUESTION_TYPES) ->
     return result
 
 
-TRAINING_MIX = {"colour": 1, "shape": 1, "exists": 3, "position": 2}
+TRAINING_MIX = {"colour": 1, "shape": 1, "exists": 4, "position": 3}
 # Questions of each type asked per training scene (distinct ones, as far as the scene has them):
 # the two types the model learned slowest are asked more often; extra questions cost a few
 # tokens beside the image's 576.
