@@ -63,6 +63,14 @@ def test_flops_cli_table_and_json():
     assert "visual tokens only" in data["convention"]
 
 
+@pytest.mark.parametrize(
+    "preset, stages", [("llava-next-7b", [(2, 2880), (30, 640)]), ("qwen2.5-vl-7b", [(2, 1024), (26, 224)])]
+)
+def test_flops_takes_k_and_layer_from_the_preset(preset, stages):
+    data = json.loads(runner.invoke(app, ["flops", "-m", preset, "--json"]).stdout)
+    assert [(stage["layers"], stage["tokens"]) for stage in data["stages"]] == stages
+
+
 def test_flops_from_a_local_config(llava_path):
     result = runner.invoke(app, ["flops", "-m", str(llava_path), "--k", "16", "--layer", "1", "--json", "--gqa"])
     data = json.loads(result.stdout)

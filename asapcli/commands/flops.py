@@ -11,7 +11,7 @@ from rich.table import Table
 from .. import display, flops
 from ..errors import UsageError
 from ..generation import PruneSettings
-from ..loading import load, load_architecture
+from ..loading import load, load_architecture, resolve_source
 from . import options
 
 
@@ -48,7 +48,11 @@ def flops_command(
     if k is not None and k < 1:
         raise UsageError(f"k must be at least 1, got {k}")
     arch = load_architecture(model, visual_tokens)
-    steps = flops.parse_schedule(schedule) if schedule else [(2 if layer is None else layer, 128 if k is None else k)]
+    if schedule:
+        steps = flops.parse_schedule(schedule)
+    else:
+        settings = options.prune_settings(resolve_source(model)[1], k=k, layer=layer)
+        steps = [(settings.layer, settings.k)]
     steps = [(step, min(tokens, arch.visual_tokens)) for step, tokens in steps]
     stages = flops.pruning_schedule(arch.layers, arch.visual_tokens, steps)
     # fvcore counts what the model computes: grouped-query k/v projections at their real size.
