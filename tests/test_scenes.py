@@ -68,7 +68,7 @@ def test_scene_questions_ask_distinct_questions_of_every_answerable_type():
         rng = random.Random(0)
         answerable = {kind for kind in scenes.QUESTION_TYPES if scenes.ask(questions[0].scene, kind, rng)}
         assert set(types) == answerable
-    assert Counter(q.type for questions in asked for q in questions)["exists"] > 100  # ~3 a scene
+    assert Counter(q.type for questions in asked for q in questions)["exists"] > 100  # up to 4 a scene
 
 
 def test_region_is_where_the_object_asked_about_is():
