@@ -16,8 +16,8 @@ from PIL import Image
 from . import figures
 from .demo import scenes
 from .errors import AsapError
-from .generation import PruneSettings, generate, on_model, plan
-from .inputs import build_inputs, load_image, user_message
+from .generation import PruneSettings, generate_batch, on_model, plan
+from .inputs import build_batch_inputs, build_inputs, load_image, user_message
 from .loading import Loaded
 
 ALL = "all"  # the question type of items that name none
@@ -121,19 +121,24 @@ def evaluate(
     items: list[Item],
     settings: list[PruneSettings],
     max_tokens: int = 10,
+    batch_size: int = 1,
     on_step: Callable[[], None] | None = None,
 ) -> list[Score]:
-    """Greedy answers to every item under every setting, scored by normalised exact match. The
-    inputs of an item are built once and shared by its settings."""
+    """Greedy answers to every item under every setting, scored by normalised exact match.
+    `batch_size` items go through the model together, as one left-padded batch with a plan per
+    row (each row answers as it would alone); a group's inputs are built once for all settings."""
     scores = [Score(setting) for setting in settings]
-    for item, inputs in _prepared(loaded, items):
+    for start in range(0, len(items), batch_size):
+        group = items[start : start + batch_size]
+        inputs = build_batch_inputs(loaded.processor, [(item.question, item.picture()) for item in group])
         for score in scores:
-            pruning = plan(loaded, inputs["input_ids"][0], score.settings)
-            result = generate(loaded, inputs, pruning, max_tokens=max_tokens, seed=score.settings.seed)
-            score.add(item, correct(result.text, item.answer))
-            score.flops_ratio = result.flops_ratio
-            if on_step is not None:
-                on_step()
+            plans = [plan(loaded, row, score.settings) for row in inputs["input_ids"]]
+            results = generate_batch(loaded, inputs, plans, max_tokens=max_tokens, seed=score.settings.seed)
+            for item, result in zip(group, results):
+                score.add(item, correct(result.text, item.answer))
+                score.flops_ratio = result.flops_ratio
+                if on_step is not None:
+                    on_step()
     return scores
 
 

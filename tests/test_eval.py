@@ -50,6 +50,13 @@ def test_eval_json_has_every_method_and_budget(tmp_path):
     assert Image.open(plot).format == "PNG" and Image.open(profile).format == "PNG"
 
 
+def test_eval_in_batches_scores_as_one_at_a_time():
+    args = ["eval", "--n", 12, "--methods", "vanilla,random,asap", "-k", 64, "--json"]
+    single, batched = asap(*args, "--batch", 1), asap(*args, "--batch", 5)  # the last batch holds 2
+    assert single.exit_code == 0 and batched.exit_code == 0, single.output + batched.output
+    assert json.loads(batched.stdout)["results"] == json.loads(single.stdout)["results"]
+
+
 def test_eval_table_and_a_question_file(tmp_path):
     data = tmp_path / "questions.jsonl"
     scenes.questions(7, 1)[0].scene.render().save(tmp_path / "scene.png")
