@@ -8,11 +8,14 @@ by `random_model`, 96 px images in 4 px patches = 576 visual tokens. Training ha
 the first `--vision-steps` steps teach the tower and projector to name the sprite (kind and
 colour) under each patch, through a linear head on the projected features; then the question
 loss (answer tokens only; every question of an image in one multi-turn sequence) trains
-everything, the patch loss kept beside it. The tokenizer has one token per word of the scenes'
-world (`word_tokenizer`). The head is not part of the exported model.
+everything, the patch loss kept beside it. From step 10,700 on, a second head asks each
+patch's feature for its row: RoPE tells attention where a key sits but the value it passes on
+carries no position, so "is the car at the top?" needs the car's features to say where they
+are, which naming kind and colour alone never asks of them. The tokenizer has one token per
+word of the scenes' world (`word_tokenizer`). The heads are not part of the exported model.
 
 Batches are drawn from a stream seeded by the step number, so a resumed run sees the same data
-as an uninterrupted one. A checkpoint (model, head, optimiser, step) is written atomically
+as an uninterrupted one. A checkpoint (model, heads, optimiser, step) is written atomically
 every `--checkpoint-every` steps.
 """
 
@@ -48,6 +51,7 @@ SHAPE = LlavaShape(
 
 
 TEMPLATE_WORDS = ("user", "assistant", ":", "?", ".", ",")
+GRID = scenes.SIZE // scenes.PATCH  # patches per row and per column
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -94,16 +98,19 @@ def batch(processor, scene_questions: list[list[scenes.Question]]) -> dict[str, 
     return inputs
 
 
-def losses(model, head: nn.Module, inputs: dict[str, torch.Tensor], vision_only: bool) -> dict[str, torch.Tensor]:
+def losses(model, heads: nn.ModuleDict, inputs: dict[str, torch.Tensor], vision_only: bool) -> dict[str, torch.Tensor]:
     features = torch.stack(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
-    patch = nn.functional.cross_entropy(head(features).flatten(0, 1), inputs["patch_labels"].flatten())
+    patch = nn.functional.cross_entropy(heads["patch"](features).flatten(0, 1), inputs["patch_labels"].flatten())
+    rows = torch.arange(features.shape[1], device=features.device) // GRID  # row-major patches
+    row = nn.functional.cross_entropy(heads["row"](features).flatten(0, 1), rows.repeat(features.shape[0]))
+    vision = 0.5 * (patch + row)
     if vision_only:
-        return {"patch": patch, "total": patch}
+        return {"patch": patch, "row": row, "total": vision}
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     image_positions = inputs["input_ids"] == model.config.image_token_id
     embeds = embeds.masked_scatter(image_positions[..., None], features.to(embeds.dtype))
     answer = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=inputs["labels"]).loss
-    return {"patch": patch, "answer": answer, "total": answer + 0.5 * patch}
+    return {"patch": patch, "row": row, "answer": answer, "total": answer + vision}
 
 
 @torch.no_grad()
@@ -151,16 +158,19 @@ def main() -> None:
 
     model, processor = build_llava(SHAPE, seed=args.seed, tokenizer=word_tokenizer())
     model = model.to(device).train()
-    head = nn.Linear(SHAPE.hidden, scenes.NUM_PATCH_LABELS).to(device)
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.01)
+    heads = nn.ModuleDict(
+        {"patch": nn.Linear(SHAPE.hidden, scenes.NUM_PATCH_LABELS), "row": nn.Linear(SHAPE.hidden, GRID)}
+    ).to(device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads["patch"].parameters()], lr=args.lr, weight_decay=0.01)
+    optimizer.add_param_group({"params": list(heads["row"].parameters())})  # its own group: it came later (10,700)
     checkpoint = args.out / "checkpoint.pt"
     step = 0
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location=device)
         model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
         print(f"resumed at step {step}", flush=True)
     if args.export:
         model.eval().save_pretrained(args.export)
@@ -175,7 +185,7 @@ def main() -> None:
         inputs = {key: value.to(device) for key, value in batch(processor, asked).items()}
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr)
-        loss = losses(model, head, inputs, vision_only=step < args.vision_steps)
+        loss = losses(model, heads, inputs, vision_only=step < args.vision_steps)
         optimizer.zero_grad(set_to_none=True)
         loss["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -196,7 +206,7 @@ def main() -> None:
             torch.save(
                 {
                     "model": model.state_dict(),
-                    "head": head.state_dict(),
+                    "heads": heads.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "step": step,
                 },
