@@ -91,7 +91,7 @@ def save_png(image: Image.Image, path: Path) -> Path:
 class _Axes:
     """A plot area with linear axes, in pixels of a white canvas."""
 
-    def __init__(self, title: str, x_label: str, y_label: str, x_range, y_range, size=(640, 440)):
+    def __init__(self, title: str, x_label: str, y_label: str, x_range, y_range, x_ticks=None, size=(640, 440)):
         self.image = Image.new("RGB", size, "white")
         self.draw = ImageDraw.Draw(self.image)
         self.left, self.top, self.right, self.bottom = 70, 40, size[0] - 150, size[1] - 50
@@ -99,13 +99,14 @@ class _Axes:
         self.draw.text((self.left, 12), title, fill=INK)
         self.draw.text(((self.left + self.right) // 2 - 3 * len(x_label), self.bottom + 28), x_label, fill=INK)
         self.draw.text((8, self.top - 24), y_label, fill=INK)
-        for fraction in (0, 0.25, 0.5, 0.75, 1):  # ticks span the data; the axes leave a margin
-            x_value = x_range[0] + fraction * (x_range[1] - x_range[0])
-            y_value = y_range[0] + fraction * (y_range[1] - y_range[0])
-            x, y = self.x(x_value), self.y(y_value)
+        fractions = (0, 0.25, 0.5, 0.75, 1)  # ticks span the data; the axes leave a margin
+        for x_value in x_ticks or [x_range[0] + f * (x_range[1] - x_range[0]) for f in fractions]:
+            x = self.x(x_value)
             self.draw.line((x, self.top, x, self.bottom), fill=GRID)
-            self.draw.line((self.left, y, self.right, y), fill=GRID)
             self.draw.text((x - 12, self.bottom + 8), f"{x_value:.3g}", fill=INK)
+        for y_value in [y_range[0] + f * (y_range[1] - y_range[0]) for f in fractions]:
+            y = self.y(y_value)
+            self.draw.line((self.left, y, self.right, y), fill=GRID)
             self.draw.text((8, y - 6), f"{y_value:.3g}", fill=INK)
         self.draw.rectangle((self.left, self.top, self.right, self.bottom), outline=INK)
         self.legend = 0
@@ -151,7 +152,8 @@ def row_profile_plot(profiles: dict[str, list[float]], title: str) -> Image.Imag
     """Attention per image row (0 = top), one line per mask."""
     values = [value for profile in profiles.values() for value in profile]
     rows = max(len(profile) for profile in profiles.values())
-    axes = _Axes(title, "image row (0 = top)", "attention", (0, rows - 1), (0, max(values)))
+    ticks = [*range(0, rows - 1, max(1, rows // 4)), rows - 1]  # whole rows
+    axes = _Axes(title, "image row (0 = top)", "attention", (0, rows - 1), (0, max(values)), ticks)
     for colour, (label, profile) in zip(PALETTE, profiles.items()):
         axes.series(label, list(enumerate(profile)), colour, marker=False)
     return axes.image
