@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from asapcli.cli import app
+from asapcli.engine import METHODS
 from asapcli.generation import PruneSettings
 from asapcli.inputs import build_batch_inputs, build_inputs, pattern_image, user_message
 from asapcli.loading import load
@@ -54,6 +55,14 @@ def test_profile_json_is_one_object_per_method_and_budget(llava_path):
     assert records[0]["flops_ratio"] == 1.0 and records[0]["time_ratio"] == 1.0
     assert records[2]["flops_ratio"] < records[1]["flops_ratio"] < 1.0
     assert records[1]["flops_ratio"] < records[1]["prompt_flops_ratio"] < 1.0  # text tokens are never pruned
+
+
+def test_profile_takes_every_method(llava_path):
+    result = asap("profile", "-m", llava_path, "--methods", ",".join(METHODS), "-k", 16, "--json", *FAST)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [record["method"] for record in records] == list(METHODS)
+    assert all(record["kept_tokens"] == (64 if record["method"] == "vanilla" else 16) for record in records)
 
 
 def test_kv_cache_bytes_sums_the_cache_tensors(llava_path):
