@@ -16,7 +16,7 @@ from PIL import Image
 from . import figures
 from .demo import scenes
 from .errors import AsapError
-from .generation import PruneSettings, generate_batch, on_model, plan
+from .generation import PruneSettings, batch_plans, generate_batch, on_model, plan
 from .inputs import build_batch_inputs, build_inputs, load_image, user_message
 from .loading import Loaded
 
@@ -132,7 +132,7 @@ def evaluate(
         group = items[start : start + batch_size]
         inputs = build_batch_inputs(loaded.processor, [(item.question, item.picture()) for item in group])
         for score in scores:
-            plans = [plan(loaded, row, score.settings) for row in inputs["input_ids"]]
+            plans = batch_plans(loaded, inputs["input_ids"], score.settings)
             results = generate_batch(loaded, inputs, plans, max_tokens=max_tokens, seed=score.settings.seed)
             for item, result in zip(group, results):
                 score.add(item, correct(result.text, item.answer))

@@ -59,6 +59,11 @@ def plan(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings, since
     return pruning_plan(settings, spans)
 
 
+def batch_plans(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings) -> list[PruningPlan]:
+    """One plan per row of a (left-padded) batch of sequences (B, N): each row its own spans."""
+    return [plan(loaded, row, settings) for row in input_ids]
+
+
 def pruning_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> PruningPlan:
     """The plan that prunes `spans` ([start, end) token positions) as `settings` say."""
     method = make_method(

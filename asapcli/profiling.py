@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 from transformers import BatchFeature, DynamicCache
 
-from .generation import PruneSettings, on_model, plan, token_counts, token_flops
+from .generation import PruneSettings, batch_plans, on_model, token_counts, token_flops
 from .loading import Loaded
 
 T = TypeVar("T")
@@ -68,7 +68,7 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
     """One pruned prefill of a whole batch, a plan per row: (logits of the last token, cache,
     the first row's plan)."""
-    plans = [plan(loaded, row, settings) for row in inputs["input_ids"]]
+    plans = batch_plans(loaded, inputs["input_ids"], settings)
     with torch.inference_mode(), loaded.decoder.pruning(plans):
         output = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
     return output.logits[:, -1], output.past_key_values, plans[0]

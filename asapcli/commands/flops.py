@@ -11,7 +11,8 @@ from rich.table import Table
 from .. import display, flops
 from ..errors import UsageError
 from ..generation import PruneSettings
-from ..loading import load, load_architecture, resolve_source
+from ..loading import load, load_architecture
+from ..presets import find_preset
 from . import options
 
 
@@ -51,7 +52,7 @@ def flops_command(
     if schedule:
         steps = flops.parse_schedule(schedule)
     else:
-        settings = options.prune_settings(resolve_source(model)[1], k=k, layer=layer)
+        settings = options.prune_settings(find_preset(model), k=k, layer=layer)
         steps = [(settings.layer, settings.k)]
     steps = [(step, min(tokens, arch.visual_tokens)) for step, tokens in steps]
     stages = flops.pruning_schedule(arch.layers, arch.visual_tokens, steps)

@@ -12,7 +12,7 @@ import typer
 
 from .. import display, figures
 from ..errors import UsageError
-from ..generation import GenerationResult, PruneSettings, generate, generate_batch, plan
+from ..generation import GenerationResult, PruneSettings, batch_plans, generate, generate_batch, plan
 from ..inputs import (
     build_batch_inputs,
     build_inputs,
@@ -131,7 +131,7 @@ def run(
 def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json) -> None:
     """Every sample in one left-padded batch; an answer line each, then a summary line each."""
     inputs = build_batch_inputs(loaded.processor, [(prompt, pictures[image]) for image, prompt in samples])
-    plans = [plan(loaded, row, settings) for row in inputs["input_ids"]]
+    plans = batch_plans(loaded, inputs["input_ids"], settings)
     with display.status(f"Answering {len(samples)} samples in one batch"):
         results = generate_batch(loaded, inputs, plans, max_tokens=max_tokens, temperature=temperature, seed=seed)
     several_prompts = len({prompt for _, prompt in samples}) > 1

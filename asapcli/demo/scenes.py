@@ -184,7 +184,7 @@ def near_miss(scene: Scene, rng: random.Random) -> Question | None:
     absent = [(colour, kind) for colour in COLOURS for kind in KINDS if (colour, kind) not in present]
     both = [(colour, kind) for colour, kind in absent if colour in colours and kind in kinds]
     either = [(colour, kind) for colour, kind in absent if colour in colours or kind in kinds]
-    if not (both or either):
+    if not either:  # holds `both` too
         return None
     colour, kind = rng.choice(both or either)
     return Question(scene, "exists", f"is there a {colour} {kind}?", "no")
