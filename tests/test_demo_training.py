@@ -31,6 +31,13 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert abs(train.learning_rate(1000, 1000, 1.0) - 0.1) < 1e-9
 
 
+def test_learning_rate_cools_down_linearly_to_zero_after_the_decay():
+    assert abs(train.learning_rate(800, 1000, 1.0, decay_steps=800) - 0.1) < 1e-9
+    assert abs(train.learning_rate(900, 1000, 1.0, decay_steps=800) - 0.05) < 1e-9
+    assert train.learning_rate(1000, 1000, 1.0, decay_steps=800) == 0.0
+    assert train.learning_rate(500, 1000, 1.0, decay_steps=800) < train.learning_rate(500, 1000, 1.0)  # decays sooner
+
+
 def test_training_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     common = [
         "train",

@@ -131,10 +131,15 @@ def evaluate(model, processor, count: int) -> dict[str, float]:
     return {kind: hits[kind] / totals[kind] for kind in totals}
 
 
-def learning_rate(step: int, steps: int, peak: float, warmup: int = 100) -> float:
+def learning_rate(step: int, steps: int, peak: float, warmup: int = 100, decay_steps: int | None = None) -> float:
+    """Linear warm-up, cosine decay to a tenth of the peak at `decay_steps` (default: the last
+    step), then a linear cool-down to zero at `steps`."""
+    decay_steps = steps if decay_steps is None else decay_steps
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
+    if step > decay_steps:
+        return 0.1 * peak * (steps - step) / max(1, steps - decay_steps)
+    progress = (step - warmup) / max(1, decay_steps - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -145,6 +150,11 @@ def main() -> None:
     parser.add_argument("--vision-steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--decay-steps",
+        type=int,
+        help="End of the cosine decay; from there a linear cool-down to zero (default: --steps).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=500)
@@ -184,7 +194,7 @@ def main() -> None:
         asked = scenes.scene_questions(args.seed * 1_000_003 + step, args.batch)
         inputs = {key: value.to(device) for key, value in batch(processor, asked).items()}
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr)
+            group["lr"] = learning_rate(step, args.steps, args.lr, decay_steps=args.decay_steps)
         loss = losses(model, heads, inputs, vision_only=step < args.vision_steps)
         optimizer.zero_grad(set_to_none=True)
         loss["total"].backward()
