@@ -39,7 +39,7 @@ def test_fastv_keeps_the_top_k_of_transformers_eager_last_token_attention(llava_
     eager = AutoModelForImageTextToText.from_pretrained(llava_path, attn_implementation="eager").eval()
     inputs = build_inputs(lvlm.processor, [user_message("where is the blue patch?", 1)], images[:1])
     ids = inputs["input_ids"][0]
-    (start, end), = image_spans(ids, lvlm.image_token_id)
+    ((start, end),) = image_spans(ids, lvlm.image_token_id)
     k, layer = 10, 2
     with torch.inference_mode():
         attentions = eager(**inputs, output_attentions=True).attentions

@@ -23,15 +23,17 @@ def test_run_streams_an_answer_and_a_summary(llava_path, image_file):
 
 
 def test_run_json_is_one_object_with_the_figures(llava_path, image_file):
-    result = asap("run", image_file, "what colour?", "-m", llava_path, "--method", "fastv", "-k", 16, "--json",
-                  "--max-tokens", 4)
+    result = asap(
+        "run", image_file, "what colour?", "-m", llava_path, "--method", "fastv", "-k", 16, "--json", "--max-tokens", 4
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["method"] == "fastv" and data["k"] == 16 and data["layer"] == 2
     assert (data["visual_tokens_before"], data["visual_tokens_after"]) == (64, 16)
-    expected_ratio = (2 * (4 * 64 * 64**2 + 2 * 64**2 * 64 + 3 * 64 * 64 * 128)
-                      + 2 * (4 * 16 * 64**2 + 2 * 16**2 * 64 + 3 * 16 * 64 * 128)) / (
-                      4 * (4 * 64 * 64**2 + 2 * 64**2 * 64 + 3 * 64 * 64 * 128))
+    expected_ratio = (
+        2 * (4 * 64 * 64**2 + 2 * 64**2 * 64 + 3 * 64 * 64 * 128)
+        + 2 * (4 * 16 * 64**2 + 2 * 16**2 * 64 + 3 * 16 * 64 * 128)
+    ) / (4 * (4 * 64 * 64**2 + 2 * 64**2 * 64 + 3 * 64 * 64 * 128))
     assert data["flops_ratio"] == pytest.approx(expected_ratio)
     assert data["prefill_seconds"] > 0 and data["tokens_per_second"] >= 0
     assert 1 <= data["generated_tokens"] <= 4 and isinstance(data["answer"], str)

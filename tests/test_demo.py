@@ -57,8 +57,9 @@ def test_examples_are_the_committed_renders():
 
 
 def test_profile_runs_on_the_same_defaults():
-    result = runner.invoke(app, ["profile", "--k", "128", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2",
-                                 "--json"])
+    result = runner.invoke(
+        app, ["profile", "--k", "128", "--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--json"]
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert {row["model"] for row in rows} == {"demo"}

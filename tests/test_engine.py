@@ -50,9 +50,12 @@ def test_vanilla_matches_transformers_forward_and_generate(family, loaded, refer
     assert torch.allclose(logits(lvlm, inputs, pruning), expected, atol=1e-5)
     result = generate(lvlm, inputs, pruning, max_tokens=12)
     assert result.generated_tokens == expected_tokens.shape[1] - inputs["input_ids"].shape[1]
-    assert result.text == lvlm.processor.tokenizer.decode(
-        expected_tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-    ).strip()
+    assert (
+        result.text
+        == lvlm.processor.tokenizer.decode(
+            expected_tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        ).strip()
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -119,8 +122,9 @@ def test_cached_decoding_equals_a_pruned_prefill_of_the_same_tokens(family, load
     ids = inputs["input_ids"][0]
     settings = PruneSettings(method="random", k=8, layer=2, seed=3)
     with torch.inference_mode(), lvlm.decoder.pruning(plan(lvlm, ids, settings)):
-        generated = lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
-                                        return_dict_in_generate=True)
+        generated = lvlm.model.generate(
+            **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     sequence = generated.sequences
     assert sequence.shape[1] == ids.numel() + 6
     whole = dict(inputs, input_ids=sequence, attention_mask=torch.ones_like(sequence))
@@ -198,6 +202,7 @@ def test_methods_before_the_llm_prune_every_layer(method, kept_per_image, loaded
     assert [cache.get_seq_length(i) for i in range(lvlm.num_layers)] == [text + kept_per_image] * lvlm.num_layers
     result = generate(lvlm, inputs, plan(lvlm, ids, PruneSettings(method=method, k=8)), max_tokens=4)
     assert (result.visual_tokens, result.kept_tokens) == (64, kept_per_image)
+
     def per_layer(v, d=64, m=128):  # Eq. 7's layer term on the tiny model
         return 4 * v * d * d + 2 * v * v * d + 3 * v * d * m
 

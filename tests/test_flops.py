@@ -29,9 +29,9 @@ def test_llava_1_5_7b_vanilla_and_pruned_match_the_paper():
 def test_schedules_and_the_ratio_eq_8():
     stages = flops.pruning_schedule(10, 100, [(2, 50), (6, 20)])
     assert stages == [flops.Stage(2, 100), flops.Stage(4, 50), flops.Stage(4, 20)]
-    expected = (2 * flops.layer_flops(100, 8, 16) + 4 * flops.layer_flops(50, 8, 16) + 4 * flops.layer_flops(20, 8, 16)) / (
-        10 * flops.layer_flops(100, 8, 16)
-    )
+    expected = (
+        2 * flops.layer_flops(100, 8, 16) + 4 * flops.layer_flops(50, 8, 16) + 4 * flops.layer_flops(20, 8, 16)
+    ) / (10 * flops.layer_flops(100, 8, 16))
     assert flops.flops_ratio(stages, 100, 8, 16) == pytest.approx(expected)
     assert flops.single_prune(10, 100, 500, 2) == [flops.Stage(10, 100)]  # k >= v: nothing pruned
 
@@ -74,8 +74,14 @@ def test_flops_takes_k_and_layer_from_the_preset(preset, stages):
 def test_flops_from_a_local_config(llava_path):
     result = runner.invoke(app, ["flops", "-m", str(llava_path), "--k", "16", "--layer", "1", "--json", "--gqa"])
     data = json.loads(result.stdout)
-    assert data["architecture"] == {"layers": 4, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2,
-                                    "visual_tokens": 64}
+    assert data["architecture"] == {
+        "layers": 4,
+        "hidden": 64,
+        "intermediate": 128,
+        "heads": 4,
+        "kv_heads": 2,
+        "visual_tokens": 64,
+    }
     expected = flops.layer_flops(64, 64, 128, 0.5) + 3 * flops.layer_flops(16, 64, 128, 0.5)
     assert data["tflops"] * 1e12 == pytest.approx(expected)
 

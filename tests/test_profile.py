@@ -27,8 +27,18 @@ def test_profile_table_has_every_column(llava_path):
     result = asap("profile", "-m", llava_path, "-k", 16, "--threads", 1, *FAST)
     assert result.exit_code == 0, result.output
     header = result.stdout
-    for column in ("method", "tokens", "TFLOPs", "FLOPs %", "prompt %", "KV MB", "CPU peak MB", "prefill CPU ms",
-                   "time %", "decode tok/s"):
+    for column in (
+        "method",
+        "tokens",
+        "TFLOPs",
+        "FLOPs %",
+        "prompt %",
+        "KV MB",
+        "CPU peak MB",
+        "prefill CPU ms",
+        "time %",
+        "decode tok/s",
+    ):
         assert column in header
     rows = {line.split("│")[1].strip() for line in header.splitlines() if line.startswith("│")}
     assert rows == {"vanilla", "fastv", "asap"}
@@ -40,7 +50,11 @@ def test_profile_json_is_one_object_per_method_and_budget(llava_path):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["method"], r["k"]) for r in records] == [
-        ("vanilla", None), ("random", 16), ("random", 8), ("asap", 16), ("asap", 8)
+        ("vanilla", None),
+        ("random", 16),
+        ("random", 8),
+        ("asap", 16),
+        ("asap", 8),
     ]
     prompt = records[0]["prompt_tokens"]
     # 4 layers, 2 key/value heads of 16 dims, float32: keys and values of every cached token.

@@ -83,8 +83,12 @@ def test_a_near_miss_is_absent_but_shares_colour_and_kind_with_the_scene():
         assert question.answer == "no" and (colour, kind) not in {(s.colour, s.kind) for s in scene.sprites}
         colours, kinds = {s.colour for s in scene.sprites}, {s.kind for s in scene.sprites}
         assert colour in colours or kind in kinds
-        if any(c in colours and k in kinds for c in scenes.COLOURS for k in scenes.KINDS
-               if (c, k) not in {(s.colour, s.kind) for s in scene.sprites}):
+        if any(
+            c in colours and k in kinds
+            for c in scenes.COLOURS
+            for k in scenes.KINDS
+            if (c, k) not in {(s.colour, s.kind) for s in scene.sprites}
+        ):
             assert colour in colours and kind in kinds  # both, where the scene allows it
 
 
