@@ -59,6 +59,12 @@ def test_vanilla_and_asap_agree_when_nothing_is_pruned(llava_path, image_file):
     assert answers[0] == answers[1]
 
 
+def test_vanilla_summary_names_no_budget(llava_path, image_file):
+    result = asap("run", image_file, "what?", "-m", llava_path, "--method", "vanilla", "--max-tokens", 2)
+    assert result.exit_code == 0, result.output
+    assert "vanilla: all 64 visual tokens kept (no pruning)" in result.stderr and "k=" not in result.stderr
+
+
 @pytest.fixture
 def corrupt_image(tmp_path):
     path = tmp_path / "broken.png"
