@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from . import figures
 from .demo import scenes
 from .errors import AsapError
 from .generation import PruneSettings, batch_plans, generate_batch, on_model, plan
-from .inputs import build_batch_inputs, build_inputs, load_image, user_message
+from .inputs import build_batch_inputs, load_image
 from .loading import Loaded
 
 ALL = "all"  # the question type of items that name none
@@ -164,7 +164,8 @@ def attention_profile(
     FastV's settings score under the causal mask, ASAP's under SG-BiMask."""
     masks = {"causal": "fastv", "sg_bimask": "asap"}
     sums = {mask: torch.zeros(()) for mask in masks}
-    for _, inputs in _prepared(loaded, items):
+    for item in items:
+        inputs = build_batch_inputs(loaded.processor, [(item.question, item.picture())])
         everything = inputs["input_ids"].shape[1]
         for mask, method in masks.items():
             settings = PruneSettings(method, k=everything, layer=layer, score_queries="last", lambda_max=lambda_max)
@@ -180,8 +181,3 @@ def attention_profile(
 def _per_row(importance: torch.Tensor) -> torch.Tensor:
     grid, skip = figures.token_grid(importance.numel())
     return importance[skip:].float().cpu().reshape(grid, grid).sum(dim=1)
-
-
-def _prepared(loaded: Loaded, items: list[Item]) -> Iterator[tuple[Item, dict]]:
-    for item in items:
-        yield item, build_inputs(loaded.processor, [user_message(item.question, 1)], [item.picture()])

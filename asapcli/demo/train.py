@@ -140,7 +140,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int = 100, decay_s
     if step > decay_steps:
         return 0.1 * peak * (steps - step) / max(1, steps - decay_steps)
     progress = (step - warmup) / max(1, decay_steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def main() -> None:
