@@ -162,9 +162,10 @@ def _json_record(loaded, settings: PruneSettings, image: Path, prompt: str, resu
 
 
 def summary(settings: PruneSettings, result: GenerationResult) -> str:
-    head = f"{settings.method} k={settings.k} L={result.layer}: "
-    if settings.method == "vanilla":  # k and L mean nothing to it
-        head, kept = "vanilla: ", f"all {result.visual_tokens} visual tokens kept (no pruning)"
+    vanilla = settings.method == "vanilla"
+    head = "vanilla: " if vanilla else f"{settings.method} k={settings.k} L={result.layer}: "  # k, L mean nothing to it
+    if vanilla:
+        kept = f"all {result.visual_tokens} visual tokens kept (no pruning)"
     elif not result.pruned:
         kept = f"k >= {result.visual_tokens} visual tokens, nothing pruned"
     else:

@@ -33,6 +33,7 @@ COLOURS = {
 QUESTION_TYPES = ("colour", "shape", "exists", "position")
 EVAL_SEED = 1_000_000  # the held-out questions: a stream no training step draws from
 MAX_SPRITES = 5
+CORNERS = range(0, SIZE - SPRITE + 1, PATCH)  # where a sprite's top-left corner may sit, on either axis
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,12 @@ class Sprite:
 
     @property
     def top(self) -> bool:
-        """Centre in the upper half of the image."""
-        return self.y + SPRITE / 2 < SIZE / 2
+        return in_top_half(self.y)
+
+
+def in_top_half(y: int) -> bool:
+    """Whether a sprite whose top edge is at row y has its centre in the upper half of the image."""
+    return y + SPRITE / 2 < SIZE / 2
 
 
 @dataclass(frozen=True)
@@ -114,18 +119,26 @@ def _draw(draw: ImageDraw.ImageDraw, sprite: Sprite) -> None:
 
 def make_scene(rng: random.Random, min_sprites: int = 0) -> Scene:
     """A scene with min_sprites..5 non-overlapping sprites on the 4 px patch grid."""
-    background = tuple(rng.randint(90, 170) for _ in range(3))
-    noise = rng.choice((0.0, 0.0, 0.1, 0.2))
-    count = rng.randint(min_sprites, MAX_SPRITES)
-    sprites: list[Sprite] = []
-    for _ in range(count * 20):  # rejection sampling for non-overlapping places
+    background, noise = _backdrop(rng)
+    sprites = _place(rng, [], rng.randint(min_sprites, MAX_SPRITES), CORNERS, KINDS)
+    return Scene(seed=rng.getrandbits(32), background=background, noise=noise, sprites=tuple(sprites))
+
+
+def _backdrop(rng: random.Random) -> tuple[tuple[int, int, int], float]:
+    """A background colour and noise weight."""
+    return tuple(rng.randint(90, 170) for _ in range(3)), rng.choice((0.0, 0.0, 0.1, 0.2))
+
+
+def _place(rng: random.Random, sprites: list[Sprite], count: int, rows, kinds) -> list[Sprite]:
+    """`sprites` with sprites of `kinds` added until there are `count`, each apart from the
+    others with its top edge in `rows` (rejection sampling: 20 tries a sprite, then fewer)."""
+    for _ in range(count * 20):
         if len(sprites) == count:
             break
-        x = rng.randrange(0, SIZE - SPRITE + 1, PATCH)
-        y = rng.randrange(0, SIZE - SPRITE + 1, PATCH)
+        x, y = rng.choice(CORNERS), rng.choice(rows)
         if all(abs(x - other.x) >= SPRITE or abs(y - other.y) >= SPRITE for other in sprites):
-            sprites.append(Sprite(rng.choice(KINDS), rng.choice(list(COLOURS)), x, y))
-    return Scene(seed=rng.getrandbits(32), background=background, noise=noise, sprites=tuple(sprites))
+            sprites.append(Sprite(rng.choice(kinds), rng.choice(list(COLOURS)), x, y))
+    return sprites
 
 
 def ask(scene: Scene, question_type: str, rng: random.Random) -> Question | None:
@@ -201,28 +214,16 @@ ODD_ONE_OUT = 0.25
 def odd_one_out(rng: random.Random) -> tuple[Scene, Sprite]:
     """A scene where one sprite, the only one of its kind, is alone in its half of the image
     and 1-4 others fill the other half; and that sprite. The model learned to answer "is the
-    car at the top?" with the half most objects are in (63% right on such held-out scenes,
-    100% where all objects share a half), and uniform placement makes these scenes rare."""
-    background = tuple(rng.randint(90, 170) for _ in range(3))
-    noise = rng.choice((0.0, 0.0, 0.1, 0.2))
-    middle = SIZE // 2 - SPRITE // 2  # the first y whose sprite centre is in the bottom half
-    top_rows, bottom_rows = range(0, middle, PATCH), range(middle, SIZE - SPRITE + 1, PATCH)
+    car at the top?" with the half most objects are in (at step 17,500: 63% right on such
+    held-out scenes, 100% where all objects share a half), and uniform placement makes these
+    scenes rare."""
+    background, noise = _backdrop(rng)
     lone_on_top = rng.random() < 0.5
-    lone = Sprite(
-        rng.choice(KINDS),
-        rng.choice(list(COLOURS)),
-        rng.randrange(0, SIZE - SPRITE + 1, PATCH),
-        rng.choice(top_rows if lone_on_top else bottom_rows),
-    )
-    sprites = [lone]
-    count = rng.randint(2, MAX_SPRITES)
-    for _ in range(count * 20):  # rejection sampling for non-overlapping places, as make_scene
-        if len(sprites) == count:
-            break
-        x, y = rng.randrange(0, SIZE - SPRITE + 1, PATCH), rng.choice(bottom_rows if lone_on_top else top_rows)
-        if all(abs(x - other.x) >= SPRITE or abs(y - other.y) >= SPRITE for other in sprites):
-            kind = rng.choice([kind for kind in KINDS if kind != lone.kind])
-            sprites.append(Sprite(kind, rng.choice(list(COLOURS)), x, y))
+    lone_rows = [y for y in CORNERS if in_top_half(y) == lone_on_top]
+    other_rows = [y for y in CORNERS if in_top_half(y) != lone_on_top]
+    lone = Sprite(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(CORNERS), rng.choice(lone_rows))
+    other_kinds = [kind for kind in KINDS if kind != lone.kind]
+    sprites = _place(rng, [lone], rng.randint(2, MAX_SPRITES), other_rows, other_kinds)
     rng.shuffle(sprites)
     return Scene(seed=rng.getrandbits(32), background=background, noise=noise, sprites=tuple(sprites)), lone
 
