@@ -207,38 +207,42 @@ def near_miss(scene: Scene, rng: random.Random) -> Question | None:
     return Question(scene, "exists", f"is there a {colour} {kind}?", "no")
 
 
-ODD_ONE_OUT = 0.25
-# Share of training scenes built by `odd_one_out` (from step 17,500 on).
+OUTNUMBERED = 0.4
+# Share of training scenes built by `outnumbered`: from step 20,800 on. Steps 17,500-20,800 had
+# a quarter of them, all with the asked sprite alone in its half.
 
 
-def odd_one_out(rng: random.Random) -> tuple[Scene, Sprite]:
-    """A scene where one sprite, the only one of its kind, is alone in its half of the image
-    and 1-4 others fill the other half; and that sprite. The model learned to answer "is the
-    car at the top?" with the half most objects are in (at step 17,500: 63% right on such
-    held-out scenes, 100% where all objects share a half), and uniform placement makes these
-    scenes rare."""
+def outnumbered(rng: random.Random) -> tuple[Scene, Sprite]:
+    """A scene where one sprite, the only one of its kind, shares its half of the image with no
+    more sprites than fill the other half (most often with none), and that sprite. The model
+    learned to answer "is the car at the top?" with the half most objects are in (at step
+    17,500: 63% right on such held-out scenes, 100% where all objects share a half), and
+    uniform placement makes these scenes rare."""
     background, noise = _backdrop(rng)
-    lone_on_top = rng.random() < 0.5
-    lone_rows = [y for y in CORNERS if in_top_half(y) == lone_on_top]
-    other_rows = [y for y in CORNERS if in_top_half(y) != lone_on_top]
-    lone = Sprite(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(CORNERS), rng.choice(lone_rows))
-    other_kinds = [kind for kind in KINDS if kind != lone.kind]
-    sprites = _place(rng, [lone], rng.randint(2, MAX_SPRITES), other_rows, other_kinds)
+    on_top = rng.random() < 0.5
+    own_rows = [y for y in CORNERS if in_top_half(y) == on_top]
+    other_rows = [y for y in CORNERS if in_top_half(y) != on_top]
+    asked = Sprite(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(CORNERS), rng.choice(own_rows))
+    other_kinds = [kind for kind in KINDS if kind != asked.kind]
+    others = rng.randint(1, MAX_SPRITES - 1)
+    beside = rng.randint(0, (others - 1) // 2)  # so that its half, itself counted, is never the larger
+    sprites = _place(rng, [asked], 1 + beside, own_rows, other_kinds)
+    sprites = _place(rng, sprites, 1 + others, other_rows, other_kinds)
     rng.shuffle(sprites)
-    return Scene(seed=rng.getrandbits(32), background=background, noise=noise, sprites=tuple(sprites)), lone
+    return Scene(seed=rng.getrandbits(32), background=background, noise=noise, sprites=tuple(sprites)), asked
 
 
 def scene_questions(seed: int, count: int) -> list[list[Question]]:
     """`count` scenes, each with distinct questions of every type it can answer (up to
-    TRAINING_MIX of each, a near miss, and in an odd one out the lone sprite's position) in a
-    shuffled order: several answers per image for the price of one image in training."""
+    TRAINING_MIX of each, a near miss, and in an outnumbered scene the outnumbered sprite's
+    position) in a shuffled order: several answers per image for the price of one image."""
     rng = random.Random(seed)
     result = []
     while len(result) < count:
         asked: dict[str, Question] = {}
-        if rng.random() < ODD_ONE_OUT:
-            scene, lone = odd_one_out(rng)
-            question = position_question(scene, lone)
+        if rng.random() < OUTNUMBERED:
+            scene, sprite = outnumbered(rng)
+            question = position_question(scene, sprite)
             asked[question.text] = question
         else:
             scene = make_scene(rng, min_sprites=1)
