@@ -162,16 +162,16 @@ def _json_record(loaded, settings: PruneSettings, image: Path, prompt: str, resu
 
 
 def summary(settings: PruneSettings, result: GenerationResult) -> str:
-    vanilla = settings.method == "vanilla"
-    head = "vanilla: " if vanilla else f"{settings.method} k={settings.k} L={result.layer}: "  # k, L mean nothing to it
-    if vanilla:
-        kept = f"all {result.visual_tokens} visual tokens kept (no pruning)"
-    elif not result.pruned:
-        kept = f"k >= {result.visual_tokens} visual tokens, nothing pruned"
+    if settings.method == "vanilla":  # k and L mean nothing to it
+        head, kept = "vanilla: ", f"all {result.visual_tokens} visual tokens kept (no pruning)"
     else:
-        kept = f"kept {result.kept_tokens}/{result.visual_tokens} visual tokens"
-        if result.merged_tokens:
-            kept += f" ({result.merged_tokens} merged and refilled)"
+        head = f"{settings.method} k={settings.k} L={result.layer}: "
+        if not result.pruned:
+            kept = f"k >= {result.visual_tokens} visual tokens, nothing pruned"
+        else:
+            kept = f"kept {result.kept_tokens}/{result.visual_tokens} visual tokens"
+            if result.merged_tokens:
+                kept += f" ({result.merged_tokens} merged and refilled)"
     return (
         f"{head}{kept}; FLOPs {result.flops_ratio:.1%} of vanilla; "
         f"prefill {result.prefill_seconds:.3f} s; decode {result.decode_tokens_per_second:.1f} tokens/s"

@@ -16,6 +16,7 @@ Questions ask about one object at a time and have one-word answers:
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -46,6 +47,11 @@ class Sprite:
     @property
     def top(self) -> bool:
         return in_top_half(self.y)
+
+    @property
+    def half(self) -> str:
+        """ "top" or "bottom": the half of the image its centre is in."""
+        return "top" if self.top else "bottom"
 
 
 def in_top_half(y: int) -> bool:
@@ -97,9 +103,7 @@ class Question:
     @property
     def region(self) -> str | None:
         """ "top" or "bottom": the half of the image the object asked about is in."""
-        if self.sprite is None:
-            return None
-        return "top" if self.sprite.top else "bottom"
+        return None if self.sprite is None else self.sprite.half
 
 
 def _draw(draw: ImageDraw.ImageDraw, sprite: Sprite) -> None:
@@ -129,7 +133,9 @@ def _backdrop(rng: random.Random) -> tuple[tuple[int, int, int], float]:
     return tuple(rng.randint(90, 170) for _ in range(3)), rng.choice((0.0, 0.0, 0.1, 0.2))
 
 
-def _place(rng: random.Random, sprites: list[Sprite], count: int, rows, kinds) -> list[Sprite]:
+def _place(
+    rng: random.Random, sprites: list[Sprite], count: int, rows: Sequence[int], kinds: Sequence[str]
+) -> list[Sprite]:
     """`sprites` with sprites of `kinds` added until there are `count`, each apart from the
     others with its top edge in `rows` (rejection sampling: 20 tries a sprite, then fewer)."""
     for _ in range(count * 20):
@@ -170,8 +176,7 @@ def ask(scene: Scene, question_type: str, rng: random.Random) -> Question | None
 
 
 def position_question(scene: Scene, sprite: Sprite) -> Question:
-    answer = "top" if sprite.top else "bottom"
-    return Question(scene, "position", f"is the {sprite.kind} at the top or the bottom?", answer, sprite)
+    return Question(scene, "position", f"is the {sprite.kind} at the top or the bottom?", sprite.half, sprite)
 
 
 def questions(seed: int, count: int, types: tuple[str, ...] = QUESTION_TYPES) -> list[Question]:
@@ -210,6 +215,8 @@ def near_miss(scene: Scene, rng: random.Random) -> Question | None:
 OUTNUMBERED = 0.4
 # Share of training scenes built by `outnumbered`: from step 20,800 on. Steps 17,500-20,800 had
 # a quarter of them, all with the asked sprite alone in its half.
+ROWS_IN_HALF = {top: [y for y in CORNERS if in_top_half(y) == top] for top in (True, False)}
+# Where a sprite's top edge may sit for it to be in the top (True) or the bottom half.
 
 
 def outnumbered(rng: random.Random) -> tuple[Scene, Sprite]:
@@ -220,14 +227,12 @@ def outnumbered(rng: random.Random) -> tuple[Scene, Sprite]:
     uniform placement makes these scenes rare."""
     background, noise = _backdrop(rng)
     on_top = rng.random() < 0.5
-    own_rows = [y for y in CORNERS if in_top_half(y) == on_top]
-    other_rows = [y for y in CORNERS if in_top_half(y) != on_top]
-    asked = Sprite(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(CORNERS), rng.choice(own_rows))
+    asked = Sprite(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(CORNERS), rng.choice(ROWS_IN_HALF[on_top]))
     other_kinds = [kind for kind in KINDS if kind != asked.kind]
     others = rng.randint(1, MAX_SPRITES - 1)
     beside = rng.randint(0, (others - 1) // 2)  # so that its half, itself counted, is never the larger
-    sprites = _place(rng, [asked], 1 + beside, own_rows, other_kinds)
-    sprites = _place(rng, sprites, 1 + others, other_rows, other_kinds)
+    sprites = _place(rng, [asked], 1 + beside, ROWS_IN_HALF[on_top], other_kinds)
+    sprites = _place(rng, sprites, 1 + others, ROWS_IN_HALF[not on_top], other_kinds)
     rng.shuffle(sprites)
     return Scene(seed=rng.getrandbits(32), background=background, noise=noise, sprites=tuple(sprites)), asked
 
