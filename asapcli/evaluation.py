@@ -159,8 +159,8 @@ def attention_profile(
     lambda_max: float | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> AttentionProfile:
-    """Scores every item's image at layer `layer`-1 without pruning anything (k = the whole
-    prompt) and averages the attention per image row. Needs a square grid of tokens per image.
+    """Scores every item's image at layer `layer`-1 without pruning anything (a score-only
+    plan) and averages the attention per image row. Needs a square grid of tokens per image.
     FastV's settings score under the causal mask, ASAP's under SG-BiMask."""
     masks = {"causal": "fastv", "sg_bimask": "asap"}
     sums = {mask: torch.zeros(()) for mask in masks}
@@ -169,7 +169,7 @@ def attention_profile(
         everything = inputs["input_ids"].shape[1]
         for mask, method in masks.items():
             settings = PruneSettings(method, k=everything, layer=layer, score_queries="last", lambda_max=lambda_max)
-            pruning = plan(loaded, inputs["input_ids"][0], settings)
+            pruning = replace(plan(loaded, inputs["input_ids"][0], settings), score_only=True)
             with torch.inference_mode(), loaded.decoder.pruning(pruning):
                 loaded.model(**on_model(loaded, inputs))
             sums[mask] = sums[mask] + _per_row(pruning.importance[0])

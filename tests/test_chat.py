@@ -3,6 +3,7 @@ with a single prefill of the whole dialogue, and what the cache holds after each
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,19 +96,12 @@ def test_chat_usage_errors(llava_path, image_file):
     assert result.exit_code == 2 and "pool prunes before the language model" in result.stderr
 
 
-def two_turns(lvlm, method, image):
-    session = ChatSession(lvlm, PruneSettings(method=method, k=K, layer=LAYER), max_tokens=5)
-    session.add_image("picture", image)
-    session.ask("what is in the picture?")
-    session.ask("and which colour?")
-    return session
-
-
 @pytest.fixture
-def replay_scores(monkeypatch):
-    """Records the SpanView each method's select() sees, and can replay the recorded importance:
-    a selection is scored by the prompt of the turn that brought the image, which a single
-    prefill of the whole dialogue (with more text after the image) cannot see."""
+def replay_selection(monkeypatch):
+    """Records the SpanView and budget of every select() call, and can replay them: a selection
+    is scored by the prompt of the turn that brought the image, which a single prefill of the
+    whole dialogue (with more text after the image) cannot see, and each image keeps the k that
+    was set when it came."""
     seen = []
     replay = []
 
@@ -116,8 +110,9 @@ def replay_scores(monkeypatch):
 
         def select(self, span, k):
             if replay:
-                span = replace(span, importance=replay.pop(0))
-            seen.append(span)
+                importance, k = replay.pop(0)
+                span = replace(span, importance=importance)
+            seen.append((span, k))
             return original(self, span, k)
 
         monkeypatch.setattr(METHODS[method_name], "select", select)
@@ -125,34 +120,80 @@ def replay_scores(monkeypatch):
     return install, seen, replay
 
 
+# Every order a user can take in `asap chat`: ("image", i) queues image i, ("ask", text) is a
+# turn, ("k", n) is /k n, ("reset",) is /reset.
+DIALOGUES = {
+    "text first, then an image": [("ask", "hello"), ("image", 0), ("ask", "what is in the picture?")],
+    "an image on turn 1": [("image", 0), ("ask", "what is in the picture?"), ("ask", "and which colour?")],
+    "an image on turn 2": [("ask", "hi"), ("image", 0), ("ask", "what is it?"), ("ask", "sure?")],
+    "an image on turn 3": [("ask", "hi"), ("ask", "ready?"), ("image", 1), ("ask", "what is it?")],
+    "two images in one turn": [("image", 0), ("image", 1), ("ask", "compare them"), ("ask", "sure?")],
+    "/k between images": [("image", 0), ("ask", "what?"), ("k", 8), ("image", 1), ("ask", "and this?")],
+    "kept whole, then pruned": [
+        ("k", 1000), ("image", 0), ("ask", "what?"), ("k", K), ("image", 1), ("ask", "and this?"),
+    ],
+    "/reset, then an image": [("image", 0), ("ask", "what?"), ("reset",), ("ask", "hi"), ("image", 1), ("ask", "so?")],
+}  # fmt: skip
+
+
+def play(session: ChatSession, images, dialogue) -> None:
+    for step, *argument in dialogue:
+        if step == "image":
+            session.add_image(f"image{argument[0]}", images[argument[0]])
+        elif step == "ask":
+            session.ask(argument[0])
+        elif step == "k":
+            session.set_k(argument[0])
+        else:
+            session.reset()
+
+
+@pytest.mark.parametrize("dialogue", DIALOGUES.values(), ids=DIALOGUES.keys())
 @pytest.mark.parametrize("method", ["vanilla", "fastv", "asap"])
-def test_two_turns_equal_one_pruned_prefill_of_the_dialogue(lvlm, images, method, replay_scores):
-    install, seen, replay = replay_scores
+def test_a_dialogue_equals_one_pruned_prefill_of_it(lvlm, images, method, dialogue, replay_selection):
+    install, seen, replay = replay_selection
     if method != "vanilla":
         install(method)
-    session = two_turns(lvlm, method, images[0])
+    session = ChatSession(lvlm, PruneSettings(method=method, k=K, layer=LAYER), max_tokens=5)
+    play(session, images, dialogue)
+    selections = len(_pruned_spans(session))  # those before a /reset are gone with their dialogue
+    del seen[: len(seen) - selections]
     messages = session.messages + [user_message("one more?", 0)]
     features = build_inputs(lvlm.processor, messages, session.images)
     ids = features["input_ids"]
 
     # The chat path: only what the cache has not seen goes through the model.
     cached = session._reuse_cache(ids[0].tolist())
-    assert cached > VISUAL
     chat_plan = PruningPlan(make_method(method), K, LAYER, spans=[])
     with torch.inference_mode(), lvlm.decoder.pruning(chat_plan):
         chat_logits = lvlm.model(input_ids=ids[:, cached:], past_key_values=session.cache, use_cache=True).logits
 
-    # The reference: the whole dialogue in one pruned prefill, its image scored as in turn 1.
-    replay.extend(span.importance for span in seen)
-    single_plan = PruningPlan(make_method(method), K, LAYER, spans=image_spans(ids[0], lvlm.image_token_id))
+    # The reference: the whole dialogue in one pruned prefill; the spans the chat pruned are
+    # pruned, each scored and budgeted as in its own turn; a span kept whole stays whole.
+    replay.extend((span.importance, k) for span, k in seen)
+    spans = image_spans(ids[0], lvlm.image_token_id)
+    pruned_spans = spans if method == "vanilla" else [spans[i] for i in _pruned_spans(session)]
+    single_plan = PruningPlan(make_method(method), K, LAYER, spans=pruned_spans)
     with torch.inference_mode(), lvlm.decoder.pruning(single_plan):
         single = lvlm.model(**on_model(lvlm, features), use_cache=True)
 
+    assert not replay  # every selection was replayed
     assert torch.allclose(chat_logits[0, -1], single.logits[0, -1], atol=1e-5)
     for chat_layer, single_layer in zip(session.cache.layers, single.past_key_values.layers, strict=True):
         assert chat_layer.keys.shape == single_layer.keys.shape
         assert torch.allclose(chat_layer.keys, single_layer.keys, atol=1e-5)
         assert torch.allclose(chat_layer.values, single_layer.values, atol=1e-5)
+
+
+def _pruned_spans(session: ChatSession) -> list[int]:
+    """Which of the dialogue's images (in order) the chat pruned."""
+    pruned, index = [], 0
+    for turn in session.turns:
+        for _ in turn.images:
+            if turn.result.pruned:
+                pruned.append(index)
+            index += 1
+    return pruned
 
 
 def test_turn_two_feeds_only_what_the_cache_has_not_seen(lvlm, images):
@@ -221,3 +262,18 @@ def test_vanilla_chat_with_two_llava_next_images_equals_transformers(llava_next_
     with torch.inference_mode():
         expected = reference(**features).logits
     assert torch.allclose(chat_logits[0, -1], expected[0, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["asap", "fastv"])
+def test_pruning_into_a_cache_no_earlier_prefill_pruned_through_the_cli(method):
+    """The bundled model: a text-only first turn, or an image kept whole, then an image pruned."""
+    car = Path(__file__).parent.parent / "examples" / "car.png"
+    text_first = chat("--method", method, "--max-tokens", 3, input=f"hello\n/image {car}\nwhat colour is the car?\n")
+    assert text_first.exit_code == 0, text_first.output
+    assert text_first.stdout.splitlines()[-1] == "red"
+    kept_whole = chat(
+        car, "--method", method, "-k", 1000, "--max-tokens", 3,
+        input=f"what colour is the car?\n/k 128\n/image {car}\nwhat colour is the car?\n",
+    )  # fmt: skip
+    assert kept_whole.exit_code == 0, kept_whole.output
+    assert kept_whole.stdout.splitlines() == ["red", "red"]

@@ -1,17 +1,21 @@
 """The pruned decoder inside real (tiny) transformers LVLMs, against transformers' own forward
 and generate(), and the shape of the KV cache it leaves behind."""
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, DynamicCache
 
-from asapcli.engine import image_spans
+from asapcli.engine import METHODS, image_spans
 from asapcli.errors import UsageError
 from asapcli.generation import PruneSettings, generate, plan
-from asapcli.inputs import build_inputs, user_message
+from asapcli.inputs import build_inputs, load_image, user_message
 from asapcli.loading import load
 
 FAMILIES = ["llava", "llava-next"]
+CAR = Path(__file__).parent.parent / "examples" / "car.png"
 
 
 @pytest.fixture(scope="module")
@@ -58,26 +62,67 @@ def test_vanilla_matches_transformers_forward_and_generate(family, loaded, refer
     )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_asap_with_nothing_to_prune_and_vanishing_lambda_is_vanilla(family, loaded, reference, images):
-    lvlm, ref = loaded[family], reference[family]
-    inputs = two_image_inputs(lvlm, images)
-    pruning = plan(lvlm, inputs["input_ids"][0], PruneSettings(method="asap", k=10_000, lambda_max=1e-12))
+@pytest.fixture(scope="module")
+def demo():
+    """The bundled demo model (trained: its attention logits are large enough that any leak
+    through SG-BiMask shows) and transformers' own copy of it, on the example image."""
+    lvlm = load("demo", device="cpu")
+    reference = AutoModelForImageTextToText.from_pretrained(lvlm.preset.bundled_path()).eval()
+    inputs = build_inputs(lvlm.processor, [user_message("what colour is the car?", 1)], [load_image(CAR)])
+    return lvlm, reference, inputs
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_budget_at_or_above_the_image_is_vanilla_bit_for_bit(method, demo):
+    """Nothing to prune means nothing changed: no SG-BiMask in layers 0..L-1 either (its ln(eps)
+    floor alone moves the demo model's logits by about 1.5, whatever lambda_max)."""
+    lvlm, reference, inputs = demo
     with torch.inference_mode():
-        expected = ref(**inputs).logits
-        expected_tokens = ref.generate(**inputs, max_new_tokens=12, do_sample=False)
-    assert torch.allclose(logits(lvlm, inputs, pruning), expected, atol=1e-5)
-    with torch.inference_mode(), lvlm.decoder.pruning(pruning):
-        tokens = lvlm.model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    assert torch.equal(tokens, expected_tokens)
+        expected = reference(**inputs).logits
+        expected_tokens = reference.generate(**inputs, max_new_tokens=6, do_sample=False)
+    for k, lambda_max in [(576, 1.0), (10_000, 1e-12)]:
+        settings = PruneSettings(method=method, k=k, lambda_max=lambda_max if method.startswith("asap") else None)
+        pruning = plan(lvlm, inputs["input_ids"][0], settings)
+        assert torch.equal(logits(lvlm, inputs, pruning), expected)
+        with torch.inference_mode(), lvlm.decoder.pruning(pruning):
+            assert torch.equal(lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False), expected_tokens)
+        assert pruning.kept == [] and pruning.importance == []
+
+
+def test_only_the_spans_a_budget_shrinks_get_sg_bimask(loaded, images):
+    """LLaVA-NeXT tiles two images into different token counts: at a k between them, the smaller
+    image runs as vanilla to the bit in the layers before L, the larger is changed by SG-BiMask
+    there and pruned."""
+    lvlm = loaded["llava-next"]
+    inputs = two_image_inputs(lvlm, images)
+    ids = inputs["input_ids"][0]
+    small, large = sorted(image_spans(ids, lvlm.image_token_id), key=lambda span: span[1] - span[0])
+    assert small[1] - small[0] < large[1] - large[0]
+    pruning = plan(lvlm, ids, PruneSettings(method="asap", k=small[1] - small[0], layer=2))
+    cache, plain = (DynamicCache(config=lvlm.model.config.get_text_config()) for _ in range(2))
+    logits(lvlm, inputs, pruning, cache)
+    logits(lvlm, inputs, None, plain)
+    keys, plain_keys = cache.layers[1].keys, plain.layers[1].keys  # computed from layer 0's output
+    assert torch.equal(keys[:, :, small[0] : small[1]], plain_keys[:, :, small[0] : small[1]])
+    assert not torch.allclose(keys[:, :, large[0] : large[1]], plain_keys[:, :, large[0] : large[1]], atol=1e-4)
+    assert [len(kept) for kept in pruning.kept] == [small[1] - small[0]]
 
 
 def test_sg_bimask_changes_the_forward_pass_of_layers_before_l(loaded, images):
-    """SG-BiMask is part of the forward pass (paper C.1), not only of the scoring."""
+    """SG-BiMask is part of the forward pass (paper C.1), not only of the scoring: the image's
+    states in layers 0..L-1 differ from FastV's causal ones; the text before it does not."""
     lvlm = loaded["llava"]
     inputs = two_image_inputs(lvlm, images)
-    soft = plan(lvlm, inputs["input_ids"][0], PruneSettings(method="asap", k=10_000, lambda_max=1.0))
-    assert not torch.allclose(logits(lvlm, inputs, soft), logits(lvlm, inputs), atol=1e-4)
+    ids = inputs["input_ids"][0]
+    first = image_spans(ids, lvlm.image_token_id)[0]
+    caches = {}
+    for method in ("fastv", "asap-bimask-only"):
+        caches[method] = DynamicCache(config=lvlm.model.config.get_text_config())
+        logits(lvlm, inputs, plan(lvlm, ids, PruneSettings(method=method, k=8, layer=3)), caches[method])
+    for layer in (1, 2):  # inputs computed by layers 0 and 1, both before L = 3
+        causal, soft = caches["fastv"].layers[layer].values, caches["asap-bimask-only"].layers[layer].values
+        assert torch.equal(causal[:, :, : first[0]], soft[:, :, : first[0]])
+        assert not torch.allclose(causal[:, :, first[0] : first[1]], soft[:, :, first[0] : first[1]], atol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -50,7 +50,9 @@ class UnsupportedModel(AsapError):
 @dataclass
 class PruningPlan:
     """What to prune in the next prefill: `spans` are [start, end) positions of image tokens in the
-    whole token sequence. `layer` is L: layers 0..L-1 see every token. The decoder appends to
+    whole token sequence. `layer` is L: layers 0..L-1 see every token. A span the method would
+    not shrink at budget k (k >= its tokens) runs exactly as vanilla: no SG-BiMask, no scoring,
+    unless `score_only` asks for the scores (attention figures). The decoder appends to
     `kept` the absolute positions it kept for each span it pruned, and to `importance` the
     attention each span's tokens received at layer L-1 when the method scores them (outputs,
     for reporting)."""
@@ -62,6 +64,7 @@ class PruningPlan:
     kept: list[torch.Tensor] = field(default_factory=list)
     importance: list[torch.Tensor] = field(default_factory=list)
     merged: int = 0
+    score_only: bool = False  # score every span at layer L-1 as the method would, prune none
 
 
 class PrunePass:
@@ -80,6 +83,7 @@ class PrunePass:
             for row, plan in enumerate(plans)
             for start, end in plan.spans
             if chunk_start <= start and end <= chunk_start + chunk_len
+            and (plan.score_only or plan.method.kept_count(end - start, plan.k) < end - start)
         ]
         self.scores: dict[int, dict[str, torch.Tensor | None]] = {}
 
@@ -104,8 +108,8 @@ class PrunePass:
             plan, scores = self.plans[row], self.scores.get(index, {})
             if scores.get("importance") is not None:
                 plan.importance.append(scores["importance"][0])
-            if self.k >= span.stop - span.start:
-                continue  # nothing to prune in this span
+            if plan.score_only:
+                continue
             view = SpanView(
                 start=self._unpadded(row, span.start + chunk_start),
                 hidden=hidden[row, span],
@@ -243,10 +247,11 @@ class PrunedDecoder(nn.Module):
                 rope_positions = _gather_positions(rope_positions, keep)
                 position_ids = _gather_positions(position_ids, keep) if position_ids is not None else None
                 position_embeddings = decoder.rotary_emb(hidden, rope_positions)
-            # Layers hold different cache lengths after pruning: a mask per distinct length.
+            # Layers hold different cache lengths after pruning, and the queries shrink at layer
+            # L: a mask per distinct (cached keys, queries, padding) shape.
             kv_len = past_key_values.get_seq_length(index) if past_key_values is not None else 0
             pruned = self.pruned_from is not None and index >= self.pruned_from
-            if mask_key != (kv_len, pruned):
+            if mask_key != (kv_len, hidden.shape[1], pruned):
                 mask = create_causal_mask(
                     config=config,
                     inputs_embeds=hidden,
@@ -257,7 +262,7 @@ class PrunedDecoder(nn.Module):
                     position_ids=None,
                     layer_idx=index,
                 )
-                mask_key = (kv_len, pruned)
+                mask_key = (kv_len, hidden.shape[1], pruned)
             hidden = layer(
                 hidden,
                 attention_mask=mask,
