@@ -6,8 +6,12 @@ import json
 import os
 import sys
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from .generation import GenerationResult
 
 # Spinners, progress and warnings go to stderr; colour only on a terminal. `out` is for the
 # result a command exists to show (a table), `err` for everything around it.
@@ -47,3 +51,14 @@ def flop_unit(flop_count: float) -> tuple[str, float]:
         if flop_count >= 0.1 * scale:
             return name, scale
     return "MFLOPs", 1e6
+
+
+def speeds(result: GenerationResult) -> str:
+    """How fast one generation ran, saying what a figure includes; no decode rate over too few
+    tokens to mean anything."""
+    prefill = f"prefill {result.prefill_seconds:.3f} s"
+    if result.cold:
+        prefill += " (first call: includes warm-up)"
+    if result.decode_tokens_per_second is None:
+        return f"{prefill}; decode not timed ({result.generated_tokens} tokens)"
+    return f"{prefill}; decode {result.decode_tokens_per_second:.1f} tokens/s"

@@ -78,6 +78,10 @@ def pruning_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> Pruni
     return PruningPlan(method=method, k=settings.k, layer=layer, spans=spans)
 
 
+# A decode rate over fewer tokens than this is mostly noise and per-call overhead: not reported.
+MIN_DECODE_TOKENS = 8
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -87,13 +91,14 @@ class GenerationResult:
     kept_tokens: int
     merged_tokens: int
     prefill_seconds: float
-    decode_tokens_per_second: float
+    decode_tokens_per_second: float | None  # None: fewer than MIN_DECODE_TOKENS decoded
     flops_ratio: float
     layer: int = 0  # L of the plan: 0 for methods that prune before the language model
     kept_positions: list[list[int]] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # the generated tokens, end-of-text included
     fed_tokens: int = 0  # prompt tokens this call prefilled (the rest came from the cache)
     stopped: bool = False  # cut short by `should_stop`
+    cold: bool = False  # the model's first generation: its times include one-time warm-up
 
     @property
     def pruned(self) -> bool:
@@ -108,6 +113,7 @@ class GenerationResult:
             "merged_tokens": self.merged_tokens,
             "flops_ratio": self.flops_ratio,
             "prefill_seconds": self.prefill_seconds,
+            "prefill_includes_warmup": self.cold,
             "tokens_per_second": self.decode_tokens_per_second,
             "generated_tokens": self.generated_tokens,
         }
@@ -157,13 +163,16 @@ class _Streamer(BaseStreamer):
 
 class _FirstToken(StoppingCriteria):
     """Notes when the first token is out (generate() checks stopping after every step): the end
-    of the prefill. Never stops anything."""
+    of the prefill, once the device has finished it (CUDA runs ahead of the host). Never stops
+    anything."""
 
     def __init__(self):
         self.at: float | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        self.at = self.at or time.perf_counter()
+        if self.at is None:
+            _synchronize(input_ids.device)
+            self.at = time.perf_counter()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -226,6 +235,7 @@ class _Clock:
     started: float
     first_token: float  # the end of the prefill
     finished: float
+    cold: bool  # the model's first generation
 
 
 def _generate(
@@ -263,7 +273,8 @@ def _generate(
         )
     _synchronize(model.device)
     finished = time.perf_counter()
-    return output, _Clock(started, first.at or finished, finished)
+    cold, loaded.warm = not loaded.warm, True
+    return output, _Clock(started, first.at or finished, finished, cold)
 
 
 def _result(
@@ -279,6 +290,7 @@ def _result(
     """The figures of one sequence: its prompt (`cached` tokens of it came from the cache,
     `padding` batch padding before it left out), its new tokens, its plan."""
     n_new = int(new_ids.numel())
+    decoded = n_new - 1  # the first token came with the prefill
     if pruning is None:
         visual = kept = sum(end - start for start, end in image_spans(prompt_ids, loaded.image_token_id))
     else:
@@ -293,13 +305,14 @@ def _result(
         kept_tokens=kept,
         merged_tokens=pruning.merged if pruning is not None else 0,
         prefill_seconds=clock.first_token - clock.started,
-        decode_tokens_per_second=(n_new - 1) / decoding if n_new > 1 and decoding > 0 else 0.0,
+        decode_tokens_per_second=decoded / decoding if decoded >= MIN_DECODE_TOKENS and decoding > 0 else None,
         flops_ratio=ratio,
         layer=pruning.layer if pruning is not None else 0,
         kept_positions=[(positions - padding).tolist() for positions in pruning.kept] if pruning is not None else [],
         token_ids=new_ids.tolist(),
         fed_tokens=int(prompt_ids.numel()) - cached,
         stopped=stopped,
+        cold=clock.cold,
     )
 
 

@@ -23,6 +23,7 @@ class Loaded:
     decoder: PrunedDecoder
     name: str
     preset: Preset | None
+    warm: bool = False  # a generation has run: later ones no longer pay one-time warm-up costs
 
     @property
     def image_token_id(self) -> int:

@@ -271,3 +271,19 @@ def test_divprune_equals_the_model_fed_only_the_kept_features(loaded, images):
         keep = torch.cat([torch.arange(start), pruning.kept[0], torch.arange(end, ids.numel())])
         reference = model(inputs_embeds=embeds[:, keep], position_ids=keep[None]).logits
     assert torch.allclose(pruned, reference, atol=1e-5)
+
+
+def test_timings_say_what_they_include(model_paths, images, monkeypatch):
+    lvlm = load(str(model_paths["llava"]), device="cpu")  # a fresh load: no generation yet
+    synchronized = []
+    monkeypatch.setattr("asapcli.generation._synchronize", synchronized.append)
+    monkeypatch.setattr(lvlm.model.generation_config, "eos_token_id", None)  # answers run to max_tokens
+    inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    settings = PruneSettings(method="asap", k=8)
+    first = generate(lvlm, inputs, plan(lvlm, inputs["input_ids"][0], settings), max_tokens=3)
+    # The device is synchronised before the clock starts, at the first token, and at the end.
+    assert synchronized == [lvlm.device] * 3
+    second = generate(lvlm, inputs, plan(lvlm, inputs["input_ids"][0], settings), max_tokens=12)
+    assert (first.cold, second.cold) == (True, False)
+    assert first.decode_tokens_per_second is None  # 2 decoded tokens
+    assert second.generated_tokens == 12 and second.decode_tokens_per_second > 0

@@ -126,10 +126,7 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
         result = turn.result
         line = summary(session.settings, result)
         if not result.visual_tokens:  # the turn brought no image: nothing to prune
-            line = (
-                f"{result.fed_tokens} new tokens prefilled in {result.prefill_seconds:.3f} s; "
-                f"decode {result.decode_tokens_per_second:.1f} tokens/s"
-            )
+            line = f"{result.fed_tokens} new tokens; {display.speeds(result)}"
         display.note(f"{line}; {turn.cached_tokens} tokens in cache")
 
 
@@ -207,7 +204,9 @@ def _stats_text(stats: dict) -> str:
     share = f" ({saved / 1e12 / stats['tflops_vanilla']:.1%} of the images' vanilla FLOPs)" if saved else ""
     speeds = "no turn yet"
     if stats["last_prefill_seconds"] is not None:
-        speeds = f"prefill {stats['last_prefill_seconds']:.3f} s, decode {stats['last_tokens_per_second']:.1f} tokens/s"
+        rate = stats["last_tokens_per_second"]
+        decode = "not timed" if rate is None else f"{rate:.1f} tokens/s"
+        speeds = f"prefill {stats['last_prefill_seconds']:.3f} s, decode {decode}"
     return "\n".join(
         [
             (

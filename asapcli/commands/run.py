@@ -172,7 +172,4 @@ def summary(settings: PruneSettings, result: GenerationResult) -> str:
             kept = f"kept {result.kept_tokens}/{result.visual_tokens} visual tokens"
             if result.merged_tokens:
                 kept += f" ({result.merged_tokens} merged and refilled)"
-    return (
-        f"{head}{kept}; FLOPs {result.flops_ratio:.1%} of vanilla; "
-        f"prefill {result.prefill_seconds:.3f} s; decode {result.decode_tokens_per_second:.1f} tokens/s"
-    )
+    return f"{head}{kept}; FLOPs {result.flops_ratio:.1%} of vanilla; {display.speeds(result)}"
