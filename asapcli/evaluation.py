@@ -106,9 +106,9 @@ class Score:
 def runs(methods: list[str], budgets: list[int], base: PruneSettings) -> list[PruneSettings]:
     """Table 1's rows: vanilla once (it keeps everything at any budget), then every pruning
     method at every budget, largest budget first."""
-    rows = [replace(base, method="vanilla")] if "vanilla" in methods else []
+    rows = [base.for_method("vanilla")] if "vanilla" in methods else []
     for k in sorted(set(budgets), reverse=True):
-        rows += [replace(base, method=method, k=k) for method in methods if method != "vanilla"]
+        rows += [base.for_method(method, k) for method in methods if method != "vanilla"]
     return rows
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import BatchFeature, DynamicCache, StoppingCriteria, StoppingCriteriaList
@@ -14,6 +14,9 @@ from transformers.generation.streamers import BaseStreamer
 from . import flops
 from .engine import METHODS, SCORE_QUERIES, SCORES, PruningPlan, image_spans, make_method
 from .errors import UsageError
+
+# Where kept tokens sit: at their own positions, or numbered afresh 0..M-1 (before-LLM methods).
+POSITIONS = ("original", "renumber")
 from .loading import Loaded
 
 
@@ -29,6 +32,13 @@ class PruneSettings:
     score_queries: str | None = None
     score: str | None = None
     seed: int = 0
+    positions: str = "original"
+
+    def for_method(self, method: str, k: int | None = None) -> PruneSettings:
+        """These settings for another method (and budget), as a comparison of several runs them:
+        --positions renumber stays with the methods that prune before the language model only."""
+        positions = self.positions if METHODS[method].before_llm else "original"
+        return replace(self, method=method, k=self.k if k is None else k, positions=positions)
 
     def check(self, num_layers: int | None = None) -> None:
         """Raise UsageError for a value out of range; the layer's upper bound needs the model."""
@@ -50,6 +60,14 @@ class PruneSettings:
             raise UsageError(f"score-queries must be one of {', '.join(SCORE_QUERIES)}, got {self.score_queries!r}")
         if self.score is not None and self.score not in SCORES:
             raise UsageError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.positions not in POSITIONS:
+            raise UsageError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if self.positions == "renumber" and not METHODS[self.method].before_llm:
+            early = ", ".join(name for name, method in METHODS.items() if method.before_llm)
+            raise UsageError(
+                f"--positions renumber is for methods that prune before the language model ({early}); "
+                f"{self.method} keeps original positions, as its reference code does"
+            )
 
 
 def plan(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings, since: int = 0) -> PruningPlan:
@@ -75,7 +93,7 @@ def pruning_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> Pruni
         seed=settings.seed,
     )
     layer = 0 if method.before_llm else settings.layer
-    return PruningPlan(method=method, k=settings.k, layer=layer, spans=spans)
+    return PruningPlan(method=method, k=settings.k, layer=layer, spans=spans, renumber=settings.positions == "renumber")
 
 
 # A decode rate over fewer tokens than this is mostly noise and per-call overhead: not reported.

@@ -26,15 +26,19 @@ def greedy(lvlm, inputs, plans):
 
 
 @pytest.mark.parametrize("family", ["llava", "llava-next"])
-@pytest.mark.parametrize("method", ["vanilla", "fastv", "random", "asap", "divprune"])
-def test_a_padded_batch_equals_its_samples_one_by_one(family, method, loaded, images):
+@pytest.mark.parametrize(
+    "method, positions",
+    [("vanilla", "original"), ("fastv", "original"), ("random", "original"), ("asap", "original"),
+     ("divprune", "original"), ("divprune", "renumber")],
+)  # fmt: skip
+def test_a_padded_batch_equals_its_samples_one_by_one(family, method, positions, loaded, images):
     """LLaVA-NeXT tiles the two images differently, so the rows keep different numbers of
     tokens before padding: the shorter row is left-filled with masked slots."""
     lvlm = loaded[family]
     processor = lvlm.processor
     texts = [processor.apply_chat_template([user_message(p, 1)], add_generation_prompt=True) for p in PROMPTS]
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
-    settings = PruneSettings(method=method, k=8, layer=2)
+    settings = PruneSettings(method=method, k=8, layer=2, positions=positions)
     plans = [plan(lvlm, row, settings) for row in batch["input_ids"]]
     batched = greedy(lvlm, batch, plans)
     assert (batch["attention_mask"] == 0).any()  # the batch really is padded

@@ -56,7 +56,7 @@ def test_k_at_least_the_visual_tokens_prunes_nothing_and_says_so(llava_path, ima
 
 def test_vanilla_and_asap_agree_when_nothing_is_pruned(llava_path, image_file):
     answers = []
-    for extra in (["--method", "vanilla"], ["--method", "asap", "-k", 1000, "--lambda-max", 1e-9]):
+    for extra in (["--method", "vanilla"], ["--method", "asap", "-k", 1000, "--lambda-max", 1.0]):
         result = asap("run", image_file, "what?", "-m", llava_path, "--json", "--max-tokens", 8, *extra)
         answers.append(json.loads(result.stdout)["answer"])
     assert answers[0] == answers[1]
@@ -179,3 +179,20 @@ def test_several_prompts_on_one_image_and_pairing_errors(llava_path, image_file)
     assert nothing.exit_code == 1 and "no image matches" in nothing.output
     kept = asap("run", image_file, image_file, "what?", "--save-kept", image_file.parent / "k.png", *common)
     assert kept.exit_code == 2 and "--save-kept draws one image" in kept.output
+
+
+def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path, image_file):
+    result = asap("run", image_file, "what?", "-m", llava_path, "--method", "fastv", "--positions", "renumber")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "Error: --positions renumber is for methods that prune before the language model (divprune, pool); "
+        "fastv keeps original positions, as its reference code does"
+    )
+    args = ["run", image_file, "what?", "-m", llava_path, "--method", "divprune", "-k", 8, "--json"]
+    result = asap(*args, "--positions", "renumber", "--max-tokens", 3)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["visual_tokens_after"] == 8
+    result = asap("eval", "--n", 4, "--methods", "fastv,divprune", "-k", 64, "--positions", "renumber", "--json")
+    assert result.exit_code == 0, result.output  # renumbers divprune, leaves fastv as it is
+    result = asap("eval", "--n", 4, "--methods", "fastv,asap", "--positions", "renumber")
+    assert result.exit_code == 2 and "for methods that prune before the language model" in result.stderr

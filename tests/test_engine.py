@@ -287,3 +287,59 @@ def test_timings_say_what_they_include(model_paths, images, monkeypatch):
     assert (first.cold, second.cold) == (True, False)
     assert first.decode_tokens_per_second is None  # 2 decoded tokens
     assert second.generated_tokens == 12 and second.decode_tokens_per_second > 0
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "demo"])
+def test_renumbered_divprune_is_the_model_fed_only_the_kept_features(family, loaded, reference, demo, images):
+    """Official DivPrune's pipeline: the kept features go into the model as a shorter prompt, so
+    positions run 0..M-1 and decoding goes on from M. transformers' own forward and generate()
+    on those embeddings are the reference, step by step."""
+    if family == "demo":
+        lvlm, ref, inputs = demo
+    else:
+        lvlm, ref = loaded[family], reference[family]
+        inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    ids = inputs["input_ids"][0]
+    settings = PruneSettings(method="divprune", k=8, positions="renumber")
+    with torch.inference_mode():
+        embeds = ref.get_input_embeddings()(inputs["input_ids"])
+        image_inputs = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+        features = torch.cat(ref.model.get_image_features(**image_inputs).pooler_output)
+        embeds[inputs["input_ids"] == lvlm.image_token_id] = features.reshape(-1, embeds.shape[-1])
+        pruning = plan(lvlm, ids, settings)
+        with lvlm.decoder.pruning(pruning):
+            steps = lvlm.model.generate(
+                **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+        start, end = image_spans(ids, lvlm.image_token_id)[0]
+        keep = torch.cat([torch.arange(start), pruning.kept[0], torch.arange(end, ids.numel())])
+        expected = ref.generate(
+            inputs_embeds=embeds[:, keep], max_new_tokens=6, do_sample=False, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    assert torch.equal(steps.sequences[0, ids.numel() :], expected.sequences[0])
+    for step, expected_logits in zip(steps.logits, expected.logits, strict=True):
+        assert torch.allclose(step, expected_logits, atol=1e-4)
+
+
+def test_renumbering_is_for_methods_that_prune_before_the_llm():
+    PruneSettings(method="pool", positions="renumber").check()
+    with pytest.raises(UsageError, match="--positions renumber is for methods that prune before the language model"):
+        PruneSettings(method="fastv", positions="renumber").check()
+    with pytest.raises(UsageError, match="positions must be one of original, renumber"):
+        PruneSettings(method="divprune", positions="shuffled").check()
+
+
+@pytest.mark.parametrize("queries, layer, same", [("last", 1, True), ("text", 1, True), ("all", 1, False), ("last", 2, False)])
+def test_sg_bimask_reaches_a_text_query_selection_only_through_earlier_layers(queries, layer, same, demo):
+    """Text rows are causal under either mask: at L = 1 (scored in layer 0, whose inputs no mask
+    has touched) SG-BiMask selects exactly as FastV does; image rows ('all') or L = 2 differ."""
+    lvlm, _, inputs = demo
+    chosen = {}
+    for method in ("fastv", "asap-bimask-only"):
+        pruning = plan(lvlm, inputs["input_ids"][0], PruneSettings(method, k=128, layer=layer, score_queries=queries))
+        logits(lvlm, inputs, pruning)
+        chosen[method] = pruning.kept[0], pruning.importance[0]
+    (fastv_kept, fastv_importance), (bimask_kept, bimask_importance) = chosen.values()
+    assert torch.equal(fastv_kept, bimask_kept) == same
+    assert torch.equal(fastv_importance, bimask_importance) == same

@@ -156,6 +156,16 @@ def test_asap_merges_no_more_tokens_than_the_pruned_pool_can_refill():
     assert anchor.tolist() == [0, 0, 0, 3, 4, 5]
 
 
+def test_the_merge_budget_goes_to_the_most_salient_anchor_first():
+    """Visiting order A, B, x, y (by saliency); A~y and B~x only. One merge allowed: A takes y,
+    although x is visited before y."""
+    a, b, x, y = [1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0.05, 0], [1, 0, 0, 0.05]
+    anchor = ops.consolidation_groups(_states(a, b, x, y), torch.tensor([1.0, 0.8, 0.6, 0.4]), 0.9, limit=1)
+    assert anchor.tolist() == [0, 1, 2, 0]
+    anchor = ops.consolidation_groups(_states(a, b, x, y), torch.tensor([1.0, 0.8, 0.6, 0.4]), 0.9, limit=2)
+    assert anchor.tolist() == [0, 1, 1, 0]
+
+
 def test_asap_select_without_merges_is_plain_top_k():
     torch.manual_seed(0)
     hidden = torch.nn.functional.one_hot(torch.arange(6)).float()  # all orthogonal

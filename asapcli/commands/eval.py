@@ -39,6 +39,7 @@ def eval_command(
     merge_threshold: options.MergeThreshold = None,
     score_queries: options.ScoreQueries = None,
     score: options.Score = None,
+    positions: options.Positions = "original",
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 10,
     batch: Annotated[
         int,
@@ -70,6 +71,7 @@ def eval_command(
 ) -> None:
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
     names = options.method_list(methods)
+    options.check_positions(names, positions)
     ks = options.budget_list(budgets)
     for path in (plot, attention_profile):
         if path is not None:
@@ -88,6 +90,7 @@ def eval_command(
         score_queries=score_queries,
         score=score,
         seed=seed,
+        positions=positions,
     )
     if ks is None:
         ks = list(loaded.preset.budgets) if loaded.preset and loaded.preset.budgets else [base.k]

@@ -51,6 +51,14 @@ Score = Annotated[
         "times the norm of its value vector (contribution, CAPA).",
     ),
 ]
+Positions = Annotated[
+    str,
+    typer.Option(
+        "--positions",
+        help="divprune, pool: kept tokens keep their own position ids (original, default) or are numbered "
+        "0..M-1 as a shorter prompt (renumber: official DivPrune's pipeline).",
+    ),
+]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[
     str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
@@ -89,6 +97,13 @@ def budget_list(text: str | None) -> list[int] | None:
             raise UsageError(f"k must be a whole number of at least 1, got {item!r}")
         budgets.append(int(item))
     return budgets
+
+
+def check_positions(methods: list[str], positions: str) -> None:
+    """--positions renumber with several methods applies to those that prune before the language
+    model; one of them at least must be in the list."""
+    if positions == "renumber" and not any(METHODS[name].before_llm for name in methods):
+        PruneSettings(method=methods[0], positions=positions).check()  # says which methods take it
 
 
 def _split(text: str, option: str) -> list[str]:

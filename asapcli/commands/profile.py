@@ -38,6 +38,7 @@ def profile(
     merge_threshold: options.MergeThreshold = None,
     score_queries: options.ScoreQueries = None,
     score: options.Score = None,
+    positions: options.Positions = "original",
     repeats: Annotated[
         int, typer.Option("--repeats", min=1, help="Timed rounds, one prefill per method each; the median is shown.")
     ] = 5,
@@ -61,6 +62,7 @@ def profile(
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
     names = options.method_list(methods)
+    options.check_positions(names, positions)
     ks = options.budget_list(budgets) or [None]
     check_prompt(prompt)
     picture = load_image(image) if image is not None else pattern_image()
@@ -70,18 +72,18 @@ def profile(
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
     batches = [build_batch_inputs(loaded.processor, [(prompt, picture)] * size) for size in sorted({1, batch})]
+    base = options.prune_settings(
+        loaded.preset,
+        layer=layer,
+        lambda_max=lambda_max,
+        merge_threshold=merge_threshold,
+        score_queries=score_queries,
+        score=score,
+        seed=seed,
+        positions=positions,
+    )
     runs = [
-        options.prune_settings(
-            loaded.preset,
-            method=name,
-            k=k,
-            layer=layer,
-            lambda_max=lambda_max,
-            merge_threshold=merge_threshold,
-            score_queries=score_queries,
-            score=score,
-            seed=seed,
-        )
+        base.for_method(name, k)
         for name in names
         for k in (ks[:1] if name == "vanilla" else ks)  # vanilla does not depend on k
     ]

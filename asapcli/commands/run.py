@@ -50,6 +50,7 @@ def run(
     merge_threshold: options.MergeThreshold = None,
     score_queries: options.ScoreQueries = None,
     score: options.Score = None,
+    positions: options.Positions = "original",
     max_tokens: options.MaxTokens = 128,
     temperature: options.Temperature = 0.0,
     seed: options.Seed = 0,
@@ -92,6 +93,7 @@ def run(
         score_queries=score_queries,
         score=score,
         seed=seed,
+        positions=positions,
     )
     settings_for().check()  # fail before a long load where the model is not needed to tell
 

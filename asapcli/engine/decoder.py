@@ -52,7 +52,9 @@ class PruningPlan:
     """What to prune in the next prefill: `spans` are [start, end) positions of image tokens in the
     whole token sequence. `layer` is L: layers 0..L-1 see every token. A span the method would
     not shrink at budget k (k >= its tokens) runs exactly as vanilla: no SG-BiMask, no scoring,
-    unless `score_only` asks for the scores (attention figures). The decoder appends to
+    unless `score_only` asks for the scores (attention figures). `renumber` (methods that prune
+    before the language model only) numbers the pruned sequence afresh, as a pipeline that feeds
+    the model fewer embeddings does (official DivPrune). The decoder appends to
     `kept` the absolute positions it kept for each span it pruned, and to `importance` the
     attention each span's tokens received at layer L-1 when the method scores them (outputs,
     for reporting)."""
@@ -65,6 +67,7 @@ class PruningPlan:
     importance: list[torch.Tensor] = field(default_factory=list)
     merged: int = 0
     score_only: bool = False  # score every span at layer L-1 as the method would, prune none
+    renumber: bool = False  # kept tokens take positions 0..M-1 (a shorter prompt) instead of their own
 
 
 class PrunePass:
@@ -159,6 +162,18 @@ def _first(scores: torch.Tensor | None) -> torch.Tensor | None:
     return None if scores is None else scores[0]
 
 
+@dataclass
+class _AfterPruning:
+    """What a pruning prefill leaves for the decoding steps of the same call. `padding`: which
+    tokens of the pruned layers' cache are real (rows padded to one length), (B, cached), from
+    layer `padding_from` on; None: all are. `position_shift` (B,): how far a renumbered row's
+    positions run behind the ones generate() counts from the whole prompt."""
+
+    padding_from: int | None = None
+    padding: torch.Tensor | None = None
+    position_shift: torch.Tensor | None = None
+
+
 class PrunedDecoder(nn.Module):
     """Runs the wrapped decoder's own layers, norm and rotary embedding, pruning between layer
     L-1 and L when a `PruningPlan` says so. Without a plan it is the plain causal decoder."""
@@ -167,10 +182,7 @@ class PrunedDecoder(nn.Module):
         super().__init__()
         self.decoder = decoder
         self.plans: list[PruningPlan] | None = None
-        # After a batched pruning prefill: which tokens of the pruned layers' cache are real
-        # (rows padded to one length), (B, cached) from layer `pruned_from` on; None: all are.
-        self.pruned_from: int | None = None
-        self.pruned_padding: torch.Tensor | None = None
+        self.after = _AfterPruning()
 
     @contextmanager
     def pruning(self, plan: PruningPlan | list[PruningPlan] | None) -> Iterator[PruningPlan | list[PruningPlan] | None]:
@@ -179,12 +191,12 @@ class PrunedDecoder(nn.Module):
         plans = [plan] if isinstance(plan, PruningPlan) else plan
         if plans and len({(p.method, p.k, p.layer) for p in plans}) != 1:
             raise ValueError("the plans of one batch must share method, k and layer")
-        previous = self.plans, self.pruned_from, self.pruned_padding
-        self.plans, self.pruned_from, self.pruned_padding = plans, None, None
+        previous = self.plans, self.after
+        self.plans, self.after = plans, _AfterPruning()
         try:
             yield plan
         finally:
-            self.plans, self.pruned_from, self.pruned_padding = previous
+            self.plans, self.after = previous
 
     @property
     def config(self):
@@ -223,10 +235,11 @@ class PrunedDecoder(nn.Module):
         chunk_len = inputs_embeds.shape[1]
         if position_ids is None:
             position_ids = torch.arange(chunk_len, device=inputs_embeds.device)[None] + chunk_start
-        rope_positions, position_ids = _split_positions(position_ids)
-
         if chunk_start == 0:  # a new sequence: no pruned cache yet
-            self.pruned_from, self.pruned_padding = None, None
+            self.after = _AfterPruning()
+        elif self.after.position_shift is not None:
+            position_ids = position_ids - self.after.position_shift[:, None]
+        rope_positions, position_ids = _split_positions(position_ids)
         prune_pass = None
         if self.plans is not None and self.plans[0].method.prunes:
             if len(self.plans) != inputs_embeds.shape[0]:
@@ -241,16 +254,19 @@ class PrunedDecoder(nn.Module):
         for index, layer in enumerate(decoder.layers[: config.num_hidden_layers]):
             if prune_pass is not None and index == prune_pass.layer:
                 keep, hidden, real = prune_pass.prune(hidden, chunk_start)
-                chunk_mask = attention_mask[:, -chunk_len:] if attention_mask is not None else None
+                if attention_mask is not None:  # batch padding kept as a filler is not real either
+                    real = real & attention_mask[:, -chunk_len:].bool().gather(1, keep)
                 cached = past_key_values.get_seq_length(index) if past_key_values is not None else 0
-                self._note_padding(index, real, keep, chunk_mask, cached)
+                self._note_padding(index, real, cached)
                 rope_positions = _gather_positions(rope_positions, keep)
                 position_ids = _gather_positions(position_ids, keep) if position_ids is not None else None
+                if self.plans[0].renumber:
+                    rope_positions = position_ids = self._renumber(rope_positions, real)
                 position_embeddings = decoder.rotary_emb(hidden, rope_positions)
             # Layers hold different cache lengths after pruning, and the queries shrink at layer
             # L: a mask per distinct (cached keys, queries, padding) shape.
             kv_len = past_key_values.get_seq_length(index) if past_key_values is not None else 0
-            pruned = self.pruned_from is not None and index >= self.pruned_from
+            pruned = self.after.padding_from is not None and index >= self.after.padding_from
             if mask_key != (kv_len, hidden.shape[1], pruned):
                 mask = create_causal_mask(
                     config=config,
@@ -276,28 +292,33 @@ class PrunedDecoder(nn.Module):
         hidden = decoder.norm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
 
-    def _note_padding(
-        self, layer: int, real: torch.Tensor, keep: torch.Tensor, chunk_mask: torch.Tensor | None, cached: int
-    ) -> None:
-        """Remember which tokens of the pruned layers are real: the kept ones that were not
-        padding. Nothing to remember when all are (one sequence, or rows that stay aligned)."""
-        if chunk_mask is not None:
-            real = real & chunk_mask.bool().gather(1, keep)
+    def _note_padding(self, layer: int, real: torch.Tensor, cached: int) -> None:
+        """Remember which tokens of the pruned layers are real (kept, not padding). Nothing to
+        remember when all are (one sequence, or rows that stay aligned)."""
         if bool(real.all()):
             return
         past = torch.ones(real.shape[0], cached, dtype=torch.bool, device=real.device)
-        self.pruned_from, self.pruned_padding = layer, torch.cat([past, real], dim=1)
+        self.after.padding_from, self.after.padding = layer, torch.cat([past, real], dim=1)
+
+    def _renumber(self, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Positions 0..M-1 over each row's real kept tokens (padding at 1, as generate() pads),
+        and the shift that carries the decoding steps on from there."""
+        if positions.ndim == 3:
+            raise UnsupportedModel("renumbered positions need 1-D position ids; this model uses 3-D M-RoPE")
+        renumbered = (real.long().cumsum(1) - 1).masked_fill(~real, 1)
+        self.after.position_shift = positions[:, -1] - renumbered[:, -1]
+        return renumbered
 
     def _padding(self, attention_mask: torch.Tensor | None, pruned: bool, length: int) -> torch.Tensor | None:
         """The 2-D padding mask for a layer whose keys will number `length`. transformers' mask
         covers every token of the conversation: it fits only layers that kept them all; pruned
         layers of a padded batch get theirs, the tokens decoded since then added as real."""
         if pruned:
-            grown = length - self.pruned_padding.shape[1]
+            grown = length - self.after.padding.shape[1]
             if grown > 0:
-                ones = self.pruned_padding.new_ones(self.pruned_padding.shape[0], grown)
-                self.pruned_padding = torch.cat([self.pruned_padding, ones], dim=1)
-            return self.pruned_padding
+                ones = self.after.padding.new_ones(self.after.padding.shape[0], grown)
+                self.after.padding = torch.cat([self.after.padding, ones], dim=1)
+            return self.after.padding
         if attention_mask is not None and attention_mask.shape[-1] == length:
             return attention_mask
         return None  # a pruned layer of one sequence, or of aligned rows: nothing is padding

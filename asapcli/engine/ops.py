@@ -92,9 +92,13 @@ def consolidation_groups(
     descending saliency; a token not yet absorbed becomes an anchor and absorbs every later-visited,
     unabsorbed token whose cosine similarity with it exceeds `threshold`. Returns anchor (n,) long:
     anchor[j] == j for anchors, else the index of the token that absorbed j. Source sets are
-    disjoint and flow towards higher (or equal, earlier) saliency by construction. At most `limit`
-    tokens are absorbed in all (the first ones in visiting order): a budget refill can only
-    replace as many as the pruned pool holds.
+    disjoint and flow towards higher (or equal, earlier) saliency by construction.
+
+    At most `limit` tokens are absorbed in all, since the refill can only replace as many as the
+    pruned pool holds. The budget is spent anchor by anchor in visiting order: the most salient
+    anchor absorbs its similar tokens first (in their visiting order), then the next anchor,
+    until the budget is gone. With A, B, x, y visited in that order, A~y, B~x and limit 1, A
+    absorbs y and x stays: merging flows to the most salient anchors first.
     """
     order = visit_order(saliency)
     unit = torch.nn.functional.normalize(hidden.float(), dim=-1)

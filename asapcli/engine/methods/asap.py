@@ -46,7 +46,13 @@ class Asap(PruningMethod):
 @dataclass(frozen=True)
 class AsapBimaskOnly(Asap):
     """The ablation between FastV and ASAP: SG-BiMask in layers 0..L-1 and its top-k selection,
-    no consolidation or refill."""
+    no consolidation or refill.
+
+    SG-BiMask only opens image queries to later image keys. With `last` or `text` score queries
+    the scoring rows are text, causal under either mask, so the mask reaches the selection only
+    through the hidden states that layers 0..L-2 computed under it: at L = 1 the kept set is
+    exactly FastV's (the kept tokens still carry states that layer 0 computed under SG-BiMask).
+    From L = 2 on, and with `all` queries at any L, the selections differ."""
 
     name = "asap-bimask-only"
 
