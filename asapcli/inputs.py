@@ -23,7 +23,12 @@ def load_image(path: str | Path) -> Image.Image:
             return image.convert("RGB")
     except UnidentifiedImageError as error:
         raise AsapError(f"cannot read image {path}: not an image format PIL can open") from error
-    except OSError as error:
+    except Image.DecompressionBombError as error:
+        raise AsapError(
+            f"cannot read image {path}: more pixels than PIL opens safely ({Image.MAX_IMAGE_PIXELS * 2:,} at most); "
+            "scale it down first"
+        ) from error
+    except (OSError, ValueError, SyntaxError) as error:  # PIL reports broken files with all three
         raise AsapError(f"cannot read image {path}: {error}") from error
 
 
@@ -41,7 +46,27 @@ def pattern_image(size: int = 336) -> Image.Image:
 def check_prompt(prompt: str) -> str:
     if not prompt.strip():
         raise UsageError("the prompt is empty; ask something about the image")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not text, kept as lone surrogates by the reader
+        raise AsapError("the input is not valid UTF-8 text; check the encoding of what you typed or piped") from None
     return prompt
+
+
+def check_text(processor: ProcessorMixin, text: str) -> str:
+    """Refuse a model's image placeholder in the user's text: the processor would take it for an
+    image of its own (and fail, or answer about the wrong picture)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_ids = [getattr(tokenizer, "image_token_id", None)]
+    placeholders = {getattr(processor, name, None) for name in ("image_token", "video_token")}
+    placeholders |= {tokenizer.convert_ids_to_tokens(i) for i in image_ids if isinstance(i, int)}
+    for placeholder in sorted(filter(None, placeholders)):
+        if placeholder in text:
+            raise UsageError(
+                f"the text contains {placeholder!r}, this model's image placeholder; "
+                "remove it (add images with /image PATH in chat, or as files with asap run)"
+            )
+    return text
 
 
 def user_message(text: str, n_images: int) -> dict:

@@ -95,6 +95,7 @@ def model_without_image_token(tmp_path, llava_path):
         (["{image}", "hi", "-m", "{model}", "--lambda-max", "0"], 2, "lambda-max must be in (0, 1]"),
         (["{image}", "hi", "-m", "{model}", "--lambda-max", "1.5"], 2, "lambda-max must be in (0, 1]"),
         (["{image}", "   ", "-m", "{model}"], 2, "the prompt is empty"),
+        (["{image}", "<image> hi", "-m", "{model}"], 2, "contains '<image>', this model's image placeholder"),
         (["{image}", "hi", "-m", "{model}", "--method", "magic"], 2, "unknown method 'magic'"),
         (["{image}", "hi", "-m", "{no_image_token}"], 1, "has no image_token_id"),
         (["{image}", "hi", "-m", "no-such-org/no-such-model"], 1, "cannot load model"),
@@ -176,3 +177,16 @@ def test_several_prompts_on_one_image_and_pairing_errors(llava_path, image_file)
     assert nothing.exit_code == 1 and "no image matches" in nothing.output
     kept = asap("run", image_file, image_file, "what?", "--save-kept", image_file.parent / "k.png", *common)
     assert kept.exit_code == 2 and "--save-kept draws one image" in kept.output
+
+
+def test_a_prompt_longer_than_the_context_is_refused(llava_path, image_file):
+    result = asap("run", image_file, "x" * 4100, "-m", llava_path, "--max-tokens", 2)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: the prompt is ") and "more than the model's context of 4096" in result.stderr
+
+
+def test_generation_stops_at_the_end_of_the_context(llava_path, image_file):
+    short = json.loads(asap("run", image_file, "x", "-m", llava_path, "--max-tokens", 1, "--json").stdout)
+    prompt = "x" * (4096 - 2 - (short["prompt_tokens"] - 1))  # two positions left for the answer
+    record = json.loads(asap("run", image_file, prompt, "-m", llava_path, "--max-tokens", 8, "--json").stdout)
+    assert record["prompt_tokens"] == 4094 and record["generated_tokens"] == 2

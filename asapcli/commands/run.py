@@ -17,6 +17,7 @@ from ..inputs import (
     build_batch_inputs,
     build_inputs,
     check_prompt,
+    check_text,
     expand_images,
     load_image,
     pair_samples,
@@ -98,6 +99,8 @@ def run(
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
     settings = settings_for(loaded.preset)
+    for prompt in prompts:
+        check_text(loaded.processor, prompt)
     if len(samples) > 1:
         run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json)
         return
