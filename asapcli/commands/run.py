@@ -82,7 +82,7 @@ def run(
     if save_kept is not None:
         if len(samples) > 1:
             raise UsageError("--save-kept draws one image; run one sample to use it")
-        figures.check_writable(save_kept)
+        figures.check_writable(save_kept, inputs=[path for path, _ in samples])
     settings_for = partial(
         options.prune_settings,
         method=method,
@@ -119,16 +119,17 @@ def run(
         seed=seed,
         on_text=None if json else display.write,
     )
-    if save_kept is not None:
-        start, end = pruning.spans[0]
-        kept = [position - start for position in (result.kept_positions or [range(start, end)])[0]]
-        picture_kept = figures.kept_picture(picture, loaded.processor.image_processor, span_tokens, kept)
-        figures.save_png(picture_kept, save_kept)
     if json:
         display.print_json(_json_record(loaded, settings, image, prompt, result))
     else:
         display.write("\n")
         display.note(summary(settings, result))
+    if save_kept is not None:  # after the answer is out: a failed write loses only the picture
+        start, end = pruning.spans[0]
+        kept = [position - start for position in (result.kept_positions or [range(start, end)])[0]]
+        picture_kept = figures.kept_picture(picture, loaded.processor.image_processor, span_tokens, kept)
+        figures.save_png(picture_kept, save_kept, inputs=[image])
+        display.note(f"wrote {save_kept}")
 
 
 def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json) -> None:
