@@ -15,7 +15,7 @@ from PIL import Image
 
 from . import figures
 from .demo import scenes
-from .errors import AsapError
+from .errors import AsapError, UsageError
 from .generation import PruneSettings, batch_plans, generate_batch, on_model, plan
 from .inputs import build_batch_inputs, load_image
 from .loading import Loaded
@@ -39,8 +39,15 @@ class Item:
         return self.image if isinstance(self.image, Image.Image) else load_image(self.image)
 
 
+# Each question is drawn after all the earlier ones (one random stream), about 0.8 KB and 0.1 ms
+# apiece before the first answer: 100,000 are 80 MB, and days of answering on a CPU.
+MAX_SYNTHETIC = 100_000
+
+
 def synthetic_items(count: int, seed: int = scenes.EVAL_SEED) -> list[Item]:
     """The demo model's held-out questions (question types in turn, one scene each)."""
+    if count > MAX_SYNTHETIC:
+        raise UsageError(f"--n is at most {MAX_SYNTHETIC:,} for the synthetic questions, got {count:,}")
     return [Item(q.scene, q.text, q.answer, q.type, q.region) for q in scenes.questions(seed, count)]
 
 

@@ -236,3 +236,9 @@ def test_synthetic_questions_render_their_scenes_only_when_asked(monkeypatch):
     assert rendered == []  # --n 1000000 does not build a million pictures up front
     assert items[3].picture().size == render(scenes.questions(scenes.EVAL_SEED, 4)[3].scene).size
     assert len(rendered) == 1
+
+
+def test_synthetic_questions_are_bounded(monkeypatch):
+    monkeypatch.setattr(evaluation, "MAX_SYNTHETIC", 10)
+    result = asap("eval", "--n", 11)
+    assert result.exit_code == 2 and result.stderr == "Error: --n is at most 10 for the synthetic questions, got 11\n"
