@@ -6,7 +6,8 @@ import glob
 import os
 from pathlib import Path
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
 
 from .errors import AsapError, UsageError
@@ -20,7 +21,9 @@ def load_image(path: str | Path) -> Image.Image:
         raise AsapError(f"image path is a folder, not a file: {path}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            # Upright as image viewers show it: phone photos are often stored sideways with an
+            # EXIF orientation tag.
+            return to_rgb(ImageOps.exif_transpose(image), path)
     except UnidentifiedImageError as error:
         raise AsapError(f"cannot read image {path}: not an image format PIL can open") from error
     except Image.DecompressionBombError as error:
@@ -30,6 +33,18 @@ def load_image(path: str | Path) -> Image.Image:
         ) from error
     except (OSError, ValueError, SyntaxError) as error:  # PIL reports broken files with all three
         raise AsapError(f"cannot read image {path}: {error}") from error
+
+
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """8-bit RGB. convert("RGB") clips high-bit-depth greyscale to white: scale it instead."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise AsapError(f"cannot read image {path}: 32-bit integer pixels; save it as 8- or 16-bit")
+        image = Image.fromarray((values * 255 // 65535).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise AsapError(f"cannot read image {path}: floating-point pixels; save it as an 8- or 16-bit image")
+    return image.convert("RGB")
 
 
 def pattern_image(size: int = 336) -> Image.Image:
@@ -99,7 +114,9 @@ def expand_images(paths: list[str]) -> list[Path]:
     """Image arguments, a quoted glob pattern expanded (sorted); a pattern matching nothing is an error."""
     expanded: list[Path] = []
     for text in paths:
-        if any(char in text for char in "*?["):
+        # An existing file is that file, whatever its name holds ('photo[1].png'); only an
+        # argument that names no file is a pattern.
+        if not os.path.exists(os.path.expanduser(text)) and any(char in text for char in "*?["):
             matches = sorted(glob.glob(os.path.expanduser(text)))
             if not matches:
                 raise AsapError(f"no image matches {text!r}")
