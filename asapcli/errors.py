@@ -19,9 +19,14 @@ def describe(error: Exception) -> str:
 
 
 def whole_number(text: str, what: str, minimum: int = 1) -> int:
-    """`text` as a whole number of at least `minimum`, in ASCII digits (str.isdigit also takes
-    '²', which int() refuses)."""
+    """`text` as a whole number of at least `minimum`, in ASCII digits."""
     text = text.strip()
-    if not (text.isascii() and text.isdigit()) or int(text) < minimum:
+    if not ascii_digits(text) or int(text) < minimum:
         raise UsageError(f"{what} needs a whole number of at least {minimum}, got {text!r}")
     return int(text)
+
+
+def ascii_digits(text: str) -> bool:
+    """Only the digits 0-9: str.isdigit() also takes '²', which int() refuses."""
+    text = text.strip()
+    return bool(text) and text.isascii() and text.isdigit()

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..engine import METHODS
-from ..errors import UsageError
+from ..errors import UsageError, ascii_digits
 from ..generation import PruneSettings
 from ..presets import Preset
 
@@ -85,7 +85,7 @@ def budget_list(text: str | None) -> list[int] | None:
         return None
     budgets = []
     for item in _split(text, "-k/--k"):
-        if not item.isdigit() or int(item) < 1:
+        if not ascii_digits(item) or int(item) < 1:
             raise UsageError(f"k must be a whole number of at least 1, got {item!r}")
         budgets.append(int(item))
     return budgets
