@@ -190,3 +190,24 @@ def test_generation_stops_at_the_end_of_the_context(llava_path, image_file):
     prompt = "x" * (4096 - 2 - (short["prompt_tokens"] - 1))  # two positions left for the answer
     record = json.loads(asap("run", image_file, prompt, "-m", llava_path, "--max-tokens", 8, "--json").stdout)
     assert record["prompt_tokens"] == 4094 and record["generated_tokens"] == 2
+
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "{image}", "hi", "--seed", "100000000000000000000000"], "--seed"),
+        (["run", "{image}", "hi", "--seed", "-1"], "--seed"),
+        (["run", "{image}", "hi", "--temperature", "inf"], "inf is not a finite number"),
+        (["run", "{image}", "hi", "--temperature", "nan"], "--temperature"),
+        (["run", "{image}", "hi", "-m", ""], "-m/--model is empty"),
+        (["flops", "-m", " "], "-m/--model is empty"),
+        (["profile", "--k", "12\N{SUPERSCRIPT TWO}"], "k must be a whole number of at least 1, got '12\N{SUPERSCRIPT TWO}'"),
+        (["eval", "-k", "\N{SUPERSCRIPT TWO}"], "k must be a whole number"),
+    ],
+)
+def test_values_the_tool_cannot_use_are_usage_errors(args, message, image_file):
+    result = asap(*[arg.format(image=image_file) for arg in args])
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]  # after the parser's usage
+    assert len(error) == 1 and message in error[0] and "Traceback" not in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -56,8 +57,22 @@ Dtype = Annotated[
     str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
 ]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
-Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling and for the random method.")]
+
+
+def _finite(value: float) -> float:
+    """inf and nan pass a range check (nan compares false with everything); neither samples text."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+Temperature = Annotated[
+    float, typer.Option("--temperature", min=0.0, callback=_finite, help="Sampling temperature; 0 is greedy.")
+]
+# torch seeds take 64 bits, and the random method multiplies the seed by a million: 32 bits fit.
+Seed = Annotated[
+    int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for sampling and for the random method.")
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
 Budgets = Annotated[
     str | None,
