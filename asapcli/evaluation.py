@@ -17,7 +17,7 @@ from . import figures
 from .demo import scenes
 from .errors import AsapError, UsageError
 from .generation import PruneSettings, batch_plans, generate_batch, on_model, plan
-from .inputs import build_batch_inputs, load_image
+from .inputs import build_batch_inputs, check_text, load_image
 from .loading import Loaded
 
 ALL = "all"  # the question type of items that name none
@@ -121,6 +121,15 @@ def runs(methods: list[str], budgets: list[int], base: PruneSettings) -> list[Pr
     for k in sorted(set(budgets), reverse=True):
         rows += [replace(base, method=method, k=k) for method in methods if method != "vanilla"]
     return rows
+
+
+def check_questions(loaded: Loaded, items: list[Item]) -> None:
+    """Every question is one the model can be asked, checked before the first answer."""
+    for number, item in enumerate(items, start=1):
+        try:
+            check_text(loaded.processor, item.question)
+        except AsapError as error:
+            raise type(error)(f"question {number}: {error}") from None
 
 
 def correct(answer: str, expected: str) -> bool:

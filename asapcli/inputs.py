@@ -105,7 +105,7 @@ def prompt_text(processor: ProcessorMixin, messages: list[dict]) -> str:
 def build_batch_inputs(processor: ProcessorMixin, samples: list[tuple[str, Image.Image]]) -> BatchFeature:
     """Several (prompt, image) samples, each one user turn, left-padded into one batch (the
     padding side generate() needs)."""
-    texts = [prompt_text(processor, [user_message(prompt, 1)]) for prompt, _ in samples]
+    texts = [prompt_text(processor, [user_message(check_text(processor, prompt), 1)]) for prompt, _ in samples]
     images = [image for _, image in samples]
     return processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
 

@@ -242,3 +242,15 @@ def test_synthetic_questions_are_bounded(monkeypatch):
     monkeypatch.setattr(evaluation, "MAX_SYNTHETIC", 10)
     result = asap("eval", "--n", 11)
     assert result.exit_code == 2 and result.stderr == "Error: --n is at most 10 for the synthetic questions, got 11\n"
+
+
+def test_the_image_placeholder_in_a_question_is_refused_before_the_first_answer(tmp_path):
+    scenes.questions(7, 1)[0].scene.render().save(tmp_path / "scene.png")
+    line = '{"image": "scene.png", "question": "%s", "answer": "No."}\n'
+    data = tmp_path / "questions.jsonl"
+    data.write_text(line % "is there a red car?" + line % "<image> is there a car?")
+    result = asap("eval", "--data", data, "--methods", "vanilla")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: question 2: the text contains '<image>'")
+    result = asap("profile", "--prompt", "what <image>?", "--methods", "vanilla")
+    assert result.exit_code == 2 and "contains '<image>'" in result.stderr

@@ -92,6 +92,7 @@ def eval_command(
 
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
+    evaluation.check_questions(loaded, items)
     base = options.prune_settings(
         loaded.preset,
         layer=layer,
