@@ -172,6 +172,9 @@ def test_eval_never_writes_over_its_question_file(tmp_path):
     result = asap("eval", "--data", data, "--methods", "vanilla", "--plot", tmp_path / "scene.png")
     assert result.exit_code == 2 and "it is an input of this run" in result.stderr
     assert data.read_text().startswith('{"image": "scene.png"') and Image.open(tmp_path / "scene.png").format == "PNG"
+    twice = tmp_path / "out.png"  # two outputs in one file: the second would replace the first
+    result = asap("eval", "--data", data, "--methods", "vanilla", "--plot", twice, "--log", twice)
+    assert result.exit_code == 2 and "must name different files" in result.stderr
 
 
 def test_an_output_that_cannot_be_written_fails_before_the_run(tmp_path):
