@@ -114,12 +114,21 @@ def eval_command(
     try:
         with _progress() as progress:
             task = progress.add_task("Answering", total=len(items) * len(runs))
-            on_answer = answers.write if answers is not None else None
-            step = lambda: progress.advance(task)  # noqa: E731
-            evaluation.evaluate(loaded, items, runs, max_tokens, batch, step, scores=scores, on_answer=on_answer)
+            evaluation.evaluate(
+                loaded,
+                items,
+                runs,
+                max_tokens,
+                batch,
+                on_step=lambda: progress.advance(task),
+                scores=scores,
+                on_answer=answers.write if answers is not None else None,
+            )
             if attention_profile is not None:
                 task = progress.add_task("Attention profile", total=2 * len(items))
-                profile = evaluation.attention_profile(loaded, items, base.layer, lambda_max, on_step=step)
+                profile = evaluation.attention_profile(
+                    loaded, items, base.layer, lambda_max, on_step=lambda: progress.advance(task)
+                )
     except KeyboardInterrupt:  # Ctrl-C: show what was answered, marked partial, then exit 130
         interrupted = True
     finally:
