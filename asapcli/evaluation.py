@@ -58,7 +58,11 @@ def read_items(path: Path, limit: int | None = None) -> list[Item]:
     if not path.is_file():
         raise AsapError(f"question file not found: {path}")
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AsapError(f"{path}:{number}: not UTF-8 text") from None
         if not line.strip():
             continue
         try:

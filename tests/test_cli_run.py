@@ -39,6 +39,12 @@ def test_run_json_is_one_object_with_the_figures(llava_path, image_file):
     assert 1 <= data["generated_tokens"] <= 4 and isinstance(data["answer"], str)
 
 
+def test_a_prompt_that_is_not_text_is_one_error_line(llava_path, image_file):
+    result = asap("run", image_file, "-", "-m", llava_path, input=b"what \xff is it?\n")
+    assert result.exit_code == 1
+    assert result.stderr == "Error: the input is not valid UTF-8 text; check the encoding of what you typed or piped\n"
+
+
 def test_run_reads_the_prompt_from_stdin(llava_path, image_file):
     result = asap("run", image_file, "-", "-m", llava_path, "--json", "--max-tokens", 2, input="what colour?\n")
     assert result.exit_code == 0, result.output
@@ -205,6 +211,9 @@ def test_generation_stops_at_the_end_of_the_context(llava_path, image_file):
         (["flops", "-m", " "], "-m/--model is empty"),
         (["profile", "--k", "12\N{SUPERSCRIPT TWO}"], "k must be a whole number of at least 1, got '12"),
         (["eval", "-k", "\N{SUPERSCRIPT TWO}"], "k must be a whole number"),
+        (["profile", "--threads", "100000000000000000000000"], "--threads"),
+        (["eval", "--threads", "100000000000000000000000"], "--threads"),
+        (["profile", "--batch", "100000000000000000000000"], "--batch"),
     ],
 )
 def test_values_the_tool_cannot_use_are_usage_errors(args, message, image_file):

@@ -73,11 +73,12 @@ def test_eval_table_and_a_question_file(tmp_path):
         ('{"image": "scene.png", "question": "hi"}', ":1: missing or empty answer"),
         ('{"image": "gone.png", "question": "hi", "answer": "no"}', "image not found"),
         ("[1, 2]", "expected an object"),
+        ('{"image": "scene.png", "question": "h\udcffi", "answer": "no"}', ":1: not UTF-8 text"),
     ],
 )
 def test_bad_question_files_are_one_error_line(tmp_path, line, message):
     data = tmp_path / "questions.jsonl"
-    data.write_text(line + "\n")
+    data.write_bytes(line.encode("utf-8", "surrogateescape") + b"\n")
     result = asap("eval", "--data", data)
     assert result.exit_code == 1
     assert result.stderr.strip().startswith("Error:") and message in result.stderr

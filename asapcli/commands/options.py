@@ -81,7 +81,8 @@ Budgets = Annotated[
     ),
 ]
 Threads = Annotated[
-    int | None, typer.Option("--threads", min=1, help="CPU threads for PyTorch (default: PyTorch's choice).")
+    int | None,
+    typer.Option("--threads", min=1, max=1024, help="CPU threads for PyTorch (default: PyTorch's choice)."),
 ]
 
 

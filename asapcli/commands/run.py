@@ -74,7 +74,7 @@ def run(
             raise UsageError("give an image and a prompt: asap run IMAGE PROMPT")
         *arguments, prompt = arguments
         prompts = [prompt]
-    prompts = [sys.stdin.read().strip() if prompt == "-" else prompt for prompt in prompts]
+    prompts = [_read_stdin() if prompt == "-" else prompt for prompt in prompts]
     for prompt in prompts:
         check_prompt(prompt)
     samples = pair_samples(expand_images([*arguments, *(more_images or [])]), prompts)
@@ -130,6 +130,15 @@ def run(
         picture_kept = figures.kept_picture(picture, loaded.processor.image_processor, span_tokens, kept)
         figures.save_png(picture_kept, save_kept, inputs=[image])
         display.note(f"wrote {save_kept}")
+
+
+def _read_stdin() -> str:
+    """The prompt piped in; bytes that are not text become lone surrogates, which check_prompt
+    refuses with one error line."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:
+        return sys.stdin.read().strip()
+    return raw.read().decode(getattr(sys.stdin, "encoding", None) or "utf-8", "surrogateescape").strip()
 
 
 def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json) -> None:
