@@ -166,3 +166,6 @@ def test_flops_measure_of_a_method_before_the_llm_prunes_layer_0_in_both_columns
     assert [(stage["layers"], stage["tokens"]) for stage in data["stages"]] == [(4, 16)]
     assert data["measured"]["stages_tflops"] == pytest.approx([s["tflops"] for s in data["stages"]], rel=1e-12)
     assert data["measured"]["tflops"] == pytest.approx(data["tflops"], rel=1e-12)
+    table = runner.invoke(app, args[:-1]).stdout
+    scoring = {"divprune": "none.", "pool": "adaptive_avg_pool2d 4,096 FLOPs."}[method]  # not "none FLOPs"
+    assert f"counted apart: {scoring}" in table

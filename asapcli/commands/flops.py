@@ -96,11 +96,11 @@ def flops_command(
     display.out.print(_table(model, arch, stages, count, counted))
     display.out.print(f"Convention: {convention}.", markup=False, soft_wrap=True)
     if counted is not None:
-        extra = ", ".join(f"{op} {n:,}" for op, n in counted["pruned"].other.items()) or "none"
+        extra = ", ".join(f"{op} {n:,} FLOPs" for op, n in counted["pruned"].other.items()) or "none"
         display.out.print(
             f"Measured: fvcore's count of the language model run on {arch.visual_tokens} visual tokens "
             f"(linear layers and attention), pruned by {method}; the method's own scoring ops, counted "
-            f"apart: {extra} FLOPs.",
+            f"apart: {extra}.",
             markup=False,
             soft_wrap=True,
         )
