@@ -122,7 +122,8 @@ class ChatSession:
             )
         except BaseException:
             self.cache, layers, self.seen = saved
-            for layer, attributes in zip(self.cache.layers, layers, strict=True):
+            del self.cache.layers[len(layers) :]  # layers a cache built lazily may have added
+            for layer, attributes in zip(self.cache.layers, layers):
                 vars(layer).clear()
                 vars(layer).update(attributes)
             raise
