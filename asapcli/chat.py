@@ -24,8 +24,8 @@ from transformers import BatchFeature, DynamicCache
 
 from .engine import METHODS, image_spans
 from .errors import AsapError, UsageError
-from .generation import GenerationResult, PruneSettings, generate, plan, token_flops
-from .inputs import build_inputs, check_prompt, user_message
+from .generation import GenerationResult, PruneSettings, context_length, generate, plan, token_flops
+from .inputs import build_inputs, check_prompt, check_text, user_message
 from .loading import Loaded
 from .profiling import kv_cache_bytes
 
@@ -92,24 +92,41 @@ class ChatSession:
     ) -> Turn:
         """One user turn: prefill what is new (pruning new images), stream the answer."""
         check_prompt(text)
+        check_text(self.loaded.processor, text)
         new_images = [image for _, image in self.pending]
         messages = self.messages + [user_message(text, len(new_images))]
         images = self.images + new_images
         features = build_inputs(self.loaded.processor, messages, images)
         ids = features["input_ids"][0]
-        cached = self._reuse_cache(ids.tolist())
-        pruning = plan(self.loaded, ids, self.settings, since=cached)
-        result = generate(
-            self.loaded,
-            _with_images_from(features, len(images) - len(new_images)),
-            pruning,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            seed=self.seed,
-            on_text=on_text,
-            cache=self.cache,
-            should_stop=should_stop,
-        )
+        if ids.numel() >= context_length(self.loaded):
+            raise AsapError(
+                f"the dialogue no longer fits the model's context ({ids.numel()} tokens with this message, "
+                f"{context_length(self.loaded)} at most): /reset starts a new one"
+            )
+        # A turn that fails anywhere leaves the session as it found it: the cache's tensors are
+        # never changed in place (crop slices, update concatenates), so keeping them is enough.
+        saved = self.cache, [dict(vars(layer)) for layer in self.cache.layers], self.seen
+        try:
+            cached = self._reuse_cache(ids.tolist())
+            pruning = plan(self.loaded, ids, self.settings, since=cached)
+            result = generate(
+                self.loaded,
+                _with_images_from(features, len(images) - len(new_images)),
+                pruning,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                seed=self.seed,
+                on_text=on_text,
+                cache=self.cache,
+                should_stop=should_stop,
+            )
+        except BaseException:
+            self.cache, layers, self.seen = saved
+            del self.cache.layers[len(layers) :]  # layers a cache built lazily may have added
+            for layer, attributes in zip(self.cache.layers, layers):
+                vars(layer).clear()
+                vars(layer).update(attributes)
+            raise
         # The last generated token was never fed to the model: the cache ends before it.
         self.seen = ids.tolist() + result.token_ids[:-1]
         self.messages = messages + [{"role": "assistant", "content": [{"type": "text", "text": result.text}]}]

@@ -10,7 +10,7 @@ from transformers.utils import logging as transformers_logging
 
 from . import display
 from .commands import chat, eval, flops, profile, run
-from .errors import AsapError, UsageError
+from .errors import UsageError, describe
 
 app = typer.Typer(
     name="asap",
@@ -34,11 +34,8 @@ def user_errors(command):
         except Exception as error:
             if os.environ.get("ASAP_DEBUG") == "1":
                 raise
-            if isinstance(error, AsapError):
-                display.error(str(error))
-                raise typer.Exit(2 if isinstance(error, UsageError) else 1) from None
-            display.error(f"{type(error).__name__}: {error} (ASAP_DEBUG=1 shows the traceback)")
-            raise typer.Exit(1) from None
+            display.error(describe(error))
+            raise typer.Exit(2 if isinstance(error, UsageError) else 1) from None
 
     return guarded
 

@@ -7,3 +7,26 @@ class AsapError(Exception):
 
 class UsageError(AsapError):
     """A bad option value or argument: exit status 2, like a usage error of the parser."""
+
+
+def describe(error: Exception) -> str:
+    """The one line an error prints: a user error's own message; anything else names its type
+    (it is a bug, or a library's refusal we did not foresee)."""
+    if isinstance(error, AsapError):
+        return str(error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first} (ASAP_DEBUG=1 shows the traceback)"
+
+
+def whole_number(text: str, what: str, minimum: int = 1) -> int:
+    """`text` as a whole number of at least `minimum`, in ASCII digits."""
+    text = text.strip()
+    if not ascii_digits(text) or int(text) < minimum:
+        raise UsageError(f"{what} needs a whole number of at least {minimum}, got {text!r}")
+    return int(text)
+
+
+def ascii_digits(text: str) -> bool:
+    """Only the digits 0-9: str.isdigit() also takes '²', which int() refuses."""
+    text = text.strip()
+    return bool(text) and text.isascii() and text.isdigit()

@@ -4,6 +4,8 @@ against FLOPs (Table 1 as a plot) and attention per image row (the attention shi
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,19 +74,55 @@ def kept_picture(image: Image.Image, image_processor, tokens: int, kept: Sequenc
     return kept_overlay(image, patches, grid, seen_region(image.size, image_processor))
 
 
-def check_writable(path: Path) -> Path:
-    """Fail before long work where the picture could not be written."""
+def check_writable(path: Path, inputs: Sequence[Path] = ()) -> Path:
+    """Fail before long work where the file could not be written. An existing file is replaced,
+    unless it is one of the run's `inputs`, which is never written over."""
     path = Path(path).expanduser()
+    for source in inputs:
+        if _same_file(path, Path(source).expanduser()):
+            raise UsageError(f"refusing to write {path}: it is an input of this run; choose another file")
     if not path.parent.is_dir():
         raise AsapError(f"cannot write {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise AsapError(f"cannot write {path}: it is a folder")
+    if path.exists() and not path.is_file():  # a device (/dev/full) or a pipe: written last, lost then
+        raise AsapError(f"cannot write {path}: not a regular file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise AsapError(f"cannot write {path}: permission denied")
+    try:  # the file is written beside its final place and renamed: the folder must take a file
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as error:
+        raise AsapError(f"cannot write {path}: {error.strerror or error}") from None
     return path
 
 
-def save_png(image: Image.Image, path: Path) -> Path:
-    path = check_writable(path)
-    image.save(path, format="PNG")
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def save_png(image: Image.Image, path: Path, inputs: Sequence[Path] = ()) -> Path:
+    """Write `image` as PNG. Written whole to a temporary file first, so that a failed write
+    (a full disk) never leaves half a file, nor spoils the one it was to replace."""
+    path = check_writable(path, inputs)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            image.save(file, format="PNG")
+        os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except OSError as error:
+        raise AsapError(f"cannot write {path}: {error.strerror or error}") from None
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
     return path
 
 

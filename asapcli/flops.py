@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UsageError
+from .errors import UsageError, ascii_digits
 
 CONVENTION = "multiply-accumulates of the visual tokens only, per layer 4vd^2 + 2v^2d + 3vdm (paper Eq. 7)"
 GQA_CONVENTION = (
@@ -47,14 +47,26 @@ def single_prune(num_layers: int, visual_tokens: int, kept: int, layer: int) -> 
 def pruning_schedule(num_layers: int, visual_tokens: int, steps: list[tuple[int, int]]) -> list[Stage]:
     """Stages from pruning steps (layer, tokens): from `layer` on, `tokens` visual tokens remain.
     Layer 0 means pruned before the first decoder layer. Empty stages are dropped."""
+    if not steps:
+        raise UsageError("the schedule is empty: give LAYER:TOKENS steps, e.g. 2:960,16:480")
     stages, start, tokens = [], 0, visual_tokens
     for layer, kept in sorted(steps):
-        if not 0 <= layer <= num_layers:
-            raise UsageError(f"pruning layer {layer} is outside this model's 0..{num_layers} layers")
+        # A step that prunes nothing would show as a stage of its own, as if it had.
+        if not 0 <= layer < num_layers:
+            raise UsageError(
+                f"pruning layer {layer} is outside this model's layers 0..{num_layers - 1} "
+                f"(a step at layer {num_layers} or later, after the last layer, prunes nothing)"
+            )
         if kept < 1:
             raise UsageError(f"a stage must keep at least 1 token, got {kept}")
+        if kept >= tokens == visual_tokens:
+            raise UsageError(
+                f"step {layer}:{kept} keeps every visual token (the image has {visual_tokens}): it prunes nothing"
+            )
         if kept > tokens:
             raise UsageError(f"tokens must not grow along the schedule: {kept} after {tokens} at layer {layer}")
+        if kept == tokens:
+            raise UsageError(f"step {layer}:{kept} keeps the {tokens} tokens the step before left: it prunes nothing")
         stages.append(Stage(layer - start, tokens))
         start, tokens = layer, kept
     stages.append(Stage(num_layers - start, tokens))
@@ -63,10 +75,12 @@ def pruning_schedule(num_layers: int, visual_tokens: int, steps: list[tuple[int,
 
 def parse_schedule(text: str) -> list[tuple[int, int]]:
     """'2:960,16:480' -> [(2, 960), (16, 480)]."""
+    if not text.strip():
+        raise UsageError("--schedule is empty: write LAYER:TOKENS steps, e.g. 2:960,16:480")
     steps = []
     for item in text.split(","):
         layer, sep, tokens = item.strip().partition(":")
-        if not sep or not layer.strip().isdigit() or not tokens.strip().isdigit():
+        if not sep or not ascii_digits(layer) or not ascii_digits(tokens):
             raise UsageError(f"bad schedule item {item.strip()!r}: write LAYER:TOKENS, e.g. 2:960,16:480")
         steps.append((int(layer), int(tokens)))
     layers = [layer for layer, _ in steps]

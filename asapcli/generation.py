@@ -13,7 +13,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from . import flops
 from .engine import METHODS, SCORE_QUERIES, SCORES, PruningPlan, image_spans, make_method
-from .errors import UsageError
+from .errors import AsapError, UsageError
 
 # Where kept tokens sit: at their own positions, or numbered afresh 0..M-1 (before-LLM methods).
 POSITIONS = ("original", "renumber")
@@ -248,6 +248,25 @@ def generate_batch(
     return results
 
 
+def context_length(loaded: Loaded) -> int:
+    """The most positions the language model was built for (its rotary tables); past them its
+    answers degrade into noise without a word."""
+    limit = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else 2**31
+
+
+def _room(loaded: Loaded, prompt_tokens: int, max_tokens: int) -> int:
+    """New tokens that fit after the prompt, at most `max_tokens`; a prompt that leaves no room
+    for one is refused."""
+    limit = context_length(loaded)
+    if prompt_tokens >= limit:
+        raise AsapError(
+            f"the prompt is {prompt_tokens} tokens (image tokens included), more than the model's context of "
+            f"{limit}: shorten it"
+        )
+    return min(max_tokens, limit - prompt_tokens)
+
+
 @dataclass(frozen=True)
 class _Clock:
     started: float
@@ -269,6 +288,7 @@ def _generate(
 ) -> tuple[torch.Tensor, _Clock]:
     """The model's own generate() inside the pruning context: the output ids and its times."""
     model, tokenizer = loaded.model, loaded.processor.tokenizer
+    max_tokens = _room(loaded, inputs["input_ids"].shape[1], max_tokens)
     sampling = (
         {"do_sample": False}
         if temperature <= 0

@@ -6,7 +6,8 @@ import glob
 import os
 from pathlib import Path
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
 
 from .errors import AsapError, UsageError
@@ -20,11 +21,30 @@ def load_image(path: str | Path) -> Image.Image:
         raise AsapError(f"image path is a folder, not a file: {path}")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            # Upright as image viewers show it: phone photos are often stored sideways with an
+            # EXIF orientation tag.
+            return to_rgb(ImageOps.exif_transpose(image), path)
     except UnidentifiedImageError as error:
         raise AsapError(f"cannot read image {path}: not an image format PIL can open") from error
-    except OSError as error:
+    except Image.DecompressionBombError as error:
+        raise AsapError(
+            f"cannot read image {path}: more pixels than PIL opens safely ({Image.MAX_IMAGE_PIXELS * 2:,} at most); "
+            "scale it down first"
+        ) from error
+    except (OSError, ValueError, SyntaxError) as error:  # PIL reports broken files with all three
         raise AsapError(f"cannot read image {path}: {error}") from error
+
+
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """8-bit RGB. convert("RGB") clips high-bit-depth greyscale to white: scale it instead."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise AsapError(f"cannot read image {path}: 32-bit integer pixels; save it as 8- or 16-bit")
+        image = Image.fromarray((values * 255 // 65535).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise AsapError(f"cannot read image {path}: floating-point pixels; save it as an 8- or 16-bit image")
+    return image.convert("RGB")
 
 
 def pattern_image(size: int = 336) -> Image.Image:
@@ -41,7 +61,27 @@ def pattern_image(size: int = 336) -> Image.Image:
 def check_prompt(prompt: str) -> str:
     if not prompt.strip():
         raise UsageError("the prompt is empty; ask something about the image")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not text, kept as lone surrogates by the reader
+        raise AsapError("the input is not valid UTF-8 text; check the encoding of what you typed or piped") from None
     return prompt
+
+
+def check_text(processor: ProcessorMixin, text: str) -> str:
+    """Refuse a model's image placeholder in the user's text: the processor would take it for an
+    image of its own (and fail, or answer about the wrong picture)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_ids = [getattr(tokenizer, "image_token_id", None)]
+    placeholders = {getattr(processor, name, None) for name in ("image_token", "video_token")}
+    placeholders |= {tokenizer.convert_ids_to_tokens(i) for i in image_ids if isinstance(i, int)}
+    for placeholder in sorted(filter(None, placeholders)):
+        if placeholder in text:
+            raise UsageError(
+                f"the text contains {placeholder!r}, this model's image placeholder; "
+                "remove it (add images with /image PATH in chat, or as files with asap run)"
+            )
+    return text
 
 
 def user_message(text: str, n_images: int) -> dict:
@@ -65,7 +105,7 @@ def prompt_text(processor: ProcessorMixin, messages: list[dict]) -> str:
 def build_batch_inputs(processor: ProcessorMixin, samples: list[tuple[str, Image.Image]]) -> BatchFeature:
     """Several (prompt, image) samples, each one user turn, left-padded into one batch (the
     padding side generate() needs)."""
-    texts = [prompt_text(processor, [user_message(prompt, 1)]) for prompt, _ in samples]
+    texts = [prompt_text(processor, [user_message(check_text(processor, prompt), 1)]) for prompt, _ in samples]
     images = [image for _, image in samples]
     return processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
 
@@ -74,7 +114,9 @@ def expand_images(paths: list[str]) -> list[Path]:
     """Image arguments, a quoted glob pattern expanded (sorted); a pattern matching nothing is an error."""
     expanded: list[Path] = []
     for text in paths:
-        if any(char in text for char in "*?["):
+        # An existing file is that file, whatever its name holds ('photo[1].png'); only an
+        # argument that names no file is a pattern.
+        if not os.path.exists(os.path.expanduser(text)) and any(char in text for char in "*?["):
             matches = sorted(glob.glob(os.path.expanduser(text)))
             if not matches:
                 raise AsapError(f"no image matches {text!r}")

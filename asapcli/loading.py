@@ -64,6 +64,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def resolve_source(model: str) -> tuple[str | None, Preset | None]:
     """A preset name, a local folder or a hub id -> what from_pretrained takes (None for a preset
     without a checkpoint), and the preset."""
+    if not model.strip():  # Path("") is the current folder, which would load as a model
+        raise UsageError("-m/--model is empty; give a preset name, a model folder or a hub id")
     preset = find_preset(model)
     if preset is not None and preset.bundled:
         folder = preset.bundled_path()

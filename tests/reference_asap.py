@@ -201,7 +201,7 @@ class ReferenceLM:
         score_queries: str = "last",
         score: str = "attention",
         embedded: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> "Result":
+    ) -> Result:
         """ASAP / its ablation / FastV on one sequence; `embedded` = a saved `embed(inputs)`."""
         assert method in ("asap", "asap-bimask-only", "fastv")
         assert score_queries in ("last", "text", "all") and score in ("attention", "contribution")

@@ -265,15 +265,94 @@ def test_vanilla_chat_with_two_llava_next_images_equals_transformers(llava_next_
 
 
 @pytest.mark.parametrize("method", ["asap", "fastv"])
-def test_pruning_into_a_cache_no_earlier_prefill_pruned_through_the_cli(method):
-    """The bundled model: a text-only first turn, or an image kept whole, then an image pruned."""
+def test_pruning_into_a_cache_no_earlier_prefill_pruned_through_the_cli(method, llava_path, image_file):
+    """A text-only first turn, then an image pruned (the bundled model answers it); an image
+    kept whole, then one pruned (the tiny model: two whole images overflow the demo's context)."""
     car = Path(__file__).parent.parent / "examples" / "car.png"
     text_first = chat("--method", method, "--max-tokens", 3, input=f"hello\n/image {car}\nwhat colour is the car?\n")
     assert text_first.exit_code == 0, text_first.output
     assert text_first.stdout.splitlines()[-1] == "red"
     kept_whole = chat(
-        car, "--method", method, "-k", 1000, "--max-tokens", 3,
-        input=f"what colour is the car?\n/k 128\n/image {car}\nwhat colour is the car?\n",
+        image_file, "-m", llava_path, "--method", method, "-k", 1000, "--max-tokens", 3, "--json",
+        input=f"what colour?\n/k 16\n/image {image_file}\nand now?\n",
     )  # fmt: skip
     assert kept_whole.exit_code == 0, kept_whole.output
-    assert kept_whole.stdout.splitlines() == ["red", "red"]
+    turns = [json.loads(line) for line in kept_whole.stdout.splitlines()]
+    assert [(t["visual_tokens_before"], t["visual_tokens_after"]) for t in turns] == [(64, 64), (64, 16)]
+
+
+def test_any_failing_turn_keeps_the_session(llava_path, image_file, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import asapcli.chat
+
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # big.png is a decompression bomb now
+    build_inputs = asapcli.chat.build_inputs
+
+    def failing_build_inputs(processor, messages, images):
+        if "boom" in str(messages[-1]):
+            raise RuntimeError("something no one foresaw")
+        return build_inputs(processor, messages, images)
+
+    monkeypatch.setattr(asapcli.chat, "build_inputs", failing_build_inputs)
+    transcript = (
+        "hi\n<image> hi\n/k \N{SUPERSCRIPT TWO}\n".encode()
+        + b"what \xff is it?\n"
+        + f"/image {tmp_path / 'big.png'}\nboom\nstill there?\n".encode()
+    )
+    result = chat(image_file, "-m", llava_path, "-k", K, "--max-tokens", 3, "--json", input=transcript)
+    assert result.exit_code == 1, result.output
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 5 and all(line.startswith("Error: ") for line in errors), errors
+    assert "<image>" in errors[0] and "/image PATH" in errors[0]
+    assert "/k needs a whole number" in errors[1]
+    assert "not valid UTF-8" in errors[2]
+    assert "big.png" in errors[3] and "pixels" in errors[3]
+    assert "RuntimeError: something no one foresaw" in errors[4]
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert second["turn"] == 2 and second["images"] == []  # the refused image never joined the dialogue
+    assert second["cached_tokens"] == first["cached_tokens"] + second["fed_tokens"]
+
+
+def test_a_turn_that_fails_inside_the_model_changes_nothing(lvlm, images, monkeypatch):
+    session = ChatSession(lvlm, PruneSettings(method="asap", k=K, layer=LAYER), max_tokens=4)
+    session.add_image("picture", images[0])
+    session.ask("what is in the picture?")
+    before = (list(session.seen), [layer.get_seq_length() for layer in session.cache.layers], len(session.messages))
+    last_layer = lvlm.decoder.decoder.layers[-1]
+    monkeypatch.setattr(last_layer, "forward", lambda *args, **kwargs: 1 / 0)  # after layers 0-2 cached the turn
+    session.add_image("second", images[1])
+    with pytest.raises(ZeroDivisionError):
+        session.ask("and this one?")
+    monkeypatch.undo()
+    after = (list(session.seen), [layer.get_seq_length() for layer in session.cache.layers], len(session.messages))
+    assert after == before and len(session.turns) == 1 and len(session.pending) == 1  # the image waits
+    answer = session.ask("and this one?").result.text
+
+    fresh = ChatSession(lvlm, PruneSettings(method="asap", k=K, layer=LAYER), max_tokens=4)
+    fresh.add_image("picture", images[0])
+    fresh.ask("what is in the picture?")
+    fresh.add_image("second", images[1])
+    assert fresh.ask("and this one?").result.text == answer
+    assert [layer.get_seq_length() for layer in fresh.cache.layers] == [
+        layer.get_seq_length() for layer in session.cache.layers
+    ]
+
+
+def test_json_chat_keeps_stdout_json_lines(llava_path, image_file):
+    result = chat(image_file, "-m", llava_path, "--max-tokens", 2, "--json", input="/help\nhi\n/stats\n")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [min(record) for record in records] == ["answer", "stats"]
+    assert "/image PATH" in result.stderr
+
+
+def test_chat_says_when_the_dialogue_no_longer_fits(llava_path, image_file):
+    # The tiny model holds 4096 positions; its tokenizer makes one token per character.
+    transcript = f"hi\n{'x' * 4100}\n/reset\nhi again\n"
+    result = chat(image_file, "-m", llava_path, "--max-tokens", 2, "--json", input=transcript)
+    assert result.exit_code == 1
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert error.startswith("Error: the dialogue no longer fits the model's context") and "/reset" in error
+    assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 1]

@@ -42,6 +42,12 @@ def test_run_json_is_one_object_with_the_figures(llava_path, image_file):
     assert 1 <= data["generated_tokens"] <= 4 and isinstance(data["answer"], str)
 
 
+def test_a_prompt_that_is_not_text_is_one_error_line(llava_path, image_file):
+    result = asap("run", image_file, "-", "-m", llava_path, input=b"what \xff is it?\n")
+    assert result.exit_code == 1
+    assert result.stderr == "Error: the input is not valid UTF-8 text; check the encoding of what you typed or piped\n"
+
+
 def test_run_reads_the_prompt_from_stdin(llava_path, image_file):
     result = asap("run", image_file, "-", "-m", llava_path, "--json", "--max-tokens", 2, input="what colour?\n")
     assert result.exit_code == 0, result.output
@@ -98,6 +104,7 @@ def model_without_image_token(tmp_path, llava_path):
         (["{image}", "hi", "-m", "{model}", "--lambda-max", "0"], 2, "lambda-max must be in (0, 1]"),
         (["{image}", "hi", "-m", "{model}", "--lambda-max", "1.5"], 2, "lambda-max must be in (0, 1]"),
         (["{image}", "   ", "-m", "{model}"], 2, "the prompt is empty"),
+        (["{image}", "<image> hi", "-m", "{model}"], 2, "contains '<image>', this model's image placeholder"),
         (["{image}", "hi", "-m", "{model}", "--method", "magic"], 2, "unknown method 'magic'"),
         (["{image}", "hi", "-m", "{no_image_token}"], 1, "has no image_token_id"),
         (["{image}", "hi", "-m", "no-such-org/no-such-model"], 1, "cannot load model"),
@@ -196,3 +203,40 @@ def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path,
     assert result.exit_code == 0, result.output  # renumbers divprune, leaves fastv as it is
     result = asap("eval", "--n", 4, "--methods", "fastv,asap", "--positions", "renumber")
     assert result.exit_code == 2 and "for methods that prune before the language model" in result.stderr
+
+
+def test_a_prompt_longer_than_the_context_is_refused(llava_path, image_file):
+    result = asap("run", image_file, "x" * 4100, "-m", llava_path, "--max-tokens", 2)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: the prompt is ")
+    assert "more than the model's context of 4096" in result.stderr
+
+
+def test_generation_stops_at_the_end_of_the_context(llava_path, image_file):
+    short = json.loads(asap("run", image_file, "x", "-m", llava_path, "--max-tokens", 1, "--json").stdout)
+    prompt = "x" * (4096 - 2 - (short["prompt_tokens"] - 1))  # two positions left for the answer
+    record = json.loads(asap("run", image_file, prompt, "-m", llava_path, "--max-tokens", 8, "--json").stdout)
+    assert record["prompt_tokens"] == 4094 and record["generated_tokens"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "{image}", "hi", "--seed", "100000000000000000000000"], "--seed"),
+        (["run", "{image}", "hi", "--seed", "-1"], "--seed"),
+        (["run", "{image}", "hi", "--temperature", "inf"], "inf is not a finite number"),
+        (["run", "{image}", "hi", "--temperature", "nan"], "--temperature"),
+        (["run", "{image}", "hi", "-m", ""], "-m/--model is empty"),
+        (["flops", "-m", " "], "-m/--model is empty"),
+        (["profile", "--k", "12\N{SUPERSCRIPT TWO}"], "k must be a whole number of at least 1, got '12"),
+        (["eval", "-k", "\N{SUPERSCRIPT TWO}"], "k must be a whole number"),
+        (["profile", "--threads", "100000000000000000000000"], "--threads"),
+        (["eval", "--threads", "100000000000000000000000"], "--threads"),
+        (["profile", "--batch", "100000000000000000000000"], "--batch"),
+    ],
+)
+def test_values_the_tool_cannot_use_are_usage_errors(args, message, image_file):
+    result = asap(*[arg.format(image=image_file) for arg in args])
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]  # after the parser's usage
+    assert len(error) == 1 and message in error[0] and "Traceback" not in result.output

@@ -1,7 +1,6 @@
 """The pruned decoder inside real (tiny) transformers LVLMs, against transformers' own forward
 and generate(), and the shape of the KV cache it leaves behind."""
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -330,7 +329,9 @@ def test_renumbering_is_for_methods_that_prune_before_the_llm():
         PruneSettings(method="divprune", positions="shuffled").check()
 
 
-@pytest.mark.parametrize("queries, layer, same", [("last", 1, True), ("text", 1, True), ("all", 1, False), ("last", 2, False)])
+@pytest.mark.parametrize(
+    "queries, layer, same", [("last", 1, True), ("text", 1, True), ("all", 1, False), ("last", 2, False)]
+)
 def test_sg_bimask_reaches_a_text_query_selection_only_through_earlier_layers(queries, layer, same, demo):
     """Text rows are causal under either mask: at L = 1 (scored in layer 0, whose inputs no mask
     has touched) SG-BiMask selects exactly as FastV does; image rows ('all') or L = 2 differ."""

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image, ImageChops
 from typer.testing import CliRunner
 
-from asapcli import evaluation
+from asapcli import evaluation, figures
 from asapcli.cli import app
 from asapcli.demo import scenes
 from asapcli.generation import PruneSettings
@@ -73,11 +73,12 @@ def test_eval_table_and_a_question_file(tmp_path):
         ('{"image": "scene.png", "question": "hi"}', ":1: missing or empty answer"),
         ('{"image": "gone.png", "question": "hi", "answer": "no"}', "image not found"),
         ("[1, 2]", "expected an object"),
+        ('{"image": "scene.png", "question": "h\udcffi", "answer": "no"}', ":1: not UTF-8 text"),
     ],
 )
 def test_bad_question_files_are_one_error_line(tmp_path, line, message):
     data = tmp_path / "questions.jsonl"
-    data.write_text(line + "\n")
+    data.write_bytes(line.encode("utf-8", "surrogateescape") + b"\n")
     result = asap("eval", "--data", data)
     assert result.exit_code == 1
     assert result.stderr.strip().startswith("Error:") and message in result.stderr
@@ -146,3 +147,114 @@ def test_save_kept_needs_a_single_grid(llava_next_path, image_file, tmp_path):
     result = asap("run", image_file, "hi", "-m", llava_next_path, "--save-kept", tmp_path / "kept.png")
     assert result.exit_code == 2
     assert "not one square grid" in result.stderr and "Traceback" not in result.output
+
+
+def test_save_kept_never_writes_over_an_input_and_replaces_other_files(tmp_path):
+    image = tmp_path / "scene.png"
+    scenes.questions(3, 1)[0].scene.render().save(image)
+    before = image.read_bytes()
+    result = asap("run", image, "what colour?", "--save-kept", image, "--max-tokens", 1)
+    assert result.exit_code == 2 and "it is an input of this run" in result.stderr
+    assert image.read_bytes() == before
+    kept = tmp_path / "kept.png"
+    kept.write_text("an older file")  # an output that exists is replaced (README: outputs), and said so
+    result = asap("run", image, "what colour?", "--save-kept", kept, "--max-tokens", 1)
+    assert result.exit_code == 0, result.output
+    assert Image.open(kept).format == "PNG" and f"wrote {kept}" in result.stderr
+
+
+def test_eval_never_writes_over_its_question_file(tmp_path):
+    data = tmp_path / "questions.jsonl"
+    scenes.questions(7, 1)[0].scene.render().save(tmp_path / "scene.png")
+    data.write_text('{"image": "scene.png", "question": "is there a red car?", "answer": "No."}\n')
+    for option in ("--plot", "--log", "--attention-profile"):
+        result = asap("eval", "--data", data, "--methods", "vanilla", option, data)
+        assert result.exit_code == 2 and "it is an input of this run" in result.stderr
+    result = asap("eval", "--data", data, "--methods", "vanilla", "--plot", tmp_path / "scene.png")
+    assert result.exit_code == 2 and "it is an input of this run" in result.stderr
+    assert data.read_text().startswith('{"image": "scene.png"') and Image.open(tmp_path / "scene.png").format == "PNG"
+    twice = tmp_path / "out.png"  # two outputs in one file: the second would replace the first
+    result = asap("eval", "--data", data, "--methods", "vanilla", "--plot", twice, "--log", twice)
+    assert result.exit_code == 2 and "must name different files" in result.stderr
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_run(tmp_path):
+    result = asap("eval", "--n", 2, "--methods", "vanilla", "--plot", "/dev/full")
+    assert result.exit_code == 1 and result.stderr == "Error: cannot write /dev/full: not a regular file\n"
+
+
+def test_a_failed_write_after_the_run_loses_only_that_file(tmp_path, monkeypatch):
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"the previous plot")
+
+    class FullDisk:
+        def save(self, file, format):
+            file.write(b"half a")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(figures, "accuracy_plot", lambda *args: FullDisk())
+    result = asap("eval", "--n", 2, "--methods", "vanilla,asap", "-k", 64, "--plot", plot)
+    assert result.exit_code == 1
+    assert "vanilla" in result.stdout and "asap" in result.stdout  # the table came first
+    assert result.stderr.strip().endswith(f"Error: cannot write {plot}: No space left on device")
+    assert plot.read_bytes() == b"the previous plot" and list(tmp_path.iterdir()) == [plot]
+
+
+def test_interrupted_eval_prints_what_was_answered_and_keeps_the_log(tmp_path, monkeypatch):
+    calls = []
+    answer = evaluation.generate_batch
+
+    def interrupted_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return answer(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate_batch", interrupted_on_the_third)
+    log = tmp_path / "answers.jsonl"
+    result = asap("eval", "--n", 4, "--methods", "vanilla,asap", "-k", 64, "--log", log)
+    assert result.exit_code == 130
+    assert "(partial)" in result.stdout and "Partial: interrupted after 2 of 8 answers" in result.stdout
+    assert "vanilla" in result.stdout and "asap" in result.stdout
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["method"], r["k"], r["index"]) for r in records] == [("vanilla", None, 0), ("asap", 64, 0)]
+    assert records[0]["expected"] == scenes.questions(scenes.EVAL_SEED, 1)[0].answer
+
+
+def test_every_image_of_a_question_file_opens_before_the_first_answer(tmp_path):
+    scenes.questions(7, 1)[0].scene.render().save(tmp_path / "scene.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    line = '{"image": "%s", "question": "is there a red car?", "answer": "No."}\n'
+    data = tmp_path / "questions.jsonl"
+    data.write_text(line % "scene.png" * 4 + line % "broken.png")
+    result = asap("eval", "--data", data, "--methods", "vanilla")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"Error: {data}:5: cannot read image")
+
+
+def test_synthetic_questions_render_their_scenes_only_when_asked(monkeypatch):
+    rendered = []
+    render = scenes.Scene.render
+    monkeypatch.setattr(scenes.Scene, "render", lambda self: rendered.append(1) or render(self))
+    items = evaluation.synthetic_items(50)
+    assert rendered == []  # --n 1000000 does not build a million pictures up front
+    assert items[3].picture().size == render(scenes.questions(scenes.EVAL_SEED, 4)[3].scene).size
+    assert len(rendered) == 1
+
+
+def test_synthetic_questions_are_bounded(monkeypatch):
+    monkeypatch.setattr(evaluation, "MAX_SYNTHETIC", 10)
+    result = asap("eval", "--n", 11)
+    assert result.exit_code == 2 and result.stderr == "Error: --n is at most 10 for the synthetic questions, got 11\n"
+
+
+def test_the_image_placeholder_in_a_question_is_refused_before_the_first_answer(tmp_path):
+    scenes.questions(7, 1)[0].scene.render().save(tmp_path / "scene.png")
+    line = '{"image": "scene.png", "question": "%s", "answer": "No."}\n'
+    data = tmp_path / "questions.jsonl"
+    data.write_text(line % "is there a red car?" + line % "<image> is there a car?")
+    result = asap("eval", "--data", data, "--methods", "vanilla")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: question 2: the text contains '<image>'")
+    result = asap("profile", "--prompt", "what <image>?", "--methods", "vanilla")
+    assert result.exit_code == 2 and "contains '<image>'" in result.stderr

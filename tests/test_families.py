@@ -235,3 +235,67 @@ def test_asap_run_says_what_these_processors_need(families, image_file):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: cannot load model") and "torchvision" in lines[0]
+
+
+# A LLaVA around each text family whose attention can slide (or is soft-capped): the options that
+# make it attend otherwise than fully and causally, which the engine does not reproduce.
+WINDOWED = {
+    "mistral": {"sliding_window": 8},
+    "mixtral": {"sliding_window": 8, "num_local_experts": 2, "num_experts_per_tok": 1},
+    "phi3": {"sliding_window": 8, "pad_token_id": 0},
+    "starcoder2": {"sliding_window": 8},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0},
+    "gemma2": {"sliding_window": 8},
+    "gemma2-softcap": {"layer_types": ["full_attention"] * 2, "attn_logit_softcapping": 50.0},
+}
+LLAVA_TEXT = {key: value for key, value in TINY_TEXT.items() if key != "vocab_size"} | {
+    "vocab_size": 320,
+    "max_position_embeddings": 256,
+}
+
+
+def tiny_llava(text_type: str, **text_options):
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config={"model_type": "clip_vision_model", **TINY_VISION, "projection_dim": 32},
+        text_config={"model_type": text_type.split("-")[0], **LLAVA_TEXT, **text_options},
+        image_token_id=300,
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("family", list(WINDOWED))
+def test_every_family_with_windowed_or_capped_attention_is_refused(family):
+    model = tiny_llava(family, **WINDOWED[family])
+    with pytest.raises(UnsupportedModel, match="sliding|softcapping"):
+        install(model)
+    assert not isinstance(model.get_decoder(), PrunedDecoder)
+
+
+def test_qwen2_5_vl_with_sliding_window_is_refused(families):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = families["qwen2.5-vl"].reference.config
+    text = config.get_text_config()
+    text.use_sliding_window, text.sliding_window, text.max_window_layers = True, 8, 0
+    with pytest.raises(UnsupportedModel, match="sliding"):
+        check_supported(Qwen2_5_VLForConditionalGeneration(config))
+
+
+@pytest.mark.parametrize("window", [None, 256])  # no window, or one as long as the whole context
+def test_mistral_without_a_window_that_cuts_runs_and_equals_transformers(window):
+    ids = torch.tensor([[1] + [300] * 16 + list(range(5, 45))])  # 57 tokens: an 8-token window would cut
+    pixels = torch.rand(1, 3, 16, 16)
+    reference = tiny_llava("mistral", sliding_window=window)
+    with torch.inference_mode():
+        expected = reference(input_ids=ids, pixel_values=pixels).logits
+        windowed = tiny_llava("mistral", sliding_window=8)(input_ids=ids, pixel_values=pixels).logits
+    assert not torch.allclose(windowed, expected, atol=1e-3)  # why a window that cuts is refused
+    loaded = prepare(tiny_llava("mistral", sliding_window=window), SimpleNamespace(), "mistral")
+    with torch.inference_mode():
+        got = loaded.model(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -91,8 +91,19 @@ def test_flops_from_a_local_config(llava_path):
     [
         (["-m", "no-such-preset"], "unknown preset 'no-such-preset'"),
         (["-m", "llava-1.5-7b", "--schedule", "2:100,4:200"], "must not grow"),
-        (["-m", "llava-1.5-7b", "--schedule", "40:100"], "outside this model's 0..32 layers"),
+        (["-m", "llava-1.5-7b", "--schedule", "40:100"], "outside this model's layers 0..31"),
         (["-m", "llava-1.5-7b", "--k", "0"], "k must be at least 1"),
+        # Steps that prune nothing, refused instead of shown as stages:
+        (["-m", "llava-1.5-7b", "--schedule", "2:100000"], "keeps every visual token (the image has 576)"),
+        (["-m", "llava-1.5-7b", "--schedule", "2:576"], "keeps every visual token"),
+        (["-m", "llava-1.5-7b", "--schedule", "2:300,8:300"], "keeps the 300 tokens the step before left"),
+        (["-m", "llava-1.5-7b", "--schedule", "32:100"], "after the last layer, prunes nothing"),
+        (["-m", "llava-1.5-7b", "--layer", "32"], "after the last layer, prunes nothing"),
+        (["-m", "llava-1.5-7b", "-k", "600"], "keeps every visual token"),
+        (["-m", "llava-1.5-7b", "--schedule", ""], "--schedule is empty"),
+        (["-m", "llava-1.5-7b", "--schedule", " , "], "bad schedule item"),
+        (["-m", "llava-1.5-7b", "--schedule", "2:1\N{SUPERSCRIPT TWO}"], "bad schedule item"),
+        (["-m", "llava-1.5-7b", "--measure", "--method", "magic"], "unknown method 'magic'"),
     ],
 )
 def test_flops_errors(args, message):
@@ -144,3 +155,17 @@ def test_flops_measure_errors(llava_path, args, message):
     result = runner.invoke(app, ["flops", "-m", str(llava_path), "--measure", *args])
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: ") and message in result.stderr
+
+
+@pytest.mark.parametrize("method", ["divprune", "pool"])
+def test_flops_measure_of_a_method_before_the_llm_prunes_layer_0_in_both_columns(llava_path, method):
+    args = ["flops", "-m", str(llava_path), "-k", "16", "--measure", "--method", method, "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [(stage["layers"], stage["tokens"]) for stage in data["stages"]] == [(4, 16)]
+    assert data["measured"]["stages_tflops"] == pytest.approx([s["tflops"] for s in data["stages"]], rel=1e-12)
+    assert data["measured"]["tflops"] == pytest.approx(data["tflops"], rel=1e-12)
+    table = runner.invoke(app, args[:-1]).stdout
+    scoring = {"divprune": "none.", "pool": "adaptive_avg_pool2d 4,096 FLOPs."}[method]  # not "none FLOPs"
+    assert f"counted apart: {scoring}" in table

@@ -27,8 +27,8 @@ QUESTION = "what colour is the car?"
 CAR = Path(__file__).resolve().parent.parent / "examples" / "car.png"
 # Engine and transformers compute in float32; the reference in float64. The demo model's
 # residual stream reaches ~140 in magnitude, where float32 rounding alone is ~1e-5 per step.
-HIDDEN_TOL = dict(atol=1e-4, rtol=1e-5)
-LOGITS_TOL = dict(atol=1e-4, rtol=0.0)
+HIDDEN_TOL = {"atol": 1e-4, "rtol": 1e-5}
+LOGITS_TOL = {"atol": 1e-4, "rtol": 0.0}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,6 +8,7 @@ piped session that met one exits 1 at the end, so that scripts notice.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import typer
 
 from .. import display
 from ..chat import ChatSession, Turn
-from ..errors import AsapError, UsageError
+from ..errors import UsageError, describe, whole_number
 from ..inputs import load_image
 from ..loading import load
 from . import options
@@ -86,8 +87,10 @@ def chat(
                     break
             else:
                 _turn(session, line, json, interactive)
-        except AsapError as error:
-            display.error(str(error))
+        except Exception as error:  # no turn, however it fails, ends the session (its state is kept)
+            if os.environ.get("ASAP_DEBUG") == "1":
+                raise
+            display.error(describe(error))
             failed = True
     if failed and not interactive:
         raise typer.Exit(1)
@@ -96,7 +99,12 @@ def chat(
 def _lines(interactive: bool) -> Iterator[str]:
     """User lines, blank ones skipped: prompted on a terminal (Ctrl-C clears the line), else stdin."""
     if not interactive:
-        for line in sys.stdin:
+        # Bytes that are not text reach the turn as lone surrogates, refused there with one error
+        # line, instead of ending the loop here.
+        encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+        raw = getattr(sys.stdin, "buffer", None)
+        for line in raw if raw is not None else sys.stdin:
+            line = line.decode(encoding, "surrogateescape") if isinstance(line, bytes) else line
             if line.strip():
                 yield line.strip()
         return
@@ -108,6 +116,9 @@ def _lines(interactive: bool) -> Iterator[str]:
             return
         except KeyboardInterrupt:
             display.err.print()
+            continue
+        except UnicodeDecodeError:
+            display.error("the line is not valid text in the terminal's encoding; type it again")
             continue
         if line.strip():
             yield line.strip()
@@ -136,8 +147,8 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
     argument = argument.strip()
     if name in ("/exit", "/quit"):
         return False
-    if name == "/help":
-        display.out.print(HELP, markup=False, highlight=False, soft_wrap=True)
+    if name == "/help":  # with --json, stdout holds JSON Lines only
+        (display.err if json else display.out).print(HELP, markup=False, highlight=False, soft_wrap=True)
     elif name == "/image":
         if not argument:
             raise UsageError("/image needs a path: /image PATH")
@@ -148,9 +159,7 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
         session.reset()
         display.note("Conversation, images and cache cleared.")
     elif name == "/k":
-        if not argument.isdigit() or int(argument) < 1:
-            raise UsageError(f"/k needs a whole number of at least 1, got {argument!r}")
-        session.set_k(int(argument))
+        session.set_k(whole_number(argument, "/k"))
         display.note(f"k = {session.settings.k} from the next image on.")
     elif name == "/stats":
         stats = session.stats()

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .. import display, evaluation, figures
 from ..engine import METHODS
+from ..errors import UsageError
 from ..loading import load
 from . import options
 
@@ -61,6 +62,14 @@ def eval_command(
             "L-1, causal vs SG-BiMask (two more passes over the questions).",
         ),
     ] = None,
+    log: Annotated[
+        Path | None,
+        typer.Option(
+            "--log",
+            help="Write every answer as a JSON line (method, k, question, expected, answer, correct) as it "
+            "comes: an interrupted run leaves what it answered.",
+        ),
+    ] = None,
     threads: options.Threads = None,
     seed: options.Seed = 0,
     device: options.Device = "auto",
@@ -73,15 +82,19 @@ def eval_command(
     names = options.method_list(methods)
     options.check_positions(names, positions)
     ks = options.budget_list(budgets)
-    for path in (plot, attention_profile):
-        if path is not None:
-            figures.check_writable(path)
     items = evaluation.read_items(data, n) if data is not None else evaluation.synthetic_items(n or 200)
+    outputs = [path for path in (plot, attention_profile, log) if path is not None]
+    if len({path.expanduser().resolve() for path in outputs}) < len(outputs):
+        raise UsageError("--plot, --attention-profile and --log must name different files")
+    inputs = ([data] if data is not None else []) + [item.image for item in items if isinstance(item.image, Path)]
+    for path in outputs:
+        figures.check_writable(path, inputs)
     if threads is not None:
         torch.set_num_threads(threads)
 
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
+    evaluation.check_questions(loaded, items)
     base = options.prune_settings(
         loaded.preset,
         layer=layer,
@@ -98,25 +111,39 @@ def eval_command(
     for settings in runs:
         settings.check(loaded.num_layers)
 
-    with _progress() as progress:
-        task = progress.add_task("Answering", total=len(items) * len(runs))
-        scores = evaluation.evaluate(loaded, items, runs, max_tokens, batch, on_step=lambda: progress.advance(task))
-        profile = None
-        if attention_profile is not None:
-            task = progress.add_task("Attention profile", total=2 * len(items))
-            profile = evaluation.attention_profile(
-                loaded, items, base.layer, lambda_max, on_step=lambda: progress.advance(task)
+    scores = [evaluation.Score(settings) for settings in runs]
+    profile, interrupted = None, False
+    answers = evaluation.AnswerLog(log, items) if log is not None else None
+    try:
+        with _progress() as progress:
+            task = progress.add_task("Answering", total=len(items) * len(runs))
+            evaluation.evaluate(
+                loaded,
+                items,
+                runs,
+                max_tokens,
+                batch,
+                on_step=lambda: progress.advance(task),
+                scores=scores,
+                on_answer=answers.write if answers is not None else None,
             )
+            if attention_profile is not None:
+                task = progress.add_task("Attention profile", total=2 * len(items))
+                profile = evaluation.attention_profile(
+                    loaded, items, base.layer, lambda_max, on_step=lambda: progress.advance(task)
+                )
+    except KeyboardInterrupt:  # Ctrl-C: show what was answered, marked partial, then exit 130
+        interrupted = True
+    finally:
+        if answers is not None:
+            answers.close()
 
+    # The results are shown before any file is written: a failed write loses only that file.
+    answered = sum(sum(score.totals.values()) for score in scores)
+    scores = [score for score in scores if score.totals]
     vanilla = next((score for score in scores if score.settings.method == "vanilla"), None)
     source = str(data) if data is not None else "synthetic held-out scenes"
-    if plot is not None:
-        figures.save_png(figures.accuracy_plot(_series(scores), f"{model}: {source}, n={len(items)}"), plot)
-    if profile is not None:
-        title = f"{model}: attention of the last prompt token per image row, layer {profile.layer - 1}"
-        curves = {"causal (FastV)": profile.causal, "SG-BiMask (ASAP)": profile.sg_bimask}
-        figures.save_png(figures.row_profile_plot(curves, title), attention_profile)
-
+    partial = " (partial)" if interrupted else ""
     if json:
         display.print_json(
             {
@@ -124,23 +151,42 @@ def eval_command(
                 "data": source,
                 "n": len(items),
                 "layer": base.layer,
+                "partial": interrupted,
                 "results": [_record(score, vanilla) for score in scores],
                 "attention_profile": None
                 if profile is None
                 else {"causal": profile.causal, "sg_bimask": profile.sg_bimask},
             }
         )
-        return
-    display.out.print(_table(scores, vanilla, f"{model}: {source}, n={len(items)}, L={base.layer}"))
-    display.out.print(
-        "FLOPs %: paper Eq. 8, visual tokens only; accuracy: normalised exact match, greedy; avg: mean over "
-        "question types; rel: avg / vanilla's; top/bottom: questions about one object in that half of the image.",
-        markup=False,
-        soft_wrap=True,
-    )
-    for path in (plot, attention_profile):
-        if path is not None:
-            display.note(f"wrote {path}")
+    elif scores:
+        display.out.print(_table(scores, vanilla, f"{model}: {source}, n={len(items)}, L={base.layer}{partial}"))
+        display.out.print(
+            "FLOPs %: paper Eq. 8, visual tokens only; accuracy: normalised exact match, greedy; avg: mean over "
+            "question types; rel: avg / vanilla's; top/bottom: questions about one object in that half of the "
+            "image.",
+            markup=False,
+            soft_wrap=True,
+        )
+        if interrupted:
+            display.out.print(
+                f"Partial: interrupted after {answered} of {len(items) * len(runs)} answers; each row scores the "
+                "questions it answered.",
+                markup=False,
+                soft_wrap=True,
+            )
+    if interrupted:
+        display.note(f"Interrupted after {answered} answers{'; ' + str(log) + ' holds them' if log else ''}.")
+        raise typer.Exit(130)
+    if log is not None:
+        display.note(f"wrote {log}")
+    if plot is not None:
+        figures.save_png(figures.accuracy_plot(_series(scores), f"{model}: {source}, n={len(items)}"), plot, inputs)
+        display.note(f"wrote {plot}")
+    if profile is not None:
+        title = f"{model}: attention of the last prompt token per image row, layer {profile.layer - 1}"
+        curves = {"causal (FastV)": profile.causal, "SG-BiMask (ASAP)": profile.sg_bimask}
+        figures.save_png(figures.row_profile_plot(curves, title), attention_profile, inputs)
+        display.note(f"wrote {attention_profile}")
 
 
 def _progress() -> Progress:
@@ -176,8 +222,8 @@ def _record(score: evaluation.Score, vanilla: evaluation.Score | None) -> dict:
 
 
 def _table(scores: list[evaluation.Score], vanilla: evaluation.Score | None, title: str) -> Table:
-    types = list(scores[0].totals)
-    regions = [region for region in ("top", "bottom") if region in scores[0].region_totals]
+    types = list(dict.fromkeys(kind for score in scores for kind in score.totals))
+    regions = [region for region in ("top", "bottom") if any(region in score.region_totals for score in scores)]
     table = Table(title=title, title_justify="left")
     for column in ["method", "k", "FLOPs %", *types, "avg", "rel", *regions]:
         table.add_column(column, justify="left" if column == "method" else "right")
@@ -187,9 +233,13 @@ def _table(scores: list[evaluation.Score], vanilla: evaluation.Score | None, tit
             score.settings.method,
             "-" if record["k"] is None else str(record["k"]),
             f"{score.flops_ratio:.1%}",
-            *(f"{record['accuracy'][kind]:.1%}" for kind in types),
+            *(_percent(record["accuracy"].get(kind)) for kind in types),  # a partial row may lack some
             f"{score.average:.1%}",
-            "-" if record["relative"] is None else f"{record['relative']:.1%}",
-            *(f"{record['region_accuracy'][region]:.1%}" for region in regions),
+            _percent(record["relative"]),
+            *(_percent(record["region_accuracy"].get(region)) for region in regions),
         )
     return table
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"

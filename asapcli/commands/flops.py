@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from .. import display, flops
+from ..engine import METHODS
 from ..errors import UsageError
 from ..generation import PruneSettings
 from ..loading import load, load_architecture
@@ -48,14 +49,19 @@ def flops_command(
         raise UsageError("give either --schedule or -k/--layer, not both")
     if k is not None and k < 1:
         raise UsageError(f"k must be at least 1, got {k}")
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     arch = load_architecture(model, visual_tokens)
-    if schedule:
+    if schedule is not None:
         steps = flops.parse_schedule(schedule)
     else:
         settings = options.prune_settings(find_preset(model), k=k, layer=layer)
-        steps = [(settings.layer, settings.k)]
-    steps = [(step, min(tokens, arch.visual_tokens)) for step, tokens in steps]
-    stages = flops.pruning_schedule(arch.layers, arch.visual_tokens, steps)
+        # divprune and pool prune before the first layer, whatever --layer says (as asap run does)
+        steps = [(0 if measure and METHODS[method].before_llm else settings.layer, settings.k)]
+    if schedule is None and k is None and steps[0][1] >= arch.visual_tokens:
+        stages = [flops.Stage(arch.layers, arch.visual_tokens)]  # the preset's k keeps them all
+    else:
+        stages = flops.pruning_schedule(arch.layers, arch.visual_tokens, steps)
     # fvcore counts what the model computes: grouped-query k/v projections at their real size.
     kv_fraction = arch.kv_heads / arch.heads if gqa or measure else 1.0
 
@@ -90,11 +96,11 @@ def flops_command(
     display.out.print(_table(model, arch, stages, count, counted))
     display.out.print(f"Convention: {convention}.", markup=False, soft_wrap=True)
     if counted is not None:
-        extra = ", ".join(f"{op} {n:,}" for op, n in counted["pruned"].other.items()) or "none"
+        extra = ", ".join(f"{op} {n:,} FLOPs" for op, n in counted["pruned"].other.items()) or "none"
         display.out.print(
             f"Measured: fvcore's count of the language model run on {arch.visual_tokens} visual tokens "
             f"(linear layers and attention), pruned by {method}; the method's own scoring ops, counted "
-            f"apart: {extra} FLOPs.",
+            f"apart: {extra}.",
             markup=False,
             soft_wrap=True,
         )
@@ -107,7 +113,8 @@ def _measure(model: str, visual_tokens: int, steps, method: str, device: str, dt
     if len(steps) != 1:
         raise UsageError("--measure runs one pruning step: give -k/--layer, not a --schedule of several")
     ((layer, k),) = steps
-    settings = PruneSettings(method=method, k=k, layer=layer)
+    # A method that prunes before the LLM ignores L; check() asks for one all the same.
+    settings = PruneSettings(method=method, k=k, layer=max(layer, 1) if METHODS[method].before_llm else layer)
     settings.check()
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)

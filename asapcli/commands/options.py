@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
 
 from ..engine import METHODS
-from ..errors import UsageError
+from ..errors import UsageError, ascii_digits
 from ..generation import PruneSettings
 from ..presets import Preset
 
@@ -64,8 +65,20 @@ Dtype = Annotated[
     str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
 ]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
-Temperature = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for sampling and for the random method.")]
+
+
+def _finite(value: float) -> float:
+    """inf and nan pass a range check (nan compares false with everything); neither samples text."""
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+Temperature = Annotated[
+    float, typer.Option("--temperature", min=0.0, callback=_finite, help="Sampling temperature; 0 is greedy.")
+]
+# torch seeds take 64 bits, and the random method multiplies the seed by a million: 32 bits fit.
+Seed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for sampling and for the random method.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
 Budgets = Annotated[
     str | None,
@@ -74,7 +87,8 @@ Budgets = Annotated[
     ),
 ]
 Threads = Annotated[
-    int | None, typer.Option("--threads", min=1, help="CPU threads for PyTorch (default: PyTorch's choice).")
+    int | None,
+    typer.Option("--threads", min=1, max=1024, help="CPU threads for PyTorch (default: PyTorch's choice)."),
 ]
 
 
@@ -93,7 +107,7 @@ def budget_list(text: str | None) -> list[int] | None:
         return None
     budgets = []
     for item in _split(text, "-k/--k"):
-        if not item.isdigit() or int(item) < 1:
+        if not ascii_digits(item) or int(item) < 1:
             raise UsageError(f"k must be a whole number of at least 1, got {item!r}")
         budgets.append(int(item))
     return budgets

@@ -49,6 +49,7 @@ def profile(
         typer.Option(
             "--batch",
             min=1,
+            max=1024,  # N copies are built at once: beyond this, memory, then an integer overflow
             help="Also run N copies of the sample as one batch, beside batch 1, and compare their images/s.",
         ),
     ] = 1,

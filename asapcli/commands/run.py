@@ -17,6 +17,7 @@ from ..inputs import (
     build_batch_inputs,
     build_inputs,
     check_prompt,
+    check_text,
     expand_images,
     load_image,
     pair_samples,
@@ -74,7 +75,7 @@ def run(
             raise UsageError("give an image and a prompt: asap run IMAGE PROMPT")
         *arguments, prompt = arguments
         prompts = [prompt]
-    prompts = [sys.stdin.read().strip() if prompt == "-" else prompt for prompt in prompts]
+    prompts = [_read_stdin() if prompt == "-" else prompt for prompt in prompts]
     for prompt in prompts:
         check_prompt(prompt)
     samples = pair_samples(expand_images([*arguments, *(more_images or [])]), prompts)
@@ -82,7 +83,7 @@ def run(
     if save_kept is not None:
         if len(samples) > 1:
             raise UsageError("--save-kept draws one image; run one sample to use it")
-        figures.check_writable(save_kept)
+        figures.check_writable(save_kept, inputs=[path for path, _ in samples])
     settings_for = partial(
         options.prune_settings,
         method=method,
@@ -100,6 +101,8 @@ def run(
     with display.status(f"Loading {model}"):
         loaded = load(model, device=device, dtype=dtype)
     settings = settings_for(loaded.preset)
+    for prompt in prompts:
+        check_text(loaded.processor, prompt)
     if len(samples) > 1:
         run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json)
         return
@@ -118,16 +121,26 @@ def run(
         seed=seed,
         on_text=None if json else display.write,
     )
-    if save_kept is not None:
-        start, end = pruning.spans[0]
-        kept = [position - start for position in (result.kept_positions or [range(start, end)])[0]]
-        picture_kept = figures.kept_picture(picture, loaded.processor.image_processor, span_tokens, kept)
-        figures.save_png(picture_kept, save_kept)
     if json:
         display.print_json(_json_record(loaded, settings, image, prompt, result))
     else:
         display.write("\n")
         display.note(summary(settings, result))
+    if save_kept is not None:  # after the answer is out: a failed write loses only the picture
+        start, end = pruning.spans[0]
+        kept = [position - start for position in (result.kept_positions or [range(start, end)])[0]]
+        picture_kept = figures.kept_picture(picture, loaded.processor.image_processor, span_tokens, kept)
+        figures.save_png(picture_kept, save_kept, inputs=[image])
+        display.note(f"wrote {save_kept}")
+
+
+def _read_stdin() -> str:
+    """The prompt piped in; bytes that are not text become lone surrogates, which check_prompt
+    refuses with one error line."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:
+        return sys.stdin.read().strip()
+    return raw.read().decode(getattr(sys.stdin, "encoding", None) or "utf-8", "surrogateescape").strip()
 
 
 def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json) -> None:

@@ -46,7 +46,8 @@ DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 def check_supported(model: PreTrainedModel) -> None:
     """Raise UnsupportedModel naming what the engine cannot drive in `model`: a language model
     not built as embeddings, layers, norm and one rotary embedding, or layers that attend
-    otherwise than fully and causally (sliding windows). Checked before anything is changed."""
+    otherwise than fully and causally (sliding windows, soft-capped or chunked attention).
+    Checked before anything is changed."""
     name = type(model).__name__
     decoder = _language_model(model)
     missing = [part for part in DECODER_PARTS if not hasattr(decoder, part)]
@@ -57,11 +58,21 @@ def check_supported(model: PreTrainedModel) -> None:
         )
     text = model.config.get_text_config()
     other = sorted(set(getattr(text, "layer_types", None) or ()) - {"full_attention"})
-    if other or getattr(text, "use_sliding_window", False):
+    # Mistral-style configs (Mistral, Mixtral, Phi-3, Starcoder2) slide whenever `sliding_window`
+    # is set, with no layer_types; a window that spans the whole context never cuts anything.
+    window = getattr(text, "sliding_window", None)
+    context = getattr(text, "max_position_embeddings", None)
+    windowed = window is not None and not (isinstance(context, int) and window >= context)
+    if other or windowed or getattr(text, "use_sliding_window", False):
         raise UnsupportedModel(
-            f"{name} has {', '.join(other) or 'sliding-window'} layers; the pruning engine supports full causal "
-            "attention in every layer only (sliding windows are not supported yet)"
+            f"{name} has {', '.join(other) or f'sliding-window ({window} tokens)'} layers; the pruning engine "
+            "supports full causal attention in every layer only (sliding windows are not supported yet)"
         )
+    for option in ("attn_logit_softcapping", "attention_chunk_size"):  # Gemma-2, Llama-4: not in SDPA
+        if getattr(text, option, None) is not None:
+            raise UnsupportedModel(
+                f"{name} sets {option}; the pruning engine computes plain scaled-dot-product attention only"
+            )
 
 
 def _language_model(model: PreTrainedModel):

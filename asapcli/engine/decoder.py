@@ -85,7 +85,8 @@ class PrunePass:
             (row, slice(start - chunk_start, end - chunk_start))
             for row, plan in enumerate(plans)
             for start, end in plan.spans
-            if chunk_start <= start and end <= chunk_start + chunk_len
+            if chunk_start <= start
+            and end <= chunk_start + chunk_len
             and (plan.score_only or plan.method.kept_count(end - start, plan.k) < end - start)
         ]
         self.scores: dict[int, dict[str, torch.Tensor | None]] = {}
