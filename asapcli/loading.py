@@ -99,11 +99,15 @@ def load(model: str, device: str = "auto", dtype: str = "auto") -> Loaded:
         )
     else:
         try:
-            processor = AutoProcessor.from_pretrained(source)
-            lvlm = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype)
+            lvlm, processor = read_checkpoint(source, torch_dtype)
         except (OSError, ValueError, KeyError) as error:
             raise AsapError(f"cannot load model {model!r}: {_first_line(error)}") from error
     return prepare(lvlm.to(target), processor, model, preset)
+
+
+def read_checkpoint(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A transformers checkpoint (folder or hub id) as from_pretrained reads it."""
+    return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype), AutoProcessor.from_pretrained(source)
 
 
 def prepare(lvlm: PreTrainedModel, processor, name: str, preset: Preset | None = None) -> Loaded:

@@ -43,7 +43,13 @@ class Preset:
 
 
 def _profiles():
-    return resources.files("asapcli.profiles")
+    """The preset files: the package data `asapcli.profiles` once installed; imported straight
+    from a source checkout (a non-editable install elsewhere, tests run in the checkout), the
+    checkout's own top-level `profiles/` folder, which setuptools maps to it."""
+    try:
+        return resources.files("asapcli.profiles")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "profiles"
 
 
 def preset_names() -> list[str]:

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -7,6 +8,8 @@ import pytest
 import tiny_models
 import torch
 from PIL import Image
+
+from asapcli import loading
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -40,3 +43,26 @@ def image_file(tmp_path, images):
     path = tmp_path / "picture.png"
     images[0].save(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkpoints_read_once():
+    """Every CLI test loads its model through asapcli.loading.load, the real path; the weights
+    of one unchanged folder are read from disk once per session and the model shared (load()
+    still checks it and installs the engine, idempotently, each time). A folder whose files
+    change is read again. transformers' own from_pretrained, which the reference models of the
+    tests use, is untouched."""
+    read = loading.read_checkpoint
+    seen = {}
+
+    def read_once(source, dtype):
+        folder = Path(source)
+        files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file())
+        key = (str(folder.resolve()), dtype, files)
+        if key not in seen:
+            seen[key] = read(source, dtype)
+        return seen[key]
+
+    loading.read_checkpoint = read_once
+    yield
+    loading.read_checkpoint = read
