@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlparse
 
+import huggingface_hub
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
@@ -99,15 +102,57 @@ def load(model: str, device: str = "auto", dtype: str = "auto") -> Loaded:
         )
     else:
         try:
-            lvlm, processor = read_checkpoint(source, torch_dtype)
+            local_only = Path(source).is_dir() or _from_cache_only(source)
+            lvlm, processor = read_checkpoint(source, torch_dtype, local_only=local_only)
         except (OSError, ValueError, KeyError) as error:
             raise AsapError(f"cannot load model {model!r}: {_first_line(error)}") from error
     return prepare(lvlm.to(target), processor, model, preset)
 
 
-def read_checkpoint(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A transformers checkpoint (folder or hub id) as from_pretrained reads it."""
-    return AutoModelForImageTextToText.from_pretrained(source, dtype=dtype), AutoProcessor.from_pretrained(source)
+def read_checkpoint(
+    source: str, dtype: torch.dtype, local_only: bool = False
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A transformers checkpoint (folder or hub id) as from_pretrained reads it; `local_only`:
+    from a folder or the local cache, never the network."""
+    return (
+        AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, local_files_only=local_only),
+        AutoProcessor.from_pretrained(source, local_files_only=local_only),
+    )
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def _from_cache_only(hub_id: str) -> bool:
+    """Whether hub model `hub_id` must come from the local cache: the hub is switched off
+    (HF_HUB_OFFLINE) or out of reach. Refuses at once, saying what to do, when the model is not
+    cached then (the hub client would otherwise retry for minutes before failing)."""
+    cached = isinstance(huggingface_hub.try_to_load_from_cache(hub_id, "config.json"), str)
+    if huggingface_hub.is_offline_mode():
+        if not cached:
+            raise AsapError(
+                f"model {hub_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                "unset it to download the model, or pass a local model folder with -m"
+            )
+        return True
+    if _hub_reachable():
+        return False
+    if not cached:
+        raise AsapError(
+            f"cannot reach {huggingface_hub.constants.ENDPOINT} to download {hub_id!r} (no network?); "
+            "pass a local model folder with -m (a model already in the Hugging Face cache loads without "
+            "the network; HF_HUB_OFFLINE=1 says so up front)"
+        )
+    return True
+
+
+def _hub_reachable() -> bool:
+    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return False
+    return True
 
 
 def prepare(lvlm: PreTrainedModel, processor, name: str, preset: Preset | None = None) -> Loaded:

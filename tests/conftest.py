@@ -55,12 +55,12 @@ def checkpoints_read_once():
     read = loading.read_checkpoint
     seen = {}
 
-    def read_once(source, dtype):
+    def read_once(source, dtype, local_only=False):
         folder = Path(source)
         files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file())
         key = (str(folder.resolve()), dtype, files)
         if key not in seen:
-            seen[key] = read(source, dtype)
+            seen[key] = read(source, dtype, local_only)
         return seen[key]
 
     loading.read_checkpoint = read_once

@@ -240,3 +240,29 @@ def test_values_the_tool_cannot_use_are_usage_errors(args, message, image_file):
     assert result.exit_code == 2, result.output
     error = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]  # after the parser's usage
     assert len(error) == 1 and message in error[0] and "Traceback" not in result.output
+
+
+def test_an_unreachable_hub_is_one_error_line_at_once(image_file, monkeypatch):
+    """No retries for minutes: the hub is probed once (a name that does not resolve here)."""
+    import huggingface_hub
+
+    from asapcli import loading
+
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(loading, "read_checkpoint", lambda *args, **kwargs: pytest.fail("tried to download"))
+    result = asap("run", image_file, "hi", "-m", "nobody/no-such-model")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "Error: cannot reach https://hub.invalid to download 'nobody/no-such-model' (no network?); pass a local "
+        "model folder with -m (a model already in the Hugging Face cache loads without the network; "
+        "HF_HUB_OFFLINE=1 says so up front)"
+    ]
+
+
+def test_hf_hub_offline_with_an_uncached_model_says_what_to_do(image_file):
+    result = asap("run", image_file, "hi", "-m", "nobody/no-such-model")  # conftest sets HF_HUB_OFFLINE=1
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "Error: model 'nobody/no-such-model' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+    )
