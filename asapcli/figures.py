@@ -186,12 +186,12 @@ def accuracy_plot(series: dict[str, list[tuple[float, float]]], title: str) -> I
     return axes.image
 
 
-def row_profile_plot(profiles: dict[str, list[float]], title: str) -> Image.Image:
+def row_attention_plot(curves: dict[str, list[float]], title: str) -> Image.Image:
     """Attention per image row (0 = top), one line per mask."""
-    values = [value for profile in profiles.values() for value in profile]
-    rows = max(len(profile) for profile in profiles.values())
+    values = [value for curve in curves.values() for value in curve]
+    rows = max(len(curve) for curve in curves.values())
     ticks = [*range(0, rows - 1, max(1, rows // 4)), rows - 1]  # whole rows
     axes = _Axes(title, "image row (0 = top)", "attention", (0, rows - 1), (0, max(values)), ticks)
-    for colour, (label, profile) in zip(PALETTE, profiles.items()):
-        axes.series(label, list(enumerate(profile)), colour, marker=False)
+    for colour, (label, curve) in zip(PALETTE, curves.items()):
+        axes.series(label, list(enumerate(curve)), colour, marker=False)
     return axes.image

@@ -23,8 +23,11 @@ from typing import TypeVar
 import torch
 from transformers import BatchFeature, DynamicCache
 
-from .generation import PruneSettings, batch_plans, on_model, token_counts, token_flops
+from . import flops
+from .generation import to_device
 from .loading import Loaded
+from .plans import plans_for_batch, token_counts
+from .settings import PruneSettings
 
 T = TypeVar("T")
 
@@ -68,7 +71,7 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
     """One pruned prefill of a whole batch, a plan per row: (logits of the last token, cache,
     the first row's plan)."""
-    plans = batch_plans(loaded, inputs["input_ids"], settings)
+    plans = plans_for_batch(loaded, inputs["input_ids"], settings)
     with torch.inference_mode(), loaded.decoder.pruning(plans):
         output = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
     return output.logits[:, -1], output.past_key_values, plans[0]
@@ -151,7 +154,7 @@ def measure(
     meanwhile affects them all alike; then per run and batch one more prefill to count memory,
     and decoding on its cache. The results go run by run, the batches in the order given."""
     device = loaded.device
-    batches = [on_model(loaded, inputs) for inputs in batches]
+    batches = [to_device(loaded, inputs) for inputs in batches]
     cases = [(settings, inputs) for settings in runs for inputs in batches]
     step = on_step or (lambda _: None)
     times: list[list[float]] = [[] for _ in cases]
@@ -174,22 +177,22 @@ def _costs(
 ) -> Measurement:
     """Memory and KV cache of one more prefill, decoding speed on its cache, FLOPs in theory."""
     device = loaded.device
-    peak, (logits, cache, pruning) = peak_memory(device, lambda: prefill(loaded, inputs, settings))
+    peak, (logits, cache, plan) = peak_memory(device, lambda: prefill(loaded, inputs, settings))
     cache_bytes = kv_cache_bytes(cache)
     decode(loaded, logits, cache, 1)  # warm the decode path
     decode_time = seconds(device, lambda: decode(loaded, logits, cache, decode_tokens))
 
     batch, prompt = inputs["input_ids"].shape
-    visual, kept = token_counts(pruning)
-    tflops, ratio = token_flops(loaded, visual, kept, pruning.layer)
-    _, prompt_ratio = token_flops(loaded, prompt, prompt - (visual - kept), pruning.layer)
+    visual, kept = token_counts(plan)
+    tflops, ratio = flops.token_flops(loaded.text_config, visual, kept, plan.layer)
+    _, prompt_ratio = flops.token_flops(loaded.text_config, prompt, prompt - (visual - kept), plan.layer)
     return Measurement(
         method=settings.method,
-        k=settings.k if pruning.method.prunes else None,
+        k=settings.k if plan.method.prunes else None,
         batch=batch,
         visual_tokens=visual,
         kept_tokens=kept,
-        merged_tokens=pruning.merged,
+        merged_tokens=plan.merged,
         tflops=tflops,
         flops_ratio=ratio,
         prompt_flops_ratio=prompt_ratio,

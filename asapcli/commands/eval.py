@@ -112,7 +112,7 @@ def eval_command(
         settings.check(loaded.num_layers)
 
     scores = [evaluation.Score(settings) for settings in runs]
-    profile, interrupted = None, False
+    rows, interrupted = None, False
     answers = evaluation.AnswerLog(log, items) if log is not None else None
     try:
         with _progress() as progress:
@@ -129,7 +129,7 @@ def eval_command(
             )
             if attention_profile is not None:
                 task = progress.add_task("Attention profile", total=2 * len(items))
-                profile = evaluation.attention_profile(
+                rows = evaluation.row_attention(
                     loaded, items, base.layer, lambda_max, on_step=lambda: progress.advance(task)
                 )
     except KeyboardInterrupt:  # Ctrl-C: show what was answered, marked partial, then exit 130
@@ -153,9 +153,7 @@ def eval_command(
                 "layer": base.layer,
                 "partial": interrupted,
                 "results": [_record(score, vanilla) for score in scores],
-                "attention_profile": None
-                if profile is None
-                else {"causal": profile.causal, "sg_bimask": profile.sg_bimask},
+                "attention_profile": None if rows is None else {"causal": rows.causal, "sg_bimask": rows.sg_bimask},
             }
         )
     elif scores:
@@ -182,10 +180,10 @@ def eval_command(
     if plot is not None:
         figures.save_png(figures.accuracy_plot(_series(scores), f"{model}: {source}, n={len(items)}"), plot, inputs)
         display.note(f"wrote {plot}")
-    if profile is not None:
-        title = f"{model}: attention of the last prompt token per image row, layer {profile.layer - 1}"
-        curves = {"causal (FastV)": profile.causal, "SG-BiMask (ASAP)": profile.sg_bimask}
-        figures.save_png(figures.row_profile_plot(curves, title), attention_profile, inputs)
+    if rows is not None:
+        title = f"{model}: attention of the last prompt token per image row, layer {rows.layer - 1}"
+        curves = {"causal (FastV)": rows.causal, "SG-BiMask (ASAP)": rows.sg_bimask}
+        figures.save_png(figures.row_attention_plot(curves, title), attention_profile, inputs)
         display.note(f"wrote {attention_profile}")
 
 

@@ -11,9 +11,9 @@ from rich.table import Table
 from .. import display, flops
 from ..engine import METHODS
 from ..errors import UsageError
-from ..generation import PruneSettings
 from ..loading import load, load_architecture
 from ..presets import find_preset
+from ..settings import PruneSettings
 from . import options
 
 
@@ -108,7 +108,7 @@ def flops_command(
 
 def _measure(model: str, visual_tokens: int, steps, method: str, device: str, dtype: str):
     """fvcore's counts, vanilla and pruned, of the loaded model's language model."""
-    from ..flop_count import count_flops  # fvcore and the model load only when asked for
+    from ..flops.measured import count_flops  # fvcore and the model load only when asked for
 
     if len(steps) != 1:
         raise UsageError("--measure runs one pruning step: give -k/--layer, not a --schedule of several")

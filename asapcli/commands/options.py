@@ -9,8 +9,8 @@ import typer
 
 from ..engine import METHODS
 from ..errors import UsageError, ascii_digits
-from ..generation import PruneSettings
 from ..presets import Preset
+from ..settings import PruneSettings
 
 DEFAULT_MODEL = "demo"  # bundled with the package: every command runs offline on a fresh machine
 

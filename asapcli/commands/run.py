@@ -12,7 +12,7 @@ import typer
 
 from .. import display, figures
 from ..errors import UsageError
-from ..generation import GenerationResult, PruneSettings, batch_plans, generate, generate_batch, plan
+from ..generation import GenerationResult, generate, generate_batch
 from ..inputs import (
     build_batch_inputs,
     build_inputs,
@@ -24,6 +24,8 @@ from ..inputs import (
     user_message,
 )
 from ..loading import load
+from ..plans import plan_for, plans_for_batch
+from ..settings import PruneSettings
 from . import options
 
 
@@ -108,14 +110,14 @@ def run(
         return
     (image, prompt), picture = samples[0], pictures[samples[0][0]]
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [picture])
-    pruning = plan(loaded, inputs["input_ids"][0], settings)
-    span_tokens = pruning.spans[0][1] - pruning.spans[0][0] if pruning.spans else 0
+    plan = plan_for(loaded, inputs["input_ids"][0], settings)
+    span_tokens = plan.spans[0][1] - plan.spans[0][0] if plan.spans else 0
     if save_kept is not None:
         figures.token_grid(span_tokens)  # a model without one square grid fails before generating
     result = generate(
         loaded,
         inputs,
-        pruning,
+        plan,
         max_tokens=max_tokens,
         temperature=temperature,
         seed=seed,
@@ -127,7 +129,7 @@ def run(
         display.write("\n")
         display.note(summary(settings, result))
     if save_kept is not None:  # after the answer is out: a failed write loses only the picture
-        start, end = pruning.spans[0]
+        start, end = plan.spans[0]
         kept = [position - start for position in (result.kept_positions or [range(start, end)])[0]]
         picture_kept = figures.kept_picture(picture, loaded.processor.image_processor, span_tokens, kept)
         figures.save_png(picture_kept, save_kept, inputs=[image])
@@ -146,7 +148,7 @@ def _read_stdin() -> str:
 def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json) -> None:
     """Every sample in one left-padded batch; an answer line each, then a summary line each."""
     inputs = build_batch_inputs(loaded.processor, [(prompt, pictures[image]) for image, prompt in samples])
-    plans = batch_plans(loaded, inputs["input_ids"], settings)
+    plans = plans_for_batch(loaded, inputs["input_ids"], settings)
     with display.status(f"Answering {len(samples)} samples in one batch"):
         results = generate_batch(loaded, inputs, plans, max_tokens=max_tokens, temperature=temperature, seed=seed)
     several_prompts = len({prompt for _, prompt in samples}) > 1

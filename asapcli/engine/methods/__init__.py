@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .asap import Asap, AsapBimaskOnly
-from .base import PruningMethod, Selection, SpanView
+from .base import PruningMethod, Selection, SpanScores, SpanView
 from .divprune import DivPrune
 from .fastv import FastV
 from .pool import Pool
@@ -16,4 +16,4 @@ METHODS: dict[str, type[PruningMethod]] = {
 SCORE_QUERIES = ("last", "text", "all")
 SCORES = ("attention", "contribution")
 
-__all__ = ["METHODS", "SCORES", "SCORE_QUERIES", "PruningMethod", "Selection", "SpanView"]
+__all__ = ["METHODS", "SCORES", "SCORE_QUERIES", "PruningMethod", "Selection", "SpanScores", "SpanView"]

@@ -1,5 +1,5 @@
 """ASAP (arXiv 2603.14549): SG-BiMask selection, saliency-weighted consolidation, budget
-reallocation. DESIGN.md section 3 says how each step is read."""
+reallocation. The README's "What ASAP does here" says how each step is read."""
 
 from __future__ import annotations
 

@@ -27,6 +27,17 @@ class SpanView:
 
 
 @dataclass(frozen=True)
+class SpanScores:
+    """What the attention function measured for one span at layer L-1, each (1, n) or None
+    where the method did not ask for it: the attention received from the method's query rows,
+    the raw attention mass s (Eq. 2) and its min-max normalisation s_hat (Eq. 3)."""
+
+    importance: torch.Tensor | None = None
+    mass: torch.Tensor | None = None
+    saliency: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Selection:
     """The k tokens of a span that go on past layer L-1: indices into the span, ascending, and
     the hidden states they carry (changed only where a method merges tokens)."""
