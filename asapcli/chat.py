@@ -16,7 +16,7 @@ image (it cannot with the templates we know), the dialogue is prefilled afresh.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -83,7 +83,7 @@ class ChatSession:
 
     def set_k(self, k: int) -> None:
         """The budget for images from the next message on."""
-        settings = replace(self.settings, k=k)
+        settings = self.settings.replace(k=k)
         settings.check(self.loaded.num_layers)
         self.settings = settings
 

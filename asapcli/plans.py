@@ -24,16 +24,11 @@ def plans_for_batch(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSett
 
 def make_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> PruningPlan:
     """The plan that prunes `spans` ([start, end) token positions) as `settings` say."""
-    method = make_method(
-        settings.method,
-        lambda_max=settings.lambda_max,
-        merge_threshold=settings.merge_threshold,
-        score_queries=settings.score_queries,
-        score=settings.score,
-        seed=settings.seed,
-    )
+    method = make_method(settings.method, seed=settings.seed, **settings.hyperparameters)
     layer = 0 if method.before_llm else settings.layer
-    return PruningPlan(method=method, k=settings.k, layer=layer, spans=spans, renumber=settings.positions == "renumber")
+    return PruningPlan(
+        method=method, k=settings.k, layer=layer, spans=spans, renumber=getattr(method, "positions", None) == "renumber"
+    )
 
 
 def token_counts(plan: PruningPlan) -> tuple[int, int]:

@@ -2,39 +2,50 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
-from .engine import METHODS, SCORE_QUERIES, SCORES
+from .engine import HYPERPARAMETERS, METHODS
 from .errors import UsageError
 
-# Where kept tokens sit: at their own positions, or numbered afresh 0..M-1 (before-LLM methods).
-POSITIONS = ("original", "renumber")
 
-
-@dataclass(frozen=True)
 class PruneSettings:
-    """What the user asked for; `None` options take the method's own defaults."""
+    """A method, its budget k, the layer L, the seed (random's selection), and the method's
+    hyperparameters as given (see engine.HYPERPARAMETERS); one not given takes the method's own
+    default and reads as None here."""
 
-    method: str = "asap"
-    k: int = 128
-    layer: int = 2
-    lambda_max: float | None = None
-    merge_threshold: float | None = None
-    score_queries: str | None = None
-    score: str | None = None
-    seed: int = 0
-    positions: str = "original"
+    def __init__(self, method: str = "asap", k: int = 128, layer: int = 2, seed: int = 0, **hyperparameters):
+        unknown = sorted(set(hyperparameters) - set(HYPERPARAMETERS))
+        if unknown:
+            raise TypeError(f"PruneSettings got unknown hyperparameters {', '.join(unknown)}")
+        self.method, self.k, self.layer, self.seed = method, k, layer, seed
+        self.hyperparameters = {name: value for name, value in hyperparameters.items() if value is not None}
+
+    def __getattr__(self, name: str):
+        if name in HYPERPARAMETERS:
+            return self.__dict__.get("hyperparameters", {}).get(name)
+        raise AttributeError(name)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PruneSettings) and vars(self) == vars(other)
+
+    def __repr__(self) -> str:
+        given = "".join(f", {name}={value!r}" for name, value in self.hyperparameters.items())
+        return f"PruneSettings({self.method!r}, k={self.k}, layer={self.layer}, seed={self.seed}{given})"
+
+    def replace(self, **changes) -> PruneSettings:
+        fields = {"method": self.method, "k": self.k, "layer": self.layer, "seed": self.seed, **self.hyperparameters}
+        return PruneSettings(**{**fields, **changes})
 
     def for_method(self, method: str, k: int | None = None) -> PruneSettings:
         """These settings for another method (and budget), as a comparison of several runs them:
-        --positions renumber stays with the methods that prune before the language model only."""
-        positions = self.positions if METHODS[method].before_llm else "original"
-        return replace(self, method=method, k=self.k if k is None else k, positions=positions)
+        each method keeps the hyperparameters it takes (--positions renumber stays with the
+        methods that prune before the language model, --lambda-max with the SG-BiMask ones)."""
+        taken = METHODS[method].hyperparameters()
+        kept = {name: value for name, value in self.hyperparameters.items() if name in taken}
+        return PruneSettings(method, self.k if k is None else k, self.layer, self.seed, **kept)
 
     def check(self, num_layers: int | None = None) -> None:
-        """Raise UsageError for a value out of range; the layer's upper bound needs the model."""
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        """Raise UsageError for a value out of range, or a hyperparameter the method does not
+        take; the layer's upper bound needs the model."""
+        check_methods([self.method])
         if self.k < 1:
             raise UsageError(f"k must be at least 1, got {self.k}")
         if self.layer < 1:
@@ -43,19 +54,38 @@ class PruneSettings:
             raise UsageError(
                 f"layer must be in 1..{num_layers - 1} for this model ({num_layers} layers), got {self.layer}"
             )
-        if self.lambda_max is not None and not 0 < self.lambda_max <= 1:
-            raise UsageError(f"lambda-max must be in (0, 1], got {self.lambda_max}")
-        if self.merge_threshold is not None and not -1 <= self.merge_threshold <= 1:
-            raise UsageError(f"merge-threshold is a cosine similarity in [-1, 1], got {self.merge_threshold}")
-        if self.score_queries is not None and self.score_queries not in SCORE_QUERIES:
-            raise UsageError(f"score-queries must be one of {', '.join(SCORE_QUERIES)}, got {self.score_queries!r}")
-        if self.score is not None and self.score not in SCORES:
-            raise UsageError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        if self.positions not in POSITIONS:
-            raise UsageError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
-        if self.positions == "renumber" and not METHODS[self.method].before_llm:
-            early = ", ".join(name for name, method in METHODS.items() if method.before_llm)
-            raise UsageError(
-                f"--positions renumber is for methods that prune before the language model ({early}); "
-                f"{self.method} keeps original positions, as its reference code does"
-            )
+        check_hyperparameters(self.hyperparameters, [self.method])
+
+
+def check_methods(methods: list[str]) -> None:
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+
+
+def check_hyperparameters(given: dict, methods: list[str]) -> None:
+    """Every hyperparameter given has a value it takes and is taken by one of `methods` at least
+    (a comparison of several applies each to those that take it); else a UsageError that names
+    what the method takes."""
+    for name, value in given.items():
+        problem = HYPERPARAMETERS[name].problem(value)
+        if problem:
+            raise UsageError(problem)
+    for name, value in given.items():
+        if value == HYPERPARAMETERS[name].implied:
+            continue
+        if not any(name in METHODS[method].hyperparameters() for method in methods):
+            raise UsageError(refusal(name, value, methods))
+
+
+def refusal(name: str, value, methods: list[str]) -> str:
+    hyperparameter = HYPERPARAMETERS[name]
+    takers = ", ".join(method for method, cls in METHODS.items() if name in cls.hyperparameters())
+    if hyperparameter.refusal:
+        return hyperparameter.refusal.format(value=value, takers=takers, method=", ".join(methods))
+    if len(methods) > 1:
+        return f"{hyperparameter.flag} is not an option of {', '.join(methods)}; {takers} take it"
+    (method,) = methods
+    taken = [HYPERPARAMETERS[other].flag for other in METHODS[method].hyperparameters()]
+    takes = f"{method} takes {', '.join(taken)}" if taken else f"{method} takes none of the method options"
+    return f"{hyperparameter.flag} is not an option of {method} ({takes}); {takers} take it"

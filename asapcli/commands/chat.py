@@ -23,7 +23,6 @@ from .. import display
 from ..chat import ChatSession, Turn
 from ..errors import UsageError, describe, whole_number
 from ..inputs import load_image
-from ..loading import load
 from . import options
 from .run import summary
 
@@ -36,48 +35,34 @@ HELP = """Commands:
   /exit         leave (Ctrl-D too); Ctrl-C stops an answer and keeps the session"""
 
 
+@options.command
 def chat(
     image: Annotated[Path | None, typer.Argument(metavar="[IMAGE]", help="An image for the first message.")] = None,
-    model: options.Model = options.DEFAULT_MODEL,
+    *,
+    where: options.Where,
     method: options.Method = "asap",
     k: options.K = None,
     layer: options.Layer = None,
-    lambda_max: options.LambdaMax = None,
-    merge_threshold: options.MergeThreshold = None,
-    score_queries: options.ScoreQueries = None,
-    score: options.Score = None,
-    max_tokens: options.MaxTokens = 128,
-    temperature: options.Temperature = 0.0,
-    seed: options.Seed = 0,
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
+    hyperparameters: options.MethodOptions,
+    sampling: options.Sampling,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object per turn instead of text.")] = False,
 ) -> None:
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
-    settings_for = partial(
-        options.prune_settings,
-        method=method,
-        k=k,
-        layer=layer,
-        lambda_max=lambda_max,
-        merge_threshold=merge_threshold,
-        score_queries=score_queries,
-        score=score,
-        seed=seed,
-    )
-    settings_for().check()
+    settings_for = partial(options.prune_settings, [method], hyperparameters, k=k, layer=layer, seed=sampling.seed)
+    settings_for()
     first_image = load_image(image) if image is not None else None  # a bad image fails before the long load
-    with display.status(f"Loading {model}"):
-        loaded = load(model, device=device, dtype=dtype)
+    loaded = where.load()
     settings = settings_for(loaded.preset)
-    session = ChatSession(loaded, settings, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    session = ChatSession(
+        loaded, settings, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed
+    )
     if first_image is not None:
         session.add_image(image.name, first_image)
 
     interactive = sys.stdin.isatty()
     if interactive and not json:
         display.note(
-            f"Chatting with {model} ({settings.method}, k={settings.k}, L={settings.layer}). /help lists commands."
+            f"Chatting with {where.model} ({settings.method}, k={settings.k}, L={settings.layer}). /help lists commands."
         )
     failed = False
     for line in _lines(interactive):

@@ -13,13 +13,14 @@ from rich.table import Table
 from .. import display
 from ..engine import METHODS
 from ..inputs import build_batch_inputs, check_prompt, load_image, pattern_image
-from ..loading import load
 from ..profiling import Measurement, measure
 from . import options
 
 
+@options.command
 def profile(
-    model: options.Model = options.DEFAULT_MODEL,
+    *,
+    where: options.Where,
     image: Annotated[
         Path | None,
         typer.Option(
@@ -34,11 +35,7 @@ def profile(
     ] = "vanilla,fastv,asap",
     budgets: options.Budgets = None,
     layer: options.Layer = None,
-    lambda_max: options.LambdaMax = None,
-    merge_threshold: options.MergeThreshold = None,
-    score_queries: options.ScoreQueries = None,
-    score: options.Score = None,
-    positions: options.Positions = "original",
+    hyperparameters: options.MethodOptions,
     repeats: Annotated[
         int, typer.Option("--repeats", min=1, help="Timed rounds, one prefill per method each; the median is shown.")
     ] = 5,
@@ -55,34 +52,22 @@ def profile(
     ] = 1,
     threads: options.Threads = None,
     seed: options.Seed = 0,
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
     json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object per method and budget (JSON Lines).")
     ] = False,
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
     names = options.method_list(methods)
-    options.check_positions(names, positions)
+    options.prune_settings(names, hyperparameters)  # fail before the long load
     ks = options.budget_list(budgets) or [None]
     check_prompt(prompt)
     picture = load_image(image) if image is not None else pattern_image()
     if threads is not None:
         torch.set_num_threads(threads)
 
-    with display.status(f"Loading {model}"):
-        loaded = load(model, device=device, dtype=dtype)
+    loaded = where.load()
     batches = [build_batch_inputs(loaded.processor, [(prompt, picture)] * size) for size in sorted({1, batch})]
-    base = options.prune_settings(
-        loaded.preset,
-        layer=layer,
-        lambda_max=lambda_max,
-        merge_threshold=merge_threshold,
-        score_queries=score_queries,
-        score=score,
-        seed=seed,
-        positions=positions,
-    )
+    base = options.prune_settings(names, hyperparameters, loaded.preset, layer=layer, seed=seed)
     runs = [
         base.for_method(name, k)
         for name in names
@@ -97,7 +82,7 @@ def profile(
 
     on_gpu = loaded.device.type == "cuda"
     context = {
-        "model": model,
+        "model": where.model,
         "device": str(loaded.device),
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "threads": None if on_gpu else torch.get_num_threads(),

@@ -23,12 +23,12 @@ from ..inputs import (
     pair_samples,
     user_message,
 )
-from ..loading import load
 from ..plans import plan_for, plans_for_batch
 from ..settings import PruneSettings
 from . import options
 
 
+@options.command
 def run(
     arguments: Annotated[
         list[str],
@@ -45,20 +45,13 @@ def run(
         list[str] | None,
         typer.Option("--prompt", "-p", help="A question (repeatable): one per image, or each for the one image."),
     ] = None,
-    model: options.Model = options.DEFAULT_MODEL,
+    *,
+    where: options.Where,
     method: options.Method = "asap",
     k: options.K = None,
     layer: options.Layer = None,
-    lambda_max: options.LambdaMax = None,
-    merge_threshold: options.MergeThreshold = None,
-    score_queries: options.ScoreQueries = None,
-    score: options.Score = None,
-    positions: options.Positions = "original",
-    max_tokens: options.MaxTokens = 128,
-    temperature: options.Temperature = 0.0,
-    seed: options.Seed = 0,
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
+    hyperparameters: options.MethodOptions,
+    sampling: options.Sampling,
     save_kept: Annotated[
         Path | None,
         typer.Option(
@@ -86,27 +79,15 @@ def run(
         if len(samples) > 1:
             raise UsageError("--save-kept draws one image; run one sample to use it")
         figures.check_writable(save_kept, inputs=[path for path, _ in samples])
-    settings_for = partial(
-        options.prune_settings,
-        method=method,
-        k=k,
-        layer=layer,
-        lambda_max=lambda_max,
-        merge_threshold=merge_threshold,
-        score_queries=score_queries,
-        score=score,
-        seed=seed,
-        positions=positions,
-    )
-    settings_for().check()  # fail before a long load where the model is not needed to tell
+    settings_for = partial(options.prune_settings, [method], hyperparameters, k=k, layer=layer, seed=sampling.seed)
+    settings_for()  # fail before a long load where the model is not needed to tell
 
-    with display.status(f"Loading {model}"):
-        loaded = load(model, device=device, dtype=dtype)
+    loaded = where.load()
     settings = settings_for(loaded.preset)
     for prompt in prompts:
         check_text(loaded.processor, prompt)
     if len(samples) > 1:
-        run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json)
+        run_batch(loaded, settings, samples, pictures, sampling, json)
         return
     (image, prompt), picture = samples[0], pictures[samples[0][0]]
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [picture])
@@ -118,9 +99,9 @@ def run(
         loaded,
         inputs,
         plan,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        seed=seed,
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        seed=sampling.seed,
         on_text=None if json else display.write,
     )
     if json:
@@ -145,12 +126,14 @@ def _read_stdin() -> str:
     return raw.read().decode(getattr(sys.stdin, "encoding", None) or "utf-8", "surrogateescape").strip()
 
 
-def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json) -> None:
+def run_batch(loaded, settings, samples, pictures, sampling, json) -> None:
     """Every sample in one left-padded batch; an answer line each, then a summary line each."""
     inputs = build_batch_inputs(loaded.processor, [(prompt, pictures[image]) for image, prompt in samples])
     plans = plans_for_batch(loaded, inputs["input_ids"], settings)
     with display.status(f"Answering {len(samples)} samples in one batch"):
-        results = generate_batch(loaded, inputs, plans, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        results = generate_batch(
+            loaded, inputs, plans, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed
+        )
     several_prompts = len({prompt for _, prompt in samples}) > 1
     for (image, prompt), result in zip(samples, results, strict=True):
         if json:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -72,6 +72,15 @@ class PruningMethod:
     score_queries: str | None = None
     score: str = "attention"
     lambda_max: float = 1.0
+
+    @classmethod
+    def hyperparameters(cls) -> list[str]:
+        """The hyperparameters this method takes: its fields that are declared ones, in the
+        declarations' order."""
+        from .hyperparameters import HYPERPARAMETERS
+
+        own = {field.name for field in fields(cls)} if hasattr(cls, "__dataclass_fields__") else set()
+        return [name for name in HYPERPARAMETERS if name in own]
 
     def kept_count(self, tokens: int, k: int) -> int:
         """How many of a span's `tokens` go on at budget k."""
