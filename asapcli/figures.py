@@ -74,6 +74,15 @@ def kept_picture(image: Image.Image, image_processor, tokens: int, kept: Sequenc
     return kept_overlay(image, patches, grid, seen_region(image.size, image_processor))
 
 
+def kept_in_span(image: Image.Image, image_processor, span: tuple[int, int], result) -> Image.Image:
+    """`image` as the model saw it after a generation (`result`) that pruned the image token span
+    `span` ([start, end) positions): the kept positions mapped to the span's patches; every patch
+    when nothing was pruned."""
+    start, end = span
+    kept = [position - start for position in (result.kept_positions or [range(start, end)])[0]]
+    return kept_picture(image, image_processor, end - start, kept)
+
+
 def check_writable(path: Path, inputs: Sequence[Path] = ()) -> Path:
     """Fail before long work where the file could not be written. An existing file is replaced,
     unless it is one of the run's `inputs`, which is never written over."""

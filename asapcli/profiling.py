@@ -201,3 +201,44 @@ def _costs(
         prefill_seconds=times,
         decode_tokens_per_second=batch * decode_tokens / decode_time if decode_time > 0 else 0.0,
     )
+
+
+def conditions(loaded: Loaded, layer: int, prompt_tokens: int, repeats: int, warmup: int) -> dict:
+    """What every figure of a measurement depends on: where it ran and how it was timed."""
+    on_gpu = loaded.device.type == "cuda"
+    return {
+        "device": str(loaded.device),
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "threads": None if on_gpu else torch.get_num_threads(),
+        "layer": layer,
+        "prompt_tokens": prompt_tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "time": "cuda_events" if on_gpu else "cpu_wall",
+        "memory": "cuda_max_memory_allocated" if on_gpu else "cpu_allocator_peak",
+    }
+
+
+def how_measured(context: dict, methods: list[str], batch: int, gpu_name: str | None) -> list[str]:
+    """The lines under a table of measurements that say what each figure is and how it was got."""
+    from .engine import METHODS
+
+    early = [name for name in methods if METHODS[name].before_llm]
+    on_gpu = gpu_name is not None
+    where = gpu_name if on_gpu else f"CPU, {context['threads']} threads"
+    time = "CUDA-event time" if on_gpu else "wall time"
+    memory = "torch.cuda.max_memory_allocated" if on_gpu else "CPU allocator peak (torch profiler)"
+    layer, repeats, warmup = context["layer"], context["repeats"], context["warmup"]
+    notes = [
+        f"{where}, {context['dtype']}; {context['prompt_tokens']} prompt tokens; pruned after layer {layer - 1} (L={layer})"
+        + (f"; {', '.join(early)}: before layer 0 (L=0)." if early else "."),
+        "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
+        f"prefill: {time}, median of {repeats} rounds after {warmup} warm-up, methods interleaved; time %: of vanilla's.",
+        f"peak: {memory} during prefill, above the weights, KV cache included.",
+    ]
+    if batch > 1:
+        notes.append(
+            f"batch {batch}: {batch} copies of the sample in one forward; images/s: samples prefilled per second, "
+            "vs batch 1: over batch 1's for the same method; KV, peak and decode tok/s: the whole batch's."
+        )
+    return notes

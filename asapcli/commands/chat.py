@@ -13,7 +13,6 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +23,6 @@ from ..chat import ChatSession, Turn
 from ..errors import UsageError, describe, whole_number
 from ..inputs import load_image
 from . import options
-from .run import summary
 
 HELP = """Commands:
   /image PATH   add an image to your next message (pruned to k tokens in its own prefill)
@@ -40,19 +38,15 @@ def chat(
     image: Annotated[Path | None, typer.Argument(metavar="[IMAGE]", help="An image for the first message.")] = None,
     *,
     where: options.Where,
-    method: options.Method = "asap",
-    k: options.K = None,
-    layer: options.Layer = None,
-    hyperparameters: options.MethodOptions,
+    pruning: options.OneMethod,
     sampling: options.Sampling,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object per turn instead of text.")] = False,
 ) -> None:
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
-    settings_for = partial(options.prune_settings, [method], hyperparameters, k=k, layer=layer, seed=sampling.seed)
-    settings_for()
+    pruning.settings(seed=sampling.seed)
     first_image = load_image(image) if image is not None else None  # a bad image fails before the long load
     loaded = where.load()
-    settings = settings_for(loaded.preset)
+    settings = pruning.settings(loaded.preset, sampling.seed)
     session = ChatSession(
         loaded, settings, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed
     )
@@ -120,7 +114,7 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
         display.note("(stopped)")
     if interactive:
         result = turn.result
-        line = summary(session.settings, result)
+        line = display.summary(session.settings, result)
         if not result.visual_tokens:  # the turn brought no image: nothing to prune
             line = f"{result.fed_tokens} new tokens; {display.speeds(result)}"
         display.note(f"{line}; {turn.cached_tokens} tokens in cache")

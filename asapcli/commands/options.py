@@ -124,6 +124,27 @@ class MethodOptions(dict):
         return {name: value for name, value in self.items() if value is not None}
 
 
+class OneMethod:
+    """--method, -k, --layer and the method's options: what run and chat prune by."""
+
+    def __init__(self, method: str = "asap", k: int | None = None, layer: int | None = None, **hyperparameters):
+        self.method, self.k, self.layer = method, k, layer
+        self.hyperparameters = MethodOptions(hyperparameters)
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        def option(name: str, annotation, default) -> inspect.Parameter:
+            return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+        return [option("method", Method, "asap"), option("k", K, None), option("layer", Layer, None)] + (
+            MethodOptions.parameters()
+        )
+
+    def settings(self, preset: Preset | None = None, seed: int = 0) -> PruneSettings:
+        """The checked settings; k and L not given come from `preset`."""
+        return prune_settings([self.method], self.hyperparameters, preset, k=self.k, layer=self.layer, seed=seed)
+
+
 def command(function):
     """`function` with every parameter annotated with an option group spread into the group's
     own options (what Typer reads), and called with the group rebuilt from them."""

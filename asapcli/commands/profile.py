@@ -13,7 +13,7 @@ from rich.table import Table
 from .. import display
 from ..engine import METHODS
 from ..inputs import build_batch_inputs, check_prompt, load_image, pattern_image
-from ..profiling import Measurement, measure
+from ..profiling import Measurement, conditions, how_measured, measure
 from . import options
 
 
@@ -83,37 +83,14 @@ def profile(
     on_gpu = loaded.device.type == "cuda"
     context = {
         "model": where.model,
-        "device": str(loaded.device),
-        "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        "threads": None if on_gpu else torch.get_num_threads(),
-        "layer": layer,
-        "prompt_tokens": int(batches[0]["input_ids"].shape[1]),
-        "repeats": repeats,
-        "warmup": warmup,
-        "time": "cuda_events" if on_gpu else "cpu_wall",
-        "memory": "cuda_max_memory_allocated" if on_gpu else "cpu_allocator_peak",
+        **conditions(loaded, layer, int(batches[0]["input_ids"].shape[1]), repeats, warmup),
     }
     if json:
         for result in results:
             display.print_json({**context, **_record(result, results)})
         return
     display.out.print(_table(results, on_gpu, context, batched=batch > 1))
-    early = [name for name in names if METHODS[name].before_llm]
-    where = f"{torch.cuda.get_device_name(loaded.device)}" if on_gpu else f"CPU, {context['threads']} threads"
-    time = "CUDA-event time" if on_gpu else "wall time"
-    memory = "torch.cuda.max_memory_allocated" if on_gpu else "CPU allocator peak (torch profiler)"
-    notes = [
-        f"{where}, {context['dtype']}; {context['prompt_tokens']} prompt tokens; pruned after layer {layer - 1} (L={layer})"
-        + (f"; {', '.join(early)}: before layer 0 (L=0)." if early else "."),
-        "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
-        f"prefill: {time}, median of {repeats} rounds after {warmup} warm-up, methods interleaved; time %: of vanilla's.",
-        f"peak: {memory} during prefill, above the weights, KV cache included.",
-    ]
-    if batch > 1:
-        notes.append(
-            f"batch {batch}: {batch} copies of the sample in one forward; images/s: samples prefilled per second, "
-            "vs batch 1: over batch 1's for the same method; KV, peak and decode tok/s: the whole batch's."
-        )
+    notes = how_measured(context, names, batch, torch.cuda.get_device_name(loaded.device) if on_gpu else None)
     for line in notes:
         display.out.print(line, markup=False, soft_wrap=True)
 

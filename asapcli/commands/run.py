@@ -4,7 +4,6 @@ prompts run as one padded batch."""
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -47,10 +46,7 @@ def run(
     ] = None,
     *,
     where: options.Where,
-    method: options.Method = "asap",
-    k: options.K = None,
-    layer: options.Layer = None,
-    hyperparameters: options.MethodOptions,
+    pruning: options.OneMethod,
     sampling: options.Sampling,
     save_kept: Annotated[
         Path | None,
@@ -79,11 +75,10 @@ def run(
         if len(samples) > 1:
             raise UsageError("--save-kept draws one image; run one sample to use it")
         figures.check_writable(save_kept, inputs=[path for path, _ in samples])
-    settings_for = partial(options.prune_settings, [method], hyperparameters, k=k, layer=layer, seed=sampling.seed)
-    settings_for()  # fail before a long load where the model is not needed to tell
+    pruning.settings(seed=sampling.seed)  # fail before a long load where the model is not needed to tell
 
     loaded = where.load()
-    settings = settings_for(loaded.preset)
+    settings = pruning.settings(loaded.preset, sampling.seed)
     for prompt in prompts:
         check_text(loaded.processor, prompt)
     if len(samples) > 1:
@@ -108,11 +103,9 @@ def run(
         display.print_json(_json_record(loaded, settings, image, prompt, result))
     else:
         display.write("\n")
-        display.note(summary(settings, result))
+        display.note(display.summary(settings, result))
     if save_kept is not None:  # after the answer is out: a failed write loses only the picture
-        start, end = plan.spans[0]
-        kept = [position - start for position in (result.kept_positions or [range(start, end)])[0]]
-        picture_kept = figures.kept_picture(picture, loaded.processor.image_processor, span_tokens, kept)
+        picture_kept = figures.kept_in_span(picture, loaded.processor.image_processor, plan.spans[0], result)
         figures.save_png(picture_kept, save_kept, inputs=[image])
         display.note(f"wrote {save_kept}")
 
@@ -143,7 +136,7 @@ def run_batch(loaded, settings, samples, pictures, sampling, json) -> None:
             display.write(f"{label}: {result.text}\n")
     if not json:
         for (image, _), result in zip(samples, results, strict=True):
-            display.note(f"{image}: {summary(settings, result)}")
+            display.note(f"{image}: {display.summary(settings, result)}")
 
 
 def _json_record(loaded, settings: PruneSettings, image: Path, prompt: str, result: GenerationResult) -> dict:
@@ -159,17 +152,3 @@ def _json_record(loaded, settings: PruneSettings, image: Path, prompt: str, resu
         "prompt_tokens": result.prompt_tokens,
         "device": str(loaded.device),
     }
-
-
-def summary(settings: PruneSettings, result: GenerationResult) -> str:
-    if settings.method == "vanilla":  # k and L mean nothing to it
-        head, kept = "vanilla: ", f"all {result.visual_tokens} visual tokens kept (no pruning)"
-    else:
-        head = f"{settings.method} k={settings.k} L={result.layer}: "
-        if not result.pruned:
-            kept = f"k >= {result.visual_tokens} visual tokens, nothing pruned"
-        else:
-            kept = f"kept {result.kept_tokens}/{result.visual_tokens} visual tokens"
-            if result.merged_tokens:
-                kept += f" ({result.merged_tokens} merged and refilled)"
-    return f"{head}{kept}; FLOPs {result.flops_ratio:.1%} of vanilla; {display.speeds(result)}"
