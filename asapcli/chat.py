@@ -16,18 +16,21 @@ image (it cannot with the templates we know), the dialogue is prefilled afresh.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
+from . import flops
 from .engine import METHODS, image_spans
 from .errors import AsapError, UsageError
-from .generation import GenerationResult, PruneSettings, context_length, generate, plan, token_flops
+from .generation import GenerationResult, context_length, generate
 from .inputs import build_inputs, check_prompt, check_text, user_message
 from .loading import Loaded
+from .plans import plan_for
 from .profiling import kv_cache_bytes
+from .settings import PruneSettings
 
 # Processor outputs with one entry per image along dim 0; a turn passes only its new images.
 PER_IMAGE_INPUTS = ("pixel_values", "image_sizes")
@@ -80,7 +83,7 @@ class ChatSession:
 
     def set_k(self, k: int) -> None:
         """The budget for images from the next message on."""
-        settings = replace(self.settings, k=k)
+        settings = self.settings.replace(k=k)
         settings.check(self.loaded.num_layers)
         self.settings = settings
 
@@ -108,11 +111,11 @@ class ChatSession:
         saved = self.cache, [dict(vars(layer)) for layer in self.cache.layers], self.seen
         try:
             cached = self._reuse_cache(ids.tolist())
-            pruning = plan(self.loaded, ids, self.settings, since=cached)
+            plan = plan_for(self.loaded, ids, self.settings, since=cached)
             result = generate(
                 self.loaded,
                 _with_images_from(features, len(images) - len(new_images)),
-                pruning,
+                plan,
                 max_tokens=self.max_tokens,
                 temperature=self.temperature,
                 seed=self.seed,
@@ -135,8 +138,12 @@ class ChatSession:
         self.pending = []
         self.turns.append(turn)
         if result.visual_tokens:
-            self.tflops_vanilla += token_flops(self.loaded, result.visual_tokens, result.visual_tokens, 0)[0]
-            self.tflops_pruned += token_flops(self.loaded, result.visual_tokens, result.kept_tokens, pruning.layer)[0]
+            self.tflops_vanilla += flops.token_flops(
+                self.loaded.text_config, result.visual_tokens, result.visual_tokens, 0
+            )[0]
+            self.tflops_pruned += flops.token_flops(
+                self.loaded.text_config, result.visual_tokens, result.kept_tokens, plan.layer
+            )[0]
         return turn
 
     def _reuse_cache(self, ids: list[int]) -> int:

@@ -12,6 +12,7 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from .generation import GenerationResult
+    from .settings import PruneSettings
 
 # Spinners, progress and warnings go to stderr; colour only on a terminal. `out` is for the
 # result a command exists to show (a table), `err` for everything around it.
@@ -62,3 +63,18 @@ def speeds(result: GenerationResult) -> str:
     if result.decode_tokens_per_second is None:
         return f"{prefill}; decode not timed ({result.generated_tokens} tokens)"
     return f"{prefill}; decode {result.decode_tokens_per_second:.1f} tokens/s"
+
+
+def summary(settings: PruneSettings, result: GenerationResult) -> str:
+    """The line after an answer: what the method kept and saved, and how fast it ran."""
+    if settings.method == "vanilla":  # k and L mean nothing to it
+        head, kept = "vanilla: ", f"all {result.visual_tokens} visual tokens kept (no pruning)"
+    else:
+        head = f"{settings.method} k={settings.k} L={result.layer}: "
+        if not result.pruned:
+            kept = f"k >= {result.visual_tokens} visual tokens, nothing pruned"
+        else:
+            kept = f"kept {result.kept_tokens}/{result.visual_tokens} visual tokens"
+            if result.merged_tokens:
+                kept += f" ({result.merged_tokens} merged and refilled)"
+    return f"{head}{kept}; FLOPs {result.flops_ratio:.1%} of vanilla; {speeds(result)}"

@@ -16,9 +16,11 @@ from PIL import Image
 from . import figures
 from .demo import scenes
 from .errors import AsapError, UsageError
-from .generation import PruneSettings, batch_plans, generate_batch, on_model, plan
+from .generation import generate_batch, to_device
 from .inputs import build_batch_inputs, check_text, load_image
 from .loading import Loaded
+from .plans import plan_for, plans_for_batch
+from .settings import PruneSettings
 
 ALL = "all"  # the question type of items that name none
 
@@ -160,7 +162,7 @@ def evaluate(
         group = items[start : start + batch_size]
         inputs = build_batch_inputs(loaded.processor, [(item.question, item.picture()) for item in group])
         for score in scores:
-            plans = batch_plans(loaded, inputs["input_ids"], score.settings)
+            plans = plans_for_batch(loaded, inputs["input_ids"], score.settings)
             results = generate_batch(loaded, inputs, plans, max_tokens=max_tokens, seed=score.settings.seed)
             for index, (item, result) in enumerate(zip(group, results), start=start):
                 hit = correct(result.text, item.answer)
@@ -202,7 +204,7 @@ class AnswerLog:
 
 
 @dataclass
-class AttentionProfile:
+class RowAttention:
     """Mean attention the last prompt token pays to each row of the image grid at layer L-1,
     under the causal mask (what FastV ranks by) and under SG-BiMask (what ASAP ranks by)."""
 
@@ -211,13 +213,13 @@ class AttentionProfile:
     sg_bimask: list[float]
 
 
-def attention_profile(
+def row_attention(
     loaded: Loaded,
     items: list[Item],
     layer: int,
     lambda_max: float | None = None,
     on_step: Callable[[], None] | None = None,
-) -> AttentionProfile:
+) -> RowAttention:
     """Scores every item's image at layer `layer`-1 without pruning anything (a score-only
     plan) and averages the attention per image row. Needs a square grid of tokens per image.
     FastV's settings score under the causal mask, ASAP's under SG-BiMask."""
@@ -228,13 +230,13 @@ def attention_profile(
         everything = inputs["input_ids"].shape[1]
         for mask, method in masks.items():
             settings = PruneSettings(method, k=everything, layer=layer, score_queries="last", lambda_max=lambda_max)
-            pruning = replace(plan(loaded, inputs["input_ids"][0], settings), score_only=True)
-            with torch.inference_mode(), loaded.decoder.pruning(pruning):
-                loaded.model(**on_model(loaded, inputs))
-            sums[mask] = sums[mask] + _per_row(pruning.importance[0])
+            plan = replace(plan_for(loaded, inputs["input_ids"][0], settings), score_only=True)
+            with torch.inference_mode(), loaded.decoder.pruning(plan):
+                loaded.model(**to_device(loaded, inputs))
+            sums[mask] = sums[mask] + _per_row(plan.importance[0])
             if on_step is not None:
                 on_step()
-    return AttentionProfile(layer, *((sums[mask] / len(items)).tolist() for mask in masks))
+    return RowAttention(layer, *((sums[mask] / len(items)).tolist() for mask in masks))
 
 
 def _per_row(importance: torch.Tensor) -> torch.Tensor:

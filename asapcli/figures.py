@@ -74,6 +74,15 @@ def kept_picture(image: Image.Image, image_processor, tokens: int, kept: Sequenc
     return kept_overlay(image, patches, grid, seen_region(image.size, image_processor))
 
 
+def kept_in_span(image: Image.Image, image_processor, span: tuple[int, int], result) -> Image.Image:
+    """`image` as the model saw it after a generation (`result`) that pruned the image token span
+    `span` ([start, end) positions): the kept positions mapped to the span's patches; every patch
+    when nothing was pruned."""
+    start, end = span
+    kept = [position - start for position in (result.kept_positions or [range(start, end)])[0]]
+    return kept_picture(image, image_processor, end - start, kept)
+
+
 def check_writable(path: Path, inputs: Sequence[Path] = ()) -> Path:
     """Fail before long work where the file could not be written. An existing file is replaced,
     unless it is one of the run's `inputs`, which is never written over."""
@@ -186,12 +195,12 @@ def accuracy_plot(series: dict[str, list[tuple[float, float]]], title: str) -> I
     return axes.image
 
 
-def row_profile_plot(profiles: dict[str, list[float]], title: str) -> Image.Image:
+def row_attention_plot(curves: dict[str, list[float]], title: str) -> Image.Image:
     """Attention per image row (0 = top), one line per mask."""
-    values = [value for profile in profiles.values() for value in profile]
-    rows = max(len(profile) for profile in profiles.values())
+    values = [value for curve in curves.values() for value in curve]
+    rows = max(len(curve) for curve in curves.values())
     ticks = [*range(0, rows - 1, max(1, rows // 4)), rows - 1]  # whole rows
     axes = _Axes(title, "image row (0 = top)", "attention", (0, rows - 1), (0, max(values)), ticks)
-    for colour, (label, profile) in zip(PALETTE, profiles.items()):
-        axes.series(label, list(enumerate(profile)), colour, marker=False)
+    for colour, (label, curve) in zip(PALETTE, curves.items()):
+        axes.series(label, list(enumerate(curve)), colour, marker=False)
     return axes.image

@@ -33,8 +33,13 @@ class Loaded:
         return self.model.config.image_token_id
 
     @property
+    def text_config(self):
+        """The language model's config (layers, hidden size, context length, ...)."""
+        return self.model.config.get_text_config()
+
+    @property
     def num_layers(self) -> int:
-        return self.model.config.get_text_config().num_hidden_layers
+        return self.text_config.num_hidden_layers
 
     @property
     def device(self) -> torch.device:

@@ -23,8 +23,11 @@ from typing import TypeVar
 import torch
 from transformers import BatchFeature, DynamicCache
 
-from .generation import PruneSettings, batch_plans, on_model, token_counts, token_flops
+from . import flops
+from .generation import to_device
 from .loading import Loaded
+from .plans import plans_for_batch, token_counts
+from .settings import PruneSettings
 
 T = TypeVar("T")
 
@@ -68,7 +71,7 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
     """One pruned prefill of a whole batch, a plan per row: (logits of the last token, cache,
     the first row's plan)."""
-    plans = batch_plans(loaded, inputs["input_ids"], settings)
+    plans = plans_for_batch(loaded, inputs["input_ids"], settings)
     with torch.inference_mode(), loaded.decoder.pruning(plans):
         output = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
     return output.logits[:, -1], output.past_key_values, plans[0]
@@ -151,7 +154,7 @@ def measure(
     meanwhile affects them all alike; then per run and batch one more prefill to count memory,
     and decoding on its cache. The results go run by run, the batches in the order given."""
     device = loaded.device
-    batches = [on_model(loaded, inputs) for inputs in batches]
+    batches = [to_device(loaded, inputs) for inputs in batches]
     cases = [(settings, inputs) for settings in runs for inputs in batches]
     step = on_step or (lambda _: None)
     times: list[list[float]] = [[] for _ in cases]
@@ -174,22 +177,22 @@ def _costs(
 ) -> Measurement:
     """Memory and KV cache of one more prefill, decoding speed on its cache, FLOPs in theory."""
     device = loaded.device
-    peak, (logits, cache, pruning) = peak_memory(device, lambda: prefill(loaded, inputs, settings))
+    peak, (logits, cache, plan) = peak_memory(device, lambda: prefill(loaded, inputs, settings))
     cache_bytes = kv_cache_bytes(cache)
     decode(loaded, logits, cache, 1)  # warm the decode path
     decode_time = seconds(device, lambda: decode(loaded, logits, cache, decode_tokens))
 
     batch, prompt = inputs["input_ids"].shape
-    visual, kept = token_counts(pruning)
-    tflops, ratio = token_flops(loaded, visual, kept, pruning.layer)
-    _, prompt_ratio = token_flops(loaded, prompt, prompt - (visual - kept), pruning.layer)
+    visual, kept = token_counts(plan)
+    tflops, ratio = flops.token_flops(loaded.text_config, visual, kept, plan.layer)
+    _, prompt_ratio = flops.token_flops(loaded.text_config, prompt, prompt - (visual - kept), plan.layer)
     return Measurement(
         method=settings.method,
-        k=settings.k if pruning.method.prunes else None,
+        k=settings.k if plan.method.prunes else None,
         batch=batch,
         visual_tokens=visual,
         kept_tokens=kept,
-        merged_tokens=pruning.merged,
+        merged_tokens=plan.merged,
         tflops=tflops,
         flops_ratio=ratio,
         prompt_flops_ratio=prompt_ratio,
@@ -198,3 +201,44 @@ def _costs(
         prefill_seconds=times,
         decode_tokens_per_second=batch * decode_tokens / decode_time if decode_time > 0 else 0.0,
     )
+
+
+def conditions(loaded: Loaded, layer: int, prompt_tokens: int, repeats: int, warmup: int) -> dict:
+    """What every figure of a measurement depends on: where it ran and how it was timed."""
+    on_gpu = loaded.device.type == "cuda"
+    return {
+        "device": str(loaded.device),
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "threads": None if on_gpu else torch.get_num_threads(),
+        "layer": layer,
+        "prompt_tokens": prompt_tokens,
+        "repeats": repeats,
+        "warmup": warmup,
+        "time": "cuda_events" if on_gpu else "cpu_wall",
+        "memory": "cuda_max_memory_allocated" if on_gpu else "cpu_allocator_peak",
+    }
+
+
+def how_measured(context: dict, methods: list[str], batch: int, gpu_name: str | None) -> list[str]:
+    """The lines under a table of measurements that say what each figure is and how it was got."""
+    from .engine import METHODS
+
+    early = [name for name in methods if METHODS[name].before_llm]
+    on_gpu = gpu_name is not None
+    where = gpu_name if on_gpu else f"CPU, {context['threads']} threads"
+    time = "CUDA-event time" if on_gpu else "wall time"
+    memory = "torch.cuda.max_memory_allocated" if on_gpu else "CPU allocator peak (torch profiler)"
+    layer, repeats, warmup = context["layer"], context["repeats"], context["warmup"]
+    notes = [
+        f"{where}, {context['dtype']}; {context['prompt_tokens']} prompt tokens; pruned after layer {layer - 1} (L={layer})"
+        + (f"; {', '.join(early)}: before layer 0 (L=0)." if early else "."),
+        "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
+        f"prefill: {time}, median of {repeats} rounds after {warmup} warm-up, methods interleaved; time %: of vanilla's.",
+        f"peak: {memory} during prefill, above the weights, KV cache included.",
+    ]
+    if batch > 1:
+        notes.append(
+            f"batch {batch}: {batch} copies of the sample in one forward; images/s: samples prefilled per second, "
+            "vs batch 1: over batch 1's for the same method; KV, peak and decode tok/s: the whole batch's."
+        )
+    return notes

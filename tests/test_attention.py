@@ -7,9 +7,10 @@ from transformers import AutoModelForImageTextToText
 
 from asapcli.engine import image_spans
 from asapcli.engine.attention import additive_mask, score_rows
-from asapcli.generation import PruneSettings, plan
 from asapcli.inputs import build_inputs, user_message
 from asapcli.loading import load
+from asapcli.plans import plan_for
+from asapcli.settings import PruneSettings
 
 
 def test_additive_mask_rows_match_the_full_causal_mask():
@@ -44,7 +45,7 @@ def test_fastv_keeps_the_top_k_of_transformers_eager_last_token_attention(llava_
     with torch.inference_mode():
         attentions = eager(**inputs, output_attentions=True).attentions
     expected = attentions[layer - 1][0, :, -1, start:end].mean(dim=0).topk(k).indices.sort().values + start
-    pruning = plan(lvlm, ids, PruneSettings(method="fastv", k=k, layer=layer))
+    pruning = plan_for(lvlm, ids, PruneSettings(method="fastv", k=k, layer=layer))
     with torch.inference_mode(), lvlm.decoder.pruning(pruning):
         lvlm.model(**inputs)
     assert pruning.kept[0].tolist() == expected.tolist()

@@ -4,9 +4,10 @@ own mask and positions; equal to the same samples run one by one."""
 import pytest
 import torch
 
-from asapcli.generation import PruneSettings, plan
 from asapcli.inputs import user_message
 from asapcli.loading import load
+from asapcli.plans import plan_for
+from asapcli.settings import PruneSettings
 
 PROMPTS = ["what is it?", "where is the blue thing in this picture?"]  # different lengths: padding
 STEPS = 6
@@ -39,12 +40,12 @@ def test_a_padded_batch_equals_its_samples_one_by_one(family, method, positions,
     texts = [processor.apply_chat_template([user_message(p, 1)], add_generation_prompt=True) for p in PROMPTS]
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
     settings = PruneSettings(method=method, k=8, layer=2, positions=positions)
-    plans = [plan(lvlm, row, settings) for row in batch["input_ids"]]
+    plans = [plan_for(lvlm, row, settings) for row in batch["input_ids"]]
     batched = greedy(lvlm, batch, plans)
     assert (batch["attention_mask"] == 0).any()  # the batch really is padded
     for row, (text, image) in enumerate(zip(texts, images, strict=True)):
         single = processor(text=text, images=[image], return_tensors="pt")
-        single_plan = plan(lvlm, single["input_ids"][0], settings)
+        single_plan = plan_for(lvlm, single["input_ids"][0], settings)
         alone = greedy(lvlm, single, single_plan)
         length = single["input_ids"].shape[1]
         assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, length:])
@@ -57,6 +58,9 @@ def test_a_padded_batch_equals_its_samples_one_by_one(family, method, positions,
 def test_plans_of_one_batch_must_agree(loaded, images):
     lvlm = loaded["llava"]
     ids = torch.tensor([1, 2, 3])
-    plans = [plan(lvlm, ids, PruneSettings(method="fastv", k=8)), plan(lvlm, ids, PruneSettings(method="fastv", k=4))]
+    plans = [
+        plan_for(lvlm, ids, PruneSettings(method="fastv", k=8)),
+        plan_for(lvlm, ids, PruneSettings(method="fastv", k=4)),
+    ]
     with pytest.raises(ValueError, match="share method, k and layer"), lvlm.decoder.pruning(plans):
         pass

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from asapcli.chat import ChatSession
 from asapcli.cli import app
 from asapcli.engine import METHODS, PruningPlan, image_spans, make_method
-from asapcli.generation import PruneSettings, on_model
+from asapcli.generation import to_device
 from asapcli.inputs import build_inputs, user_message
 from asapcli.loading import load
+from asapcli.settings import PruneSettings
 
 runner = CliRunner()
 K, LAYER, VISUAL = 16, 2, 64  # the tiny LLaVA makes 64 visual tokens per image
@@ -175,7 +176,7 @@ def test_a_dialogue_equals_one_pruned_prefill_of_it(lvlm, images, method, dialog
     pruned_spans = spans if method == "vanilla" else [spans[i] for i in _pruned_spans(session)]
     single_plan = PruningPlan(make_method(method), K, LAYER, spans=pruned_spans)
     with torch.inference_mode(), lvlm.decoder.pruning(single_plan):
-        single = lvlm.model(**on_model(lvlm, features), use_cache=True)
+        single = lvlm.model(**to_device(lvlm, features), use_cache=True)
 
     assert not replay  # every selection was replayed
     assert torch.allclose(chat_logits[0, -1], single.logits[0, -1], atol=1e-5)

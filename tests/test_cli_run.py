@@ -107,7 +107,7 @@ def model_without_image_token(tmp_path, llava_path):
         (["{image}", "<image> hi", "-m", "{model}"], 2, "contains '<image>', this model's image placeholder"),
         (["{image}", "hi", "-m", "{model}", "--method", "magic"], 2, "unknown method 'magic'"),
         (["{image}", "hi", "-m", "{no_image_token}"], 1, "has no image_token_id"),
-        (["{image}", "hi", "-m", "no-such-org/no-such-model"], 1, "cannot load model"),
+        (["{image}", "hi", "-m", "no-such-org/no-such-model"], 1, "is not in the local Hugging Face cache"),
         (["{image}", "hi", "-m", "{model}", "--device", "cuda:7"], 1, "no CUDA GPU"),
     ],
 )
@@ -254,9 +254,11 @@ def test_an_unreachable_hub_is_one_error_line_at_once(image_file, monkeypatch):
     result = asap("run", image_file, "hi", "-m", "nobody/no-such-model")
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
-        "Error: cannot reach https://hub.invalid to download 'nobody/no-such-model' (no network?); pass a local "
-        "model folder with -m (a model already in the Hugging Face cache loads without the network; "
-        "HF_HUB_OFFLINE=1 says so up front)"
+        (
+            "Error: cannot reach https://hub.invalid to download 'nobody/no-such-model' (no network?); pass a local "
+            "model folder with -m (a model already in the Hugging Face cache loads without the network; "
+            "HF_HUB_OFFLINE=1 says so up front)"
+        )
     ]
 
 

@@ -9,9 +9,11 @@ from transformers import AutoModelForImageTextToText, DynamicCache
 
 from asapcli.engine import METHODS, image_spans
 from asapcli.errors import UsageError
-from asapcli.generation import PruneSettings, generate, plan
+from asapcli.generation import generate
 from asapcli.inputs import build_inputs, load_image, user_message
 from asapcli.loading import load
+from asapcli.plans import plan_for
+from asapcli.settings import PruneSettings
 
 FAMILIES = ["llava", "llava-next"]
 CAR = Path(__file__).parent.parent / "examples" / "car.png"
@@ -46,7 +48,7 @@ def test_image_spans_are_the_runs_of_image_tokens():
 def test_vanilla_matches_transformers_forward_and_generate(family, loaded, reference, images):
     lvlm, ref = loaded[family], reference[family]
     inputs = two_image_inputs(lvlm, images)
-    pruning = plan(lvlm, inputs["input_ids"][0], PruneSettings(method="vanilla"))
+    pruning = plan_for(lvlm, inputs["input_ids"][0], PruneSettings(method="vanilla"))
     with torch.inference_mode():
         expected = ref(**inputs).logits
         expected_tokens = ref.generate(**inputs, max_new_tokens=12, do_sample=False)
@@ -81,7 +83,7 @@ def test_a_budget_at_or_above_the_image_is_vanilla_bit_for_bit(method, demo):
         expected_tokens = reference.generate(**inputs, max_new_tokens=6, do_sample=False)
     for k, lambda_max in [(576, 1.0), (10_000, 1e-12)]:
         settings = PruneSettings(method=method, k=k, lambda_max=lambda_max if method.startswith("asap") else None)
-        pruning = plan(lvlm, inputs["input_ids"][0], settings)
+        pruning = plan_for(lvlm, inputs["input_ids"][0], settings)
         assert torch.equal(logits(lvlm, inputs, pruning), expected)
         with torch.inference_mode(), lvlm.decoder.pruning(pruning):
             assert torch.equal(lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False), expected_tokens)
@@ -97,7 +99,7 @@ def test_only_the_spans_a_budget_shrinks_get_sg_bimask(loaded, images):
     ids = inputs["input_ids"][0]
     small, large = sorted(image_spans(ids, lvlm.image_token_id), key=lambda span: span[1] - span[0])
     assert small[1] - small[0] < large[1] - large[0]
-    pruning = plan(lvlm, ids, PruneSettings(method="asap", k=small[1] - small[0], layer=2))
+    pruning = plan_for(lvlm, ids, PruneSettings(method="asap", k=small[1] - small[0], layer=2))
     cache, plain = (DynamicCache(config=lvlm.model.config.get_text_config()) for _ in range(2))
     logits(lvlm, inputs, pruning, cache)
     logits(lvlm, inputs, None, plain)
@@ -117,7 +119,7 @@ def test_sg_bimask_changes_the_forward_pass_of_layers_before_l(loaded, images):
     caches = {}
     for method in ("fastv", "asap-bimask-only"):
         caches[method] = DynamicCache(config=lvlm.model.config.get_text_config())
-        logits(lvlm, inputs, plan(lvlm, ids, PruneSettings(method=method, k=8, layer=3)), caches[method])
+        logits(lvlm, inputs, plan_for(lvlm, ids, PruneSettings(method=method, k=8, layer=3)), caches[method])
     for layer in (1, 2):  # inputs computed by layers 0 and 1, both before L = 3
         causal, soft = caches["fastv"].layers[layer].values, caches["asap-bimask-only"].layers[layer].values
         assert torch.equal(causal[:, :, : first[0]], soft[:, :, : first[0]])
@@ -133,7 +135,7 @@ def test_layers_from_l_on_hold_text_plus_k_per_image(family, method, loaded, ima
     spans = image_spans(ids, lvlm.image_token_id)
     assert len(spans) == 2
     visual = sum(end - start for start, end in spans)
-    pruning = plan(lvlm, ids, PruneSettings(method=method, k=k, layer=layer))
+    pruning = plan_for(lvlm, ids, PruneSettings(method=method, k=k, layer=layer))
     cache = DynamicCache(config=lvlm.model.config.get_text_config())
     out = logits(lvlm, inputs, pruning, cache)
     total, text = ids.numel(), ids.numel() - visual
@@ -150,7 +152,7 @@ def test_layers_from_l_on_hold_text_plus_k_per_image(family, method, loaded, ima
 def test_decoding_after_pruning_runs_and_reports(method, loaded, images):
     lvlm = loaded["llava"]
     inputs = two_image_inputs(lvlm, images)
-    pruning = plan(lvlm, inputs["input_ids"][0], PruneSettings(method=method, k=8, layer=2))
+    pruning = plan_for(lvlm, inputs["input_ids"][0], PruneSettings(method=method, k=8, layer=2))
     result = generate(lvlm, inputs, pruning, max_tokens=10)
     assert result.generated_tokens >= 1
     assert (result.visual_tokens, result.kept_tokens) == (128, 16)
@@ -165,14 +167,14 @@ def test_cached_decoding_equals_a_pruned_prefill_of_the_same_tokens(family, load
     inputs = two_image_inputs(lvlm, images)
     ids = inputs["input_ids"][0]
     settings = PruneSettings(method="random", k=8, layer=2, seed=3)
-    with torch.inference_mode(), lvlm.decoder.pruning(plan(lvlm, ids, settings)):
+    with torch.inference_mode(), lvlm.decoder.pruning(plan_for(lvlm, ids, settings)):
         generated = lvlm.model.generate(
             **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
     sequence = generated.sequences
     assert sequence.shape[1] == ids.numel() + 6
     whole = dict(inputs, input_ids=sequence, attention_mask=torch.ones_like(sequence))
-    scratch = logits(lvlm, whole, plan(lvlm, sequence[0], settings))
+    scratch = logits(lvlm, whole, plan_for(lvlm, sequence[0], settings))
     n_text_after = 6
     for step in range(1, n_text_after):
         # logits of decoding step `step` came from the token at sequence position prompt+step-1
@@ -185,11 +187,11 @@ def test_a_plan_ignores_spans_already_in_the_cache(loaded, images):
     first = build_inputs(lvlm.processor, [user_message("hi", 1)], images[:1])
     settings = PruneSettings(method="asap", k=8, layer=2)
     cache = DynamicCache(config=lvlm.model.config.get_text_config())
-    logits(lvlm, first, plan(lvlm, first["input_ids"][0], settings), cache)
+    logits(lvlm, first, plan_for(lvlm, first["input_ids"][0], settings), cache)
     before = [cache.get_seq_length(i) for i in range(lvlm.num_layers)]
     more = lvlm.processor.tokenizer(" more", add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([first["input_ids"], more], dim=1)
-    second_plan = plan(lvlm, ids[0], settings)  # names the old span; nothing in this chunk
+    second_plan = plan_for(lvlm, ids[0], settings)  # names the old span; nothing in this chunk
     with torch.inference_mode(), lvlm.decoder.pruning(second_plan):
         lvlm.model(input_ids=more, past_key_values=cache, use_cache=True)
     after = [cache.get_seq_length(i) for i in range(lvlm.num_layers)]
@@ -207,7 +209,7 @@ def test_bimask_only_is_asap_without_consolidation(loaded, images):
         "asap, nothing merged": PruneSettings(method="asap", k=8, merge_threshold=1.0),
         "asap": PruneSettings(method="asap", k=8, merge_threshold=-1.0),  # everything merges
     }.items():
-        pruning = plan(lvlm, ids, settings)
+        pruning = plan_for(lvlm, ids, settings)
         logits(lvlm, inputs, pruning)
         kept[name] = torch.cat(pruning.kept)
     assert torch.equal(kept["bimask-only"], kept["asap, nothing merged"])
@@ -221,7 +223,7 @@ def test_contribution_score_ranks_by_attention_times_value_norm(method, loaded, 
     ids = inputs["input_ids"][0]
     importance = {}
     for score in ("attention", "contribution"):
-        pruning = plan(lvlm, ids, PruneSettings(method=method, k=8, score=score))
+        pruning = plan_for(lvlm, ids, PruneSettings(method=method, k=8, score=score))
         logits(lvlm, inputs, pruning)
         importance[score] = torch.cat(pruning.importance)
         assert [len(kept) for kept in pruning.kept] == [8, 8]
@@ -238,13 +240,13 @@ def test_methods_before_the_llm_prune_every_layer(method, kept_per_image, loaded
     lvlm = loaded["llava"]
     inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
     ids = inputs["input_ids"][0]
-    pruning = plan(lvlm, ids, PruneSettings(method=method, k=8, layer=2))
+    pruning = plan_for(lvlm, ids, PruneSettings(method=method, k=8, layer=2))
     assert pruning.layer == 0  # whatever --layer said
     cache = DynamicCache(config=lvlm.model.config.get_text_config())
     logits(lvlm, inputs, pruning, cache)
     text = ids.numel() - 64
     assert [cache.get_seq_length(i) for i in range(lvlm.num_layers)] == [text + kept_per_image] * lvlm.num_layers
-    result = generate(lvlm, inputs, plan(lvlm, ids, PruneSettings(method=method, k=8)), max_tokens=4)
+    result = generate(lvlm, inputs, plan_for(lvlm, ids, PruneSettings(method=method, k=8)), max_tokens=4)
     assert (result.visual_tokens, result.kept_tokens) == (64, kept_per_image)
 
     def per_layer(v, d=64, m=128):  # Eq. 7's layer term on the tiny model
@@ -259,7 +261,7 @@ def test_divprune_equals_the_model_fed_only_the_kept_features(loaded, images):
     lvlm = loaded["llava"]
     inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
     ids = inputs["input_ids"][0]
-    pruning = plan(lvlm, ids, PruneSettings(method="divprune", k=8))
+    pruning = plan_for(lvlm, ids, PruneSettings(method="divprune", k=8))
     pruned = logits(lvlm, inputs, pruning)
     model = lvlm.model
     with torch.inference_mode():
@@ -275,14 +277,14 @@ def test_divprune_equals_the_model_fed_only_the_kept_features(loaded, images):
 def test_timings_say_what_they_include(model_paths, images, monkeypatch):
     lvlm = load(str(model_paths["llava"]), device="cpu")  # a fresh load: no generation yet
     synchronized = []
-    monkeypatch.setattr("asapcli.generation._synchronize", synchronized.append)
+    monkeypatch.setattr("asapcli.streaming.synchronize", synchronized.append)
     monkeypatch.setattr(lvlm.model.generation_config, "eos_token_id", None)  # answers run to max_tokens
     inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
     settings = PruneSettings(method="asap", k=8)
-    first = generate(lvlm, inputs, plan(lvlm, inputs["input_ids"][0], settings), max_tokens=3)
+    first = generate(lvlm, inputs, plan_for(lvlm, inputs["input_ids"][0], settings), max_tokens=3)
     # The device is synchronised before the clock starts, at the first token, and at the end.
     assert synchronized == [lvlm.device] * 3
-    second = generate(lvlm, inputs, plan(lvlm, inputs["input_ids"][0], settings), max_tokens=12)
+    second = generate(lvlm, inputs, plan_for(lvlm, inputs["input_ids"][0], settings), max_tokens=12)
     assert (first.cold, second.cold) == (True, False)
     assert first.decode_tokens_per_second is None  # 2 decoded tokens
     assert second.generated_tokens == 12 and second.decode_tokens_per_second > 0
@@ -305,7 +307,7 @@ def test_renumbered_divprune_is_the_model_fed_only_the_kept_features(family, loa
         image_inputs = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
         features = torch.cat(ref.model.get_image_features(**image_inputs).pooler_output)
         embeds[inputs["input_ids"] == lvlm.image_token_id] = features.reshape(-1, embeds.shape[-1])
-        pruning = plan(lvlm, ids, settings)
+        pruning = plan_for(lvlm, ids, settings)
         with lvlm.decoder.pruning(pruning):
             steps = lvlm.model.generate(
                 **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
@@ -338,7 +340,9 @@ def test_sg_bimask_reaches_a_text_query_selection_only_through_earlier_layers(qu
     lvlm, _, inputs = demo
     chosen = {}
     for method in ("fastv", "asap-bimask-only"):
-        pruning = plan(lvlm, inputs["input_ids"][0], PruneSettings(method, k=128, layer=layer, score_queries=queries))
+        pruning = plan_for(
+            lvlm, inputs["input_ids"][0], PruneSettings(method, k=128, layer=layer, score_queries=queries)
+        )
         logits(lvlm, inputs, pruning)
         chosen[method] = pruning.kept[0], pruning.importance[0]
     (fastv_kept, fastv_importance), (bimask_kept, bimask_importance) = chosen.values()

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from asapcli import evaluation, figures
 from asapcli.cli import app
 from asapcli.demo import scenes
-from asapcli.generation import PruneSettings
+from asapcli.settings import PruneSettings
 
 runner = CliRunner()
 

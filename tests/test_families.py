@@ -23,8 +23,10 @@ from typer.testing import CliRunner
 
 from asapcli.cli import app
 from asapcli.engine import PrunedDecoder, UnsupportedModel, check_supported, image_spans, install
-from asapcli.generation import PruneSettings, generate, plan
+from asapcli.generation import generate
 from asapcli.loading import Loaded, prepare
+from asapcli.plans import plan_for
+from asapcli.settings import PruneSettings
 
 BUILDERS = {
     "qwen2.5-vl": (tiny_models.build_qwen2_5_vl, tiny_models.qwen_inputs),
@@ -80,7 +82,7 @@ def test_each_image_is_one_span_of_its_own_tokens(family):
 
 def test_vanilla_matches_transformers_forward_and_generate(family):
     inputs, loaded = family.inputs, family.loaded
-    pruning = plan(loaded, inputs["input_ids"][0], PruneSettings(method="vanilla"))
+    pruning = plan_for(loaded, inputs["input_ids"][0], PruneSettings(method="vanilla"))
     with torch.inference_mode():
         expected = family.reference(**inputs).logits
         expected_tokens = family.reference.generate(**inputs, max_new_tokens=8, do_sample=False)
@@ -92,7 +94,7 @@ def test_vanilla_matches_transformers_forward_and_generate(family):
 
 def test_asap_with_nothing_to_prune_and_vanishing_lambda_is_vanilla(family):
     inputs, loaded = family.inputs, family.loaded
-    pruning = plan(loaded, inputs["input_ids"][0], PruneSettings(method="asap", k=10_000, lambda_max=1e-12))
+    pruning = plan_for(loaded, inputs["input_ids"][0], PruneSettings(method="asap", k=10_000, lambda_max=1e-12))
     with torch.inference_mode():
         expected = family.reference(**inputs).logits
     assert torch.allclose(logits(loaded, inputs, pruning), expected, atol=1e-5)
@@ -104,7 +106,7 @@ def test_layers_from_l_on_hold_text_plus_k_per_image(family, method):
     ids = family.inputs["input_ids"][0]
     spans = image_spans(ids, loaded.image_token_id)
     visual = sum(end - start for start, end in spans)
-    pruning = plan(loaded, ids, PruneSettings(method=method, k=k, layer=layer))
+    pruning = plan_for(loaded, ids, PruneSettings(method=method, k=k, layer=layer))
     cache = DynamicCache(config=loaded.model.config.get_text_config())
     out = logits(loaded, family.inputs, pruning, cache)
     text = ids.numel() - visual
@@ -122,7 +124,7 @@ def test_cached_decoding_equals_a_pruned_prefill_of_the_same_tokens(family):
     ids = inputs["input_ids"][0]
     settings = PruneSettings(method="random", k=8, layer=2, seed=3)
     steps = 6
-    with torch.inference_mode(), loaded.decoder.pruning(plan(loaded, ids, settings)):
+    with torch.inference_mode(), loaded.decoder.pruning(plan_for(loaded, ids, settings)):
         generated = loaded.model.generate(
             **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
             output_logits=True, return_dict_in_generate=True,
@@ -131,7 +133,7 @@ def test_cached_decoding_equals_a_pruned_prefill_of_the_same_tokens(family):
     whole = dict(inputs, input_ids=sequence, attention_mask=torch.ones_like(sequence))
     if "mm_token_type_ids" in inputs:
         whole["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, steps))
-    scratch = logits(loaded, whole, plan(loaded, sequence[0], settings))
+    scratch = logits(loaded, whole, plan_for(loaded, sequence[0], settings))
     for step in range(1, steps):
         assert torch.allclose(generated.logits[step][0], scratch[0, -(steps - step) - 1], atol=1e-4)
 
@@ -143,7 +145,7 @@ def test_kept_tokens_keep_their_original_3d_positions(families):
     qwen = families["qwen2.5-vl"]
     inputs, loaded, reference = qwen.inputs, qwen.loaded, qwen.reference
     ids = inputs["input_ids"][0]
-    pruning = plan(loaded, ids, PruneSettings(method="divprune", k=8))
+    pruning = plan_for(loaded, ids, PruneSettings(method="divprune", k=8))
     pruned = logits(loaded, inputs, pruning)
     with torch.inference_mode():
         model = reference.model
@@ -176,11 +178,14 @@ def test_a_qwen_batch_equals_its_samples_one_by_one(families, images, method):
     steps = 5
     options = {"max_new_tokens": steps, "min_new_tokens": steps, "do_sample": False, "output_logits": True,
                "return_dict_in_generate": True}  # fmt: skip
-    with torch.inference_mode(), loaded.decoder.pruning([plan(loaded, row, settings) for row in batch["input_ids"]]):
+    with (
+        torch.inference_mode(),
+        loaded.decoder.pruning([plan_for(loaded, row, settings) for row in batch["input_ids"]]),
+    ):
         batched = loaded.model.generate(**batch, **options)
     for row, sample in enumerate(samples):
         single = tiny_models.qwen_batch(tokenizer, [sample])
-        with torch.inference_mode(), loaded.decoder.pruning(plan(loaded, single["input_ids"][0], settings)):
+        with torch.inference_mode(), loaded.decoder.pruning(plan_for(loaded, single["input_ids"][0], settings)):
             alone = loaded.model.generate(**single, **options)
         for step in range(steps):
             assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-5)
@@ -190,7 +195,7 @@ def test_decoding_after_pruning_reports_what_was_kept(family):
     result = generate(
         family.loaded,
         family.inputs,
-        plan(family.loaded, family.inputs["input_ids"][0], PruneSettings(method="asap", k=8)),
+        plan_for(family.loaded, family.inputs["input_ids"][0], PruneSettings(method="asap", k=8)),
         max_tokens=4,
     )
     visual = sum(end - start for start, end in image_spans(family.inputs["input_ids"][0], family.loaded.image_token_id))

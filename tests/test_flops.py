@@ -114,9 +114,9 @@ def test_flops_errors(args, message):
 
 @pytest.mark.parametrize("method", ["vanilla", "fastv", "asap"])
 def test_fvcore_counts_eq_7_exactly_on_the_tiny_model(llava_path, method):
-    from asapcli.flop_count import count_flops
-    from asapcli.generation import PruneSettings
+    from asapcli.flops.measured import count_flops
     from asapcli.loading import load
+    from asapcli.settings import PruneSettings
 
     loaded = load(str(llava_path), device="cpu")
     k, layer = 16, 2

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 
 from asapcli.cli import app
 from asapcli.engine import METHODS
-from asapcli.generation import PruneSettings
 from asapcli.inputs import build_batch_inputs, build_inputs, pattern_image, user_message
 from asapcli.loading import load
 from asapcli.profiling import kv_cache_bytes, peak_memory, prefill
+from asapcli.settings import PruneSettings
 
 runner = CliRunner()
 FAST = ["--repeats", "1", "--warmup", "0", "--decode-tokens", "2"]

@@ -18,10 +18,11 @@ import torch
 from reference_asap import ReferenceLM
 from transformers import AutoModelForImageTextToText
 
-from asapcli.generation import PruneSettings, plan
 from asapcli.inputs import build_inputs, load_image, user_message
 from asapcli.loading import load
+from asapcli.plans import plan_for
 from asapcli.presets import find_preset
+from asapcli.settings import PruneSettings
 
 QUESTION = "what colour is the car?"
 CAR = Path(__file__).resolve().parent.parent / "examples" / "car.png"
@@ -82,7 +83,7 @@ def _engine(setup: Setup, method, k, layer, lambda_max, threshold, queries, scor
         score_queries=queries,
         score=score,
     )
-    pruning = plan(setup.lvlm, setup.inputs["input_ids"][0], settings)
+    pruning = plan_for(setup.lvlm, setup.inputs["input_ids"][0], settings)
     seen = {}
 
     def grab(module, args, kwargs):

@@ -13,7 +13,6 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -23,9 +22,7 @@ from .. import display
 from ..chat import ChatSession, Turn
 from ..errors import UsageError, describe, whole_number
 from ..inputs import load_image
-from ..loading import load
 from . import options
-from .run import summary
 
 HELP = """Commands:
   /image PATH   add an image to your next message (pruned to k tokens in its own prefill)
@@ -36,48 +33,30 @@ HELP = """Commands:
   /exit         leave (Ctrl-D too); Ctrl-C stops an answer and keeps the session"""
 
 
+@options.command
 def chat(
     image: Annotated[Path | None, typer.Argument(metavar="[IMAGE]", help="An image for the first message.")] = None,
-    model: options.Model = options.DEFAULT_MODEL,
-    method: options.Method = "asap",
-    k: options.K = None,
-    layer: options.Layer = None,
-    lambda_max: options.LambdaMax = None,
-    merge_threshold: options.MergeThreshold = None,
-    score_queries: options.ScoreQueries = None,
-    score: options.Score = None,
-    max_tokens: options.MaxTokens = 128,
-    temperature: options.Temperature = 0.0,
-    seed: options.Seed = 0,
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
+    *,
+    where: options.Where,
+    pruning: options.OneMethod,
+    sampling: options.Sampling,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object per turn instead of text.")] = False,
 ) -> None:
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
-    settings_for = partial(
-        options.prune_settings,
-        method=method,
-        k=k,
-        layer=layer,
-        lambda_max=lambda_max,
-        merge_threshold=merge_threshold,
-        score_queries=score_queries,
-        score=score,
-        seed=seed,
-    )
-    settings_for().check()
+    pruning.settings(seed=sampling.seed)
     first_image = load_image(image) if image is not None else None  # a bad image fails before the long load
-    with display.status(f"Loading {model}"):
-        loaded = load(model, device=device, dtype=dtype)
-    settings = settings_for(loaded.preset)
-    session = ChatSession(loaded, settings, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    loaded = where.load()
+    settings = pruning.settings(loaded.preset, sampling.seed)
+    session = ChatSession(
+        loaded, settings, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed
+    )
     if first_image is not None:
         session.add_image(image.name, first_image)
 
     interactive = sys.stdin.isatty()
     if interactive and not json:
         display.note(
-            f"Chatting with {model} ({settings.method}, k={settings.k}, L={settings.layer}). /help lists commands."
+            f"Chatting with {where.model} ({settings.method}, k={settings.k}, L={settings.layer}). /help lists commands."
         )
     failed = False
     for line in _lines(interactive):
@@ -135,7 +114,7 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
         display.note("(stopped)")
     if interactive:
         result = turn.result
-        line = summary(session.settings, result)
+        line = display.summary(session.settings, result)
         if not result.visual_tokens:  # the turn brought no image: nothing to prune
             line = f"{result.fed_tokens} new tokens; {display.speeds(result)}"
         display.note(f"{line}; {turn.cached_tokens} tokens in cache")

@@ -14,12 +14,13 @@ from rich.table import Table
 from .. import display, evaluation, figures
 from ..engine import METHODS
 from ..errors import UsageError
-from ..loading import load
 from . import options
 
 
+@options.command
 def eval_command(
-    model: options.Model = options.DEFAULT_MODEL,
+    *,
+    where: options.Where,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -36,11 +37,7 @@ def eval_command(
     ] = "vanilla,fastv,random,asap",
     budgets: options.Budgets = None,
     layer: options.Layer = None,
-    lambda_max: options.LambdaMax = None,
-    merge_threshold: options.MergeThreshold = None,
-    score_queries: options.ScoreQueries = None,
-    score: options.Score = None,
-    positions: options.Positions = "original",
+    hyperparameters: options.MethodOptions,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 10,
     batch: Annotated[
         int,
@@ -72,15 +69,13 @@ def eval_command(
     ] = None,
     threads: options.Threads = None,
     seed: options.Seed = 0,
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
     json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with every row instead of a table.")
     ] = False,
 ) -> None:
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
     names = options.method_list(methods)
-    options.check_positions(names, positions)
+    options.prune_settings(names, hyperparameters)  # fail before the long load
     ks = options.budget_list(budgets)
     items = evaluation.read_items(data, n) if data is not None else evaluation.synthetic_items(n or 200)
     outputs = [path for path in (plot, attention_profile, log) if path is not None]
@@ -92,19 +87,9 @@ def eval_command(
     if threads is not None:
         torch.set_num_threads(threads)
 
-    with display.status(f"Loading {model}"):
-        loaded = load(model, device=device, dtype=dtype)
+    loaded = where.load()
     evaluation.check_questions(loaded, items)
-    base = options.prune_settings(
-        loaded.preset,
-        layer=layer,
-        lambda_max=lambda_max,
-        merge_threshold=merge_threshold,
-        score_queries=score_queries,
-        score=score,
-        seed=seed,
-        positions=positions,
-    )
+    base = options.prune_settings(names, hyperparameters, loaded.preset, layer=layer, seed=seed)
     if ks is None:
         ks = list(loaded.preset.budgets) if loaded.preset and loaded.preset.budgets else [base.k]
     runs = evaluation.runs(names, ks, base)
@@ -112,7 +97,7 @@ def eval_command(
         settings.check(loaded.num_layers)
 
     scores = [evaluation.Score(settings) for settings in runs]
-    profile, interrupted = None, False
+    rows, interrupted = None, False
     answers = evaluation.AnswerLog(log, items) if log is not None else None
     try:
         with _progress() as progress:
@@ -129,8 +114,8 @@ def eval_command(
             )
             if attention_profile is not None:
                 task = progress.add_task("Attention profile", total=2 * len(items))
-                profile = evaluation.attention_profile(
-                    loaded, items, base.layer, lambda_max, on_step=lambda: progress.advance(task)
+                rows = evaluation.row_attention(
+                    loaded, items, base.layer, hyperparameters.get("lambda_max"), on_step=lambda: progress.advance(task)
                 )
     except KeyboardInterrupt:  # Ctrl-C: show what was answered, marked partial, then exit 130
         interrupted = True
@@ -147,19 +132,17 @@ def eval_command(
     if json:
         display.print_json(
             {
-                "model": model,
+                "model": where.model,
                 "data": source,
                 "n": len(items),
                 "layer": base.layer,
                 "partial": interrupted,
                 "results": [_record(score, vanilla) for score in scores],
-                "attention_profile": None
-                if profile is None
-                else {"causal": profile.causal, "sg_bimask": profile.sg_bimask},
+                "attention_profile": None if rows is None else {"causal": rows.causal, "sg_bimask": rows.sg_bimask},
             }
         )
     elif scores:
-        display.out.print(_table(scores, vanilla, f"{model}: {source}, n={len(items)}, L={base.layer}{partial}"))
+        display.out.print(_table(scores, vanilla, f"{where.model}: {source}, n={len(items)}, L={base.layer}{partial}"))
         display.out.print(
             "FLOPs %: paper Eq. 8, visual tokens only; accuracy: normalised exact match, greedy; avg: mean over "
             "question types; rel: avg / vanilla's; top/bottom: questions about one object in that half of the "
@@ -180,12 +163,14 @@ def eval_command(
     if log is not None:
         display.note(f"wrote {log}")
     if plot is not None:
-        figures.save_png(figures.accuracy_plot(_series(scores), f"{model}: {source}, n={len(items)}"), plot, inputs)
+        figures.save_png(
+            figures.accuracy_plot(_series(scores), f"{where.model}: {source}, n={len(items)}"), plot, inputs
+        )
         display.note(f"wrote {plot}")
-    if profile is not None:
-        title = f"{model}: attention of the last prompt token per image row, layer {profile.layer - 1}"
-        curves = {"causal (FastV)": profile.causal, "SG-BiMask (ASAP)": profile.sg_bimask}
-        figures.save_png(figures.row_profile_plot(curves, title), attention_profile, inputs)
+    if rows is not None:
+        title = f"{where.model}: attention of the last prompt token per image row, layer {rows.layer - 1}"
+        curves = {"causal (FastV)": rows.causal, "SG-BiMask (ASAP)": rows.sg_bimask}
+        figures.save_png(figures.row_attention_plot(curves, title), attention_profile, inputs)
         display.note(f"wrote {attention_profile}")
 
 

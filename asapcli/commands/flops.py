@@ -11,14 +11,16 @@ from rich.table import Table
 from .. import display, flops
 from ..engine import METHODS
 from ..errors import UsageError
-from ..generation import PruneSettings
-from ..loading import load, load_architecture
+from ..loading import load_architecture
 from ..presets import find_preset
+from ..settings import PruneSettings
 from . import options
 
 
+@options.command
 def flops_command(
-    model: options.Model = options.DEFAULT_MODEL,
+    *,
+    where: options.Where,
     k: options.K = None,
     layer: Annotated[
         int | None, typer.Option("--layer", help="Prune after layer L-1; 0 prunes before the first layer.")
@@ -40,8 +42,6 @@ def flops_command(
         ),
     ] = False,
     method: Annotated[str, typer.Option("--method", help="With --measure: the method that prunes.")] = "asap",
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
     json: options.Json = False,
 ) -> None:
     """Theoretical FLOPs of the visual tokens, vanilla and pruned (paper Eq. 7-8)."""
@@ -51,13 +51,14 @@ def flops_command(
         raise UsageError(f"k must be at least 1, got {k}")
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    model = where.model
     arch = load_architecture(model, visual_tokens)
     if schedule is not None:
         steps = flops.parse_schedule(schedule)
     else:
-        settings = options.prune_settings(find_preset(model), k=k, layer=layer)
+        k_or_preset, layer_or_preset = options.budget_and_layer(find_preset(model), k, layer)
         # divprune and pool prune before the first layer, whatever --layer says (as asap run does)
-        steps = [(0 if measure and METHODS[method].before_llm else settings.layer, settings.k)]
+        steps = [(0 if measure and METHODS[method].before_llm else layer_or_preset, k_or_preset)]
     if schedule is None and k is None and steps[0][1] >= arch.visual_tokens:
         stages = [flops.Stage(arch.layers, arch.visual_tokens)]  # the preset's k keeps them all
     else:
@@ -70,7 +71,7 @@ def flops_command(
 
     vanilla, pruned = count([flops.Stage(arch.layers, arch.visual_tokens)]), count(stages)
     convention = flops.GQA_CONVENTION if kv_fraction != 1.0 else flops.CONVENTION
-    counted = _measure(model, arch.visual_tokens, steps, method, device, dtype) if measure else None
+    counted = _measure(where, arch.visual_tokens, steps, method) if measure else None
 
     if json:
         record = {
@@ -106,9 +107,9 @@ def flops_command(
         )
 
 
-def _measure(model: str, visual_tokens: int, steps, method: str, device: str, dtype: str):
+def _measure(where: options.Where, visual_tokens: int, steps, method: str):
     """fvcore's counts, vanilla and pruned, of the loaded model's language model."""
-    from ..flop_count import count_flops  # fvcore and the model load only when asked for
+    from ..flops.measured import count_flops  # fvcore and the model load only when asked for
 
     if len(steps) != 1:
         raise UsageError("--measure runs one pruning step: give -k/--layer, not a --schedule of several")
@@ -116,8 +117,7 @@ def _measure(model: str, visual_tokens: int, steps, method: str, device: str, dt
     # A method that prunes before the LLM ignores L; check() asks for one all the same.
     settings = PruneSettings(method=method, k=k, layer=max(layer, 1) if METHODS[method].before_llm else layer)
     settings.check()
-    with display.status(f"Loading {model}"):
-        loaded = load(model, device=device, dtype=dtype)
+    loaded = where.load()
     settings.check(loaded.num_layers)
     with display.status("Counting FLOPs with fvcore"):
         return {"vanilla": count_flops(loaded, visual_tokens), "pruned": count_flops(loaded, visual_tokens, settings)}

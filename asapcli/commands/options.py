@@ -1,16 +1,22 @@
-"""Options shared by the subcommands, so that every command spells them the same way."""
+"""Options shared by the subcommands, so that every command spells them the same way, each
+declared once. A command takes a group of them (`Where`, `Sampling`, `MethodOptions`) as one
+parameter annotated with the group; `@command` spreads the group into Typer options and hands
+the command the group back."""
 
-from __future__ import annotations
-
+import dataclasses
+import functools
+import inspect
 import math
 from typing import Annotated
 
 import typer
 
-from ..engine import METHODS
+from .. import display
+from ..engine import HYPERPARAMETERS, METHODS
 from ..errors import UsageError, ascii_digits
-from ..generation import PruneSettings
+from ..loading import Loaded
 from ..presets import Preset
+from ..settings import PruneSettings, check_hyperparameters, check_methods
 
 DEFAULT_MODEL = "demo"  # bundled with the package: every command runs offline on a fresh machine
 
@@ -31,33 +37,6 @@ Layer = Annotated[
     int | None,
     typer.Option(
         "--layer", help="Prune after layer L-1: layers 0..L-1 see every token. Default: the preset's, else 2."
-    ),
-]
-LambdaMax = Annotated[
-    float | None, typer.Option("--lambda-max", help="asap: SG-BiMask's largest forward visibility, in (0, 1].")
-]
-MergeThreshold = Annotated[
-    float | None,
-    typer.Option("--merge-threshold", help="asap: cosine similarity above which kept tokens are merged."),
-]
-ScoreQueries = Annotated[
-    str | None,
-    typer.Option("--score-queries", help="asap: query rows that rank tokens: last, text or all."),
-]
-Score = Annotated[
-    str | None,
-    typer.Option(
-        "--score",
-        help="fastv, asap: rank by the attention a token receives (attention, default) or by attention "
-        "times the norm of its value vector (contribution, CAPA).",
-    ),
-]
-Positions = Annotated[
-    str,
-    typer.Option(
-        "--positions",
-        help="divprune, pool: kept tokens keep their own position ids (original, default) or are numbered "
-        "0..M-1 as a shorter prompt (renumber: official DivPrune's pipeline).",
     ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
@@ -92,12 +71,111 @@ Threads = Annotated[
 ]
 
 
+@dataclasses.dataclass
+class Where:
+    """Which model, on which device, in which precision."""
+
+    model: Model = DEFAULT_MODEL
+    device: Device = "auto"
+    dtype: Dtype = "auto"
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        return list(inspect.signature(cls).parameters.values())
+
+    def load(self) -> Loaded:
+        """The model, loaded under a spinner."""
+        from ..loading import load
+
+        with display.status(f"Loading {self.model}"):
+            return load(self.model, device=self.device, dtype=self.dtype)
+
+
+@dataclasses.dataclass
+class Sampling:
+    """How answers are generated."""
+
+    max_tokens: MaxTokens = 128
+    temperature: Temperature = 0.0
+    seed: Seed = 0
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        return list(inspect.signature(cls).parameters.values())
+
+
+class MethodOptions(dict):
+    """The pruning methods' hyperparameters as given on the command line (None: not given), one
+    option per declaration in engine.HYPERPARAMETERS, its help naming the methods that take it."""
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        parameters = []
+        for name, hyperparameter in HYPERPARAMETERS.items():
+            takers = ", ".join(method for method, cls in METHODS.items() if name in cls.hyperparameters())
+            option = typer.Option(hyperparameter.flag, help=f"{takers}: {hyperparameter.help}")
+            annotation = Annotated[hyperparameter.type | None, option]
+            parameters.append(
+                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+            )
+        return parameters
+
+    def given(self) -> dict:
+        return {name: value for name, value in self.items() if value is not None}
+
+
+class OneMethod:
+    """--method, -k, --layer and the method's options: what run and chat prune by."""
+
+    def __init__(self, method: str = "asap", k: int | None = None, layer: int | None = None, **hyperparameters):
+        self.method, self.k, self.layer = method, k, layer
+        self.hyperparameters = MethodOptions(hyperparameters)
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        def option(name: str, annotation, default) -> inspect.Parameter:
+            return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+        return [option("method", Method, "asap"), option("k", K, None), option("layer", Layer, None)] + (
+            MethodOptions.parameters()
+        )
+
+    def settings(self, preset: Preset | None = None, seed: int = 0) -> PruneSettings:
+        """The checked settings; k and L not given come from `preset`."""
+        return prune_settings([self.method], self.hyperparameters, preset, k=self.k, layer=self.layer, seed=seed)
+
+
+def command(function):
+    """`function` with every parameter annotated with an option group spread into the group's
+    own options (what Typer reads), and called with the group rebuilt from them."""
+    signature = inspect.signature(function, eval_str=True)
+    flat, groups = [], {}
+    for parameter in signature.parameters.values():
+        group = parameter.annotation
+        if not (isinstance(group, type) and hasattr(group, "parameters")):
+            flat.append(parameter)
+            continue
+        members = group.parameters()
+        groups[parameter.name] = (group, [member.name for member in members])
+        flat.extend(members)
+
+    @functools.wraps(function)
+    def spread(**given):
+        for name, (group, members) in groups.items():
+            given[name] = group(**{member: given.pop(member) for member in members})
+        return function(**given)
+
+    # Typer passes every value by name: keyword-only keeps any order valid.
+    flat = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in flat]
+    spread.__signature__ = signature.replace(parameters=flat)
+    spread.__annotations__ = {parameter.name: parameter.annotation for parameter in flat}
+    return spread
+
+
 def method_list(text: str) -> list[str]:
     """Comma-separated method names, each one known."""
     names = _split(text, "--methods")
-    unknown = [name for name in names if name not in METHODS]
-    if unknown:
-        raise UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    check_methods(names)
     return names
 
 
@@ -113,13 +191,6 @@ def budget_list(text: str | None) -> list[int] | None:
     return budgets
 
 
-def check_positions(methods: list[str], positions: str) -> None:
-    """--positions renumber with several methods applies to those that prune before the language
-    model; one of them at least must be in the list."""
-    if positions == "renumber" and not any(METHODS[name].before_llm for name in methods):
-        PruneSettings(method=methods[0], positions=positions).check()  # says which methods take it
-
-
 def _split(text: str, option: str) -> list[str]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
@@ -127,9 +198,32 @@ def _split(text: str, option: str) -> list[str]:
     return items
 
 
-def prune_settings(preset: Preset | None = None, **given) -> PruneSettings:
-    """PruneSettings from the options as given (None: not given). k and layer left out come
-    from the model's preset; anything else left out takes PruneSettings' own default."""
-    chosen = {"k": preset.k, "layer": preset.layer} if preset is not None else {}
-    chosen.update({name: value for name, value in given.items() if value is not None})
-    return PruneSettings(**chosen)
+def prune_settings(
+    methods: list[str], hyperparameters: MethodOptions, preset: Preset | None = None, **given
+) -> PruneSettings:
+    """PruneSettings for the first of `methods` from the options as given (None: not given),
+    checked: k and layer left out come from the model's preset, anything else left out takes
+    PruneSettings' or the method's own default; each hyperparameter must be taken by one of
+    `methods` at least (a comparison of several applies it to those that take it)."""
+    check_methods(methods)
+    check_hyperparameters(hyperparameters.given(), methods)
+    k, layer = budget_and_layer(preset, given.pop("k", None), given.pop("layer", None))
+    chosen = {name: value for name, value in given.items() if value is not None}
+    settings = PruneSettings(methods[0], k=k, layer=layer, **chosen, **hyperparameters.given())
+    settings = settings if len(methods) == 1 else settings.for_method(methods[0])
+    settings.check()
+    return settings
+
+
+def budget_and_layer(preset: Preset | None, k: int | None, layer: int | None) -> tuple[int, int]:
+    """k and L as given, else the preset's, else PruneSettings' defaults."""
+    defaults = PruneSettings()
+    k = k if k is not None else preset.k if preset is not None and preset.k is not None else defaults.k
+    layer = (
+        layer
+        if layer is not None
+        else preset.layer
+        if preset is not None and preset.layer is not None
+        else defaults.layer
+    )
+    return k, layer

@@ -13,13 +13,14 @@ from rich.table import Table
 from .. import display
 from ..engine import METHODS
 from ..inputs import build_batch_inputs, check_prompt, load_image, pattern_image
-from ..loading import load
-from ..profiling import Measurement, measure
+from ..profiling import Measurement, conditions, how_measured, measure
 from . import options
 
 
+@options.command
 def profile(
-    model: options.Model = options.DEFAULT_MODEL,
+    *,
+    where: options.Where,
     image: Annotated[
         Path | None,
         typer.Option(
@@ -34,11 +35,7 @@ def profile(
     ] = "vanilla,fastv,asap",
     budgets: options.Budgets = None,
     layer: options.Layer = None,
-    lambda_max: options.LambdaMax = None,
-    merge_threshold: options.MergeThreshold = None,
-    score_queries: options.ScoreQueries = None,
-    score: options.Score = None,
-    positions: options.Positions = "original",
+    hyperparameters: options.MethodOptions,
     repeats: Annotated[
         int, typer.Option("--repeats", min=1, help="Timed rounds, one prefill per method each; the median is shown.")
     ] = 5,
@@ -55,34 +52,22 @@ def profile(
     ] = 1,
     threads: options.Threads = None,
     seed: options.Seed = 0,
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
     json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object per method and budget (JSON Lines).")
     ] = False,
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
     names = options.method_list(methods)
-    options.check_positions(names, positions)
+    options.prune_settings(names, hyperparameters)  # fail before the long load
     ks = options.budget_list(budgets) or [None]
     check_prompt(prompt)
     picture = load_image(image) if image is not None else pattern_image()
     if threads is not None:
         torch.set_num_threads(threads)
 
-    with display.status(f"Loading {model}"):
-        loaded = load(model, device=device, dtype=dtype)
+    loaded = where.load()
     batches = [build_batch_inputs(loaded.processor, [(prompt, picture)] * size) for size in sorted({1, batch})]
-    base = options.prune_settings(
-        loaded.preset,
-        layer=layer,
-        lambda_max=lambda_max,
-        merge_threshold=merge_threshold,
-        score_queries=score_queries,
-        score=score,
-        seed=seed,
-        positions=positions,
-    )
+    base = options.prune_settings(names, hyperparameters, loaded.preset, layer=layer, seed=seed)
     runs = [
         base.for_method(name, k)
         for name in names
@@ -97,38 +82,15 @@ def profile(
 
     on_gpu = loaded.device.type == "cuda"
     context = {
-        "model": model,
-        "device": str(loaded.device),
-        "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        "threads": None if on_gpu else torch.get_num_threads(),
-        "layer": layer,
-        "prompt_tokens": int(batches[0]["input_ids"].shape[1]),
-        "repeats": repeats,
-        "warmup": warmup,
-        "time": "cuda_events" if on_gpu else "cpu_wall",
-        "memory": "cuda_max_memory_allocated" if on_gpu else "cpu_allocator_peak",
+        "model": where.model,
+        **conditions(loaded, layer, int(batches[0]["input_ids"].shape[1]), repeats, warmup),
     }
     if json:
         for result in results:
             display.print_json({**context, **_record(result, results)})
         return
     display.out.print(_table(results, on_gpu, context, batched=batch > 1))
-    early = [name for name in names if METHODS[name].before_llm]
-    where = f"{torch.cuda.get_device_name(loaded.device)}" if on_gpu else f"CPU, {context['threads']} threads"
-    time = "CUDA-event time" if on_gpu else "wall time"
-    memory = "torch.cuda.max_memory_allocated" if on_gpu else "CPU allocator peak (torch profiler)"
-    notes = [
-        f"{where}, {context['dtype']}; {context['prompt_tokens']} prompt tokens; pruned after layer {layer - 1} (L={layer})"
-        + (f"; {', '.join(early)}: before layer 0 (L=0)." if early else "."),
-        "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
-        f"prefill: {time}, median of {repeats} rounds after {warmup} warm-up, methods interleaved; time %: of vanilla's.",
-        f"peak: {memory} during prefill, above the weights, KV cache included.",
-    ]
-    if batch > 1:
-        notes.append(
-            f"batch {batch}: {batch} copies of the sample in one forward; images/s: samples prefilled per second, "
-            "vs batch 1: over batch 1's for the same method; KV, peak and decode tok/s: the whole batch's."
-        )
+    notes = how_measured(context, names, batch, torch.cuda.get_device_name(loaded.device) if on_gpu else None)
     for line in notes:
         display.out.print(line, markup=False, soft_wrap=True)
 

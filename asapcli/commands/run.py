@@ -4,7 +4,6 @@ prompts run as one padded batch."""
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +11,7 @@ import typer
 
 from .. import display, figures
 from ..errors import UsageError
-from ..generation import GenerationResult, PruneSettings, batch_plans, generate, generate_batch, plan
+from ..generation import GenerationResult, generate, generate_batch
 from ..inputs import (
     build_batch_inputs,
     build_inputs,
@@ -23,10 +22,12 @@ from ..inputs import (
     pair_samples,
     user_message,
 )
-from ..loading import load
+from ..plans import plan_for, plans_for_batch
+from ..settings import PruneSettings
 from . import options
 
 
+@options.command
 def run(
     arguments: Annotated[
         list[str],
@@ -43,20 +44,10 @@ def run(
         list[str] | None,
         typer.Option("--prompt", "-p", help="A question (repeatable): one per image, or each for the one image."),
     ] = None,
-    model: options.Model = options.DEFAULT_MODEL,
-    method: options.Method = "asap",
-    k: options.K = None,
-    layer: options.Layer = None,
-    lambda_max: options.LambdaMax = None,
-    merge_threshold: options.MergeThreshold = None,
-    score_queries: options.ScoreQueries = None,
-    score: options.Score = None,
-    positions: options.Positions = "original",
-    max_tokens: options.MaxTokens = 128,
-    temperature: options.Temperature = 0.0,
-    seed: options.Seed = 0,
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
+    *,
+    where: options.Where,
+    pruning: options.OneMethod,
+    sampling: options.Sampling,
     save_kept: Annotated[
         Path | None,
         typer.Option(
@@ -84,52 +75,37 @@ def run(
         if len(samples) > 1:
             raise UsageError("--save-kept draws one image; run one sample to use it")
         figures.check_writable(save_kept, inputs=[path for path, _ in samples])
-    settings_for = partial(
-        options.prune_settings,
-        method=method,
-        k=k,
-        layer=layer,
-        lambda_max=lambda_max,
-        merge_threshold=merge_threshold,
-        score_queries=score_queries,
-        score=score,
-        seed=seed,
-        positions=positions,
-    )
-    settings_for().check()  # fail before a long load where the model is not needed to tell
+    pruning.settings(seed=sampling.seed)  # fail before a long load where the model is not needed to tell
 
-    with display.status(f"Loading {model}"):
-        loaded = load(model, device=device, dtype=dtype)
-    settings = settings_for(loaded.preset)
+    loaded = where.load()
+    settings = pruning.settings(loaded.preset, sampling.seed)
     for prompt in prompts:
         check_text(loaded.processor, prompt)
     if len(samples) > 1:
-        run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json)
+        run_batch(loaded, settings, samples, pictures, sampling, json)
         return
     (image, prompt), picture = samples[0], pictures[samples[0][0]]
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [picture])
-    pruning = plan(loaded, inputs["input_ids"][0], settings)
-    span_tokens = pruning.spans[0][1] - pruning.spans[0][0] if pruning.spans else 0
+    plan = plan_for(loaded, inputs["input_ids"][0], settings)
+    span_tokens = plan.spans[0][1] - plan.spans[0][0] if plan.spans else 0
     if save_kept is not None:
         figures.token_grid(span_tokens)  # a model without one square grid fails before generating
     result = generate(
         loaded,
         inputs,
-        pruning,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        seed=seed,
+        plan,
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        seed=sampling.seed,
         on_text=None if json else display.write,
     )
     if json:
         display.print_json(_json_record(loaded, settings, image, prompt, result))
     else:
         display.write("\n")
-        display.note(summary(settings, result))
+        display.note(display.summary(settings, result))
     if save_kept is not None:  # after the answer is out: a failed write loses only the picture
-        start, end = pruning.spans[0]
-        kept = [position - start for position in (result.kept_positions or [range(start, end)])[0]]
-        picture_kept = figures.kept_picture(picture, loaded.processor.image_processor, span_tokens, kept)
+        picture_kept = figures.kept_in_span(picture, loaded.processor.image_processor, plan.spans[0], result)
         figures.save_png(picture_kept, save_kept, inputs=[image])
         display.note(f"wrote {save_kept}")
 
@@ -143,12 +119,14 @@ def _read_stdin() -> str:
     return raw.read().decode(getattr(sys.stdin, "encoding", None) or "utf-8", "surrogateescape").strip()
 
 
-def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed, json) -> None:
+def run_batch(loaded, settings, samples, pictures, sampling, json) -> None:
     """Every sample in one left-padded batch; an answer line each, then a summary line each."""
     inputs = build_batch_inputs(loaded.processor, [(prompt, pictures[image]) for image, prompt in samples])
-    plans = batch_plans(loaded, inputs["input_ids"], settings)
+    plans = plans_for_batch(loaded, inputs["input_ids"], settings)
     with display.status(f"Answering {len(samples)} samples in one batch"):
-        results = generate_batch(loaded, inputs, plans, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        results = generate_batch(
+            loaded, inputs, plans, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed
+        )
     several_prompts = len({prompt for _, prompt in samples}) > 1
     for (image, prompt), result in zip(samples, results, strict=True):
         if json:
@@ -158,7 +136,7 @@ def run_batch(loaded, settings, samples, pictures, max_tokens, temperature, seed
             display.write(f"{label}: {result.text}\n")
     if not json:
         for (image, _), result in zip(samples, results, strict=True):
-            display.note(f"{image}: {summary(settings, result)}")
+            display.note(f"{image}: {display.summary(settings, result)}")
 
 
 def _json_record(loaded, settings: PruneSettings, image: Path, prompt: str, result: GenerationResult) -> dict:
@@ -174,17 +152,3 @@ def _json_record(loaded, settings: PruneSettings, image: Path, prompt: str, resu
         "prompt_tokens": result.prompt_tokens,
         "device": str(loaded.device),
     }
-
-
-def summary(settings: PruneSettings, result: GenerationResult) -> str:
-    if settings.method == "vanilla":  # k and L mean nothing to it
-        head, kept = "vanilla: ", f"all {result.visual_tokens} visual tokens kept (no pruning)"
-    else:
-        head = f"{settings.method} k={settings.k} L={result.layer}: "
-        if not result.pruned:
-            kept = f"k >= {result.visual_tokens} visual tokens, nothing pruned"
-        else:
-            kept = f"kept {result.kept_tokens}/{result.visual_tokens} visual tokens"
-            if result.merged_tokens:
-                kept += f" ({result.merged_tokens} merged and refilled)"
-    return f"{head}{kept}; FLOPs {result.flops_ratio:.1%} of vanilla; {display.speeds(result)}"

@@ -8,12 +8,15 @@ from transformers import PreTrainedModel
 
 from . import attention
 from .decoder import PrunedDecoder, PruningPlan, UnsupportedModel
-from .methods import METHODS, SCORE_QUERIES, SCORES, PruningMethod
+from .methods import HYPERPARAMETERS, METHODS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter, PruningMethod
 
 __all__ = [
+    "HYPERPARAMETERS",
     "METHODS",
+    "POSITIONS",
     "SCORES",
     "SCORE_QUERIES",
+    "Hyperparameter",
     "PrunedDecoder",
     "PruningMethod",
     "PruningPlan",

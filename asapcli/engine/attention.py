@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import ops
+from .methods import SpanScores
 
 if TYPE_CHECKING:
     from .decoder import PrunePass
@@ -64,24 +65,24 @@ def asap_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
-    asap_pass: PrunePass | None = None,
+    prune_pass: PrunePass | None = None,
     **kwargs,
 ):
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     layer = module.layer_idx
-    if asap_pass is None or layer >= asap_pass.layer:
+    if prune_pass is None or layer >= prune_pass.layer:
         return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
-    method = asap_pass.method
+    method = prune_pass.method
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     q_len, kv_len = query.shape[2], key.shape[2]
     offset = kv_len - q_len  # the chunk's queries are the last q_len keys
     keys = repeat_kv(key, module.num_key_value_groups)
-    is_scoring_layer = layer == asap_pass.layer - 1
+    is_scoring_layer = layer == prune_pass.layer - 1
     need_mass = method.sg_bimask or (is_scoring_layer and method.needs_mass)
 
     mask = additive_mask(attention_mask, query, kv_len) if method.sg_bimask else None
-    for index, (row, span) in enumerate(asap_pass.spans):
+    for index, (row, span) in enumerate(prune_pass.spans):
         key_span = slice(span.start + offset, span.stop + offset)
         rows_of = slice(row, row + 1)  # this span's batch row
         mass = saliency = None
@@ -107,7 +108,7 @@ def asap_attention(
                 importance = ops.received_attention(
                     query[rows_of, :, queries], keys[rows_of], query_mask, scaling, key_span, value_norms=value_norms
                 )
-            asap_pass.record(index, importance=importance, mass=mass, saliency=saliency)
+            prune_pass.record(index, SpanScores(importance=importance, mass=mass, saliency=saliency))
 
     if method.sg_bimask:
         attention_mask = mask

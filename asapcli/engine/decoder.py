@@ -40,7 +40,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..errors import AsapError
-from .methods import PruningMethod, SpanView
+from .methods import PruningMethod, SpanScores, SpanView
 
 
 class UnsupportedModel(AsapError):
@@ -89,9 +89,9 @@ class PrunePass:
             and end <= chunk_start + chunk_len
             and (plan.score_only or plan.method.kept_count(end - start, plan.k) < end - start)
         ]
-        self.scores: dict[int, dict[str, torch.Tensor | None]] = {}
+        self.scores: dict[int, SpanScores] = {}  # by index into `spans`
 
-    def record(self, index: int, **scores: torch.Tensor | None) -> None:
+    def record(self, index: int, scores: SpanScores) -> None:
         self.scores[index] = scores
 
     def _unpadded(self, row: int, position: int) -> int:
@@ -109,17 +109,17 @@ class PrunePass:
         keep = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
         hidden = hidden.clone()
         for index, (row, span) in enumerate(self.spans):
-            plan, scores = self.plans[row], self.scores.get(index, {})
-            if scores.get("importance") is not None:
-                plan.importance.append(scores["importance"][0])
+            plan, scores = self.plans[row], self.scores.get(index, SpanScores())
+            if scores.importance is not None:
+                plan.importance.append(scores.importance[0])
             if plan.score_only:
                 continue
             view = SpanView(
                 start=self._unpadded(row, span.start + chunk_start),
                 hidden=hidden[row, span],
-                importance=_first(scores.get("importance")),
-                mass=_first(scores.get("mass")),
-                saliency=_first(scores.get("saliency")),
+                importance=_first(scores.importance),
+                mass=_first(scores.mass),
+                saliency=_first(scores.saliency),
             )
             selection = self.method.select(view, self.k)
             kept = selection.kept + span.start
@@ -287,7 +287,7 @@ class PrunedDecoder(nn.Module):
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
-                asap_pass=prune_pass if prune_pass is not None and index < prune_pass.layer else None,
+                prune_pass=prune_pass if prune_pass is not None and index < prune_pass.layer else None,
                 **kwargs,
             )
         hidden = decoder.norm(hidden)

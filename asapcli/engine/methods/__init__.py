@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .asap import Asap, AsapBimaskOnly
-from .base import PruningMethod, Selection, SpanView
+from .base import PruningMethod, Selection, SpanScores, SpanView
 from .divprune import DivPrune
 from .fastv import FastV
+from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
 from .pool import Pool
 from .random import Random
 from .vanilla import Vanilla
@@ -13,7 +14,16 @@ from .vanilla import Vanilla
 METHODS: dict[str, type[PruningMethod]] = {
     m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool)
 }
-SCORE_QUERIES = ("last", "text", "all")
-SCORES = ("attention", "contribution")
 
-__all__ = ["METHODS", "SCORES", "SCORE_QUERIES", "PruningMethod", "Selection", "SpanView"]
+__all__ = [
+    "HYPERPARAMETERS",
+    "METHODS",
+    "POSITIONS",
+    "SCORES",
+    "SCORE_QUERIES",
+    "Hyperparameter",
+    "PruningMethod",
+    "Selection",
+    "SpanScores",
+    "SpanView",
+]

@@ -1,5 +1,5 @@
 """ASAP (arXiv 2603.14549): SG-BiMask selection, saliency-weighted consolidation, budget
-reallocation. DESIGN.md section 3 says how each step is read."""
+reallocation. The README's "What ASAP does here" says how each step is read."""
 
 from __future__ import annotations
 
@@ -12,13 +12,34 @@ from .base import PruningMethod, Selection, SpanView
 
 
 @dataclass(frozen=True)
-class Asap(PruningMethod):
-    name = "asap"
+class AsapBimaskOnly(PruningMethod):
+    """The ablation between FastV and ASAP: SG-BiMask in layers 0..L-1 and its top-k selection,
+    no consolidation or refill.
+
+    SG-BiMask only opens image queries to later image keys. With `last` or `text` score queries
+    the scoring rows are text, causal under either mask, so the mask reaches the selection only
+    through the hidden states that layers 0..L-2 computed under it: at L = 1 the kept set is
+    exactly FastV's (the kept tokens still carry states that layer 0 computed under SG-BiMask).
+    From L = 2 on, and with `all` queries at any L, the selections differ."""
+
+    name = "asap-bimask-only"
     sg_bimask = True
     needs_mass = True
     score_queries: str = "last"
     score: str = "attention"
     lambda_max: float = 1.0
+
+    def select(self, span: SpanView, k: int) -> Selection:
+        kept = ops.top_k(span.importance, k)
+        return Selection(kept=kept, hidden=span.hidden[kept])
+
+
+@dataclass(frozen=True)
+class Asap(AsapBimaskOnly):
+    """SG-BiMask selection, then consolidation of similar kept tokens and the refill of the
+    slots they free (Eq. 6 and budget reallocation)."""
+
+    name = "asap"
     merge_threshold: float = 0.9
 
     def select(self, span: SpanView, k: int) -> Selection:
@@ -41,21 +62,3 @@ class Asap(PruningMethod):
         states = torch.cat([survivor_hidden, span.hidden[refill]])
         order = kept.argsort()
         return Selection(kept=kept[order], hidden=states[order], merged=absorbed)
-
-
-@dataclass(frozen=True)
-class AsapBimaskOnly(Asap):
-    """The ablation between FastV and ASAP: SG-BiMask in layers 0..L-1 and its top-k selection,
-    no consolidation or refill.
-
-    SG-BiMask only opens image queries to later image keys. With `last` or `text` score queries
-    the scoring rows are text, causal under either mask, so the mask reaches the selection only
-    through the hidden states that layers 0..L-2 computed under it: at L = 1 the kept set is
-    exactly FastV's (the kept tokens still carry states that layer 0 computed under SG-BiMask).
-    From L = 2 on, and with `all` queries at any L, the selections differ."""
-
-    name = "asap-bimask-only"
-
-    def select(self, span: SpanView, k: int) -> Selection:
-        kept = ops.top_k(span.importance, k)
-        return Selection(kept=kept, hidden=span.hidden[kept])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
@@ -21,6 +21,17 @@ class SpanView:
 
     start: int
     hidden: torch.Tensor
+    importance: torch.Tensor | None = None
+    mass: torch.Tensor | None = None
+    saliency: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class SpanScores:
+    """What the attention function measured for one span at layer L-1, each (1, n) or None
+    where the method did not ask for it: the attention received from the method's query rows,
+    the raw attention mass s (Eq. 2) and its min-max normalisation s_hat (Eq. 3)."""
+
     importance: torch.Tensor | None = None
     mass: torch.Tensor | None = None
     saliency: torch.Tensor | None = None
@@ -61,6 +72,15 @@ class PruningMethod:
     score_queries: str | None = None
     score: str = "attention"
     lambda_max: float = 1.0
+
+    @classmethod
+    def hyperparameters(cls) -> list[str]:
+        """The hyperparameters this method takes: its fields that are declared ones, in the
+        declarations' order."""
+        from .hyperparameters import HYPERPARAMETERS
+
+        own = {field.name for field in fields(cls)} if hasattr(cls, "__dataclass_fields__") else set()
+        return [name for name in HYPERPARAMETERS if name in own]
 
     def kept_count(self, tokens: int, k: int) -> int:
         """How many of a span's `tokens` go on at budget k."""

@@ -13,6 +13,7 @@ from .base import PruningMethod, Selection, SpanView
 class DivPrune(PruningMethod):
     name = "divprune"
     before_llm = True
+    positions: str = "original"  # or "renumber": numbered 0..M-1 as a shorter prompt
 
     def select(self, span: SpanView, k: int) -> Selection:
         kept = ops.max_min_diverse(span.hidden, k)

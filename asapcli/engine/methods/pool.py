@@ -16,6 +16,7 @@ from .base import PruningMethod, Selection, SpanView
 class Pool(PruningMethod):
     name = "pool"
     before_llm = True
+    positions: str = "original"  # or "renumber": numbered 0..M-1 as a shorter prompt
 
     def kept_count(self, tokens: int, k: int) -> int:
         return min(math.isqrt(k), _side(tokens)) ** 2

@@ -23,9 +23,10 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
-from .engine import PruningPlan
-from .generation import PruneSettings, pruning_plan
-from .loading import Loaded
+from ..engine import PruningPlan
+from ..loading import Loaded
+from ..plans import make_plan
+from ..settings import PruneSettings
 
 LAYER_OPS = ("linear", "scaled_dot_product_attention")
 
@@ -65,7 +66,7 @@ class _VisualOnly(torch.nn.Module):
 def count_flops(loaded: Loaded, visual_tokens: int, settings: PruneSettings | None = None) -> CountedFlops:
     """fvcore's count of one language-model forward over `visual_tokens` tokens, pruned to
     `settings.k` after layer `settings.layer` - 1 when settings are given."""
-    plan = pruning_plan(settings, [(0, visual_tokens)]) if settings is not None else None
+    plan = make_plan(settings, [(0, visual_tokens)]) if settings is not None else None
     hidden = loaded.model.config.get_text_config().hidden_size
     generator = torch.Generator().manual_seed(0)
     states = torch.randn(1, visual_tokens, hidden, generator=generator).to(loaded.device, loaded.model.dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UsageError, ascii_digits
+from ..errors import UsageError, ascii_digits
 
 CONVENTION = "multiply-accumulates of the visual tokens only, per layer 4vd^2 + 2v^2d + 3vdm (paper Eq. 7)"
 GQA_CONVENTION = (
@@ -96,3 +96,14 @@ def flops_ratio(
     num_layers = sum(stage.layers for stage in stages)
     vanilla = num_layers * layer_flops(visual_tokens, hidden, intermediate, kv_fraction)
     return schedule_flops(stages, hidden, intermediate, kv_fraction) / vanilla if vanilla else 1.0
+
+
+def token_flops(text_config, tokens: int, kept: int, layer: int) -> tuple[float, float]:
+    """Theoretical TFLOPs (Eq. 7) of `tokens` tokens of which `kept` go past layer L-1 in the
+    language model that `text_config` describes, and the ratio to keeping them all (Eq. 8).
+    The paper counts the visual tokens; given the whole prompt, the same formula tells what the
+    prefill as a whole should save."""
+    hidden, intermediate = text_config.hidden_size, text_config.intermediate_size
+    stages = single_prune(text_config.num_hidden_layers, tokens, kept, layer)
+    tflops = schedule_flops(stages, hidden, intermediate) / 1e12
+    return tflops, flops_ratio(stages, tokens, hidden, intermediate)

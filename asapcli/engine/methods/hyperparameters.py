@@ -1,0 +1,93 @@
+"""The pruning methods' hyperparameters, each declared once: its name (the field of every method
+that takes it, the key in PruneSettings, `--name-with-dashes` on the command line), its type, what
+it means and which values it takes. A method takes a hyperparameter by having a dataclass field
+of that name; nothing else lists them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    name: str
+    type: type
+    help: str
+    choices: tuple[str, ...] = ()
+    valid: Callable[[object], bool] | None = None  # for values without choices
+    rule: str = ""  # what `valid` asks, in words: "must be in (0, 1]"
+    # A refusal worded for this option (e.g. which kind of method takes it); {method} is the
+    # method that does not, {takers} those that do.
+    refusal: str = ""
+    # The value every method that does not take it behaves as, where there is one: giving it
+    # to such a method says what the method does anyway, and is not refused.
+    implied: object = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def problem(self, value) -> str | None:
+        """Why `value` is not one this hyperparameter takes; None when it is."""
+        if self.choices and value not in self.choices:
+            return f"{self.flag[2:]} must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.valid is not None and not self.valid(value):
+            return f"{self.flag[2:]} {self.rule}, got {value!r}"
+        return None
+
+
+def _finite_in(low: float, high: float, low_open: bool) -> Callable[[object], bool]:
+    def valid(value) -> bool:
+        return math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
+
+    return valid
+
+
+SCORE_QUERIES = ("last", "text", "all")
+SCORES = ("attention", "contribution")
+POSITIONS = ("original", "renumber")
+
+HYPERPARAMETERS: dict[str, Hyperparameter] = {
+    h.name: h
+    for h in (
+        Hyperparameter(
+            "lambda_max",
+            float,
+            "SG-BiMask's largest forward visibility, in (0, 1].",
+            valid=_finite_in(0, 1, low_open=True),
+            rule="must be in (0, 1]",
+        ),
+        Hyperparameter(
+            "merge_threshold",
+            float,
+            "cosine similarity above which kept tokens are merged.",
+            valid=_finite_in(-1, 1, low_open=False),
+            rule="is a cosine similarity in [-1, 1]",
+        ),
+        Hyperparameter(
+            "score_queries",
+            str,
+            "query rows that rank tokens: last, text or all.",
+            choices=SCORE_QUERIES,
+        ),
+        Hyperparameter(
+            "score",
+            str,
+            "rank by the attention a token receives (attention, default) or by attention times the norm of "
+            "its value vector (contribution, CAPA).",
+            choices=SCORES,
+        ),
+        Hyperparameter(
+            "positions",
+            str,
+            "kept tokens keep their own position ids (original, default) or are numbered 0..M-1 as a shorter "
+            "prompt (renumber: official DivPrune's pipeline).",
+            choices=POSITIONS,
+            refusal="--positions {value} is for methods that prune before the language model ({takers}); "
+            "{method} keeps original positions, as its reference code does",
+            implied="original",
+        ),
+    )
+}

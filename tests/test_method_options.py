@@ -1,0 +1,70 @@
+"""The methods' hyperparameters are declared once (engine.HYPERPARAMETERS); a method takes those it
+has a field for; every command offers each once; an option the chosen method ignores is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from asapcli.cli import app
+from asapcli.commands import options
+from asapcli.engine import HYPERPARAMETERS, METHODS
+from asapcli.errors import UsageError
+from asapcli.settings import PruneSettings
+
+
+def asap(*args):
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def test_a_method_takes_the_declared_hyperparameters_it_has_fields_for():
+    for name, method in METHODS.items():
+        fields = {field.name for field in dataclasses.fields(method)}
+        assert set(method.hyperparameters()) == fields & set(HYPERPARAMETERS), name
+    assert METHODS["fastv"].hyperparameters() == ["score_queries", "score"]
+    assert "merge_threshold" not in METHODS["asap-bimask-only"].hyperparameters()  # it merges nothing
+    assert METHODS["vanilla"].hyperparameters() == []
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "profile", "eval"])
+def test_every_pruning_command_offers_each_hyperparameter_once(command):
+    click_command = typer.main.get_command(app).commands[command]
+    flags = [flag for parameter in click_command.params for flag in parameter.opts]
+    for hyperparameter in HYPERPARAMETERS.values():
+        assert flags.count(hyperparameter.flag) == 1, (command, hyperparameter.flag)
+    assert len(flags) == len(set(flags))
+
+
+def test_an_option_the_method_ignores_is_a_usage_error_naming_its_options(image_file):
+    result = asap("run", image_file, "what?", "--method", "fastv", "--merge-threshold", 0.1, "--lambda-max", 0.5)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "Error: --lambda-max is not an option of fastv (fastv takes --score-queries, --score); "
+        "asap, asap-bimask-only take it"
+    )
+    result = asap("run", image_file, "what?", "--method", "vanilla", "--score", "attention")
+    assert result.exit_code == 2 and "vanilla takes none of the method options" in result.stderr
+    result = asap("chat", "--method", "asap-bimask-only", "--merge-threshold", 0.5)
+    assert result.exit_code == 2 and "--merge-threshold is not an option of asap-bimask-only" in result.stderr
+    result = asap("profile", "--methods", "vanilla,fastv", "--lambda-max", 0.5)
+    assert result.exit_code == 2 and "--lambda-max is not an option of vanilla, fastv" in result.stderr
+
+
+def test_a_comparison_gives_each_method_the_options_it_takes():
+    given = options.MethodOptions(lambda_max=0.5, merge_threshold=0.8, score_queries=None, score=None, positions=None)
+    base = options.prune_settings(["vanilla", "fastv", "asap"], given)
+    assert base.method == "vanilla" and base.hyperparameters == {}
+    assert base.for_method("fastv").hyperparameters == {}
+    assert base.replace(method="asap", lambda_max=0.5, merge_threshold=0.8).hyperparameters == {
+        "lambda_max": 0.5,
+        "merge_threshold": 0.8,
+    }
+    bimask = PruneSettings("asap", lambda_max=0.5, merge_threshold=0.8).for_method("asap-bimask-only")
+    assert bimask.hyperparameters == {"lambda_max": 0.5}
+    with pytest.raises(UsageError, match="merge-threshold is a cosine similarity in"):
+        PruneSettings("asap", merge_threshold=float("nan")).check()
+    with pytest.raises(TypeError, match="unknown hyperparameters"):
+        PruneSettings("asap", lambda_mx=0.5)
