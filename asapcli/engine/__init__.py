@@ -25,6 +25,7 @@ __all__ = [
     "image_spans",
     "install",
     "make_method",
+    "uninstall",
 ]
 
 
@@ -35,12 +36,25 @@ def install(model: PreTrainedModel) -> PrunedDecoder:
     if isinstance(decoder, PrunedDecoder):
         return decoder
     check_supported(model)
-    name = attention.register()
-    has_text_config = "text_config" in model.config.sub_configs
-    model.set_attn_implementation({"text_config": name} if has_text_config else name)
-    pruned = PrunedDecoder(decoder)
+    previous = model.config.get_text_config()._attn_implementation
+    _set_text_attention(model, attention.register())
+    pruned = PrunedDecoder(decoder, replaced_attention=previous)
     model.set_decoder(pruned)
     return pruned
+
+
+def uninstall(model: PreTrainedModel) -> None:
+    """Undo `install`: the model's own decoder and text attention back, as from_pretrained made
+    them. Nothing to do on a model without the pruned decoder."""
+    decoder = _language_model(model)
+    if isinstance(decoder, PrunedDecoder):
+        model.set_decoder(decoder.decoder)
+        _set_text_attention(model, decoder.replaced_attention)
+
+
+def _set_text_attention(model: PreTrainedModel, name: str) -> None:
+    has_text_config = "text_config" in model.config.sub_configs
+    model.set_attn_implementation({"text_config": name} if has_text_config else name)
 
 
 DECODER_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")

@@ -179,9 +179,10 @@ class PrunedDecoder(nn.Module):
     """Runs the wrapped decoder's own layers, norm and rotary embedding, pruning between layer
     L-1 and L when a `PruningPlan` says so. Without a plan it is the plain causal decoder."""
 
-    def __init__(self, decoder: nn.Module):
+    def __init__(self, decoder: nn.Module, replaced_attention: str = "sdpa"):
         super().__init__()
         self.decoder = decoder
+        self.replaced_attention = replaced_attention  # the text model's own, restored by uninstall
         self.plans: list[PruningPlan] | None = None
         self.after = _AfterPruning()
 

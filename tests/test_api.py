@@ -1,0 +1,127 @@
+"""`asapcli.pruned`, the Python API: pruning any transformers LVLM inside a `with` block, the
+same engine the CLI drives, and a model left as it was outside the block."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+import asapcli
+from asapcli.engine import PrunedDecoder, image_spans
+from asapcli.errors import UsageError
+from asapcli.flops import token_flops
+from asapcli.generation import generate
+from asapcli.inputs import build_batch_inputs, build_inputs, user_message
+from asapcli.loading import load
+from asapcli.plans import plan_for
+from asapcli.settings import PruneSettings
+
+
+def fresh(path):
+    return AutoModelForImageTextToText.from_pretrained(path).eval()
+
+
+def test_outside_the_block_the_model_is_untouched(llava_path, images):
+    model, reference = fresh(llava_path), fresh(llava_path)
+    own_decoder = model.get_decoder()
+    inputs = build_inputs(load(str(llava_path), device="cpu").processor, [user_message("what?", 1)], images[:1])
+    with torch.inference_mode():
+        expected = reference(**inputs).logits
+        with asapcli.pruned(model, method="asap", k=8):
+            assert isinstance(model.get_decoder(), PrunedDecoder)
+            assert model(**inputs).logits.shape[1] < expected.shape[1]  # pruned inside
+        assert model.get_decoder() is own_decoder
+        assert model.config.get_text_config()._attn_implementation == "sdpa"
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+@pytest.mark.parametrize("method, options", [("asap", {"merge_threshold": 0.5}), ("fastv", {}), ("divprune", {})])
+def test_generate_inside_the_block_is_the_clis_pruned_generation(method, options, llava_path, images):
+    lvlm = load(str(llava_path), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what is it?", 1)], images[:1])
+    settings = PruneSettings(method, k=8, layer=2, **options)
+    cli_plan = plan_for(lvlm, inputs["input_ids"][0], settings)
+    expected = generate(lvlm, inputs, cli_plan, max_tokens=6)
+
+    model = fresh(llava_path)
+    with torch.inference_mode(), asapcli.pruned(model, method=method, k=8, layer=2, **options) as pruning:
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert out[0, inputs["input_ids"].shape[1] :].tolist() == expected.token_ids
+    report = pruning.report()
+    assert [image.kept for image in report.images] == expected.kept_positions
+    assert (report.visual_tokens, report.kept_tokens, report.merged_tokens) == (64, 8, expected.merged_tokens)
+    assert report.layer == expected.layer
+    text_config = model.config.get_text_config()
+    assert report.flops_ratio == pytest.approx(token_flops(text_config, 64, 8, report.layer)[1])
+
+
+def test_a_padded_batch_reports_each_prompt_in_its_own_tokens(llava_next_path, images):
+    """LLaVA-NeXT tiles the two images differently: the rows differ in length and are padded."""
+    lvlm = load(str(llava_next_path), device="cpu")
+    prompts = ["what is it?", "where is the blue thing?"]
+    batch = build_batch_inputs(lvlm.processor, list(zip(prompts, images, strict=True)))
+    model = fresh(llava_next_path)
+    with torch.inference_mode(), asapcli.pruned(model, method="fastv", k=8) as pruning:
+        model(**batch)
+    report = pruning.report()
+    assert [image.row for image in report.images] == [0, 1]
+    for image, prompt, picture in zip(report.images, prompts, images, strict=True):
+        single = build_inputs(lvlm.processor, [user_message(prompt, 1)], [picture])
+        expected = plan_for(lvlm, single["input_ids"][0], PruneSettings("fastv", k=8))
+        with torch.inference_mode(), lvlm.decoder.pruning(expected):
+            lvlm.model(**single)
+        assert [(image.start, image.end)] == expected.spans
+        assert image.kept == expected.kept[0].tolist()
+
+
+def test_a_call_that_continues_a_cache_prunes_only_its_new_image(llava_path, images):
+    """A prompt with two images fed in two calls, as a chat's turns are: each call prunes the
+    image it brings, at its position in the whole sequence."""
+    lvlm = load(str(llava_path), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what is where?", 2)], images)
+    ids = inputs["input_ids"]
+    (first_start, first_end), (second_start, second_end) = image_spans(ids[0], lvlm.image_token_id)
+    model = fresh(llava_path)
+    with torch.inference_mode(), asapcli.pruned(model, method="asap", k=8) as pruning:
+        out = model(input_ids=ids[:, :second_start], pixel_values=inputs["pixel_values"][:1], use_cache=True)
+        model(input_ids=ids[:, second_start:], pixel_values=inputs["pixel_values"][1:],
+              past_key_values=out.past_key_values, use_cache=True)  # fmt: skip
+    report = pruning.report()
+    assert [(image.start, image.end) for image in report.images] == [
+        (first_start, first_end),
+        (second_start, second_end),
+    ]
+    for image in report.images:
+        assert len(image.kept) == 8 and all(image.start <= position < image.end for position in image.kept)
+    assert (report.visual_tokens, report.kept_tokens) == (128, 16)
+    lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
+    assert lengths == [ids.shape[1]] * 2 + [ids.shape[1] - 2 * (64 - 8)] * 2
+
+
+def test_options_are_checked_as_the_cli_checks_them(llava_path):
+    model = fresh(llava_path)
+    with (
+        pytest.raises(UsageError, match="--lambda-max is not an option of fastv"),
+        asapcli.pruned(model, method="fastv", lambda_max=0.5),
+    ):
+        pass
+    with pytest.raises(UsageError, match="layer must be in 1..3"), asapcli.pruned(model, layer=4):
+        pass
+    assert not isinstance(model.get_decoder(), PrunedDecoder)  # a refused block changes nothing
+
+
+def test_the_readme_example_runs_as_shown():
+    """The README's Python example, extracted and run from the checkout (offline, bundled model)."""
+    checkout = Path(__file__).parent.parent
+    code = (checkout / "README.md").read_text().split("## Python API", 1)[1].split("```python\n", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code.split("```", 1)[0]], cwd=checkout, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    answer, figures = result.stdout.splitlines()
+    assert answer == "red"
+    kept, visual, merged, ratio = figures.split()
+    assert (int(kept), int(visual)) == (128, 576) and int(merged) > 0 and ratio == "57.6%"
