@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import json
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -93,13 +97,22 @@ def resolve_source(model: str) -> tuple[str | None, Preset | None]:
     return model, None
 
 
-def load(model: str, device: str = "auto", dtype: str = "auto") -> Loaded:
+# accelerate's placement strategies over every visible GPU (then CPU, then disk).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def load(model: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None) -> Loaded:
+    """The model in `dtype`, its weights read straight onto `device` (no float32 copy on the
+    host first), or spread by accelerate as `device_map` says: a strategy of DEVICE_MAPS or a
+    JSON file mapping module names to "cuda:N", "cpu" or "disk"."""
     source, preset = resolve_source(model)
+    placement = resolve_device_map(device_map, device)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     if preset is not None and preset.random_weights is not None:
-        lvlm, processor = build_llava(_random_shape(preset))
-        lvlm = lvlm.to(torch_dtype)
+        if device_map is not None:
+            raise UsageError(f"preset {model!r} is built from numbers on one device; --device-map is for checkpoints")
+        lvlm, processor = build_llava(_random_shape(preset), dtype=torch_dtype, device=target)
     elif source is None:
         raise AsapError(
             f"preset {model!r} gives architecture numbers only (for asap flops); "
@@ -108,21 +121,54 @@ def load(model: str, device: str = "auto", dtype: str = "auto") -> Loaded:
     else:
         try:
             local_only = Path(source).is_dir() or _from_cache_only(source)
-            lvlm, processor = read_checkpoint(source, torch_dtype, local_only=local_only)
+            lvlm, processor = read_checkpoint(
+                source, torch_dtype, local_only=local_only, device_map=placement or str(target)
+            )
         except (OSError, ValueError, KeyError) as error:
             raise AsapError(f"cannot load model {model!r}: {_first_line(error)}") from error
-    return prepare(lvlm.to(target), processor, model, preset)
+    return prepare(lvlm, processor, model, preset)
 
 
 def read_checkpoint(
-    source: str, dtype: torch.dtype, local_only: bool = False
+    source: str, dtype: torch.dtype, local_only: bool = False, device_map: str | dict = "cpu"
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A transformers checkpoint (folder or hub id) as from_pretrained reads it; `local_only`:
-    from a folder or the local cache, never the network."""
+    """A transformers checkpoint (folder or hub id) as from_pretrained reads it, in `dtype`,
+    placed by `device_map`; `local_only`: from a folder or the local cache, never the network."""
+    offload = {"offload_folder": _offload_folder()} if isinstance(device_map, dict) or device_map in DEVICE_MAPS else {}
     return (
-        AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, local_files_only=local_only),
+        AutoModelForImageTextToText.from_pretrained(
+            source, dtype=dtype, local_files_only=local_only, device_map=device_map, **offload
+        ),
         AutoProcessor.from_pretrained(source, local_files_only=local_only),
     )
+
+
+def resolve_device_map(device_map: str | None, device: str) -> str | dict | None:
+    if device_map is None:
+        return None
+    if device != "auto":
+        raise UsageError("--device-map places the model itself; leave --device at auto")
+    if device_map in DEVICE_MAPS:
+        return device_map
+    path = Path(device_map).expanduser()
+    if not path.is_file():
+        raise UsageError(
+            f"--device-map takes {', '.join(DEVICE_MAPS)} or a JSON file of module -> device; got {device_map!r}"
+        )
+    try:
+        placement = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"--device-map {device_map}: not a JSON object of module -> device ({error})") from None
+    if not isinstance(placement, dict) or not all(isinstance(v, str | int) for v in placement.values()):
+        raise UsageError(f"--device-map {device_map}: not a JSON object of module -> device")
+    return placement
+
+
+def _offload_folder() -> str:
+    """Where accelerate keeps the weights it offloads to disk: removed when the process ends."""
+    folder = tempfile.mkdtemp(prefix="asap-offload-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 HUB_PROBE_SECONDS = 3.0

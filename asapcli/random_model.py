@@ -125,10 +125,15 @@ def processor_kwargs(shape: LlavaShape, tokenizer: PreTrainedTokenizerFast) -> d
 
 
 def build_llava(
-    shape: LlavaShape, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None
+    shape: LlavaShape,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A random-weight LlavaForConditionalGeneration and its processor (seeded); the tokenizer
-    must have <s>, </s>, <pad> and an <image> token (default: `char_tokenizer()`)."""
+    """A random-weight LlavaForConditionalGeneration and its processor (seeded), its weights made
+    in `dtype` on `device` (no float32 copy first); the tokenizer must have <s>, </s>, <pad> and
+    an <image> token (default: `char_tokenizer()`)."""
     tokenizer = tokenizer or char_tokenizer()
     config = LlavaConfig(
         vision_config=vision_config(shape),
@@ -139,7 +144,13 @@ def build_llava(
         vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     size = shape.image_size
     images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return model, LlavaProcessor(image_processor=images, **processor_kwargs(shape, tokenizer))

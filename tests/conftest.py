@@ -55,9 +55,11 @@ def checkpoints_read_once():
     read = loading.read_checkpoint
     seen = {}
 
-    def read_once(source, dtype, local_only=False):
+    def read_once(source, dtype, local_only=False, device_map="cpu"):
         folder = Path(source)
         files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file())
+        if device_map != "cpu":  # accelerate's placements and hooks: read afresh each time
+            return read(source, dtype, local_only, device_map)
         key = (str(folder.resolve()), dtype, files)
         if key not in seen:
             seen[key] = read(source, dtype, local_only)

@@ -40,6 +40,14 @@ Layer = Annotated[
     ),
 ]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="Spread the model with accelerate: auto, balanced, balanced_low_0, sequential (over every visible "
+        "GPU, then CPU, then disk), or a JSON file mapping module names to cuda:N, cpu or disk.",
+    ),
+]
 Dtype = Annotated[
     str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
 ]
@@ -78,6 +86,7 @@ class Where:
     model: Model = DEFAULT_MODEL
     device: Device = "auto"
     dtype: Dtype = "auto"
+    device_map: DeviceMap = None
 
     @classmethod
     def parameters(cls) -> list[inspect.Parameter]:
@@ -88,7 +97,7 @@ class Where:
         from ..loading import load
 
         with display.status(f"Loading {self.model}"):
-            return load(self.model, device=self.device, dtype=self.dtype)
+            return load(self.model, device=self.device, dtype=self.dtype, device_map=self.device_map)
 
 
 @dataclasses.dataclass
