@@ -14,55 +14,40 @@ from ..eval_run import EvalRun, Outcome
 from ..records import EvalRow
 from . import options
 
+DATA_HELP = (
+    'JSONL of {"image": path, "question": str, "answer": str} (optional "type"), images relative '
+    "to the file. Default: the demo model's held-out synthetic scenes."
+)
+N_HELP = "Questions to ask (default: 200, or all of --data)."
+BATCH_HELP = (
+    "Questions answered together in one padded batch: the same answers; faster where the device "
+    "has room to spare (a GPU), not on a busy CPU."
+)
+PLOT_HELP = "Write a PNG of accuracy against FLOPs ratio, one line per method."
+ATTENTION_PROFILE_HELP = (
+    "Also write a PNG of the mean attention the last prompt token pays to each image row at layer "
+    "L-1, causal vs SG-BiMask (two more passes over the questions)."
+)
+LOG_HELP = (
+    "Write every answer as a JSON line (method, k, question, expected, answer, correct) as it "
+    "comes: an interrupted run leaves what it answered."
+)
+JSON_HELP = "Print one JSON object with every row instead of a table."
+
 
 @options.command
 def eval_command(
     *,
     where: options.Where,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--data",
-            help='JSONL of {"image": path, "question": str, "answer": str} (optional "type"), images relative '
-            "to the file. Default: the demo model's held-out synthetic scenes.",
-        ),
-    ] = None,
-    n: Annotated[
-        int | None, typer.Option("--n", min=1, help="Questions to ask (default: 200, or all of --data).")
-    ] = None,
+    data: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, help=N_HELP)] = None,
     comparison: options.EvalComparison,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 10,
-    batch: Annotated[
-        int,
-        typer.Option(
-            "--batch",
-            min=1,
-            help="Questions answered together in one padded batch: the same answers; faster where the device "
-            "has room to spare (a GPU), not on a busy CPU.",
-        ),
-    ] = 1,
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="Write a PNG of accuracy against FLOPs ratio, one line per method.")
-    ] = None,
-    attention_profile: Annotated[
-        Path | None,
-        typer.Option(
-            "--attention-profile",
-            help="Also write a PNG of the mean attention the last prompt token pays to each image row at layer "
-            "L-1, causal vs SG-BiMask (two more passes over the questions).",
-        ),
-    ] = None,
-    log: Annotated[
-        Path | None,
-        typer.Option(
-            "--log",
-            help="Write every answer as a JSON line (method, k, question, expected, answer, correct) as it "
-            "comes: an interrupted run leaves what it answered.",
-        ),
-    ] = None,
-    json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object with every row instead of a table.")
-    ] = False,
+    batch: Annotated[int, typer.Option("--batch", min=1, help=BATCH_HELP)] = 1,
+    plot: Annotated[Path | None, typer.Option("--plot", help=PLOT_HELP)] = None,
+    attention_profile: Annotated[Path | None, typer.Option("--attention-profile", help=ATTENTION_PROFILE_HELP)] = None,
+    log: Annotated[Path | None, typer.Option("--log", help=LOG_HELP)] = None,
+    json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
     methods, budgets = comparison.check()

@@ -12,31 +12,22 @@ from .. import display
 from ..flops.report import FlopsCount
 from . import options
 
+LAYER_HELP = "Prune after layer L-1; 0 prunes before the first layer."
+SCHEDULE_HELP = "Several pruning steps LAYER:TOKENS,..., e.g. 2:960,16:480 (instead of -k/--layer)."
+VISUAL_TOKENS_HELP = "Visual tokens before pruning (default: the model's)."
+MEASURE_HELP = "Also count a real forward of the model's language model with fvcore (loads the model)."
+
 
 @options.command
 def flops_command(
     *,
     where: options.Where,
     k: options.K = None,
-    layer: Annotated[
-        int | None, typer.Option("--layer", help="Prune after layer L-1; 0 prunes before the first layer.")
-    ] = None,
-    schedule: Annotated[
-        str | None,
-        typer.Option(
-            "--schedule", help="Several pruning steps LAYER:TOKENS,..., e.g. 2:960,16:480 (instead of -k/--layer)."
-        ),
-    ] = None,
-    visual_tokens: Annotated[
-        int | None, typer.Option("--visual-tokens", min=1, help="Visual tokens before pruning (default: the model's).")
-    ] = None,
+    layer: Annotated[int | None, typer.Option("--layer", help=LAYER_HELP)] = None,
+    schedule: Annotated[str | None, typer.Option("--schedule", help=SCHEDULE_HELP)] = None,
+    visual_tokens: Annotated[int | None, typer.Option("--visual-tokens", min=1, help=VISUAL_TOKENS_HELP)] = None,
     gqa: Annotated[bool, typer.Option("--gqa", help="Count k/v projections at their grouped-query size.")] = False,
-    measure: Annotated[
-        bool,
-        typer.Option(
-            "--measure", help="Also count a real forward of the model's language model with fvcore (loads the model)."
-        ),
-    ] = False,
+    measure: Annotated[bool, typer.Option("--measure", help=MEASURE_HELP)] = False,
     method: Annotated[str, typer.Option("--method", help="With --measure: the method that prunes.")] = "asap",
     json: options.Json = False,
 ) -> None:

@@ -15,38 +15,26 @@ from ..inputs import check_prompt, load_image, pattern_image
 from ..records import ProfileRow
 from . import options
 
+IMAGE_HELP = "The image. Default: a built-in test pattern (what it shows does not change the cost)."
+PROMPT_HELP = "The question asked about the image."
+REPEATS_HELP = "Timed rounds, one prefill per method each; the median is shown."
+BATCH_HELP = "Also run N copies of the sample as one batch, beside batch 1, and compare their images/s."
+JSON_HELP = "Print one JSON object per method and budget (JSON Lines)."
+
 
 @options.command
 def profile(
     *,
     where: options.Where,
-    image: Annotated[
-        Path | None,
-        typer.Option(
-            "--image", help="The image. Default: a built-in test pattern (what it shows does not change the cost)."
-        ),
-    ] = None,
-    prompt: Annotated[
-        str, typer.Option("--prompt", help="The question asked about the image.")
-    ] = "Describe the image.",
+    image: Annotated[Path | None, typer.Option("--image", help=IMAGE_HELP)] = None,
+    prompt: Annotated[str, typer.Option("--prompt", help=PROMPT_HELP)] = "Describe the image.",
     comparison: options.Comparison,
-    repeats: Annotated[
-        int, typer.Option("--repeats", min=1, help="Timed rounds, one prefill per method each; the median is shown.")
-    ] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help=REPEATS_HELP)] = 5,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed prefills before them.")] = 1,
     decode_tokens: Annotated[int, typer.Option("--decode-tokens", min=1, help="Tokens decoded to time decoding.")] = 16,
-    batch: Annotated[
-        int,
-        typer.Option(
-            "--batch",
-            min=1,
-            max=1024,  # N copies are built at once: beyond this, memory, then an integer overflow
-            help="Also run N copies of the sample as one batch, beside batch 1, and compare their images/s.",
-        ),
-    ] = 1,
-    json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object per method and budget (JSON Lines).")
-    ] = False,
+    # --batch: N copies are built at once; beyond 1024, memory, then an integer overflow
+    batch: Annotated[int, typer.Option("--batch", min=1, max=1024, help=BATCH_HELP)] = 1,
+    json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
     methods, budgets = comparison.check()

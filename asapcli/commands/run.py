@@ -15,35 +15,24 @@ from ..errors import UsageError
 from ..settings import PruneSettings
 from . import options
 
+ARGUMENTS_HELP = (
+    "Image files (or a quoted glob), then the question ('-' reads it from stdin). With --prompt, all are images."
+)
+MORE_IMAGES_HELP = "Another image (repeatable; a quoted glob works)."
+PROMPTS_HELP = "A question (repeatable): one per image, or each for the one image."
+SAVE_KEPT_HELP = "Write a PNG of the image with the patches the method dropped darkened (fixed-grid models)."
+
 
 @options.command
 def run(
-    arguments: Annotated[
-        list[str],
-        typer.Argument(
-            metavar="IMAGE... PROMPT",
-            help="Image files (or a quoted glob), then the question ('-' reads it from stdin). With --prompt, "
-            "all are images.",
-        ),
-    ],
-    more_images: Annotated[
-        list[str] | None, typer.Option("--image", "-i", help="Another image (repeatable; a quoted glob works).")
-    ] = None,
-    prompts: Annotated[
-        list[str] | None,
-        typer.Option("--prompt", "-p", help="A question (repeatable): one per image, or each for the one image."),
-    ] = None,
+    arguments: Annotated[list[str], typer.Argument(metavar="IMAGE... PROMPT", help=ARGUMENTS_HELP)],
+    more_images: Annotated[list[str] | None, typer.Option("--image", "-i", help=MORE_IMAGES_HELP)] = None,
+    prompts: Annotated[list[str] | None, typer.Option("--prompt", "-p", help=PROMPTS_HELP)] = None,
     *,
     where: options.Where,
     pruning: options.OneMethod,
     sampling: options.Sampling,
-    save_kept: Annotated[
-        Path | None,
-        typer.Option(
-            "--save-kept",
-            help="Write a PNG of the image with the patches the method dropped darkened (fixed-grid models).",
-        ),
-    ] = None,
+    save_kept: Annotated[Path | None, typer.Option("--save-kept", help=SAVE_KEPT_HELP)] = None,
     json: options.Json = False,
 ) -> None:
     """Answer PROMPT about IMAGE, pruning visual tokens inside the language model.
