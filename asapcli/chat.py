@@ -30,6 +30,7 @@ from .inputs import build_inputs, check_prompt, check_text, user_message
 from .loading import Loaded
 from .plans import plan_for
 from .profiling import kv_cache_bytes
+from .records import ChatStats, ChatTurn
 from .settings import PruneSettings
 
 # Processor outputs with one entry per image along dim 0; a turn passes only its new images.
@@ -44,6 +45,18 @@ class Turn:
     images: list[str]  # the images this turn brought
     result: GenerationResult
     cached_tokens: int  # tokens in the (layer-0) cache after the turn
+
+    def record(self) -> ChatTurn:
+        """The turn as --json prints it."""
+        return ChatTurn(
+            **ChatTurn.figures(self.result),
+            turn=self.number,
+            prompt=self.prompt,
+            images=self.images,
+            fed_tokens=self.result.fed_tokens,
+            cached_tokens=self.cached_tokens,
+            stopped=self.result.stopped,
+        )
 
 
 class ChatSession:
@@ -171,24 +184,24 @@ class ChatSession:
         self.seen = self.seen[:common]
         return common
 
-    def stats(self) -> dict:
+    def stats(self) -> ChatStats:
         lengths = [layer.get_seq_length() for layer in self.cache.layers]
         last = self.turns[-1].result if self.turns else None
-        return {
-            "turns": len(self.turns),
-            "images": len(self.images),
-            "pending_images": len(self.pending),
-            "k": self.settings.k,
-            "method": self.settings.method,
-            "layer": self.settings.layer,
-            "cache_tokens_per_layer": lengths,
-            "kv_cache_bytes": kv_cache_bytes(self.cache),
-            "tflops_vanilla": self.tflops_vanilla,
-            "tflops": self.tflops_pruned,
-            "tflops_saved": self.tflops_vanilla - self.tflops_pruned,
-            "last_prefill_seconds": last.prefill_seconds if last else None,
-            "last_tokens_per_second": last.decode_tokens_per_second if last else None,
-        }
+        return ChatStats(
+            turns=len(self.turns),
+            images=len(self.images),
+            pending_images=len(self.pending),
+            k=self.settings.k,
+            method=self.settings.method,
+            layer=self.settings.layer,
+            cache_tokens_per_layer=lengths,
+            kv_cache_bytes=kv_cache_bytes(self.cache),
+            tflops_vanilla=self.tflops_vanilla,
+            tflops=self.tflops_pruned,
+            tflops_saved=self.tflops_vanilla - self.tflops_pruned,
+            last_prefill_seconds=last.prefill_seconds if last else None,
+            last_decode_tokens_per_second=last.decode_tokens_per_second if last else None,
+        )
 
 
 def _with_images_from(features: BatchFeature, first: int) -> BatchFeature:

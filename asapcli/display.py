@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -27,7 +29,26 @@ def status(message: str):
     return err.status(message) if err.is_terminal else nullcontext()
 
 
+@contextmanager
+def progress() -> Iterator[Callable[[str, int], Callable[[], None]]]:
+    """Progress bars on stderr while a long task runs (none off a terminal). Yields `add(what,
+    total)`, which starts a bar and returns the function that advances it by one."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bars:
+
+        def add(description: str, total: int) -> Callable[[], None]:
+            task = bars.add_task(description, total=total)
+            return lambda: bars.advance(task)
+
+        yield add
+
+
 def print_json(data) -> None:
+    """One JSON object on a line of stdout; a record (asapcli.records) is written by its fields."""
+    if dataclasses.is_dataclass(data):
+        data = dataclasses.asdict(data)
     sys.stdout.write(json.dumps(data) + "\n")
     sys.stdout.flush()
 

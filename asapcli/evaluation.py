@@ -7,7 +7,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from .generation import generate_batch, to_device
 from .inputs import build_batch_inputs, check_text, load_image
 from .loading import Loaded
 from .plans import plan_for, plans_for_batch
+from .records import EvalRow, LoggedAnswer
 from .settings import PruneSettings
 
 ALL = "all"  # the question type of items that name none
@@ -119,6 +120,19 @@ class Score:
         accuracy = self.accuracy()
         return sum(accuracy.values()) / len(accuracy) if accuracy else math.nan
 
+    def row(self, vanilla: Score | None) -> EvalRow:
+        """The score as a row of the table (and of --json), `relative` to vanilla's average."""
+        return EvalRow(
+            method=self.settings.method,
+            k=None if self.settings.method == "vanilla" else self.settings.k,
+            flops_ratio=self.flops_ratio,
+            accuracy=self.accuracy(),
+            region_accuracy=self.region_accuracy(),
+            average=self.average,
+            relative=self.average / vanilla.average if vanilla and vanilla.average else None,
+            questions=sum(self.totals.values()),
+        )
+
 
 def runs(methods: list[str], budgets: list[int], base: PruneSettings) -> list[PruneSettings]:
     """Table 1's rows: vanilla once (it keeps everything at any budget), then every pruning
@@ -185,18 +199,18 @@ class AnswerLog:
 
     def write(self, score: Score, index: int, answer: str, hit: bool) -> None:
         item, settings = self.items[index], score.settings
-        record = {
-            "method": settings.method,
-            "k": None if settings.method == "vanilla" else settings.k,
-            "index": index,
-            "image": str(item.image) if isinstance(item.image, Path) else None,
-            "question": item.question,
-            "type": item.type,
-            "expected": item.answer,
-            "answer": answer,
-            "correct": hit,
-        }
-        self.file.write(json.dumps(record) + "\n")
+        record = LoggedAnswer(
+            method=settings.method,
+            k=None if settings.method == "vanilla" else settings.k,
+            index=index,
+            image=str(item.image) if isinstance(item.image, Path) else None,
+            question=item.question,
+            type=item.type,
+            expected=item.answer,
+            answer=answer,
+            correct=hit,
+        )
+        self.file.write(json.dumps(asdict(record)) + "\n")
         self.file.flush()
 
     def close(self) -> None:

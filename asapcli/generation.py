@@ -43,20 +43,6 @@ class GenerationResult:
     def pruned(self) -> bool:
         return self.kept_tokens < self.visual_tokens
 
-    def as_json(self) -> dict:
-        """The answer and the figures every command's --json reports for it."""
-        return {
-            "answer": self.text,
-            "visual_tokens_before": self.visual_tokens,
-            "visual_tokens_after": self.kept_tokens,
-            "merged_tokens": self.merged_tokens,
-            "flops_ratio": self.flops_ratio,
-            "prefill_seconds": self.prefill_seconds,
-            "prefill_includes_warmup": self.cold,
-            "tokens_per_second": self.decode_tokens_per_second,
-            "generated_tokens": self.generated_tokens,
-        }
-
 
 def generate(
     loaded: Loaded,

@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
+from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
 from . import flops
 from .generation import to_device
+from .inputs import build_batch_inputs
 from .loading import Loaded
 from .plans import plans_for_batch, token_counts
+from .records import ProfileRow
 from .settings import PruneSettings
 
 T = TypeVar("T")
@@ -203,6 +206,62 @@ def _costs(
     )
 
 
+def runs(methods: list[str], budgets: list[int] | None, base: PruneSettings, num_layers: int) -> list[PruneSettings]:
+    """Every method at every budget (`base`'s k when none is given), in the order given; vanilla
+    once, as it does not depend on k. Each checked against the model's layers."""
+    ks = budgets or [None]
+    settings = [base.for_method(name, k) for name in methods for k in (ks[:1] if name == "vanilla" else ks)]
+    for one in settings:
+        one.check(num_layers)
+    return settings
+
+
+def profile(
+    loaded: Loaded,
+    model: str,
+    prompt: str,
+    picture: Image.Image,
+    settings: list[PruneSettings],
+    batch: int = 1,
+    repeats: int = 5,
+    warmup: int = 1,
+    decode_tokens: int = 16,
+    on_step: Callable[[str], None] | None = None,
+) -> list[ProfileRow]:
+    """`asap profile`: the sample prefilled under every settings, at batch 1 and at `batch`
+    (copies of it), measured side by side (see measure()); a record per run and batch size."""
+    batches = [build_batch_inputs(loaded.processor, [(prompt, picture)] * size) for size in sorted({1, batch})]
+    results = measure(loaded, batches, settings, repeats, warmup, decode_tokens, on_step)
+    context = conditions(loaded, settings[0].layer, int(batches[0]["input_ids"].shape[1]), repeats, warmup)
+    return [ProfileRow(model=model, **context, **_figures(result, results)) for result in results]
+
+
+def _figures(result: Measurement, results: list[Measurement]) -> dict:
+    """One measurement's figures, its time beside vanilla's at the same batch size and its
+    throughput beside its own at batch 1."""
+    vanilla = next((other for other in results if other.method == "vanilla" and other.batch == result.batch), None)
+    single = next(other for other in results if (other.method, other.k, other.batch) == (result.method, result.k, 1))
+    return {
+        "method": result.method,
+        "k": result.k,
+        "batch": result.batch,
+        "visual_tokens": result.visual_tokens,
+        "kept_tokens": result.kept_tokens,
+        "merged_tokens": result.merged_tokens,
+        "tflops": result.tflops,
+        "flops_ratio": result.flops_ratio,
+        "prompt_flops_ratio": result.prompt_flops_ratio,
+        "kv_cache_bytes": result.kv_cache_bytes,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "prefill_seconds": result.prefill_median,
+        "prefill_seconds_all": result.prefill_seconds,
+        "time_ratio": result.prefill_median / vanilla.prefill_median if vanilla else None,
+        "images_per_second": result.images_per_second,
+        "throughput_ratio": result.images_per_second / single.images_per_second,
+        "decode_tokens_per_second": result.decode_tokens_per_second,
+    }
+
+
 def conditions(loaded: Loaded, layer: int, prompt_tokens: int, repeats: int, warmup: int) -> dict:
     """What every figure of a measurement depends on: where it ran and how it was timed."""
     on_gpu = loaded.device.type == "cuda"
@@ -219,18 +278,18 @@ def conditions(loaded: Loaded, layer: int, prompt_tokens: int, repeats: int, war
     }
 
 
-def how_measured(context: dict, methods: list[str], batch: int, gpu_name: str | None) -> list[str]:
+def how_measured(row: ProfileRow, methods: list[str], batch: int, gpu_name: str | None) -> list[str]:
     """The lines under a table of measurements that say what each figure is and how it was got."""
     from .engine import METHODS
 
     early = [name for name in methods if METHODS[name].before_llm]
     on_gpu = gpu_name is not None
-    where = gpu_name if on_gpu else f"CPU, {context['threads']} threads"
+    where = gpu_name if on_gpu else f"CPU, {row.threads} threads"
     time = "CUDA-event time" if on_gpu else "wall time"
     memory = "torch.cuda.max_memory_allocated" if on_gpu else "CPU allocator peak (torch profiler)"
-    layer, repeats, warmup = context["layer"], context["repeats"], context["warmup"]
+    layer, repeats, warmup = row.layer, row.repeats, row.warmup
     notes = [
-        f"{where}, {context['dtype']}; {context['prompt_tokens']} prompt tokens; pruned after layer {layer - 1} (L={layer})"
+        f"{where}, {row.dtype}; {row.prompt_tokens} prompt tokens; pruned after layer {layer - 1} (L={layer})"
         + (f"; {', '.join(early)}: before layer 0 (L=0)." if early else "."),
         "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
         f"prefill: {time}, median of {repeats} rounds after {warmup} warm-up, methods interleaved; time %: of vanilla's.",

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .engine import HYPERPARAMETERS, METHODS
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .presets import Preset
 
 
 class PruneSettings:
@@ -55,6 +60,20 @@ class PruneSettings:
                 f"layer must be in 1..{num_layers - 1} for this model ({num_layers} layers), got {self.layer}"
             )
         check_hyperparameters(self.hyperparameters, [self.method])
+
+
+def budget_and_layer(preset: Preset | None, k: int | None, layer: int | None) -> tuple[int, int]:
+    """k and L as given, else the preset's, else PruneSettings' defaults."""
+    defaults = PruneSettings()
+    k = k if k is not None else preset.k if preset is not None and preset.k is not None else defaults.k
+    layer = (
+        layer
+        if layer is not None
+        else preset.layer
+        if preset is not None and preset.layer is not None
+        else defaults.layer
+    )
+    return k, layer
 
 
 def check_methods(methods: list[str]) -> None:

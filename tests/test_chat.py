@@ -65,7 +65,7 @@ def test_json_transcript_has_one_object_per_turn(llava_path, image_file, second_
     turns, stats = records[:3], records[3]["stats"]
     assert [t["turn"] for t in turns] == [1, 2, 3]
     assert [t["images"] for t in turns] == [["picture.png"], [], ["second.png"]]
-    assert [(t["visual_tokens_before"], t["visual_tokens_after"]) for t in turns] == [(64, 16), (0, 0), (64, 16)]
+    assert [(t["visual_tokens"], t["kept_tokens"]) for t in turns] == [(64, 16), (0, 0), (64, 16)]
     # Later turns prefill only what is new: never an earlier image again.
     assert turns[0]["fed_tokens"] > VISUAL > turns[1]["fed_tokens"]
     assert VISUAL < turns[2]["fed_tokens"] < 2 * VISUAL
@@ -279,7 +279,7 @@ def test_pruning_into_a_cache_no_earlier_prefill_pruned_through_the_cli(method, 
     )  # fmt: skip
     assert kept_whole.exit_code == 0, kept_whole.output
     turns = [json.loads(line) for line in kept_whole.stdout.splitlines()]
-    assert [(t["visual_tokens_before"], t["visual_tokens_after"]) for t in turns] == [(64, 64), (64, 16)]
+    assert [(t["visual_tokens"], t["kept_tokens"]) for t in turns] == [(64, 64), (64, 16)]
 
 
 def test_any_failing_turn_keeps_the_session(llava_path, image_file, tmp_path, monkeypatch):

@@ -31,14 +31,14 @@ def test_run_json_is_one_object_with_the_figures(llava_path, image_file):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["method"] == "fastv" and data["k"] == 16 and data["layer"] == 2
-    assert (data["visual_tokens_before"], data["visual_tokens_after"]) == (64, 16)
+    assert (data["visual_tokens"], data["kept_tokens"]) == (64, 16)
     expected_ratio = (
         2 * (4 * 64 * 64**2 + 2 * 64**2 * 64 + 3 * 64 * 64 * 128)
         + 2 * (4 * 16 * 64**2 + 2 * 16**2 * 64 + 3 * 16 * 64 * 128)
     ) / (4 * (4 * 64 * 64**2 + 2 * 64**2 * 64 + 3 * 64 * 64 * 128))
     assert data["flops_ratio"] == pytest.approx(expected_ratio)
     assert data["prefill_seconds"] > 0 and data["prefill_includes_warmup"] is True  # one call per process
-    assert data["tokens_per_second"] is None  # 3 decoded tokens or fewer: too few to time
+    assert data["decode_tokens_per_second"] is None  # 3 decoded tokens or fewer: too few to time
     assert 1 <= data["generated_tokens"] <= 4 and isinstance(data["answer"], str)
 
 
@@ -153,7 +153,7 @@ def test_methods_before_the_llm_report_layer_0(method, llava_path, image_file):
     result = asap("run", image_file, "hi", "-m", llava_path, "--method", method, "-k", 16, "--json", "--max-tokens", 2)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["layer"] == 0 and data["visual_tokens_after"] == 16
+    assert data["layer"] == 0 and data["kept_tokens"] == 16
 
 
 def test_several_images_run_as_one_batch_equal_to_single_runs(llava_next_path, tmp_path, images):
@@ -169,8 +169,8 @@ def test_several_images_run_as_one_batch_equal_to_single_runs(llava_next_path, t
     assert [row["image"] for row in rows] == [str(path) for path in paths]
     for row, path in zip(rows, paths, strict=True):
         single = json.loads(asap("run", path, "what colour?", *common).stdout)
-        assert row["answer"] == single["answer"] and row["visual_tokens_after"] == single["visual_tokens_after"] == 8
-        assert row["visual_tokens_before"] == single["visual_tokens_before"]
+        assert row["answer"] == single["answer"] and row["kept_tokens"] == single["kept_tokens"] == 8
+        assert row["visual_tokens"] == single["visual_tokens"]
     globbed = asap("run", tmp_path / "*.png", "what colour?", *common)
     assert [json.loads(line)["answer"] for line in globbed.stdout.splitlines()] == [row["answer"] for row in rows]
 
@@ -198,7 +198,7 @@ def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path,
     args = ["run", image_file, "what?", "-m", llava_path, "--method", "divprune", "-k", 8, "--json"]
     result = asap(*args, "--positions", "renumber", "--max-tokens", 3)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["visual_tokens_after"] == 8
+    assert json.loads(result.stdout)["kept_tokens"] == 8
     result = asap("eval", "--n", 4, "--methods", "fastv,divprune", "-k", 64, "--positions", "renumber", "--json")
     assert result.exit_code == 0, result.output  # renumbers divprune, leaves fastv as it is
     result = asap("eval", "--n", 4, "--methods", "fastv,asap", "--positions", "renumber")

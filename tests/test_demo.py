@@ -37,7 +37,7 @@ def test_run_without_a_model_uses_the_bundled_one():
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["model"] == "demo" and data["visual_tokens_before"] == 576 and data["visual_tokens_after"] == 128
+    assert data["model"] == "demo" and data["visual_tokens"] == 576 and data["kept_tokens"] == 128
 
 
 def test_the_readme_example_answers_red_with_asap_on():

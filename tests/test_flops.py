@@ -59,7 +59,7 @@ def test_flops_cli_table_and_json():
     data = json.loads(result.stdout)
     assert data["tflops_vanilla"] == pytest.approx(20.825, abs=5e-3)  # paper Table 2
     assert [s["tokens"] for s in data["stages"]] == [2880, 960, 480]
-    assert data["ratio"] == pytest.approx(data["tflops"] / data["tflops_vanilla"])
+    assert data["flops_ratio"] == pytest.approx(data["tflops"] / data["tflops_vanilla"])
     assert "visual tokens only" in data["convention"]
 
 

@@ -8,6 +8,7 @@ piped session that met one exits 1 at the end, so that scripts notice.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -19,9 +20,10 @@ from typing import Annotated
 import typer
 
 from .. import display
-from ..chat import ChatSession, Turn
+from ..chat import ChatSession
 from ..errors import UsageError, describe, whole_number
 from ..inputs import load_image
+from ..records import ChatStats
 from . import options
 
 HELP = """Commands:
@@ -107,7 +109,7 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
     with _interruptible() as interrupted:
         turn = session.ask(text, on_text=None if json else display.write, should_stop=interrupted)
     if json:
-        display.print_json(_record(turn))
+        display.print_json(turn.record())
         return
     display.write("\n")
     if turn.result.stopped:
@@ -143,7 +145,7 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
     elif name == "/stats":
         stats = session.stats()
         if json:
-            display.print_json({"stats": stats})
+            display.print_json({"stats": dataclasses.asdict(stats)})
         else:
             display.out.print(_stats_text(stats), markup=False, highlight=False, soft_wrap=True)
     else:
@@ -166,43 +168,30 @@ def _interruptible() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _record(turn: Turn) -> dict:
-    result = turn.result
-    return {
-        "turn": turn.number,
-        "prompt": turn.prompt,
-        **result.as_json(),
-        "images": turn.images,
-        "fed_tokens": result.fed_tokens,
-        "cached_tokens": turn.cached_tokens,
-        "stopped": result.stopped,
-    }
-
-
-def _stats_text(stats: dict) -> str:
-    lengths = stats["cache_tokens_per_layer"]
+def _stats_text(stats: ChatStats) -> str:
+    lengths = stats.cache_tokens_per_layer
     groups, start = [], 0
     for index in range(1, len(lengths) + 1):  # runs of layers holding as many tokens
         if index == len(lengths) or lengths[index] != lengths[start]:
             span = f"{start}" if index - 1 == start else f"{start}-{index - 1}"
             groups.append(f"layers {span}: {lengths[start]}")
             start = index
-    saved = stats["tflops_saved"] * 1e12
+    saved = stats.tflops_saved * 1e12
     unit, scale = display.flop_unit(saved)
-    share = f" ({saved / 1e12 / stats['tflops_vanilla']:.1%} of the images' vanilla FLOPs)" if saved else ""
+    share = f" ({saved / 1e12 / stats.tflops_vanilla:.1%} of the images' vanilla FLOPs)" if saved else ""
     speeds = "no turn yet"
-    if stats["last_prefill_seconds"] is not None:
-        rate = stats["last_tokens_per_second"]
+    if stats.last_prefill_seconds is not None:
+        rate = stats.last_decode_tokens_per_second
         decode = "not timed" if rate is None else f"{rate:.1f} tokens/s"
-        speeds = f"prefill {stats['last_prefill_seconds']:.3f} s, decode {decode}"
+        speeds = f"prefill {stats.last_prefill_seconds:.3f} s, decode {decode}"
     return "\n".join(
         [
             (
-                f"turns {stats['turns']}, images {stats['images']} (+{stats['pending_images']} pending); "
-                f"{stats['method']} k={stats['k']} L={stats['layer']}"
+                f"turns {stats.turns}, images {stats.images} (+{stats.pending_images} pending); "
+                f"{stats.method} k={stats.k} L={stats.layer}"
             ),
             "tokens in cache: " + ("; ".join(groups) if groups else "none"),
-            f"KV cache: {stats['kv_cache_bytes'] / 2**20:.2f} MB",
+            f"KV cache: {stats.kv_cache_bytes / 2**20:.2f} MB",
             f"FLOPs saved so far (Eq. 7, visual tokens): {saved / scale:.3f} {unit}{share}",
             f"last turn: {speeds}",
         ]

@@ -16,7 +16,7 @@ from ..engine import HYPERPARAMETERS, METHODS
 from ..errors import UsageError, ascii_digits
 from ..loading import Loaded
 from ..presets import Preset
-from ..settings import PruneSettings, check_hyperparameters, check_methods
+from ..settings import PruneSettings, budget_and_layer, check_hyperparameters, check_methods
 
 DEFAULT_MODEL = "demo"  # bundled with the package: every command runs offline on a fresh machine
 
@@ -154,6 +154,49 @@ class OneMethod:
         return prune_settings([self.method], self.hyperparameters, preset, k=self.k, layer=self.layer, seed=seed)
 
 
+class Comparison:
+    """--methods, -k/--k budgets, --layer, the methods' options, --threads and --seed: what profile
+    and eval compare several methods by. `DEFAULT_METHODS` is the command's own choice."""
+
+    DEFAULT_METHODS = "vanilla,fastv,asap"
+
+    def __init__(self, methods: str, budgets: str | None, layer: int | None, threads: int | None, seed: int, **rest):
+        self.methods, self.budgets, self.layer, self.threads, self.seed = methods, budgets, layer, threads, seed
+        self.hyperparameters = MethodOptions(rest)
+
+    @classmethod
+    def parameters(cls) -> list[inspect.Parameter]:
+        methods = Annotated[
+            str, typer.Option("--methods", help=f"Comma-separated methods to compare, from {', '.join(METHODS)}.")
+        ]
+        own = [("methods", methods, cls.DEFAULT_METHODS), ("budgets", Budgets, None), ("layer", Layer, None)]
+        own += [("threads", Threads, None), ("seed", Seed, 0)]
+        return [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, annotation, default in own
+        ] + MethodOptions.parameters()
+
+    def check(self) -> tuple[list[str], list[int] | None]:
+        """Before the model loads: the methods (each known, each option taken by one of them at
+        least) and the budgets (None: not given); sets the thread count."""
+        names = method_list(self.methods)
+        prune_settings(names, self.hyperparameters)
+        budgets = budget_list(self.budgets)
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        return names, budgets
+
+    def settings(self, preset: Preset | None) -> PruneSettings:
+        """The settings the runs derive from (the first method's); k and L not given from `preset`."""
+        return prune_settings(method_list(self.methods), self.hyperparameters, preset, layer=self.layer, seed=self.seed)
+
+
+class EvalComparison(Comparison):
+    DEFAULT_METHODS = "vanilla,fastv,random,asap"
+
+
 def command(function):
     """`function` with every parameter annotated with an option group spread into the group's
     own options (what Typer reads), and called with the group rebuilt from them."""
@@ -222,17 +265,3 @@ def prune_settings(
     settings = settings if len(methods) == 1 else settings.for_method(methods[0])
     settings.check()
     return settings
-
-
-def budget_and_layer(preset: Preset | None, k: int | None, layer: int | None) -> tuple[int, int]:
-    """k and L as given, else the preset's, else PruneSettings' defaults."""
-    defaults = PruneSettings()
-    k = k if k is not None else preset.k if preset is not None and preset.k is not None else defaults.k
-    layer = (
-        layer
-        if layer is not None
-        else preset.layer
-        if preset is not None and preset.layer is not None
-        else defaults.layer
-    )
-    return k, layer

@@ -1,0 +1,127 @@
+"""One `asap eval`: its questions and output files checked before the model loads; every method
+at every budget answering them (Ctrl-C keeps what was answered, marked partial); the report
+(records.EvalReport); the files written after the results are shown."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import evaluation, figures
+from .errors import UsageError
+from .evaluation import AnswerLog, Item, RowAttention, Score
+from .loading import Loaded
+from .records import AttentionProfile, EvalReport
+from .settings import PruneSettings
+
+# add(what, total) starts a progress bar and returns the function that advances it
+Tasks = Callable[[str, int], Callable[[], None]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    report: EvalReport
+    answered: int  # answers given, over every method and budget
+    asked: int  # answers a whole run gives
+    rows: RowAttention | None  # the attention profile, when asked for and not interrupted
+
+    @property
+    def interrupted(self) -> bool:
+        return self.report.partial
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    items: list[Item]
+    source: str  # what the questions are, as the report names them
+    plot: Path | None
+    attention_profile: Path | None
+    log: Path | None
+    inputs: list[Path]  # files the run reads, which no output may overwrite
+
+    @classmethod
+    def prepare(
+        cls, data: Path | None, n: int | None, plot: Path | None, attention_profile: Path | None, log: Path | None
+    ) -> EvalRun:
+        """The questions (--data, else `n` synthetic ones, 200 by default) read and checked, and
+        the output files checked writable and distinct."""
+        items = evaluation.read_items(data, n) if data is not None else evaluation.synthetic_items(n or 200)
+        outputs = [path for path in (plot, attention_profile, log) if path is not None]
+        if len({path.expanduser().resolve() for path in outputs}) < len(outputs):
+            raise UsageError("--plot, --attention-profile and --log must name different files")
+        inputs = ([data] if data is not None else []) + [item.image for item in items if isinstance(item.image, Path)]
+        for path in outputs:
+            figures.check_writable(path, inputs)
+        source = str(data) if data is not None else "synthetic held-out scenes"
+        return cls(items, source, plot, attention_profile, log, inputs)
+
+    def answer(
+        self,
+        loaded: Loaded,
+        model: str,
+        methods: list[str],
+        budgets: list[int] | None,
+        base: PruneSettings,
+        lambda_max: float | None = None,
+        max_tokens: int = 10,
+        batch: int = 1,
+        tasks: Tasks | None = None,
+    ) -> Outcome:
+        """Every method at every budget (the preset's budgets, else `base`'s k, when none are
+        given) over the questions, then the attention profile if asked for. Ctrl-C stops it and
+        keeps what was answered; --log's file holds every answer given."""
+        items, tasks = self.items, tasks or (lambda description, total: lambda: None)
+        evaluation.check_questions(loaded, items)
+        if budgets is None:
+            budgets = list(loaded.preset.budgets) if loaded.preset and loaded.preset.budgets else [base.k]
+        runs = evaluation.runs(methods, budgets, base)
+        for settings in runs:
+            settings.check(loaded.num_layers)
+        scores = [Score(settings) for settings in runs]
+        rows, interrupted = None, False
+        answers = AnswerLog(self.log, items) if self.log is not None else None
+        try:
+            on_answer = answers.write if answers is not None else None
+            step = tasks("Answering", len(items) * len(runs))
+            evaluation.evaluate(loaded, items, runs, max_tokens, batch, step, scores=scores, on_answer=on_answer)
+            if self.attention_profile is not None:
+                step = tasks("Attention profile", 2 * len(items))
+                rows = evaluation.row_attention(loaded, items, base.layer, lambda_max, on_step=step)
+        except KeyboardInterrupt:  # Ctrl-C: what was answered, marked partial
+            interrupted = True
+        finally:
+            if answers is not None:
+                answers.close()
+        answered = sum(sum(score.totals.values()) for score in scores)
+        scores = [score for score in scores if score.totals]
+        vanilla = next((score for score in scores if score.settings.method == "vanilla"), None)
+        report = EvalReport(
+            model=model,
+            data=self.source,
+            n=len(items),
+            layer=base.layer,
+            partial=interrupted,
+            results=[score.row(vanilla) for score in scores],
+            attention_profile=None if rows is None else AttentionProfile(rows.causal, rows.sg_bimask),
+        )
+        return Outcome(report, answered, len(items) * len(runs), rows)
+
+    def write_files(self, outcome: Outcome) -> Iterator[Path]:
+        """The output files, each yielded once written (--log's was written as answers came)."""
+        report = outcome.report
+        if self.log is not None:
+            yield self.log
+        if self.plot is not None:
+            series: dict[str, list[tuple[float, float]]] = {}
+            for row in report.results:
+                series.setdefault(row.method, []).append((100 * row.flops_ratio, 100 * row.average))
+            title = f"{report.model}: {report.data}, n={report.n}"
+            figures.save_png(figures.accuracy_plot(series, title), self.plot, self.inputs)
+            yield self.plot
+        if outcome.rows is not None:
+            rows = outcome.rows
+            title = f"{report.model}: attention of the last prompt token per image row, layer {rows.layer - 1}"
+            curves = {"causal (FastV)": rows.causal, "SG-BiMask (ASAP)": rows.sg_bimask}
+            figures.save_png(figures.row_attention_plot(curves, title), self.attention_profile, self.inputs)
+            yield self.attention_profile

@@ -1,0 +1,129 @@
+"""`asap flops`' core: the FLOPs of the visual tokens of one model under one pruning schedule
+(Eq. 7-8, from the model's config alone), fvcore's count of a real forward beside them when
+measured, and the record --json prints (records.FlopsReport)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..engine import METHODS
+from ..errors import UsageError
+from ..loading import Loaded, load_architecture
+from ..presets import Architecture, find_preset
+from ..records import FlopsReport, FlopsStage, MeasuredFlops
+from ..settings import PruneSettings, budget_and_layer
+from . import CONVENTION, GQA_CONVENTION, Stage, parse_schedule, pruning_schedule, schedule_flops
+
+COUNTER = "fvcore (multiply-accumulates) with a scaled_dot_product_attention handle"
+
+
+@dataclass(frozen=True)
+class FlopsCount:
+    model: str
+    arch: Architecture
+    steps: list[tuple[int, int]]  # (layer, tokens left from it on)
+    stages: list[Stage]
+    kv_fraction: float  # k/v projections at kv_heads / heads (grouped-query), else 1
+    method: str  # what prunes in a measured forward
+    counted: dict | None = None  # fvcore's CountedFlops, "vanilla" and "pruned", once measured
+
+    @classmethod
+    def plan(
+        cls,
+        model: str,
+        k: int | None = None,
+        layer: int | None = None,
+        schedule: str | None = None,
+        visual_tokens: int | None = None,
+        gqa: bool = False,
+        measure: bool = False,
+        method: str = "asap",
+    ) -> FlopsCount:
+        """The schedule that -k/--layer (else the preset's) or --schedule give, checked, on the
+        architecture of `model`; counted as fvcore counts (GQA-aware) when it is to be `measure`d."""
+        if schedule is not None and (k is not None or layer is not None):
+            raise UsageError("give either --schedule or -k/--layer, not both")
+        if k is not None and k < 1:
+            raise UsageError(f"k must be at least 1, got {k}")
+        if method not in METHODS:
+            raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        arch = load_architecture(model, visual_tokens)
+        if schedule is not None:
+            steps = parse_schedule(schedule)
+        else:
+            k_or_preset, layer_or_preset = budget_and_layer(find_preset(model), k, layer)
+            # divprune and pool prune before the first layer, whatever --layer says (as asap run does)
+            steps = [(0 if measure and METHODS[method].before_llm else layer_or_preset, k_or_preset)]
+        if schedule is None and k is None and steps[0][1] >= arch.visual_tokens:
+            stages = [Stage(arch.layers, arch.visual_tokens)]  # the preset's k keeps them all
+        else:
+            stages = pruning_schedule(arch.layers, arch.visual_tokens, steps)
+        # fvcore counts what the model computes: grouped-query k/v projections at their real size.
+        kv_fraction = arch.kv_heads / arch.heads if gqa or measure else 1.0
+        return cls(model, arch, steps, stages, kv_fraction, method)
+
+    def flops(self, stages: list[Stage]) -> float:
+        return schedule_flops(stages, self.arch.hidden, self.arch.intermediate, self.kv_fraction)
+
+    @property
+    def vanilla(self) -> float:
+        return self.flops([Stage(self.arch.layers, self.arch.visual_tokens)])
+
+    @property
+    def pruned(self) -> float:
+        return self.flops(self.stages)
+
+    @property
+    def convention(self) -> str:
+        return GQA_CONVENTION if self.kv_fraction != 1.0 else CONVENTION
+
+    def measure_settings(self) -> PruneSettings:
+        """What a measured forward prunes by, checked before the model loads."""
+        if len(self.steps) != 1:
+            raise UsageError("--measure runs one pruning step: give -k/--layer, not a --schedule of several")
+        ((layer, k),) = self.steps
+        # A method that prunes before the LLM ignores L; check() asks for one all the same.
+        before_llm = METHODS[self.method].before_llm
+        settings = PruneSettings(method=self.method, k=k, layer=max(layer, 1) if before_llm else layer)
+        settings.check()
+        return settings
+
+    def measured(self, loaded: Loaded, settings: PruneSettings) -> FlopsCount:
+        """This count with fvcore's, vanilla and pruned, of the loaded model's language model."""
+        from .measured import count_flops  # fvcore only when asked for
+
+        settings.check(loaded.num_layers)
+        tokens = self.arch.visual_tokens
+        counted = {"vanilla": count_flops(loaded, tokens), "pruned": count_flops(loaded, tokens, settings)}
+        return replace(self, counted=counted)
+
+    def measured_by_stage(self) -> list[list[int]]:
+        """fvcore's per-layer counts of the pruned forward, grouped by stage."""
+        groups, start = [], 0
+        for stage in self.stages:
+            groups.append(self.counted["pruned"].per_layer[start : start + stage.layers])
+            start += stage.layers
+        return groups
+
+    def record(self) -> FlopsReport:
+        measured = None
+        if self.counted is not None:
+            vanilla, pruned = self.counted["vanilla"], self.counted["pruned"]
+            measured = MeasuredFlops(
+                tflops_vanilla=vanilla.total / 1e12,
+                tflops=pruned.total / 1e12,
+                stages_tflops=[sum(layers) / 1e12 for layers in self.measured_by_stage()],
+                method=self.method,
+                method_ops_tflops={op: n / 1e12 for op, n in pruned.other.items()},
+                counter=COUNTER,
+            )
+        return FlopsReport(
+            model=self.model,
+            tflops_vanilla=self.vanilla / 1e12,
+            tflops=self.pruned / 1e12,
+            flops_ratio=self.pruned / self.vanilla,
+            stages=[FlopsStage(stage.layers, stage.tokens, self.flops([stage]) / 1e12) for stage in self.stages],
+            architecture=self.arch,
+            convention=self.convention,
+            measured=measured,
+        )

@@ -1,0 +1,210 @@
+"""What every command's --json prints: one frozen dataclass per kind of record, whose fields are
+the JSON keys (units in the names: `_seconds`, `_bytes`, `tflops`). The same figure has the same
+key in every record. The cores build them from their results; display.print_json writes them
+(dataclasses.asdict).
+README.md ("JSON output") lists them; tests/test_records.py checks each command's output
+against these fields, key by key and type by type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .presets import Architecture
+
+if TYPE_CHECKING:
+    from .generation import GenerationResult
+
+
+@dataclass(frozen=True)
+class AnswerFigures:
+    """One generated answer and what its prefill kept, saved and took."""
+
+    answer: str
+    visual_tokens: int  # image tokens in the prompt
+    kept_tokens: int  # of them, those past layer L-1 (all when nothing is pruned)
+    merged_tokens: int  # kept tokens merged and refilled (asap)
+    flops_ratio: float  # paper Eq. 8, visual tokens only
+    prefill_seconds: float
+    prefill_includes_warmup: bool  # the process's first generation
+    decode_tokens_per_second: float | None  # None: under 8 decoded tokens
+    generated_tokens: int
+
+    @staticmethod
+    def figures(result: GenerationResult) -> dict:
+        return {
+            "answer": result.text,
+            "visual_tokens": result.visual_tokens,
+            "kept_tokens": result.kept_tokens,
+            "merged_tokens": result.merged_tokens,
+            "flops_ratio": result.flops_ratio,
+            "prefill_seconds": result.prefill_seconds,
+            "prefill_includes_warmup": result.cold,
+            "decode_tokens_per_second": result.decode_tokens_per_second,
+            "generated_tokens": result.generated_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Answer(AnswerFigures):
+    """`asap run --json`: one per sample."""
+
+    image: str
+    prompt: str
+    model: str
+    method: str
+    k: int
+    layer: int  # 0: pruned before the language model
+    prompt_tokens: int
+    device: str
+
+
+@dataclass(frozen=True)
+class ChatTurn(AnswerFigures):
+    """`asap chat --json`: one per turn."""
+
+    turn: int
+    prompt: str
+    images: list[str]  # the images this turn brought
+    fed_tokens: int  # prompt tokens this turn prefilled (the rest came from the cache)
+    cached_tokens: int  # tokens in the cache after the turn
+    stopped: bool  # cut short by Ctrl-C
+
+
+@dataclass(frozen=True)
+class ChatStats:
+    """`asap chat --json`, /stats: printed as {"stats": {...}}."""
+
+    turns: int
+    images: int
+    pending_images: int
+    k: int
+    method: str
+    layer: int
+    cache_tokens_per_layer: list[int]
+    kv_cache_bytes: int
+    tflops_vanilla: float  # Eq. 7, the images brought so far
+    tflops: float
+    tflops_saved: float
+    last_prefill_seconds: float | None  # None: no turn yet
+    last_decode_tokens_per_second: float | None
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    """`asap profile --json`: one per method, budget and batch size (JSON Lines)."""
+
+    model: str
+    device: str
+    dtype: str
+    threads: int | None  # None on a GPU
+    layer: int
+    prompt_tokens: int
+    repeats: int
+    warmup: int
+    time: str  # how time was measured: cuda_events or cpu_wall
+    memory: str  # how memory was measured: cuda_max_memory_allocated or cpu_allocator_peak
+    method: str
+    k: int | None  # None: vanilla
+    batch: int
+    visual_tokens: int
+    kept_tokens: int
+    merged_tokens: int
+    tflops: float
+    flops_ratio: float
+    prompt_flops_ratio: float  # Eq. 8 over every prompt token
+    kv_cache_bytes: int
+    peak_memory_bytes: int
+    prefill_seconds: float  # the median of the repeats
+    prefill_seconds_all: list[float]
+    time_ratio: float | None  # over vanilla's at the same batch size
+    images_per_second: float
+    throughput_ratio: float  # over batch 1's
+    decode_tokens_per_second: float
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One method at one budget in `asap eval`."""
+
+    method: str
+    k: int | None  # None: vanilla
+    flops_ratio: float
+    accuracy: dict[str, float]  # per question type
+    region_accuracy: dict[str, float]  # "top" / "bottom" of the image
+    average: float  # the mean over question types
+    relative: float | None  # average over vanilla's
+    questions: int
+
+
+@dataclass(frozen=True)
+class AttentionProfile:
+    """Mean attention of the last prompt token per image row at layer L-1."""
+
+    causal: list[float]
+    sg_bimask: list[float]
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """`asap eval --json`: one object."""
+
+    model: str
+    data: str  # the question file, or the synthetic scenes
+    n: int
+    layer: int
+    partial: bool  # interrupted: each row scores the questions it answered
+    results: list[EvalRow]
+    attention_profile: AttentionProfile | None
+
+
+@dataclass(frozen=True)
+class LoggedAnswer:
+    """`asap eval --log FILE`: one JSON line per answer."""
+
+    method: str
+    k: int | None
+    index: int
+    image: str | None  # None: a synthetic scene
+    question: str
+    type: str
+    expected: str
+    answer: str
+    correct: bool
+
+
+@dataclass(frozen=True)
+class FlopsStage:
+    layers: int
+    tokens: int
+    tflops: float
+
+
+@dataclass(frozen=True)
+class MeasuredFlops:
+    """fvcore's count of a real forward (flops --measure)."""
+
+    tflops_vanilla: float
+    tflops: float
+    stages_tflops: list[float]
+    method: str
+    method_ops_tflops: dict[str, float]  # the method's own scoring ops, by operator
+    counter: str
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """`asap flops --json`: one object."""
+
+    model: str
+    tflops_vanilla: float
+    tflops: float
+    flops_ratio: float
+    stages: list[FlopsStage]
+    architecture: Architecture
+    convention: str
+    measured: MeasuredFlops | None  # None: without --measure
+
+
+RECORDS = (Answer, ChatTurn, ChatStats, ProfileRow, EvalReport, EvalRow, AttentionProfile, LoggedAnswer)
+RECORDS += (FlopsReport, FlopsStage, MeasuredFlops, Architecture)

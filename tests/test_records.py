@@ -1,0 +1,140 @@
+"""Every command's --json output against asapcli.records: each object has exactly the fields of
+its record (none missing, none extra), each value of the field's type; and README.md lists
+every record's fields."""
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from asapcli import records
+from asapcli.cli import app
+
+runner = CliRunner()
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def asap(*args, input=None):
+    result = runner.invoke(app, [str(arg) for arg in args], input=input)
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def conforms(value, kind, where="") -> None:
+    """Raise AssertionError where `value` (as json.loads gave it) is not of type `kind`."""
+    if dataclasses.is_dataclass(kind):
+        assert isinstance(value, dict), f"{where}: {value!r} is not an object"
+        hints = typing.get_type_hints(kind)
+        names = [field.name for field in dataclasses.fields(kind)]
+        assert sorted(value) == sorted(names), f"{where}: keys {sorted(value)} != {kind.__name__}'s {sorted(names)}"
+        for name in names:
+            conforms(value[name], hints[name], f"{where}.{name}")
+        return
+    origin, arguments = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        problems = []
+        for option in arguments:
+            try:
+                return conforms(value, option, where)
+            except AssertionError as problem:
+                problems.append(str(problem))
+        raise AssertionError("; ".join(problems))
+    if origin is list:
+        assert isinstance(value, list), f"{where}: {value!r} is not a list"
+        for index, item in enumerate(value):
+            conforms(item, arguments[0], f"{where}[{index}]")
+        return
+    if origin is dict:
+        assert isinstance(value, dict), f"{where}: {value!r} is not an object"
+        for key, item in value.items():
+            conforms(key, arguments[0], f"{where} key")
+            conforms(item, arguments[1], f"{where}[{key!r}]")
+        return
+    if kind is type(None):
+        assert value is None, f"{where}: {value!r} is not null"
+    elif kind is float:  # JSON does not tell 1 from 1.0
+        assert isinstance(value, int | float) and not isinstance(value, bool), f"{where}: {value!r} is not a number"
+    elif kind is int:
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an integer"
+    else:
+        assert isinstance(value, kind), f"{where}: {value!r} is not {kind.__name__}"
+
+
+@pytest.fixture
+def second_image(tmp_path, images):
+    path = tmp_path / "second.png"
+    images[1].save(path)
+    return path
+
+
+def test_conforms_refuses_a_missing_an_extra_and_a_mistyped_key():
+    good = {"layers": 2, "tokens": 8, "tflops": 0.5}
+    conforms(good, records.FlopsStage)
+    for bad in ({"layers": 2, "tokens": 8}, {**good, "ratio": 1.0}, {**good, "tokens": "8"}, {**good, "layers": True}):
+        with pytest.raises(AssertionError):
+            conforms(bad, records.FlopsStage)
+
+
+def test_run_json_is_answer_records(llava_path, image_file, second_image):
+    for record in asap("run", image_file, "what?", "-m", llava_path, "-k", 16, "--max-tokens", 2, "--json"):
+        conforms(record, records.Answer, "run")
+    batch = asap("run", image_file, second_image, "what?", "-m", llava_path, "--max-tokens", 2, "--json")
+    assert len(batch) == 2
+    for record in batch:
+        conforms(record, records.Answer, "run (batch)")
+
+
+def test_chat_json_is_turn_and_stats_records(llava_path, image_file):
+    lines = asap("chat", image_file, "-m", llava_path, "--max-tokens", 2, "--json", input="hi\nmore\n/stats\n")
+    *turns, stats = lines
+    assert len(turns) == 2
+    for record in turns:
+        conforms(record, records.ChatTurn, "chat")
+    assert list(stats) == ["stats"]
+    conforms(stats["stats"], records.ChatStats, "chat /stats")
+
+
+def test_profile_json_is_profile_rows(llava_path):
+    fast = ["--repeats", 1, "--warmup", 0, "--decode-tokens", 2, "--batch", 2]
+    rows = asap("profile", "-m", llava_path, "--methods", "vanilla,asap", "-k", 16, "--json", *fast)
+    assert len(rows) == 4
+    for record in rows:
+        conforms(record, records.ProfileRow, "profile")
+
+
+def test_eval_json_is_an_eval_report_and_its_log_logged_answers(tmp_path):
+    log = tmp_path / "answers.jsonl"
+    args = ["--n", 2, "--methods", "vanilla,asap", "-k", 64, "--max-tokens", 3, "--log", log]
+    (report,) = asap("eval", *args, "--attention-profile", tmp_path / "rows.png", "--json")
+    conforms(report, records.EvalReport, "eval")
+    assert report["attention_profile"] is not None and len(report["results"]) == 2
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 4
+    for record in lines:
+        conforms(record, records.LoggedAnswer, "eval --log")
+
+
+def test_flops_json_is_a_flops_report(llava_path):
+    (analytic,) = asap("flops", "-m", "llava-next-7b", "--schedule", "2:960,16:480", "--json")
+    conforms(analytic, records.FlopsReport, "flops")
+    assert analytic["measured"] is None
+    (measured,) = asap("flops", "-m", llava_path, "-k", 16, "--measure", "--json")
+    conforms(measured, records.FlopsReport, "flops --measure")
+    assert measured["measured"] is not None
+
+
+def test_the_readme_lists_every_record_and_its_fields():
+    """One line per record in the README's JSON section: `Name`: `key`, `key`, ... in order."""
+    text = README.read_text()
+    section = text[text.index("## JSON output") :]
+    section = section[: section.index("\n## ", 1)]
+    for record in records.RECORDS:
+        line = re.search(rf"^- `{record.__name__}`.*$", section, re.MULTILINE)
+        assert line, f"README's JSON section lacks {record.__name__}"
+        listed = re.findall(r"`(\w+)`", line.group(0).partition(":")[2])
+        assert listed == [field.name for field in dataclasses.fields(record)], record.__name__
