@@ -3,6 +3,19 @@
 __version__ = "0.1.0"
 
 
+def main() -> None:
+    """The `asap` command. Its libraries take seconds to import: Ctrl-C meanwhile ends it as it
+    does later, with one line and exit status 130, never a traceback."""
+    try:
+        from .cli import app
+    except KeyboardInterrupt:
+        import sys
+
+        sys.stderr.write("Error: interrupted\n")
+        raise SystemExit(130) from None
+    app()
+
+
 def __getattr__(name: str):
     # `asapcli.pruned` without importing torch and transformers until it is used (the CLI's
     # start-up does not need them).

@@ -31,6 +31,9 @@ def user_errors(command):
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt:  # Ctrl-C outside the places that handle it (loading, say)
+            display.error("interrupted")
+            raise typer.Exit(130) from None
         except Exception as error:
             if os.environ.get("ASAP_DEBUG") == "1":
                 raise
@@ -52,7 +55,3 @@ app.command("chat")(user_errors(chat.chat))
 app.command("flops")(user_errors(flops.flops_command))
 app.command("profile")(user_errors(profile.profile))
 app.command("eval")(user_errors(eval.eval_command))
-
-
-def main() -> None:
-    app()

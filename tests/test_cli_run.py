@@ -268,3 +268,32 @@ def test_hf_hub_offline_with_an_uncached_model_says_what_to_do(image_file):
     assert result.stderr.startswith(
         "Error: model 'nobody/no-such-model' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
     )
+
+
+def test_ctrl_c_while_the_libraries_import_is_one_line_and_130(monkeypatch, capsys):
+    """The console script's first seconds go to importing torch and transformers."""
+    import builtins
+
+    import asapcli
+
+    real_import = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "cli":  # `from .cli import app`
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as exit_status:
+        asapcli.main()
+    assert exit_status.value.code == 130
+    assert capsys.readouterr().err == "Error: interrupted\n"
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_and_130(image_file, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("asapcli.loading.load", interrupted)
+    result = asap("run", image_file, "what colour?")
+    assert result.exit_code == 130 and result.stderr == "Error: interrupted\n"

@@ -158,12 +158,16 @@ def test_flops_measure_errors(llava_path, args, message):
 
 
 @pytest.mark.parametrize("method", ["divprune", "pool"])
-def test_flops_measure_of_a_method_before_the_llm_prunes_layer_0_in_both_columns(llava_path, method):
-    args = ["flops", "-m", str(llava_path), "-k", "16", "--measure", "--method", method, "--json"]
+@pytest.mark.parametrize("budget", [["-k", "12"], ["-k", "12", "--layer", "2"], ["--schedule", "2:12"]])
+def test_flops_measure_of_a_method_before_the_llm_prunes_layer_0_in_both_columns(llava_path, method, budget):
+    """Whichever way the budget is given, the formula counts what the measured method does:
+    pruning before layer 0, and pool keeping its largest square grid (9 of 12)."""
+    args = ["flops", "-m", str(llava_path), *budget, "--measure", "--method", method, "--json"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert [(stage["layers"], stage["tokens"]) for stage in data["stages"]] == [(4, 16)]
+    kept = {"divprune": 12, "pool": 9}[method]
+    assert [(stage["layers"], stage["tokens"]) for stage in data["stages"]] == [(4, kept)]
     assert data["measured"]["stages_tflops"] == pytest.approx([s["tflops"] for s in data["stages"]], rel=1e-12)
     assert data["measured"]["tflops"] == pytest.approx(data["tflops"], rel=1e-12)
     table = runner.invoke(app, args[:-1]).stdout

@@ -51,9 +51,13 @@ class FlopsCount:
         if schedule is not None:
             steps = parse_schedule(schedule)
         else:
-            k_or_preset, layer_or_preset = budget_and_layer(find_preset(model), k, layer)
-            # divprune and pool prune before the first layer, whatever --layer says (as asap run does)
-            steps = [(0 if measure and METHODS[method].before_llm else layer_or_preset, k_or_preset)]
+            budget, at = budget_and_layer(find_preset(model), k, layer)
+            steps = [(at, budget)]
+        if measure and METHODS[method].before_llm and len(steps) == 1:
+            # The formula counts what the measured method does: divprune and pool prune before the
+            # first layer whatever layer was asked (as asap run does), and pool keeps its square grid.
+            ((_, budget),) = steps
+            steps = [(0, METHODS[method]().kept_count(arch.visual_tokens, budget))]
         if schedule is None and k is None and steps[0][1] >= arch.visual_tokens:
             stages = [Stage(arch.layers, arch.visual_tokens)]  # the preset's k keeps them all
         else:
