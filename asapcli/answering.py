@@ -49,8 +49,19 @@ def read_samples(
     prompts = [read_prompt() if prompt == "-" else prompt for prompt in prompts]
     for prompt in prompts:
         check_prompt(prompt)
+        if _names_a_file(prompt):
+            raise UsageError(
+                f"the prompt {prompt!r} is a file: give the question after the images (asap run IMAGE PROMPT)"
+            )
     pairs = pair_samples(expand_images([*arguments, *images]), prompts)
     return Samples(pairs, {path: load_image(path) for path, _ in pairs})
+
+
+def _names_a_file(text: str) -> bool:
+    try:
+        return bool(text.strip()) and Path(text).expanduser().is_file()
+    except (OSError, ValueError):  # too long, or a character no path holds: a question
+        return False
 
 
 @dataclass(frozen=True)

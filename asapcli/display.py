@@ -82,7 +82,8 @@ def speeds(result: GenerationResult) -> str:
     if result.cold:
         prefill += " (first call: includes warm-up)"
     if result.decode_tokens_per_second is None:
-        return f"{prefill}; decode not timed ({result.generated_tokens} tokens)"
+        decoded = max(result.generated_tokens - 1, 0)  # the first token came with the prefill
+        return f"{prefill}; decode not timed ({decoded} decoded token{'' if decoded == 1 else 's'}, fewer than 8)"
     return f"{prefill}; decode {result.decode_tokens_per_second:.1f} tokens/s"
 
 

@@ -63,7 +63,7 @@ def read_items(path: Path, limit: int | None = None) -> list[Item]:
     items = []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark (Notepad) is fine
         except UnicodeDecodeError:
             raise AsapError(f"{path}:{number}: not UTF-8 text") from None
         if not line.strip():

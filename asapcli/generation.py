@@ -111,8 +111,8 @@ def _room(loaded: Loaded, prompt_tokens: int, max_tokens: int) -> int:
     limit = context_length(loaded)
     if prompt_tokens >= limit:
         raise AsapError(
-            f"the prompt is {prompt_tokens} tokens (image tokens included), more than the model's context of "
-            f"{limit}: shorten it"
+            f"the prompt is {prompt_tokens} tokens (image tokens included): the model's context of {limit} "
+            "leaves no room for an answer; shorten it"
         )
     return min(max_tokens, limit - prompt_tokens)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,12 @@ def load_image(path: str | Path) -> Image.Image:
     if path.is_dir():
         raise AsapError(f"image path is a folder, not a file: {path}")
     try:
-        with Image.open(path) as image:
+        # Up to twice PIL's pixel limit an image opens with a warning; it is read like any other
+        # (the processor resizes it), so the warning is not the user's business. Beyond: refused.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             # Upright as image viewers show it: phone photos are often stored sideways with an
             # EXIF orientation tag.
             return to_rgb(ImageOps.exif_transpose(image), path)
@@ -114,6 +120,8 @@ def expand_images(paths: list[str]) -> list[Path]:
     """Image arguments, a quoted glob pattern expanded (sorted); a pattern matching nothing is an error."""
     expanded: list[Path] = []
     for text in paths:
+        if not text.strip():  # Path("") is the current folder
+            raise UsageError("an image path is empty")
         # An existing file is that file, whatever its name holds ('photo[1].png'); only an
         # argument that names no file is a pattern.
         if not os.path.exists(os.path.expanduser(text)) and any(char in text for char in "*?["):

@@ -357,3 +357,11 @@ def test_chat_says_when_the_dialogue_no_longer_fits(llava_path, image_file):
     (error,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert error.startswith("Error: the dialogue no longer fits the model's context") and "/reset" in error
     assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 1]
+
+
+def test_an_image_path_pasted_in_quotes(llava_path, image_file, tmp_path):
+    spaced = tmp_path / "my picture.png"
+    spaced.write_bytes(image_file.read_bytes())
+    result = chat("-m", llava_path, "--max-tokens", 2, input=f'/image "{spaced}"\nwhat is it?\n')
+    assert result.exit_code == 0, result.output
+    assert "my picture.png will go with your next message." in result.stderr

@@ -193,7 +193,7 @@ def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path,
     assert result.exit_code == 2
     assert result.stderr.strip() == (
         "Error: --positions renumber is for methods that prune before the language model (divprune, pool); "
-        "fastv keeps original positions, as its reference code does"
+        "fastv keeps original positions"
     )
     args = ["run", image_file, "what?", "-m", llava_path, "--method", "divprune", "-k", 8, "--json"]
     result = asap(*args, "--positions", "renumber", "--max-tokens", 3)
@@ -209,7 +209,7 @@ def test_a_prompt_longer_than_the_context_is_refused(llava_path, image_file):
     result = asap("run", image_file, "x" * 4100, "-m", llava_path, "--max-tokens", 2)
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: the prompt is ")
-    assert "more than the model's context of 4096" in result.stderr
+    assert "the model's context of 4096 leaves no room for an answer" in result.stderr
 
 
 def test_generation_stops_at_the_end_of_the_context(llava_path, image_file):
@@ -297,3 +297,19 @@ def test_ctrl_c_while_the_model_loads_is_one_line_and_130(image_file, monkeypatc
     monkeypatch.setattr("asapcli.loading.load", interrupted)
     result = asap("run", image_file, "what colour?")
     assert result.exit_code == 130 and result.stderr == "Error: interrupted\n"
+
+
+def test_a_forgotten_prompt_or_an_empty_image_path_is_a_usage_error(image_file):
+    result = asap("run", image_file, image_file)
+    assert result.exit_code == 2 and "is a file: give the question after the images" in result.stderr
+    result = asap("run", "", "what?")
+    assert result.exit_code == 2 and result.stderr == "Error: an image path is empty\n"
+
+
+def test_a_prompt_that_fills_the_context_is_refused_in_words_that_add_up(llava_path, image_file):
+    """The tiny model holds 4096 positions: a prompt of exactly that many leaves no room."""
+    probe = asap("run", image_file, "x", "-m", llava_path, "--json", "--max-tokens", 1)
+    fill = 4096 - json.loads(probe.stdout)["prompt_tokens"] + 1  # one character is one token here
+    result = asap("run", image_file, "x" * fill, "-m", llava_path, "--max-tokens", 2)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: the prompt is 4096 tokens (image tokens included): the model's context")

@@ -1,6 +1,7 @@
 """`asap eval` and `asap run --save-kept`: accuracy tables, plots, and the kept-patch picture."""
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageChops
@@ -258,3 +259,12 @@ def test_the_image_placeholder_in_a_question_is_refused_before_the_first_answer(
     assert result.stderr.startswith("Error: question 2: the text contains '<image>'")
     result = asap("profile", "--prompt", "what <image>?", "--methods", "vanilla")
     assert result.exit_code == 2 and "contains '<image>'" in result.stderr
+
+
+def test_a_method_named_twice_runs_once_and_a_byte_order_mark_is_fine(tmp_path):
+    Path(tmp_path / "car.png").write_bytes((Path(__file__).parent.parent / "examples" / "car.png").read_bytes())
+    line = json.dumps({"image": "car.png", "question": "what colour is the car?", "answer": "red"})
+    (tmp_path / "q.jsonl").write_text(line + "\n", encoding="utf-8-sig")  # as Notepad saves it
+    result = asap("eval", "--data", tmp_path / "q.jsonl", "--methods", "fastv,fastv", "-k", 64, "--json")
+    assert result.exit_code == 0, result.output
+    assert [row["method"] for row in json.loads(result.stdout)["results"]] == ["fastv"]

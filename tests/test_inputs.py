@@ -49,3 +49,14 @@ def test_pixels_that_cannot_be_shown_in_8_bits_are_refused(tmp_path, array, mess
     Image.fromarray(array).save(tmp_path / "deep.tiff")
     with pytest.raises(AsapError, match=message):
         load_image(Path(tmp_path / "deep.tiff"))
+
+
+def test_an_image_past_pils_warning_size_reads_quietly(tmp_path, monkeypatch):
+    """Up to twice PIL's pixel limit an image opens with a warning: it is read like any other."""
+    import warnings
+
+    Image.new("RGB", (60, 50), (200, 0, 0)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 3000 pixels: past 1x, under 2x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(tmp_path / "big.png").size == (60, 50)

@@ -133,6 +133,9 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
     elif name == "/image":
         if not argument:
             raise UsageError("/image needs a path: /image PATH")
+        # A path pasted from a file manager comes quoted when it holds spaces.
+        if len(argument) > 1 and argument[0] == argument[-1] and argument[0] in "'\"":
+            argument = argument[1:-1]
         path = Path(argument)
         session.add_image(path.name, load_image(path))
         display.note(f"{path.name} will go with your next message.")

@@ -66,7 +66,9 @@ def eval_command(
         _show(outcome)
     if outcome.interrupted:
         holds = f"; {log} holds them" if log else ""
-        display.note(f"Interrupted after {outcome.answered} answers{holds}.")
+        unwritten = [str(path) for path in (plot, attention_profile) if path is not None]
+        skipped = f" Not written: {', '.join(unwritten)}." if unwritten else ""
+        display.note(f"Interrupted after {_count(outcome.answered, 'answer')}{holds}.{skipped}")
         raise typer.Exit(130)
     for path in run.write_files(outcome):
         display.note(f"wrote {path}")
@@ -114,3 +116,7 @@ def _table(rows: list[EvalRow], title: str) -> Table:
 
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"

@@ -225,8 +225,8 @@ def command(function):
 
 
 def method_list(text: str) -> list[str]:
-    """Comma-separated method names, each one known."""
-    names = _split(text, "--methods")
+    """Comma-separated method names, each one known; one named twice runs once (as a budget does)."""
+    names = list(dict.fromkeys(_split(text, "--methods")))
     check_methods(names)
     return names
 

@@ -86,7 +86,7 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
             "prompt (renumber: official DivPrune's pipeline).",
             choices=POSITIONS,
             refusal="--positions {value} is for methods that prune before the language model ({takers}); "
-            "{method} keeps original positions, as its reference code does",
+            "{method} keeps original positions",
             implied="original",
         ),
     )
