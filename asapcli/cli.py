@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Annotated
 
 import typer
 from transformers.utils import logging as transformers_logging
@@ -16,7 +17,7 @@ app = typer.Typer(
     name="asap",
     help="Prune the visual tokens of vision-language models with ASAP, and measure what it saves.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     rich_markup_mode=None,  # plain usage errors: one "Error:" line, scriptable
     pretty_exceptions_enable=False,
 )
@@ -43,8 +44,20 @@ def user_errors(command):
     return guarded
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        display.write(f"asap {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def main_options() -> None:
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Prune the visual tokens of vision-language models with ASAP, and measure what it saves."""
     transformers_logging.set_verbosity_error()  # generate()'s notices are not the user's business
     transformers_logging.disable_progress_bar()  # our own spinner says what is loading

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
@@ -29,20 +30,42 @@ def status(message: str):
     return err.status(message) if err.is_terminal else nullcontext()
 
 
+PLAIN_PROGRESS_SECONDS = 10.0
+
+
 @contextmanager
 def progress() -> Iterator[Callable[[str, int], Callable[[], None]]]:
-    """Progress bars on stderr while a long task runs (none off a terminal). Yields `add(what,
-    total)`, which starts a bar and returns the function that advances it by one."""
+    """Progress on stderr while a long task runs: bars on a terminal; off one (a pipe, a CI log)
+    a plain line every PLAIN_PROGRESS_SECONDS, so a long run is never silent. Yields `add(what,
+    total)`, which starts a task and returns the function that advances it by one."""
+    if not err.is_terminal:
+        yield _plain_progress
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bars:
+    with Progress(*columns, console=err, transient=True) as bars:
 
         def add(description: str, total: int) -> Callable[[], None]:
             task = bars.add_task(description, total=total)
             return lambda: bars.advance(task)
 
         yield add
+
+
+def _plain_progress(description: str, total: int) -> Callable[[], None]:
+    started = last = time.monotonic()
+    done = 0
+
+    def advance() -> None:
+        nonlocal done, last
+        done += 1
+        now = time.monotonic()
+        if now - last >= PLAIN_PROGRESS_SECONDS or done == total:
+            last = now
+            note(f"{description}: {done}/{total} ({now - started:.0f} s)")
+
+    return advance
 
 
 def print_json(data) -> None:

@@ -313,3 +313,11 @@ def test_a_prompt_that_fills_the_context_is_refused_in_words_that_add_up(llava_p
     result = asap("run", image_file, "x" * fill, "-m", llava_path, "--max-tokens", 2)
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: the prompt is 4096 tokens (image tokens included): the model's context")
+
+
+def test_version_and_shell_completion():
+    from asapcli import __version__
+
+    assert asap("--version").stdout == f"asap {__version__}\n"
+    completion = asap("--show-completion", "bash")
+    assert completion.exit_code == 0 and "_ASAP_COMPLETE" in completion.stdout

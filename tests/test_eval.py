@@ -268,3 +268,12 @@ def test_a_method_named_twice_runs_once_and_a_byte_order_mark_is_fine(tmp_path):
     result = asap("eval", "--data", tmp_path / "q.jsonl", "--methods", "fastv,fastv", "-k", 64, "--json")
     assert result.exit_code == 0, result.output
     assert [row["method"] for row in json.loads(result.stdout)["results"]] == ["fastv"]
+
+
+def test_eval_off_a_terminal_says_how_far_it_is(monkeypatch):
+    """A pipe or a CI log gets plain progress lines on stderr, never minutes of silence."""
+    monkeypatch.setattr("asapcli.display.PLAIN_PROGRESS_SECONDS", 0.0)
+    result = asap("eval", "--n", 3, "--methods", "fastv", "-k", 64, "--json")
+    assert result.exit_code == 0, result.output
+    lines = [line.split(" (")[0] for line in result.stderr.splitlines()]
+    assert lines == ["Answering: 1/3", "Answering: 2/3", "Answering: 3/3"]
