@@ -365,3 +365,28 @@ def test_an_image_path_pasted_in_quotes(llava_path, image_file, tmp_path):
     result = chat("-m", llava_path, "--max-tokens", 2, input=f'/image "{spaced}"\nwhat is it?\n')
     assert result.exit_code == 0, result.output
     assert "my picture.png will go with your next message." in result.stderr
+
+
+def test_the_prompt_keeps_its_history_between_sessions(tmp_path, monkeypatch):
+    readline = pytest.importorskip("readline")
+    from asapcli.commands.chat import history_path, line_editing
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    readline.clear_history()
+    with line_editing(interactive=True):
+        readline.add_history("how many cars?")
+    assert history_path() == tmp_path / "asap" / "chat_history"
+    assert "how many cars?" in history_path().read_text()
+    readline.clear_history()
+    with line_editing(interactive=True):
+        assert readline.get_history_item(readline.get_current_history_length()) == "how many cars?"
+    readline.clear_history()
+
+
+def test_a_question_with_no_image_in_the_dialogue_gets_a_hint_once(llava_path, image_file):
+    hint = "No image in the dialogue yet: /image PATH adds one to your next message."
+    result = chat("-m", llava_path, "--max-tokens", 2, input="hi\nand now?\n")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count(hint) == 1
+    result = chat(image_file, "-m", llava_path, "--max-tokens", 2, input="hi\n")
+    assert hint not in result.stderr

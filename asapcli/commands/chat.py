@@ -8,6 +8,7 @@ piped session that met one exits 1 at the end, so that scripts notice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -60,21 +61,54 @@ def chat(
         display.note(
             f"Chatting with {where.model} ({settings.method}, k={settings.k}, L={settings.layer}). /help lists commands."
         )
-    failed = False
-    for line in _lines(interactive):
-        try:
-            if line.startswith("/"):
-                if not _command(session, line, json):
-                    break
-            else:
+    failed, hinted = False, False
+    with line_editing(interactive):
+        for line in _lines(interactive):
+            try:
+                if line.startswith("/"):
+                    if not _command(session, line, json):
+                        break
+                    continue
+                if not hinted and not session.images and not session.pending:
+                    display.note("No image in the dialogue yet: /image PATH adds one to your next message.")
+                    hinted = True
                 _turn(session, line, json, interactive)
-        except Exception as error:  # no turn, however it fails, ends the session (its state is kept)
-            if os.environ.get("ASAP_DEBUG") == "1":
-                raise
-            display.error(describe(error))
-            failed = True
+            except Exception as error:  # no turn, however it fails, ends the session (its state is kept)
+                if os.environ.get("ASAP_DEBUG") == "1":
+                    raise
+                display.error(describe(error))
+                failed = True
     if failed and not interactive:
         raise typer.Exit(1)
+
+
+def history_path() -> Path:
+    """The prompt's history, in the user's cache folder."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "asap" / "chat_history"
+
+
+@contextmanager
+def line_editing(interactive: bool) -> Iterator[None]:
+    """On a terminal: arrow keys, editing and the history of earlier sessions at the prompt
+    (readline), the history saved again on the way out."""
+    try:
+        import readline
+    except ImportError:  # a Python without readline: plain input()
+        readline = None
+    if not interactive or readline is None:
+        yield
+        return
+    path = history_path()
+    readline.set_history_length(1000)
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
 
 
 def _lines(interactive: bool) -> Iterator[str]:
@@ -106,8 +140,15 @@ def _lines(interactive: bool) -> Iterator[str]:
 
 
 def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> None:
-    with _interruptible() as interrupted:
-        turn = session.ask(text, on_text=None if json else display.write, should_stop=interrupted)
+    thinking = display.status("thinking") if interactive and not json else contextlib.nullcontext()
+    with _interruptible() as interrupted, thinking as spinner:
+
+        def show(piece: str) -> None:
+            if spinner is not None:
+                spinner.stop()  # the first token is out
+            display.write(piece)
+
+        turn = session.ask(text, on_text=None if json else show, should_stop=interrupted)
     if json:
         display.print_json(turn.record())
         return
