@@ -51,8 +51,11 @@ class EvalRun:
         if len({path.expanduser().resolve() for path in outputs}) < len(outputs):
             raise UsageError("--plot, --attention-profile and --log must name different files")
         inputs = ([data] if data is not None else []) + [item.image for item in items if isinstance(item.image, Path)]
-        for path in outputs:
-            figures.check_writable(path, inputs)
+        for path in (plot, attention_profile):
+            if path is not None:
+                figures.check_picture_writable(path, inputs)
+        if log is not None:
+            figures.check_writable(log, inputs)
         source = str(data) if data is not None else "synthetic held-out scenes"
         return cls(items, source, plot, attention_profile, log, inputs)
 
@@ -117,11 +120,11 @@ class EvalRun:
             for row in report.results:
                 series.setdefault(row.method, []).append((100 * row.flops_ratio, 100 * row.average))
             title = f"{report.model}: {report.data}, n={report.n}"
-            figures.save_png(figures.accuracy_plot(series, title), self.plot, self.inputs)
+            figures.save_picture(figures.accuracy_plot(series, title), self.plot, self.inputs)
             yield self.plot
         if outcome.rows is not None:
             rows = outcome.rows
             title = f"{report.model}: attention of the last prompt token per image row, layer {rows.layer - 1}"
             curves = {"causal (FastV)": rows.causal, "SG-BiMask (ASAP)": rows.sg_bimask}
-            figures.save_png(figures.row_attention_plot(curves, title), self.attention_profile, self.inputs)
+            figures.save_picture(figures.row_attention_plot(curves, title), self.attention_profile, self.inputs)
             yield self.attention_profile

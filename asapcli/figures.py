@@ -83,6 +83,23 @@ def kept_in_span(image: Image.Image, image_processor, span: tuple[int, int], res
     return kept_picture(image, image_processor, end - start, kept)
 
 
+PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def picture_format(path: Path) -> str:
+    """The image format a picture file's suffix names (never PNG bytes in a .jpg)."""
+    format_ = PICTURE_FORMATS.get(Path(path).suffix.lower())
+    if format_ is None:
+        raise UsageError(f"cannot tell which picture format {path} should be: name it .png, .jpg or .webp")
+    return format_
+
+
+def check_picture_writable(path: Path, inputs: Sequence[Path] = ()) -> Path:
+    path = check_writable(path, inputs)
+    picture_format(path)
+    return path
+
+
 def check_writable(path: Path, inputs: Sequence[Path] = ()) -> Path:
     """Fail before long work where the file could not be written. An existing file is replaced,
     unless it is one of the run's `inputs`, which is never written over."""
@@ -117,14 +134,14 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def save_png(image: Image.Image, path: Path, inputs: Sequence[Path] = ()) -> Path:
-    """Write `image` as PNG. Written whole to a temporary file first, so that a failed write
-    (a full disk) never leaves half a file, nor spoils the one it was to replace."""
-    path = check_writable(path, inputs)
+def save_picture(image: Image.Image, path: Path, inputs: Sequence[Path] = ()) -> Path:
+    """Write `image` in the format its suffix names. Written whole to a temporary file first, so
+    that a failed write (a full disk) never leaves half a file, nor spoils the one it replaces."""
+    path = check_picture_writable(path, inputs)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            image.save(file, format="PNG")
+            image.save(file, format=picture_format(path))  # our pictures are RGB: any format takes them
         os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError as error:

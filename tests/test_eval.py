@@ -277,3 +277,12 @@ def test_eval_off_a_terminal_says_how_far_it_is(monkeypatch):
     assert result.exit_code == 0, result.output
     lines = [line.split(" (")[0] for line in result.stderr.splitlines()]
     assert lines == ["Answering: 1/3", "Answering: 2/3", "Answering: 3/3"]
+
+
+def test_a_picture_is_written_in_the_format_its_name_says(image_file, tmp_path):
+    result = asap("run", image_file, "what?", "--save-kept", tmp_path / "kept.jpg", "--max-tokens", 2)
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "kept.jpg").format == "JPEG"
+    result = asap("run", image_file, "what?", "--save-kept", tmp_path / "kept.gif", "--max-tokens", 2)
+    assert result.exit_code == 2 and "name it .png, .jpg or .webp" in result.stderr
+    assert not (tmp_path / "kept.gif").exists()

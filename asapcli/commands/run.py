@@ -43,7 +43,7 @@ def run(
     if save_kept is not None:
         if len(samples.pairs) > 1:
             raise UsageError("--save-kept draws one image; run one sample to use it")
-        figures.check_writable(save_kept, inputs=[path for path, _ in samples.pairs])
+        figures.check_picture_writable(save_kept, inputs=[path for path, _ in samples.pairs])
     pruning.settings(seed=sampling.seed)  # fail before a long load where the model is not needed to tell
 
     loaded = where.load()
@@ -63,7 +63,7 @@ def run(
     _show(answers, settings, json, several)
     if save_kept is not None:  # after the answer is out: a failed write loses only the picture
         picture = answering.kept_picture(loaded, samples, answers[0])
-        figures.save_png(picture, save_kept, inputs=[answers[0].image])
+        figures.save_picture(picture, save_kept, inputs=[answers[0].image])
         display.note(f"wrote {save_kept}")
 
 
