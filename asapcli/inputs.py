@@ -122,6 +122,8 @@ def expand_images(paths: list[str]) -> list[Path]:
     for text in paths:
         if not text.strip():  # Path("") is the current folder
             raise UsageError("an image path is empty")
+        if text.startswith(("http://", "https://")):
+            raise UsageError(f"image URLs are not supported ({text}): download the image and give its file")
         # An existing file is that file, whatever its name holds ('photo[1].png'); only an
         # argument that names no file is a pattern.
         if not os.path.exists(os.path.expanduser(text)) and any(char in text for char in "*?["):

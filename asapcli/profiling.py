@@ -284,7 +284,7 @@ def how_measured(row: ProfileRow, methods: list[str], batch: int, gpu_name: str 
 
     early = [name for name in methods if METHODS[name].before_llm]
     on_gpu = gpu_name is not None
-    where = gpu_name if on_gpu else f"CPU, {row.threads} threads"
+    where = gpu_name if on_gpu else f"CPU, {row.threads} thread{'' if row.threads == 1 else 's'}"
     time = "CUDA-event time" if on_gpu else "wall time"
     memory = "torch.cuda.max_memory_allocated" if on_gpu else "CPU allocator peak (torch profiler)"
     layer, repeats, warmup = row.layer, row.repeats, row.warmup

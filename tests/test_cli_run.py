@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from asapcli.cli import app
@@ -321,3 +322,16 @@ def test_version_and_shell_completion():
     assert asap("--version").stdout == f"asap {__version__}\n"
     completion = asap("--show-completion", "bash")
     assert completion.exit_code == 0 and "_ASAP_COMPLETE" in completion.stdout
+
+
+def test_threads_on_run_and_urls_said_to_be_unsupported(image_file, llava_path):
+    before = torch.get_num_threads()
+    try:
+        result = asap("run", image_file, "hi", "-m", llava_path, "--threads", 1, "--max-tokens", 1)
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    result = asap("run", "https://example.com/cars.jpg", "how many cars?")
+    assert result.exit_code == 2
+    assert "image URLs are not supported (https://example.com/cars.jpg): download the image" in result.stderr

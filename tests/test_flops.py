@@ -173,3 +173,9 @@ def test_flops_measure_of_a_method_before_the_llm_prunes_layer_0_in_both_columns
     table = runner.invoke(app, args[:-1]).stdout
     scoring = {"divprune": "none.", "pool": "adaptive_avg_pool2d 4,096 FLOPs."}[method]  # not "none FLOPs"
     assert f"counted apart: {scoring}" in table
+
+
+def test_gqa_on_a_multi_head_model_says_it_changes_nothing():
+    result = runner.invoke(app, ["flops", "-m", "llava-1.5-7b", "--gqa"])
+    assert result.exit_code == 0, result.output
+    assert "--gqa changes nothing here: llava-1.5-7b has as many key/value heads as query heads." in result.stderr

@@ -43,6 +43,8 @@ def flops_command(
         return
     display.out.print(_table(count))
     display.out.print(f"Convention: {count.convention}.", markup=False, soft_wrap=True)
+    if gqa and count.arch.kv_heads == count.arch.heads:
+        display.note(f"--gqa changes nothing here: {where.model} has as many key/value heads as query heads.")
     if count.counted is not None:
         extra = ", ".join(f"{op} {n:,} FLOPs" for op, n in count.counted["pruned"].other.items()) or "none"
         display.out.print(

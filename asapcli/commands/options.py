@@ -87,14 +87,20 @@ class Where:
     device: Device = "auto"
     dtype: Dtype = "auto"
     device_map: DeviceMap = None
+    threads: Threads = None
 
     @classmethod
     def parameters(cls) -> list[inspect.Parameter]:
         return list(inspect.signature(cls).parameters.values())
 
     def load(self) -> Loaded:
-        """The model, loaded under a spinner."""
+        """The model, loaded under a spinner, PyTorch's CPU thread count set first."""
         from ..loading import load
+
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
 
         with display.status(f"Loading {self.model}"):
             return load(self.model, device=self.device, dtype=self.dtype, device_map=self.device_map)
@@ -155,13 +161,13 @@ class OneMethod:
 
 
 class Comparison:
-    """--methods, -k/--k budgets, --layer, the methods' options, --threads and --seed: what profile
+    """--methods, -k/--k budgets, --layer, the methods' options and --seed: what profile
     and eval compare several methods by. `DEFAULT_METHODS` is the command's own choice."""
 
     DEFAULT_METHODS = "vanilla,fastv,asap"
 
-    def __init__(self, methods: str, budgets: str | None, layer: int | None, threads: int | None, seed: int, **rest):
-        self.methods, self.budgets, self.layer, self.threads, self.seed = methods, budgets, layer, threads, seed
+    def __init__(self, methods: str, budgets: str | None, layer: int | None, seed: int, **rest):
+        self.methods, self.budgets, self.layer, self.seed = methods, budgets, layer, seed
         self.hyperparameters = MethodOptions(rest)
 
     @classmethod
@@ -170,7 +176,7 @@ class Comparison:
             str, typer.Option("--methods", help=f"Comma-separated methods to compare, from {', '.join(METHODS)}.")
         ]
         own = [("methods", methods, cls.DEFAULT_METHODS), ("budgets", Budgets, None), ("layer", Layer, None)]
-        own += [("threads", Threads, None), ("seed", Seed, 0)]
+        own += [("seed", Seed, 0)]
         return [
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
             for name, annotation, default in own
@@ -178,15 +184,10 @@ class Comparison:
 
     def check(self) -> tuple[list[str], list[int] | None]:
         """Before the model loads: the methods (each known, each option taken by one of them at
-        least) and the budgets (None: not given); sets the thread count."""
+        least) and the budgets (None: not given)."""
         names = method_list(self.methods)
         prune_settings(names, self.hyperparameters)
-        budgets = budget_list(self.budgets)
-        if self.threads is not None:
-            import torch
-
-            torch.set_num_threads(self.threads)
-        return names, budgets
+        return names, budget_list(self.budgets)
 
     def settings(self, preset: Preset | None) -> PruneSettings:
         """The settings the runs derive from (the first method's); k and L not given from `preset`."""
