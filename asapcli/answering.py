@@ -106,14 +106,15 @@ def answer(
 
 
 def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResult, span=None) -> Answered:
+    vanilla = settings.method == "vanilla"  # no budget, no pruning layer: none to report
     record = Answer(
         **Answer.figures(result),
         image=str(image),
         prompt=prompt,
         model=loaded.name,
         method=settings.method,
-        k=settings.k,
-        layer=result.layer,
+        k=None if vanilla else settings.k,
+        layer=None if vanilla else result.layer,
         prompt_tokens=result.prompt_tokens,
         device=str(loaded.device),
     )

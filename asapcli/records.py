@@ -53,8 +53,8 @@ class Answer(AnswerFigures):
     prompt: str
     model: str
     method: str
-    k: int
-    layer: int  # 0: pruned before the language model
+    k: int | None  # None for vanilla, which uses no budget (as in profile and eval)
+    layer: int | None  # 0: pruned before the language model; None for vanilla
     prompt_tokens: int
     device: str
 

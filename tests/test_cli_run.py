@@ -335,3 +335,11 @@ def test_threads_on_run_and_urls_said_to_be_unsupported(image_file, llava_path):
     result = asap("run", "https://example.com/cars.jpg", "how many cars?")
     assert result.exit_code == 2
     assert "image URLs are not supported (https://example.com/cars.jpg): download the image" in result.stderr
+
+
+def test_vanilla_reports_no_budget_or_layer_it_did_not_use(image_file, llava_path):
+    result = asap("run", image_file, "hi", "-m", llava_path, "--method", "vanilla", "--json", "--max-tokens", 1)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert (record["k"], record["layer"]) == (None, None)
+    assert record["visual_tokens"] == record["kept_tokens"] == 64
