@@ -181,6 +181,11 @@ def test_several_prompts_on_one_image_and_pairing_errors(llava_path, image_file)
     result = asap("run", image_file, "-p", "what colour?", "-p", "where is the blue patch?", *common)
     assert result.exit_code == 0, result.output
     assert result.stdout.count(str(image_file)) == 2 and "[where is the blue patch?]" in result.stdout
+    summaries = result.stderr.splitlines()  # each summary names its prompt, as its answer line does
+    assert [line.split(": ", 1)[0] for line in summaries] == [
+        f"{image_file} [what colour?]",
+        f"{image_file} [where is the blue patch?]",
+    ]
     mismatch = asap("run", image_file, image_file, "-p", "a?", "-p", "b?", "-p", "c?", *common)
     assert mismatch.exit_code == 2 and "2 images and 3 prompts" in mismatch.output
     nothing = asap("run", str(image_file.parent / "*.jpeg"), "what?", *common)

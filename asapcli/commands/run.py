@@ -88,8 +88,8 @@ def _show(answers: list[answering.Answered], settings: PruneSettings, json: bool
         display.note(display.summary(settings, answers[0].result))
         return
     several_prompts = len({answered.prompt for answered in answers}) > 1
-    for answered in answers:
-        label = f"{answered.image} [{answered.prompt}]" if several_prompts else str(answered.image)
+    labels = [f"{a.image} [{a.prompt}]" if several_prompts else str(a.image) for a in answers]
+    for label, answered in zip(labels, answers, strict=True):
         display.write(f"{label}: {answered.result.text}\n")
-    for answered in answers:
-        display.note(f"{answered.image}: {display.summary(settings, answered.result)}")
+    for label, answered in zip(labels, answers, strict=True):  # each summary names its sample as its answer does
+        display.note(f"{label}: {display.summary(settings, answered.result)}")
