@@ -94,6 +94,11 @@ class ChatSession:
         """Queue an image for the next message."""
         self.pending.append((name, image))
 
+    def drop_pending(self) -> list[str]:
+        """Forget the images queued for the next message (the dialogue stays); their names."""
+        names, self.pending = [name for name, _ in self.pending], []
+        return names
+
     def set_k(self, k: int) -> None:
         """The budget for images from the next message on."""
         settings = self.settings.replace(k=k)
@@ -115,8 +120,9 @@ class ChatSession:
         features = build_inputs(self.loaded.processor, messages, images)
         ids = features["input_ids"][0]
         if ids.numel() >= context_length(self.loaded):
+            queued = f" and the {len(new_images)} queued image(s) (/drop forgets them)" if new_images else ""
             raise AsapError(
-                f"the dialogue no longer fits the model's context ({ids.numel()} tokens with this message, "
+                f"the dialogue no longer fits the model's context ({ids.numel()} tokens with this message{queued}, "
                 f"{context_length(self.loaded)} at most): /reset starts a new one"
             )
         # A turn that fails anywhere leaves the session as it found it: the cache's tensors are

@@ -390,3 +390,17 @@ def test_a_question_with_no_image_in_the_dialogue_gets_a_hint_once(llava_path, i
     assert result.stderr.count(hint) == 1
     result = chat(image_file, "-m", llava_path, "--max-tokens", 2, input="hi\n")
     assert hint not in result.stderr
+
+
+def test_queued_images_that_do_not_fit_can_be_dropped_and_the_dialogue_goes_on(image_file):
+    """The demo model's 1,024 positions hold one image of 576 tokens, not two."""
+    result = chat(
+        image_file, "--max-tokens", 2, "--json",
+        input=f"what colour is the car?\n/image {image_file}\nand this one?\n/drop\nand the car?\n",
+    )  # fmt: skip
+    assert result.exit_code == 1  # the piped session met an error
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "and the 1 queued image(s) (/drop forgets them)" in errors[0]
+    assert f"Dropped {image_file.name}." in result.stderr
+    turns = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [turn["turn"] for turn in turns] == [1, 2]  # the turn after /drop answered

@@ -29,6 +29,7 @@ from . import options
 
 HELP = """Commands:
   /image PATH   add an image to your next message (pruned to k tokens in its own prefill)
+  /drop         forget the images queued for your next message
   /k N          visual tokens kept per image, from the next image on
   /stats        tokens cached per layer, KV-cache size, FLOPs saved so far, last speeds
   /reset        forget the conversation, its images and the cache (alias /clear)
@@ -180,6 +181,9 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
         path = Path(argument)
         session.add_image(path.name, load_image(path))
         display.note(f"{path.name} will go with your next message.")
+    elif name == "/drop":
+        dropped = session.drop_pending()
+        display.note(f"Dropped {', '.join(dropped)}." if dropped else "No image was queued.")
     elif name in ("/reset", "/clear"):
         session.reset()
         display.note("Conversation, images and cache cleared.")
