@@ -68,6 +68,56 @@ def _plain_progress(description: str, total: int) -> Callable[[], None]:
     return advance
 
 
+FORMATS = ("table", "json", "csv", "markdown", "latex")
+
+
+def flat(record: dict, prefix: str = "") -> dict:
+    """One table row from a record: nested objects flattened to `outer.inner` columns, lists of
+    numbers joined with ';' (lists of objects are left out: they are rows of their own)."""
+    row = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            row.update(flat(value, f"{name}."))
+        elif isinstance(value, list):
+            if all(not isinstance(item, dict | list) for item in value):
+                row[name] = ";".join(str(item) for item in value)
+        else:
+            row[name] = value
+    return row
+
+
+def print_rows(rows: list[dict], format_: str) -> None:
+    """Rows (dicts, one key set) on stdout as CSV (every digit kept, empty for null), a Markdown
+    table or a LaTeX tabular (numbers to 4 significant digits, '-' for null)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if format_ == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({key: "" if row.get(key) is None else row.get(key) for key in columns} for row in rows)
+        sys.stdout.flush()
+        return
+    cells = [[_cell(row.get(key)) for key in columns] for row in rows]
+    if format_ == "markdown":
+        lines = [columns, ["---"] * len(columns), *cells]
+        write("".join("| " + " | ".join(line) + " |\n" for line in lines))
+        return
+    escape = str.maketrans({char: "\\" + char for char in "&%$#_{}"})
+    body = [" & ".join(cell.translate(escape) for cell in line) + r" \\" for line in [columns, *cells]]
+    body.insert(1, r"\hline")
+    write("\\begin{tabular}{" + "l" * len(columns) + "}\n" + "\n".join(body) + "\n\\end{tabular}\n")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def print_json(data) -> None:
     """One JSON object on a line of stdout; a record (asapcli.records) is written by its fields."""
     if dataclasses.is_dataclass(data):

@@ -3,6 +3,7 @@ Table 1), optionally plotted, and the attention shift made visible."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -48,8 +49,10 @@ def eval_command(
     attention_profile: Annotated[Path | None, typer.Option("--attention-profile", help=ATTENTION_PROFILE_HELP)] = None,
     log: Annotated[Path | None, typer.Option("--log", help=LOG_HELP)] = None,
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    format_: options.Format = None,
 ) -> None:
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
+    output = options.output_format(format_, json)
     methods, budgets = comparison.check()
     run = EvalRun.prepare(data, n, plot, attention_profile, log)
 
@@ -60,8 +63,10 @@ def eval_command(
         outcome = run.answer(loaded, where.model, methods, budgets, base, lambda_max, max_tokens, batch, tasks)
 
     # The results are shown before any file is written: a failed write loses only that file.
-    if json:
+    if output == "json":
         display.print_json(outcome.report)
+    elif output != "table":
+        display.print_rows([display.flat(dataclasses.asdict(row)) for row in outcome.report.results], output)
     elif outcome.report.results:
         _show(outcome)
     if outcome.interrupted:

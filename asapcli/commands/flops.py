@@ -30,16 +30,21 @@ def flops_command(
     measure: Annotated[bool, typer.Option("--measure", help=MEASURE_HELP)] = False,
     method: Annotated[str, typer.Option("--method", help="With --measure: the method that prunes.")] = "asap",
     json: options.Json = False,
+    format_: options.Format = None,
 ) -> None:
     """Theoretical FLOPs of the visual tokens, vanilla and pruned (paper Eq. 7-8)."""
+    output = options.output_format(format_, json)
     count = FlopsCount.plan(where.model, k, layer, schedule, visual_tokens, gqa, measure, method)
     if measure:
         settings = count.measure_settings()
         loaded = where.load()
         with display.status("Counting FLOPs with fvcore"):
             count = count.measured(loaded, settings)
-    if json:
+    if output == "json":
         display.print_json(count.record())
+        return
+    if output != "table":
+        display.print_rows(count.rows(), output)
         return
     display.out.print(_table(count))
     display.out.print(f"Convention: {count.convention}.", markup=False, soft_wrap=True)

@@ -67,6 +67,25 @@ Temperature = Annotated[
 # torch seeds take 64 bits, and the random method multiplies the seed by a million: 32 bits fit.
 Seed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for sampling and for the random method.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
+Format = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="table (default), json (as --json), or csv, markdown, latex: one row per result, for a spreadsheet "
+        "or a paper.",
+    ),
+]
+
+
+def output_format(format_: str | None, json: bool) -> str:
+    """--format as given (--json is --format json), checked."""
+    if format_ is not None and format_ not in display.FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(display.FORMATS)}, got {format_!r}")
+    if json and format_ not in (None, "json"):
+        raise UsageError(f"--json and --format {format_} ask for two formats; give one")
+    return "json" if json else format_ or "table"
+
+
 Budgets = Annotated[
     str | None,
     typer.Option(

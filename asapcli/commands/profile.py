@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -35,8 +36,10 @@ def profile(
     # --batch: N copies are built at once; beyond 1024, memory, then an integer overflow
     batch: Annotated[int, typer.Option("--batch", min=1, max=1024, help=BATCH_HELP)] = 1,
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    format_: options.Format = None,
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
+    output = options.output_format(format_, json)
     methods, budgets = comparison.check()
     check_prompt(prompt)
     picture = load_image(image) if image is not None else pattern_image()
@@ -49,9 +52,12 @@ def profile(
             loaded, where.model, prompt, picture, runs, batch, repeats, warmup, decode_tokens, step
         )
 
-    if json:
+    if output == "json":
         for row in rows:
             display.print_json(row)
+        return
+    if output != "table":
+        display.print_rows([display.flat(dataclasses.asdict(row)) for row in rows], output)
         return
     on_gpu = loaded.device.type == "cuda"
     display.out.print(_table(rows, on_gpu, batched=batch > 1))

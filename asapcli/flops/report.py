@@ -109,6 +109,25 @@ class FlopsCount:
             start += stage.layers
         return groups
 
+    def rows(self) -> list[dict]:
+        """The count as table rows (--format csv|markdown|latex): vanilla, each stage of the
+        pruned schedule (layers first-last), then its total; fvcore's column when measured."""
+        record = self.record()
+        measured = record.measured.stages_tflops if record.measured else [None] * len(record.stages)
+        extra = (lambda value: {"measured_tflops": value}) if record.measured else (lambda value: {})
+        vanilla_measured = record.measured.tflops_vanilla if record.measured else None
+        rows = [{"layers": "vanilla", "tokens": self.arch.visual_tokens, "tflops": record.tflops_vanilla,
+                 **extra(vanilla_measured), "flops_ratio": 1.0}]  # fmt: skip
+        start = 0
+        for stage, counted in zip(record.stages, measured, strict=True):
+            layers = f"{start}-{start + stage.layers - 1}"
+            rows.append({"layers": layers, "tokens": stage.tokens, "tflops": stage.tflops, **extra(counted)})
+            start += stage.layers
+        pruned_measured = record.measured.tflops if record.measured else None
+        rows.append({"layers": "total", "tokens": None, "tflops": record.tflops, **extra(pruned_measured),
+                     "flops_ratio": record.flops_ratio})  # fmt: skip
+        return rows
+
     def record(self) -> FlopsReport:
         measured = None
         if self.counted is not None:
