@@ -90,6 +90,20 @@ def read_items(path: Path, limit: int | None = None) -> list[Item]:
     return items
 
 
+Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
+
+
+def wilson(hits: int, total: int) -> list[float]:
+    """Wilson's 95% score interval of a proportion: unlike hits/total +- 1.96 sd, it does not
+    shrink to nothing at 0% or 100%."""
+    if total == 0:
+        return [math.nan, math.nan]
+    p, z2 = hits / total, Z95**2
+    centre = (p + z2 / (2 * total)) / (1 + z2 / total)
+    half = Z95 * math.sqrt(p * (1 - p) / total + z2 / (4 * total**2)) / (1 + z2 / total)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 @dataclass
 class Score:
     """Exact-match results of one method at one budget."""
@@ -131,7 +145,19 @@ class Score:
             average=self.average,
             relative=self.average / vanilla.average if vanilla and vanilla.average else None,
             questions=sum(self.totals.values()),
+            accuracy_ci95={kind: wilson(self.hits[kind], self.totals[kind]) for kind in self.totals},
+            average_ci95=self.average_interval(),
         )
+
+    def average_interval(self) -> list[float]:
+        """95% interval of the mean over question types: each type's binomial variance p(1-p)/n,
+        averaged as the accuracies are (normal approximation), clipped to [0, 1]."""
+        accuracy = self.accuracy()
+        if not accuracy:
+            return [math.nan, math.nan]
+        variance = sum(p * (1 - p) / self.totals[kind] for kind, p in accuracy.items()) / len(accuracy) ** 2
+        half = Z95 * math.sqrt(variance)
+        return [max(0.0, self.average - half), min(1.0, self.average + half)]
 
 
 def runs(methods: list[str], budgets: list[int], base: PruneSettings) -> list[PruneSettings]:

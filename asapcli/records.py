@@ -135,6 +135,8 @@ class EvalRow:
     average: float  # the mean over question types
     relative: float | None  # average over vanilla's
     questions: int
+    accuracy_ci95: dict[str, list[float]]  # per question type: Wilson 95% interval [low, high]
+    average_ci95: list[float]  # 95% interval of the average (normal approximation over the types)
 
 
 @dataclass(frozen=True)

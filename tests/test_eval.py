@@ -286,3 +286,28 @@ def test_a_picture_is_written_in_the_format_its_name_says(image_file, tmp_path):
     result = asap("run", image_file, "what?", "--save-kept", tmp_path / "kept.gif", "--max-tokens", 2)
     assert result.exit_code == 2 and "name it .png, .jpg or .webp" in result.stderr
     assert not (tmp_path / "kept.gif").exists()
+
+
+def test_every_cell_has_a_95_percent_interval():
+    from asapcli.evaluation import wilson
+
+    # Wilson's interval, by hand: centre (p + z^2/2n) / (1 + z^2/n), half-width as in its formula.
+    assert wilson(0, 10) == pytest.approx([0.0, 0.27753], abs=1e-5)
+    assert wilson(10, 10) == pytest.approx([0.72247, 1.0], abs=1e-5)
+    assert wilson(5, 10) == pytest.approx([0.23659, 0.76341], abs=1e-5)
+    result = asap("eval", "--n", 8, "--methods", "vanilla,fastv", "-k", 64, "--json")
+    assert result.exit_code == 0, result.output
+    for row in json.loads(result.stdout)["results"]:
+        for kind, (low, high) in row["accuracy_ci95"].items():
+            assert low <= row["accuracy"][kind] <= high and high - low > 0.2  # 2 questions a type: wide
+        low, high = row["average_ci95"]
+        assert low <= row["average"] <= high
+    table = asap("eval", "--n", 8, "--methods", "vanilla", "-k", 64)
+    assert "±" in table.stdout and "95% interval" in table.stdout
+
+
+def test_short_n_and_log_samples_spell_n_and_log(tmp_path):
+    result = asap("eval", "-n", 2, "--methods", "vanilla", "--log-samples", tmp_path / "samples.jsonl", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == 2
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2

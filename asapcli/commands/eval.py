@@ -41,13 +41,13 @@ def eval_command(
     *,
     where: options.Where,
     data: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
-    n: Annotated[int | None, typer.Option("--n", min=1, help=N_HELP)] = None,
+    n: Annotated[int | None, typer.Option("-n", "--n", min=1, help=N_HELP)] = None,
     comparison: options.EvalComparison,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 10,
     batch: Annotated[int, typer.Option("--batch", min=1, help=BATCH_HELP)] = 1,
     plot: Annotated[Path | None, typer.Option("--plot", help=PLOT_HELP)] = None,
     attention_profile: Annotated[Path | None, typer.Option("--attention-profile", help=ATTENTION_PROFILE_HELP)] = None,
-    log: Annotated[Path | None, typer.Option("--log", help=LOG_HELP)] = None,
+    log: Annotated[Path | None, typer.Option("--log", "--log-samples", help=LOG_HELP)] = None,
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     format_: options.Format = None,
 ) -> None:
@@ -86,7 +86,7 @@ def _show(outcome: Outcome) -> None:
     display.out.print(_table(report.results, f"{report.model}: {report.data}, n={report.n}, L={report.layer}{partial}"))
     display.out.print(
         "FLOPs %: paper Eq. 8, visual tokens only; accuracy: normalised exact match, greedy; avg: mean over "
-        "question types; rel: avg / vanilla's; top/bottom: questions about one object in that half of the "
+        "question types, ± half its 95% interval (each cell's interval is in --json); rel: avg / vanilla's; top/bottom: questions about one object in that half of the "
         "image.",
         markup=False,
         soft_wrap=True,
@@ -112,7 +112,7 @@ def _table(rows: list[EvalRow], title: str) -> Table:
             "-" if row.k is None else str(row.k),
             f"{row.flops_ratio:.1%}",
             *(_percent(row.accuracy.get(kind)) for kind in types),  # a partial row may lack some
-            f"{row.average:.1%}",
+            f"{row.average:.1%} ±{(row.average_ci95[1] - row.average_ci95[0]) / 2:.1%}",
             _percent(row.relative),
             *(_percent(row.region_accuracy.get(region)) for region in regions),
         )
