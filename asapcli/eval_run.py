@@ -70,6 +70,7 @@ class EvalRun:
         max_tokens: int = 10,
         batch: int = 1,
         tasks: Tasks | None = None,
+        prompt_suffix: str | None = None,
     ) -> Outcome:
         """Every method at every budget (the preset's budgets, else `base`'s k, when none are
         given) over the questions, then the attention profile if asked for. Ctrl-C stops it and
@@ -87,7 +88,10 @@ class EvalRun:
         try:
             on_answer = answers.write if answers is not None else None
             step = tasks("Answering", len(items) * len(runs))
-            evaluation.evaluate(loaded, items, runs, max_tokens, batch, step, scores=scores, on_answer=on_answer)
+            suffix = evaluation.default_prompt_suffix(loaded) if prompt_suffix is None else prompt_suffix
+            evaluation.evaluate(
+                loaded, items, runs, max_tokens, batch, step, scores=scores, on_answer=on_answer, prompt_suffix=suffix
+            )
             if self.attention_profile is not None:
                 step = tasks("Attention profile", 2 * len(items))
                 rows = evaluation.row_attention(loaded, items, base.layer, lambda_max, on_step=step)

@@ -90,6 +90,15 @@ def read_items(path: Path, limit: int | None = None) -> list[Item]:
     return items
 
 
+# LLaVA's evaluation prompt for short answers (its GQA, VQAv2 and TextVQA scripts); the demo
+# model answers one word already, and its tokenizer knows none of these words.
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+
+
+def default_prompt_suffix(loaded: Loaded) -> str:
+    return "" if loaded.preset is not None and loaded.preset.bundled else SHORT_ANSWER_PROMPT
+
+
 Z95 = 1.959964  # the normal quantile of a two-sided 95% interval
 
 
@@ -191,16 +200,19 @@ def evaluate(
     on_step: Callable[[], None] | None = None,
     scores: list[Score] | None = None,
     on_answer: Callable[[Score, int, str, bool], None] | None = None,
+    prompt_suffix: str = "",
 ) -> list[Score]:
     """Greedy answers to every item under every setting, scored by normalised exact match.
     `batch_size` items go through the model together, as one left-padded batch with a plan per
     row (each row answers as it would alone); a group's inputs are built once for all settings.
     `scores`, one per setting, are filled as answers come, so that an interrupted run still
-    holds what was answered; `on_answer(score, item index, answer, correct)` sees each answer."""
+    holds what was answered; `on_answer(score, item index, answer, correct)` sees each answer.
+    `prompt_suffix` follows each question on a line of its own (LLaVA's short-answer prompt)."""
     scores = scores if scores is not None else [Score(setting) for setting in settings]
     for start in range(0, len(items), batch_size):
         group = items[start : start + batch_size]
-        inputs = build_batch_inputs(loaded.processor, [(item.question, item.picture()) for item in group])
+        prompts = [f"{item.question}\n{prompt_suffix}" if prompt_suffix else item.question for item in group]
+        inputs = build_batch_inputs(loaded.processor, list(zip(prompts, (item.picture() for item in group))))
         for score in scores:
             plans = plans_for_batch(loaded, inputs["input_ids"], score.settings)
             results = generate_batch(loaded, inputs, plans, max_tokens=max_tokens, seed=score.settings.seed)

@@ -311,3 +311,27 @@ def test_short_n_and_log_samples_spell_n_and_log(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n"] == 2
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_questions_to_a_real_model_ask_for_a_short_answer(tmp_path, llava_path, monkeypatch):
+    """LLaVA's convention, so that exact match does not score 'The car is red.' as wrong; not for
+    the demo model, whose tokenizer knows none of its words; --prompt-suffix sets another."""
+    asked = []
+    build = evaluation.build_batch_inputs
+    monkeypatch.setattr(
+        evaluation, "build_batch_inputs", lambda processor, samples: asked.append(samples) or build(processor, samples)
+    )
+    Path(tmp_path / "car.png").write_bytes((Path(__file__).parent.parent / "examples" / "car.png").read_bytes())
+    (tmp_path / "q.jsonl").write_text(json.dumps({"image": "car.png", "question": "what colour?", "answer": "red"}))
+    for extra, prompt in [
+        ([], "what colour?\nAnswer the question using a single word or phrase."),
+        (["--prompt-suffix", ""], "what colour?"),
+        (["--prompt-suffix", "One word."], "what colour?\nOne word."),
+    ]:
+        asked.clear()
+        result = asap("eval", "-m", llava_path, "--data", tmp_path / "q.jsonl", "--methods", "vanilla", *extra)
+        assert result.exit_code == 0, result.output
+        assert asked[0][0][0] == prompt
+    asked.clear()
+    assert asap("eval", "-n", 1, "--methods", "vanilla").exit_code == 0
+    assert "\n" not in asked[0][0][0]  # the demo model: the question alone

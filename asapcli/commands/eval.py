@@ -34,6 +34,10 @@ LOG_HELP = (
     "comes: an interrupted run leaves what it answered."
 )
 JSON_HELP = "Print one JSON object with every row instead of a table."
+PROMPT_SUFFIX_HELP = (
+    "A line after each question. Default: LLaVA's 'Answer the question using a single word or phrase.', "
+    "none for the bundled demo model; '' for none."
+)
 
 
 @options.command
@@ -48,6 +52,7 @@ def eval_command(
     plot: Annotated[Path | None, typer.Option("--plot", help=PLOT_HELP)] = None,
     attention_profile: Annotated[Path | None, typer.Option("--attention-profile", help=ATTENTION_PROFILE_HELP)] = None,
     log: Annotated[Path | None, typer.Option("--log", "--log-samples", help=LOG_HELP)] = None,
+    prompt_suffix: Annotated[str | None, typer.Option("--prompt-suffix", help=PROMPT_SUFFIX_HELP)] = None,
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     format_: options.Format = None,
 ) -> None:
@@ -60,7 +65,9 @@ def eval_command(
     base = comparison.settings(loaded.preset)
     lambda_max = comparison.hyperparameters.get("lambda_max")
     with display.progress() as tasks:
-        outcome = run.answer(loaded, where.model, methods, budgets, base, lambda_max, max_tokens, batch, tasks)
+        outcome = run.answer(
+            loaded, where.model, methods, budgets, base, lambda_max, max_tokens, batch, tasks, prompt_suffix
+        )
 
     # The results are shown before any file is written: a failed write loses only that file.
     if output == "json":
