@@ -348,3 +348,12 @@ def test_vanilla_reports_no_budget_or_layer_it_did_not_use(image_file, llava_pat
     record = json.loads(result.stdout)
     assert (record["k"], record["layer"]) == (None, None)
     assert record["visual_tokens"] == record["kept_tokens"] == 64
+
+
+def test_a_download_shows_the_hubs_progress_and_loading_shows_none(image_file, llava_path):
+    import huggingface_hub
+    from transformers.utils import logging as transformers_logging
+
+    assert asap("run", image_file, "hi", "-m", llava_path, "--max-tokens", 1).exit_code == 0
+    assert not huggingface_hub.utils.are_progress_bars_disabled()  # bytes and time left of a download
+    assert not transformers_logging.is_progress_bar_enabled()  # no "Loading weights" bar
