@@ -71,6 +71,18 @@ def _plain_progress(description: str, total: int) -> Callable[[], None]:
 FORMATS = ("table", "json", "csv", "markdown", "latex")
 
 
+def table(title: str, headers: list[str]):
+    """A results table that reads at 80 columns: light rules, short headers (units go in the
+    header or the caption), and a cell too wide for its column wrapped, never cut to '…'."""
+    from rich import box
+    from rich.table import Table
+
+    result = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+    for index, header in enumerate(headers):
+        result.add_column(header, justify="left" if index == 0 else "right", overflow="fold")
+    return result
+
+
 def flat(record: dict, prefix: str = "") -> dict:
     """One table row from a record: nested objects flattened to `outer.inner` columns, lists of
     numbers joined with ';' (lists of objects are left out: they are rows of their own)."""

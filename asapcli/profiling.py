@@ -292,12 +292,15 @@ def how_measured(row: ProfileRow, methods: list[str], batch: int, gpu_name: str 
         f"{where}, {row.dtype}; {row.prompt_tokens} prompt tokens; pruned after layer {layer - 1} (L={layer})"
         + (f"; {', '.join(early)}: before layer 0 (L=0)." if early else "."),
         "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
-        f"prefill: {time}, median of {repeats} rounds after {warmup} warm-up, methods interleaved; time %: of vanilla's.",
-        f"peak: {memory} during prefill, above the weights, KV cache included.",
+        (
+            f"kept: of {row.visual_tokens} visual tokens; ms: the prefill's {time}, median of {repeats} rounds "
+            f"after {warmup} warm-up, methods interleaved; time %: of vanilla's."
+        ),
+        f"peak MB: {memory} during prefill, above the weights, KV cache included; tok/s: decoding.",
     ]
     if batch > 1:
         notes.append(
-            f"batch {batch}: {batch} copies of the sample in one forward; images/s: samples prefilled per second, "
-            "vs batch 1: over batch 1's for the same method; KV, peak and decode tok/s: the whole batch's."
+            f"n: samples in one forward (batch {batch}: {batch} copies of the sample); img/s: samples prefilled per second, "
+            "vs 1: over batch 1's for the same method; KV, peak and decode tok/s: the whole batch's."
         )
     return notes

@@ -335,3 +335,17 @@ def test_questions_to_a_real_model_ask_for_a_short_answer(tmp_path, llava_path, 
     asked.clear()
     assert asap("eval", "-n", 1, "--methods", "vanilla").exit_code == 0
     assert "\n" not in asked[0][0][0]  # the demo model: the question alone
+
+
+def test_the_table_reads_at_80_columns(monkeypatch):
+    from asapcli import display
+
+    monkeypatch.setattr(display.out, "width", 80)
+    result = asap("eval", "-n", 4, "--methods", "vanilla,asap-bimask-only,asap", "-k", 128)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    rule = next(index for index, line in enumerate(lines) if line.startswith("─"))
+    header, rows = lines[rule - 1].split(), [line.split() for line in lines[rule + 1 : rule + 4]]
+    assert header == ["method", "k", "FLOPs", "col", "shape", "exist", "pos", "avg", "±", "rel", "top", "bot"]
+    assert [row[:2] for row in rows] == [["vanilla", "-"], ["asap-bimask-only", "128"], ["asap", "128"]]
+    assert all(len(line) <= 80 for line in lines[: rule + 4]) and "…" not in result.stdout

@@ -92,8 +92,9 @@ def _show(outcome: Outcome) -> None:
     partial = " (partial)" if report.partial else ""
     display.out.print(_table(report.results, f"{report.model}: {report.data}, n={report.n}, L={report.layer}{partial}"))
     display.out.print(
-        "FLOPs %: paper Eq. 8, visual tokens only; accuracy: normalised exact match, greedy; avg: mean over "
-        "question types, ± half its 95% interval (each cell's interval is in --json); rel: avg / vanilla's; top/bottom: questions about one object in that half of the "
+        "All figures in %. FLOPs: paper Eq. 8, visual tokens only; accuracy: normalised exact match, greedy; avg: "
+        "mean over question types (col, shape, exist, pos), ± half its 95% interval (each cell's in --json); rel: "
+        "avg / vanilla's; top/bot: questions about one object in that half of the "
         "image.",
         markup=False,
         soft_wrap=True,
@@ -110,24 +111,27 @@ def _show(outcome: Outcome) -> None:
 def _table(rows: list[EvalRow], title: str) -> Table:
     types = list(dict.fromkeys(kind for row in rows for kind in row.accuracy))
     regions = [region for region in ("top", "bottom") if any(region in row.region_accuracy for row in rows)]
-    table = Table(title=title, title_justify="left")
-    for column in ["method", "k", "FLOPs %", *types, "avg", "rel", *regions]:
-        table.add_column(column, justify="left" if column == "method" else "right")
+    headers = [SHORT.get(name, name) for name in (*types, "avg ±", "rel", *regions)]
+    table = display.table(title, ["method", "k", "FLOPs", *headers])
     for row in rows:
         table.add_row(
             row.method,
             "-" if row.k is None else str(row.k),
-            f"{row.flops_ratio:.1%}",
+            _percent(row.flops_ratio),
             *(_percent(row.accuracy.get(kind)) for kind in types),  # a partial row may lack some
-            f"{row.average:.1%} ±{(row.average_ci95[1] - row.average_ci95[0]) / 2:.1%}",
+            f"{_percent(row.average)}±{(row.average_ci95[1] - row.average_ci95[0]) * 50:.1f}",
             _percent(row.relative),
             *(_percent(row.region_accuracy.get(region)) for region in regions),
         )
     return table
 
 
+SHORT = {"colour": "col", "exists": "exist", "position": "pos", "bottom": "bot"}  # 80 columns
+
+
 def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
+    """A fraction as a percentage, the '%' in the caption."""
+    return "-" if value is None else f"{value * 100:.1f}"
 
 
 def _count(number: int, noun: str) -> str:

@@ -65,10 +65,8 @@ def _table(count: FlopsCount) -> Table:
     arch, stages, counted = count.arch, count.stages, count.counted
     vanilla, pruned = count.vanilla, count.pruned
     unit, scale = display.flop_unit(vanilla)
-    table = Table(title=f"{count.model}: FLOPs of the visual tokens", title_justify="left")
     columns = ["stage", "layers", "visual tokens", unit] + ([f"measured {unit}"] if counted else [])
-    for column in columns:
-        table.add_column(column, justify="left" if column == "stage" else "right")
+    table = display.table(f"{count.model}: FLOPs of the visual tokens", columns)
     measured = count.measured_by_stage() if counted else [None] * len(stages)
     start = 0
     for index, (stage, layers) in enumerate(zip(stages, measured)):

@@ -67,33 +67,30 @@ def profile(
 
 
 def _table(rows: list[ProfileRow], on_gpu: bool, batched: bool) -> Table:
-    memory, time = ("GPU peak MB", "CUDA ms") if on_gpu else ("CPU peak MB", "CPU ms")
     columns = [
         ("method", lambda row: row.method),
         ("k", lambda row: "-" if row.k is None else str(row.k)),
-        *([("batch", lambda row: str(row.batch))] if batched else []),
-        ("tokens", lambda row: f"{row.kept_tokens}/{row.visual_tokens}"),
+        *([("n", lambda row: str(row.batch))] if batched else []),
+        ("kept", lambda row: str(row.kept_tokens)),
         ("TFLOPs", lambda row: f"{row.tflops:.4f}"),
-        ("FLOPs %", lambda row: f"{row.flops_ratio:.1%}"),
-        ("prompt %", lambda row: f"{row.prompt_flops_ratio:.1%}"),
-        ("KV MB", lambda row: f"{row.kv_cache_bytes / 2**20:.1f}"),
-        (memory, lambda row: f"{row.peak_memory_bytes / 2**20:.1f}"),
-        (f"prefill {time}", lambda row: f"{row.prefill_seconds * 1000:.1f}"),
-        ("time %", lambda row: "-" if row.time_ratio is None else f"{row.time_ratio:.1%}"),
+        ("FLOPs\n%", lambda row: f"{row.flops_ratio * 100:.1f}"),
+        ("prompt\n%", lambda row: f"{row.prompt_flops_ratio * 100:.1f}"),
+        ("KV\nMB", lambda row: f"{row.kv_cache_bytes / 2**20:.1f}"),
+        ("peak\nMB", lambda row: f"{row.peak_memory_bytes / 2**20:.1f}"),
+        ("ms", lambda row: f"{row.prefill_seconds * 1000:.1f}"),
+        ("time\n%", lambda row: "-" if row.time_ratio is None else f"{row.time_ratio * 100:.1f}"),
         *(
             [
-                ("images/s", lambda row: f"{row.images_per_second:.2f}"),
-                ("vs batch 1", lambda row: f"{row.throughput_ratio:.2f}x"),
+                ("img/s", lambda row: f"{row.images_per_second:.2f}"),
+                ("vs 1", lambda row: f"{row.throughput_ratio:.2f}x"),
             ]
             if batched
             else []
         ),
-        ("decode tok/s", lambda row: f"{row.decode_tokens_per_second:.1f}"),
+        ("tok/s", lambda row: f"{row.decode_tokens_per_second:.1f}"),
     ]
     what = "one image" + (", batch 1 and batched" if batched else "")
-    table = Table(title=f"{rows[0].model}: prefill of {what}", title_justify="left")
-    for header, _ in columns:
-        table.add_column(header, justify="left" if header == "method" else "right")
+    table = display.table(f"{rows[0].model}: prefill of {what}", [header for header, _ in columns])
     for row in rows:
         table.add_row(*(cell(row) for _, cell in columns))
     return table
