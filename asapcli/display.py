@@ -77,7 +77,9 @@ def table(title: str, headers: list[str]):
     from rich import box
     from rich.table import Table
 
-    result = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+    result = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0, min_width=len(title)
+    )  # a title wider than the columns would wrap
     for index, header in enumerate(headers):
         result.add_column(header, justify="left" if index == 0 else "right", overflow="fold")
     return result
