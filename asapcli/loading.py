@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import re
 import shutil
 import socket
 import tempfile
@@ -124,6 +125,13 @@ def load(model: str, device: str = "auto", dtype: str = "auto", device_map: str 
             lvlm, processor = read_checkpoint(
                 source, torch_dtype, local_only=local_only, device_map=placement or str(target)
             )
+        except ImportError as error:  # a processor that needs a package not installed (torchvision)
+            package = re.search(r"requires the (\w+) library", str(error))
+            name = package.group(1).lower() if package else _first_line(error)
+            raise AsapError(
+                f"cannot load model {model!r}: its processor needs {name}, which is not installed; "
+                f'pip install {name} (for Qwen2.5-VL and InternVL: pip install "asapcli[torchvision]")'
+            ) from error
         except (OSError, ValueError, KeyError) as error:
             raise AsapError(f"cannot load model {model!r}: {_first_line(error)}") from error
     return prepare(lvlm, processor, model, preset)

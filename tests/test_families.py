@@ -304,3 +304,23 @@ def test_mistral_without_a_window_that_cuts_runs_and_equals_transformers(window)
     with torch.inference_mode():
         got = loaded.model(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_processor_that_needs_torchvision_says_so_in_one_line(families, tmp_path):
+    """transformers builds Qwen2.5-VL's processor with a video processor, which needs torchvision."""
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the processor loads")
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from asapcli.cli import app
+
+    image = tmp_path / "picture.png"
+    Image.new("RGB", (16, 16)).save(image)
+    result = CliRunner().invoke(app, ["run", str(image), "hi", "-m", families["qwen2.5-vl"].path])
+    assert result.exit_code == 1
+    path = families["qwen2.5-vl"].path
+    assert result.stderr == (
+        f"Error: cannot load model '{path}': its processor needs torchvision, which is not installed; "
+        'pip install torchvision (for Qwen2.5-VL and InternVL: pip install "asapcli[torchvision]")\n'
+    )
