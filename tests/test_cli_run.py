@@ -357,3 +357,11 @@ def test_a_download_shows_the_hubs_progress_and_loading_shows_none(image_file, l
     assert asap("run", image_file, "hi", "-m", llava_path, "--max-tokens", 1).exit_code == 0
     assert not huggingface_hub.utils.are_progress_bars_disabled()  # bytes and time left of a download
     assert not transformers_logging.is_progress_bar_enabled()  # no "Loading weights" bar
+
+
+def test_help_lists_choices_and_the_methods_own_defaults():
+    text = " ".join(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    assert "--method {vanilla|fastv|random|asap|asap-bimask-only|divprune|pool}" in text
+    assert "--score-queries {last|text|all}" in text and "Default: last." in text
+    assert "SG-BiMask's largest forward visibility, in (0, 1]. Default: 1.0." in text
+    assert "--dtype {auto|bfloat16|float16|float32}" in text and "<str>" not in text

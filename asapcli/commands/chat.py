@@ -39,7 +39,9 @@ HELP = """Commands:
 
 @options.command
 def chat(
-    image: Annotated[Path | None, typer.Argument(metavar="[IMAGE]", help="An image for the first message.")] = None,
+    image: Annotated[
+        Path | None, typer.Argument(metavar="[IMAGE]", help="An image for the first message.", show_default=False)
+    ] = None,
     *,
     where: options.Where,
     pruning: options.OneMethod,

@@ -44,15 +44,19 @@ PROMPT_SUFFIX_HELP = (
 def eval_command(
     *,
     where: options.Where,
-    data: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
+    data: Annotated[Path | None, typer.Option("--data", metavar="FILE.jsonl", help=DATA_HELP)] = None,
     n: Annotated[int | None, typer.Option("-n", "--n", min=1, help=N_HELP)] = None,
     comparison: options.EvalComparison,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 10,
     batch: Annotated[int, typer.Option("--batch", min=1, help=BATCH_HELP)] = 1,
-    plot: Annotated[Path | None, typer.Option("--plot", help=PLOT_HELP)] = None,
-    attention_profile: Annotated[Path | None, typer.Option("--attention-profile", help=ATTENTION_PROFILE_HELP)] = None,
-    log: Annotated[Path | None, typer.Option("--log", "--log-samples", help=LOG_HELP)] = None,
-    prompt_suffix: Annotated[str | None, typer.Option("--prompt-suffix", help=PROMPT_SUFFIX_HELP)] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE", help=PLOT_HELP)] = None,
+    attention_profile: Annotated[
+        Path | None, typer.Option("--attention-profile", metavar="FILE", help=ATTENTION_PROFILE_HELP)
+    ] = None,
+    log: Annotated[Path | None, typer.Option("--log", "--log-samples", metavar="FILE", help=LOG_HELP)] = None,
+    prompt_suffix: Annotated[
+        str | None, typer.Option("--prompt-suffix", metavar="TEXT", help=PROMPT_SUFFIX_HELP)
+    ] = None,
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     format_: options.Format = None,
 ) -> None:

@@ -23,12 +23,14 @@ def flops_command(
     *,
     where: options.Where,
     k: options.K = None,
-    layer: Annotated[int | None, typer.Option("--layer", help=LAYER_HELP)] = None,
-    schedule: Annotated[str | None, typer.Option("--schedule", help=SCHEDULE_HELP)] = None,
+    layer: Annotated[int | None, typer.Option("--layer", metavar="L", help=LAYER_HELP)] = None,
+    schedule: Annotated[str | None, typer.Option("--schedule", metavar="LAYER:TOKENS,...", help=SCHEDULE_HELP)] = None,
     visual_tokens: Annotated[int | None, typer.Option("--visual-tokens", min=1, help=VISUAL_TOKENS_HELP)] = None,
     gqa: Annotated[bool, typer.Option("--gqa", help="Count k/v projections at their grouped-query size.")] = False,
     measure: Annotated[bool, typer.Option("--measure", help=MEASURE_HELP)] = False,
-    method: Annotated[str, typer.Option("--method", help="With --measure: the method that prunes.")] = "asap",
+    method: Annotated[
+        str, typer.Option("--method", metavar="METHOD", help="With --measure: the method that prunes.")
+    ] = "asap",
     json: options.Json = False,
     format_: options.Format = None,
 ) -> None:

@@ -25,33 +25,42 @@ Model = Annotated[
     typer.Option(
         "-m",
         "--model",
+        metavar="NAME|FOLDER|HUB_ID",
         help="A preset name (see profiles/), a local model folder or a hub id. Default: demo, the bundled model.",
     ),
 ]
-Method = Annotated[str, typer.Option("--method", help=f"Pruning method: {', '.join(METHODS)}.")]
+Method = Annotated[str, typer.Option("--method", metavar="{" + "|".join(METHODS) + "}", help="The pruning method.")]
 K = Annotated[
     int | None,
-    typer.Option("-k", "--k", help="Visual tokens kept per image. Default: the preset's, else 128."),
+    typer.Option("-k", "--k", metavar="N", help="Visual tokens kept per image. Default: the preset's, else 128."),
 ]
 Layer = Annotated[
     int | None,
     typer.Option(
-        "--layer", help="Prune after layer L-1: layers 0..L-1 see every token. Default: the preset's, else 2."
+        "--layer",
+        metavar="L",
+        help="Prune after layer L-1: layers 0..L-1 see every token. Default: the preset's, else 2.",
     ),
 ]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Device = Annotated[str, typer.Option("--device", metavar="{auto|cpu|cuda|cuda:N}", help="Where the model runs.")]
 DeviceMap = Annotated[
     str | None,
     typer.Option(
         "--device-map",
+        metavar="{auto|balanced|balanced_low_0|sequential|FILE.json}",
         help="Spread the model with accelerate: auto, balanced, balanced_low_0, sequential (over every visible "
         "GPU, then CPU, then disk), or a JSON file mapping module names to cuda:N, cpu or disk.",
     ),
 ]
 Dtype = Annotated[
-    str, typer.Option("--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
+    str,
+    typer.Option(
+        "--dtype",
+        metavar="{auto|bfloat16|float16|float32}",
+        help="Precision of the weights; auto: bfloat16 on GPU, float32 on CPU.",
+    ),
 ]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, metavar="N", help="Most tokens to generate.")]
 
 
 def _finite(value: float) -> float:
@@ -62,15 +71,19 @@ def _finite(value: float) -> float:
 
 
 Temperature = Annotated[
-    float, typer.Option("--temperature", min=0.0, callback=_finite, help="Sampling temperature; 0 is greedy.")
+    float,
+    typer.Option("--temperature", min=0.0, callback=_finite, metavar="T", help="Sampling temperature; 0 is greedy."),
 ]
 # torch seeds take 64 bits, and the random method multiplies the seed by a million: 32 bits fit.
-Seed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for sampling and for the random method.")]
+Seed = Annotated[
+    int, typer.Option("--seed", min=0, max=2**32 - 1, metavar="N", help="Seed for sampling and for the random method.")
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
 Format = Annotated[
     str | None,
     typer.Option(
         "--format",
+        metavar="{table|json|csv|markdown|latex}",
         help="table (default), json (as --json), or csv, markdown, latex: one row per result, for a spreadsheet "
         "or a paper.",
     ),
@@ -89,12 +102,17 @@ def output_format(format_: str | None, json: bool) -> str:
 Budgets = Annotated[
     str | None,
     typer.Option(
-        "-k", "--k", help="Comma-separated budgets (visual tokens kept per image). Default: the preset's, else 128."
+        "-k",
+        "--k",
+        metavar="N,...",
+        help="Comma-separated budgets (visual tokens kept per image). Default: the preset's, else 128.",
     ),
 ]
 Threads = Annotated[
     int | None,
-    typer.Option("--threads", min=1, max=1024, help="CPU threads for PyTorch (default: PyTorch's choice)."),
+    typer.Option(
+        "--threads", min=1, max=1024, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)."
+    ),
 ]
 
 
@@ -138,6 +156,10 @@ class Sampling:
         return list(inspect.signature(cls).parameters.values())
 
 
+def _field_default(method: type, name: str):
+    return next(field.default for field in dataclasses.fields(method) if field.name == name)
+
+
 class MethodOptions(dict):
     """The pruning methods' hyperparameters as given on the command line (None: not given), one
     option per declaration in engine.HYPERPARAMETERS, its help naming the methods that take it."""
@@ -146,8 +168,14 @@ class MethodOptions(dict):
     def parameters(cls) -> list[inspect.Parameter]:
         parameters = []
         for name, hyperparameter in HYPERPARAMETERS.items():
-            takers = ", ".join(method for method, cls in METHODS.items() if name in cls.hyperparameters())
-            option = typer.Option(hyperparameter.flag, help=f"{takers}: {hyperparameter.help}")
+            takers = [method for method, cls in METHODS.items() if name in cls.hyperparameters()]
+            defaults = {str(_field_default(METHODS[method], name)) for method in takers}
+            metavar = "{" + "|".join(hyperparameter.choices) + "}" if hyperparameter.choices else "X"
+            option = typer.Option(
+                hyperparameter.flag,
+                metavar=metavar,
+                help=f"{', '.join(takers)}: {hyperparameter.help} Default: {', '.join(sorted(defaults))}.",
+            )
             annotation = Annotated[hyperparameter.type | None, option]
             parameters.append(
                 inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
@@ -192,7 +220,12 @@ class Comparison:
     @classmethod
     def parameters(cls) -> list[inspect.Parameter]:
         methods = Annotated[
-            str, typer.Option("--methods", help=f"Comma-separated methods to compare, from {', '.join(METHODS)}.")
+            str,
+            typer.Option(
+                "--methods",
+                metavar="METHOD,...",
+                help=f"Comma-separated methods to compare, from {', '.join(METHODS)}.",
+            ),
         ]
         own = [("methods", methods, cls.DEFAULT_METHODS), ("budgets", Budgets, None), ("layer", Layer, None)]
         own += [("seed", Seed, 0)]

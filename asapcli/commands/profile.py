@@ -27,8 +27,8 @@ JSON_HELP = "Print one JSON object per method and budget (JSON Lines)."
 def profile(
     *,
     where: options.Where,
-    image: Annotated[Path | None, typer.Option("--image", help=IMAGE_HELP)] = None,
-    prompt: Annotated[str, typer.Option("--prompt", help=PROMPT_HELP)] = "Describe the image.",
+    image: Annotated[Path | None, typer.Option("--image", "-i", metavar="FILE", help=IMAGE_HELP)] = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help=PROMPT_HELP)] = "Describe the image.",
     comparison: options.Comparison,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help=REPEATS_HELP)] = 5,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed prefills before them.")] = 1,

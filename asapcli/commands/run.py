@@ -20,19 +20,23 @@ ARGUMENTS_HELP = (
 )
 MORE_IMAGES_HELP = "Another image (repeatable; a quoted glob works)."
 PROMPTS_HELP = "A question (repeatable): one per image, or each for the one image."
-SAVE_KEPT_HELP = "Write a PNG of the image with the patches the method dropped darkened (fixed-grid models)."
+SAVE_KEPT_HELP = (
+    "Write the image with the patches the method dropped darkened (.png, .jpg or .webp; fixed-grid models)."
+)
 
 
 @options.command
 def run(
     arguments: Annotated[list[str], typer.Argument(metavar="IMAGE... PROMPT", help=ARGUMENTS_HELP)],
-    more_images: Annotated[list[str] | None, typer.Option("--image", "-i", help=MORE_IMAGES_HELP)] = None,
-    prompts: Annotated[list[str] | None, typer.Option("--prompt", "-p", help=PROMPTS_HELP)] = None,
+    more_images: Annotated[
+        list[str] | None, typer.Option("--image", "-i", metavar="FILE", help=MORE_IMAGES_HELP)
+    ] = None,
+    prompts: Annotated[list[str] | None, typer.Option("--prompt", "-p", metavar="TEXT", help=PROMPTS_HELP)] = None,
     *,
     where: options.Where,
     pruning: options.OneMethod,
     sampling: options.Sampling,
-    save_kept: Annotated[Path | None, typer.Option("--save-kept", help=SAVE_KEPT_HELP)] = None,
+    save_kept: Annotated[Path | None, typer.Option("--save-kept", metavar="FILE", help=SAVE_KEPT_HELP)] = None,
     json: options.Json = False,
 ) -> None:
     """Answer PROMPT about IMAGE, pruning visual tokens inside the language model.
