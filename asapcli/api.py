@@ -76,8 +76,7 @@ class Pruning:
             for row, plan in enumerate(plans):
                 kept_positions = iter(plan.kept)
                 for start, end in plan.spans:
-                    pruned = plan.method.kept_count(end - start, plan.k) < end - start
-                    positions = (next(kept_positions) - padding[row]).tolist() if pruned else None
+                    positions = (next(kept_positions) - padding[row]).tolist() if plan.shrinks(start, end) else None
                     images.append(ImageReport(row, start - padding[row], end - padding[row], positions))
                 tokens, kept_tokens = token_counts(plan)
                 visual, kept, merged = visual + tokens, kept + kept_tokens, merged + plan.merged

@@ -169,8 +169,11 @@ def speeds(result: GenerationResult) -> str:
     if result.cold:
         prefill += " (first call: includes warm-up)"
     if result.decode_tokens_per_second is None:
+        from .generation import MIN_DECODE_TOKENS  # loaded already: a generation has run
+
         decoded = max(result.generated_tokens - 1, 0)  # the first token came with the prefill
-        return f"{prefill}; decode not timed ({decoded} decoded token{'' if decoded == 1 else 's'}, fewer than 8)"
+        plural = "" if decoded == 1 else "s"
+        return f"{prefill}; decode not timed ({decoded} decoded token{plural}, fewer than {MIN_DECODE_TOKENS})"
     return f"{prefill}; decode {result.decode_tokens_per_second:.1f} tokens/s"
 
 

@@ -99,12 +99,14 @@ def check_hyperparameters(given: dict, methods: list[str]) -> None:
 
 def refusal(name: str, value, methods: list[str]) -> str:
     hyperparameter = HYPERPARAMETERS[name]
-    takers = ", ".join(method for method, cls in METHODS.items() if name in cls.hyperparameters())
+    takers = [method for method, cls in METHODS.items() if name in cls.hyperparameters()]
+    take_it = f"{', '.join(takers)} take{'s' if len(takers) == 1 else ''} it"
+    takers = ", ".join(takers)
     if hyperparameter.refusal:
         return hyperparameter.refusal.format(value=value, takers=takers, method=", ".join(methods))
     if len(methods) > 1:
-        return f"{hyperparameter.flag} is not an option of {', '.join(methods)}; {takers} take it"
+        return f"{hyperparameter.flag} is not an option of {', '.join(methods)}; {take_it}"
     (method,) = methods
     taken = [HYPERPARAMETERS[other].flag for other in METHODS[method].hyperparameters()]
     takes = f"{method} takes {', '.join(taken)}" if taken else f"{method} takes none of the method options"
-    return f"{hyperparameter.flag} is not an option of {method} ({takes}); {takers} take it"
+    return f"{hyperparameter.flag} is not an option of {method} ({takes}); {take_it}"

@@ -108,7 +108,7 @@ MUTANTS = [
         ("if mask_key != (kv_len, hidden.shape[1], pruned):", "if mask_key is None or mask_key[::2] != (kv_len, pruned):"),
     )),
     Mutant("a span the budget does not shrink gets SG-BiMask", DECODER, (
-        ("and (plan.score_only or plan.method.kept_count(end - start, plan.k) < end - start)", ""),
+        ("and (plan.score_only or plan.shrinks(start, end))", ""),
         ("            if plan.score_only:\n                continue\n",
          "            if plan.score_only or self.k >= span.stop - span.start:\n                continue\n"),
     )),

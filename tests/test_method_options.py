@@ -68,3 +68,11 @@ def test_a_comparison_gives_each_method_the_options_it_takes():
         PruneSettings("asap", merge_threshold=float("nan")).check()
     with pytest.raises(TypeError, match="unknown hyperparameters"):
         PruneSettings("asap", lambda_mx=0.5)
+
+
+def test_an_option_one_method_takes_says_so_in_the_singular():
+    from asapcli.errors import UsageError
+    from asapcli.settings import PruneSettings
+
+    with pytest.raises(UsageError, match=r"; asap takes it$"):
+        PruneSettings("fastv", merge_threshold=0.5).check()

@@ -69,6 +69,10 @@ class PruningPlan:
     score_only: bool = False  # score every span at layer L-1 as the method would, prune none
     renumber: bool = False  # kept tokens take positions 0..M-1 (a shorter prompt) instead of their own
 
+    def shrinks(self, start: int, end: int) -> bool:
+        """Whether the span [start, end) loses tokens at this budget; one that does not runs as vanilla."""
+        return self.method.kept_count(end - start, self.k) < end - start
+
 
 class PrunePass:
     """The state of one pruning prefill over a batch (one plan per row): the spans inside this
@@ -85,9 +89,7 @@ class PrunePass:
             (row, slice(start - chunk_start, end - chunk_start))
             for row, plan in enumerate(plans)
             for start, end in plan.spans
-            if chunk_start <= start
-            and end <= chunk_start + chunk_len
-            and (plan.score_only or plan.method.kept_count(end - start, plan.k) < end - start)
+            if chunk_start <= start and end <= chunk_start + chunk_len and (plan.score_only or plan.shrinks(start, end))
         ]
         self.scores: dict[int, SpanScores] = {}  # by index into `spans`
 
