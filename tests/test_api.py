@@ -125,3 +125,15 @@ def test_the_readme_example_runs_as_shown():
     assert answer == "red"
     kept, visual, merged, ratio = figures.split()
     assert (int(kept), int(visual)) == (128, 576) and int(merged) > 0 and ratio == "57.6%"
+
+
+def test_a_budget_at_or_above_the_image_prunes_nothing_and_reports_so(llava_path, images):
+    lvlm = load(str(llava_path), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    model, reference = fresh(llava_path), fresh(llava_path)
+    with torch.inference_mode(), asapcli.pruned(model, method="asap", k=64) as pruning:
+        logits = model(**inputs).logits
+    assert torch.equal(logits, reference(**inputs).logits)
+    report = pruning.report()
+    assert [image.kept for image in report.images] == [None]
+    assert (report.visual_tokens, report.kept_tokens, report.flops_ratio) == (64, 64, 1.0)
