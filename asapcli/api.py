@@ -30,12 +30,17 @@ from .settings import PruneSettings
 @dataclass(frozen=True)
 class ImageReport:
     """One image of one prompt: its tokens [start, end) and the positions kept, both counted in
-    the prompt's own tokens (a batch's padding left out); `kept` is None where nothing was pruned."""
+    the prompt's own tokens (a batch's padding left out); `kept` is None where nothing was pruned.
+    For each kept position, `roles` says why it was kept ("selected" by the method's criterion;
+    ASAP's merge "anchor" and "refilled" slot; pool's "pooled" cell) and `absorbed` the positions
+    whose states it took in (an anchor's merged tokens, a pooled cell's other patches)."""
 
     row: int
     start: int
     end: int
     kept: list[int] | None
+    roles: list[str] | None = None
+    absorbed: list[list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,10 +79,16 @@ class Pruning:
         images, visual, kept, merged = [], 0, 0, 0
         for plans, padding in self.prefills:
             for row, plan in enumerate(plans):
-                kept_positions = iter(plan.kept)
+                pruned = iter(zip(plan.kept, plan.roles, plan.absorbed))
                 for start, end in plan.spans:
-                    positions = (next(kept_positions) - padding[row]).tolist() if plan.shrinks(start, end) else None
-                    images.append(ImageReport(row, start - padding[row], end - padding[row], positions))
+                    first = start - padding[row]
+                    if not plan.shrinks(start, end):
+                        images.append(ImageReport(row, first, end - padding[row], None))
+                        continue
+                    positions, roles, absorbed = next(pruned)
+                    sources = [[first + index for index in indices] for indices in absorbed]
+                    kept_positions = (positions - padding[row]).tolist()
+                    images.append(ImageReport(row, first, end - padding[row], kept_positions, roles, sources))
                 tokens, kept_tokens = token_counts(plan)
                 visual, kept, merged = visual + tokens, kept + kept_tokens, merged + plan.merged
         layer = self.prefills[0][0][0].layer if self.prefills else self.settings.layer

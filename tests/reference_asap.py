@@ -257,9 +257,10 @@ class ReferenceLM:
             if method in ("fastv", "asap-bimask-only"):
                 keep = sorted(int(i) for i in top)
             else:
-                keep, absorbed, states = consolidate(
+                keep, absorbed, states, sources, refill = consolidate(
                     top, h[start:end], norm_mass[start], mass[start], size - k, merge_threshold
                 )
+                debug[start].update(top=sorted(int(i) for i in top), sources=sources, refill=refill)
                 merged += absorbed
                 for rel, state in states.items():
                     new_state[start + rel] = state
@@ -303,7 +304,7 @@ class Result:
     positions: torch.Tensor  # (M,) original positions of the pruned sequence
     entering: torch.Tensor  # (M, d) hidden states entering layer L
     logits: torch.Tensor  # (M, vocab)
-    debug: dict  # span start -> importance, raw mass and s_hat of layer L-1 (span-relative)
+    debug: dict  # span start -> importance, raw mass and s_hat of layer L-1; asap: top, sources, refill (span-relative)
 
 
 def image_spans(ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
@@ -330,7 +331,8 @@ def consolidate(top, states, s_hat, s, budget: int, threshold: float):
 
     top: the k selected indices; states: (span, d) layer-(L-1) outputs; s_hat, s: normalised and
     raw masses of layer L-1; budget: how many tokens may be absorbed in all (span - k).
-    Returns (kept indices ascending, number absorbed, {anchor index: merged state})."""
+    Returns (kept indices ascending, number absorbed, {anchor index: merged state}, {anchor
+    index: the indices it absorbed}, the refilled indices)."""
     top = [int(i) for i in top]
     saliency, raw = s_hat.tolist(), s.tolist()
     visit = sorted(top, key=lambda i: (-saliency[i], i))
@@ -364,4 +366,4 @@ def consolidate(top, states, s_hat, s, budget: int, threshold: float):
     pool = [i for i in range(states.shape[0]) if i not in set(top)]
     refill = sorted(pool, key=lambda i: (-raw[i], i))[:a]
     keep = sorted((set(top) - absorbed) | set(refill))
-    return keep, a, merged_states
+    return keep, a, merged_states, sources, refill

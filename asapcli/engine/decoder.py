@@ -54,16 +54,20 @@ class PruningPlan:
     not shrink at budget k (k >= its tokens) runs exactly as vanilla: no SG-BiMask, no scoring,
     unless `score_only` asks for the scores (attention figures). `renumber` (methods that prune
     before the language model only) numbers the pruned sequence afresh, as a pipeline that feeds
-    the model fewer embeddings does (official DivPrune). The decoder appends to
-    `kept` the absolute positions it kept for each span it pruned, and to `importance` the
-    attention each span's tokens received at layer L-1 when the method scores them (outputs,
-    for reporting)."""
+    the model fewer embeddings does (official DivPrune). The decoder appends to `kept` the
+    absolute positions it kept for each span it pruned, to `roles` why each of them was kept
+    (engine.methods.ROLES) and to `absorbed` the span indices (0: the span's first token) whose
+    states each one absorbed (ASAP's anchors, pool's cells), and to `importance` the attention
+    each span's tokens received at layer L-1 when the method scores them (outputs, for reports
+    and figures)."""
 
     method: PruningMethod
     k: int
     layer: int
     spans: list[tuple[int, int]]
     kept: list[torch.Tensor] = field(default_factory=list)
+    roles: list[list[str]] = field(default_factory=list)
+    absorbed: list[list[list[int]]] = field(default_factory=list)
     importance: list[torch.Tensor] = field(default_factory=list)
     merged: int = 0
     score_only: bool = False  # score every span at layer L-1 as the method would, prune none
@@ -129,6 +133,8 @@ class PrunePass:
             keep[row, kept] = True
             hidden[row, kept] = selection.hidden
             plan.kept.append(kept + chunk_start)
+            plan.roles.append(selection.token_roles())
+            plan.absorbed.append(selection.token_absorbed())
             plan.merged += selection.merged
         # Kept tokens rank above dropped ones, each group in position order: the top `width`
         # ranks of a row are its kept tokens and, for a row that keeps fewer than the longest,

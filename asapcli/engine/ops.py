@@ -172,3 +172,15 @@ def pooled_grid(features: torch.Tensor, side: int, cells: int) -> tuple[torch.Te
     starts = [(i * side) // cells for i in range(cells)]  # adaptive pooling's cell boundaries
     corners = torch.tensor([row * side + col for row in starts for col in starts], device=features.device)
     return pooled.to(features.dtype), corners
+
+
+def pooled_cells(side: int, cells: int) -> list[list[int]]:
+    """The token indices (row-major on a `side` x `side` grid) that each cell of `pooled_grid`
+    averages, cells in row-major order. Adaptive pooling's cells overlap by a row or a column
+    where `side` is not a multiple of `cells`."""
+    bounds = [((i * side) // cells, -(-(i + 1) * side // cells)) for i in range(cells)]
+    return [
+        [row * side + col for row in range(top, bottom) for col in range(left, right)]
+        for top, bottom in bounds
+        for left, right in bounds
+    ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .asap import Asap, AsapBimaskOnly
-from .base import PruningMethod, Selection, SpanScores, SpanView
+from .base import ANCHOR, KEPT, POOLED, REFILLED, ROLES, SELECTED, PruningMethod, Selection, SpanScores, SpanView
 from .divprune import DivPrune
 from .fastv import FastV
 from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
@@ -16,11 +16,17 @@ METHODS: dict[str, type[PruningMethod]] = {
 }
 
 __all__ = [
+    "ANCHOR",
     "HYPERPARAMETERS",
+    "KEPT",
     "METHODS",
+    "POOLED",
     "POSITIONS",
+    "REFILLED",
+    "ROLES",
     "SCORES",
     "SCORE_QUERIES",
+    "SELECTED",
     "Hyperparameter",
     "PruningMethod",
     "Selection",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .base import PruningMethod, Selection, SpanView
+from .base import ANCHOR, REFILLED, SELECTED, PruningMethod, Selection, SpanView
 
 
 @dataclass(frozen=True)
@@ -61,4 +61,24 @@ class Asap(AsapBimaskOnly):
         kept = torch.cat([survivors, refill])
         states = torch.cat([survivor_hidden, span.hidden[refill]])
         order = kept.argsort()
-        return Selection(kept=kept[order], hidden=states[order], merged=absorbed)
+        roles, sources = _roles(selected.tolist(), anchor.tolist(), absorbed)
+        return Selection(
+            kept=kept[order],
+            hidden=states[order],
+            merged=absorbed,
+            roles=[roles[i] for i in order.tolist()],
+            absorbed=[sources[i] for i in order.tolist()],
+        )
+
+
+def _roles(selected: list[int], anchor: list[int], refilled: int) -> tuple[list[str], list[list[int]]]:
+    """Each kept token's role and the span indices it absorbed, in `select`'s order before sorting:
+    the survivors of consolidation (an anchor that absorbed none is plainly selected), then the
+    refills. `anchor` is consolidation_groups' answer over `selected`."""
+    absorbed_by = {i: [] for i, a in enumerate(anchor) if a == i}
+    for i, a in enumerate(anchor):
+        if a != i:
+            absorbed_by[a].append(selected[i])
+    sources = list(absorbed_by.values())  # dicts keep insertion order: the survivors' ascending order
+    roles = [ANCHOR if absorbed else SELECTED for absorbed in sources]
+    return roles + [REFILLED] * refilled, sources + [[] for _ in range(refilled)]

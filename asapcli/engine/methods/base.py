@@ -37,14 +37,35 @@ class SpanScores:
     saliency: torch.Tensor | None = None
 
 
+# Why a kept token was kept (its role), for reports and figures; the numbers never depend on it.
+SELECTED = "selected"  # ranked in by the method's own criterion: attention, diversity, chance
+ANCHOR = "anchor"  # ASAP: a selected token that absorbed similar selected ones (Eq. 6)
+REFILLED = "refilled"  # ASAP: taken from the pruned pool into a slot an absorbed token freed
+POOLED = "pooled"  # pool: the average of one cell of the grid
+KEPT = "kept"  # a span that was not pruned: every token goes on
+ROLES = (SELECTED, ANCHOR, REFILLED, POOLED, KEPT)
+
+
 @dataclass(frozen=True)
 class Selection:
     """The k tokens of a span that go on past layer L-1: indices into the span, ascending, and
-    the hidden states they carry (changed only where a method merges tokens)."""
+    the hidden states they carry (changed only where a method merges tokens).
+
+    `roles` names why each kept token was kept (None: all SELECTED); `absorbed` lists, for each
+    kept token, the other span indices whose states it now carries (an anchor's merged tokens, a
+    pooled cell's other patches; None: none anywhere)."""
 
     kept: torch.Tensor
     hidden: torch.Tensor
     merged: int = 0
+    roles: list[str] | None = None
+    absorbed: list[list[int]] | None = None
+
+    def token_roles(self) -> list[str]:
+        return list(self.roles) if self.roles is not None else [SELECTED] * self.kept.numel()
+
+    def token_absorbed(self) -> list[list[int]]:
+        return [list(a) for a in self.absorbed] if self.absorbed is not None else [[] for _ in range(self.kept.numel())]
 
 
 class PruningMethod:

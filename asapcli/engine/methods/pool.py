@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ...errors import UsageError
 from .. import ops
-from .base import PruningMethod, Selection, SpanView
+from .base import POOLED, PruningMethod, Selection, SpanView
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,11 @@ class Pool(PruningMethod):
 
     def select(self, span: SpanView, k: int) -> Selection:
         side = _side(span.hidden.shape[0])
-        pooled, corners = ops.pooled_grid(span.hidden, side, math.isqrt(k))
-        return Selection(kept=corners, hidden=pooled)
+        cells = math.isqrt(k)
+        pooled, corners = ops.pooled_grid(span.hidden, side, cells)
+        members = ops.pooled_cells(side, cells)
+        absorbed = [[index for index in cell if index != corner] for cell, corner in zip(members, corners.tolist())]
+        return Selection(kept=corners, hidden=pooled, roles=[POOLED] * len(members), absorbed=absorbed)
 
 
 def _side(tokens: int) -> int:
