@@ -9,7 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import figures
+from . import figures, patches
+from .engine import PruningPlan
 from .errors import UsageError
 from .generation import GenerationResult, generate, generate_batch
 from .inputs import (
@@ -71,6 +72,7 @@ class Answered:
     result: GenerationResult
     record: Answer
     span: tuple[int, int] | None = None  # the image's token span, for one sample alone
+    plan: PruningPlan | None = None  # what pruned it (kept tokens and their roles), for one sample alone
 
 
 def answer(
@@ -85,7 +87,7 @@ def answer(
 ) -> list[Answered]:
     """Every sample answered: one alone, its text streamed to `on_text`; several as one batch
     (each row its own plan, the same answers). `draws_kept`: the caller will draw the kept
-    patches, so a model without one square grid of tokens fails before generating."""
+    patches, so a model whose image tokens cannot be placed on the image fails before generating."""
     for prompt in dict.fromkeys(prompt for _, prompt in samples.pairs):
         check_text(loaded.processor, prompt)
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
@@ -100,12 +102,12 @@ def answer(
     plan = plan_for(loaded, inputs["input_ids"][0], settings)
     span = plan.spans[0] if plan.spans else None
     if draws_kept:
-        figures.token_grid(span[1] - span[0] if span else 0)
+        patches.span_layout(loaded.processor, samples.pictures[image].size, span[1] - span[0] if span else 0)
     result = generate(loaded, inputs, plan, on_text=on_text, **sampling)
-    return [_answered(loaded, settings, image, prompt, result, span)]
+    return [_answered(loaded, settings, image, prompt, result, span, plan)]
 
 
-def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResult, span=None) -> Answered:
+def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResult, span=None, plan=None) -> Answered:
     vanilla = settings.method == "vanilla"  # no budget, no pruning layer: none to report
     record = Answer(
         **Answer.figures(result),
@@ -118,10 +120,68 @@ def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResu
         prompt_tokens=result.prompt_tokens,
         device=str(loaded.device),
     )
-    return Answered(image, prompt, result, record, span)
+    return Answered(image, prompt, result, record, span, plan)
 
 
-def kept_picture(loaded: Loaded, samples: Samples, answered: Answered) -> Image.Image:
-    """The image as the language model kept it (one sample alone): dropped patches darkened."""
-    picture = samples.pictures[answered.image]
-    return figures.kept_in_span(picture, loaded.processor.image_processor, answered.span, answered.result)
+def kept_view(loaded: Loaded, picture: Image.Image, answered: Answered) -> figures.KeptView:
+    """What the kept-tokens figure of one sample alone shows: each patch of the image in the role
+    the engine gave its token (from the plan), laid out as the processor placed it."""
+    start, end = answered.span
+    layout = patches.span_layout(loaded.processor, picture.size, end - start)
+    plan, result = answered.plan, answered.result
+    pruned = plan is not None and bool(plan.kept)
+    record = answered.record
+    title = figures.kept_title(loaded.name, record.method, record.k, record.layer, result.kept_tokens, end - start)
+    return figures.kept_view(
+        layout,
+        (plan.kept[0] - start).tolist() if pruned else None,
+        plan.roles[0] if pruned else None,
+        plan.absorbed[0] if pruned else None,
+        title,
+        record.method,
+    )
+
+
+def comparison_runs(methods: list[str], budgets: list[int] | None, base: PruneSettings) -> list[PruneSettings]:
+    """`asap compare`'s columns: vanilla first (the original image and its answer), then every
+    other method at every budget (`base`'s k when none are given)."""
+    ks = budgets or [base.k]
+    return [base.for_method("vanilla")] + [
+        base.for_method(method, k) for k in ks for method in methods if method != "vanilla"
+    ]
+
+
+def compare(
+    loaded: Loaded, runs: list[PruneSettings], samples: Samples, max_tokens: int = 128, seed: int = 0
+) -> list[Answered]:
+    """One image and prompt answered under each of `runs`, each alone, so that each keeps its
+    plan for the figure."""
+    return [
+        answer(loaded, settings, samples, max_tokens=max_tokens, seed=seed, draws_kept=True)[0] for settings in runs
+    ]
+
+
+def comparison_line(answered: Answered) -> str:
+    """`method k=N (kept K/V): answer`, as `asap compare` prints each."""
+    record = answered.record
+    budget = "" if record.k is None else f" k={record.k}"
+    return f"{record.method}{budget} (kept {record.kept_tokens}/{record.visual_tokens}): {record.answer}"
+
+
+def comparison_figure(loaded: Loaded, samples: Samples, answers: list[Answered]):
+    """The side-by-side figure of `compare`'s answers: the first (vanilla) as the original."""
+    picture = samples.pictures[answers[0].image]
+    columns = []
+    for number, answered in enumerate(answers):
+        record = answered.record
+        if number == 0:
+            heading = f"original ({record.method}, {record.visual_tokens} tokens)"
+        else:
+            budget = "" if record.k is None else f" k={record.k}"
+            heading = f"{record.method}{budget}: kept {record.kept_tokens}/{record.visual_tokens}"
+        columns.append(figures.ComparedPanel(heading, kept_view(loaded, picture, answered), record.answer))
+    layer = next((a.record.layer for a in answers if a.record.layer), None)
+    title = f"{loaded.name}: “{answers[0].prompt}”" + (
+        f" (L={layer} where the method prunes in the LLM)" if layer else ""
+    )
+    return figures.draw_comparison(picture, columns, title)

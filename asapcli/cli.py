@@ -11,7 +11,7 @@ import typer
 from transformers.utils import logging as transformers_logging
 
 from . import display
-from .commands import chat, eval, flops, profile, run
+from .commands import chat, compare, eval, flops, profile, run
 from .errors import UsageError, describe
 
 app = typer.Typer(
@@ -68,6 +68,7 @@ def main_options(
 
 
 app.command("run")(user_errors(run.run))
+app.command("compare")(user_errors(compare.compare))
 app.command("chat")(user_errors(chat.chat))
 app.command("flops")(user_errors(flops.flops_command))
 app.command("profile")(user_errors(profile.profile))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import evaluation, figures
 from .errors import UsageError
-from .evaluation import AnswerLog, Item, RowAttention, Score
+from .evaluation import AnswerLog, Item, PatchAttention, Score
 from .loading import Loaded
 from .records import AttentionProfile, EvalReport
 from .settings import PruneSettings
@@ -24,7 +24,7 @@ class Outcome:
     report: EvalReport
     answered: int  # answers given, over every method and budget
     asked: int  # answers a whole run gives
-    rows: RowAttention | None  # the attention profile, when asked for and not interrupted
+    attention: PatchAttention | None  # the attention profile, when asked for and not interrupted
 
     @property
     def interrupted(self) -> bool:
@@ -53,7 +53,7 @@ class EvalRun:
         inputs = ([data] if data is not None else []) + [item.image for item in items if isinstance(item.image, Path)]
         for path in (plot, attention_profile):
             if path is not None:
-                figures.check_picture_writable(path, inputs)
+                figures.check_figure_writable(path, inputs)
         if log is not None:
             figures.check_writable(log, inputs)
         source = str(data) if data is not None else "synthetic held-out scenes"
@@ -71,6 +71,7 @@ class EvalRun:
         batch: int = 1,
         tasks: Tasks | None = None,
         prompt_suffix: str | None = None,
+        score_queries: str | None = None,
     ) -> Outcome:
         """Every method at every budget (the preset's budgets, else `base`'s k, when none are
         given) over the questions, then the attention profile if asked for. Ctrl-C stops it and
@@ -83,7 +84,7 @@ class EvalRun:
         for settings in runs:
             settings.check(loaded.num_layers)
         scores = [Score(settings) for settings in runs]
-        rows, interrupted = None, False
+        attention, interrupted = None, False
         answers = AnswerLog(self.log, items) if self.log is not None else None
         try:
             on_answer = answers.write if answers is not None else None
@@ -94,7 +95,9 @@ class EvalRun:
             )
             if self.attention_profile is not None:
                 step = tasks("Attention profile", 2 * len(items))
-                rows = evaluation.row_attention(loaded, items, base.layer, lambda_max, on_step=step)
+                attention = evaluation.patch_attention(
+                    loaded, items, base.layer, lambda_max, score_queries, on_step=step
+                )
         except KeyboardInterrupt:  # Ctrl-C: what was answered, marked partial
             interrupted = True
         finally:
@@ -110,9 +113,9 @@ class EvalRun:
             layer=base.layer,
             partial=interrupted,
             results=[score.row(vanilla) for score in scores],
-            attention_profile=None if rows is None else AttentionProfile(rows.causal, rows.sg_bimask),
+            attention_profile=None if attention is None else _profile(attention),
         )
-        return Outcome(report, answered, len(items) * len(runs), rows)
+        return Outcome(report, answered, len(items) * len(runs), attention)
 
     def write_files(self, outcome: Outcome) -> Iterator[Path]:
         """The output files, each yielded once written (--log's was written as answers came)."""
@@ -120,15 +123,24 @@ class EvalRun:
         if self.log is not None:
             yield self.log
         if self.plot is not None:
-            series: dict[str, list[tuple[float, float]]] = {}
-            for row in report.results:
-                series.setdefault(row.method, []).append((100 * row.flops_ratio, 100 * row.average))
-            title = f"{report.model}: {report.data}, n={report.n}"
-            figures.save_picture(figures.accuracy_plot(series, title), self.plot, self.inputs)
+            title = f"{report.model}: {report.data}, n={report.n}, L={report.layer}"
+            figure = figures.draw_accuracy(figures.accuracy_points(report.results), title)
+            figures.save_figure(figure, self.plot, self.inputs)
             yield self.plot
-        if outcome.rows is not None:
-            rows = outcome.rows
-            title = f"{report.model}: attention of the last prompt token per image row, layer {rows.layer - 1}"
-            curves = {"causal (FastV)": rows.causal, "SG-BiMask (ASAP)": rows.sg_bimask}
-            figures.save_picture(figures.row_attention_plot(curves, title), self.attention_profile, self.inputs)
+        if outcome.attention is not None:
+            attention = outcome.attention
+            title = figures.attention_title(report.model, attention.layer, attention.queries, report.n)
+            view = figures.AttentionView(title, attention.causal, attention.sg_bimask)
+            figures.save_figure(figures.draw_attention(view), self.attention_profile, self.inputs)
             yield self.attention_profile
+
+
+def _profile(attention: PatchAttention) -> AttentionProfile:
+    per_row = PatchAttention.per_row
+    return AttentionProfile(
+        attention.queries,
+        per_row(attention.causal),
+        per_row(attention.sg_bimask),
+        attention.causal,
+        attention.sg_bimask,
+    )

@@ -1,5 +1,5 @@
 """Accuracy under pruning: a question set run through methods and budgets (the paper's Table 1),
-and the attention the last prompt token pays to each image row (the attention shift, Fig. 2)."""
+and the attention the scoring queries pay to each patch of the image (the attention shift, Fig. 2)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import figures
+from . import patches
 from .demo import scenes
 from .errors import AsapError, UsageError
 from .generation import generate_batch, to_device
@@ -256,41 +256,52 @@ class AnswerLog:
 
 
 @dataclass
-class RowAttention:
-    """Mean attention the last prompt token pays to each row of the image grid at layer L-1,
-    under the causal mask (what FastV ranks by) and under SG-BiMask (what ASAP ranks by)."""
+class PatchAttention:
+    """Mean attention the scoring queries (`queries`: last, text or all) pay to each patch of the
+    image grid at layer L-1 (rows x cols, row 0 at the top), under the causal mask (what FastV
+    ranks by) and under SG-BiMask (what ASAP ranks by). `layer` is L as the user gave it."""
 
     layer: int
-    causal: list[float]
-    sg_bimask: list[float]
+    queries: str
+    causal: list[list[float]]
+    sg_bimask: list[list[float]]
+
+    @staticmethod
+    def per_row(grid: list[list[float]]) -> list[float]:
+        return [sum(row) for row in grid]
 
 
-def row_attention(
+def patch_attention(
     loaded: Loaded,
     items: list[Item],
     layer: int,
     lambda_max: float | None = None,
+    queries: str | None = None,
     on_step: Callable[[], None] | None = None,
-) -> RowAttention:
-    """Scores every item's image at layer `layer`-1 without pruning anything (a score-only
-    plan) and averages the attention per image row. Needs a square grid of tokens per image.
-    FastV's settings score under the causal mask, ASAP's under SG-BiMask."""
+) -> PatchAttention:
+    """Scores every item's image at layer `layer`-1 without pruning anything (a score-only plan)
+    and averages the attention per patch of its first grid (LLaVA-NeXT: the base image, the same
+    size for every image). FastV's settings score under the causal mask, ASAP's under SG-BiMask."""
     masks = {"causal": "fastv", "sg_bimask": "asap"}
+    queries = queries or "last"
     sums = {mask: torch.zeros(()) for mask in masks}
     for item in items:
-        inputs = build_batch_inputs(loaded.processor, [(item.question, item.picture())])
+        picture = item.picture()
+        inputs = build_batch_inputs(loaded.processor, [(item.question, picture)])
         everything = inputs["input_ids"].shape[1]
         for mask, method in masks.items():
-            settings = PruneSettings(method, k=everything, layer=layer, score_queries="last", lambda_max=lambda_max)
+            settings = PruneSettings(method, k=everything, layer=layer, score_queries=queries, lambda_max=lambda_max)
             plan = replace(plan_for(loaded, inputs["input_ids"][0], settings), score_only=True)
             with torch.inference_mode(), loaded.decoder.pruning(plan):
                 loaded.model(**to_device(loaded, inputs))
-            sums[mask] = sums[mask] + _per_row(plan.importance[0])
+            sums[mask] = sums[mask] + _on_grid(loaded, picture, plan.importance[0])
             if on_step is not None:
                 on_step()
-    return RowAttention(layer, *((sums[mask] / len(items)).tolist() for mask in masks))
+    return PatchAttention(layer, queries, *((sums[mask] / len(items)).tolist() for mask in masks))
 
 
-def _per_row(importance: torch.Tensor) -> torch.Tensor:
-    grid, skip = figures.token_grid(importance.numel())
-    return importance[skip:].float().cpu().reshape(grid, grid).sum(dim=1)
+def _on_grid(loaded: Loaded, picture: Image.Image, importance: torch.Tensor) -> torch.Tensor:
+    """The attention of one span's tokens laid on its first patch grid (rows, cols)."""
+    grid = patches.span_layout(loaded.processor, picture.size, importance.numel()).grids[0]
+    index = torch.tensor([[grid.index(r, c) for c in range(grid.cols)] for r in range(grid.rows)])
+    return importance.float().cpu()[index]

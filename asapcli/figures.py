@@ -1,102 +1,498 @@
-"""Pictures drawn with PIL alone: which patches a method kept (the paper's Fig. 2), accuracy
-against FLOPs (Table 1 as a plot) and attention per image row (the attention shift)."""
+"""The figures, drawn with matplotlib: which tokens a method kept and why (the paper's Fig. 2, one
+method or several side by side), accuracy against FLOPs (Table 1 as a plot) and where the
+scoring queries' attention goes under each mask (the attention shift).
+
+Each figure is built in two steps: a plain description of what is drawn (`KeptView`,
+`AccuracyPoint`s, `AttentionView`: which patch in which role, the legend's counts, the points),
+which the tests inspect, then `draw_*` turns it into a matplotlib Figure. matplotlib is imported
+inside the drawing functions only (the Agg canvas: no display, no pyplot state), so that the
+commands that only check an output file start fast.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+import textwrap
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
-
+from .engine.methods.base import ANCHOR, KEPT, POOLED, REFILLED, SELECTED
 from .errors import AsapError, UsageError
+from .patches import Box, SpanLayout
 
-DROPPED_BRIGHTNESS = 0.2
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
-INK, GRID = (40, 40, 40), (225, 225, 225)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+# Figure files by their suffix; rasters at a modest dpi keep a committed figure small.
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
+DPI = 100
+MIN_SHORT_SIDE = 384  # pixels: a 96 px image is upscaled to this, nearest-neighbour (its patches stay sharp)
+
+DROPPED, ABSORBED = "dropped", "absorbed"  # a patch's state beside the kept roles
+# Okabe-Ito colours, told apart by colour-blind readers too.
+COLOURS = {
+    SELECTED: "#0072B2",
+    ANCHOR: "#E69F00",
+    ABSORBED: "#E69F00",
+    REFILLED: "#009E73",
+    POOLED: "#CC79A7",
+    KEPT: "#FFFFFF",
+    DROPPED: "#555555",
+}
+DIM_TOWARDS, DIM_KEEPS = (24, 24, 24), 0.3  # a dropped patch: 30% of itself over near-black, still readable
+SERIES = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]  # one colour per line
+SELECTED_BY = {"fastv": "by score", "asap": "by score", "asap-bimask-only": "by score", "divprune": "for diversity"}
 
 
-def token_grid(tokens: int) -> tuple[int, int]:
-    """(grid side, leading tokens to skip) of an image span laid out as one square grid, as
-    LLaVA-1.5's is (a CLS token first under the "full" feature strategy)."""
-    for skip in (0, 1) if tokens > 1 else ():
-        side = math.isqrt(tokens - skip)
-        if side * side == tokens - skip:
-            return side, skip
-    raise UsageError(
-        f"the image span has {tokens} tokens, not one square grid of patches (a tiling model such as "
-        "LLaVA-NeXT?); pictures per patch need a fixed-grid model (LLaVA-1.5 style)"
+def role_label(role: str, method: str) -> str:
+    """What the legend calls a role, for `method`."""
+    if role == SELECTED:
+        return "chosen at random" if method == "random" else f"selected {SELECTED_BY.get(method, 'by score')}"
+    return {
+        ANCHOR: "merge anchor",
+        ABSORBED: "merged into an anchor (dashed)",
+        REFILLED: "refilled from the pruned pool",
+        POOLED: "pooled cell",
+        KEPT: "kept (not pruned)",
+        DROPPED: "dropped (dimmed)",
+    }[role]
+
+
+# ---- kept tokens -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridView:
+    """One grid of patches as drawn: each patch's state (`states[row][col]`: a kept role,
+    ABSORBED or DROPPED) and the outlines, (role, box in image pixels): one per kept patch, one
+    per pooled cell, one per patch an anchor absorbed (role ABSORBED, the anchor's colour)."""
+
+    name: str
+    box: Box
+    states: list[list[str]]
+    outlines: list[tuple[str, Box]] = field(default_factory=list)
+
+    def cells_in(self, state: str) -> list[tuple[int, int]]:
+        return [(r, c) for r, row in enumerate(self.states) for c, value in enumerate(row) if value == state]
+
+
+@dataclass(frozen=True)
+class KeptView:
+    """What a kept-tokens figure shows: the title, every grid, and the legend (label, count) in
+    order: kept tokens by role, then the patches merged away and dropped. `note` counts the kept
+    tokens that sit on no patch (a CLS token, LLaVA-NeXT's newline slots)."""
+
+    title: str
+    method: str
+    grids: list[GridView]
+    legend: list[tuple[str, str, int]]  # (role, label, count)
+    note: str = ""
+
+
+def kept_view(
+    layout: SpanLayout,
+    kept: Sequence[int] | None,
+    roles: Sequence[str] | None,
+    absorbed: Sequence[Sequence[int]] | None,
+    title: str,
+    method: str,
+) -> KeptView:
+    """The description of one span's figure: `kept` span indices (None: nothing was pruned, every
+    token kept), each one's role and the span indices it absorbed (the engine's, from the plan)."""
+    if kept is None:
+        kept, roles, absorbed = range(layout.tokens), [KEPT] * layout.tokens, [[] for _ in range(layout.tokens)]
+    roles = list(roles) if roles is not None else [SELECTED] * len(kept)
+    absorbed = list(absorbed) if absorbed is not None else [[] for _ in kept]
+    states = [[[DROPPED] * grid.cols for _ in range(grid.rows)] for grid in layout.grids]
+    outlines: list[list[tuple[str, Box]]] = [[] for _ in layout.grids]
+    off_grid: Counter[str] = Counter()
+
+    def mark(index: int, state: str) -> tuple[int, int, int] | None:
+        place = layout.locate(index)
+        if place is not None:
+            number, row, col = place
+            if state != ABSORBED or states[number][row][col] == DROPPED:  # a kept token is never shown as merged
+                states[number][row][col] = state
+        return place
+
+    for index, role, sources in zip(kept, roles, absorbed, strict=True):
+        place = mark(index, role)
+        if place is None:
+            off_grid[role] += 1
+            continue
+        number, row, col = place
+        grid = layout.grids[number]
+        if role == POOLED:  # the cell: the kept token and the patches averaged into it
+            cell = [layout.locate(i) for i in [index, *sources]]
+            rows_ = [p[1] for p in cell if p is not None]
+            cols_ = [p[2] for p in cell if p is not None]
+            for i in sources:
+                mark(i, POOLED)
+            box = grid.patch_box(min(rows_), min(cols_), max(rows_) - min(rows_) + 1, max(cols_) - min(cols_) + 1)
+            outlines[number].append((POOLED, box))
+            continue
+        if role != KEPT:
+            outlines[number].append((role, grid.patch_box(row, col)))
+        for source in sources:
+            source_place = mark(source, ABSORBED)
+            if source_place is not None and states[source_place[0]][source_place[1]][source_place[2]] == ABSORBED:
+                at = layout.grids[source_place[0]]
+                outlines[source_place[0]].append((ABSORBED, at.patch_box(*source_place[1:])))
+    grids = [GridView(g.name, g.box, s, o) for g, s, o in zip(layout.grids, states, outlines, strict=True)]
+    counts = Counter(roles)
+    merged = sum(len(sources) for role, sources in zip(roles, absorbed) if role == ANCHOR)
+    legend = [(role, role_label(role, method), counts[role]) for role in (SELECTED, ANCHOR) if counts[role]]
+    if merged:
+        legend.append((ABSORBED, role_label(ABSORBED, method), merged))
+    legend += [(role, role_label(role, method), counts[role]) for role in (REFILLED, POOLED, KEPT) if counts[role]]
+    pooled_away = sum(len(sources) for role, sources in zip(roles, absorbed) if role == POOLED)
+    dropped = layout.tokens - len(kept) - merged - pooled_away
+    if dropped > 0 and not counts[POOLED]:
+        legend.append((DROPPED, role_label(DROPPED, method), dropped))
+    note = ""
+    if off_grid and len(layout.extra) > 0:
+        note = f"{sum(off_grid.values())} of {len(layout.extra)} tokens off the patch grid kept (CLS, row ends)"
+    return KeptView(title, method, grids, legend, note)
+
+
+def kept_title(model: str, method: str, k: int | None, layer: int | None, kept: int, tokens: int) -> str:
+    if method == "vanilla" or kept >= tokens:
+        return f"{model}: {method}, every one of {tokens} visual tokens kept"
+    where = "before the language model" if layer == 0 else f"L={layer}"
+    return f"{model}: {method}, k={k}, {where}: kept {kept} of {tokens} visual tokens"
+
+
+def _upscaled(image: Image.Image):
+    """The image as an RGB array, enlarged by a whole factor (nearest neighbour) to at least
+    MIN_SHORT_SIDE pixels on its short side, and that factor."""
+    import numpy as np
+    from PIL import Image as PILImage
+
+    image = image.convert("RGB")
+    factor = max(1, math.ceil(MIN_SHORT_SIDE / min(image.size)))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), PILImage.Resampling.NEAREST)
+    return np.asarray(image), factor
+
+
+def _composite(pixels, factor: int, grid: GridView):
+    """The upscaled image with every patch that did not go on (dropped, merged away, or never
+    seen by the tower) dimmed."""
+    import numpy as np
+
+    lit = np.zeros(pixels.shape[:2], dtype=bool)
+    rows, cols = len(grid.states), len(grid.states[0])
+    left, top, right, bottom = grid.box
+    for r in range(rows):
+        for c in range(cols):
+            if grid.states[r][c] in (DROPPED, ABSORBED):
+                continue
+            x0 = left + c * (right - left) / cols
+            y0 = top + r * (bottom - top) / rows
+            x1, y1 = x0 + (right - left) / cols, y0 + (bottom - top) / rows
+            lit[max(0, round(y0 * factor)) : round(y1 * factor), max(0, round(x0 * factor)) : round(x1 * factor)] = True
+    dimmed = pixels * DIM_KEEPS + np.array(DIM_TOWARDS) * (1 - DIM_KEEPS)
+    return np.where(lit[..., None], pixels, dimmed).astype(np.uint8)
+
+
+def _draw_grid(axes, pixels, factor: int, grid: GridView) -> None:
+    """One panel: the image with its patch grid, dimmed where tokens were lost, each kept patch
+    outlined in its role's colour."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    height, width = pixels.shape[:2]
+    axes.imshow(
+        _composite(pixels, factor, grid), extent=(0, width / factor, height / factor, 0), interpolation="nearest"
+    )
+    rows, cols = len(grid.states), len(grid.states[0])
+    left, top, right, bottom = grid.box
+    line = {"colors": "white", "linewidths": 0.4, "alpha": 0.35}
+    axes.vlines([left + c * (right - left) / cols for c in range(cols + 1)], top, bottom, **line)
+    axes.hlines([top + r * (bottom - top) / rows for r in range(rows + 1)], left, right, **line)
+    for role in (ABSORBED, SELECTED, ANCHOR, REFILLED, POOLED):
+        boxes = [Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1]) for r, b in grid.outlines if r == role]
+        if boxes:
+            dashed = role == ABSORBED
+            axes.add_collection(
+                PatchCollection(
+                    boxes,
+                    facecolor="none",
+                    edgecolor=COLOURS[role],
+                    linewidth=1.0 if dashed else 1.6,
+                    linestyle="--" if dashed else "-",
+                    label=role,
+                )
+            )
+    axes.set_xlim(0, width / factor)
+    axes.set_ylim(height / factor, 0)
+    axes.set_axis_off()
+
+
+def _panels(columns: int, rows: int, panel: tuple[int, int], top: int, bottom: int, gap: int = 12):
+    """A figure of `rows` x `columns` panels of `panel` (width, height) pixels each, shown one
+    image pixel to one figure pixel, with `top` and `bottom` pixels for titles, answers and the
+    legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    width = columns * panel[0] + (columns + 1) * gap
+    height = rows * panel[1] + (rows - 1) * gap + top + bottom
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    FigureCanvasAgg(figure)
+    axes = [
+        [
+            figure.add_axes(
+                (
+                    (gap + c * (panel[0] + gap)) / width,
+                    (bottom + (rows - 1 - r) * (panel[1] + gap)) / height,
+                    panel[0] / width,
+                    panel[1] / height,
+                )
+            )
+            for c in range(columns)
+        ]
+        for r in range(rows)
+    ]
+    return figure, axes
+
+
+def _legend(figure, entries: list[tuple[str, str, int | None]], columns: int) -> None:
+    from matplotlib.patches import Patch
+
+    handles = [
+        Patch(
+            facecolor=COLOURS[DROPPED] if role == DROPPED else "none",
+            edgecolor=COLOURS[role] if role != KEPT else "#999999",
+            linestyle="--" if role == ABSORBED else "-",
+            linewidth=1.6,
+            label=label if count is None else f"{label}: {count}",
+        )
+        for role, label, count in entries
+    ]
+    figure.legend(handles=handles, loc="lower center", ncol=columns, frameon=False, fontsize=9)
+
+
+def draw_kept(image: Image.Image, view: KeptView) -> Figure:
+    """The kept-tokens figure: one panel per grid (LLaVA-NeXT: the base image and the tiles)."""
+    pixels, factor = _upscaled(image)
+    panel = (pixels.shape[1], pixels.shape[0])
+    named = len(view.grids) > 1
+    figure, axes = _panels(
+        len(view.grids), 1, panel, top=44 + 16 * named + 14 * bool(view.note), bottom=20 + 19 * len(view.legend)
+    )
+    for ax, grid in zip(axes[0], view.grids, strict=True):
+        _draw_grid(ax, pixels, factor, grid)
+        if named:
+            ax.set_title(grid.name, fontsize=9)
+    title = textwrap.wrap(view.title, figure.bbox.width // 7) + ([view.note] if view.note else [])
+    figure.suptitle("\n".join(title), fontsize=10)
+    _legend(figure, view.legend, columns=1)
+    return figure
+
+
+@dataclass(frozen=True)
+class ComparedPanel:
+    """One column of the side-by-side figure: what a method kept, what it answered."""
+
+    heading: str
+    view: KeptView
+    answer: str
+
+
+def draw_comparison(image: Image.Image, columns: list[ComparedPanel], title: str) -> Figure:
+    """The paper's Fig. 2 layout: the original first, then one column per method, each with its
+    answer under it; LLaVA-NeXT's base image and tiles as two rows."""
+    pixels, factor = _upscaled(image)
+    scale = min(1.0, 300 / min(pixels.shape[:2]))  # panels side by side: a little smaller than alone
+    panel = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
+    rows = max(len(column.view.grids) for column in columns)
+    legend = _merged_legend([column.view for column in columns])
+    wrap = max(16, panel[0] // 7)
+    answer_lines = max(len(textwrap.wrap(f"“{c.answer}”", wrap)[:3]) for c in columns)
+    bottom = 24 + 14 * answer_lines + 18 * math.ceil(len(legend) / 3) + 10
+    figure, axes = _panels(len(columns), rows, panel, top=64, bottom=bottom)
+    for c, column in enumerate(columns):
+        for r, grid in enumerate(column.view.grids):
+            _draw_grid(axes[r][c], pixels, factor, grid)
+        for r in range(len(column.view.grids), rows):
+            axes[r][c].set_axis_off()
+        axes[0][c].set_title("\n".join(textwrap.wrap(column.heading, wrap)[:2]), fontsize=9)
+        answer = "\n".join(textwrap.wrap(f"“{column.answer}”", wrap)[:3])
+        axes[-1][c].text(0.5, -0.04, answer, transform=axes[-1][c].transAxes, ha="center", va="top", fontsize=9)
+    figure.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=10)
+    _legend(figure, legend, columns=3)
+    return figure
+
+
+def _merged_legend(views: list[KeptView]) -> list[tuple[str, str, int | None]]:
+    """One legend for several panels: each role once, labelled without counts per panel (each
+    panel's heading has them)."""
+    seen: dict[str, str] = {}
+    for view in views:
+        for role, label, _ in view.legend:
+            if role != KEPT:
+                seen.setdefault(role if role != SELECTED else f"{SELECTED}:{label}", label)
+    return [(key.split(":")[0], label, None) for key, label in seen.items()]
+
+
+# ---- accuracy against FLOPs ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccuracyPoint:
+    """One method at one budget: FLOPs ratio (Eq. 8) and average accuracy with its 95% interval, in %."""
+
+    method: str
+    k: int | None  # None: vanilla
+    flops: float
+    accuracy: float
+    low: float
+    high: float
+
+
+def accuracy_points(rows) -> list[AccuracyPoint]:
+    """The points of the plot from eval's rows (records.EvalRow), in percent."""
+    return [
+        AccuracyPoint(row.method, row.k, 100 * row.flops_ratio, 100 * row.average, *(100 * v for v in row.average_ci95))
+        for row in rows
+        if not math.isnan(row.average)
+    ]
+
+
+def draw_accuracy(points: list[AccuracyPoint], title: str) -> Figure:
+    """Accuracy against the FLOPs ratio: a line per method, each point labelled with its k and
+    its 95% interval as an error bar; vanilla as a horizontal reference line with its interval
+    shaded."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = MplFigure(figsize=(6.4, 4.4), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    palette = iter(SERIES)
+    for point in points:
+        if point.method == "vanilla":
+            axes.axhspan(point.low, point.high, color="#888888", alpha=0.15, linewidth=0)
+            axes.axhline(point.accuracy, color="#444444", linestyle="--", linewidth=1.2,
+                         label=f"vanilla: {point.accuracy:.1f}%")  # fmt: skip
+    for method in dict.fromkeys(p.method for p in points if p.method != "vanilla"):
+        mine = sorted((p for p in points if p.method == method), key=lambda p: p.flops)
+        colour = next(palette, "#000000")
+        axes.errorbar(
+            [p.flops for p in mine],
+            [p.accuracy for p in mine],
+            yerr=[[p.accuracy - p.low for p in mine], [p.high - p.accuracy for p in mine]],
+            marker="o", markersize=5, capsize=3, linewidth=1.5, color=colour, label=method,
+        )  # fmt: skip
+        for p in mine:
+            axes.annotate(f"k={p.k}", (p.flops, p.accuracy), xytext=(5, 5), textcoords="offset points",
+                          fontsize=8, color=colour)  # fmt: skip
+    for axis in (axes.xaxis, axes.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]))  # round numbers
+    axes.set_xlabel("FLOPs, % of vanilla (paper Eq. 8, visual tokens)")
+    axes.set_ylabel("accuracy, % (error bars: 95% interval)")
+    axes.grid(True, color="#dddddd", linewidth=0.6)
+    axes.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=10)
+    axes.legend(fontsize=8, loc="lower right")
+    return figure
+
+
+# ---- the attention shift ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionView:
+    """The attention figure: the mean attention of the scoring queries per patch of the image
+    grid under each mask, their difference (SG-BiMask - causal), and each row's sum."""
+
+    title: str
+    causal: list[list[float]]
+    sg_bimask: list[list[float]]
+
+    @property
+    def difference(self) -> list[list[float]]:
+        return [[b - a for a, b in zip(ra, rb)] for ra, rb in zip(self.causal, self.sg_bimask)]
+
+    @property
+    def rows(self) -> tuple[list[float], list[float]]:
+        return [sum(row) for row in self.causal], [sum(row) for row in self.sg_bimask]
+
+
+QUERIES = {"last": "the last prompt token", "text": "the text after the image", "all": "every token from the image on"}
+
+
+def attention_title(model: str, layer: int, queries: str, n: int) -> str:
+    """Names the layer as the user gave it: --layer L scores at layer L-1 and prunes before L."""
+    return (
+        f"{model}: attention of {QUERIES.get(queries, queries)} to the image, mean of {n} images; "
+        f"scored at layer {layer - 1}, pruned before layer {layer} (--layer {layer})"
     )
 
 
-def seen_region(size: tuple[int, int], image_processor) -> tuple[float, float, float, float]:
-    """The box of the original image (left, top, right, bottom) that the vision tower sees: a
-    centred square under CLIP's resize-shortest-edge + centre crop, else the whole image
-    (resized to a square)."""
-    width, height = size
-    resize = getattr(image_processor, "size", None) or {}
-    crop = getattr(image_processor, "crop_size", None) or {}
-    if getattr(image_processor, "do_center_crop", False) and "shortest_edge" in resize and crop:
-        scale = resize["shortest_edge"] / min(width, height)
-        crop_w, crop_h = crop["width"] / scale, crop["height"] / scale
-        left, top = (width - crop_w) / 2, (height - crop_h) / 2
-        return max(0.0, left), max(0.0, top), min(width, left + crop_w), min(height, top + crop_h)
-    return 0.0, 0.0, float(width), float(height)
+def draw_attention(view: AttentionView) -> Figure:
+    """Heatmaps over the patch grid, causal and SG-BiMask on one colour scale and their difference
+    on a scale centred on 0; then the per-row profile of both and, on its own scale, the per-row
+    difference (on the demo model the two profiles nearly coincide: the shift shows there)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    figure = MplFigure(figsize=(15, 3.9), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 5, width_ratios=[1, 1, 1, 0.7, 0.6])
+    high = max(max(max(row) for row in view.causal), max(max(row) for row in view.sg_bimask))
+    for ax, values, name in ((axes[0], view.causal, "causal (FastV)"), (axes[1], view.sg_bimask, "SG-BiMask (ASAP)")):
+        image = ax.imshow(values, cmap="viridis", vmin=0, vmax=high, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+    figure.colorbar(image, ax=axes[:2], shrink=0.85, label="mean attention per patch")
+    spread = max(abs(v) for row in view.difference for v in row) or 1e-12
+    image = axes[2].imshow(view.difference, cmap="RdBu_r", vmin=-spread, vmax=spread, interpolation="nearest")
+    axes[2].set_title("SG-BiMask - causal", fontsize=10)
+    figure.colorbar(image, ax=axes[2], shrink=0.85, label="difference per patch")
+    for ax in axes[:3]:
+        ax.set_xlabel("patch column")
+        ax.set_ylabel("patch row (0 = top)")
+    causal, sg_bimask = view.rows
+    rows = list(range(len(causal)))
+    profile, shift = axes[3], axes[4]
+    profile.plot(causal, rows, color=SERIES[0], linewidth=1.5, label="causal")
+    profile.plot(sg_bimask, rows, color=SERIES[1], linewidth=1.5, label="SG-BiMask")
+    profile.set_xlabel("attention per row")
+    profile.set_title("per row", fontsize=10)
+    profile.legend(fontsize=8)
+    difference = [b - a for a, b in zip(causal, sg_bimask)]
+    shift.barh(rows, difference, color=[SERIES[1] if d >= 0 else SERIES[0] for d in difference], height=0.8)
+    shift.axvline(0, color="#444444", linewidth=0.8)
+    shift.set_xlabel("SG-BiMask - causal")
+    shift.set_title("the shift per row", fontsize=10)
+    for ax in (profile, shift):
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.grid(True, axis="x", color="#dddddd", linewidth=0.6)
+    figure.suptitle("\n".join(textwrap.wrap(view.title, 170)), fontsize=10)
+    return figure
 
 
-def kept_overlay(
-    image: Image.Image, kept: Sequence[int], grid: int, region: tuple[float, float, float, float]
-) -> Image.Image:
-    """`image` with every patch of the `grid` x `grid` token grid (laid over `region`) darkened
-    unless its token index (row-major) is in `kept`; what the tower never sees is darkened too."""
-    dark = image.convert("RGB").point(lambda value: int(value * DROPPED_BRIGHTNESS))
-    result = dark.copy()
-    left, top, right, bottom = region
-    cell_w, cell_h = (right - left) / grid, (bottom - top) / grid
-    for index in kept:
-        row, col = divmod(int(index), grid)
-        box = (
-            round(left + col * cell_w),
-            round(top + row * cell_h),
-            round(left + (col + 1) * cell_w),
-            round(top + (row + 1) * cell_h),
-        )
-        result.paste(image.convert("RGB").crop(box), box[:2])
-    return result
+# ---- files ---------------------------------------------------------------------------------
 
 
-def kept_picture(image: Image.Image, image_processor, tokens: int, kept: Sequence[int]) -> Image.Image:
-    """`image` as the model saw it under pruning: `kept` indexes the image span's `tokens`."""
-    grid, skip = token_grid(tokens)
-    patches = [index - skip for index in kept if index >= skip]
-    return kept_overlay(image, patches, grid, seen_region(image.size, image_processor))
-
-
-def kept_in_span(image: Image.Image, image_processor, span: tuple[int, int], result) -> Image.Image:
-    """`image` as the model saw it after a generation (`result`) that pruned the image token span
-    `span` ([start, end) positions): the kept positions mapped to the span's patches; every patch
-    when nothing was pruned."""
-    start, end = span
-    kept = [position - start for position in (result.kept_positions or [range(start, end)])[0]]
-    return kept_picture(image, image_processor, end - start, kept)
-
-
-PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-
-
-def picture_format(path: Path) -> str:
-    """The image format a picture file's suffix names (never PNG bytes in a .jpg)."""
-    format_ = PICTURE_FORMATS.get(Path(path).suffix.lower())
+def figure_format(path: Path) -> str:
+    """The file format a figure's suffix names (never PNG bytes in a .pdf)."""
+    format_ = FORMATS.get(Path(path).suffix.lower())
     if format_ is None:
-        raise UsageError(f"cannot tell which picture format {path} should be: name it .png, .jpg or .webp")
+        raise UsageError(f"cannot tell which format {path} should be: name it .png, .svg, .pdf, .jpg or .webp")
     return format_
 
 
-def check_picture_writable(path: Path, inputs: Sequence[Path] = ()) -> Path:
+def check_figure_writable(path: Path, inputs: Sequence[Path] = ()) -> Path:
     path = check_writable(path, inputs)
-    picture_format(path)
+    figure_format(path)
     return path
 
 
@@ -134,14 +530,17 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def save_picture(image: Image.Image, path: Path, inputs: Sequence[Path] = ()) -> Path:
-    """Write `image` in the format its suffix names. Written whole to a temporary file first, so
+def save_figure(figure: Figure, path: Path, inputs: Sequence[Path] = ()) -> Path:
+    """Write `figure` in the format its suffix names. Written whole to a temporary file first, so
     that a failed write (a full disk) never leaves half a file, nor spoils the one it replaces."""
-    path = check_picture_writable(path, inputs)
+    path = check_figure_writable(path, inputs)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Files that say nothing of when they were made: the same run writes the same bytes.
+    metadata = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}
     try:
         with os.fdopen(handle, "wb") as file:
-            image.save(file, format=picture_format(path))  # our pictures are RGB: any format takes them
+            format_ = figure_format(path)
+            figure.savefig(file, format=format_, dpi=DPI, metadata=metadata.get(format_))
         os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(temporary, path)
     except OSError as error:
@@ -150,74 +549,3 @@ def save_picture(image: Image.Image, path: Path, inputs: Sequence[Path] = ()) ->
         if os.path.exists(temporary):
             os.unlink(temporary)
     return path
-
-
-class _Axes:
-    """A plot area with linear axes, in pixels of a white canvas."""
-
-    def __init__(self, title: str, x_label: str, y_label: str, x_range, y_range, x_ticks=None, size=(640, 440)):
-        self.image = Image.new("RGB", size, "white")
-        self.draw = ImageDraw.Draw(self.image)
-        self.left, self.top, self.right, self.bottom = 70, 40, size[0] - 150, size[1] - 50
-        self.x_range, self.y_range = _padded(*x_range), _padded(*y_range)
-        self.draw.text((self.left, 12), title, fill=INK)
-        self.draw.text(((self.left + self.right) // 2 - 3 * len(x_label), self.bottom + 28), x_label, fill=INK)
-        self.draw.text((8, self.top - 24), y_label, fill=INK)
-        fractions = (0, 0.25, 0.5, 0.75, 1)  # ticks span the data; the axes leave a margin
-        for x_value in x_ticks or [x_range[0] + f * (x_range[1] - x_range[0]) for f in fractions]:
-            x = self.x(x_value)
-            self.draw.line((x, self.top, x, self.bottom), fill=GRID)
-            self.draw.text((x - 12, self.bottom + 8), f"{x_value:.3g}", fill=INK)
-        for y_value in [y_range[0] + f * (y_range[1] - y_range[0]) for f in fractions]:
-            y = self.y(y_value)
-            self.draw.line((self.left, y, self.right, y), fill=GRID)
-            self.draw.text((8, y - 6), f"{y_value:.3g}", fill=INK)
-        self.draw.rectangle((self.left, self.top, self.right, self.bottom), outline=INK)
-        self.legend = 0
-
-    def x(self, value: float) -> float:
-        low, high = self.x_range
-        return self.left + (value - low) / (high - low) * (self.right - self.left)
-
-    def y(self, value: float) -> float:
-        low, high = self.y_range
-        return self.bottom - (value - low) / (high - low) * (self.bottom - self.top)
-
-    def series(self, label: str, points: Sequence[tuple[float, float]], colour, marker: bool = True) -> None:
-        pixels = [(self.x(x), self.y(y)) for x, y in sorted(points)]
-        if len(pixels) > 1:
-            self.draw.line(pixels, fill=colour, width=2)
-        for x, y in pixels if marker else []:
-            self.draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=colour)
-        y = self.top + 8 + 18 * self.legend
-        self.draw.rectangle((self.right + 12, y, self.right + 24, y + 10), fill=colour)
-        self.draw.text((self.right + 30, y - 1), label, fill=INK)
-        self.legend += 1
-
-
-def _padded(low: float, high: float) -> tuple[float, float]:
-    if high - low < 1e-9:
-        return low - 0.5, high + 0.5
-    pad = 0.05 * (high - low)
-    return low - pad, high + pad
-
-
-def accuracy_plot(series: dict[str, list[tuple[float, float]]], title: str) -> Image.Image:
-    """Accuracy (%) against the FLOPs ratio (%), one line per method."""
-    points = [point for values in series.values() for point in values]
-    xs, ys = [x for x, _ in points], [y for _, y in points]
-    axes = _Axes(title, "FLOPs ratio (Eq. 8), %", "accuracy, %", (min(xs), max(xs)), (min(ys), max(ys)))
-    for colour, (label, values) in zip(PALETTE * 2, series.items()):
-        axes.series(label, values, colour)
-    return axes.image
-
-
-def row_attention_plot(curves: dict[str, list[float]], title: str) -> Image.Image:
-    """Attention per image row (0 = top), one line per mask."""
-    values = [value for curve in curves.values() for value in curve]
-    rows = max(len(curve) for curve in curves.values())
-    ticks = [*range(0, rows - 1, max(1, rows // 4)), rows - 1]  # whole rows
-    axes = _Axes(title, "image row (0 = top)", "attention", (0, rows - 1), (0, max(values)), ticks)
-    for colour, (label, curve) in zip(PALETTE, curves.items()):
-        axes.series(label, list(enumerate(curve)), colour, marker=False)
-    return axes.image

@@ -60,6 +60,17 @@ class Answer(AnswerFigures):
 
 
 @dataclass(frozen=True)
+class CompareReport:
+    """`asap compare --json`: one object."""
+
+    model: str
+    image: str
+    prompt: str
+    figure: str | None  # the file --out wrote; None without --out
+    answers: list[Answer]  # vanilla first, then each method at each budget
+
+
+@dataclass(frozen=True)
 class ChatTurn(AnswerFigures):
     """`asap chat --json`: one per turn."""
 
@@ -141,10 +152,14 @@ class EvalRow:
 
 @dataclass(frozen=True)
 class AttentionProfile:
-    """Mean attention of the last prompt token per image row at layer L-1."""
+    """Mean attention of the scoring queries at layer L-1: per image row, and per patch (rows of
+    the patch grid, top first), under each mask."""
 
+    queries: str  # last, text or all: the query rows whose attention is measured
     causal: list[float]
     sg_bimask: list[float]
+    causal_patches: list[list[float]]
+    sg_bimask_patches: list[list[float]]
 
 
 @dataclass(frozen=True)
@@ -208,5 +223,5 @@ class FlopsReport:
     measured: MeasuredFlops | None  # None: without --measure
 
 
-RECORDS = (Answer, ChatTurn, ChatStats, ProfileRow, EvalReport, EvalRow, AttentionProfile, LoggedAnswer)
+RECORDS = (Answer, CompareReport, ChatTurn, ChatStats, ProfileRow, EvalReport, EvalRow, AttentionProfile, LoggedAnswer)
 RECORDS += (FlopsReport, FlopsStage, MeasuredFlops, Architecture)

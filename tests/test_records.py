@@ -89,6 +89,13 @@ def test_run_json_is_answer_records(llava_path, image_file, second_image):
         conforms(record, records.Answer, "run (batch)")
 
 
+def test_compare_json_is_a_compare_report(llava_path, image_file):
+    args = ["-m", llava_path, "--methods", "fastv,asap", "-k", 16, "--max-tokens", 2, "--json"]
+    (report,) = asap("compare", image_file, "what?", *args)
+    conforms(report, records.CompareReport, "compare")
+    assert [answer["method"] for answer in report["answers"]] == ["vanilla", "fastv", "asap"]
+
+
 def test_chat_json_is_turn_and_stats_records(llava_path, image_file):
     lines = asap("chat", image_file, "-m", llava_path, "--max-tokens", 2, "--json", input="hi\nmore\n/stats\n")
     *turns, stats = lines

@@ -24,10 +24,13 @@ BATCH_HELP = (
     "Questions answered together in one padded batch: the same answers; faster where the device "
     "has room to spare (a GPU), not on a busy CPU."
 )
-PLOT_HELP = "Write a PNG of accuracy against FLOPs ratio, one line per method."
+PLOT_HELP = (
+    "Write a figure of accuracy against FLOPs, a line per method, each point labelled with its k, 95% "
+    "intervals as error bars, vanilla as a reference line (.png, .svg, .pdf, .jpg or .webp)."
+)
 ATTENTION_PROFILE_HELP = (
-    "Also write a PNG of the mean attention the last prompt token pays to each image row at layer "
-    "L-1, causal vs SG-BiMask (two more passes over the questions)."
+    "Also write a figure of the mean attention the scoring queries pay to each patch at layer L-1, causal "
+    "and SG-BiMask side by side with their difference and the per-row profile (two more passes over the questions)."
 )
 LOG_HELP = (
     "Write every answer as a JSON line (method, k, question, expected, answer, correct) as it "
@@ -67,10 +70,10 @@ def eval_command(
 
     loaded = where.load()
     base = comparison.settings(loaded.preset)
-    lambda_max = comparison.hyperparameters.get("lambda_max")
+    lambda_max, queries = comparison.hyperparameters.get("lambda_max"), comparison.hyperparameters.get("score_queries")
     with display.progress() as tasks:
         outcome = run.answer(
-            loaded, where.model, methods, budgets, base, lambda_max, max_tokens, batch, tasks, prompt_suffix
+            loaded, where.model, methods, budgets, base, lambda_max, max_tokens, batch, tasks, prompt_suffix, queries
         )
 
     # The results are shown before any file is written: a failed write loses only that file.

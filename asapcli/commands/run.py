@@ -21,7 +21,8 @@ ARGUMENTS_HELP = (
 MORE_IMAGES_HELP = "Another image (repeatable; a quoted glob works)."
 PROMPTS_HELP = "A question (repeatable): one per image, or each for the one image."
 SAVE_KEPT_HELP = (
-    "Write the image with the patches the method dropped darkened (.png, .jpg or .webp; fixed-grid models)."
+    "Write a figure of the tokens the method kept, each in the colour of its role, the dropped patches dimmed "
+    "(.png, .svg, .pdf, .jpg or .webp; LLaVA-1.5 and LLaVA-NeXT style models)."
 )
 
 
@@ -47,7 +48,7 @@ def run(
     if save_kept is not None:
         if len(samples.pairs) > 1:
             raise UsageError("--save-kept draws one image; run one sample to use it")
-        figures.check_picture_writable(save_kept, inputs=[path for path, _ in samples.pairs])
+        figures.check_figure_writable(save_kept, inputs=[path for path, _ in samples.pairs])
     pruning.settings(seed=sampling.seed)  # fail before a long load where the model is not needed to tell
 
     loaded = where.load()
@@ -66,8 +67,9 @@ def run(
         )
     _show(answers, settings, json, several)
     if save_kept is not None:  # after the answer is out: a failed write loses only the picture
-        picture = answering.kept_picture(loaded, samples, answers[0])
-        figures.save_picture(picture, save_kept, inputs=[answers[0].image])
+        view = answering.kept_view(loaded, samples.pictures[answers[0].image], answers[0])
+        figure = figures.draw_kept(samples.pictures[answers[0].image], view)
+        figures.save_figure(figure, save_kept, inputs=[answers[0].image])
         display.note(f"wrote {save_kept}")
 
 

@@ -1,0 +1,60 @@
+"""asap compare IMAGE PROMPT: one image and question under several methods, side by side: what
+each kept and what each answered (the layout of the paper's Fig. 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import display
+from . import options
+
+OUT_HELP = (
+    "Write the figure: the original image, then each method's kept tokens with its answer under it "
+    "(.png, .svg, .pdf, .jpg or .webp)."
+)
+JSON_HELP = "Print one JSON object (a CompareReport) instead of text."
+
+
+class Methods(options.Comparison):
+    DEFAULT_METHODS = "fastv,asap,divprune"
+
+
+@options.command
+def compare(
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="The image.")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="The question asked about it.")],
+    *,
+    where: options.Where,
+    comparison: Methods,
+    max_tokens: options.MaxTokens = 32,
+    out: Annotated[Path | None, typer.Option("--out", "-o", metavar="FILE", help=OUT_HELP)] = None,
+    json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Answer PROMPT about IMAGE unpruned and under each method; print the answers and draw what each kept."""
+    from .. import answering, figures
+    from ..records import CompareReport
+    from .run import _read_stdin
+
+    methods, budgets = comparison.check()
+    samples = answering.read_samples([str(image), prompt], [], [], _read_stdin)
+    if out is not None:
+        figures.check_figure_writable(out, inputs=[image])
+
+    loaded = where.load()
+    runs = answering.comparison_runs(methods, budgets, comparison.settings(loaded.preset))
+    with display.status(f"Answering under {len(runs)} settings"):
+        answers = answering.compare(loaded, runs, samples, max_tokens=max_tokens, seed=comparison.seed)
+    if json:
+        figure = None if out is None else str(out)
+        display.print_json(
+            CompareReport(loaded.name, str(image), answers[0].prompt, figure, [a.record for a in answers])
+        )
+    else:
+        for answered in answers:
+            display.write(answering.comparison_line(answered) + "\n")
+    if out is not None:  # after the answers are out: a failed write loses only the figure
+        figures.save_figure(answering.comparison_figure(loaded, samples, answers), out, inputs=[image])
+        display.note(f"wrote {out}")
