@@ -181,7 +181,7 @@ def comparison_figure(loaded: Loaded, samples: Samples, answers: list[Answered])
             heading = f"{record.method}{budget}: kept {record.kept_tokens}/{record.visual_tokens}"
         columns.append(figures.ComparedPanel(heading, kept_view(loaded, picture, answered), record.answer))
     layer = next((a.record.layer for a in answers if a.record.layer), None)
-    title = f"{loaded.name}: “{answers[0].prompt}”" + (
-        f" (L={layer} where the method prunes in the LLM)" if layer else ""
-    )
+    before = list(dict.fromkeys(a.record.method for a in answers if a.record.layer == 0))
+    title = f"{loaded.name}: “{answers[0].prompt}”" + (f", L={layer}" if layer else "")
+    title += f" ({' and '.join(before)}: before the language model)" if before else ""
     return figures.draw_comparison(picture, columns, title)

@@ -128,13 +128,11 @@ def kept_view(
             continue
         number, row, col = place
         grid = layout.grids[number]
-        if role == POOLED:  # the cell: the kept token and the patches averaged into it
-            cell = [layout.locate(i) for i in [index, *sources]]
-            rows_ = [p[1] for p in cell if p is not None]
-            cols_ = [p[2] for p in cell if p is not None]
-            for i in sources:
-                mark(i, POOLED)
-            box = grid.patch_box(min(rows_), min(cols_), max(rows_) - min(rows_) + 1, max(cols_) - min(cols_) + 1)
+        if role == POOLED:  # the cell: the kept token and the patches averaged into it, one box
+            places = [place] + [mark(source, POOLED) for source in sources]
+            rows = [p[1] for p in places if p is not None]
+            cols = [p[2] for p in places if p is not None]
+            box = grid.patch_box(min(rows), min(cols), max(rows) - min(rows) + 1, max(cols) - min(cols) + 1)
             outlines[number].append((POOLED, box))
             continue
         if role != KEPT:
@@ -157,7 +155,7 @@ def kept_view(
         legend.append((DROPPED, role_label(DROPPED, method), dropped))
     note = ""
     if off_grid and len(layout.extra) > 0:
-        note = f"{sum(off_grid.values())} of {len(layout.extra)} tokens off the patch grid kept (CLS, row ends)"
+        note = f"also kept: {sum(off_grid.values())} of the {len(layout.extra)} tokens on no patch (CLS, row ends)"
     return KeptView(title, method, grids, legend, note)
 
 
@@ -291,7 +289,7 @@ def draw_kept(image: Image.Image, view: KeptView) -> Figure:
         _draw_grid(ax, pixels, factor, grid)
         if named:
             ax.set_title(grid.name, fontsize=9)
-    title = textwrap.wrap(view.title, figure.bbox.width // 7) + ([view.note] if view.note else [])
+    title = textwrap.wrap(view.title, int(figure.bbox.width / 7)) + ([view.note] if view.note else [])
     figure.suptitle("\n".join(title), fontsize=10)
     _legend(figure, view.legend, columns=1)
     return figure
@@ -334,12 +332,8 @@ def draw_comparison(image: Image.Image, columns: list[ComparedPanel], title: str
 def _merged_legend(views: list[KeptView]) -> list[tuple[str, str, int | None]]:
     """One legend for several panels: each role once, labelled without counts per panel (each
     panel's heading has them)."""
-    seen: dict[str, str] = {}
-    for view in views:
-        for role, label, _ in view.legend:
-            if role != KEPT:
-                seen.setdefault(role if role != SELECTED else f"{SELECTED}:{label}", label)
-    return [(key.split(":")[0], label, None) for key, label in seen.items()]
+    entries = dict.fromkeys((role, label) for view in views for role, label, _ in view.legend if role != KEPT)
+    return [(role, label, None) for role, label in entries]
 
 
 # ---- accuracy against FLOPs ---------------------------------------------------------------
@@ -451,11 +445,11 @@ def draw_attention(view: AttentionView) -> Figure:
     for ax, values, name in ((axes[0], view.causal, "causal (FastV)"), (axes[1], view.sg_bimask, "SG-BiMask (ASAP)")):
         image = ax.imshow(values, cmap="viridis", vmin=0, vmax=high, interpolation="nearest")
         ax.set_title(name, fontsize=10)
-    figure.colorbar(image, ax=axes[:2], shrink=0.85, label="mean attention per patch")
+    figure.colorbar(image, ax=axes[:2], shrink=0.85).ax.set_title("attention", fontsize=8)
     spread = max(abs(v) for row in view.difference for v in row) or 1e-12
     image = axes[2].imshow(view.difference, cmap="RdBu_r", vmin=-spread, vmax=spread, interpolation="nearest")
     axes[2].set_title("SG-BiMask - causal", fontsize=10)
-    figure.colorbar(image, ax=axes[2], shrink=0.85, label="difference per patch")
+    figure.colorbar(image, ax=axes[2], shrink=0.85).ax.set_title("difference", fontsize=8)
     for ax in axes[:3]:
         ax.set_xlabel("patch column")
         ax.set_ylabel("patch row (0 = top)")
@@ -465,6 +459,7 @@ def draw_attention(view: AttentionView) -> Figure:
     profile.plot(causal, rows, color=SERIES[0], linewidth=1.5, label="causal")
     profile.plot(sg_bimask, rows, color=SERIES[1], linewidth=1.5, label="SG-BiMask")
     profile.set_xlabel("attention per row")
+    profile.set_ylabel("patch row (0 = top)")
     profile.set_title("per row", fontsize=10)
     profile.legend(fontsize=8)
     difference = [b - a for a, b in zip(causal, sg_bimask)]
