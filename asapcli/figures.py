@@ -214,8 +214,14 @@ def _draw_grid(axes, pixels, factor: int, grid: GridView) -> None:
     line = {"colors": "white", "linewidths": 0.4, "alpha": 0.35}
     axes.vlines([left + c * (right - left) / cols for c in range(cols + 1)], top, bottom, **line)
     axes.hlines([top + r * (bottom - top) / rows for r in range(rows + 1)], left, right, **line)
+    inset = {POOLED: 0.12 * (right - left) / cols}  # overlapping cells drawn a little inside their bounds, apart
     for role in (ABSORBED, SELECTED, ANCHOR, REFILLED, POOLED):
-        boxes = [Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1]) for r, b in grid.outlines if r == role]
+        d = inset.get(role, 0.0)
+        boxes = [
+            Rectangle((b[0] + d, b[1] + d), b[2] - b[0] - 2 * d, b[3] - b[1] - 2 * d)
+            for r, b in grid.outlines
+            if r == role
+        ]
         if boxes:
             dashed = role == ABSORBED
             axes.add_collection(
@@ -282,14 +288,14 @@ def draw_kept(image: Image.Image, view: KeptView) -> Figure:
     pixels, factor = _upscaled(image)
     panel = (pixels.shape[1], pixels.shape[0])
     named = len(view.grids) > 1
-    figure, axes = _panels(
-        len(view.grids), 1, panel, top=44 + 16 * named + 14 * bool(view.note), bottom=20 + 19 * len(view.legend)
-    )
+    width = len(view.grids) * (panel[0] + 12)
+    title = textwrap.wrap(view.title, width // 8) + ([view.note] if view.note else [])  # ~7 px a character
+    top = 22 + 16 * len(title) + 16 * named
+    figure, axes = _panels(len(view.grids), 1, panel, top=top, bottom=20 + 19 * len(view.legend))
     for ax, grid in zip(axes[0], view.grids, strict=True):
         _draw_grid(ax, pixels, factor, grid)
         if named:
             ax.set_title(grid.name, fontsize=9)
-    title = textwrap.wrap(view.title, int(figure.bbox.width / 7)) + ([view.note] if view.note else [])
     figure.suptitle("\n".join(title), fontsize=10)
     _legend(figure, view.legend, columns=1)
     return figure
@@ -360,10 +366,13 @@ def accuracy_points(rows) -> list[AccuracyPoint]:
     ]
 
 
+DODGE = 0.012  # of the FLOPs range: how far apart the methods' points at one budget are drawn
+
+
 def draw_accuracy(points: list[AccuracyPoint], title: str) -> Figure:
     """Accuracy against the FLOPs ratio: a line per method, each point labelled with its k and
-    its 95% interval as an error bar; vanilla as a horizontal reference line with its interval
-    shaded."""
+    its 95% interval as an error bar (the methods at one budget a little apart); vanilla as a
+    horizontal reference line with its interval shaded."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure
     from matplotlib.ticker import MaxNLocator
@@ -377,20 +386,27 @@ def draw_accuracy(points: list[AccuracyPoint], title: str) -> Figure:
             axes.axhspan(point.low, point.high, color="#888888", alpha=0.15, linewidth=0)
             axes.axhline(point.accuracy, color="#444444", linestyle="--", linewidth=1.2,
                          label=f"vanilla: {point.accuracy:.1f}%")  # fmt: skip
-    for method in dict.fromkeys(p.method for p in points if p.method != "vanilla"):
+    methods = list(dict.fromkeys(p.method for p in points if p.method != "vanilla"))
+    flops = [p.flops for p in points if p.method != "vanilla"] or [0.0]
+    # Every method has the same FLOPs at one k: each is moved sideways a little, so that its
+    # error bar does not hide behind another's.
+    step = DODGE * ((max(flops) - min(flops)) or 1.0)
+    for number, method in enumerate(methods):
         mine = sorted((p for p in points if p.method == method), key=lambda p: p.flops)
         colour = next(palette, "#000000")
+        shift = (number - (len(methods) - 1) / 2) * step
         axes.errorbar(
-            [p.flops for p in mine],
+            [p.flops + shift for p in mine],
             [p.accuracy for p in mine],
             yerr=[[p.accuracy - p.low for p in mine], [p.high - p.accuracy for p in mine]],
             marker="o", markersize=5, capsize=3, linewidth=1.5, color=colour, label=method,
         )  # fmt: skip
         for p in mine:
-            axes.annotate(f"k={p.k}", (p.flops, p.accuracy), xytext=(5, 5), textcoords="offset points",
+            axes.annotate(f"k={p.k}", (p.flops + shift, p.accuracy), xytext=(5, 5), textcoords="offset points",
                           fontsize=8, color=colour)  # fmt: skip
     for axis in (axes.xaxis, axes.yaxis):
         axis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]))  # round numbers
+    axes.margins(x=0.1)  # room for the last point's label
     axes.set_xlabel("FLOPs, % of vanilla (paper Eq. 8, visual tokens)")
     axes.set_ylabel("accuracy, % (error bars: 95% interval)")
     axes.grid(True, color="#dddddd", linewidth=0.6)

@@ -288,7 +288,9 @@ def test_the_accuracy_plot_labels_each_point_with_its_k_and_draws_vanilla_as_a_l
     series = {container.get_label(): container.lines for container in axes.containers}
     assert list(series) == ["fastv", "asap"]
     line, _, (bars,) = series["fastv"]
-    assert list(line.get_xdata()) == pytest.approx([53.5, 57.6]) and list(line.get_ydata()) == pytest.approx([84, 87])
+    dodge = figures.DODGE * (57.6 - 53.5) / 2  # two methods: each half a step to its side
+    assert list(line.get_xdata()) == pytest.approx([53.5 - dodge, 57.6 - dodge])
+    assert list(line.get_ydata()) == pytest.approx([84, 87])
     assert [(low, high) for (_, low), (_, high) in bars.get_segments()] == pytest.approx([(80, 88), (84, 90)])
     vanilla = next(line for line in axes.get_lines() if line.get_label().startswith("vanilla"))
     assert list(vanilla.get_ydata()) == [98.0, 98.0]  # a horizontal line across the plot
