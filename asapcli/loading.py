@@ -8,17 +8,17 @@ import re
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from .engine import PrunedDecoder, install
-from .errors import AsapError, UsageError
-from .presets import Architecture, Preset, find_preset, preset_names
+from .errors import AsapError, UsageError, first_line
+from .presets import Preset, resolve_source
 from .random_model import LlavaShape, build_llava
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -74,30 +74,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_source(model: str) -> tuple[str | None, Preset | None]:
-    """A preset name, a local folder or a hub id -> what from_pretrained takes (None for a preset
-    without a checkpoint), and the preset."""
-    if not model.strip():  # Path("") is the current folder, which would load as a model
-        raise UsageError("-m/--model is empty; give a preset name, a model folder or a hub id")
-    preset = find_preset(model)
-    if preset is not None and preset.bundled:
-        folder = preset.bundled_path()
-        if not (folder / "config.json").is_file():
-            raise AsapError(f"the bundled model of preset {model!r} is missing from this installation ({folder})")
-        return str(folder), preset
-    if preset is not None:
-        return preset.hub_id, preset
-    if Path(model).expanduser().is_dir():
-        return str(Path(model).expanduser()), None
-    if Path(model).expanduser().exists():
-        raise UsageError(f"model {model!r} is a file; give a model folder, a preset name or a hub id")
-    if "/" not in model:  # LVLM hub ids are owner/name: a bare word is a preset name
-        raise UsageError(
-            f"unknown preset {model!r}; known presets: {', '.join(preset_names())} (or a folder, or a hub id)"
-        )
-    return model, None
-
-
 # accelerate's placement strategies over every visible GPU (then CPU, then disk).
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
@@ -127,13 +103,13 @@ def load(model: str, device: str = "auto", dtype: str = "auto", device_map: str 
             )
         except ImportError as error:  # a processor that needs a package not installed (torchvision)
             package = re.search(r"requires the (\w+) library", str(error))
-            name = package.group(1).lower() if package else _first_line(error)
+            name = package.group(1).lower() if package else first_line(error)
             raise AsapError(
                 f"cannot load model {model!r}: its processor needs {name}, which is not installed; "
                 f'pip install {name} (for Qwen2.5-VL and InternVL: pip install "asapcli[torchvision]")'
             ) from error
         except (OSError, ValueError, KeyError) as error:
-            raise AsapError(f"cannot load model {model!r}: {_first_line(error)}") from error
+            raise AsapError(f"cannot load model {model!r}: {first_line(error)}") from error
     return prepare(lvlm, processor, model, preset)
 
 
@@ -231,49 +207,3 @@ def _random_shape(preset: Preset) -> LlavaShape:
             f"preset {preset.name!r}: its vision tower makes {shape.visual_tokens} tokens, not {arch.visual_tokens}"
         )
     return shape
-
-
-def load_architecture(model: str, visual_tokens: int | None = None) -> Architecture:
-    """The numbers the FLOPs formulas need, from a preset or a model's config alone (no weights).
-    `visual_tokens` overrides the count; without it a config must tell it (LLaVA-1.5 style)."""
-    source, preset = resolve_source(model)
-    if preset is not None:
-        if visual_tokens is None:
-            return preset.architecture
-        return replace(preset.architecture, visual_tokens=visual_tokens)
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise AsapError(f"cannot read the config of {model!r}: {_first_line(error)}") from error
-    text = config.get_text_config()
-    if visual_tokens is None:
-        visual_tokens = _tokens_per_image(config)
-    if visual_tokens is None:
-        raise UsageError(f"cannot tell how many visual tokens {model!r} makes per image; pass --visual-tokens")
-    heads = text.num_attention_heads
-    return Architecture(
-        layers=text.num_hidden_layers,
-        hidden=text.hidden_size,
-        intermediate=text.intermediate_size,
-        heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        visual_tokens=visual_tokens,
-    )
-
-
-def _tokens_per_image(config) -> int | None:
-    """A fixed-resolution LLaVA-style config: (image / patch)^2 patches, plus CLS under 'full'.
-    Tiling models (LLaVA-NeXT, ...) vary per image and return None."""
-    if getattr(config, "image_grid_pinpoints", None) is not None:
-        return None
-    vision = getattr(config, "vision_config", None)
-    if vision is None or not getattr(vision, "image_size", None) or not getattr(vision, "patch_size", None):
-        return None
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
-
-
-def _first_line(error: Exception) -> str:
-    """Library errors run to many lines; the first says what went wrong."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

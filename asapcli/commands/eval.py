@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from .. import display
-from ..eval_run import EvalRun, Outcome
 from ..records import EvalRow
 from . import options
+
+if TYPE_CHECKING:
+    from ..eval_run import Outcome
 
 DATA_HELP = (
     'JSONL of {"image": path, "question": str, "answer": str} (optional "type"), images relative '
@@ -63,6 +65,9 @@ def eval_command(
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
     output = options.output_format(format_, json)
     methods, budgets = comparison.check()
+    # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
+    from ..eval_run import EvalRun
+
     run = EvalRun.prepare(data, n, plot, attention_profile, log)
 
     loaded = where.load()

@@ -7,12 +7,10 @@ import dataclasses
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
-from .. import display, profiling
-from ..inputs import check_prompt, load_image, pattern_image
+from .. import display
 from ..records import ProfileRow
 from . import options
 
@@ -39,6 +37,12 @@ def profile(
     format_: options.Format = None,
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
+    # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
+    import torch
+
+    from .. import profiling
+    from ..inputs import check_prompt, load_image, pattern_image
+
     output = options.output_format(format_, json)
     methods, budgets = comparison.check()
     check_prompt(prompt)

@@ -5,14 +5,17 @@ measured, and the record --json prints (records.FlopsReport)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ..engine import METHODS
 from ..errors import UsageError
-from ..loading import Loaded, load_architecture
-from ..presets import Architecture, find_preset
+from ..presets import Architecture, find_preset, load_architecture
 from ..records import FlopsReport, FlopsStage, MeasuredFlops
 from ..settings import PruneSettings, budget_and_layer
 from . import CONVENTION, GQA_CONVENTION, Stage, parse_schedule, pruning_schedule, schedule_flops
+
+if TYPE_CHECKING:
+    from ..loading import Loaded
 
 COUNTER = "fvcore (multiply-accumulates) with a scaled_dot_product_attention handle"
 
