@@ -47,10 +47,10 @@ def eval_command(
     *,
     where: options.Where,
     data: Annotated[Path | None, typer.Option("--data", metavar="FILE.jsonl", help=DATA_HELP)] = None,
-    n: Annotated[int | None, typer.Option("-n", "--n", min=1, help=N_HELP)] = None,
+    n: Annotated[int | None, typer.Option("-n", "--n", metavar="N", min=1, help=N_HELP)] = None,
     comparison: options.EvalComparison,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 10,
-    batch: Annotated[int, typer.Option("--batch", min=1, help=BATCH_HELP)] = 1,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", metavar="N", min=1, help="Most tokens per answer.")] = 10,
+    batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, help=BATCH_HELP)] = 1,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE", help=PLOT_HELP)] = None,
     attention_profile: Annotated[
         Path | None, typer.Option("--attention-profile", metavar="FILE", help=ATTENTION_PROFILE_HELP)

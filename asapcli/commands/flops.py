@@ -25,7 +25,9 @@ def flops_command(
     k: options.K = None,
     layer: Annotated[int | None, typer.Option("--layer", metavar="L", help=LAYER_HELP)] = None,
     schedule: Annotated[str | None, typer.Option("--schedule", metavar="LAYER:TOKENS,...", help=SCHEDULE_HELP)] = None,
-    visual_tokens: Annotated[int | None, typer.Option("--visual-tokens", min=1, help=VISUAL_TOKENS_HELP)] = None,
+    visual_tokens: Annotated[
+        int | None, typer.Option("--visual-tokens", metavar="N", min=1, help=VISUAL_TOKENS_HELP)
+    ] = None,
     gqa: Annotated[bool, typer.Option("--gqa", help="Count k/v projections at their grouped-query size.")] = False,
     measure: Annotated[bool, typer.Option("--measure", help=MEASURE_HELP)] = False,
     method: Annotated[

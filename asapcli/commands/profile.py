@@ -28,11 +28,13 @@ def profile(
     image: Annotated[Path | None, typer.Option("--image", "-i", metavar="FILE", help=IMAGE_HELP)] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help=PROMPT_HELP)] = "Describe the image.",
     comparison: options.Comparison,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help=REPEATS_HELP)] = 5,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed prefills before them.")] = 1,
-    decode_tokens: Annotated[int, typer.Option("--decode-tokens", min=1, help="Tokens decoded to time decoding.")] = 16,
+    repeats: Annotated[int, typer.Option("--repeats", metavar="N", min=1, help=REPEATS_HELP)] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed prefills before them.")] = 1,
+    decode_tokens: Annotated[
+        int, typer.Option("--decode-tokens", metavar="N", min=1, help="Tokens decoded to time decoding.")
+    ] = 16,
     # --batch: N copies are built at once; beyond 1024, memory, then an integer overflow
-    batch: Annotated[int, typer.Option("--batch", min=1, max=1024, help=BATCH_HELP)] = 1,
+    batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, max=1024, help=BATCH_HELP)] = 1,
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     format_: options.Format = None,
 ) -> None:
