@@ -115,6 +115,7 @@ def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResu
         method=settings.method,
         k=None if vanilla else settings.k,
         layer=None if vanilla else result.layer,
+        options=settings.method_options(),
         prompt_tokens=result.prompt_tokens,
         device=str(loaded.device),
     )

@@ -20,6 +20,10 @@ from .streaming import FirstToken, StopWhen, TextStream
 # A decode rate over fewer tokens than this is mostly noise and per-call overhead: not reported.
 MIN_DECODE_TOKENS = 8
 
+# Why an answer ended: the model ended it, or it was cut (by --max-tokens, by the end of the
+# model's context, by the user).
+ENDINGS = ("end", "max-tokens", "context", "stopped")
+
 
 @dataclass
 class GenerationResult:
@@ -37,6 +41,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)  # the generated tokens, end-of-text included
     fed_tokens: int = 0  # prompt tokens this call prefilled (the rest came from the cache)
     stopped: bool = False  # cut short by `should_stop`
+    ended: str = "end"  # one of ENDINGS
     cold: bool = False  # the model's first generation: its times include one-time warm-up
 
     @property
@@ -68,7 +73,7 @@ def generate(
     prompt_len = inputs["input_ids"].shape[1]
     return _result(
         loaded, inputs["input_ids"][0], output[0, prompt_len:], plan, clock, cached=cached,
-        stopped=bool(stop and stop.fired),
+        stopped=bool(stop and stop.fired), max_tokens=max_tokens,
     )  # fmt: skip
 
 
@@ -85,8 +90,7 @@ def generate_batch(
     inputs = to_device(loaded, inputs)
     output, clock = _generate(loaded, inputs, plans, max_tokens, temperature, seed)
     prompt_len = inputs["input_ids"].shape[1]
-    eos = loaded.model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = _end_tokens(loaded)
     results = []
     for row, plan in enumerate(plans):
         new_ids = output[row, prompt_len:].tolist()
@@ -94,7 +98,9 @@ def generate_batch(
         new_ids = new_ids[: ends[0] + 1] if ends else new_ids  # what follows is the batch's padding
         padding = int((inputs["attention_mask"][row] == 0).sum()) if "attention_mask" in inputs else 0
         prompt_ids = inputs["input_ids"][row, padding:]
-        results.append(_result(loaded, prompt_ids, torch.tensor(new_ids), plan, clock, padding=padding))
+        results.append(
+            _result(loaded, prompt_ids, torch.tensor(new_ids), plan, clock, padding=padding, max_tokens=max_tokens)
+        )
     return results
 
 
@@ -174,9 +180,10 @@ def _result(
     cached: int = 0,
     padding: int = 0,
     stopped: bool = False,
+    max_tokens: int = 0,
 ) -> GenerationResult:
     """The figures of one sequence: its prompt (`cached` tokens of it came from the cache,
-    `padding` batch padding before it left out), its new tokens, its plan."""
+    `padding` batch padding before it left out), its new tokens, its plan; `max_tokens` as asked."""
     n_new = int(new_ids.numel())
     decoded = n_new - 1  # the first token came with the prefill
     if plan is None:
@@ -200,8 +207,25 @@ def _result(
         token_ids=new_ids.tolist(),
         fed_tokens=int(prompt_ids.numel()) - cached,
         stopped=stopped,
+        ended=_ending(loaded, int(prompt_ids.numel()) + padding, new_ids, max_tokens, stopped),
         cold=clock.cold,
     )
+
+
+def _ending(loaded: Loaded, prompt_tokens: int, new_ids: torch.Tensor, max_tokens: int, stopped: bool) -> str:
+    """Which of ENDINGS ended an answer of `new_ids` after a (padded) prompt of `prompt_tokens`."""
+    if stopped:
+        return "stopped"
+    if new_ids.numel() and int(new_ids[-1]) in _end_tokens(loaded):
+        return "end"
+    if new_ids.numel() >= max_tokens:
+        return "max-tokens"
+    return "context" if prompt_tokens + new_ids.numel() >= context_length(loaded) else "end"
+
+
+def _end_tokens(loaded: Loaded) -> set[int]:
+    eos = loaded.model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
 
 
 def to_device(loaded: Loaded, inputs: BatchFeature) -> BatchFeature:

@@ -29,6 +29,7 @@ class AnswerFigures:
     prefill_includes_warmup: bool  # the process's first generation
     decode_tokens_per_second: float | None  # None: under 8 decoded tokens
     generated_tokens: int
+    ended: str  # end (the model ended it), max-tokens, context (the model's context is full) or stopped
 
     @staticmethod
     def figures(result: GenerationResult) -> dict:
@@ -42,6 +43,7 @@ class AnswerFigures:
             "prefill_includes_warmup": result.cold,
             "decode_tokens_per_second": result.decode_tokens_per_second,
             "generated_tokens": result.generated_tokens,
+            "ended": result.ended,
         }
 
 
@@ -55,6 +57,7 @@ class Answer(AnswerFigures):
     method: str
     k: int | None  # None for vanilla, which uses no budget (as in profile and eval)
     layer: int | None  # 0: pruned before the language model; None for vanilla
+    options: dict  # the method's own options as it ran: those given and its defaults ({} for vanilla)
     prompt_tokens: int
     device: str
 

@@ -167,7 +167,7 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
         result = turn.result
         line = display.summary(session.settings, result)
         if not result.visual_tokens:  # the turn brought no image: nothing to prune
-            line = f"{result.fed_tokens} new tokens; {display.speeds(result)}"
+            line = f"{result.fed_tokens} new tokens; {display.speeds(result)}{display.cut(result)}"
         display.note(f"{line}; {turn.cached_tokens} tokens in cache")
 
 
