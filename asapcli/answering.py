@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import figures
+from .engine import image_spans
 from .errors import UsageError
 from .generation import GenerationResult, generate, generate_batch
 from .inputs import (
@@ -23,7 +24,6 @@ from .inputs import (
     user_message,
 )
 from .loading import Loaded
-from .plans import plan_for, plans_for_batch
 from .records import Answer
 from .settings import PruneSettings
 
@@ -93,15 +93,15 @@ def answer(
         inputs = build_batch_inputs(
             loaded.processor, [(prompt, samples.pictures[image]) for image, prompt in samples.pairs]
         )
-        results = generate_batch(loaded, inputs, plans_for_batch(loaded, inputs["input_ids"], settings), **sampling)
+        results = generate_batch(loaded, inputs, settings, **sampling)
         return [_answered(loaded, settings, *pair, result) for pair, result in zip(samples.pairs, results, strict=True)]
     ((image, prompt),) = samples.pairs
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [samples.pictures[image]])
-    plan = plan_for(loaded, inputs["input_ids"][0], settings)
-    span = plan.spans[0] if plan.spans else None
+    spans = image_spans(inputs["input_ids"][0], loaded.image_token_id)
+    span = spans[0] if spans else None
     if draws_kept:
         figures.token_grid(span[1] - span[0] if span else 0)
-    result = generate(loaded, inputs, plan, on_text=on_text, **sampling)
+    result = generate(loaded, inputs, settings, on_text=on_text, **sampling)
     return [_answered(loaded, settings, image, prompt, result, span)]
 
 

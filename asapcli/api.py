@@ -10,6 +10,9 @@ spans are read from that call's `input_ids` (each row of a left-padded batch its
 `generate()`, a plain forward and a chat that continues a KV cache all work as they are.
 Outside the block the model is what it was: the pruned decoder is installed on entry and taken
 out on exit (unless it was there already, as on a model from `asapcli.loading.load`).
+
+The CLI answers through the same block (`pruned_as(model, settings)`, with the settings its
+options made): a question asked with `asap run` and with this API is pruned the same way.
 """
 
 from __future__ import annotations
@@ -69,6 +72,12 @@ class Pruning:
             self.prefills.append((plans, padding))
         return plans
 
+    @property
+    def plans(self) -> list[PruningPlan] | None:
+        """The plans (one per row) of the block's first forward call that brought images: the
+        prefill of a generate() call; None when no call did."""
+        return self.prefills[0][0] if self.prefills else None
+
     def report(self) -> PruningReport:
         text_config = self.model.config.get_text_config()
         images, visual, kept, merged = [], 0, 0, 0
@@ -93,7 +102,13 @@ def pruned(
     block. `options` are the method's own, as the CLI spells them with underscores
     (`lambda_max`, `merge_threshold`, `score_queries`, `score`, `positions`); an option the
     method does not take, or a value out of range, raises asapcli.errors.UsageError."""
-    settings = PruneSettings(method, k, layer, seed, **options)
+    with pruned_as(model, PruneSettings(method, k, layer, seed, **options)) as block:
+        yield block
+
+
+@contextmanager
+def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruning]:
+    """`pruned` with its arguments as one PruneSettings (what the CLI's options make)."""
     settings.check(model.config.get_text_config().num_hidden_layers)
     was_installed = isinstance(model.get_decoder(), PrunedDecoder)
     decoder = install(model)

@@ -1,5 +1,6 @@
-"""generate(): one pruned prefill plus cached decoding, through the model's own `generate()`,
-with what it kept and how fast it ran (GenerationResult)."""
+"""generate(): one pruned prefill plus cached decoding, through the model's own `generate()`
+inside the public API's block (asapcli.pruned), with what it kept and how fast it ran
+(GenerationResult)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import torch
 from transformers import BatchFeature, DynamicCache, StoppingCriteriaList
 
 from . import flops, streaming
+from .api import pruned_as
 from .engine import PruningPlan, image_spans
 from .errors import AsapError
 from .loading import Loaded
 from .plans import token_counts
+from .settings import PruneSettings
 from .streaming import FirstToken, StopWhen, TextStream
 
 # A decode rate over fewer tokens than this is mostly noise and per-call overhead: not reported.
@@ -52,7 +55,7 @@ class GenerationResult:
 def generate(
     loaded: Loaded,
     inputs: BatchFeature,
-    plan: PruningPlan | None,
+    settings: PruneSettings,
     max_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,
@@ -60,7 +63,7 @@ def generate(
     cache: DynamicCache | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
-    """Prefill (pruned by `plan`, if given) and decode up to `max_tokens` tokens.
+    """Prefill (its new images pruned as `settings` say) and decode up to `max_tokens` tokens.
 
     `cache` continues a conversation: `inputs` then holds the whole dialogue and only the tokens
     the cache has not seen are prefilled. `should_stop` is polled after every token.
@@ -69,10 +72,10 @@ def generate(
     streamer = TextStream(loaded.processor.tokenizer, on_text) if on_text is not None else None
     stop = StopWhen(should_stop) if should_stop is not None else None
     cached = cache.get_seq_length() if cache is not None else 0
-    output, clock = _generate(loaded, inputs, plan, max_tokens, temperature, seed, streamer, stop, cache)
+    output, clock, plans = _generate(loaded, inputs, settings, max_tokens, temperature, seed, streamer, stop, cache)
     prompt_len = inputs["input_ids"].shape[1]
     return _result(
-        loaded, inputs["input_ids"][0], output[0, prompt_len:], plan, clock, cached=cached,
+        loaded, inputs["input_ids"][0], output[0, prompt_len:], plans and plans[0], clock, cached=cached,
         stopped=bool(stop and stop.fired), max_tokens=max_tokens,
     )  # fmt: skip
 
@@ -80,15 +83,16 @@ def generate(
 def generate_batch(
     loaded: Loaded,
     inputs: BatchFeature,
-    plans: list[PruningPlan],
+    settings: PruneSettings,
     max_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,
 ) -> list[GenerationResult]:
-    """Several samples as one left-padded batch (`inputs`), one plan per row: prefilled and
-    decoded together, a result per row (the times are the batch's)."""
+    """Several samples as one left-padded batch (`inputs`), each row pruned on its own: prefilled
+    and decoded together, a result per row (the times are the batch's)."""
     inputs = to_device(loaded, inputs)
-    output, clock = _generate(loaded, inputs, plans, max_tokens, temperature, seed)
+    output, clock, plans = _generate(loaded, inputs, settings, max_tokens, temperature, seed)
+    plans = plans or [None] * output.shape[0]
     prompt_len = inputs["input_ids"].shape[1]
     eos = _end_tokens(loaded)
     results = []
@@ -134,15 +138,16 @@ class _Clock:
 def _generate(
     loaded: Loaded,
     inputs: BatchFeature,
-    plan: PruningPlan | list[PruningPlan] | None,
+    settings: PruneSettings,
     max_tokens: int,
     temperature: float,
     seed: int,
     streamer: TextStream | None = None,
     stop: StopWhen | None = None,
     cache: DynamicCache | None = None,
-) -> tuple[torch.Tensor, _Clock]:
-    """The model's own generate() inside the pruning context: the output ids and its times."""
+) -> tuple[torch.Tensor, _Clock, list[PruningPlan] | None]:
+    """The model's own generate() inside the API's pruning block: the output ids, its times and
+    the prefill's plans (one per row; None when the prompt brought no image)."""
     model, tokenizer = loaded.model, loaded.processor.tokenizer
     max_tokens = _room(loaded, inputs["input_ids"].shape[1], max_tokens)
     sampling = (
@@ -155,7 +160,7 @@ def _generate(
     first = FirstToken()
     streaming.synchronize(model.device)
     started = time.perf_counter()
-    with torch.inference_mode(), loaded.decoder.pruning(plan):
+    with torch.inference_mode(), pruned_as(model, settings) as pruning:
         output = model.generate(
             **inputs,
             max_new_tokens=max_tokens,
@@ -168,7 +173,7 @@ def _generate(
     streaming.synchronize(model.device)
     finished = time.perf_counter()
     cold, loaded.warm = not loaded.warm, True
-    return output, _Clock(started, first.at or finished, finished, cold)
+    return output, _Clock(started, first.at or finished, finished, cold), pruning.plans
 
 
 def _result(
@@ -186,8 +191,8 @@ def _result(
     `padding` batch padding before it left out), its new tokens, its plan; `max_tokens` as asked."""
     n_new = int(new_ids.numel())
     decoded = n_new - 1  # the first token came with the prefill
-    if plan is None:
-        visual = kept = sum(end - start for start, end in image_spans(prompt_ids, loaded.image_token_id))
+    if plan is None:  # no image among the tokens prefilled (those of the cache were counted before)
+        visual = kept = sum(end - start for start, end in image_spans(prompt_ids[cached:], loaded.image_token_id))
     else:
         visual, kept = token_counts(plan)
     _, ratio = flops.token_flops(loaded.text_config, visual, kept, plan.layer if plan else 0)

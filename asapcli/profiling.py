@@ -25,10 +25,11 @@ from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
 from . import flops
+from .api import pruned_as
 from .generation import to_device
 from .inputs import build_batch_inputs
 from .loading import Loaded
-from .plans import plans_for_batch, token_counts
+from .plans import token_counts
 from .records import ProfileRow
 from .settings import PruneSettings
 
@@ -74,10 +75,9 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
     """One pruned prefill of a whole batch, a plan per row: (logits of the last token, cache,
     the first row's plan)."""
-    plans = plans_for_batch(loaded, inputs["input_ids"], settings)
-    with torch.inference_mode(), loaded.decoder.pruning(plans):
+    with torch.inference_mode(), pruned_as(loaded.model, settings) as pruning:
         output = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
-    return output.logits[:, -1], output.past_key_values, plans[0]
+    return output.logits[:, -1], output.past_key_values, pruning.plans[0]
 
 
 def decode(loaded: Loaded, logits: torch.Tensor, cache: DynamicCache, steps: int) -> None:
