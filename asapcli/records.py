@@ -199,9 +199,11 @@ class MeasuredFlops:
 
 @dataclass(frozen=True)
 class FlopsReport:
-    """`asap flops --json`: one object."""
+    """`asap flops --json`: one object (one per budget, as JSON Lines, for several -k)."""
 
     model: str
+    k: int | None  # the budget asked (-k, else the preset's); None for a --schedule
+    layer: int | None  # the layer it prunes after (0: before the language model); None for a --schedule
     tflops_vanilla: float
     tflops: float
     flops_ratio: float

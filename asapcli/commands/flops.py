@@ -22,7 +22,7 @@ MEASURE_HELP = "Also count a real forward of the model's language model with fvc
 def flops_command(
     *,
     where: options.Where,
-    k: options.K = None,
+    budgets: options.Budgets = None,
     layer: Annotated[int | None, typer.Option("--layer", metavar="L", help=LAYER_HELP)] = None,
     schedule: Annotated[str | None, typer.Option("--schedule", metavar="LAYER:TOKENS,...", help=SCHEDULE_HELP)] = None,
     visual_tokens: Annotated[
@@ -38,19 +38,28 @@ def flops_command(
 ) -> None:
     """Theoretical FLOPs of the visual tokens, vanilla and pruned (paper Eq. 7-8)."""
     output = options.output_format(format_, json)
-    count = FlopsCount.plan(where.model, k, layer, schedule, visual_tokens, gqa, measure, method)
+    counts = [
+        FlopsCount.plan(where.model, k, layer, schedule, visual_tokens, gqa, measure, method)
+        for k in options.budget_list(budgets) or [None]
+    ]
     if measure:
-        settings = count.measure_settings()
+        settings = [count.measure_settings() for count in counts]
         loaded = where.load()
         with display.status("Counting FLOPs with fvcore"):
-            count = count.measured(loaded, settings)
+            counts = [count.measured(loaded, each) for count, each in zip(counts, settings, strict=True)]
     if output == "json":
-        display.print_json(count.record())
+        for count in counts:
+            display.print_json(count.record())
         return
     if output != "table":
-        display.print_rows(count.rows(), output)
+        rows = counts[0].rows() if len(counts) == 1 else [count.budget_row() for count in counts]
+        display.print_rows(rows, output)
         return
-    display.out.print(_table(count))
+    if len(counts) > 1:
+        display.out.print(_budgets_table(counts))
+    else:
+        display.out.print(_table(counts[0]))
+    count = counts[0]
     display.out.print(f"Convention: {count.convention}.", markup=False, soft_wrap=True)
     if gqa and count.arch.kv_heads == count.arch.heads:
         display.note(f"--gqa changes nothing here: {where.model} has as many key/value heads as query heads.")
@@ -63,6 +72,28 @@ def flops_command(
             markup=False,
             soft_wrap=True,
         )
+
+
+def _budgets_table(counts: list[FlopsCount]) -> Table:
+    """Several budgets side by side: vanilla, then one row per k (Table 1's FLOPs column)."""
+    first, measured = counts[0], counts[0].counted is not None
+    unit, scale = display.flop_unit(first.vanilla)
+    columns = ["k", "L", "tokens from L", unit, "ratio %"] + ([f"measured {unit}", "measured %"] if measured else [])
+    table = display.table(f"{first.model}: FLOPs of the visual tokens by budget", columns)
+    vanilla = first.counted["vanilla"].total if measured else None
+    table.add_row(
+        "vanilla", "", str(first.arch.visual_tokens), f"{first.vanilla / scale:.3f}", "100.0",
+        *([f"{vanilla / scale:.3f}", "100.0"] if measured else []),
+    )  # fmt: skip
+    for count in counts:
+        ((layer, tokens),) = count.steps
+        pruned = count.counted["pruned"].total if measured else None
+        table.add_row(
+            str(count.budget), str(layer), str(tokens), f"{count.pruned / scale:.3f}",
+            f"{100 * count.pruned / count.vanilla:.1f}",
+            *([f"{pruned / scale:.3f}", f"{100 * pruned / vanilla:.1f}"] if measured else []),
+        )  # fmt: skip
+    return table
 
 
 def _table(count: FlopsCount) -> Table:

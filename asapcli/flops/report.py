@@ -28,6 +28,7 @@ class FlopsCount:
     stages: list[Stage]
     kv_fraction: float  # k/v projections at kv_heads / heads (grouped-query), else 1
     method: str  # what prunes in a measured forward
+    budget: int | None  # k as asked (-k, else the preset's); None for a --schedule
     counted: dict | None = None  # fvcore's CountedFlops, "vanilla" and "pruned", once measured
 
     @classmethod
@@ -51,6 +52,7 @@ class FlopsCount:
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         arch = load_architecture(model, visual_tokens)
+        budget = None
         if schedule is not None:
             steps = parse_schedule(schedule)
         else:
@@ -67,7 +69,7 @@ class FlopsCount:
             stages = pruning_schedule(arch.layers, arch.visual_tokens, steps)
         # fvcore counts what the model computes: grouped-query k/v projections at their real size.
         kv_fraction = arch.kv_heads / arch.heads if gqa or measure else 1.0
-        return cls(model, arch, steps, stages, kv_fraction, method)
+        return cls(model, arch, steps, stages, kv_fraction, method, budget)
 
     def flops(self, stages: list[Stage]) -> float:
         return schedule_flops(stages, self.arch.hidden, self.arch.intermediate, self.kv_fraction)
@@ -131,6 +133,18 @@ class FlopsCount:
                      "flops_ratio": record.flops_ratio})  # fmt: skip
         return rows
 
+    def budget_row(self) -> dict:
+        """This budget as one row of a comparison of several (--format csv|markdown|latex)."""
+        record = self.record()
+        row = {"k": record.k, "layer": record.layer, "tflops_vanilla": record.tflops_vanilla, "tflops": record.tflops,
+               "flops_ratio": record.flops_ratio}  # fmt: skip
+        if record.measured:
+            row |= {
+                "measured_tflops_vanilla": record.measured.tflops_vanilla,
+                "measured_tflops": record.measured.tflops,
+            }
+        return row
+
     def record(self) -> FlopsReport:
         measured = None
         if self.counted is not None:
@@ -143,8 +157,11 @@ class FlopsCount:
                 method_ops_tflops={op: n / 1e12 for op, n in pruned.other.items()},
                 counter=COUNTER,
             )
+        single = self.budget is not None
         return FlopsReport(
             model=self.model,
+            k=self.budget,
+            layer=self.steps[0][0] if single else None,
             tflops_vanilla=self.vanilla / 1e12,
             tflops=self.pruned / 1e12,
             flops_ratio=self.pruned / self.vanilla,
