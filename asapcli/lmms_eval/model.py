@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from loguru import logger
+from tqdm import tqdm
 
 from ..api import pruned
 from ..errors import AsapError, UsageError
@@ -64,12 +65,16 @@ class Asap(lmms):
         `batch_size` at a time, as one left-padded batch (each row its own pruning)."""
         answers: list[str] = []
         settings = self.prune
-        with pruned(self.loaded.model, settings.method, settings.k, settings.layer, settings.seed,
-                    **settings.hyperparameters) as pruning:  # fmt: skip
+        options = {"method": settings.method, "k": settings.k, "layer": settings.layer, "seed": settings.seed}
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="Model Responding")
+        with pruned(self.loaded.model, **options, **settings.hyperparameters) as pruning:
             for _, same_options in itertools.groupby(requests, key=lambda request: repr(request.args[1])):
                 same_options = list(same_options)
                 for start in range(0, len(same_options), self.batch_size):
-                    answers += self._answer(same_options[start : start + self.batch_size])
+                    group = same_options[start : start + self.batch_size]
+                    answers += self._answer(group)
+                    progress.update(len(group))
+        progress.close()
         report = pruning.report()
         if report.visual_tokens:
             logger.info(
