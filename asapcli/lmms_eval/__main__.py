@@ -1,6 +1,6 @@
 """`python -m asapcli.lmms_eval ...`: lmms-eval's own command line (`python -m lmms_eval`, the same
 options) with the model `asap` registered and the task folder of `asap_demo` included. Unlike
-lmms-eval, it exits 1 when lmms-eval reports that the evaluation failed (lmms-eval logs the
+lmms-eval, it exits 1 when lmms-eval reports that a run failed or had no task (lmms-eval logs the
 error and exits 0)."""
 
 from __future__ import annotations
@@ -21,19 +21,29 @@ def main() -> int:
     MODEL_REGISTRY_V2.register_manifest(MANIFEST, overwrite=True)  # a checkout on PYTHONPATH has no entry point
     failures: list[str] = []
     logger.configure(patcher=lambda record: _note_failure(record, failures))  # survives lmms-eval's logger.remove()
-    cli_evaluate(argparse.Namespace(include_path=_include_path(sys.argv[1:])))
+    try:
+        cli_evaluate(argparse.Namespace(include_path=_include_path(sys.argv[1:])))
+    except SystemExit as end:  # lmms-eval ends some runs with sys.exit(), 0 even after an error
+        if end.code not in (None, 0):
+            raise
     for failure in failures:
         sys.stderr.write(f"Error: {failure}\n")
     return 1 if failures else 0
 
 
-FAILED = "Error during evaluation: "  # how lmms-eval 0.7 logs an evaluation it caught failing
+# How lmms-eval 0.7's command line logs a run it gave up: an evaluation it caught failing, or no task.
+FAILED = "Error during evaluation: "
+NO_TASK = "Need to specify task to evaluate."
 
 
 def _note_failure(record, failures: list[str]) -> None:
     message = record["message"]
-    if record["level"].name in ("ERROR", "CRITICAL") and message.startswith(FAILED):
+    if record["level"].name not in ("ERROR", "CRITICAL") or record["name"] != "lmms_eval.__main__":
+        return
+    if message.startswith(FAILED):
         failures.append(message.removeprefix(FAILED).split(". Please set `--verbosity=DEBUG`")[0])
+    elif message == NO_TASK:
+        failures.append("no task given: --tasks NAME[,NAME...]")
 
 
 def _include_path(argv: list[str]) -> list[str]:
