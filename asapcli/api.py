@@ -50,7 +50,7 @@ class PruningReport:
     visual_tokens: int
     kept_tokens: int
     merged_tokens: int
-    flops_ratio: float  # Eq. 8 over every image pruned in the block, against keeping them all
+    flops_ratio: float  # Eq. 8 over every prompt the block prefilled: their FLOPs over those of keeping every token
 
 
 class Pruning:
@@ -81,6 +81,7 @@ class Pruning:
     def report(self) -> PruningReport:
         text_config = self.model.config.get_text_config()
         images, visual, kept, merged = [], 0, 0, 0
+        pruned_tflops = full_tflops = 0.0  # Eq. 7 of each prompt, summed (its v^2 term is per sequence)
         for plans, padding in self.prefills:
             for row, plan in enumerate(plans):
                 kept_positions = iter(plan.kept)
@@ -89,8 +90,11 @@ class Pruning:
                     images.append(ImageReport(row, start - padding[row], end - padding[row], positions))
                 tokens, kept_tokens = token_counts(plan)
                 visual, kept, merged = visual + tokens, kept + kept_tokens, merged + plan.merged
+                if tokens:
+                    pruned_tflops += token_flops(text_config, tokens, kept_tokens, plan.layer)[0]
+                    full_tflops += token_flops(text_config, tokens, tokens, plan.layer)[0]
         layer = self.prefills[0][0][0].layer if self.prefills else self.settings.layer
-        ratio = token_flops(text_config, visual, kept, layer)[1] if visual else 1.0
+        ratio = pruned_tflops / full_tflops if full_tflops else 1.0
         return PruningReport(self.settings.method, self.settings.k, layer, images, visual, kept, merged, ratio)
 
 

@@ -138,3 +138,31 @@ def test_a_budget_at_or_above_the_image_prunes_nothing_and_reports_so(llava_path
     report = pruning.report()
     assert [image.kept for image in report.images] == [None]
     assert (report.visual_tokens, report.kept_tokens, report.flops_ratio) == (64, 64, 1.0)
+
+
+def test_vanilla_prunes_nothing_and_reports_so_whatever_its_k(llava_path, images):
+    """vanilla under a k below the image's tokens (k is the budget of the other methods): the
+    report reads as a budget at or above the image does, not as a pruned span with no kept list."""
+    lvlm = load(str(llava_path), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    model, reference = fresh(llava_path), fresh(llava_path)
+    with torch.inference_mode(), asapcli.pruned(model, method="vanilla", k=8) as pruning:
+        logits = model(**inputs).logits
+    assert torch.equal(logits, reference(**inputs).logits)
+    report = pruning.report()
+    assert [image.kept for image in report.images] == [None]
+    assert (report.visual_tokens, report.kept_tokens, report.flops_ratio) == (64, 64, 1.0)
+
+
+def test_the_flops_ratio_of_several_prompts_is_their_total_over_the_unpruned_total(llava_path, images):
+    """Eq. 8's attention term grows with the square of a sequence's tokens: two prompts of 64
+    visual tokens cost twice one prompt, not what one prompt of 128 would."""
+    lvlm = load(str(llava_path), device="cpu")
+    batch = build_batch_inputs(lvlm.processor, [("what is it?", images[0]), ("and this?", images[1])])
+    model = fresh(llava_path)
+    with torch.inference_mode(), asapcli.pruned(model, method="fastv", k=8) as pruning:
+        model(**batch)
+    report = pruning.report()
+    text_config = model.config.get_text_config()
+    assert (report.visual_tokens, report.kept_tokens) == (128, 16)
+    assert report.flops_ratio == pytest.approx(token_flops(text_config, 64, 8, report.layer)[1])
