@@ -21,8 +21,9 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from ..api import pruned
+from ..api import pruned_as
 from ..errors import AsapError, UsageError
+from ..generation import to_device
 from ..inputs import build_batch_inputs
 from ..loading import load
 from .arguments import ModelArgs, whole
@@ -64,10 +65,8 @@ class Asap(lmms):
         """Each request's answer, in order: requests with the same generation options are answered
         `batch_size` at a time, as one left-padded batch (each row its own pruning)."""
         answers: list[str] = []
-        settings = self.prune
-        options = {"method": settings.method, "k": settings.k, "layer": settings.layer, "seed": settings.seed}
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="Model Responding")
-        with pruned(self.loaded.model, **options, **settings.hyperparameters) as pruning:
+        with pruned_as(self.loaded.model, self.prune) as pruning:
             for _, same_options in itertools.groupby(requests, key=lambda request: repr(request.args[1])):
                 same_options = list(same_options)
                 for start in range(0, len(same_options), self.batch_size):
@@ -96,10 +95,7 @@ class Asap(lmms):
                     f"task {task}: question {doc_id} brings {len(visuals)} images; the asap model answers one per question"
                 )
             samples.append((context, visuals[0].convert("RGB")))
-        inputs = build_batch_inputs(self.loaded.processor, samples)  # as asap eval builds them
-        inputs = inputs.to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.model.dtype)
+        inputs = to_device(self.loaded, build_batch_inputs(self.loaded.processor, samples))  # as asap eval builds them
         tokenizer = self.loaded.processor.tokenizer
         torch.manual_seed(self.prune.seed)  # a task that samples draws as asap run --seed does
         with torch.inference_mode():
