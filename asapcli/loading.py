@@ -18,8 +18,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 
 from .engine import PrunedDecoder, install
 from .errors import AsapError, UsageError, first_line
-from .presets import Preset, resolve_source
-from .random_model import LlavaShape, build_llava
+from .presets import Preset, find_preset, model_label, preset_names, resolve_source
+from .random_model import build_from_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -32,6 +32,14 @@ class Loaded:
     name: str
     preset: Preset | None
     warm: bool = False  # a generation has run: later ones no longer pay one-time warm-up costs
+    random_weights: bool = False  # built from the preset's [config]: figures of cost only, answers are noise
+    full_layers: int | None = None  # the model's own decoder layers, when --layers built fewer
+
+    @property
+    def label(self) -> str:
+        """The model's name, with what tells its figures from a checkpoint's: random weights, and
+        the layers it was cut to."""
+        return model_label(self.name, self.random_weights, self.num_layers, self.full_layers)
 
     @property
     def image_token_id(self) -> int:
@@ -78,38 +86,44 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def load(model: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None) -> Loaded:
+def load(
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    random_weights: bool = False,
+    layers: int | None = None,
+) -> Loaded:
     """The model in `dtype`, its weights read straight onto `device` (no float32 copy on the
     host first), or spread by accelerate as `device_map` says: a strategy of DEVICE_MAPS or a
-    JSON file mapping module names to "cuda:N", "cpu" or "disk"."""
+    JSON file mapping module names to "cuda:N", "cpu" or "disk". `random_weights`: a preset's
+    architecture built with random weights (see build_random), its language model cut to its
+    first `layers` decoder layers when given."""
     source, preset = resolve_source(model)
     placement = resolve_device_map(device_map, device)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
-    if preset is not None and preset.random_weights is not None:
+    random_weights = random_weights or (preset is not None and preset.random_weights)
+    if layers is not None and not random_weights:
+        raise UsageError("--layers cuts a model built with --random-weights; a checkpoint loads whole")
+    if random_weights:
         if device_map is not None:
-            raise UsageError(f"preset {model!r} is built from numbers on one device; --device-map is for checkpoints")
-        lvlm, processor = build_llava(_random_shape(preset), dtype=torch_dtype, device=target)
-    elif source is None:
+            raise UsageError(f"{model!r} is built from numbers on one device; --device-map is for checkpoints")
+        return build_random(model, preset, torch_dtype, target, layers)
+    if source is None:
         raise AsapError(
-            f"preset {model!r} gives architecture numbers only (for asap flops); "
-            "pass a transformers-format model folder or hub id with -m to run it"
+            f"preset {model!r} gives architecture numbers only (for asap flops); time its shape with "
+            "--random-weights, or pass a transformers-format model folder or hub id with -m to run it"
         )
-    else:
-        try:
-            local_only = Path(source).is_dir() or _from_cache_only(source)
-            lvlm, processor = read_checkpoint(
-                source, torch_dtype, local_only=local_only, device_map=placement or str(target)
-            )
-        except ImportError as error:  # a processor that needs a package not installed (torchvision)
-            package = re.search(r"requires the (\w+) library", str(error))
-            name = package.group(1).lower() if package else first_line(error)
-            raise AsapError(
-                f"cannot load model {model!r}: its processor needs {name}, which is not installed; "
-                f'pip install {name} (for Qwen2.5-VL and InternVL: pip install "asapcli[torchvision]")'
-            ) from error
-        except (OSError, ValueError, KeyError) as error:
-            raise AsapError(f"cannot load model {model!r}: {first_line(error)}") from error
+    try:
+        local_only = Path(source).is_dir() or _from_cache_only(source)
+        lvlm, processor = read_checkpoint(
+            source, torch_dtype, local_only=local_only, device_map=placement or str(target)
+        )
+    except ImportError as error:  # a processor that needs a package not installed (torchvision)
+        raise _missing_package(model, error) from error
+    except (OSError, ValueError, KeyError) as error:
+        raise AsapError(f"cannot load model {model!r}: {first_line(error)}") from error
     return prepare(lvlm, processor, model, preset)
 
 
@@ -199,11 +213,40 @@ def prepare(lvlm: PreTrainedModel, processor, name: str, preset: Preset | None =
     return Loaded(model=lvlm, processor=processor, decoder=decoder, name=name, preset=preset)
 
 
-def _random_shape(preset: Preset) -> LlavaShape:
-    arch = preset.architecture
-    shape = LlavaShape(arch.layers, arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, **preset.random_weights)
-    if shape.visual_tokens != arch.visual_tokens:
-        raise AsapError(
-            f"preset {preset.name!r}: its vision tower makes {shape.visual_tokens} tokens, not {arch.visual_tokens}"
+def build_random(
+    model: str, preset: Preset | None, dtype: torch.dtype, device: torch.device, layers: int | None = None
+) -> Loaded:
+    """A preset's architecture (its [config] table) with random weights, made in `dtype` on
+    `device`, its language model cut to its first `layers` decoder layers when given: the
+    paper's shapes timed with no checkpoint."""
+    if preset is None:
+        raise UsageError(
+            f"--random-weights builds a preset's architecture (see profiles/); {model!r} is a folder or hub id, "
+            "whose weights load as they are"
         )
-    return shape
+    if preset.config is None:
+        buildable = [name for name in preset_names() if find_preset(name).config is not None]
+        raise UsageError(
+            f"preset {model!r} has no [config] table to build its architecture from; "
+            f"--random-weights takes {', '.join(buildable)}"
+        )
+    full = preset.config["text_config"]["num_hidden_layers"]
+    if layers is not None and not 1 <= layers <= full:
+        raise UsageError(f"--layers must be in 1..{full} for {model!r} ({full} decoder layers), got {layers}")
+    try:
+        lvlm, processor = build_from_config(preset.config, preset.processor, dtype, device, layers)
+    except ImportError as error:
+        raise _missing_package(model, error) from error
+    loaded = prepare(lvlm, processor, model, preset)
+    loaded.random_weights, loaded.full_layers = True, full
+    return loaded
+
+
+def _missing_package(model: str, error: ImportError) -> AsapError:
+    """A processor that needs a package not installed (torchvision), said in one line."""
+    package = re.search(r"requires the (\w+) library", str(error))
+    name = package.group(1).lower() if package else first_line(error)
+    return AsapError(
+        f"cannot load model {model!r}: its processor needs {name}, which is not installed; "
+        f'pip install {name} (for Qwen2.5-VL and InternVL: pip install "asapcli[torchvision]")'
+    )

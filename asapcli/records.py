@@ -98,6 +98,9 @@ class ProfileRow:
     """`asap profile --json`: one per method, budget and batch size (JSON Lines)."""
 
     model: str
+    random_weights: bool  # built from the preset's config (--random-weights): cost figures only
+    decoder_layers: int  # the language model's decoder layers that ran
+    decoder_layers_full: int  # the model's own count: larger when --layers cut it
     device: str
     dtype: str
     threads: int | None  # None on a GPU
@@ -204,6 +207,9 @@ class FlopsReport:
     model: str
     k: int | None  # the budget asked (-k, else the preset's); None for a --schedule
     layer: int | None  # the layer it prunes after (0: before the language model); None for a --schedule
+    random_weights: bool  # the measured model was built with random weights (the counts do not depend on them)
+    decoder_layers: int  # the layers counted (architecture.layers)
+    decoder_layers_full: int  # the model's own count: larger when --layers cut it
     tflops_vanilla: float
     tflops: float
     flops_ratio: float

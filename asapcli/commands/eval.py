@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from .. import display
+from ..errors import UsageError
 from ..records import EvalRow
 from . import options
 
@@ -65,6 +66,10 @@ def eval_command(
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
     output = options.output_format(format_, json)
     methods, budgets = comparison.check()
+    if where.random_weights:
+        raise UsageError(
+            "--random-weights answers at chance: asap eval measures accuracy; time a shape with asap profile"
+        )
     # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
     from ..eval_run import EvalRun
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .. import display
 from ..flops.report import FlopsCount
+from ..presets import built_from_numbers
 from . import options
 
 LAYER_HELP = "Prune after layer L-1; 0 prunes before the first layer."
@@ -39,7 +40,9 @@ def flops_command(
     """Theoretical FLOPs of the visual tokens, vanilla and pruned (paper Eq. 7-8)."""
     output = options.output_format(format_, json)
     counts = [
-        FlopsCount.plan(where.model, k, layer, schedule, visual_tokens, gqa, measure, method)
+        FlopsCount.plan(
+            where.model, k, layer, schedule, visual_tokens, gqa, measure, method, where.random_weights, where.layers
+        )
         for k in options.budget_list(budgets) or [None]
     ]
     if measure:
@@ -72,6 +75,8 @@ def flops_command(
             markup=False,
             soft_wrap=True,
         )
+    for line in built_from_numbers(count.random_weights, count.arch.layers, count.full_layers or count.arch.layers):
+        display.out.print(line, markup=False, soft_wrap=True)
 
 
 def _budgets_table(counts: list[FlopsCount]) -> Table:
@@ -79,7 +84,7 @@ def _budgets_table(counts: list[FlopsCount]) -> Table:
     first, measured = counts[0], counts[0].counted is not None
     unit, scale = display.flop_unit(first.vanilla)
     columns = ["k", "L", "tokens from L", unit, "ratio %"] + ([f"measured {unit}", "measured %"] if measured else [])
-    table = display.table(f"{first.model}: FLOPs of the visual tokens by budget", columns)
+    table = display.table(f"{first.label}: FLOPs of the visual tokens by budget", columns)
     vanilla = first.counted["vanilla"].total if measured else None
     table.add_row(
         "vanilla", "", str(first.arch.visual_tokens), f"{first.vanilla / scale:.3f}", "100.0",
@@ -101,7 +106,7 @@ def _table(count: FlopsCount) -> Table:
     vanilla, pruned = count.vanilla, count.pruned
     unit, scale = display.flop_unit(vanilla)
     columns = ["stage", "layers", "visual tokens", unit] + ([f"measured {unit}"] if counted else [])
-    table = display.table(f"{count.model}: FLOPs of the visual tokens", columns)
+    table = display.table(f"{count.label}: FLOPs of the visual tokens", columns)
     measured = count.measured_by_stage() if counted else [None] * len(stages)
     start = 0
     for index, (stage, layers) in enumerate(zip(stages, measured)):

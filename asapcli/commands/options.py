@@ -62,6 +62,24 @@ Dtype = Annotated[
         help="Precision of the weights; auto: bfloat16 on GPU, float32 on CPU.",
     ),
 ]
+RandomWeights = Annotated[
+    bool,
+    typer.Option(
+        "--random-weights",
+        help="Build the preset's architecture with random weights, no download: its cost measured anywhere "
+        "(answers are noise).",
+    ),
+]
+Layers = Annotated[
+    int | None,
+    typer.Option(
+        "--layers",
+        min=1,
+        metavar="N",
+        help="With --random-weights: only the first N decoder layers of the language model (timing on a small "
+        "machine; every output says so).",
+    ),
+]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, metavar="N", help="Most tokens to generate.")]
 
 
@@ -127,6 +145,8 @@ class Where:
     dtype: Dtype = "auto"
     device_map: DeviceMap = None
     threads: Threads = None
+    random_weights: RandomWeights = False
+    layers: Layers = None
 
     @classmethod
     def parameters(cls) -> list[inspect.Parameter]:
@@ -149,7 +169,14 @@ class Where:
         huggingface_hub.utils.enable_progress_bars()
 
         with display.status(f"Loading {self.model}"):
-            return load(self.model, device=self.device, dtype=self.dtype, device_map=self.device_map)
+            return load(
+                self.model,
+                device=self.device,
+                dtype=self.dtype,
+                device_map=self.device_map,
+                random_weights=self.random_weights,
+                layers=self.layers,
+            )
 
 
 @dataclasses.dataclass

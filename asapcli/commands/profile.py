@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from .. import display
+from ..presets import model_label
 from ..records import ProfileRow
 from . import options
 
@@ -48,9 +49,10 @@ def profile(
     output = options.output_format(format_, json)
     methods, budgets = comparison.check()
     check_prompt(prompt)
-    picture = load_image(image) if image is not None else pattern_image()
+    picture = load_image(image) if image is not None else None
 
     loaded = where.load()
+    picture = picture or pattern_image(*(loaded.preset.pattern if loaded.preset else ()))
     runs = profiling.runs(methods, budgets, comparison.settings(loaded.preset), loaded.num_layers)
     with display.status(f"Measuring {len(runs)} runs") as spinner:
         step = None if spinner is None else lambda message: spinner.update(f"Measuring: {message}")
@@ -96,7 +98,9 @@ def _table(rows: list[ProfileRow], on_gpu: bool, batched: bool) -> Table:
         ("tok/s", lambda row: f"{row.decode_tokens_per_second:.1f}"),
     ]
     what = "one image" + (", batch 1 and batched" if batched else "")
-    table = display.table(f"{rows[0].model}: prefill of {what}", [header for header, _ in columns])
+    first = rows[0]
+    label = model_label(first.model, first.random_weights, first.decoder_layers, first.decoder_layers_full)
+    table = display.table(f"{label}: prefill of {what}", [header for header, _ in columns])
     for row in rows:
         table.add_row(*(cell(row) for _, cell in columns))
     return table
