@@ -187,7 +187,7 @@ def save_llava(shape: LlavaShape, path: Path, seed: int = 0) -> Path:
 @contextlib.contextmanager
 def made_in(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
     """Every tensor a model's constructor makes is made in `dtype` on `device`: no float32 copy
-    on the host first, which would need twice the memory of the weights."""
+    on the host first (for bfloat16 weights, three times their memory at the peak)."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -242,10 +242,11 @@ def build_from_config(
     [processor] table), with a character-level tokenizer whose special-token ids replace the
     checkpoint's in the config. A text_config without vocab_size takes the tokenizer's."""
     config, tokenizer = random_config(table, layers)
+    processor = family_processor(config, tokenizer, images or {})  # first: a missing torchvision fails at once
     torch.manual_seed(seed)
     with made_in(dtype, device):
         model = AutoModelForImageTextToText.from_config(config).eval()
-    return model, family_processor(config, tokenizer, images or {})
+    return model, processor
 
 
 def random_config(table: dict, layers: int | None = None) -> tuple[PretrainedConfig, PreTrainedTokenizerFast]:

@@ -3,6 +3,7 @@ in the target dtype on the target device, no float32 copy; --layers N and its la
 refusals. Tiny preset-like architectures go through the real path (a preset file, load(), the
 CLI); the paper-scale presets are built on the meta device (no memory) to check their shapes."""
 
+import importlib.util
 import json
 import tomllib
 from pathlib import Path
@@ -85,6 +86,83 @@ vision_feature_layer = -1
 vision_feature_select_strategy = "default"
 image_grid_pinpoints = [[32, 64], [64, 32], [64, 64]]
 {TEXT}""",
+    # InternVL and Qwen2.5-VL in miniature (tests/tiny_models.py's shapes): 16 tokens per 32 px
+    # tile, up to 4 tiles and a thumbnail; 4 px patches merged 2 x 2.
+    "tiny-internvl": """
+description = "tiny"
+[architecture]
+layers = 4
+hidden = 64
+intermediate = 128
+heads = 4
+kv_heads = 2
+visual_tokens = 48
+[defaults]
+layer = 2
+k = 8
+pattern = [64, 32]
+[config]
+model_type = "internvl"
+downsample_ratio = 0.5
+vision_feature_layer = -1
+[config.text_config]
+model_type = "llama"
+hidden_size = 64
+intermediate_size = 128
+num_hidden_layers = 4
+num_attention_heads = 4
+num_key_value_heads = 2
+max_position_embeddings = 2048
+[config.vision_config]
+model_type = "internvl_vision"
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 2
+image_size = [32, 32]
+patch_size = [4, 4]
+[processor]
+max_patches = 4
+""",
+    "tiny-qwen": """
+description = "tiny"
+[architecture]
+layers = 4
+hidden = 64
+intermediate = 128
+heads = 4
+kv_heads = 2
+visual_tokens = 16
+[defaults]
+layer = 2
+k = 8
+pattern = [32, 32]
+[config]
+model_type = "qwen2_5_vl"
+[config.text_config]
+model_type = "qwen2_5_vl_text"
+hidden_size = 64
+intermediate_size = 128
+num_hidden_layers = 4
+num_attention_heads = 4
+num_key_value_heads = 2
+max_position_embeddings = 2048
+rope_parameters = { rope_type = "default", rope_theta = 10000.0, mrope_section = [2, 3, 3] }
+[config.vision_config]
+depth = 2
+hidden_size = 32
+intermediate_size = 64
+num_heads = 2
+out_hidden_size = 64
+patch_size = 4
+spatial_merge_size = 2
+temporal_patch_size = 2
+window_size = 16
+fullatt_block_indexes = [1]
+[processor]
+min_pixels = 256
+max_pixels = 4096
+""",
     "tiny-no-config": """
 description = "numbers only"
 [architecture]
@@ -235,6 +313,21 @@ def test_a_folder_is_refused_and_eval_and_flops_without_measure_refuse(tiny_pres
     assert result.exit_code == 2 and "answers at chance" in result.stderr
     result = asap("flops", "-m", "tiny-llava", "--random-weights")
     assert result.exit_code == 2 and "add --measure" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny-internvl", "tiny-qwen"])
+def test_internvl_and_qwen_build_and_profile_or_say_they_need_torchvision(tiny_presets, name):
+    """Their processors need torchvision (there on a GPU machine, not on this project's CPU
+    one): with it, a profile of the preset's shape; without it, one Error line, before any build."""
+    fast = ["--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--methods", "vanilla,asap", "--json"]
+    result = asap("profile", "-m", name, "--random-weights", *fast)
+    if importlib.util.find_spec("torchvision") is None:
+        assert result.exit_code == 1 and "its processor needs torchvision" in result.stderr
+        return
+    assert result.exit_code == 0, result.output
+    vanilla, pruned = (json.loads(line) for line in result.stdout.splitlines())
+    tokens = presets.get_preset(name).architecture.visual_tokens
+    assert vanilla["visual_tokens"] == tokens and pruned["kept_tokens"] == 8 and pruned["random_weights"]
 
 
 # The paper's shapes, built on the meta device: the real presets' [config] tables against their
