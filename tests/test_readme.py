@@ -72,6 +72,7 @@ def shown_only() -> list[str]:
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command_runs_as_shown(command, tmp_path, monkeypatch):
     shutil.copytree(REPO / "examples", tmp_path / "examples")
+    (tmp_path / "asapcli").symlink_to(REPO / "asapcli")  # files the docs name inside the package (a task's questions)
     monkeypatch.chdir(tmp_path)  # outputs the command writes (kept.png) land here
     arguments, _, comment = command.partition("  # ")
     result = runner.invoke(app, shlex.split(arguments)[1:])
