@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from . import figures, patches
-from .engine import PruningPlan
+from .engine import image_spans
 from .errors import UsageError
 from .generation import GenerationResult, generate, generate_batch
 from .inputs import (
@@ -24,7 +24,6 @@ from .inputs import (
     user_message,
 )
 from .loading import Loaded
-from .plans import plan_for, plans_for_batch
 from .records import Answer
 from .settings import PruneSettings
 
@@ -72,7 +71,6 @@ class Answered:
     result: GenerationResult
     record: Answer
     span: tuple[int, int] | None = None  # the image's token span, for one sample alone
-    plan: PruningPlan | None = None  # what pruned it (kept tokens and their roles), for one sample alone
 
 
 def answer(
@@ -95,19 +93,19 @@ def answer(
         inputs = build_batch_inputs(
             loaded.processor, [(prompt, samples.pictures[image]) for image, prompt in samples.pairs]
         )
-        results = generate_batch(loaded, inputs, plans_for_batch(loaded, inputs["input_ids"], settings), **sampling)
+        results = generate_batch(loaded, inputs, settings, **sampling)
         return [_answered(loaded, settings, *pair, result) for pair, result in zip(samples.pairs, results, strict=True)]
     ((image, prompt),) = samples.pairs
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [samples.pictures[image]])
-    plan = plan_for(loaded, inputs["input_ids"][0], settings)
-    span = plan.spans[0] if plan.spans else None
+    spans = image_spans(inputs["input_ids"][0], loaded.image_token_id)
+    span = spans[0] if spans else None
     if draws_kept:
         patches.span_layout(loaded.processor, samples.pictures[image].size, span[1] - span[0] if span else 0)
-    result = generate(loaded, inputs, plan, on_text=on_text, **sampling)
-    return [_answered(loaded, settings, image, prompt, result, span, plan)]
+    result = generate(loaded, inputs, settings, on_text=on_text, **sampling)
+    return [_answered(loaded, settings, image, prompt, result, span)]
 
 
-def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResult, span=None, plan=None) -> Answered:
+def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResult, span=None) -> Answered:
     vanilla = settings.method == "vanilla"  # no budget, no pruning layer: none to report
     record = Answer(
         **Answer.figures(result),
@@ -117,26 +115,26 @@ def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResu
         method=settings.method,
         k=None if vanilla else settings.k,
         layer=None if vanilla else result.layer,
+        options=settings.method_options(),
         prompt_tokens=result.prompt_tokens,
         device=str(loaded.device),
     )
-    return Answered(image, prompt, result, record, span, plan)
+    return Answered(image, prompt, result, record, span)
 
 
 def kept_view(loaded: Loaded, picture: Image.Image, answered: Answered) -> figures.KeptView:
     """What the kept-tokens figure of one sample alone shows: each patch of the image in the role
-    the engine gave its token (from the plan), laid out as the processor placed it."""
+    the engine gave its token (kept with its plan), laid out as the processor placed it."""
     start, end = answered.span
     layout = patches.span_layout(loaded.processor, picture.size, end - start)
-    plan, result = answered.plan, answered.result
-    pruned = plan is not None and bool(plan.kept)
-    record = answered.record
+    result, record = answered.result, answered.record
+    pruned = bool(result.kept_positions)
     title = figures.kept_title(loaded.name, record.method, record.k, record.layer, result.kept_tokens, end - start)
     return figures.kept_view(
         layout,
-        (plan.kept[0] - start).tolist() if pruned else None,
-        plan.roles[0] if pruned else None,
-        plan.absorbed[0] if pruned else None,
+        [position - start for position in result.kept_positions[0]] if pruned else None,
+        result.kept_roles[0] if pruned else None,
+        result.kept_absorbed[0] if pruned else None,
         title,
         record.method,
     )

@@ -10,6 +10,9 @@ spans are read from that call's `input_ids` (each row of a left-padded batch its
 `generate()`, a plain forward and a chat that continues a KV cache all work as they are.
 Outside the block the model is what it was: the pruned decoder is installed on entry and taken
 out on exit (unless it was there already, as on a model from `asapcli.loading.load`).
+
+The CLI answers through the same block (`pruned_as(model, settings)`, with the settings its
+options made): a question asked with `asap run` and with this API is pruned the same way.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class PruningReport:
     visual_tokens: int
     kept_tokens: int
     merged_tokens: int
-    flops_ratio: float  # Eq. 8 over every image pruned in the block, against keeping them all
+    flops_ratio: float  # Eq. 8 over every prompt the block prefilled: their FLOPs over those of keeping every token
 
 
 class Pruning:
@@ -74,9 +77,16 @@ class Pruning:
             self.prefills.append((plans, padding))
         return plans
 
+    @property
+    def plans(self) -> list[PruningPlan] | None:
+        """The plans (one per row) of the block's first forward call that brought images: the
+        prefill of a generate() call; None when no call did."""
+        return self.prefills[0][0] if self.prefills else None
+
     def report(self) -> PruningReport:
         text_config = self.model.config.get_text_config()
         images, visual, kept, merged = [], 0, 0, 0
+        pruned_tflops = full_tflops = 0.0  # Eq. 7 of each prompt, summed (its v^2 term is per sequence)
         for plans, padding in self.prefills:
             for row, plan in enumerate(plans):
                 pruned = iter(zip(plan.kept, plan.roles, plan.absorbed))
@@ -91,8 +101,11 @@ class Pruning:
                     images.append(ImageReport(row, first, end - padding[row], kept_positions, roles, sources))
                 tokens, kept_tokens = token_counts(plan)
                 visual, kept, merged = visual + tokens, kept + kept_tokens, merged + plan.merged
+                if tokens:
+                    pruned_tflops += token_flops(text_config, tokens, kept_tokens, plan.layer)[0]
+                    full_tflops += token_flops(text_config, tokens, tokens, plan.layer)[0]
         layer = self.prefills[0][0][0].layer if self.prefills else self.settings.layer
-        ratio = token_flops(text_config, visual, kept, layer)[1] if visual else 1.0
+        ratio = pruned_tflops / full_tflops if full_tflops else 1.0
         return PruningReport(self.settings.method, self.settings.k, layer, images, visual, kept, merged, ratio)
 
 
@@ -104,7 +117,13 @@ def pruned(
     block. `options` are the method's own, as the CLI spells them with underscores
     (`lambda_max`, `merge_threshold`, `score_queries`, `score`, `positions`); an option the
     method does not take, or a value out of range, raises asapcli.errors.UsageError."""
-    settings = PruneSettings(method, k, layer, seed, **options)
+    with pruned_as(model, PruneSettings(method, k, layer, seed, **options)) as block:
+        yield block
+
+
+@contextmanager
+def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruning]:
+    """`pruned` with its arguments as one PruneSettings (what the CLI's options make)."""
     settings.check(model.config.get_text_config().num_hidden_layers)
     was_installed = isinstance(model.get_decoder(), PrunedDecoder)
     decoder = install(model)

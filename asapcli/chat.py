@@ -28,7 +28,6 @@ from .errors import AsapError, UsageError
 from .generation import GenerationResult, context_length, generate
 from .inputs import build_inputs, check_prompt, check_text, user_message
 from .loading import Loaded
-from .plans import plan_for
 from .profiling import kv_cache_bytes
 from .records import ChatStats, ChatTurn
 from .settings import PruneSettings
@@ -129,12 +128,11 @@ class ChatSession:
         # never changed in place (crop slices, update concatenates), so keeping them is enough.
         saved = self.cache, [dict(vars(layer)) for layer in self.cache.layers], self.seen
         try:
-            cached = self._reuse_cache(ids.tolist())
-            plan = plan_for(self.loaded, ids, self.settings, since=cached)
+            self._reuse_cache(ids.tolist())
             result = generate(
                 self.loaded,
                 _with_images_from(features, len(images) - len(new_images)),
-                plan,
+                self.settings,  # prunes the images the cache has not seen: those in the prefilled tokens
                 max_tokens=self.max_tokens,
                 temperature=self.temperature,
                 seed=self.seed,
@@ -161,7 +159,7 @@ class ChatSession:
                 self.loaded.text_config, result.visual_tokens, result.visual_tokens, 0
             )[0]
             self.tflops_pruned += flops.token_flops(
-                self.loaded.text_config, result.visual_tokens, result.kept_tokens, plan.layer
+                self.loaded.text_config, result.visual_tokens, result.kept_tokens, result.layer
             )[0]
         return turn
 

@@ -6,9 +6,7 @@ import functools
 import os
 from typing import Annotated
 
-import huggingface_hub
 import typer
-from transformers.utils import logging as transformers_logging
 
 from . import display
 from .commands import chat, compare, eval, flops, profile, run
@@ -60,11 +58,6 @@ def main_options(
     ] = False,
 ) -> None:
     """Prune the visual tokens of vision-language models with ASAP, and measure what it saves."""
-    transformers_logging.set_verbosity_error()  # generate()'s notices are not the user's business
-    # Our own spinner says what is loading; a download from the hub shows the hub's own progress
-    # (bytes and time left) on stderr, which transformers' switch would silence too.
-    transformers_logging.disable_progress_bar()
-    huggingface_hub.utils.enable_progress_bars()
 
 
 app.command("run")(user_errors(run.run))

@@ -189,4 +189,13 @@ def summary(settings: PruneSettings, result: GenerationResult) -> str:
             kept = f"kept {result.kept_tokens}/{result.visual_tokens} visual tokens"
             if result.merged_tokens:
                 kept += f" ({result.merged_tokens} merged and refilled)"
-    return f"{head}{kept}; FLOPs {result.flops_ratio:.1%} of vanilla; {speeds(result)}"
+    return f"{head}{kept}; FLOPs {result.flops_ratio:.1%} of vanilla; {speeds(result)}{cut(result)}"
+
+
+def cut(result: GenerationResult) -> str:
+    """What cut an answer short, said after its figures; nothing when the model ended it."""
+    if result.ended == "max-tokens":
+        return f"; answer cut at --max-tokens ({result.generated_tokens} tokens)"
+    if result.ended == "context":
+        return "; answer cut: the model's context is full"
+    return ""

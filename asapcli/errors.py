@@ -30,3 +30,9 @@ def ascii_digits(text: str) -> bool:
     """Only the digits 0-9: str.isdigit() also takes '²', which int() refuses."""
     text = text.strip()
     return bool(text) and text.isascii() and text.isdigit()
+
+
+def first_line(error: Exception) -> str:
+    """Library errors run to many lines; the first says what went wrong."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

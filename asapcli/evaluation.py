@@ -19,7 +19,7 @@ from .errors import AsapError, UsageError
 from .generation import generate_batch, to_device
 from .inputs import build_batch_inputs, check_text, load_image
 from .loading import Loaded
-from .plans import plan_for, plans_for_batch
+from .plans import plan_for
 from .records import EvalRow, LoggedAnswer
 from .settings import PruneSettings
 
@@ -214,8 +214,7 @@ def evaluate(
         prompts = [f"{item.question}\n{prompt_suffix}" if prompt_suffix else item.question for item in group]
         inputs = build_batch_inputs(loaded.processor, list(zip(prompts, (item.picture() for item in group))))
         for score in scores:
-            plans = plans_for_batch(loaded, inputs["input_ids"], score.settings)
-            results = generate_batch(loaded, inputs, plans, max_tokens=max_tokens, seed=score.settings.seed)
+            results = generate_batch(loaded, inputs, score.settings, max_tokens=max_tokens, seed=score.settings.seed)
             for index, (item, result) in enumerate(zip(group, results), start=start):
                 hit = correct(result.text, item.answer)
                 score.add(item, hit)

@@ -1,5 +1,6 @@
-"""generate(): one pruned prefill plus cached decoding, through the model's own `generate()`,
-with what it kept and how fast it ran (GenerationResult)."""
+"""generate(): one pruned prefill plus cached decoding, through the model's own `generate()`
+inside the public API's block (asapcli.pruned), with what it kept and how fast it ran
+(GenerationResult)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ import torch
 from transformers import BatchFeature, DynamicCache, StoppingCriteriaList
 
 from . import flops, streaming
+from .api import pruned_as
 from .engine import PruningPlan, image_spans
 from .errors import AsapError
 from .loading import Loaded
 from .plans import token_counts
+from .settings import PruneSettings
 from .streaming import FirstToken, StopWhen, TextStream
 
 # A decode rate over fewer tokens than this is mostly noise and per-call overhead: not reported.
 MIN_DECODE_TOKENS = 8
+
+# Why an answer ended: the model ended it, or it was cut (by --max-tokens, by the end of the
+# model's context, by the user).
+ENDINGS = ("end", "max-tokens", "context", "stopped")
 
 
 @dataclass
@@ -34,9 +41,12 @@ class GenerationResult:
     flops_ratio: float
     layer: int = 0  # L of the plan: 0 for methods that prune before the language model
     kept_positions: list[list[int]] = field(default_factory=list)
+    kept_roles: list[list[str]] = field(default_factory=list)  # why each was kept (engine.methods.ROLES)
+    kept_absorbed: list[list[list[int]]] = field(default_factory=list)  # span indices each one absorbed
     token_ids: list[int] = field(default_factory=list)  # the generated tokens, end-of-text included
     fed_tokens: int = 0  # prompt tokens this call prefilled (the rest came from the cache)
     stopped: bool = False  # cut short by `should_stop`
+    ended: str = "end"  # one of ENDINGS
     cold: bool = False  # the model's first generation: its times include one-time warm-up
 
     @property
@@ -47,7 +57,7 @@ class GenerationResult:
 def generate(
     loaded: Loaded,
     inputs: BatchFeature,
-    plan: PruningPlan | None,
+    settings: PruneSettings,
     max_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,
@@ -55,7 +65,7 @@ def generate(
     cache: DynamicCache | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
-    """Prefill (pruned by `plan`, if given) and decode up to `max_tokens` tokens.
+    """Prefill (its new images pruned as `settings` say) and decode up to `max_tokens` tokens.
 
     `cache` continues a conversation: `inputs` then holds the whole dialogue and only the tokens
     the cache has not seen are prefilled. `should_stop` is polled after every token.
@@ -64,29 +74,29 @@ def generate(
     streamer = TextStream(loaded.processor.tokenizer, on_text) if on_text is not None else None
     stop = StopWhen(should_stop) if should_stop is not None else None
     cached = cache.get_seq_length() if cache is not None else 0
-    output, clock = _generate(loaded, inputs, plan, max_tokens, temperature, seed, streamer, stop, cache)
+    output, clock, plans = _generate(loaded, inputs, settings, max_tokens, temperature, seed, streamer, stop, cache)
     prompt_len = inputs["input_ids"].shape[1]
     return _result(
-        loaded, inputs["input_ids"][0], output[0, prompt_len:], plan, clock, cached=cached,
-        stopped=bool(stop and stop.fired),
+        loaded, inputs["input_ids"][0], output[0, prompt_len:], plans and plans[0], clock, cached=cached,
+        stopped=bool(stop and stop.fired), max_tokens=max_tokens,
     )  # fmt: skip
 
 
 def generate_batch(
     loaded: Loaded,
     inputs: BatchFeature,
-    plans: list[PruningPlan],
+    settings: PruneSettings,
     max_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,
 ) -> list[GenerationResult]:
-    """Several samples as one left-padded batch (`inputs`), one plan per row: prefilled and
-    decoded together, a result per row (the times are the batch's)."""
+    """Several samples as one left-padded batch (`inputs`), each row pruned on its own: prefilled
+    and decoded together, a result per row (the times are the batch's)."""
     inputs = to_device(loaded, inputs)
-    output, clock = _generate(loaded, inputs, plans, max_tokens, temperature, seed)
+    output, clock, plans = _generate(loaded, inputs, settings, max_tokens, temperature, seed)
+    plans = plans or [None] * output.shape[0]
     prompt_len = inputs["input_ids"].shape[1]
-    eos = loaded.model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = _end_tokens(loaded)
     results = []
     for row, plan in enumerate(plans):
         new_ids = output[row, prompt_len:].tolist()
@@ -94,7 +104,9 @@ def generate_batch(
         new_ids = new_ids[: ends[0] + 1] if ends else new_ids  # what follows is the batch's padding
         padding = int((inputs["attention_mask"][row] == 0).sum()) if "attention_mask" in inputs else 0
         prompt_ids = inputs["input_ids"][row, padding:]
-        results.append(_result(loaded, prompt_ids, torch.tensor(new_ids), plan, clock, padding=padding))
+        results.append(
+            _result(loaded, prompt_ids, torch.tensor(new_ids), plan, clock, padding=padding, max_tokens=max_tokens)
+        )
     return results
 
 
@@ -128,15 +140,16 @@ class _Clock:
 def _generate(
     loaded: Loaded,
     inputs: BatchFeature,
-    plan: PruningPlan | list[PruningPlan] | None,
+    settings: PruneSettings,
     max_tokens: int,
     temperature: float,
     seed: int,
     streamer: TextStream | None = None,
     stop: StopWhen | None = None,
     cache: DynamicCache | None = None,
-) -> tuple[torch.Tensor, _Clock]:
-    """The model's own generate() inside the pruning context: the output ids and its times."""
+) -> tuple[torch.Tensor, _Clock, list[PruningPlan] | None]:
+    """The model's own generate() inside the API's pruning block: the output ids, its times and
+    the prefill's plans (one per row; None when the prompt brought no image)."""
     model, tokenizer = loaded.model, loaded.processor.tokenizer
     max_tokens = _room(loaded, inputs["input_ids"].shape[1], max_tokens)
     sampling = (
@@ -149,7 +162,7 @@ def _generate(
     first = FirstToken()
     streaming.synchronize(model.device)
     started = time.perf_counter()
-    with torch.inference_mode(), loaded.decoder.pruning(plan):
+    with torch.inference_mode(), pruned_as(model, settings) as pruning:
         output = model.generate(
             **inputs,
             max_new_tokens=max_tokens,
@@ -162,7 +175,7 @@ def _generate(
     streaming.synchronize(model.device)
     finished = time.perf_counter()
     cold, loaded.warm = not loaded.warm, True
-    return output, _Clock(started, first.at or finished, finished, cold)
+    return output, _Clock(started, first.at or finished, finished, cold), pruning.plans
 
 
 def _result(
@@ -174,13 +187,14 @@ def _result(
     cached: int = 0,
     padding: int = 0,
     stopped: bool = False,
+    max_tokens: int = 0,
 ) -> GenerationResult:
     """The figures of one sequence: its prompt (`cached` tokens of it came from the cache,
-    `padding` batch padding before it left out), its new tokens, its plan."""
+    `padding` batch padding before it left out), its new tokens, its plan; `max_tokens` as asked."""
     n_new = int(new_ids.numel())
     decoded = n_new - 1  # the first token came with the prefill
-    if plan is None:
-        visual = kept = sum(end - start for start, end in image_spans(prompt_ids, loaded.image_token_id))
+    if plan is None:  # no image among the tokens prefilled (those of the cache were counted before)
+        visual = kept = sum(end - start for start, end in image_spans(prompt_ids[cached:], loaded.image_token_id))
     else:
         visual, kept = token_counts(plan)
     _, ratio = flops.token_flops(loaded.text_config, visual, kept, plan.layer if plan else 0)
@@ -197,11 +211,30 @@ def _result(
         flops_ratio=ratio,
         layer=plan.layer if plan is not None else 0,
         kept_positions=[(positions - padding).tolist() for positions in plan.kept] if plan is not None else [],
+        kept_roles=plan.roles if plan is not None else [],
+        kept_absorbed=plan.absorbed if plan is not None else [],
         token_ids=new_ids.tolist(),
         fed_tokens=int(prompt_ids.numel()) - cached,
         stopped=stopped,
+        ended=_ending(loaded, int(prompt_ids.numel()) + padding, new_ids, max_tokens, stopped),
         cold=clock.cold,
     )
+
+
+def _ending(loaded: Loaded, prompt_tokens: int, new_ids: torch.Tensor, max_tokens: int, stopped: bool) -> str:
+    """Which of ENDINGS ended an answer of `new_ids` after a (padded) prompt of `prompt_tokens`."""
+    if stopped:
+        return "stopped"
+    if new_ids.numel() and int(new_ids[-1]) in _end_tokens(loaded):
+        return "end"
+    if new_ids.numel() >= max_tokens:
+        return "max-tokens"
+    return "context" if prompt_tokens + new_ids.numel() >= context_length(loaded) else "end"
+
+
+def _end_tokens(loaded: Loaded) -> set[int]:
+    eos = loaded.model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
 
 
 def to_device(loaded: Loaded, inputs: BatchFeature) -> BatchFeature:

@@ -53,14 +53,16 @@ def to_rgb(image: Image.Image, path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def pattern_image(size: int = 336) -> Image.Image:
+def pattern_image(width: int = 336, height: int | None = None) -> Image.Image:
     """A deterministic picture for measuring without an image file: a colour gradient with a few
-    shapes (what it shows does not change what a prefill costs)."""
-    ramp = Image.linear_gradient("L").resize((size, size))
+    shapes (what it shows does not change what a prefill costs; its size sets the visual tokens
+    of a model that tiles, a preset's `pattern`)."""
+    height = height or width
+    ramp = Image.linear_gradient("L").resize((width, height))
     image = Image.merge("RGB", (ramp, ramp.rotate(90), ramp.rotate(180)))
     draw = ImageDraw.Draw(image)
-    draw.rectangle((size // 8, size // 8, size // 3, size // 3), fill=(220, 30, 30))
-    draw.ellipse((size // 2, size // 2, 7 * size // 8, 7 * size // 8), fill=(30, 30, 220))
+    draw.rectangle((width // 8, height // 8, width // 3, height // 3), fill=(220, 30, 30))
+    draw.ellipse((width // 2, height // 2, 7 * width // 8, 7 * height // 8), fill=(30, 30, 220))
     return image
 
 

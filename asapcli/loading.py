@@ -8,18 +8,18 @@ import re
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from .engine import PrunedDecoder, install
-from .errors import AsapError, UsageError
-from .presets import Architecture, Preset, find_preset, preset_names
-from .random_model import LlavaShape, build_llava
+from .errors import AsapError, UsageError, first_line
+from .presets import Preset, find_preset, model_label, preset_names, resolve_source
+from .random_model import build_from_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -32,6 +32,14 @@ class Loaded:
     name: str
     preset: Preset | None
     warm: bool = False  # a generation has run: later ones no longer pay one-time warm-up costs
+    random_weights: bool = False  # built from the preset's [config]: figures of cost only, answers are noise
+    full_layers: int | None = None  # the model's own decoder layers, when --layers built fewer
+
+    @property
+    def label(self) -> str:
+        """The model's name, with what tells its figures from a checkpoint's: random weights, and
+        the layers it was cut to."""
+        return model_label(self.name, self.random_weights, self.num_layers, self.full_layers)
 
     @property
     def image_token_id(self) -> int:
@@ -74,66 +82,48 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_source(model: str) -> tuple[str | None, Preset | None]:
-    """A preset name, a local folder or a hub id -> what from_pretrained takes (None for a preset
-    without a checkpoint), and the preset."""
-    if not model.strip():  # Path("") is the current folder, which would load as a model
-        raise UsageError("-m/--model is empty; give a preset name, a model folder or a hub id")
-    preset = find_preset(model)
-    if preset is not None and preset.bundled:
-        folder = preset.bundled_path()
-        if not (folder / "config.json").is_file():
-            raise AsapError(f"the bundled model of preset {model!r} is missing from this installation ({folder})")
-        return str(folder), preset
-    if preset is not None:
-        return preset.hub_id, preset
-    if Path(model).expanduser().is_dir():
-        return str(Path(model).expanduser()), None
-    if Path(model).expanduser().exists():
-        raise UsageError(f"model {model!r} is a file; give a model folder, a preset name or a hub id")
-    if "/" not in model:  # LVLM hub ids are owner/name: a bare word is a preset name
-        raise UsageError(
-            f"unknown preset {model!r}; known presets: {', '.join(preset_names())} (or a folder, or a hub id)"
-        )
-    return model, None
-
-
 # accelerate's placement strategies over every visible GPU (then CPU, then disk).
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def load(model: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None) -> Loaded:
+def load(
+    model: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    random_weights: bool = False,
+    layers: int | None = None,
+) -> Loaded:
     """The model in `dtype`, its weights read straight onto `device` (no float32 copy on the
     host first), or spread by accelerate as `device_map` says: a strategy of DEVICE_MAPS or a
-    JSON file mapping module names to "cuda:N", "cpu" or "disk"."""
+    JSON file mapping module names to "cuda:N", "cpu" or "disk". `random_weights`: a preset's
+    architecture built with random weights (see build_random), its language model cut to its
+    first `layers` decoder layers when given."""
     source, preset = resolve_source(model)
     placement = resolve_device_map(device_map, device)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
-    if preset is not None and preset.random_weights is not None:
+    random_weights = random_weights or (preset is not None and preset.random_weights)
+    if layers is not None and not random_weights:
+        raise UsageError("--layers cuts a model built with --random-weights; a checkpoint loads whole")
+    if random_weights:
         if device_map is not None:
-            raise UsageError(f"preset {model!r} is built from numbers on one device; --device-map is for checkpoints")
-        lvlm, processor = build_llava(_random_shape(preset), dtype=torch_dtype, device=target)
-    elif source is None:
+            raise UsageError(f"{model!r} is built from numbers on one device; --device-map is for checkpoints")
+        return build_random(model, preset, torch_dtype, target, layers)
+    if source is None:
         raise AsapError(
-            f"preset {model!r} gives architecture numbers only (for asap flops); "
-            "pass a transformers-format model folder or hub id with -m to run it"
+            f"preset {model!r} gives architecture numbers only (for asap flops); time its shape with "
+            "--random-weights, or pass a transformers-format model folder or hub id with -m to run it"
         )
-    else:
-        try:
-            local_only = Path(source).is_dir() or _from_cache_only(source)
-            lvlm, processor = read_checkpoint(
-                source, torch_dtype, local_only=local_only, device_map=placement or str(target)
-            )
-        except ImportError as error:  # a processor that needs a package not installed (torchvision)
-            package = re.search(r"requires the (\w+) library", str(error))
-            name = package.group(1).lower() if package else _first_line(error)
-            raise AsapError(
-                f"cannot load model {model!r}: its processor needs {name}, which is not installed; "
-                f'pip install {name} (for Qwen2.5-VL and InternVL: pip install "asapcli[torchvision]")'
-            ) from error
-        except (OSError, ValueError, KeyError) as error:
-            raise AsapError(f"cannot load model {model!r}: {_first_line(error)}") from error
+    try:
+        local_only = Path(source).is_dir() or _from_cache_only(source)
+        lvlm, processor = read_checkpoint(
+            source, torch_dtype, local_only=local_only, device_map=placement or str(target)
+        )
+    except ImportError as error:  # a processor that needs a package not installed (torchvision)
+        raise _missing_package(model, error) from error
+    except (OSError, ValueError, KeyError) as error:
+        raise AsapError(f"cannot load model {model!r}: {first_line(error)}") from error
     return prepare(lvlm, processor, model, preset)
 
 
@@ -223,57 +213,40 @@ def prepare(lvlm: PreTrainedModel, processor, name: str, preset: Preset | None =
     return Loaded(model=lvlm, processor=processor, decoder=decoder, name=name, preset=preset)
 
 
-def _random_shape(preset: Preset) -> LlavaShape:
-    arch = preset.architecture
-    shape = LlavaShape(arch.layers, arch.hidden, arch.intermediate, arch.heads, arch.kv_heads, **preset.random_weights)
-    if shape.visual_tokens != arch.visual_tokens:
-        raise AsapError(
-            f"preset {preset.name!r}: its vision tower makes {shape.visual_tokens} tokens, not {arch.visual_tokens}"
+def build_random(
+    model: str, preset: Preset | None, dtype: torch.dtype, device: torch.device, layers: int | None = None
+) -> Loaded:
+    """A preset's architecture (its [config] table) with random weights, made in `dtype` on
+    `device`, its language model cut to its first `layers` decoder layers when given: the
+    paper's shapes timed with no checkpoint."""
+    if preset is None:
+        raise UsageError(
+            f"--random-weights builds a preset's architecture (see profiles/); {model!r} is a folder or hub id, "
+            "whose weights load as they are"
         )
-    return shape
-
-
-def load_architecture(model: str, visual_tokens: int | None = None) -> Architecture:
-    """The numbers the FLOPs formulas need, from a preset or a model's config alone (no weights).
-    `visual_tokens` overrides the count; without it a config must tell it (LLaVA-1.5 style)."""
-    source, preset = resolve_source(model)
-    if preset is not None:
-        if visual_tokens is None:
-            return preset.architecture
-        return replace(preset.architecture, visual_tokens=visual_tokens)
+    if preset.config is None:
+        buildable = [name for name in preset_names() if find_preset(name).config is not None]
+        raise UsageError(
+            f"preset {model!r} has no [config] table to build its architecture from; "
+            f"--random-weights takes {', '.join(buildable)}"
+        )
+    full = preset.config["text_config"]["num_hidden_layers"]
+    if layers is not None and not 1 <= layers <= full:
+        raise UsageError(f"--layers must be in 1..{full} for {model!r} ({full} decoder layers), got {layers}")
     try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise AsapError(f"cannot read the config of {model!r}: {_first_line(error)}") from error
-    text = config.get_text_config()
-    if visual_tokens is None:
-        visual_tokens = _tokens_per_image(config)
-    if visual_tokens is None:
-        raise UsageError(f"cannot tell how many visual tokens {model!r} makes per image; pass --visual-tokens")
-    heads = text.num_attention_heads
-    return Architecture(
-        layers=text.num_hidden_layers,
-        hidden=text.hidden_size,
-        intermediate=text.intermediate_size,
-        heads=heads,
-        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        visual_tokens=visual_tokens,
+        lvlm, processor = build_from_config(preset.config, preset.processor, dtype, device, layers)
+    except ImportError as error:
+        raise _missing_package(model, error) from error
+    loaded = prepare(lvlm, processor, model, preset)
+    loaded.random_weights, loaded.full_layers = True, full
+    return loaded
+
+
+def _missing_package(model: str, error: ImportError) -> AsapError:
+    """A processor that needs a package not installed (torchvision), said in one line."""
+    package = re.search(r"requires the (\w+) library", str(error))
+    name = package.group(1).lower() if package else first_line(error)
+    return AsapError(
+        f"cannot load model {model!r}: its processor needs {name}, which is not installed; "
+        f'pip install {name} (for Qwen2.5-VL and InternVL: pip install "asapcli[torchvision]")'
     )
-
-
-def _tokens_per_image(config) -> int | None:
-    """A fixed-resolution LLaVA-style config: (image / patch)^2 patches, plus CLS under 'full'.
-    Tiling models (LLaVA-NeXT, ...) vary per image and return None."""
-    if getattr(config, "image_grid_pinpoints", None) is not None:
-        return None
-    vision = getattr(config, "vision_config", None)
-    if vision is None or not getattr(vision, "image_size", None) or not getattr(vision, "patch_size", None):
-        return None
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
-
-
-def _first_line(error: Exception) -> str:
-    """Library errors run to many lines; the first says what went wrong."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -10,16 +10,12 @@ from .loading import Loaded
 from .settings import PruneSettings
 
 
-def plan_for(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings, since: int = 0) -> PruningPlan:
-    """The plan for the image spans of `input_ids` (one sequence) at positions >= `since`."""
+def plan_for(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings) -> PruningPlan:
+    """The plan for the image spans of `input_ids` (one sequence), made by hand: the attention
+    profile drives the engine with it (asking for scores only). Answers go through the API's
+    block (asapcli.api), which plans each forward call's spans itself."""
     settings.check(loaded.num_layers)
-    spans = [span for span in image_spans(input_ids, loaded.image_token_id) if span[0] >= since]
-    return make_plan(settings, spans)
-
-
-def plans_for_batch(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings) -> list[PruningPlan]:
-    """One plan per row of a (left-padded) batch of sequences (B, N): each row its own spans."""
-    return [plan_for(loaded, row, settings) for row in input_ids]
+    return make_plan(settings, image_spans(input_ids, loaded.image_token_id))
 
 
 def make_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> PruningPlan:

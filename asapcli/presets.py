@@ -1,19 +1,25 @@
 """Model presets: one TOML file per known model in `profiles/` (installed as `asapcli.profiles`).
 
 A preset names where the model comes from (a hub checkpoint; `bundled`: a checkpoint folder
-shipped inside the package; or `[random_weights]`: built from the numbers alone), the architecture numbers the FLOPs formulas need (so that no weights are
-needed to compute them) and the default pruning layer and budgets. A preset with neither gives
-the architecture only.
+shipped inside the package; or `random_weights = true`: built from its [config] alone), the
+architecture numbers the FLOPs formulas need (so that no weights are needed to compute them),
+the default pruning layer and budgets, and the size of the built-in test pattern. Its [config]
+table (the checkpoint's config.json, the fields that shape the model) and [processor] table
+(the image processor's options) let `--random-weights` build the real architecture with random
+weights, no download. A preset with none of these gives the architecture only.
+
+Also what `-m MODEL` names (resolve_source) and the FLOPs numbers of any model without loading
+it (load_architecture): both without torch, so that `asap flops` on a preset starts in a blink.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import AsapError, UsageError, first_line
 
 
 @dataclass(frozen=True)
@@ -35,21 +41,25 @@ class Preset:
     layer: int
     k: int
     budgets: tuple[int, ...]
-    random_weights: dict | None = None  # the vision tower of a model built without a checkpoint
     bundled: str | None = None  # a save_pretrained folder inside the asapcli package
+    config: dict | None = None  # the checkpoint's config.json, the fields --random-weights builds from
+    processor: dict | None = None  # options of the image processor built with it
+    random_weights: bool = False  # no checkpoint exists: always built from `config`
+    pattern: tuple[int, int] = (336, 336)  # the built-in test pattern's width and height
 
     def bundled_path(self) -> Path | None:
         return Path(str(resources.files("asapcli") / self.bundled)) if self.bundled else None
 
 
 def _profiles():
-    """The preset files: the package data `asapcli.profiles` once installed; imported straight
-    from a source checkout (a non-editable install elsewhere, tests run in the checkout), the
-    checkout's own top-level `profiles/` folder, which setuptools maps to it."""
-    try:
-        return resources.files("asapcli.profiles")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "profiles"
+    """The preset files: imported straight from a source checkout, the checkout's own top-level
+    `profiles/` folder (first: an editable install of another checkout maps `asapcli.profiles`
+    to that checkout's folder); else the package data `asapcli.profiles`, which setuptools maps
+    to it."""
+    checkout = Path(__file__).resolve().parent.parent / "profiles"
+    if checkout.is_dir():
+        return checkout
+    return resources.files("asapcli.profiles")
 
 
 def preset_names() -> list[str]:
@@ -70,8 +80,11 @@ def find_preset(name: str) -> Preset | None:
         layer=defaults.get("layer", 2),
         k=defaults.get("k", 128),
         budgets=tuple(defaults.get("budgets", ())),
-        random_weights=data.get("random_weights"),
         bundled=data.get("bundled"),
+        config=data.get("config"),
+        processor=data.get("processor"),
+        random_weights=data.get("random_weights", False),
+        pattern=tuple(defaults.get("pattern", (336, 336))),
     )
 
 
@@ -80,3 +93,93 @@ def get_preset(name: str) -> Preset:
     if preset is None:
         raise UsageError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
     return preset
+
+
+def resolve_source(model: str) -> tuple[str | None, Preset | None]:
+    """A preset name, a local folder or a hub id -> what from_pretrained takes (None for a preset
+    without a checkpoint), and the preset."""
+    if not model.strip():  # Path("") is the current folder, which would load as a model
+        raise UsageError("-m/--model is empty; give a preset name, a model folder or a hub id")
+    preset = find_preset(model)
+    if preset is not None and preset.bundled:
+        folder = preset.bundled_path()
+        if not (folder / "config.json").is_file():
+            raise AsapError(f"the bundled model of preset {model!r} is missing from this installation ({folder})")
+        return str(folder), preset
+    if preset is not None:
+        return preset.hub_id, preset
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser()), None
+    if Path(model).expanduser().exists():
+        raise UsageError(f"model {model!r} is a file; give a model folder, a preset name or a hub id")
+    if "/" not in model:  # LVLM hub ids are owner/name: a bare word is a preset name
+        raise UsageError(
+            f"unknown preset {model!r}; known presets: {', '.join(preset_names())} (or a folder, or a hub id)"
+        )
+    return model, None
+
+
+def load_architecture(model: str, visual_tokens: int | None = None) -> Architecture:
+    """The numbers the FLOPs formulas need, from a preset or a model's config alone (no weights).
+    `visual_tokens` overrides the count; without it a config must tell it (LLaVA-1.5 style)."""
+    source, preset = resolve_source(model)
+    if preset is not None:
+        if visual_tokens is None:
+            return preset.architecture
+        return replace(preset.architecture, visual_tokens=visual_tokens)
+    from transformers import AutoConfig  # only for a model that is not a preset
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise AsapError(f"cannot read the config of {model!r}: {first_line(error)}") from error
+    text = config.get_text_config()
+    if visual_tokens is None:
+        visual_tokens = _tokens_per_image(config)
+    if visual_tokens is None:
+        raise UsageError(f"cannot tell how many visual tokens {model!r} makes per image; pass --visual-tokens")
+    heads = text.num_attention_heads
+    return Architecture(
+        layers=text.num_hidden_layers,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        visual_tokens=visual_tokens,
+    )
+
+
+def _tokens_per_image(config) -> int | None:
+    """A fixed-resolution LLaVA-style config: (image / patch)^2 patches, plus CLS under 'full'.
+    Tiling models (LLaVA-NeXT, ...) vary per image and return None."""
+    if getattr(config, "image_grid_pinpoints", None) is not None:
+        return None
+    vision = getattr(config, "vision_config", None)
+    if vision is None or not getattr(vision, "image_size", None) or not getattr(vision, "patch_size", None):
+        return None
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
+
+
+def model_label(name: str, random_weights: bool, layers: int, full_layers: int | None) -> str:
+    """`name`, and "(random weights, first 4 of 32 layers)" where that applies: every table
+    caption of a model built so says so."""
+    notes = (["random weights"] if random_weights else []) + (
+        [f"first {layers} of {full_layers} layers"] if full_layers is not None and layers < full_layers else []
+    )
+    return f"{name} ({', '.join(notes)})" if notes else name
+
+
+def built_from_numbers(random_weights: bool, layers: int, full_layers: int) -> list[str]:
+    """The lines that keep a figure of a model built from numbers from passing for a checkpoint's."""
+    notes = []
+    if random_weights:
+        notes.append(
+            "Random weights (built from the preset's config, no checkpoint): the model's cost, not its answers."
+        )
+    if layers < full_layers:
+        notes.append(
+            f"The language model cut to its first {layers} of {full_layers} decoder layers (--layers): "
+            "not the full model's time, memory or FLOPs."
+        )
+    return notes

@@ -25,10 +25,12 @@ from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
 from . import flops
+from .api import pruned_as
 from .generation import to_device
 from .inputs import build_batch_inputs
 from .loading import Loaded
-from .plans import plans_for_batch, token_counts
+from .plans import token_counts
+from .presets import built_from_numbers
 from .records import ProfileRow
 from .settings import PruneSettings
 
@@ -74,10 +76,9 @@ def kv_cache_bytes(cache: DynamicCache) -> int:
 def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
     """One pruned prefill of a whole batch, a plan per row: (logits of the last token, cache,
     the first row's plan)."""
-    plans = plans_for_batch(loaded, inputs["input_ids"], settings)
-    with torch.inference_mode(), loaded.decoder.pruning(plans):
+    with torch.inference_mode(), pruned_as(loaded.model, settings) as pruning:
         output = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
-    return output.logits[:, -1], output.past_key_values, plans[0]
+    return output.logits[:, -1], output.past_key_values, pruning.plans[0]
 
 
 def decode(loaded: Loaded, logits: torch.Tensor, cache: DynamicCache, steps: int) -> None:
@@ -266,6 +267,9 @@ def conditions(loaded: Loaded, layer: int, prompt_tokens: int, repeats: int, war
     """What every figure of a measurement depends on: where it ran and how it was timed."""
     on_gpu = loaded.device.type == "cuda"
     return {
+        "random_weights": loaded.random_weights,
+        "decoder_layers": loaded.num_layers,
+        "decoder_layers_full": loaded.full_layers or loaded.num_layers,
         "device": str(loaded.device),
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "threads": None if on_gpu else torch.get_num_threads(),
@@ -298,6 +302,7 @@ def how_measured(row: ProfileRow, methods: list[str], batch: int, gpu_name: str 
         ),
         f"peak MB: {memory} during prefill, above the weights, KV cache included; tok/s: decoding.",
     ]
+    notes += built_from_numbers(row.random_weights, row.decoder_layers, row.decoder_layers_full)
     if batch > 1:
         notes.append(
             f"n: samples in one forward (batch {batch}: {batch} copies of the sample); img/s: samples prefilled per second, "

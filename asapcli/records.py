@@ -29,6 +29,7 @@ class AnswerFigures:
     prefill_includes_warmup: bool  # the process's first generation
     decode_tokens_per_second: float | None  # None: under 8 decoded tokens
     generated_tokens: int
+    ended: str  # end (the model ended it), max-tokens, context (the model's context is full) or stopped
 
     @staticmethod
     def figures(result: GenerationResult) -> dict:
@@ -42,6 +43,7 @@ class AnswerFigures:
             "prefill_includes_warmup": result.cold,
             "decode_tokens_per_second": result.decode_tokens_per_second,
             "generated_tokens": result.generated_tokens,
+            "ended": result.ended,
         }
 
 
@@ -55,6 +57,7 @@ class Answer(AnswerFigures):
     method: str
     k: int | None  # None for vanilla, which uses no budget (as in profile and eval)
     layer: int | None  # 0: pruned before the language model; None for vanilla
+    options: dict  # the method's own options as it ran: those given and its defaults ({} for vanilla)
     prompt_tokens: int
     device: str
 
@@ -106,6 +109,9 @@ class ProfileRow:
     """`asap profile --json`: one per method, budget and batch size (JSON Lines)."""
 
     model: str
+    random_weights: bool  # built from the preset's config (--random-weights): cost figures only
+    decoder_layers: int  # the language model's decoder layers that ran
+    decoder_layers_full: int  # the model's own count: larger when --layers cut it
     device: str
     dtype: str
     threads: int | None  # None on a GPU
@@ -211,9 +217,14 @@ class MeasuredFlops:
 
 @dataclass(frozen=True)
 class FlopsReport:
-    """`asap flops --json`: one object."""
+    """`asap flops --json`: one object (one per budget, as JSON Lines, for several -k)."""
 
     model: str
+    k: int | None  # the budget asked (-k, else the preset's); None for a --schedule
+    layer: int | None  # the layer it prunes after (0: before the language model); None for a --schedule
+    random_weights: bool  # the measured model was built with random weights (the counts do not depend on them)
+    decoder_layers: int  # the layers counted (architecture.layers)
+    decoder_layers_full: int  # the model's own count: larger when --layers cut it
     tflops_vanilla: float
     tflops: float
     flops_ratio: float

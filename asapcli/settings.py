@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .engine import HYPERPARAMETERS, METHODS
+from .engine import HYPERPARAMETERS, METHODS, make_method
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -46,6 +46,11 @@ class PruneSettings:
         taken = METHODS[method].hyperparameters()
         kept = {name: value for name, value in self.hyperparameters.items() if name in taken}
         return PruneSettings(method, self.k if k is None else k, self.layer, self.seed, **kept)
+
+    def method_options(self) -> dict:
+        """The method's own hyperparameters as it runs: each one given, else the method's default."""
+        method = make_method(self.method, **self.hyperparameters)
+        return {name: getattr(method, name) for name in METHODS[self.method].hyperparameters()}
 
     def check(self, num_layers: int | None = None) -> None:
         """Raise UsageError for a value out of range, or a hyperparameter the method does not

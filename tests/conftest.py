@@ -14,6 +14,16 @@ from asapcli import loading
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip where PyTorch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def llava_path(tmp_path_factory):
     return tiny_models.build_llava(tmp_path_factory.mktemp("tiny-llava"))

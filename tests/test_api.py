@@ -13,7 +13,6 @@ import asapcli
 from asapcli.engine import PrunedDecoder, image_spans
 from asapcli.errors import UsageError
 from asapcli.flops import token_flops
-from asapcli.generation import generate
 from asapcli.inputs import build_batch_inputs, build_inputs, user_message
 from asapcli.loading import load
 from asapcli.plans import plan_for
@@ -39,21 +38,23 @@ def test_outside_the_block_the_model_is_untouched(llava_path, images):
 
 
 @pytest.mark.parametrize("method, options", [("asap", {"merge_threshold": 0.5}), ("fastv", {}), ("divprune", {})])
-def test_generate_inside_the_block_is_the_clis_pruned_generation(method, options, llava_path, images):
+def test_generate_inside_the_block_is_the_engine_driven_with_its_plan(method, options, llava_path, images):
+    """The block finds the spans and plans them itself; the engine driven directly with the plan
+    made by hand answers the same and keeps the same tokens."""
     lvlm = load(str(llava_path), device="cpu")
     inputs = build_inputs(lvlm.processor, [user_message("what is it?", 1)], images[:1])
-    settings = PruneSettings(method, k=8, layer=2, **options)
-    cli_plan = plan_for(lvlm, inputs["input_ids"][0], settings)
-    expected = generate(lvlm, inputs, cli_plan, max_tokens=6)
+    plan = plan_for(lvlm, inputs["input_ids"][0], PruneSettings(method, k=8, layer=2, **options))
+    with torch.inference_mode(), lvlm.decoder.pruning(plan):
+        expected = lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
 
     model = fresh(llava_path)
     with torch.inference_mode(), asapcli.pruned(model, method=method, k=8, layer=2, **options) as pruning:
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert out[0, inputs["input_ids"].shape[1] :].tolist() == expected.token_ids
+    assert torch.equal(out, expected)
     report = pruning.report()
-    assert [image.kept for image in report.images] == expected.kept_positions
-    assert (report.visual_tokens, report.kept_tokens, report.merged_tokens) == (64, 8, expected.merged_tokens)
-    assert report.layer == expected.layer
+    assert [image.kept for image in report.images] == [kept.tolist() for kept in plan.kept]
+    assert (report.visual_tokens, report.kept_tokens, report.merged_tokens) == (64, 8, plan.merged)
+    assert report.layer == plan.layer
     text_config = model.config.get_text_config()
     assert report.flops_ratio == pytest.approx(token_flops(text_config, 64, 8, report.layer)[1])
 
@@ -137,3 +138,31 @@ def test_a_budget_at_or_above_the_image_prunes_nothing_and_reports_so(llava_path
     report = pruning.report()
     assert [image.kept for image in report.images] == [None]
     assert (report.visual_tokens, report.kept_tokens, report.flops_ratio) == (64, 64, 1.0)
+
+
+def test_vanilla_prunes_nothing_and_reports_so_whatever_its_k(llava_path, images):
+    """vanilla under a k below the image's tokens (k is the budget of the other methods): the
+    report reads as a budget at or above the image does, not as a pruned span with no kept list."""
+    lvlm = load(str(llava_path), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    model, reference = fresh(llava_path), fresh(llava_path)
+    with torch.inference_mode(), asapcli.pruned(model, method="vanilla", k=8) as pruning:
+        logits = model(**inputs).logits
+    assert torch.equal(logits, reference(**inputs).logits)
+    report = pruning.report()
+    assert [image.kept for image in report.images] == [None]
+    assert (report.visual_tokens, report.kept_tokens, report.flops_ratio) == (64, 64, 1.0)
+
+
+def test_the_flops_ratio_of_several_prompts_is_their_total_over_the_unpruned_total(llava_path, images):
+    """Eq. 8's attention term grows with the square of a sequence's tokens: two prompts of 64
+    visual tokens cost twice one prompt, not what one prompt of 128 would."""
+    lvlm = load(str(llava_path), device="cpu")
+    batch = build_batch_inputs(lvlm.processor, [("what is it?", images[0]), ("and this?", images[1])])
+    model = fresh(llava_path)
+    with torch.inference_mode(), asapcli.pruned(model, method="fastv", k=8) as pruning:
+        model(**batch)
+    report = pruning.report()
+    text_config = model.config.get_text_config()
+    assert (report.visual_tokens, report.kept_tokens) == (128, 16)
+    assert report.flops_ratio == pytest.approx(token_flops(text_config, 64, 8, report.layer)[1])

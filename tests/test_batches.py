@@ -4,6 +4,7 @@ own mask and positions; equal to the same samples run one by one."""
 import pytest
 import torch
 
+from asapcli.generation import to_device
 from asapcli.inputs import user_message
 from asapcli.loading import load
 from asapcli.plans import plan_for
@@ -39,12 +40,13 @@ def test_a_padded_batch_equals_its_samples_one_by_one(family, method, positions,
     processor = lvlm.processor
     texts = [processor.apply_chat_template([user_message(p, 1)], add_generation_prompt=True) for p in PROMPTS]
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    batch = to_device(lvlm, batch)  # the model's device and dtype: tests/test_cuda.py runs this on a GPU
     settings = PruneSettings(method=method, k=8, layer=2, positions=positions)
     plans = [plan_for(lvlm, row, settings) for row in batch["input_ids"]]
     batched = greedy(lvlm, batch, plans)
     assert (batch["attention_mask"] == 0).any()  # the batch really is padded
     for row, (text, image) in enumerate(zip(texts, images, strict=True)):
-        single = processor(text=text, images=[image], return_tensors="pt")
+        single = to_device(lvlm, processor(text=text, images=[image], return_tensors="pt"))
         single_plan = plan_for(lvlm, single["input_ids"][0], settings)
         alone = greedy(lvlm, single, single_plan)
         length = single["input_ids"].shape[1]

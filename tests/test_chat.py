@@ -160,7 +160,7 @@ def test_a_dialogue_equals_one_pruned_prefill_of_it(lvlm, images, method, dialog
     selections = len(_pruned_spans(session))  # those before a /reset are gone with their dialogue
     del seen[: len(seen) - selections]
     messages = session.messages + [user_message("one more?", 0)]
-    features = build_inputs(lvlm.processor, messages, session.images)
+    features = to_device(lvlm, build_inputs(lvlm.processor, messages, session.images))  # tests/test_cuda.py: a GPU
     ids = features["input_ids"]
 
     # The chat path: only what the cache has not seen goes through the model.
@@ -176,7 +176,7 @@ def test_a_dialogue_equals_one_pruned_prefill_of_it(lvlm, images, method, dialog
     pruned_spans = spans if method == "vanilla" else [spans[i] for i in _pruned_spans(session)]
     single_plan = PruningPlan(make_method(method), K, LAYER, spans=pruned_spans)
     with torch.inference_mode(), lvlm.decoder.pruning(single_plan):
-        single = lvlm.model(**to_device(lvlm, features), use_cache=True)
+        single = lvlm.model(**features, use_cache=True)
 
     assert not replay  # every selection was replayed
     assert torch.allclose(chat_logits[0, -1], single.logits[0, -1], atol=1e-5)

@@ -1,6 +1,7 @@
 """`asap run` end to end through the CLI on the tiny model: text, --json, and every user error."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from typer.testing import CliRunner
 from asapcli.cli import app
 
 runner = CliRunner()
+CAR = str(Path(__file__).resolve().parent.parent / "examples" / "car.png")
 
 
 def asap(*args, input=None):
@@ -223,6 +225,26 @@ def test_generation_stops_at_the_end_of_the_context(llava_path, image_file):
     prompt = "x" * (4096 - 2 - (short["prompt_tokens"] - 1))  # two positions left for the answer
     record = json.loads(asap("run", image_file, prompt, "-m", llava_path, "--max-tokens", 8, "--json").stdout)
     assert record["prompt_tokens"] == 4094 and record["generated_tokens"] == 2
+    assert (short["ended"], record["ended"]) == ("max-tokens", "context")  # each cut said, and by what
+    summary = asap("run", image_file, prompt, "-m", llava_path, "--max-tokens", 8).stderr
+    assert summary.strip().endswith("; answer cut: the model's context is full")
+
+
+def test_run_says_how_the_answer_ended_and_which_options_the_method_ran_with():
+    record = json.loads(asap("run", CAR, "what colour is the car?", "--json").stdout)
+    assert (record["answer"], record["ended"]) == ("red", "end")
+    assert record["options"] == {
+        "lambda_max": 1.0,
+        "merge_threshold": 0.9,
+        "score_queries": "last",
+        "score": "attention",
+    }
+    args = ["run", CAR, "what colour is the car?", "--method", "divprune", "--positions", "renumber"]
+    record = json.loads(asap(*args, "--max-tokens", 1, "--json").stdout)
+    assert record["options"] == {"positions": "renumber"}
+    assert record["ended"] in ("end", "max-tokens") and record["generated_tokens"] == 1
+    vanilla = json.loads(asap("run", CAR, "what colour is the car?", "--method", "vanilla", "--json").stdout)
+    assert vanilla["options"] == {}
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def test_vanilla_matches_transformers_forward_and_generate(family, loaded, refer
         expected = ref(**inputs).logits
         expected_tokens = ref.generate(**inputs, max_new_tokens=12, do_sample=False)
     assert torch.allclose(logits(lvlm, inputs, pruning), expected, atol=1e-5)
-    result = generate(lvlm, inputs, pruning, max_tokens=12)
+    result = generate(lvlm, inputs, PruneSettings(method="vanilla"), max_tokens=12)
     assert result.generated_tokens == expected_tokens.shape[1] - inputs["input_ids"].shape[1]
     assert (
         result.text
@@ -152,8 +152,7 @@ def test_layers_from_l_on_hold_text_plus_k_per_image(family, method, loaded, ima
 def test_decoding_after_pruning_runs_and_reports(method, loaded, images):
     lvlm = loaded["llava"]
     inputs = two_image_inputs(lvlm, images)
-    pruning = plan_for(lvlm, inputs["input_ids"][0], PruneSettings(method=method, k=8, layer=2))
-    result = generate(lvlm, inputs, pruning, max_tokens=10)
+    result = generate(lvlm, inputs, PruneSettings(method=method, k=8, layer=2), max_tokens=10)
     assert result.generated_tokens >= 1
     assert (result.visual_tokens, result.kept_tokens) == (128, 16)
     assert result.flops_ratio < 0.6
@@ -246,7 +245,7 @@ def test_methods_before_the_llm_prune_every_layer(method, kept_per_image, loaded
     logits(lvlm, inputs, pruning, cache)
     text = ids.numel() - 64
     assert [cache.get_seq_length(i) for i in range(lvlm.num_layers)] == [text + kept_per_image] * lvlm.num_layers
-    result = generate(lvlm, inputs, plan_for(lvlm, ids, PruneSettings(method=method, k=8)), max_tokens=4)
+    result = generate(lvlm, inputs, PruneSettings(method=method, k=8), max_tokens=4)
     assert (result.visual_tokens, result.kept_tokens) == (64, kept_per_image)
 
     def per_layer(v, d=64, m=128):  # Eq. 7's layer term on the tiny model
@@ -281,10 +280,10 @@ def test_timings_say_what_they_include(model_paths, images, monkeypatch):
     monkeypatch.setattr(lvlm.model.generation_config, "eos_token_id", None)  # answers run to max_tokens
     inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
     settings = PruneSettings(method="asap", k=8)
-    first = generate(lvlm, inputs, plan_for(lvlm, inputs["input_ids"][0], settings), max_tokens=3)
+    first = generate(lvlm, inputs, settings, max_tokens=3)
     # The device is synchronised before the clock starts, at the first token, and at the end.
     assert synchronized == [lvlm.device] * 3
-    second = generate(lvlm, inputs, plan_for(lvlm, inputs["input_ids"][0], settings), max_tokens=12)
+    second = generate(lvlm, inputs, settings, max_tokens=12)
     assert (first.cold, second.cold) == (True, False)
     assert first.decode_tokens_per_second is None  # 2 decoded tokens
     assert second.generated_tokens == 12 and second.decode_tokens_per_second > 0

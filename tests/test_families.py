@@ -192,12 +192,7 @@ def test_a_qwen_batch_equals_its_samples_one_by_one(families, images, method):
 
 
 def test_decoding_after_pruning_reports_what_was_kept(family):
-    result = generate(
-        family.loaded,
-        family.inputs,
-        plan_for(family.loaded, family.inputs["input_ids"][0], PruneSettings(method="asap", k=8)),
-        max_tokens=4,
-    )
+    result = generate(family.loaded, family.inputs, PruneSettings(method="asap", k=8), max_tokens=4)
     visual = sum(end - start for start, end in image_spans(family.inputs["input_ids"][0], family.loaded.image_token_id))
     assert (result.visual_tokens, result.kept_tokens) == (visual, 16)
     assert result.generated_tokens >= 1 and result.flops_ratio < 1

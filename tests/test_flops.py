@@ -63,6 +63,29 @@ def test_flops_cli_table_and_json():
     assert "visual tokens only" in data["convention"]
 
 
+def test_flops_takes_several_budgets_as_profile_and_eval_do():
+    args = ["flops", "-m", "llava-1.5-7b", "-k", "192,128,64", "--layer", "2"]
+    records = [json.loads(line) for line in runner.invoke(app, [*args, "--json"]).stdout.splitlines()]
+    assert [(r["k"], r["layer"]) for r in records] == [(192, 2), (128, 2), (64, 2)]
+    alone = [
+        json.loads(runner.invoke(app, ["flops", "-m", "llava-1.5-7b", "-k", k, "--json"]).stdout)
+        for k in ["192", "128", "64"]
+    ]
+    assert records == alone  # each budget counted as it is alone
+    table = runner.invoke(app, args).stdout.splitlines()
+    rows = [line.split() for line in table if line.split() and line.split()[0] in ("vanilla", "192", "128", "64")]
+    assert rows == [
+        ["vanilla", "576", "3.817", "100.0"],
+        ["192", "2", "192", "1.413", "37.0"],
+        ["128", "2", "128", "1.020", "26.7"],
+        ["64", "2", "64", "0.628", "16.5"],
+    ]
+    csv_rows = runner.invoke(app, [*args, "--format", "csv"]).stdout.splitlines()
+    assert csv_rows[0] == "k,layer,tflops_vanilla,tflops,flops_ratio" and len(csv_rows) == 4
+    schedule = json.loads(runner.invoke(app, ["flops", "-m", "llava-next-7b", "--schedule", "2:960", "--json"]).stdout)
+    assert (schedule["k"], schedule["layer"]) == (None, None)
+
+
 @pytest.mark.parametrize(
     "preset, stages", [("llava-next-7b", [(2, 2880), (30, 640)]), ("qwen2.5-vl-7b", [(2, 1024), (26, 224)])]
 )
@@ -92,7 +115,8 @@ def test_flops_from_a_local_config(llava_path):
         (["-m", "no-such-preset"], "unknown preset 'no-such-preset'"),
         (["-m", "llava-1.5-7b", "--schedule", "2:100,4:200"], "must not grow"),
         (["-m", "llava-1.5-7b", "--schedule", "40:100"], "outside this model's layers 0..31"),
-        (["-m", "llava-1.5-7b", "--k", "0"], "k must be at least 1"),
+        (["-m", "llava-1.5-7b", "--k", "0"], "k must be a whole number of at least 1, got '0'"),
+        (["-m", "llava-1.5-7b", "-k", "128,64", "--schedule", "2:9"], "give either --schedule or -k/--layer"),
         # Steps that prune nothing, refused instead of shown as stages:
         (["-m", "llava-1.5-7b", "--schedule", "2:100000"], "keeps every visual token (the image has 576)"),
         (["-m", "llava-1.5-7b", "--schedule", "2:576"], "keeps every visual token"),

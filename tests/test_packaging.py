@@ -3,6 +3,7 @@ installed (editable, or built into site-packages while the tests run from the ch
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -21,3 +22,14 @@ def test_presets_are_found_from_a_checkout_with_no_installed_mapping():
     names, bundled = result.stdout.splitlines()
     assert {"demo", "llava-1.5-7b", "bench"} <= set(names.split(","))
     assert (Path(bundled) / "config.json").is_file()
+
+
+def test_every_package_of_the_source_is_in_the_distribution():
+    """pyproject lists the packages by name (profiles/ is mapped into asapcli): a new subpackage
+    left off the list works in an editable install and is missing from a built one, as
+    asapcli.flops once was."""
+    listed = set(tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        ".".join(init.parent.relative_to(CHECKOUT).parts) for init in (CHECKOUT / "asapcli").rglob("__init__.py")
+    }
+    assert folders <= listed, f"missing from [tool.setuptools] packages: {sorted(folders - listed)}"

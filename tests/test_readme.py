@@ -1,6 +1,7 @@
-"""The README's commands run as shown: every `asap ...` line of its examples that needs no
-network, no file of the reader's own and at most a few seconds, with the result its comment
-promises."""
+"""The commands of the README and docs/ run as shown: every `asap ...` line of their examples
+that needs no network, no file of the reader's own and at most a few seconds runs, with the
+result its comment promises; the others (and commands quoted in the text) are parsed, so that
+every option they name exists and takes the value they give."""
 
 import re
 import shlex
@@ -8,35 +9,71 @@ import shutil
 from pathlib import Path
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from asapcli.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 runner = CliRunner()
 
-# Shown in the README, not run here: they name the reader's own files or a hub checkpoint (no
-# network here), or run for minutes (the same paths run smaller in the other tests).
-NOT_OFFLINE = ("cars.jpg", "photo.jpg", "llava-hf/", "./some/local/model")
-SLOW = ("-m bench", "--n 500", "--n 200")
+# Shown, not run here: they name the reader's own files or a hub checkpoint (no network here),
+# or run for minutes (the same paths run smaller in the other tests).
+NOT_OFFLINE = ("cars.jpg", "photo.jpg", "llava-hf/", "./some/local/model", "--random-weights", "--device cuda")
+SLOW = ("-m bench", "--n 500", "--n 200", "--n 400", "--n 1000", "-n 1000", "-n 500", "-n 200", "-n 100")
+
+
+def example_lines(document: Path) -> list[str]:
+    """The `asap ...` commands of a document's examples, as typed: indented blocks, and fenced
+    blocks (only their `$ ` lines where they show a session with its output). A line
+    `pip install ... && asap ...` gives its asap part."""
+    lines, blocks, fence = document.read_text().splitlines(), [], None
+    for line in lines:
+        if line.startswith("```"):
+            fence = [] if fence is None else blocks.append(fence)
+        elif fence is not None:
+            fence.append(line)
+        elif line.startswith("    "):
+            blocks.append([line.strip()])
+    commands = []
+    for block in blocks:
+        session = any(line.startswith("$ ") for line in block)
+        for line in block:
+            if session and not line.startswith("$ "):
+                continue  # output shown under a command
+            text = line.strip().removeprefix("$ ")
+            if "&& asap " in text:
+                text = "asap " + text.split("&& asap ", 1)[1]
+            if text.startswith("asap "):
+                commands.append(text)
+    return commands
+
+
+def quoted_commands(document: Path) -> list[str]:
+    """`asap ...` commands quoted in a document's text, with at least one option."""
+    quoted = (" ".join(text.split()) for text in re.findall(r"`(asap [^`]+)`", document.read_text()))
+    return [text for text in quoted if " -" in text]
+
+
+def runnable(command: str) -> bool:
+    return not any(part in command for part in NOT_OFFLINE + SLOW)
 
 
 def readme_commands() -> list[str]:
-    commands = []
-    for line in (REPO / "README.md").read_text().splitlines():
-        if not line.startswith(("    ", "$ ")):  # a command, not the output shown under one
-            continue
-        text = line.strip().removeprefix("$ ")
-        if "&& asap " in text:
-            text = "asap " + text.split("&& asap ", 1)[1]
-        if text.startswith("asap ") and not any(part in text for part in NOT_OFFLINE + SLOW):
-            commands.append(text)
-    return commands
+    return [command for document in DOCUMENTS for command in example_lines(document) if runnable(command)]
+
+
+def shown_only() -> list[str]:
+    every = [command for document in DOCUMENTS for command in example_lines(document) + quoted_commands(document)]
+    return sorted({command for command in every if not runnable(command) or command not in readme_commands()})
 
 
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command_runs_as_shown(command, tmp_path, monkeypatch):
     shutil.copytree(REPO / "examples", tmp_path / "examples")
+    (tmp_path / "asapcli").symlink_to(REPO / "asapcli")  # files the docs name inside the package (a task's questions)
+    (tmp_path / "docs" / "figures").mkdir(parents=True)  # where docs/figures.md's commands write their figures
     monkeypatch.chdir(tmp_path)  # outputs the command writes (kept.png) land here
     arguments, _, comment = command.partition("  # ")
     result = runner.invoke(app, shlex.split(arguments)[1:])
@@ -49,3 +86,21 @@ def test_readme_command_runs_as_shown(command, tmp_path, monkeypatch):
 
 def test_the_offline_examples_are_all_found():
     assert len(readme_commands()) >= 8
+
+
+@pytest.mark.parametrize("command", shown_only())
+def test_a_command_shown_but_not_run_parses(command):
+    arguments = shlex.split(command.partition("  # ")[0])[1:]
+    group = typer.main.get_command(app)
+    if arguments[0].startswith("-"):  # the app's own options (--version): eager, so not run here
+        known = {name for parameter in group.params for name in parameter.opts}
+        assert set(arguments) <= known, f"{command}: not an option of asap"
+        return
+    with group.make_context("asap", list(arguments), resilient_parsing=True) as context:
+        subcommand = group.get_command(context, arguments[0])
+        assert subcommand is not None, f"no command {arguments[0]!r}"
+        subcommand.make_context(arguments[0], arguments[1:], parent=context)  # raises on an unknown option or value
+
+
+def test_the_shown_commands_are_all_found():
+    assert len(shown_only()) >= 5

@@ -16,16 +16,17 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .. import display
-from ..chat import ChatSession
 from ..errors import UsageError, describe, whole_number
-from ..inputs import load_image
 from ..records import ChatStats
 from . import options
+
+if TYPE_CHECKING:
+    from ..chat import ChatSession
 
 HELP = """Commands:
   /image PATH   add an image to your next message (pruned to k tokens in its own prefill)
@@ -50,6 +51,10 @@ def chat(
 ) -> None:
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
     pruning.settings(seed=sampling.seed)
+    # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
+    from ..chat import ChatSession
+    from ..inputs import load_image
+
     first_image = load_image(image) if image is not None else None  # a bad image fails before the long load
     loaded = where.load()
     settings = pruning.settings(loaded.preset, sampling.seed)
@@ -162,7 +167,7 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
         result = turn.result
         line = display.summary(session.settings, result)
         if not result.visual_tokens:  # the turn brought no image: nothing to prune
-            line = f"{result.fed_tokens} new tokens; {display.speeds(result)}"
+            line = f"{result.fed_tokens} new tokens; {display.speeds(result)}{display.cut(result)}"
         display.note(f"{line}; {turn.cached_tokens} tokens in cache")
 
 
@@ -181,6 +186,8 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
         if len(argument) > 1 and argument[0] == argument[-1] and argument[0] in "'\"":
             argument = argument[1:-1]
         path = Path(argument)
+        from ..inputs import load_image
+
         session.add_image(path.name, load_image(path))
         display.note(f"{path.name} will go with your next message.")
     elif name == "/drop":

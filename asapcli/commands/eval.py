@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from .. import display
-from ..eval_run import EvalRun, Outcome
+from ..errors import UsageError
 from ..records import EvalRow
 from . import options
+
+if TYPE_CHECKING:
+    from ..eval_run import Outcome
 
 DATA_HELP = (
     'JSONL of {"image": path, "question": str, "answer": str} (optional "type"), images relative '
@@ -48,10 +51,10 @@ def eval_command(
     *,
     where: options.Where,
     data: Annotated[Path | None, typer.Option("--data", metavar="FILE.jsonl", help=DATA_HELP)] = None,
-    n: Annotated[int | None, typer.Option("-n", "--n", min=1, help=N_HELP)] = None,
+    n: Annotated[int | None, typer.Option("-n", "--n", metavar="N", min=1, help=N_HELP)] = None,
     comparison: options.EvalComparison,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens per answer.")] = 10,
-    batch: Annotated[int, typer.Option("--batch", min=1, help=BATCH_HELP)] = 1,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", metavar="N", min=1, help="Most tokens per answer.")] = 10,
+    batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, help=BATCH_HELP)] = 1,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE", help=PLOT_HELP)] = None,
     attention_profile: Annotated[
         Path | None, typer.Option("--attention-profile", metavar="FILE", help=ATTENTION_PROFILE_HELP)
@@ -66,6 +69,13 @@ def eval_command(
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
     output = options.output_format(format_, json)
     methods, budgets = comparison.check()
+    if where.random_weights:
+        raise UsageError(
+            "--random-weights answers at chance: asap eval measures accuracy; time a shape with asap profile"
+        )
+    # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
+    from ..eval_run import EvalRun
+
     run = EvalRun.prepare(data, n, plot, attention_profile, log)
 
     loaded = where.load()

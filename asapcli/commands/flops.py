@@ -10,6 +10,7 @@ from rich.table import Table
 
 from .. import display
 from ..flops.report import FlopsCount
+from ..presets import built_from_numbers
 from . import options
 
 LAYER_HELP = "Prune after layer L-1; 0 prunes before the first layer."
@@ -22,10 +23,12 @@ MEASURE_HELP = "Also count a real forward of the model's language model with fvc
 def flops_command(
     *,
     where: options.Where,
-    k: options.K = None,
+    budgets: options.Budgets = None,
     layer: Annotated[int | None, typer.Option("--layer", metavar="L", help=LAYER_HELP)] = None,
     schedule: Annotated[str | None, typer.Option("--schedule", metavar="LAYER:TOKENS,...", help=SCHEDULE_HELP)] = None,
-    visual_tokens: Annotated[int | None, typer.Option("--visual-tokens", min=1, help=VISUAL_TOKENS_HELP)] = None,
+    visual_tokens: Annotated[
+        int | None, typer.Option("--visual-tokens", metavar="N", min=1, help=VISUAL_TOKENS_HELP)
+    ] = None,
     gqa: Annotated[bool, typer.Option("--gqa", help="Count k/v projections at their grouped-query size.")] = False,
     measure: Annotated[bool, typer.Option("--measure", help=MEASURE_HELP)] = False,
     method: Annotated[
@@ -36,19 +39,30 @@ def flops_command(
 ) -> None:
     """Theoretical FLOPs of the visual tokens, vanilla and pruned (paper Eq. 7-8)."""
     output = options.output_format(format_, json)
-    count = FlopsCount.plan(where.model, k, layer, schedule, visual_tokens, gqa, measure, method)
+    counts = [
+        FlopsCount.plan(
+            where.model, k, layer, schedule, visual_tokens, gqa, measure, method, where.random_weights, where.layers
+        )
+        for k in options.budget_list(budgets) or [None]
+    ]
     if measure:
-        settings = count.measure_settings()
+        settings = [count.measure_settings() for count in counts]
         loaded = where.load()
         with display.status("Counting FLOPs with fvcore"):
-            count = count.measured(loaded, settings)
+            counts = [count.measured(loaded, each) for count, each in zip(counts, settings, strict=True)]
     if output == "json":
-        display.print_json(count.record())
+        for count in counts:
+            display.print_json(count.record())
         return
     if output != "table":
-        display.print_rows(count.rows(), output)
+        rows = counts[0].rows() if len(counts) == 1 else [count.budget_row() for count in counts]
+        display.print_rows(rows, output)
         return
-    display.out.print(_table(count))
+    if len(counts) > 1:
+        display.out.print(_budgets_table(counts))
+    else:
+        display.out.print(_table(counts[0]))
+    count = counts[0]
     display.out.print(f"Convention: {count.convention}.", markup=False, soft_wrap=True)
     if gqa and count.arch.kv_heads == count.arch.heads:
         display.note(f"--gqa changes nothing here: {where.model} has as many key/value heads as query heads.")
@@ -61,6 +75,30 @@ def flops_command(
             markup=False,
             soft_wrap=True,
         )
+    for line in built_from_numbers(count.random_weights, count.arch.layers, count.full_layers or count.arch.layers):
+        display.out.print(line, markup=False, soft_wrap=True)
+
+
+def _budgets_table(counts: list[FlopsCount]) -> Table:
+    """Several budgets side by side: vanilla, then one row per k (Table 1's FLOPs column)."""
+    first, measured = counts[0], counts[0].counted is not None
+    unit, scale = display.flop_unit(first.vanilla)
+    columns = ["k", "L", "tokens from L", unit, "ratio %"] + ([f"measured {unit}", "measured %"] if measured else [])
+    table = display.table(f"{first.label}: FLOPs of the visual tokens by budget", columns)
+    vanilla = first.counted["vanilla"].total if measured else None
+    table.add_row(
+        "vanilla", "", str(first.arch.visual_tokens), f"{first.vanilla / scale:.3f}", "100.0",
+        *([f"{vanilla / scale:.3f}", "100.0"] if measured else []),
+    )  # fmt: skip
+    for count in counts:
+        ((layer, tokens),) = count.steps
+        pruned = count.counted["pruned"].total if measured else None
+        table.add_row(
+            str(count.budget), str(layer), str(tokens), f"{count.pruned / scale:.3f}",
+            f"{100 * count.pruned / count.vanilla:.1f}",
+            *([f"{pruned / scale:.3f}", f"{100 * pruned / vanilla:.1f}"] if measured else []),
+        )  # fmt: skip
+    return table
 
 
 def _table(count: FlopsCount) -> Table:
@@ -68,7 +106,7 @@ def _table(count: FlopsCount) -> Table:
     vanilla, pruned = count.vanilla, count.pruned
     unit, scale = display.flop_unit(vanilla)
     columns = ["stage", "layers", "visual tokens", unit] + ([f"measured {unit}"] if counted else [])
-    table = display.table(f"{count.model}: FLOPs of the visual tokens", columns)
+    table = display.table(f"{count.label}: FLOPs of the visual tokens", columns)
     measured = count.measured_by_stage() if counted else [None] * len(stages)
     start = 0
     for index, (stage, layers) in enumerate(zip(stages, measured)):

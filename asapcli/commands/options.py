@@ -7,16 +7,18 @@ import dataclasses
 import functools
 import inspect
 import math
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from .. import display
 from ..engine import HYPERPARAMETERS, METHODS
 from ..errors import UsageError, ascii_digits
-from ..loading import Loaded
 from ..presets import Preset
 from ..settings import PruneSettings, budget_and_layer, check_hyperparameters, check_methods
+
+if TYPE_CHECKING:
+    from ..loading import Loaded
 
 DEFAULT_MODEL = "demo"  # bundled with the package: every command runs offline on a fresh machine
 
@@ -58,6 +60,24 @@ Dtype = Annotated[
         "--dtype",
         metavar="{auto|bfloat16|float16|float32}",
         help="Precision of the weights; auto: bfloat16 on GPU, float32 on CPU.",
+    ),
+]
+RandomWeights = Annotated[
+    bool,
+    typer.Option(
+        "--random-weights",
+        help="Build the preset's architecture with random weights, no download: its cost measured anywhere "
+        "(answers are noise).",
+    ),
+]
+Layers = Annotated[
+    int | None,
+    typer.Option(
+        "--layers",
+        min=1,
+        metavar="N",
+        help="With --random-weights: only the first N decoder layers of the language model (timing on a small "
+        "machine; every output says so).",
     ),
 ]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, metavar="N", help="Most tokens to generate.")]
@@ -125,22 +145,38 @@ class Where:
     dtype: Dtype = "auto"
     device_map: DeviceMap = None
     threads: Threads = None
+    random_weights: RandomWeights = False
+    layers: Layers = None
 
     @classmethod
     def parameters(cls) -> list[inspect.Parameter]:
         return list(inspect.signature(cls).parameters.values())
 
-    def load(self) -> Loaded:
+    def load(self) -> "Loaded":
         """The model, loaded under a spinner, PyTorch's CPU thread count set first."""
+        import huggingface_hub
+        import torch
+        from transformers.utils import logging as transformers_logging
+
         from ..loading import load
 
         if self.threads is not None:
-            import torch
-
             torch.set_num_threads(self.threads)
+        transformers_logging.set_verbosity_error()  # generate()'s notices are not the user's business
+        # Our own spinner says what is loading; a download from the hub shows the hub's own progress
+        # (bytes and time left) on stderr, which transformers' switch would silence too.
+        transformers_logging.disable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
 
         with display.status(f"Loading {self.model}"):
-            return load(self.model, device=self.device, dtype=self.dtype, device_map=self.device_map)
+            return load(
+                self.model,
+                device=self.device,
+                dtype=self.dtype,
+                device_map=self.device_map,
+                random_weights=self.random_weights,
+                layers=self.layers,
+            )
 
 
 @dataclasses.dataclass

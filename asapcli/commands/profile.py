@@ -7,12 +7,11 @@ import dataclasses
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
 
-from .. import display, profiling
-from ..inputs import check_prompt, load_image, pattern_image
+from .. import display
+from ..presets import model_label
 from ..records import ProfileRow
 from . import options
 
@@ -30,21 +29,30 @@ def profile(
     image: Annotated[Path | None, typer.Option("--image", "-i", metavar="FILE", help=IMAGE_HELP)] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help=PROMPT_HELP)] = "Describe the image.",
     comparison: options.Comparison,
-    repeats: Annotated[int, typer.Option("--repeats", min=1, help=REPEATS_HELP)] = 5,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed prefills before them.")] = 1,
-    decode_tokens: Annotated[int, typer.Option("--decode-tokens", min=1, help="Tokens decoded to time decoding.")] = 16,
+    repeats: Annotated[int, typer.Option("--repeats", metavar="N", min=1, help=REPEATS_HELP)] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed prefills before them.")] = 1,
+    decode_tokens: Annotated[
+        int, typer.Option("--decode-tokens", metavar="N", min=1, help="Tokens decoded to time decoding.")
+    ] = 16,
     # --batch: N copies are built at once; beyond 1024, memory, then an integer overflow
-    batch: Annotated[int, typer.Option("--batch", min=1, max=1024, help=BATCH_HELP)] = 1,
+    batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, max=1024, help=BATCH_HELP)] = 1,
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     format_: options.Format = None,
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
+    # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
+    import torch
+
+    from .. import profiling
+    from ..inputs import check_prompt, load_image, pattern_image
+
     output = options.output_format(format_, json)
     methods, budgets = comparison.check()
     check_prompt(prompt)
-    picture = load_image(image) if image is not None else pattern_image()
+    picture = load_image(image) if image is not None else None
 
     loaded = where.load()
+    picture = picture or pattern_image(*(loaded.preset.pattern if loaded.preset else ()))
     runs = profiling.runs(methods, budgets, comparison.settings(loaded.preset), loaded.num_layers)
     with display.status(f"Measuring {len(runs)} runs") as spinner:
         step = None if spinner is None else lambda message: spinner.update(f"Measuring: {message}")
@@ -90,7 +98,9 @@ def _table(rows: list[ProfileRow], on_gpu: bool, batched: bool) -> Table:
         ("tok/s", lambda row: f"{row.decode_tokens_per_second:.1f}"),
     ]
     what = "one image" + (", batch 1 and batched" if batched else "")
-    table = display.table(f"{rows[0].model}: prefill of {what}", [header for header, _ in columns])
+    first = rows[0]
+    label = model_label(first.model, first.random_weights, first.decoder_layers, first.decoder_layers_full)
+    table = display.table(f"{label}: prefill of {what}", [header for header, _ in columns])
     for row in rows:
         table.add_row(*(cell(row) for _, cell in columns))
     return table

@@ -6,14 +6,17 @@ from __future__ import annotations
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .. import answering, display, figures
+from .. import display
 from ..errors import UsageError
 from ..settings import PruneSettings
 from . import options
+
+if TYPE_CHECKING:
+    from ..answering import Answered
 
 ARGUMENTS_HELP = (
     "Image files (or a quoted glob), then the question ('-' reads it from stdin). With --prompt, all are images."
@@ -44,6 +47,9 @@ def run(
 
     Several images (or prompts) run as one padded batch: each sample keeps its own k tokens.
     """
+    # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
+    from .. import answering, figures
+
     samples = answering.read_samples(arguments, more_images or [], prompts or [], _read_stdin)
     if save_kept is not None:
         if len(samples.pairs) > 1:
@@ -82,7 +88,7 @@ def _read_stdin() -> str:
     return raw.read().decode(getattr(sys.stdin, "encoding", None) or "utf-8", "surrogateescape").strip()
 
 
-def _show(answers: list[answering.Answered], settings: PruneSettings, json: bool, several: bool) -> None:
+def _show(answers: list[Answered], settings: PruneSettings, json: bool, several: bool) -> None:
     """One JSON object per sample; or the streamed answer and its summary line; or for a batch an
     answer line per sample (`IMAGE: answer`), then a summary line each."""
     if json:

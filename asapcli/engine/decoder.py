@@ -74,8 +74,9 @@ class PruningPlan:
     renumber: bool = False  # kept tokens take positions 0..M-1 (a shorter prompt) instead of their own
 
     def shrinks(self, start: int, end: int) -> bool:
-        """Whether the span [start, end) loses tokens at this budget; one that does not runs as vanilla."""
-        return self.method.kept_count(end - start, self.k) < end - start
+        """Whether the span [start, end) loses tokens at this budget; one that does not runs as vanilla
+        (as every span does under vanilla, whatever its k)."""
+        return self.method.prunes and self.method.kept_count(end - start, self.k) < end - start
 
 
 class PrunePass:

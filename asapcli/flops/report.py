@@ -5,14 +5,17 @@ measured, and the record --json prints (records.FlopsReport)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ..engine import METHODS
 from ..errors import UsageError
-from ..loading import Loaded, load_architecture
-from ..presets import Architecture, find_preset
+from ..presets import Architecture, find_preset, load_architecture, model_label
 from ..records import FlopsReport, FlopsStage, MeasuredFlops
 from ..settings import PruneSettings, budget_and_layer
 from . import CONVENTION, GQA_CONVENTION, Stage, parse_schedule, pruning_schedule, schedule_flops
+
+if TYPE_CHECKING:
+    from ..loading import Loaded
 
 COUNTER = "fvcore (multiply-accumulates) with a scaled_dot_product_attention handle"
 
@@ -25,7 +28,10 @@ class FlopsCount:
     stages: list[Stage]
     kv_fraction: float  # k/v projections at kv_heads / heads (grouped-query), else 1
     method: str  # what prunes in a measured forward
+    budget: int | None  # k as asked (-k, else the preset's); None for a --schedule
     counted: dict | None = None  # fvcore's CountedFlops, "vanilla" and "pruned", once measured
+    full_layers: int | None = None  # the model's own decoder layers, when --layers counts fewer (arch.layers)
+    random_weights: bool = False  # the measured model is built with random weights
 
     @classmethod
     def plan(
@@ -38,9 +44,15 @@ class FlopsCount:
         gqa: bool = False,
         measure: bool = False,
         method: str = "asap",
+        random_weights: bool = False,
+        layers: int | None = None,
     ) -> FlopsCount:
         """The schedule that -k/--layer (else the preset's) or --schedule give, checked, on the
-        architecture of `model`; counted as fvcore counts (GQA-aware) when it is to be `measure`d."""
+        architecture of `model`, cut to its first `layers` decoder layers when given; counted as
+        fvcore counts (GQA-aware) when it is to be `measure`d, on a model built with random
+        weights when `random_weights`."""
+        if (random_weights or layers is not None) and not measure:
+            raise UsageError("--random-weights and --layers build the model that --measure counts; add --measure")
         if schedule is not None and (k is not None or layer is not None):
             raise UsageError("give either --schedule or -k/--layer, not both")
         if k is not None and k < 1:
@@ -48,6 +60,10 @@ class FlopsCount:
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         arch = load_architecture(model, visual_tokens)
+        budget = None
+        full_layers = None
+        if layers is not None and layers < arch.layers:
+            arch, full_layers = replace(arch, layers=layers), arch.layers
         if schedule is not None:
             steps = parse_schedule(schedule)
         else:
@@ -64,7 +80,9 @@ class FlopsCount:
             stages = pruning_schedule(arch.layers, arch.visual_tokens, steps)
         # fvcore counts what the model computes: grouped-query k/v projections at their real size.
         kv_fraction = arch.kv_heads / arch.heads if gqa or measure else 1.0
-        return cls(model, arch, steps, stages, kv_fraction, method)
+        random_weights = random_weights or getattr(find_preset(model), "random_weights", False)
+        measured_random = measure and random_weights
+        return cls(model, arch, steps, stages, kv_fraction, method, budget, None, full_layers, measured_random)
 
     def flops(self, stages: list[Stage]) -> float:
         return schedule_flops(stages, self.arch.hidden, self.arch.intermediate, self.kv_fraction)
@@ -76,6 +94,10 @@ class FlopsCount:
     @property
     def pruned(self) -> float:
         return self.flops(self.stages)
+
+    @property
+    def label(self) -> str:
+        return model_label(self.model, self.random_weights, self.arch.layers, self.full_layers)
 
     @property
     def convention(self) -> str:
@@ -128,6 +150,18 @@ class FlopsCount:
                      "flops_ratio": record.flops_ratio})  # fmt: skip
         return rows
 
+    def budget_row(self) -> dict:
+        """This budget as one row of a comparison of several (--format csv|markdown|latex)."""
+        record = self.record()
+        row = {"k": record.k, "layer": record.layer, "tflops_vanilla": record.tflops_vanilla, "tflops": record.tflops,
+               "flops_ratio": record.flops_ratio}  # fmt: skip
+        if record.measured:
+            row |= {
+                "measured_tflops_vanilla": record.measured.tflops_vanilla,
+                "measured_tflops": record.measured.tflops,
+            }
+        return row
+
     def record(self) -> FlopsReport:
         measured = None
         if self.counted is not None:
@@ -140,8 +174,14 @@ class FlopsCount:
                 method_ops_tflops={op: n / 1e12 for op, n in pruned.other.items()},
                 counter=COUNTER,
             )
+        single = self.budget is not None
         return FlopsReport(
             model=self.model,
+            k=self.budget,
+            layer=self.steps[0][0] if single else None,
+            random_weights=self.random_weights,
+            decoder_layers=self.arch.layers,
+            decoder_layers_full=self.full_layers or self.arch.layers,
             tflops_vanilla=self.vanilla / 1e12,
             tflops=self.pruned / 1e12,
             flops_ratio=self.pruned / self.vanilla,

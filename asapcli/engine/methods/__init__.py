@@ -1,4 +1,8 @@
-"""Pruning methods behind one interface; `METHODS` is the registry the CLI offers."""
+"""Pruning methods behind one interface; `METHODS` is the registry the CLI offers.
+
+A method module imports torch and the engine's ops inside `select` only: the CLI reads the
+registry (names, options, defaults, flags) to build its help and to count FLOPs, and starts in a
+blink without torch."""
 
 from __future__ import annotations
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .. import ops
 from .base import ANCHOR, REFILLED, SELECTED, PruningMethod, Selection, SpanView
 
 
@@ -30,6 +27,8 @@ class AsapBimaskOnly(PruningMethod):
     lambda_max: float = 1.0
 
     def select(self, span: SpanView, k: int) -> Selection:
+        from .. import ops  # at call time: the registry imports without torch (methods/__init__.py)
+
         kept = ops.top_k(span.importance, k)
         return Selection(kept=kept, hidden=span.hidden[kept])
 
@@ -43,6 +42,10 @@ class Asap(AsapBimaskOnly):
     merge_threshold: float = 0.9
 
     def select(self, span: SpanView, k: int) -> Selection:
+        import torch  # at call time: the registry imports without torch (methods/__init__.py)
+
+        from .. import ops
+
         selected = ops.top_k(span.importance, k)
         hidden = span.hidden[selected]
         pool_size = span.hidden.shape[0] - k

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import ops
 from .base import PruningMethod, Selection, SpanView
 
 
@@ -16,5 +15,7 @@ class FastV(PruningMethod):
     score: str = "attention"
 
     def select(self, span: SpanView, k: int) -> Selection:
+        from .. import ops  # at call time: the registry imports without torch (methods/__init__.py)
+
         kept = ops.top_k(span.importance, k)
         return Selection(kept=kept, hidden=span.hidden[kept])

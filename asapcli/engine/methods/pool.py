@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 
 from ...errors import UsageError
-from .. import ops
 from .base import POOLED, PruningMethod, Selection, SpanView
 
 
@@ -22,6 +21,8 @@ class Pool(PruningMethod):
         return min(math.isqrt(k), _side(tokens)) ** 2
 
     def select(self, span: SpanView, k: int) -> Selection:
+        from .. import ops  # at call time: the registry imports without torch (methods/__init__.py)
+
         side = _side(span.hidden.shape[0])
         cells = math.isqrt(k)
         pooled, corners = ops.pooled_grid(span.hidden, side, cells)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .base import PruningMethod, Selection, SpanView
 
 
@@ -15,6 +13,8 @@ class Random(PruningMethod):
     seed: int = 0
 
     def select(self, span: SpanView, k: int) -> Selection:
+        import torch  # at call time: the registry imports without torch (methods/__init__.py)
+
         # Seeded per span so that two images of one prompt do not get the same pattern.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + span.start)
         kept = torch.randperm(span.hidden.shape[0], generator=generator)[:k].sort().values

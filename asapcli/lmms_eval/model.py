@@ -1,0 +1,134 @@
+"""lmms-eval's model `asap`: a transformers LVLM loaded as the CLI loads it (a preset, a folder or a
+hub id), answering every question inside `asapcli.pruned(...)` with the prompt `asap eval` builds
+(the model's chat template, the image first, the task's text as the user's words).
+
+    python -m asapcli.lmms_eval --model asap \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=asap,k=128,layer=2 --tasks gqa
+
+Every --model_args value is checked before the model loads: a bad one stops the run with
+asap's own message (a UsageError), never a run with some other setting.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from accelerate import Accelerator
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from loguru import logger
+from tqdm import tqdm
+
+from ..api import pruned_as
+from ..errors import AsapError, UsageError
+from ..generation import to_device
+from ..inputs import build_batch_inputs
+from ..loading import load
+from .arguments import ModelArgs, whole
+
+
+class Asap(lmms):
+    is_simple = True
+
+    def __init__(self, batch_size=1, max_batch_size=None, **model_args):
+        super().__init__()
+        self.batch_size_per_gpu = whole(batch_size, "batch_size")
+        args = ModelArgs.parse(model_args)
+        self.accelerator = Accelerator()
+        device = args.device
+        if self.accelerator.num_processes > 1:
+            # lmms-eval's data parallelism: every process a whole model on its own GPU, the
+            # questions split between them by rank.
+            if args.device_map is not None:
+                raise UsageError(
+                    "device_map spreads one model over every visible GPU: use it in one process, "
+                    "not under accelerate launch with several (each would take every GPU)"
+                )
+            if device == "auto" and args.device_map is None and torch.cuda.is_available():
+                device = f"cuda:{self.accelerator.local_process_index}"
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.loaded = load(args.pretrained, device, args.dtype, args.device_map)
+        self.prune = args.settings(self.loaded)
+        logger.info(f"asap: {args.pretrained} on {self.loaded.device}, {self.prune}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Each request's answer, in order: requests with the same generation options are answered
+        `batch_size` at a time, as one left-padded batch (each row its own pruning)."""
+        answers: list[str] = []
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc="Model Responding")
+        with pruned_as(self.loaded.model, self.prune) as pruning:
+            for _, same_options in itertools.groupby(requests, key=lambda request: repr(request.args[1])):
+                same_options = list(same_options)
+                for start in range(0, len(same_options), self.batch_size):
+                    group = same_options[start : start + self.batch_size]
+                    answers += self._answer(group)
+                    progress.update(len(group))
+        progress.close()
+        report = pruning.report()
+        if report.visual_tokens:
+            logger.info(
+                f"asap: {report.kept_tokens}/{report.visual_tokens} visual tokens kept ({report.merged_tokens} merged), "
+                f"FLOPs {100 * report.flops_ratio:.1f}% of vanilla (Eq. 8)"
+            )
+        return answers
+
+    def _answer(self, group: list[Instance]) -> list[str]:
+        options = dict(group[0].args[1])
+        until = options.pop("until", None)
+        until = [until] if isinstance(until, str) else list(until or [])
+        samples = []
+        for request in group:
+            context, _, doc_to_visual, doc_id, task, split = request.args
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+            if len(visuals) != 1:
+                raise AsapError(
+                    f"task {task}: question {doc_id} brings {len(visuals)} images; the asap model answers one per question"
+                )
+            samples.append((context, visuals[0].convert("RGB")))
+        inputs = to_device(self.loaded, build_batch_inputs(self.loaded.processor, samples))  # as asap eval builds them
+        tokenizer = self.loaded.processor.tokenizer
+        torch.manual_seed(self.prune.seed)  # a task that samples draws as asap run --seed does
+        with torch.inference_mode():
+            output = self.loaded.model.generate(
+                **inputs,
+                **_sampling(options),
+                max_new_tokens=whole(options.get("max_new_tokens", 10), "max_new_tokens"),
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
+        prompt_length = inputs["input_ids"].shape[1]
+        texts = [tokenizer.decode(row[prompt_length:], skip_special_tokens=True).strip() for row in output]
+        return [_cut(text, until) for text in texts]
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("the asap model generates answers; it does not score given continuations")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("the asap model answers single-round questions")
+
+
+def _sampling(options: dict) -> dict:
+    """Greedy, as asap eval answers, unless the task asks for sampling with a temperature."""
+    if int(options.get("num_beams", 1) or 1) > 1:
+        raise UsageError("the asap model decodes greedily or by sampling; beam search (num_beams > 1) is not supported")
+    temperature = float(options.get("temperature", 0) or 0)
+    if not options.get("do_sample") or temperature <= 0 or math.isnan(temperature):
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_p": float(options.get("top_p", 1.0) or 1.0)}
+
+
+def _cut(text: str, until: list[str]) -> str:
+    """The answer up to the first of the task's stop strings."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text.strip()

@@ -1,0 +1,141 @@
+"""lmms-eval's model `asap` (asapcli/lmms_eval/): its --model_args read as asap's own options, the
+offline task asap_demo as the demo model's held-out questions, and lmms-eval's real command line
+on that task giving, question by question, the answers and exact-match scores of `asap eval`.
+The runs through lmms-eval need the `eval` extra and are skipped without it."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from asapcli.cli import app
+from asapcli.errors import UsageError
+from asapcli.evaluation import read_items, synthetic_items
+from asapcli.lmms_eval import TASKS, demo_task
+from asapcli.lmms_eval.arguments import ModelArgs
+from asapcli.loading import load
+
+REPO = Path(__file__).resolve().parent.parent
+QUESTIONS = TASKS / "asap_demo" / demo_task.QUESTION_FILE
+needs_lmms_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lmms_eval") is None, reason='lmms-eval is not installed (pip install -e ".[eval]")'
+)
+
+
+def test_model_args_are_read_as_asap_reads_its_options():
+    args = ModelArgs.parse(
+        {"pretrained": "demo", "method": "asap", "k": 64, "layer": 2, "seed": 3, "lambda_max": 1, "merge_threshold": 0.9,
+         "score_queries": "text", "dtype": "float32"}
+    )  # fmt: skip
+    assert (args.pretrained, args.method, args.k, args.layer, args.seed) == ("demo", "asap", 64, 2, 3)
+    assert args.options == {"lambda_max": 1.0, "merge_threshold": 0.9, "score_queries": "text"}
+    assert (args.device, args.dtype, args.device_map) == ("auto", "float32", None)
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"k": "abc"}, "k needs a whole number of at least 1, got 'abc'"),
+        ({"k": 0}, "k needs a whole number"),
+        ({"k": 1.5}, "k needs a whole number"),
+        ({"k": True}, "k needs a whole number"),  # lmms-eval reads k=true as True
+        ({"layer": "two"}, "layer needs a whole number"),
+        ({"method": "fastvv"}, "unknown method 'fastvv'"),
+        ({"lambda_max": 2.0}, "lambda-max must be in (0, 1]"),
+        ({"lambda_max": "high"}, "lambda_max needs a number"),
+        ({"score_queries": "first"}, "score-queries must be one of last, text, all"),
+        ({"method": "fastv", "merge_threshold": 0.9}, "--merge-threshold is not an option of fastv"),
+        ({"positions": "renumber"}, "--positions renumber is for methods that prune before the language model"),
+        ({"topk": 64}, "asap takes no topk; it takes pretrained, method, k, layer"),
+    ],
+)
+def test_a_bad_model_arg_is_asaps_usage_error(given, message):
+    with pytest.raises(UsageError) as error:
+        ModelArgs.parse({"pretrained": "demo", **given})
+    assert message in str(error.value)
+
+
+def test_k_and_layer_default_to_the_presets_and_are_checked_against_the_model():
+    loaded = load("demo", device="cpu")
+    settings = ModelArgs.parse({"pretrained": "demo", "method": "fastv"}).settings(loaded)
+    assert (settings.k, settings.layer) == (loaded.preset.k, loaded.preset.layer)
+    with pytest.raises(UsageError, match=f"layer must be in 1..{loaded.num_layers - 1}"):
+        ModelArgs.parse({"pretrained": "demo", "layer": 99}).settings(loaded)
+
+
+def test_the_shipped_demo_task_is_the_demo_models_held_out_questions(tmp_path):
+    """The files in the package are what demo_task.write() makes now, and `asap eval --data` reads
+    them as the same questions about the same pixels as its synthetic held-out set."""
+    demo_task.write(tmp_path)
+    assert (tmp_path / demo_task.QUESTION_FILE).read_text() == QUESTIONS.read_text()
+    shipped = read_items(QUESTIONS)
+    assert len(shipped) == demo_task.QUESTIONS
+    for item, held_out in zip(shipped, synthetic_items(demo_task.QUESTIONS), strict=True):
+        assert (item.question, item.answer, item.type) == (held_out.question, held_out.answer, held_out.type)
+        assert item.picture().tobytes() == held_out.picture().tobytes()
+        assert Image.open(tmp_path / item.image.relative_to(QUESTIONS.parent)).tobytes() == item.picture().tobytes()
+
+
+LIMIT = 8
+RUNS = {"vanilla": "method=vanilla", "asap": "method=asap,k=4,layer=2"}  # k=4 gets question 3 wrong
+
+
+@needs_lmms_eval
+def test_lmms_eval_answers_each_question_as_asap_eval(tmp_path):
+    """One lmms-eval process (its --config runs each entry in turn) evaluates vanilla, asap, and
+    a run with a bad k; `asap eval` answers the same questions in this process."""
+    runs = [
+        {"model": "asap", "model_args": f"pretrained=demo,{args}", "tasks": "asap_demo", "limit": LIMIT,
+         "batch_size": 1, "log_samples": True, "output_path": str(tmp_path / name)}
+        for name, args in {**RUNS, "bad": "method=asap,k=abc"}.items()
+    ]  # fmt: skip
+    (tmp_path / "runs.yaml").write_text(json.dumps(runs))  # JSON is YAML
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
+        "OMP_NUM_THREADS": "1",  # as asap eval --threads 1 below: the same arithmetic
+    }
+    lmms_eval = subprocess.run(
+        [sys.executable, "-m", "asapcli.lmms_eval", "--config", str(tmp_path / "runs.yaml")],
+        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=600, check=False,
+    )  # fmt: skip
+    # lmms-eval exits 0 whatever failed; the launcher says which run failed, with asap's message.
+    assert lmms_eval.returncode == 1, lmms_eval.stdout[-3000:] + lmms_eval.stderr[-3000:]
+    assert "Error: model_args: k needs a whole number of at least 1, got 'abc'" in lmms_eval.stderr
+    assert not list((tmp_path / "bad").glob("**/*_results.json"))
+
+    log = tmp_path / "asap-eval.jsonl"
+    asap_eval = CliRunner().invoke(
+        app,
+        ["eval", "--data", str(QUESTIONS), "-n", str(LIMIT), "--methods", "vanilla,asap", "-k", "4", "--layer", "2",
+         "--threads", "1", "--log-samples", str(log)],
+    )  # fmt: skip
+    assert asap_eval.exit_code == 0, asap_eval.output
+    expected = [json.loads(line) for line in log.read_text().splitlines()]
+
+    for name in RUNS:
+        (results_file,) = (tmp_path / name).glob("*/*_results.json")
+        (samples_file,) = (tmp_path / name).glob("*/*_samples_asap_demo.jsonl")
+        samples = sorted(
+            (json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"]
+        )
+        ours = [record for record in expected if record["method"] == name]
+        assert [s["doc_id"] for s in samples] == [record["index"] for record in ours] == list(range(LIMIT))
+        for sample, record in zip(samples, ours, strict=True):
+            assert sample["input"] == record["question"]  # the prompt text, before the chat template
+            assert (sample["filtered_resps"], sample["exact_match"]) == (record["answer"], float(record["correct"]))
+        accuracy = json.loads(results_file.read_text())["results"]["asap_demo"]["exact_match,none"]
+        assert accuracy == sum(record["correct"] for record in ours) / LIMIT
+    # The comparison has teeth: pruning to 4 tokens loses a question that vanilla answers.
+    assert [r["correct"] for r in expected if r["method"] == "asap"] != [
+        r["correct"] for r in expected if r["method"] == "vanilla"
+    ]
