@@ -11,12 +11,19 @@ spans are read from that call's `input_ids` (each row of a left-padded batch its
 Outside the block the model is what it was: the pruned decoder is installed on entry and taken
 out on exit (unless it was there already, as on a model from `asapcli.loading.load`).
 
+Inside the block the language model's attention runs as PyTorch's SDPA (a model loaded with
+eager attention agrees to float rounding, not to the bit) and returns no hidden states or
+attention maps (asking for them is an error). Blocks do not nest. divprune and pool, which
+prune before the first layer, leave a cache shorter than its sequence: a later call cannot
+continue it (an error, not a wrong answer).
+
 The CLI answers through the same block (`pruned_as(model, settings)`, with the settings its
 options made): a question asked with `asap run` and with this API is pruned the same way.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .engine import PrunedDecoder, PruningPlan, image_spans, install, uninstall
+from .engine import METHODS, PrunedDecoder, PruningPlan, UnsupportedModel, image_spans, install, uninstall
+from .errors import UsageError
 from .flops import token_flops
 from .plans import make_plan, token_counts
 from .settings import PruneSettings
@@ -104,7 +112,7 @@ class Pruning:
                 if tokens:
                     pruned_tflops += token_flops(text_config, tokens, kept_tokens, plan.layer)[0]
                     full_tflops += token_flops(text_config, tokens, tokens, plan.layer)[0]
-        layer = self.prefills[0][0][0].layer if self.prefills else self.settings.layer
+        layer = (self.plans or [make_plan(self.settings, [])])[0].layer
         ratio = pruned_tflops / full_tflops if full_tflops else 1.0
         return PruningReport(self.settings.method, self.settings.k, layer, images, visual, kept, merged, ratio)
 
@@ -121,10 +129,18 @@ def pruned(
         yield block
 
 
+# Models inside a block now: a second block around the same calls would prune them twice.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
 @contextmanager
 def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruning]:
     """`pruned` with its arguments as one PruneSettings (what the CLI's options make)."""
     settings.check(model.config.get_text_config().num_hidden_layers)
+    if getattr(model.config, "image_token_id", None) is None:
+        raise UnsupportedModel(f"{type(model).__name__} has no image_token_id in its config: asap prunes image tokens")
+    if model in _OPEN:
+        raise UsageError("this model is inside an asapcli.pruned block already; blocks do not nest")
     was_installed = isinstance(model.get_decoder(), PrunedDecoder)
     decoder = install(model)
     pruning = Pruning(model, settings)
@@ -134,12 +150,24 @@ def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruni
         if input_ids is None:  # embeddings given directly: no image tokens to find
             decoder.plans = None
             return
+        for output in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(output) or getattr(model.config, output, False):
+                raise UsageError(
+                    f"{output} is not available inside an asapcli.pruned block (the pruned decoder runs its own layers)"
+                )
         cache = kwargs.get("past_key_values")
         cached = cache.get_seq_length() if cache is not None else 0
+        if cached and input_ids.shape[1] > 1 and pruning.prefills and METHODS[settings.method].before_llm:
+            # Their cache is shorter than the sequence it holds: generate() would feed its image again.
+            raise UsageError(
+                f"{settings.method} prunes before the first layer, so a cache it pruned cannot be continued by a "
+                "later call; answer each prompt from the start (asap chat refuses these methods for the same reason)"
+            )
         mask = kwargs.get("attention_mask")
         padding = [0] * input_ids.shape[0] if mask is None else (mask[:, : cached + input_ids.shape[1]] == 0).sum(1)
         decoder.plans = pruning.plans_for(input_ids, cached, [int(p) for p in padding])
 
+    _OPEN.add(model)
     try:
         with decoder.pruning(None):
             hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
@@ -148,5 +176,6 @@ def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruni
             finally:
                 hook.remove()
     finally:
+        _OPEN.discard(model)
         if not was_installed:
             uninstall(model)

@@ -48,17 +48,23 @@ class PruneSettings:
         return PruneSettings(method, self.k if k is None else k, self.layer, self.seed, **kept)
 
     def method_options(self) -> dict:
-        """The method's own hyperparameters as it runs: each one given, else the method's default."""
-        method = make_method(self.method, **self.hyperparameters)
-        return {name: getattr(method, name) for name in METHODS[self.method].hyperparameters()}
+        """The method's own hyperparameters as it runs (each one given, else the method's
+        default), and the seed of a method that draws its tokens."""
+        method = make_method(self.method, seed=self.seed, **self.hyperparameters)
+        taken = METHODS[self.method].hyperparameters() + (["seed"] if hasattr(method, "seed") else [])
+        return {name: getattr(method, name) for name in taken}
 
     def check(self, num_layers: int | None = None) -> None:
         """Raise UsageError for a value out of range, or a hyperparameter the method does not
         take; the layer's upper bound needs the model."""
         check_methods([self.method])
+        for name in ("k", "layer", "seed"):  # a float layer would never match a layer index: nothing pruned
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UsageError(f"{name} must be a whole number, got {value!r}")
         if self.k < 1:
             raise UsageError(f"k must be at least 1, got {self.k}")
-        if self.layer < 1:
+        if self.layer < 0 or (self.layer == 0 and not METHODS[self.method].before_llm):  # 0: what divprune, pool do
             raise UsageError(f"layer must be at least 1 (layers 0..L-1 see every token), got {self.layer}")
         if num_layers is not None and self.layer > num_layers - 1:
             raise UsageError(

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import asapcli
-from asapcli.engine import PrunedDecoder, image_spans
+from asapcli.engine import PrunedDecoder, UnsupportedModel, image_spans
 from asapcli.errors import UsageError
 from asapcli.flops import token_flops
 from asapcli.inputs import build_batch_inputs, build_inputs, user_message
@@ -166,3 +166,36 @@ def test_the_flops_ratio_of_several_prompts_is_their_total_over_the_unpruned_tot
     text_config = model.config.get_text_config()
     assert (report.visual_tokens, report.kept_tokens) == (128, 16)
     assert report.flops_ratio == pytest.approx(token_flops(text_config, 64, 8, report.layer)[1])
+
+
+def test_what_the_block_cannot_do_is_refused_not_done_wrong(llava_path, images):
+    """Found by a hostile tester: each of these ran and gave a wrong or missing result."""
+    inputs = build_inputs(load(str(llava_path), device="cpu").processor, [user_message("what?", 1)], images[:1])
+    model = fresh(llava_path)
+    with torch.inference_mode(), asapcli.pruned(model, k=8):
+        with pytest.raises(UsageError, match="blocks do not nest"), asapcli.pruned(model, k=16):
+            pass
+        with pytest.raises(UsageError, match="output_hidden_states is not available"):
+            model(**inputs, output_hidden_states=True)
+    for bad, name in (({"layer": 2.5}, "layer"), ({"k": 8.0}, "k"), ({"k": True}, "k"), ({"k": "8"}, "k")):
+        with pytest.raises(UsageError, match=f"{name} must be a whole number"), asapcli.pruned(model, **bad):
+            pass
+    with torch.inference_mode(), asapcli.pruned(model, method="divprune", k=8, layer=0) as pruning:
+        out = model(**inputs, use_cache=True)
+        assert pruning.report().layer == 0
+        longer = torch.cat([inputs["input_ids"], inputs["input_ids"][:, -3:]], dim=1)
+        with pytest.raises(UsageError, match="cannot be continued"):
+            model(input_ids=longer[:, -5:], past_key_values=out.past_key_values, use_cache=True)
+    with asapcli.pruned(model, method="pool", k=4) as pruning:
+        pass
+    assert pruning.report().layer == 0  # what pool does, also when nothing ran
+    assert torch.equal(model(**inputs).logits, fresh(llava_path)(**inputs).logits)  # restored after each error
+
+
+def test_a_text_only_model_is_refused_on_entry(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    with pytest.raises(UnsupportedModel, match="no image_token_id"), asapcli.pruned(LlamaForCausalLM(config)):
+        pass

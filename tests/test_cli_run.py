@@ -245,6 +245,10 @@ def test_run_says_how_the_answer_ended_and_which_options_the_method_ran_with():
     assert record["ended"] in ("end", "max-tokens") and record["generated_tokens"] == 1
     vanilla = json.loads(asap("run", CAR, "what colour is the car?", "--method", "vanilla", "--json").stdout)
     assert vanilla["options"] == {}
+    drawn = json.loads(asap("run", CAR, "what colour is the car?", "--method", "random", "--seed", 3, "--json").stdout)
+    assert drawn["options"] == {"seed": 3}  # which tokens were drawn, reproducible from the record
+    pooled = asap("run", CAR, "what colour is the car?", "--method", "pool", "--layer", 0, "--json")
+    assert pooled.exit_code == 0 and json.loads(pooled.stdout)["layer"] == 0  # what pool does anyway
 
 
 @pytest.mark.parametrize(
