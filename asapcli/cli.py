@@ -34,6 +34,8 @@ def user_errors(command):
         except KeyboardInterrupt:  # Ctrl-C outside the places that handle it (loading, say)
             display.error("interrupted")
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `asap ... | head`: the reader has what it wanted
+            display.end_on_broken_pipe()
         except Exception as error:
             if os.environ.get("ASAP_DEBUG") == "1":
                 raise

@@ -19,8 +19,22 @@ if TYPE_CHECKING:
 
 # Spinners, progress and warnings go to stderr; colour only on a terminal. `out` is for the
 # result a command exists to show (a table), `err` for everything around it.
+# The exit status of a command whose reader went away (`asap ... | head`), quietly, as cat's.
+BROKEN_PIPE = 141
+
+
+def end_on_broken_pipe() -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush has nowhere to fail
+    raise SystemExit(BROKEN_PIPE)
+
+
+class _Stdout(Console):
+    def on_broken_pipe(self) -> None:  # rich's hook; its own ends with status 1, a user error's here
+        end_on_broken_pipe()
+
+
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+out = _Stdout(highlight=False)
 if not out.is_terminal and "COLUMNS" not in os.environ:
     out.width = 160  # a table piped to a file or a CI log is not cut at 80 columns
 
@@ -87,7 +101,8 @@ def table(title: str, headers: list[str]):
 
 def flat(record: dict, prefix: str = "") -> dict:
     """One table row from a record: nested objects flattened to `outer.inner` columns, lists of
-    numbers joined with ';' (lists of objects are left out: they are rows of their own)."""
+    numbers kept (print_rows joins them with ';'; lists of objects are left out: they are rows
+    of their own)."""
     row = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
@@ -95,7 +110,7 @@ def flat(record: dict, prefix: str = "") -> dict:
             row.update(flat(value, f"{name}."))
         elif isinstance(value, list):
             if all(not isinstance(item, dict | list) for item in value):
-                row[name] = ";".join(str(item) for item in value)
+                row[name] = value
         else:
             row[name] = value
     return row
@@ -110,7 +125,7 @@ def print_rows(rows: list[dict], format_: str) -> None:
 
         writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({key: "" if row.get(key) is None else row.get(key) for key in columns} for row in rows)
+        writer.writerows({key: _csv_cell(row.get(key)) for key in columns} for row in rows)
         sys.stdout.flush()
         return
     cells = [[_cell(row.get(key)) for key in columns] for row in rows]
@@ -124,9 +139,17 @@ def print_rows(rows: list[dict], format_: str) -> None:
     write("\\begin{tabular}{" + "l" * len(columns) + "}\n" + "\n".join(body) + "\n\\end{tabular}\n")
 
 
+def _csv_cell(value):
+    if isinstance(value, list):
+        return ";".join(str(item) for item in value)
+    return "" if value is None else value
+
+
 def _cell(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list):
+        return ";".join(_cell(item) for item in value)
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -195,7 +218,8 @@ def summary(settings: PruneSettings, result: GenerationResult) -> str:
 def cut(result: GenerationResult) -> str:
     """What cut an answer short, said after its figures; nothing when the model ended it."""
     if result.ended == "max-tokens":
-        return f"; answer cut at --max-tokens ({result.generated_tokens} tokens)"
+        plural = "" if result.generated_tokens == 1 else "s"
+        return f"; answer cut at --max-tokens ({result.generated_tokens} token{plural})"
     if result.ended == "context":
         return "; answer cut: the model's context is full"
     return ""

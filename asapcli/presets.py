@@ -112,6 +112,8 @@ def resolve_source(model: str) -> tuple[str | None, Preset | None]:
         return str(Path(model).expanduser()), None
     if Path(model).expanduser().exists():
         raise UsageError(f"model {model!r} is a file; give a model folder, a preset name or a hub id")
+    if model.startswith((".", "/", "~")) or "\\" in model:  # a path, never a hub id (owner/name)
+        raise UsageError(f"model folder {model!r} not found")
     if "/" not in model:  # LVLM hub ids are owner/name: a bare word is a preset name
         raise UsageError(
             f"unknown preset {model!r}; known presets: {', '.join(preset_names())} (or a folder, or a hub id)"

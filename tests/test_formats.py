@@ -32,6 +32,10 @@ def same(cell: str, value) -> bool:
         return cell == ""
     if isinstance(value, float):
         return float(cell) == value
+    if isinstance(value, list):  # numbers joined with ';'
+        return len(cell.split(";")) == len(value) and all(
+            same(part, item) for part, item in zip(cell.split(";"), value)
+        )
     return cell == str(value)
 
 
@@ -43,6 +47,8 @@ def test_eval_csv_markdown_and_latex_say_what_json_says():
     assert all(same(row[key], value) for row, want in zip(rows, expected, strict=True) for key, value in want.items())
     table = markdown_rows(asap(*args, "--format", "markdown"))
     assert [row["method"] for row in table] == ["vanilla", "asap"] and table[0]["k"] == "-"
+    interval = [float(bound) for bound in table[1]["average_ci95"].split(";")]  # each bound to 4 digits, as any number
+    assert interval == [float(f"{bound:.4g}") for bound in expected[1]["average_ci95"]]
     latex = asap(*args, "--format", "latex").splitlines()
     assert latex[0] == r"\begin{tabular}{" + "l" * len(expected[0]) + "}" and latex[-1] == r"\end{tabular}"
     assert len([line for line in latex if line.endswith(r"\\")]) == 1 + len(expected)
@@ -75,3 +81,18 @@ def test_flops_markdown_is_vanilla_the_stages_and_the_total():
 def test_format_usage_errors(extra, message):
     result = runner.invoke(app, ["flops", "-m", "llava-1.5-7b", *extra])
     assert result.exit_code == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("output", [["--json"], ["--format", "csv"], []])
+def test_a_reader_that_stops_early_ends_the_command_quietly(output):
+    """`asap flops ... | head -1`: no Error line, no traceback, the exit status of cat's."""
+    import subprocess
+    import sys
+
+    budgets = ",".join(str(k) for k in range(1, 400))
+    command = [sys.executable, "-m", "asapcli", "flops", "-m", "llava-1.5-7b", "-k", budgets, *output]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.readline()
+    process.stdout.close()  # what head does once it has its line
+    assert process.wait(timeout=60) == 141
+    assert process.stderr.read() == b""

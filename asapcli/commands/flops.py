@@ -32,7 +32,12 @@ def flops_command(
     gqa: Annotated[bool, typer.Option("--gqa", help="Count k/v projections at their grouped-query size.")] = False,
     measure: Annotated[bool, typer.Option("--measure", help=MEASURE_HELP)] = False,
     method: Annotated[
-        str, typer.Option("--method", metavar="METHOD", help="With --measure: the method that prunes.")
+        str,
+        typer.Option(
+            "--method",
+            metavar="METHOD",
+            help="The method that prunes: divprune and pool prune before layer 0, pool to a square grid.",
+        ),
     ] = "asap",
     json: options.Json = False,
     format_: options.Format = None,
@@ -55,8 +60,7 @@ def flops_command(
             display.print_json(count.record())
         return
     if output != "table":
-        rows = counts[0].rows() if len(counts) == 1 else [count.budget_row() for count in counts]
-        display.print_rows(rows, output)
+        display.print_rows([row for count in counts for row in count.rows()], output)
         return
     if len(counts) > 1:
         display.out.print(_budgets_table(counts))

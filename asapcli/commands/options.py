@@ -321,7 +321,8 @@ def method_list(text: str) -> list[str]:
 
 
 def budget_list(text: str | None) -> list[int] | None:
-    """Comma-separated budgets, each a whole number >= 1; None when not given."""
+    """Comma-separated budgets, each a whole number >= 1, one given twice counted once; None
+    when not given."""
     if text is None:
         return None
     budgets = []
@@ -329,7 +330,7 @@ def budget_list(text: str | None) -> list[int] | None:
         if not ascii_digits(item) or int(item) < 1:
             raise UsageError(f"k must be a whole number of at least 1, got {item!r}")
         budgets.append(int(item))
-    return budgets
+    return list(dict.fromkeys(budgets))
 
 
 def _split(text: str, option: str) -> list[str]:

@@ -57,8 +57,12 @@ class FlopsCount:
             raise UsageError("give either --schedule or -k/--layer, not both")
         if k is not None and k < 1:
             raise UsageError(f"k must be at least 1, got {k}")
+        if layer is not None and layer < 0:
+            raise UsageError(f"layer must be at least 0 (0 prunes before the first layer), got {layer}")
         if method not in METHODS:
             raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if not METHODS[method].prunes:
+            raise UsageError(f"--method {method} prunes nothing: its count is the vanilla row of any other method's")
         arch = load_architecture(model, visual_tokens)
         budget = None
         full_layers = None
@@ -69,9 +73,9 @@ class FlopsCount:
         else:
             budget, at = budget_and_layer(find_preset(model), k, layer)
             steps = [(at, budget)]
-        if measure and METHODS[method].before_llm and len(steps) == 1:
-            # The formula counts what the measured method does: divprune and pool prune before the
-            # first layer whatever layer was asked (as asap run does), and pool keeps its square grid.
+        if METHODS[method].before_llm and len(steps) == 1:
+            # The formula counts what the method does: divprune and pool prune before the first
+            # layer whatever layer was asked (as asap run does), and pool keeps its square grid.
             ((_, budget),) = steps
             steps = [(0, METHODS[method]().kept_count(arch.visual_tokens, budget))]
         if schedule is None and k is None and steps[0][1] >= arch.visual_tokens:
@@ -132,35 +136,26 @@ class FlopsCount:
         return groups
 
     def rows(self) -> list[dict]:
-        """The count as table rows (--format csv|markdown|latex): vanilla, each stage of the
-        pruned schedule (layers first-last), then its total; fvcore's column when measured."""
+        """The count as table rows (--format csv|markdown|latex), each led by the budget and layer
+        (null for a --schedule), so that several budgets give more rows, not other columns:
+        vanilla, each stage of the pruned schedule (layers first-last), then its total;
+        fvcore's column when measured."""
         record = self.record()
+        budget = {"k": record.k, "layer": record.layer}
         measured = record.measured.stages_tflops if record.measured else [None] * len(record.stages)
         extra = (lambda value: {"measured_tflops": value}) if record.measured else (lambda value: {})
         vanilla_measured = record.measured.tflops_vanilla if record.measured else None
-        rows = [{"layers": "vanilla", "tokens": self.arch.visual_tokens, "tflops": record.tflops_vanilla,
+        rows = [{**budget, "layers": "vanilla", "tokens": self.arch.visual_tokens, "tflops": record.tflops_vanilla,
                  **extra(vanilla_measured), "flops_ratio": 1.0}]  # fmt: skip
         start = 0
         for stage, counted in zip(record.stages, measured, strict=True):
             layers = f"{start}-{start + stage.layers - 1}"
-            rows.append({"layers": layers, "tokens": stage.tokens, "tflops": stage.tflops, **extra(counted)})
+            rows.append({**budget, "layers": layers, "tokens": stage.tokens, "tflops": stage.tflops, **extra(counted)})
             start += stage.layers
         pruned_measured = record.measured.tflops if record.measured else None
-        rows.append({"layers": "total", "tokens": None, "tflops": record.tflops, **extra(pruned_measured),
+        rows.append({**budget, "layers": "total", "tokens": None, "tflops": record.tflops, **extra(pruned_measured),
                      "flops_ratio": record.flops_ratio})  # fmt: skip
         return rows
-
-    def budget_row(self) -> dict:
-        """This budget as one row of a comparison of several (--format csv|markdown|latex)."""
-        record = self.record()
-        row = {"k": record.k, "layer": record.layer, "tflops_vanilla": record.tflops_vanilla, "tflops": record.tflops,
-               "flops_ratio": record.flops_ratio}  # fmt: skip
-        if record.measured:
-            row |= {
-                "measured_tflops_vanilla": record.measured.tflops_vanilla,
-                "measured_tflops": record.measured.tflops,
-            }
-        return row
 
     def record(self) -> FlopsReport:
         measured = None
