@@ -45,6 +45,25 @@ def user_errors(command):
     return guarded
 
 
+class _Command(typer.core.TyperCommand):
+    """A command whose help names each argument by its metavar alone: Typer appends the Python
+    type (`IMAGE... PROMPT <list[str]>`), which says nothing to a user."""
+
+    def format_options(self, ctx, formatter) -> None:
+        records = [(param, param.get_help_record(ctx)) for param in self.get_params(ctx)]
+        arguments = [(param.metavar or param.name.upper(), record[1]) for param, record in records
+                     if record is not None and param.param_type_name == "argument"]  # fmt: skip
+        options = [record for param, record in records if record is not None and param.param_type_name == "option"]
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        arguments = [param for param in self.get_params(ctx) if param.param_type_name == "argument"]
+        return ["[OPTIONS]", *(param.metavar if param.required else f"[{param.metavar}]" for param in arguments)]
+
+
 def _show_version(value: bool) -> None:
     if value:
         from . import __version__
@@ -62,9 +81,9 @@ def main_options(
     """Prune the visual tokens of vision-language models with ASAP, and measure what it saves."""
 
 
-app.command("run")(user_errors(run.run))
-app.command("compare")(user_errors(compare.compare))
-app.command("chat")(user_errors(chat.chat))
-app.command("flops")(user_errors(flops.flops_command))
-app.command("profile")(user_errors(profile.profile))
-app.command("eval")(user_errors(eval.eval_command))
+app.command("run", cls=_Command)(user_errors(run.run))
+app.command("compare", cls=_Command)(user_errors(compare.compare))
+app.command("chat", cls=_Command)(user_errors(chat.chat))
+app.command("flops", cls=_Command)(user_errors(flops.flops_command))
+app.command("profile", cls=_Command)(user_errors(profile.profile))
+app.command("eval", cls=_Command)(user_errors(eval.eval_command))

@@ -1,6 +1,7 @@
 """`asap run` end to end through the CLI on the tiny model: text, --json, and every user error."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -391,3 +392,11 @@ def test_help_lists_choices_and_the_methods_own_defaults():
     assert "--score-queries {last|text|all}" in text and "Default: last." in text
     assert "SG-BiMask's largest forward visibility, in (0, 1]. Default: 1.0." in text
     assert "--dtype {auto|bfloat16|float16|float32}" in text and "<str>" not in text
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "compare", "flops", "profile", "eval"])
+def test_help_names_values_not_python_types(command):
+    """No `<list[str]>`, `<path>` or `<int range>`: each argument and option by its metavar."""
+    text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).stdout
+    assert not re.findall(r"<[a-z][^>]*>", text), text
+    assert "[[" not in text.splitlines()[0]  # the usage line brackets an optional argument once

@@ -41,7 +41,7 @@ HELP = """Commands:
 @options.command
 def chat(
     image: Annotated[
-        Path | None, typer.Argument(metavar="[IMAGE]", help="An image for the first message.", show_default=False)
+        Path | None, typer.Argument(metavar="IMAGE", help="An image for the first message.", show_default=False)
     ] = None,
     *,
     where: options.Where,
