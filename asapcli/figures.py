@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
 DPI = 100
 MIN_SHORT_SIDE = 384  # pixels: a 96 px image is upscaled to this, nearest-neighbour (its patches stay sharp)
+# pixels: a large photo (or a long panorama) is drawn no longer than this, so that a figure's
+# size and memory stay those of a figure whatever the input (an 8000 px photo made 6 GB ones)
+MAX_LONG_SIDE = 1024
 
 DROPPED, ABSORBED = "dropped", "absorbed"  # a patch's state beside the kept roles
 # Okabe-Ito colours, told apart by colour-blind readers too.
@@ -167,19 +170,33 @@ def kept_title(model: str, method: str, k: int | None, layer: int | None, kept: 
 
 
 def _upscaled(image: Image.Image):
-    """The image as an RGB array, enlarged by a whole factor (nearest neighbour) to at least
-    MIN_SHORT_SIDE pixels on its short side, and that factor."""
+    """The image as an RGB array and the factor it was scaled by: enlarged by a whole factor
+    (nearest neighbour) to at least MIN_SHORT_SIDE pixels on its short side, no further than
+    MAX_LONG_SIDE on its long side; a larger image reduced to MAX_LONG_SIDE (the figure shows no
+    more, and matplotlib would hold every pixel of a photo several times over)."""
     import numpy as np
     from PIL import Image as PILImage
 
     image = image.convert("RGB")
-    factor = max(1, math.ceil(MIN_SHORT_SIDE / min(image.size)))
+    if max(image.size) > MAX_LONG_SIDE:
+        factor = MAX_LONG_SIDE / max(image.size)
+        size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+        return np.asarray(image.resize(size, PILImage.Resampling.BOX)), factor
+    factor = max(1, min(math.ceil(MIN_SHORT_SIDE / min(image.size)), MAX_LONG_SIDE // max(image.size)))
     if factor > 1:
         image = image.resize((image.width * factor, image.height * factor), PILImage.Resampling.NEAREST)
     return np.asarray(image), factor
 
 
-def _composite(pixels, factor: int, grid: GridView):
+def _panel_size(pixels, longest: int, short: int | None = None) -> tuple[int, int]:
+    """(width, height) in pixels at which to draw `pixels`: as they are, or smaller, so that the
+    short side is at most `short` and the long side at most `longest`."""
+    height, width = pixels.shape[:2]
+    scale = min(1.0, longest / max(width, height), (short or min(width, height)) / min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _composite(pixels, factor: float, grid: GridView):
     """The upscaled image with every patch that did not go on (dropped, merged away, or never
     seen by the tower) dimmed."""
     import numpy as np
@@ -199,7 +216,7 @@ def _composite(pixels, factor: int, grid: GridView):
     return np.where(lit[..., None], pixels, dimmed).astype(np.uint8)
 
 
-def _draw_grid(axes, pixels, factor: int, grid: GridView) -> None:
+def _draw_grid(axes, pixels, factor: float, grid: GridView) -> None:
     """One panel: the image with its patch grid, dimmed where tokens were lost, each kept patch
     outlined in its role's colour."""
     from matplotlib.collections import PatchCollection
@@ -286,7 +303,7 @@ def _legend(figure, entries: list[tuple[str, str, int | None]], columns: int) ->
 def draw_kept(image: Image.Image, view: KeptView) -> Figure:
     """The kept-tokens figure: one panel per grid (LLaVA-NeXT: the base image and the tiles)."""
     pixels, factor = _upscaled(image)
-    panel = (pixels.shape[1], pixels.shape[0])
+    panel = _panel_size(pixels, MAX_LONG_SIDE)
     named = len(view.grids) > 1
     width = len(view.grids) * (panel[0] + 12)
     title = textwrap.wrap(view.title, width // 8) + ([view.note] if view.note else [])  # ~7 px a character
@@ -314,8 +331,7 @@ def draw_comparison(image: Image.Image, columns: list[ComparedPanel], title: str
     """The paper's Fig. 2 layout: the original first, then one column per method, each with its
     answer under it; LLaVA-NeXT's base image and tiles as two rows."""
     pixels, factor = _upscaled(image)
-    scale = min(1.0, 300 / min(pixels.shape[:2]))  # panels side by side: a little smaller than alone
-    panel = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
+    panel = _panel_size(pixels, 400, short=300)  # panels side by side: a little smaller than alone
     rows = max(len(column.view.grids) for column in columns)
     legend = _merged_legend([column.view for column in columns])
     wrap = max(16, panel[0] // 7)

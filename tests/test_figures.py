@@ -340,3 +340,19 @@ def test_answering_refuses_to_draw_an_image_it_cannot_place(demo, monkeypatch):
     monkeypatch.setattr(patches, "_single_grid", lambda *args: None)
     with pytest.raises(UsageError, match="cannot tell where"):
         answering.answer(demo, PruneSettings("fastv", k=64), samples, max_tokens=1, draws_kept=True)
+
+
+@pytest.mark.parametrize("size", [(3000, 2000), (2000, 8), (8, 2000)])
+def test_a_large_or_long_image_makes_a_figure_of_a_figures_size(size, tmp_path):
+    """An 8000 px photo once made an 8000 px figure (6 GB to draw), a 4000 x 10 strip a
+    156,000 px one: the drawn image stops at figures.MAX_LONG_SIDE."""
+    source = tmp_path / "wide.png"
+    Image.new("RGB", size, (200, 40, 40)).save(source)
+    for command in (
+        ["run", source, "what colour?", "--save-kept", tmp_path / "kept.png"],
+        ["compare", source, "what colour?", "--methods", "fastv", "--out", tmp_path / "compare.png"],
+    ):
+        result = asap(*command)
+        assert result.exit_code == 0, result.output
+        with Image.open(command[-1]) as figure:
+            assert max(figure.size) <= 2 * figures.MAX_LONG_SIDE, figure.size
