@@ -129,7 +129,7 @@ def kept_view(loaded: Loaded, picture: Image.Image, answered: Answered) -> figur
     layout = patches.span_layout(loaded.processor, picture.size, end - start)
     result, record = answered.result, answered.record
     pruned = bool(result.kept_positions)
-    title = figures.kept_title(loaded.name, record.method, record.k, record.layer, result.kept_tokens, end - start)
+    title = figures.kept_title(loaded.label, record.method, record.k, record.layer, result.kept_tokens, end - start)
     return figures.kept_view(
         layout,
         [position - start for position in result.kept_positions[0]] if pruned else None,
@@ -180,6 +180,6 @@ def comparison_figure(loaded: Loaded, samples: Samples, answers: list[Answered])
         columns.append(figures.ComparedPanel(heading, kept_view(loaded, picture, answered), record.answer))
     layer = next((a.record.layer for a in answers if a.record.layer), None)
     before = list(dict.fromkeys(a.record.method for a in answers if a.record.layer == 0))
-    title = f"{loaded.name}: “{answers[0].prompt}”" + (f", L={layer}" if layer else "")
+    title = f"{loaded.label}: “{answers[0].prompt}”" + (f", L={layer}" if layer else "")
     title += f" ({' and '.join(before)}: before the language model)" if before else ""
     return figures.draw_comparison(picture, columns, title)

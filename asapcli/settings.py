@@ -66,9 +66,13 @@ class PruneSettings:
             raise UsageError(f"k must be at least 1, got {self.k}")
         if self.layer < 0 or (self.layer == 0 and not METHODS[self.method].before_llm):  # 0: what divprune, pool do
             raise UsageError(f"layer must be at least 1 (layers 0..L-1 see every token), got {self.layer}")
-        if num_layers is not None and self.layer > num_layers - 1:
+        method = METHODS[self.method]
+        prunes_after_layer = method.prunes and not method.before_llm  # the others never read L
+        if num_layers is not None and prunes_after_layer and self.layer > num_layers - 1:
+            none_left = "; a model of one decoder layer has none to prune after" if num_layers < 2 else ""
             raise UsageError(
-                f"layer must be in 1..{num_layers - 1} for this model ({num_layers} layers), got {self.layer}"
+                f"layer must be in 1..{num_layers - 1} for this model ({num_layers} decoder layers), "
+                f"got {self.layer}{none_left}"
             )
         check_hyperparameters(self.hyperparameters, [self.method])
 

@@ -288,6 +288,14 @@ def test_run_answers_with_random_weights(tiny_presets, image_file):
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
     assert answer["visual_tokens"] == 64 and answer["kept_tokens"] == 16
+    # run, compare and chat said nothing of it: every command that loads one says so now
+    assert "tiny-llava (random weights): its answers mean nothing" in result.stderr
+    result = asap("run", image_file, "what?", "-m", "tiny-llava", "--random-weights", "--layers", 1, "--max-tokens", 1)
+    assert result.exit_code == 2 and "(1 decoder layers), got 2; a model of one decoder layer has none" in result.stderr
+    vanilla = ["--method", "vanilla", "--max-tokens", 1]  # never reads the layer: runs on one layer
+    assert (
+        asap("run", image_file, "what?", "-m", "tiny-llava", "--random-weights", "--layers", 1, *vanilla).exit_code == 0
+    )
 
 
 @pytest.mark.parametrize(

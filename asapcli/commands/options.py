@@ -169,7 +169,7 @@ class Where:
         huggingface_hub.utils.enable_progress_bars()
 
         with display.status(f"Loading {self.model}"):
-            return load(
+            loaded = load(
                 self.model,
                 device=self.device,
                 dtype=self.dtype,
@@ -177,6 +177,9 @@ class Where:
                 random_weights=self.random_weights,
                 layers=self.layers,
             )
+        if loaded.random_weights:  # every command's output, whatever it prints later
+            display.note(f"{loaded.label}: its answers mean nothing; its costs are those of the real shape")
+        return loaded
 
 
 @dataclasses.dataclass
