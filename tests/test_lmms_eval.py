@@ -139,3 +139,16 @@ def test_lmms_eval_answers_each_question_as_asap_eval(tmp_path):
     assert [r["correct"] for r in expected if r["method"] == "asap"] != [
         r["correct"] for r in expected if r["method"] == "vanilla"
     ]
+
+
+@needs_lmms_eval
+def test_bad_model_args_on_the_command_line_are_one_error_line_before_lmms_eval_starts():
+    """lmms-eval printed its own 20-30 line traceback before asap's message, and exited 1."""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "asapcli.lmms_eval", "--model", "asap", "--model_args", "pretrained=demo,k=0",
+         "--tasks", "asap_demo", "--limit", "1"],
+        capture_output=True, text=True, env=environment, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == "Error: model_args: k needs a whole number of at least 1, got '0'\n"
