@@ -31,7 +31,7 @@ usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' 
 while [ $# -gt 0 ]; do
   case "$1" in
     --fetch-wheels) MODE=fetch; if [ $# -gt 1 ] && [ "${2#-}" = "$2" ]; then WHEELS=$2; shift; fi ;;
-    --wheels) WHEELS=${2:?--wheels takes a folder}; shift ;;
+    --wheels) [ $# -gt 1 ] || { echo "Error: --wheels takes a folder" >&2; exit 2; }; WHEELS=$2; shift ;;
     --skip) SKIP=${2:?--skip takes NAME,...}; shift ;;
     --out) OUT_DIR=${2:?--out takes a folder}; shift ;;
     --dry-run) MODE=dry-run ;;
@@ -127,6 +127,11 @@ EOF
 }
 
 check() {
+  # On a GPU lent for minutes, a missing wheel must stop the check before anything starts.
+  if ! "$PYTHON" scripts/wheel_list.py check "$WHEELS"; then
+    echo "Error: the wheels are not all in $WHEELS: run scripts/gpu-check.sh --fetch-wheels $WHEELS first (where pip reaches a registry)" >&2
+    return 1
+  fi
   mkdir -p "$OUT_DIR"
   local log=$OUT_DIR/gpu-check.log failed=0 step started
   : > "$log"

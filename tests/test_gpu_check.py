@@ -78,3 +78,13 @@ def test_the_wheel_check_reads_skipped_lines_and_refuses_two_versions(wheels):
     assert any("several wheels of numpy" in problem for problem in wheel_list.check(wheels))
     (wheels / "requirements.txt").write_text("\n".join(line for line in lines if line != pillow))
     assert f"{wheels}/requirements.txt lacks pillow, which asap needs" in wheel_list.check(wheels)
+
+
+def test_the_check_itself_stops_before_anything_when_wheels_are_missing(tmp_path):
+    """On a GPU lent for minutes: it once ran on and showed only 'install: exit 1'."""
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--wheels", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=CHECKOUT, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Error: the wheels are not all in" in result.stderr
+    assert not (tmp_path / "out").exists()
