@@ -153,7 +153,7 @@ class EvalRow:
     relative: float | None  # average over vanilla's
     questions: int
     accuracy_ci95: dict[str, list[float]]  # per question type: Wilson 95% interval [low, high]
-    average_ci95: list[float]  # 95% interval of the average (normal approximation over the types)
+    average_ci95: list[float]  # 95% interval of the average (the types' Wilson intervals combined)
 
 
 @dataclass(frozen=True)
