@@ -294,7 +294,8 @@ def test_the_accuracy_plot_labels_each_point_with_its_k_and_draws_vanilla_as_a_l
     assert [(low, high) for (_, low), (_, high) in bars.get_segments()] == pytest.approx([(80, 88), (84, 90)])
     vanilla = next(line for line in axes.get_lines() if line.get_label().startswith("vanilla"))
     assert list(vanilla.get_ydata()) == [98.0, 98.0]  # a horizontal line across the plot
-    assert sorted(text.get_text() for text in axes.texts) == ["k=128", "k=128", "k=64"]
+    labels = sorted((text.get_text(), text.xy) for text in axes.texts)  # one per budget, above its highest bar
+    assert labels == [("k=128", (pytest.approx(57.6), 99.0)), ("k=64", (pytest.approx(53.5), 88.0))]
     for ticks in (axes.get_xticks(), axes.get_yticks()):
         assert all(abs(t * 2 - round(t * 2)) < 1e-9 for t in ticks)  # round numbers, not 53.5 / 65.2 / 76.8
 
