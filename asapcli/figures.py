@@ -488,6 +488,9 @@ def draw_attention(view: AttentionView) -> Figure:
     spread = max(abs(v) for row in view.difference for v in row) or 1e-12
     image = axes[2].imshow(view.difference, cmap="RdBu_r", vmin=-spread, vmax=spread, interpolation="nearest")
     axes[2].set_title("SG-BiMask - causal", fontsize=10)
+    if spread < 1e-9:  # an empty panel would look like a failure: say why it is empty
+        axes[2].text(0.5, 0.5, "no difference: the scoring queries\nattend alike under both masks here",
+                     transform=axes[2].transAxes, ha="center", va="center", fontsize=8)  # fmt: skip
     figure.colorbar(image, ax=axes[2], shrink=0.85).ax.set_title("difference", fontsize=8)
     for ax in axes[:3]:
         ax.set_xlabel("patch column")

@@ -313,6 +313,16 @@ def test_the_attention_figure_names_the_layer_as_given_and_draws_the_maps():
     np.testing.assert_allclose(maps[2], view.difference)
     shift = figure.axes[4]
     assert [bar.get_width() for bar in shift.patches] == pytest.approx([0.1, -0.2])
+    assert not figure.axes[2].texts  # a difference to show: no note
+    same = figures.draw_attention(figures.AttentionView(title, causal, causal))  # --layer 1 with text queries
+    assert [text.get_text() for text in same.axes[2].texts] == [
+        "no difference: the scoring queries\nattend alike under both masks here"
+    ]
+
+
+def test_a_plot_of_vanilla_alone_is_refused():
+    result = asap("eval", "-n", 2, "--methods", "vanilla", "--plot", "accuracy.png")
+    assert result.exit_code == 2 and "name one in --methods beside vanilla" in result.stderr
 
 
 def test_eval_writes_both_plots_from_its_own_numbers(tmp_path, monkeypatch):

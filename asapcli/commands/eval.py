@@ -69,6 +69,8 @@ def eval_command(
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
     output = options.output_format(format_, json)
     methods, budgets = comparison.check()
+    if plot is not None and set(methods) <= {"vanilla"}:
+        raise UsageError("--plot draws accuracy against FLOPs of pruning methods; name one in --methods beside vanilla")
     if where.random_weights:
         raise UsageError(
             "--random-weights answers at chance: asap eval measures accuracy; time a shape with asap profile"
@@ -103,6 +105,10 @@ def eval_command(
         display.note(f"wrote {path}")
 
 
+def _has_regions(report) -> bool:
+    return any(row.region_accuracy for row in report.results)
+
+
 def _show(outcome: Outcome) -> None:
     """The table, what its columns mean and, when interrupted, how much of the run it covers."""
     report = outcome.report
@@ -111,8 +117,8 @@ def _show(outcome: Outcome) -> None:
     display.out.print(
         "All figures in %. FLOPs: paper Eq. 8, visual tokens only; accuracy: normalised exact match, greedy; avg: "
         "mean over question types (col, shape, exist, pos), ± half its 95% interval (each cell's in --json); rel: "
-        "avg / vanilla's; top/bot: questions about one object in that half of the "
-        "image.",
+        "avg / vanilla's"
+        + ("; top/bot: questions about one object in that half of the image." if _has_regions(report) else "."),
         markup=False,
         soft_wrap=True,
     )
