@@ -88,7 +88,7 @@ class EvalRun:
         answers = AnswerLog(self.log, items) if self.log is not None else None
         try:
             on_answer = answers.write if answers is not None else None
-            step = tasks(f"Answering {len(items)} questions under {len(runs)} settings", len(items) * len(runs))
+            step = tasks("Answers", len(items) * len(runs))  # questions x runs: what the count counts
             suffix = evaluation.default_prompt_suffix(loaded) if prompt_suffix is None else prompt_suffix
             evaluation.evaluate(
                 loaded, items, runs, max_tokens, batch, step, scores=scores, on_answer=on_answer, prompt_suffix=suffix

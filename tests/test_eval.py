@@ -136,18 +136,18 @@ def test_eval_never_writes_over_its_question_file(tmp_path):
     scenes.questions(7, 1)[0].scene.render().save(tmp_path / "scene.png")
     data.write_text('{"image": "scene.png", "question": "is there a red car?", "answer": "No."}\n')
     for option in ("--plot", "--log", "--attention-profile"):
-        result = asap("eval", "--data", data, "--methods", "vanilla", option, data)
+        result = asap("eval", "--data", data, "--methods", "vanilla,fastv", option, data)
         assert result.exit_code == 2 and "it is an input of this run" in result.stderr
-    result = asap("eval", "--data", data, "--methods", "vanilla", "--plot", tmp_path / "scene.png")
+    result = asap("eval", "--data", data, "--methods", "vanilla,fastv", "--plot", tmp_path / "scene.png")
     assert result.exit_code == 2 and "it is an input of this run" in result.stderr
     assert data.read_text().startswith('{"image": "scene.png"') and Image.open(tmp_path / "scene.png").format == "PNG"
     twice = tmp_path / "out.png"  # two outputs in one file: the second would replace the first
-    result = asap("eval", "--data", data, "--methods", "vanilla", "--plot", twice, "--log", twice)
+    result = asap("eval", "--data", data, "--methods", "vanilla,fastv", "--plot", twice, "--log", twice)
     assert result.exit_code == 2 and "must name different files" in result.stderr
 
 
 def test_an_output_that_cannot_be_written_fails_before_the_run(tmp_path):
-    result = asap("eval", "--n", 2, "--methods", "vanilla", "--plot", "/dev/full")
+    result = asap("eval", "--n", 2, "--methods", "vanilla,fastv", "--plot", "/dev/full")
     assert result.exit_code == 1 and result.stderr == "Error: cannot write /dev/full: not a regular file\n"
 
 
@@ -243,7 +243,7 @@ def test_eval_off_a_terminal_says_how_far_it_is(monkeypatch):
     result = asap("eval", "--n", 3, "--methods", "fastv", "-k", 64, "--json")
     assert result.exit_code == 0, result.output
     lines = [line.split(" (")[0] for line in result.stderr.splitlines()]
-    assert lines == ["Answering: 1/3", "Answering: 2/3", "Answering: 3/3"]
+    assert lines == ["Answers: 1/3", "Answers: 2/3", "Answers: 3/3"]
 
 
 def test_a_picture_is_written_in_the_format_its_name_says(image_file, tmp_path):
