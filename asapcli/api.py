@@ -157,6 +157,9 @@ def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruni
                 )
         cache = kwargs.get("past_key_values")
         cached = cache.get_seq_length() if cache is not None else 0
+        if cached and input_ids.shape[1] == 1:  # a decoding step: a token the model made, no image to find
+            decoder.plans = None  # (finding spans would cost a device sync per token)
+            return
         if cached and input_ids.shape[1] > 1 and pruning.prefills and METHODS[settings.method].before_llm:
             # Their cache is shorter than the sequence it holds: generate() would feed its image again.
             raise UsageError(

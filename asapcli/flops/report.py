@@ -118,14 +118,15 @@ class FlopsCount:
         settings.check()
         return settings
 
-    def measured(self, loaded: Loaded, settings: PruneSettings) -> FlopsCount:
-        """This count with fvcore's, vanilla and pruned, of the loaded model's language model."""
+    def measured(self, loaded: Loaded, settings: PruneSettings, vanilla=None) -> FlopsCount:
+        """This count with fvcore's, vanilla and pruned, of the loaded model's language model;
+        `vanilla`: fvcore's vanilla count already made (one budget of several), not traced again."""
         from .measured import count_flops  # fvcore only when asked for
 
         settings.check(loaded.num_layers)
         tokens = self.arch.visual_tokens
-        counted = {"vanilla": count_flops(loaded, tokens), "pruned": count_flops(loaded, tokens, settings)}
-        return replace(self, counted=counted)
+        vanilla = vanilla if vanilla is not None else count_flops(loaded, tokens)
+        return replace(self, counted={"vanilla": vanilla, "pruned": count_flops(loaded, tokens, settings)})
 
     def measured_by_stage(self) -> list[list[int]]:
         """fvcore's per-layer counts of the pruned forward, grouped by stage."""
