@@ -23,98 +23,15 @@ options made): a question asked with `asap run` and with this API is pruned the 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedModel
 
-from .engine import METHODS, PrunedDecoder, PruningPlan, UnsupportedModel, image_spans, install, uninstall
-from .errors import UsageError
-from .flops import token_flops
-from .plans import make_plan, token_counts
-from .settings import PruneSettings
+from .engine.block import ImageReport, Pruning, PruningReport, pruned_as
+from .engine.settings import PruneSettings
 
-
-@dataclass(frozen=True)
-class ImageReport:
-    """One image of one prompt: its tokens [start, end) and the positions kept, both counted in
-    the prompt's own tokens (a batch's padding left out); `kept` is None where nothing was pruned.
-    For each kept position, `roles` says why it was kept ("selected" by the method's criterion;
-    ASAP's merge "anchor" and "refilled" slot; pool's "pooled" cell) and `absorbed` the positions
-    whose states it took in (an anchor's merged tokens, a pooled cell's other patches)."""
-
-    row: int
-    start: int
-    end: int
-    kept: list[int] | None
-    roles: list[str] | None = None
-    absorbed: list[list[int]] | None = None
-
-
-@dataclass(frozen=True)
-class PruningReport:
-    method: str
-    k: int
-    layer: int  # L of the plans: 0 for methods that prune before the language model
-    images: list[ImageReport]
-    visual_tokens: int
-    kept_tokens: int
-    merged_tokens: int
-    flops_ratio: float  # Eq. 8 over every prompt the block prefilled: their FLOPs over those of keeping every token
-
-
-class Pruning:
-    """What the block pruned: the plan of every prefill that brought images."""
-
-    def __init__(self, model: PreTrainedModel, settings: PruneSettings):
-        self.model = model
-        self.settings = settings
-        self.prefills: list[tuple[list[PruningPlan], list[int]]] = []  # plans and each row's padding
-
-    def plans_for(self, input_ids: torch.Tensor, cached: int, padding: list[int]) -> list[PruningPlan]:
-        """One plan per row for a forward call over `input_ids` (B, n) after `cached` tokens."""
-        image_token = self.model.config.image_token_id
-        plans = [
-            make_plan(self.settings, [(start + cached, end + cached) for start, end in image_spans(row, image_token)])
-            for row in input_ids
-        ]
-        if any(plan.spans for plan in plans):
-            self.prefills.append((plans, padding))
-        return plans
-
-    @property
-    def plans(self) -> list[PruningPlan] | None:
-        """The plans (one per row) of the block's first forward call that brought images: the
-        prefill of a generate() call; None when no call did."""
-        return self.prefills[0][0] if self.prefills else None
-
-    def report(self) -> PruningReport:
-        text_config = self.model.config.get_text_config()
-        images, visual, kept, merged = [], 0, 0, 0
-        pruned_tflops = full_tflops = 0.0  # Eq. 7 of each prompt, summed (its v^2 term is per sequence)
-        for plans, padding in self.prefills:
-            for row, plan in enumerate(plans):
-                pruned = iter(zip(plan.kept, plan.roles, plan.absorbed))
-                for start, end in plan.spans:
-                    first = start - padding[row]
-                    if not plan.shrinks(start, end):
-                        images.append(ImageReport(row, first, end - padding[row], None))
-                        continue
-                    positions, roles, absorbed = next(pruned)
-                    sources = [[first + index for index in indices] for indices in absorbed]
-                    kept_positions = (positions - padding[row]).tolist()
-                    images.append(ImageReport(row, first, end - padding[row], kept_positions, roles, sources))
-                tokens, kept_tokens = token_counts(plan)
-                visual, kept, merged = visual + tokens, kept + kept_tokens, merged + plan.merged
-                if tokens:
-                    pruned_tflops += token_flops(text_config, tokens, kept_tokens, plan.layer)[0]
-                    full_tflops += token_flops(text_config, tokens, tokens, plan.layer)[0]
-        layer = (self.plans or [make_plan(self.settings, [])])[0].layer
-        ratio = pruned_tflops / full_tflops if full_tflops else 1.0
-        return PruningReport(self.settings.method, self.settings.k, layer, images, visual, kept, merged, ratio)
+__all__ = ["ImageReport", "Pruning", "PruningReport", "pruned", "pruned_as"]
 
 
 @contextmanager
@@ -127,58 +44,3 @@ def pruned(
     method does not take, or a value out of range, raises asapcli.errors.UsageError."""
     with pruned_as(model, PruneSettings(method, k, layer, seed, **options)) as block:
         yield block
-
-
-# Models inside a block now: a second block around the same calls would prune them twice.
-_OPEN: weakref.WeakSet = weakref.WeakSet()
-
-
-@contextmanager
-def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruning]:
-    """`pruned` with its arguments as one PruneSettings (what the CLI's options make)."""
-    settings.check(model.config.get_text_config().num_hidden_layers)
-    if getattr(model.config, "image_token_id", None) is None:
-        raise UnsupportedModel(f"{type(model).__name__} has no image_token_id in its config: asap prunes image tokens")
-    if model in _OPEN:
-        raise UsageError("this model is inside an asapcli.pruned block already; blocks do not nest")
-    was_installed = isinstance(model.get_decoder(), PrunedDecoder)
-    decoder = install(model)
-    pruning = Pruning(model, settings)
-
-    def before_forward(module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:  # embeddings given directly: no image tokens to find
-            decoder.plans = None
-            return
-        for output in ("output_hidden_states", "output_attentions"):
-            if kwargs.get(output) or getattr(model.config, output, False):
-                raise UsageError(
-                    f"{output} is not available inside an asapcli.pruned block (the pruned decoder runs its own layers)"
-                )
-        cache = kwargs.get("past_key_values")
-        cached = cache.get_seq_length() if cache is not None else 0
-        if cached and input_ids.shape[1] == 1:  # a decoding step: a token the model made, no image to find
-            decoder.plans = None  # (finding spans would cost a device sync per token)
-            return
-        if cached and input_ids.shape[1] > 1 and pruning.prefills and METHODS[settings.method].before_llm:
-            # Their cache is shorter than the sequence it holds: generate() would feed its image again.
-            raise UsageError(
-                f"{settings.method} prunes before the first layer, so a cache it pruned cannot be continued by a "
-                "later call; answer each prompt from the start (asap chat refuses these methods for the same reason)"
-            )
-        mask = kwargs.get("attention_mask")
-        padding = [0] * input_ids.shape[0] if mask is None else (mask[:, : cached + input_ids.shape[1]] == 0).sum(1)
-        decoder.plans = pruning.plans_for(input_ids, cached, [int(p) for p in padding])
-
-    _OPEN.add(model)
-    try:
-        with decoder.pruning(None):
-            hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
-            try:
-                yield pruning
-            finally:
-                hook.remove()
-    finally:
-        _OPEN.discard(model)
-        if not was_installed:
-            uninstall(model)

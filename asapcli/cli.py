@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from . import display
 from .commands import chat, compare, eval, flops, profile, run
 from .errors import UsageError, describe
+from .report import display
 
 app = typer.Typer(
     name="asap",

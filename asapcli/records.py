@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .presets import Architecture
+from .engine.schedule import Architecture
 
 if TYPE_CHECKING:
-    from .generation import GenerationResult
+    from .runtime.generation import GenerationResult
 
 
 @dataclass(frozen=True)

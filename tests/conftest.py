@@ -9,7 +9,7 @@ import tiny_models
 import torch
 from PIL import Image
 
-from asapcli import loading
+from asapcli.runtime import loading
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -57,7 +57,7 @@ def image_file(tmp_path, images):
 
 @pytest.fixture(scope="session", autouse=True)
 def checkpoints_read_once():
-    """Every CLI test loads its model through asapcli.loading.load, the real path; the weights
+    """Every CLI test loads its model through asapcli.runtime.loading.load, the real path; the weights
     of one unchanged folder are read from disk once per session and the model shared (load()
     still checks it and installs the engine, idempotently, each time). A folder whose files
     change is read again. transformers' own from_pretrained, which the reference models of the

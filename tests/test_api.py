@@ -11,12 +11,12 @@ from transformers import AutoModelForImageTextToText
 
 import asapcli
 from asapcli.engine import PrunedDecoder, UnsupportedModel, image_spans
+from asapcli.engine.plans import plan_for
+from asapcli.engine.schedule import token_flops
+from asapcli.engine.settings import PruneSettings
 from asapcli.errors import UsageError
-from asapcli.flops import token_flops
-from asapcli.inputs import build_batch_inputs, build_inputs, user_message
-from asapcli.loading import load
-from asapcli.plans import plan_for
-from asapcli.settings import PruneSettings
+from asapcli.runtime.inputs import build_batch_inputs, build_inputs, user_message
+from asapcli.runtime.loading import load
 
 
 def fresh(path):

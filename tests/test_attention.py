@@ -7,10 +7,10 @@ from transformers import AutoModelForImageTextToText
 
 from asapcli.engine import image_spans
 from asapcli.engine.attention import additive_mask, score_rows
-from asapcli.inputs import build_inputs, user_message
-from asapcli.loading import load
-from asapcli.plans import plan_for
-from asapcli.settings import PruneSettings
+from asapcli.engine.plans import plan_for
+from asapcli.engine.settings import PruneSettings
+from asapcli.runtime.inputs import build_inputs, user_message
+from asapcli.runtime.loading import load
 
 
 def test_additive_mask_rows_match_the_full_causal_mask():

@@ -4,11 +4,11 @@ own mask and positions; equal to the same samples run one by one."""
 import pytest
 import torch
 
-from asapcli.generation import to_device
-from asapcli.inputs import user_message
-from asapcli.loading import load
-from asapcli.plans import plan_for
-from asapcli.settings import PruneSettings
+from asapcli.engine.plans import plan_for
+from asapcli.engine.settings import PruneSettings
+from asapcli.runtime.generation import to_device
+from asapcli.runtime.inputs import user_message
+from asapcli.runtime.loading import load
 
 PROMPTS = ["what is it?", "where is the blue thing in this picture?"]  # different lengths: padding
 STEPS = 6

@@ -10,13 +10,13 @@ import torch
 from transformers import AutoModelForImageTextToText
 from typer.testing import CliRunner
 
-from asapcli.chat import ChatSession
 from asapcli.cli import app
 from asapcli.engine import METHODS, PruningPlan, image_spans, make_method
-from asapcli.generation import to_device
-from asapcli.inputs import build_inputs, user_message
-from asapcli.loading import load
-from asapcli.settings import PruneSettings
+from asapcli.engine.settings import PruneSettings
+from asapcli.runtime.chat import ChatSession
+from asapcli.runtime.generation import to_device
+from asapcli.runtime.inputs import build_inputs, user_message
+from asapcli.runtime.loading import load
 
 runner = CliRunner()
 K, LAYER, VISUAL = 16, 2, 64  # the tiny LLaVA makes 64 visual tokens per image
@@ -285,18 +285,18 @@ def test_pruning_into_a_cache_no_earlier_prefill_pruned_through_the_cli(method, 
 def test_any_failing_turn_keeps_the_session(llava_path, image_file, tmp_path, monkeypatch):
     from PIL import Image
 
-    import asapcli.chat
+    import asapcli.runtime.chat
 
     Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # big.png is a decompression bomb now
-    build_inputs = asapcli.chat.build_inputs
+    build_inputs = asapcli.runtime.chat.build_inputs
 
     def failing_build_inputs(processor, messages, images):
         if "boom" in str(messages[-1]):
             raise RuntimeError("something no one foresaw")
         return build_inputs(processor, messages, images)
 
-    monkeypatch.setattr(asapcli.chat, "build_inputs", failing_build_inputs)
+    monkeypatch.setattr(asapcli.runtime.chat, "build_inputs", failing_build_inputs)
     transcript = (
         "hi\n<image> hi\n/k \N{SUPERSCRIPT TWO}\n".encode()
         + b"what \xff is it?\n"

@@ -279,7 +279,7 @@ def test_an_unreachable_hub_is_one_error_line_at_once(image_file, monkeypatch):
     """No retries for minutes: the hub is probed once (a name that does not resolve here)."""
     import huggingface_hub
 
-    from asapcli import loading
+    from asapcli.runtime import loading
 
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
@@ -327,7 +327,7 @@ def test_ctrl_c_while_the_model_loads_is_one_line_and_130(image_file, monkeypatc
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("asapcli.loading.load", interrupted)
+    monkeypatch.setattr("asapcli.runtime.loading.load", interrupted)
     result = asap("run", image_file, "what colour?")
     assert result.exit_code == 130 and result.stderr == "Error: interrupted\n"
 

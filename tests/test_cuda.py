@@ -15,12 +15,12 @@ from transformers import AutoModelForImageTextToText
 from typer.testing import CliRunner
 
 from asapcli.cli import app
-from asapcli.generation import generate, to_device
-from asapcli.inputs import build_inputs, load_image, user_message
-from asapcli.loading import load
-from asapcli.plans import plan_for
-from asapcli.presets import get_preset
-from asapcli.settings import PruneSettings
+from asapcli.engine.plans import plan_for
+from asapcli.engine.settings import PruneSettings
+from asapcli.runtime.generation import generate, to_device
+from asapcli.runtime.inputs import build_inputs, load_image, user_message
+from asapcli.runtime.loading import load
+from asapcli.runtime.presets import get_preset
 
 pytestmark = pytest.mark.cuda
 CAR = Path(__file__).parent.parent / "examples" / "car.png"

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from asapcli.cli import app
 from asapcli.demo.examples import EXAMPLES, QUESTIONS
-from asapcli.loading import load
-from asapcli.presets import get_preset
+from asapcli.runtime.loading import load
+from asapcli.runtime.presets import get_preset
 
 REPO = Path(__file__).parent.parent
 runner = CliRunner()

@@ -3,7 +3,7 @@
 import sys
 
 from asapcli.demo import scenes, train
-from asapcli.random_model import build_llava
+from asapcli.runtime.random_model import build_llava
 
 
 def test_labels_cover_every_answer_and_its_end_only():

@@ -8,12 +8,12 @@ import torch
 from transformers import AutoModelForImageTextToText, DynamicCache
 
 from asapcli.engine import METHODS, image_spans
+from asapcli.engine.plans import plan_for
+from asapcli.engine.settings import PruneSettings
 from asapcli.errors import UsageError
-from asapcli.generation import generate
-from asapcli.inputs import build_inputs, load_image, user_message
-from asapcli.loading import load
-from asapcli.plans import plan_for
-from asapcli.settings import PruneSettings
+from asapcli.runtime.generation import generate
+from asapcli.runtime.inputs import build_inputs, load_image, user_message
+from asapcli.runtime.loading import load
 
 FAMILIES = ["llava", "llava-next"]
 CAR = Path(__file__).parent.parent / "examples" / "car.png"
@@ -276,7 +276,7 @@ def test_divprune_equals_the_model_fed_only_the_kept_features(loaded, images):
 def test_timings_say_what_they_include(model_paths, images, monkeypatch):
     lvlm = load(str(model_paths["llava"]), device="cpu")  # a fresh load: no generation yet
     synchronized = []
-    monkeypatch.setattr("asapcli.streaming.synchronize", synchronized.append)
+    monkeypatch.setattr("asapcli.runtime.streaming.synchronize", synchronized.append)
     monkeypatch.setattr(lvlm.model.generation_config, "eos_token_id", None)  # answers run to max_tokens
     inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
     settings = PruneSettings(method="asap", k=8)

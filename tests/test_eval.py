@@ -7,10 +7,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from asapcli import evaluation, figures
 from asapcli.cli import app
 from asapcli.demo import scenes
-from asapcli.settings import PruneSettings
+from asapcli.engine.settings import PruneSettings
+from asapcli.measure import evaluation
+from asapcli.report import figures
 
 runner = CliRunner()
 
@@ -239,7 +240,7 @@ def test_a_method_named_twice_runs_once_and_a_byte_order_mark_is_fine(tmp_path):
 
 def test_eval_off_a_terminal_says_how_far_it_is(monkeypatch):
     """A pipe or a CI log gets plain progress lines on stderr, never minutes of silence."""
-    monkeypatch.setattr("asapcli.display.PLAIN_PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr("asapcli.report.display.PLAIN_PROGRESS_SECONDS", 0.0)
     result = asap("eval", "--n", 3, "--methods", "fastv", "-k", 64, "--json")
     assert result.exit_code == 0, result.output
     lines = [line.split(" (")[0] for line in result.stderr.splitlines()]
@@ -256,7 +257,7 @@ def test_a_picture_is_written_in_the_format_its_name_says(image_file, tmp_path):
 
 
 def test_every_cell_has_a_95_percent_interval():
-    from asapcli.evaluation import wilson
+    from asapcli.measure.evaluation import wilson
 
     # Wilson's interval, by hand: centre (p + z^2/2n) / (1 + z^2/n), half-width as in its formula.
     assert wilson(0, 10) == pytest.approx([0.0, 0.27753], abs=1e-5)
@@ -305,7 +306,7 @@ def test_questions_to_a_real_model_ask_for_a_short_answer(tmp_path, llava_path, 
 
 
 def test_the_table_reads_at_80_columns(monkeypatch):
-    from asapcli import display
+    from asapcli.report import display
 
     monkeypatch.setattr(display.out, "width", 80)
     result = asap("eval", "-n", 4, "--methods", "vanilla,asap-bimask-only,asap", "-k", 128)

@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 
 from asapcli.cli import app
 from asapcli.engine import PrunedDecoder, UnsupportedModel, check_supported, image_spans, install
-from asapcli.generation import generate
-from asapcli.loading import Loaded, prepare
-from asapcli.plans import plan_for
-from asapcli.settings import PruneSettings
+from asapcli.engine.plans import plan_for
+from asapcli.engine.settings import PruneSettings
+from asapcli.runtime.generation import generate
+from asapcli.runtime.loading import Loaded, prepare
 
 BUILDERS = {
     "qwen2.5-vl": (tiny_models.build_qwen2_5_vl, tiny_models.qwen_inputs),

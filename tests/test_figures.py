@@ -16,18 +16,20 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from typer.testing import CliRunner
 
 import asapcli
-from asapcli import answering, figures, patches
 from asapcli.cli import app
+from asapcli.commands import answering
 from asapcli.engine import image_spans
 from asapcli.engine.methods import ANCHOR, KEPT, POOLED, REFILLED, SELECTED, SpanView
 from asapcli.engine.methods.pool import Pool
+from asapcli.engine.plans import plan_for
+from asapcli.engine.settings import PruneSettings
 from asapcli.errors import UsageError
-from asapcli.inputs import build_inputs, load_image, user_message
-from asapcli.loading import load
-from asapcli.plans import plan_for
-from asapcli.presets import find_preset
 from asapcli.records import EvalRow
-from asapcli.settings import PruneSettings
+from asapcli.report import figures
+from asapcli.runtime import patch_layout
+from asapcli.runtime.inputs import build_inputs, load_image, user_message
+from asapcli.runtime.loading import load
+from asapcli.runtime.presets import find_preset
 
 runner = CliRunner()
 CAR = Path(__file__).resolve().parent.parent / "examples" / "car.png"
@@ -116,7 +118,7 @@ def test_the_python_api_reports_each_kept_tokens_role(llava_path, images):
 
 
 def test_a_fixed_grid_lies_over_what_the_centre_crop_keeps(demo):
-    layout = patches.span_layout(demo.processor, (120, 96), 576)  # CLIP keeps the middle 96 x 96
+    layout = patch_layout.span_layout(demo.processor, (120, 96), 576)  # CLIP keeps the middle 96 x 96
     (grid,) = layout.grids
     assert (grid.rows, grid.cols, grid.box) == (24, 24, (12.0, 0.0, 108.0, 96.0))
     assert grid.patch_box(0, 0) == (12.0, 0.0, 16.0, 4.0) and layout.locate(25) == (0, 1, 1)
@@ -127,7 +129,7 @@ def test_llava_next_base_image_and_tiles_count_as_the_processor_does(llava_next_
     processor = AutoProcessor.from_pretrained(llava_next_path)
     inputs = processor(images=[Image.new("RGB", size)], text="<image> hi", return_tensors="pt")
     ((start, end),) = image_spans(inputs["input_ids"][0], processor.image_token_id)
-    layout = patches.span_layout(processor, size, end - start)  # refuses a count it does not reach
+    layout = patch_layout.span_layout(processor, size, end - start)  # refuses a count it does not reach
     base, tiles = layout.grids
     assert (base.first, base.rows * base.cols, base.box) == (0, 16, (0, 0, *size))
     assert tiles.first == 16 and tiles.stride == tiles.cols + 1  # a newline slot ends each row
@@ -146,14 +148,14 @@ def test_what_the_tower_never_sees_is_dimmed_what_it_kept_is_not():
 
 def test_tokens_laid_out_otherwise_are_refused(demo):
     with pytest.raises(UsageError, match="cannot tell where the image's 70 tokens sit"):
-        patches.span_layout(demo.processor, (96, 96), 70)
+        patch_layout.span_layout(demo.processor, (96, 96), 70)
 
 
 # ---- the kept-tokens figure ----------------------------------------------------------------
 
 
-def small_layout() -> patches.SpanLayout:
-    return patches.SpanLayout(16, [patches.PatchGrid("image", 0, 4, 4, 4, (0.0, 0.0, 8.0, 8.0))])
+def small_layout() -> patch_layout.SpanLayout:
+    return patch_layout.SpanLayout(16, [patch_layout.PatchGrid("image", 0, 4, 4, 4, (0.0, 0.0, 8.0, 8.0))])
 
 
 def test_each_patch_is_drawn_in_its_tokens_role_and_the_legend_counts_them():
@@ -349,7 +351,7 @@ def test_eval_writes_both_plots_from_its_own_numbers(tmp_path, monkeypatch):
 
 def test_answering_refuses_to_draw_an_image_it_cannot_place(demo, monkeypatch):
     samples = answering.Samples([(CAR, QUESTION)], {CAR: load_image(CAR)})
-    monkeypatch.setattr(patches, "_single_grid", lambda *args: None)
+    monkeypatch.setattr(patch_layout, "_single_grid", lambda *args: None)
     with pytest.raises(UsageError, match="cannot tell where"):
         answering.answer(demo, PruneSettings("fastv", k=64), samples, max_tokens=1, draws_kept=True)
 

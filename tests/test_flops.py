@@ -5,8 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from asapcli import flops
 from asapcli.cli import app
+from asapcli.engine import schedule as flops
 from asapcli.errors import UsageError
 
 runner = CliRunner()
@@ -145,9 +145,9 @@ def test_flops_errors(args, message):
 
 @pytest.mark.parametrize("method", ["vanilla", "fastv", "asap"])
 def test_fvcore_counts_eq_7_exactly_on_the_tiny_model(llava_path, method):
-    from asapcli.flops.measured import count_flops
-    from asapcli.loading import load
-    from asapcli.settings import PruneSettings
+    from asapcli.engine.settings import PruneSettings
+    from asapcli.measure.measured_flops import count_flops
+    from asapcli.runtime.loading import load
 
     loaded = load(str(llava_path), device="cpu")
     k, layer = 16, 2

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from asapcli.cli import app
-from asapcli.display import flat
+from asapcli.report.display import flat
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from asapcli.errors import AsapError
-from asapcli.inputs import expand_images, load_image
+from asapcli.runtime.inputs import expand_images, load_image
 
 RED, BLUE = (200, 30, 30), (30, 30, 200)
 

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from asapcli.cli import app
 from asapcli.errors import UsageError
-from asapcli.evaluation import read_items, synthetic_items
 from asapcli.lmms_eval import TASKS, demo_task
 from asapcli.lmms_eval.arguments import ModelArgs
-from asapcli.loading import load
+from asapcli.measure.evaluation import read_items, synthetic_items
+from asapcli.runtime.loading import load
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = TASKS / "asap_demo" / demo_task.QUESTION_FILE

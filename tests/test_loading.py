@@ -11,11 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from asapcli.cli import app
-from asapcli.generation import generate
-from asapcli.inputs import build_inputs, load_image, user_message
-from asapcli.loading import load
-from asapcli.plans import plan_for
-from asapcli.settings import PruneSettings
+from asapcli.engine.plans import plan_for
+from asapcli.engine.settings import PruneSettings
+from asapcli.runtime.generation import generate
+from asapcli.runtime.inputs import build_inputs, load_image, user_message
+from asapcli.runtime.loading import load
 
 CAR = Path(__file__).parent.parent / "examples" / "car.png"
 runner = CliRunner()
@@ -74,7 +74,7 @@ def test_device_map_usage_errors(extra, message):
 
 PEAK_SCRIPT = """
 import resource, torch, transformers
-from asapcli.loading import load
+from asapcli.runtime.loading import load
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 lvlm = load("bench", device="cpu", dtype="bfloat16")
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024

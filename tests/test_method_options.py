@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from asapcli.cli import app
 from asapcli.commands import options
 from asapcli.engine import HYPERPARAMETERS, METHODS
+from asapcli.engine.settings import PruneSettings
 from asapcli.errors import UsageError
-from asapcli.settings import PruneSettings
 
 
 def asap(*args):
@@ -71,8 +71,8 @@ def test_a_comparison_gives_each_method_the_options_it_takes():
 
 
 def test_an_option_one_method_takes_says_so_in_the_singular():
+    from asapcli.engine.settings import PruneSettings
     from asapcli.errors import UsageError
-    from asapcli.settings import PruneSettings
 
     with pytest.raises(UsageError, match=r"; asap takes it$"):
         PruneSettings("fastv", merge_threshold=0.5).check()

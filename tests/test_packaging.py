@@ -14,7 +14,7 @@ def test_presets_are_found_from_a_checkout_with_no_installed_mapping():
     asapcli.profiles: the state of a checkout next to a non-editable install."""
     script = (
         f"import sys; sys.path.insert(0, {str(CHECKOUT)!r}); "
-        "from asapcli.presets import find_preset, preset_names; "
+        "from asapcli.runtime.presets import find_preset, preset_names; "
         "print(','.join(preset_names())); print(find_preset('demo').bundled_path())"
     )
     result = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, check=False)
@@ -27,7 +27,7 @@ def test_presets_are_found_from_a_checkout_with_no_installed_mapping():
 def test_every_package_of_the_source_is_in_the_distribution():
     """pyproject lists the packages by name (profiles/ is mapped into asapcli): a new subpackage
     left off the list works in an editable install and is missing from a built one, as
-    asapcli.flops once was."""
+    asapcli.engine.schedule once was."""
     listed = set(tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {
         ".".join(init.parent.relative_to(CHECKOUT).parts) for init in (CHECKOUT / "asapcli").rglob("__init__.py")

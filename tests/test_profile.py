@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from asapcli import display
 from asapcli.cli import app
 from asapcli.engine import METHODS
-from asapcli.inputs import build_batch_inputs, build_inputs, pattern_image, user_message
-from asapcli.loading import load
-from asapcli.profiling import kv_cache_bytes, peak_memory, prefill
-from asapcli.settings import PruneSettings
+from asapcli.engine.settings import PruneSettings
+from asapcli.measure.profiling import kv_cache_bytes, peak_memory, prefill
+from asapcli.report import display
+from asapcli.runtime.inputs import build_batch_inputs, build_inputs, pattern_image, user_message
+from asapcli.runtime.loading import load
 
 runner = CliRunner()
 FAST = ["--repeats", "1", "--warmup", "0", "--decode-tokens", "2"]

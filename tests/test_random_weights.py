@@ -14,15 +14,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText
 from typer.testing import CliRunner
 
-from asapcli import presets
 from asapcli.cli import app
 from asapcli.engine import image_spans
-from asapcli.inputs import build_inputs, pattern_image, user_message
-from asapcli.loading import load
-from asapcli.random_model import made_in, random_config
+from asapcli.runtime import presets
+from asapcli.runtime.inputs import build_inputs, pattern_image, user_message
+from asapcli.runtime.loading import load
+from asapcli.runtime.random_model import made_in, random_config
 
 runner = CliRunner()
-PROFILES = Path(presets.__file__).resolve().parent.parent / "profiles"
+PROFILES = Path(presets.__file__).resolve().parents[2] / "profiles"
 
 # LLaVA-1.5 and LLaVA-NeXT in miniature, written as the real presets are: a hub id (so that
 # --random-weights is asked for), [architecture] and the checkpoint's [config].
@@ -377,7 +377,7 @@ def test_each_presets_pattern_makes_its_visual_tokens(name):
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from asapcli.random_model import char_tokenizer, family_processor
+    from asapcli.runtime.random_model import char_tokenizer, family_processor
 
     preset = presets.get_preset(name)
     config, tokenizer = random_config(preset.config)

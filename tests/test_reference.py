@@ -18,11 +18,11 @@ import torch
 from reference_asap import ReferenceLM
 from transformers import AutoModelForImageTextToText
 
-from asapcli.inputs import build_inputs, load_image, user_message
-from asapcli.loading import load
-from asapcli.plans import plan_for
-from asapcli.presets import find_preset
-from asapcli.settings import PruneSettings
+from asapcli.engine.plans import plan_for
+from asapcli.engine.settings import PruneSettings
+from asapcli.runtime.inputs import build_inputs, load_image, user_message
+from asapcli.runtime.loading import load
+from asapcli.runtime.presets import find_preset
 
 QUESTION = "what colour is the car?"
 CAR = Path(__file__).resolve().parent.parent / "examples" / "car.png"

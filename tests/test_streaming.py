@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer
 
-from asapcli.streaming import TextStream
+from asapcli.runtime.streaming import TextStream
 
 
 class CountingTokenizer:
@@ -41,7 +41,7 @@ def test_streamed_pieces_add_up_to_the_whole_answer():
     from pathlib import Path
 
     import asapcli
-    from asapcli.random_model import char_tokenizer
+    from asapcli.runtime.random_model import char_tokenizer
 
     demo = AutoTokenizer.from_pretrained(Path(asapcli.__file__).parent / "demo" / "model")
     for tokenizer in (demo, char_tokenizer()):

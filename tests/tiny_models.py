@@ -22,7 +22,14 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from asapcli.random_model import LlavaShape, char_tokenizer, processor_kwargs, save_llava, text_config, vision_config
+from asapcli.runtime.random_model import (
+    LlavaShape,
+    char_tokenizer,
+    processor_kwargs,
+    save_llava,
+    text_config,
+    vision_config,
+)
 
 # LLaVA-1.5 in miniature: 32 px images, 4 px patches -> 8 x 8 = 64 visual tokens; GQA (4 query
 # heads, 2 key/value heads) so that the key-head repetition is exercised.

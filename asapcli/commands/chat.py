@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .. import display
 from ..errors import UsageError, describe, whole_number
 from ..records import ChatStats
+from ..report import display
 from . import options
 
 if TYPE_CHECKING:
-    from ..chat import ChatSession
+    from ..runtime.chat import ChatSession
 
 HELP = """Commands:
   /image PATH   add an image to your next message (pruned to k tokens in its own prefill)
@@ -52,8 +52,8 @@ def chat(
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
     pruning.settings(seed=sampling.seed)
     # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
-    from ..chat import ChatSession
-    from ..inputs import load_image
+    from ..runtime.chat import ChatSession
+    from ..runtime.inputs import load_image
 
     first_image = load_image(image) if image is not None else None  # a bad image fails before the long load
     loaded = where.load()
@@ -186,7 +186,7 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
         if len(argument) > 1 and argument[0] == argument[-1] and argument[0] in "'\"":
             argument = argument[1:-1]
         path = Path(argument)
-        from ..inputs import load_image
+        from ..runtime.inputs import load_image
 
         session.add_image(path.name, load_image(path))
         display.note(f"{path.name} will go with your next message.")

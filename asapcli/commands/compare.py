@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .. import display
+from ..report import display
 from . import options
 
 OUT_HELP = (
@@ -34,8 +34,9 @@ def compare(
     json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Answer PROMPT about IMAGE unpruned and under each method; print the answers and draw what each kept."""
-    from .. import answering, figures
     from ..records import CompareReport
+    from ..report import figures
+    from . import answering
     from .run import _read_stdin
 
     methods, budgets = comparison.check()

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from .. import display
 from ..errors import UsageError
 from ..records import EvalRow
+from ..report import display
 from . import options
 
 if TYPE_CHECKING:
-    from ..eval_run import Outcome
+    from .eval_run import Outcome
 
 DATA_HELP = (
     'JSONL of {"image": path, "question": str, "answer": str} (optional "type"), images relative '
@@ -76,7 +76,7 @@ def eval_command(
             "--random-weights answers at chance: asap eval measures accuracy; time a shape with asap profile"
         )
     # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
-    from ..eval_run import EvalRun
+    from .eval_run import EvalRun
 
     run = EvalRun.prepare(data, n, plot, attention_profile, log)
 

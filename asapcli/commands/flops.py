@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import display
-from ..flops.report import FlopsCount
-from ..presets import built_from_numbers
+from ..measure.flops import FlopsCount
+from ..report import display
+from ..runtime.presets import built_from_numbers
 from . import options
 
 LAYER_HELP = "Prune after layer L-1; 0 prunes before the first layer."

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .. import display
 from ..engine import HYPERPARAMETERS, METHODS
+from ..engine.settings import PruneSettings, budget_and_layer, check_hyperparameters, check_methods
 from ..errors import UsageError, ascii_digits
-from ..presets import Preset
-from ..settings import PruneSettings, budget_and_layer, check_hyperparameters, check_methods
+from ..report import display
+from ..runtime.presets import Preset
 
 if TYPE_CHECKING:
-    from ..loading import Loaded
+    from ..runtime.loading import Loaded
 
 DEFAULT_MODEL = "demo"  # bundled with the package: every command runs offline on a fresh machine
 
@@ -158,7 +158,7 @@ class Where:
         import torch
         from transformers.utils import logging as transformers_logging
 
-        from ..loading import load
+        from ..runtime.loading import load
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)

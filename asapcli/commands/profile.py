@@ -10,9 +10,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import display
-from ..presets import model_label
 from ..records import ProfileRow
+from ..report import display
+from ..runtime.presets import model_label
 from . import options
 
 IMAGE_HELP = "The image. Default: a built-in test pattern (what it shows does not change the cost)."
@@ -43,8 +43,8 @@ def profile(
     # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
     import torch
 
-    from .. import profiling
-    from ..inputs import check_prompt, load_image, pattern_image
+    from ..measure import profiling
+    from ..runtime.inputs import check_prompt, load_image, pattern_image
 
     output = options.output_format(format_, json)
     methods, budgets = comparison.check()

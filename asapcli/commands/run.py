@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .. import display
+from ..engine.settings import PruneSettings
 from ..errors import UsageError
-from ..settings import PruneSettings
+from ..report import display
 from . import options
 
 if TYPE_CHECKING:
-    from ..answering import Answered
+    from .answering import Answered
 
 ARGUMENTS_HELP = (
     "Image files (or a quoted glob), then the question ('-' reads it from stdin). With --prompt, all are images."
@@ -48,7 +48,8 @@ def run(
     Several images (or prompts) run as one padded batch: each sample keeps its own k tokens.
     """
     # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
-    from .. import answering, figures
+    from ..report import figures
+    from . import answering
 
     samples = answering.read_samples(arguments, more_images or [], prompts or [], _read_stdin)
     if save_kept is not None:

@@ -32,7 +32,7 @@ from tokenizers import decoders, normalizers, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from ..random_model import LlavaShape, build_llava, word_level_tokenizer
+from ..runtime.random_model import LlavaShape, build_llava, word_level_tokenizer
 from . import scenes
 
 SHAPE = LlavaShape(

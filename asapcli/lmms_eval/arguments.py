@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..engine import HYPERPARAMETERS
+from ..engine.settings import PruneSettings, budget_and_layer, check_hyperparameters, check_methods
 from ..errors import UsageError, whole_number
-from ..settings import PruneSettings, budget_and_layer, check_hyperparameters, check_methods
 
 if TYPE_CHECKING:
-    from ..loading import Loaded
+    from ..runtime.loading import Loaded
 
 WHERE = ("device", "dtype", "device_map")
 

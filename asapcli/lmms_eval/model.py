@@ -21,11 +21,11 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from ..api import pruned_as
+from ..engine.block import pruned_as
 from ..errors import AsapError, UsageError
-from ..generation import to_device
-from ..inputs import build_batch_inputs
-from ..loading import load
+from ..runtime.generation import to_device
+from ..runtime.inputs import build_batch_inputs
+from ..runtime.loading import load
 from .arguments import ModelArgs, whole
 
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from asapcli.inputs import load_image
+from asapcli.runtime.inputs import load_image
 
 HERE = Path(__file__).resolve().parent
 

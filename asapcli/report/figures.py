@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .engine.methods.base import ANCHOR, KEPT, POOLED, REFILLED, SELECTED
-from .errors import AsapError, UsageError
-from .patches import Box, SpanLayout
+from ..engine.methods.base import ANCHOR, KEPT, POOLED, REFILLED, SELECTED
+from ..errors import AsapError, UsageError
+from ..runtime.patch_layout import Box, SpanLayout
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import patches
-from .demo import scenes
-from .errors import AsapError, UsageError
-from .generation import generate_batch, to_device
-from .inputs import build_batch_inputs, check_text, load_image
-from .loading import Loaded
-from .plans import plan_for
-from .records import EvalRow, LoggedAnswer
-from .settings import PruneSettings
+from ..demo import scenes
+from ..engine.plans import plan_for
+from ..engine.settings import PruneSettings
+from ..errors import AsapError, UsageError
+from ..records import EvalRow, LoggedAnswer
+from ..runtime import patch_layout
+from ..runtime.generation import generate_batch, to_device
+from ..runtime.inputs import build_batch_inputs, check_text, load_image
+from ..runtime.loading import Loaded
 
 ALL = "all"  # the question type of items that name none
 
@@ -306,6 +306,6 @@ def patch_attention(
 
 def _on_grid(loaded: Loaded, picture: Image.Image, importance: torch.Tensor) -> torch.Tensor:
     """The attention of one span's tokens laid on its first patch grid (rows, cols)."""
-    grid = patches.span_layout(loaded.processor, picture.size, importance.numel()).grids[0]
+    grid = patch_layout.span_layout(loaded.processor, picture.size, importance.numel()).grids[0]
     index = torch.tensor([[grid.index(r, c) for c in range(grid.cols)] for r in range(grid.rows)])
     return importance.float().cpu()[index]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .engine import HYPERPARAMETERS, METHODS, make_method
-from .errors import UsageError
+from ..errors import UsageError
+from . import HYPERPARAMETERS, METHODS, make_method
 
 if TYPE_CHECKING:
-    from .presets import Preset
+    from ..runtime.presets import Preset
 
 
 class PruneSettings:

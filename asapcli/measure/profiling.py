@@ -24,15 +24,15 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
-from . import flops
-from .api import pruned_as
-from .generation import to_device
-from .inputs import build_batch_inputs
-from .loading import Loaded
-from .plans import token_counts
-from .presets import built_from_numbers
-from .records import ProfileRow
-from .settings import PruneSettings
+from ..engine import schedule
+from ..engine.block import pruned_as
+from ..engine.plans import token_counts
+from ..engine.settings import PruneSettings
+from ..records import ProfileRow
+from ..runtime.generation import kv_cache_bytes, to_device
+from ..runtime.inputs import build_batch_inputs
+from ..runtime.loading import Loaded
+from ..runtime.presets import built_from_numbers
 
 T = TypeVar("T")
 
@@ -61,16 +61,6 @@ class Measurement:
     def images_per_second(self) -> float:
         """Prefill throughput: samples (one image each) prefilled per second."""
         return self.batch / self.prefill_median
-
-
-def kv_cache_bytes(cache: DynamicCache) -> int:
-    """Bytes held by the key and value tensors of every layer of the cache."""
-    return sum(
-        tensor.numel() * tensor.element_size()
-        for layer in cache.layers
-        for tensor in (layer.keys, layer.values)
-        if tensor is not None
-    )
 
 
 def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
@@ -188,8 +178,8 @@ def _costs(
 
     batch, prompt = inputs["input_ids"].shape
     visual, kept = token_counts(plan)
-    tflops, ratio = flops.token_flops(loaded.text_config, visual, kept, plan.layer)
-    _, prompt_ratio = flops.token_flops(loaded.text_config, prompt, prompt - (visual - kept), plan.layer)
+    tflops, ratio = schedule.token_flops(loaded.text_config, visual, kept, plan.layer)
+    _, prompt_ratio = schedule.token_flops(loaded.text_config, prompt, prompt - (visual - kept), plan.layer)
     return Measurement(
         method=settings.method,
         k=settings.k if plan.method.prunes else None,
@@ -284,7 +274,7 @@ def conditions(loaded: Loaded, layer: int, prompt_tokens: int, repeats: int, war
 
 def how_measured(row: ProfileRow, methods: list[str], batch: int, gpu_name: str | None) -> list[str]:
     """The lines under a table of measurements that say what each figure is and how it was got."""
-    from .engine import METHODS
+    from ..engine import METHODS
 
     early = [name for name in methods if METHODS[name].before_llm]
     on_gpu = gpu_name is not None

@@ -19,17 +19,8 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
-from .errors import AsapError, UsageError, first_line
-
-
-@dataclass(frozen=True)
-class Architecture:
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    visual_tokens: int
+from ..engine.schedule import Architecture
+from ..errors import AsapError, UsageError, first_line
 
 
 @dataclass(frozen=True)
@@ -56,7 +47,7 @@ def _profiles():
     `profiles/` folder (first: an editable install of another checkout maps `asapcli.profiles`
     to that checkout's folder); else the package data `asapcli.profiles`, which setuptools maps
     to it."""
-    checkout = Path(__file__).resolve().parent.parent / "profiles"
+    checkout = Path(__file__).resolve().parents[2] / "profiles"
     if checkout.is_dir():
         return checkout
     return resources.files("asapcli.profiles")

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from .generation import GenerationResult
-    from .settings import PruneSettings
+    from ..engine.settings import PruneSettings
+    from ..runtime.generation import GenerationResult
 
 # Spinners, progress and warnings go to stderr; colour only on a terminal. `out` is for the
 # result a command exists to show (a table), `err` for everything around it.
@@ -192,7 +192,7 @@ def speeds(result: GenerationResult) -> str:
     if result.cold:
         prefill += " (first call: includes warm-up)"
     if result.decode_tokens_per_second is None:
-        from .generation import MIN_DECODE_TOKENS  # loaded already: a generation has run
+        from ..runtime.generation import MIN_DECODE_TOKENS  # loaded already: a generation has run
 
         decoded = max(result.generated_tokens - 1, 0)  # the first token came with the prefill
         plural = "" if decoded == 1 else "s"

@@ -16,8 +16,8 @@ import huggingface_hub
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
-from .engine import PrunedDecoder, install
-from .errors import AsapError, UsageError, first_line
+from ..engine import PrunedDecoder, install
+from ..errors import AsapError, UsageError, first_line
 from .presets import Preset, find_preset, model_label, preset_names, resolve_source
 from .random_model import build_from_config
 

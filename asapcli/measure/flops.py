@@ -8,14 +8,22 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..engine import METHODS
+from ..engine.schedule import (
+    CONVENTION,
+    GQA_CONVENTION,
+    Architecture,
+    Stage,
+    parse_schedule,
+    pruning_schedule,
+    schedule_flops,
+)
+from ..engine.settings import PruneSettings, budget_and_layer
 from ..errors import UsageError
-from ..presets import Architecture, find_preset, load_architecture, model_label
 from ..records import FlopsReport, FlopsStage, MeasuredFlops
-from ..settings import PruneSettings, budget_and_layer
-from . import CONVENTION, GQA_CONVENTION, Stage, parse_schedule, pruning_schedule, schedule_flops
+from ..runtime.presets import find_preset, load_architecture, model_label
 
 if TYPE_CHECKING:
-    from ..loading import Loaded
+    from ..runtime.loading import Loaded
 
 COUNTER = "fvcore (multiply-accumulates) with a scaled_dot_product_attention handle"
 
@@ -121,7 +129,7 @@ class FlopsCount:
     def measured(self, loaded: Loaded, settings: PruneSettings, vanilla=None) -> FlopsCount:
         """This count with fvcore's, vanilla and pruned, of the loaded model's language model;
         `vanilla`: fvcore's vanilla count already made (one budget of several), not traced again."""
-        from .measured import count_flops  # fvcore only when asked for
+        from .measured_flops import count_flops  # fvcore only when asked for
 
         settings.check(loaded.num_layers)
         tokens = self.arch.visual_tokens

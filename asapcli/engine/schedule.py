@@ -18,6 +18,19 @@ GQA_CONVENTION = (
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """The numbers Eq. 7 reads from a model: decoder layers, hidden size d, FFN size m, attention
+    and k/v heads, and the visual tokens of one image."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    visual_tokens: int
+
+
+@dataclass(frozen=True)
 class Stage:
     """`layers` consecutive decoder layers that each see `tokens` visual tokens."""
 

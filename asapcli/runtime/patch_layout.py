@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import UsageError
+from ..errors import UsageError
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom, in pixels of the original image
 

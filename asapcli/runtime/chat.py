@@ -22,15 +22,13 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
-from . import flops
-from .engine import METHODS, image_spans
-from .errors import AsapError, UsageError
-from .generation import GenerationResult, context_length, generate
+from ..engine import METHODS, image_spans, schedule
+from ..engine.settings import PruneSettings
+from ..errors import AsapError, UsageError
+from ..records import ChatStats, ChatTurn
+from .generation import GenerationResult, context_length, generate, kv_cache_bytes
 from .inputs import build_inputs, check_prompt, check_text, user_message
 from .loading import Loaded
-from .profiling import kv_cache_bytes
-from .records import ChatStats, ChatTurn
-from .settings import PruneSettings
 
 # Processor outputs with one entry per image along dim 0; a turn passes only its new images.
 PER_IMAGE_INPUTS = ("pixel_values", "image_sizes")
@@ -155,10 +153,10 @@ class ChatSession:
         self.pending = []
         self.turns.append(turn)
         if result.visual_tokens:
-            self.tflops_vanilla += flops.token_flops(
+            self.tflops_vanilla += schedule.token_flops(
                 self.loaded.text_config, result.visual_tokens, result.visual_tokens, 0
             )[0]
-            self.tflops_pruned += flops.token_flops(
+            self.tflops_pruned += schedule.token_flops(
                 self.loaded.text_config, result.visual_tokens, result.kept_tokens, result.layer
             )[0]
         return turn

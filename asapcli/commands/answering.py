@@ -9,11 +9,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import figures, patches
-from .engine import image_spans
-from .errors import UsageError
-from .generation import GenerationResult, generate, generate_batch
-from .inputs import (
+from ..engine import image_spans
+from ..engine.settings import PruneSettings
+from ..errors import UsageError
+from ..records import Answer
+from ..report import figures
+from ..runtime import patch_layout
+from ..runtime.generation import GenerationResult, generate, generate_batch
+from ..runtime.inputs import (
     build_batch_inputs,
     build_inputs,
     check_prompt,
@@ -23,9 +26,7 @@ from .inputs import (
     pair_samples,
     user_message,
 )
-from .loading import Loaded
-from .records import Answer
-from .settings import PruneSettings
+from ..runtime.loading import Loaded
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def answer(
     spans = image_spans(inputs["input_ids"][0], loaded.image_token_id)
     span = spans[0] if spans else None
     if draws_kept:
-        patches.span_layout(loaded.processor, samples.pictures[image].size, span[1] - span[0] if span else 0)
+        patch_layout.span_layout(loaded.processor, samples.pictures[image].size, span[1] - span[0] if span else 0)
     result = generate(loaded, inputs, settings, on_text=on_text, **sampling)
     return [_answered(loaded, settings, image, prompt, result, span)]
 
@@ -126,7 +127,7 @@ def kept_view(loaded: Loaded, picture: Image.Image, answered: Answered) -> figur
     """What the kept-tokens figure of one sample alone shows: each patch of the image in the role
     the engine gave its token (kept with its plan), laid out as the processor placed it."""
     start, end = answered.span
-    layout = patches.span_layout(loaded.processor, picture.size, end - start)
+    layout = patch_layout.span_layout(loaded.processor, picture.size, end - start)
     result, record = answered.result, answered.record
     pruned = bool(result.kept_positions)
     title = figures.kept_title(loaded.label, record.method, record.k, record.layer, result.kept_tokens, end - start)

@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers import BatchFeature, DynamicCache, StoppingCriteriaList
 
-from . import flops, streaming
-from .api import pruned_as
-from .engine import PruningPlan, image_spans
-from .errors import AsapError
+from ..engine import PruningPlan, image_spans, schedule
+from ..engine.block import pruned_as
+from ..engine.plans import token_counts
+from ..engine.settings import PruneSettings
+from ..errors import AsapError
+from . import streaming
 from .loading import Loaded
-from .plans import token_counts
-from .settings import PruneSettings
 from .streaming import FirstToken, StopWhen, TextStream
 
 # A decode rate over fewer tokens than this is mostly noise and per-call overhead: not reported.
@@ -117,6 +117,16 @@ def context_length(loaded: Loaded) -> int:
     return limit if isinstance(limit, int) and limit > 0 else 2**31
 
 
+def kv_cache_bytes(cache: DynamicCache) -> int:
+    """Bytes held by the key and value tensors of every layer of the cache."""
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for layer in cache.layers
+        for tensor in (layer.keys, layer.values)
+        if tensor is not None
+    )
+
+
 def _room(loaded: Loaded, prompt_tokens: int, max_tokens: int) -> int:
     """New tokens that fit after the prompt, at most `max_tokens`; a prompt that leaves no room
     for one is refused."""
@@ -197,7 +207,7 @@ def _result(
         visual = kept = sum(end - start for start, end in image_spans(prompt_ids[cached:], loaded.image_token_id))
     else:
         visual, kept = token_counts(plan)
-    _, ratio = flops.token_flops(loaded.text_config, visual, kept, plan.layer if plan else 0)
+    _, ratio = schedule.token_flops(loaded.text_config, visual, kept, plan.layer if plan else 0)
     decoding = clock.finished - clock.first_token
     return GenerationResult(
         text=loaded.processor.tokenizer.decode(new_ids, skip_special_tokens=True).strip(),

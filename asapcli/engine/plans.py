@@ -3,17 +3,21 @@ and what a plan keeps."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .engine import PruningPlan, image_spans, make_method
-from .loading import Loaded
+from . import PruningPlan, image_spans, make_method
 from .settings import PruneSettings
+
+if TYPE_CHECKING:
+    from ..runtime.loading import Loaded
 
 
 def plan_for(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings) -> PruningPlan:
     """The plan for the image spans of `input_ids` (one sequence), made by hand: the attention
     profile drives the engine with it (asking for scores only). Answers go through the API's
-    block (asapcli.api), which plans each forward call's spans itself."""
+    block (engine/block.py), which plans each forward call's spans itself."""
     settings.check(loaded.num_layers)
     return make_plan(settings, image_spans(input_ids, loaded.image_token_id))
 

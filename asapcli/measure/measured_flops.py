@@ -24,9 +24,9 @@ from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
 from ..engine import PruningPlan
-from ..loading import Loaded
-from ..plans import make_plan
-from ..settings import PruneSettings
+from ..engine.plans import make_plan
+from ..engine.settings import PruneSettings
+from ..runtime.loading import Loaded
 
 LAYER_OPS = ("linear", "scaled_dot_product_attention")
 

@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import evaluation, figures
-from .errors import UsageError
-from .evaluation import AnswerLog, Item, PatchAttention, Score
-from .loading import Loaded
-from .records import AttentionProfile, EvalReport
-from .settings import PruneSettings
+from ..engine.settings import PruneSettings
+from ..errors import UsageError
+from ..measure import evaluation
+from ..measure.evaluation import AnswerLog, Item, PatchAttention, Score
+from ..records import AttentionProfile, EvalReport
+from ..report import figures
+from ..runtime.loading import Loaded
 
 # add(what, total) starts a progress bar and returns the function that advances it
 Tasks = Callable[[str, int], Callable[[], None]]

@@ -35,7 +35,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from .errors import AsapError
+from ..errors import AsapError
 
 
 def chat_template(image: str = "<image>") -> str:

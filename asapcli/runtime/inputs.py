@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
 
-from .errors import AsapError, UsageError
+from ..errors import AsapError, UsageError
 
 
 def load_image(path: str | Path) -> Image.Image:
