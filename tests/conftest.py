@@ -1,3 +1,6 @@
+"""Shared fixtures: the tiny models (built from configs, saved and loaded through the real path),
+small images, the `asap` fixture that runs the CLI in-process, and the CUDA marker's skip."""
+
 import os
 from pathlib import Path
 
@@ -8,6 +11,7 @@ import pytest
 import tiny_models
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
 from asapcli.runtime import loading
 
@@ -22,6 +26,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def asap():
+    """Run the CLI in-process: `asap("run", image, "what?", "--json")` -> click's Result (exit_code,
+    stdout and stderr apart); arguments are turned into strings, `input` feeds stdin."""
+    from asapcli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args, input: str | None = None):
+        return runner.invoke(app, [str(arg) for arg in args], input=input)
+
+    return invoke
 
 
 @pytest.fixture(scope="session")
