@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny models (built from configs, saved and loaded through the real path),
 small images, the `asap` fixture that runs the CLI in-process, and the CUDA marker's skip."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -19,7 +20,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` skip where PyTorch sees no CUDA GPU."""
+    """Tests marked `cuda` skip where PyTorch sees no CUDA GPU. A run that asks for the lmms-eval
+    tests (`-m lmms_eval`) where lmms-eval is missing fails instead of passing on skipped tests."""
+    if config.option.markexpr == "lmms_eval" and importlib.util.find_spec("lmms_eval") is None:
+        raise pytest.UsageError('-m lmms_eval runs lmms-eval\'s CLI: pip install -e ".[test,eval]" first')
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
