@@ -191,7 +191,7 @@ class LoggedAnswer:
     image: str | None  # None: a synthetic scene
     question: str
     type: str
-    expected: str
+    expected: str | list[str]  # a list where the question file accepts several answers
     answer: str
     correct: bool
 

@@ -20,7 +20,7 @@ from ..errors import AsapError, UsageError
 from ..records import EvalRow, LoggedAnswer
 from ..runtime import patch_layout
 from ..runtime.generation import generate_batch, to_device
-from ..runtime.inputs import build_batch_inputs, check_text, load_image
+from ..runtime.inputs import build_batch_inputs, check_readable, check_text, is_stdin, load_image
 from ..runtime.loading import Loaded
 
 ALL = "all"  # the question type of items that name none
@@ -32,7 +32,7 @@ class Item:
 
     image: Image.Image | Path | scenes.Scene  # a scene is rendered when asked: --n large stays small
     question: str
-    answer: str
+    answer: str | tuple[str, ...]  # a list of accepted answers where the data gives one
     type: str = ALL
     region: str | None = None  # "top" / "bottom": where the object asked about is
 
@@ -56,10 +56,10 @@ def synthetic_items(count: int, seed: int = scenes.EVAL_SEED) -> list[Item]:
 
 def read_items(path: Path, limit: int | None = None) -> list[Item]:
     """A JSONL file of {"image": path, "question": str, "answer": str} (optional "type"); image
-    paths are relative to the file's folder. Every line is checked before anything runs."""
+    paths are relative to the file's folder (to the current one for /dev/stdin). Every line is checked before anything runs."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise AsapError(f"question file not found: {path}")
+    check_readable(path, "question file")
+    folder = Path.cwd() if is_stdin(path) else path.parent  # piped questions name images from here
     items = []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         try:
@@ -74,20 +74,38 @@ def read_items(path: Path, limit: int | None = None) -> list[Item]:
             raise AsapError(f"{path}:{number}: not JSON ({error.msg})") from None
         if not isinstance(record, dict):
             raise AsapError(f"{path}:{number}: expected an object with image, question and answer")
-        missing = [key for key in ("image", "question", "answer") if not str(record.get(key, "")).strip()]
-        if missing:
-            raise AsapError(f"{path}:{number}: missing or empty {', '.join(missing)}")
-        image = path.parent / Path(record["image"]).expanduser()
+        problem = _record_problem(record)
+        if problem:
+            raise AsapError(f"{path}:{number}: {problem}")
+        image = folder / Path(record["image"]).expanduser()
         try:
             load_image(image)  # every image opens before the first answer, not at its turn
         except AsapError as error:
             raise AsapError(f"{path}:{number}: {error}") from None
-        items.append(Item(image, str(record["question"]), str(record["answer"]), str(record.get("type", ALL))))
+        answer = record["answer"] if isinstance(record["answer"], str) else tuple(record["answer"])
+        items.append(Item(image, record["question"], answer, str(record.get("type", ALL))))
         if limit is not None and len(items) == limit:
             break
     if not items:
         raise AsapError(f"{path} holds no questions")
     return items
+
+
+def _record_problem(record: dict) -> str | None:
+    """What is wrong with one question line, or None: image and question are non-empty strings,
+    the answer one too or a list of accepted answers (as VQA data gives them)."""
+    missing = [key for key in ("image", "question", "answer") if record.get(key) in (None, "", [])]
+    if missing:
+        return f"missing or empty {', '.join(missing)}"
+    for key in ("image", "question"):
+        if not isinstance(record[key], str) or not record[key].strip():
+            return f"{key} must be a non-empty string, got {json.dumps(record[key])}"
+    if record["image"].startswith(("http://", "https://")):
+        return f"image URLs are not supported ({record['image']}): download the image and give its file"
+    answers = record["answer"] if isinstance(record["answer"], list) else [record["answer"]]
+    if not all(isinstance(answer, str) and answer.strip() for answer in answers):
+        return f"answer must be a string or a list of strings (accepted answers), got {json.dumps(record['answer'])}"
+    return None
 
 
 # LLaVA's evaluation prompt for short answers (its GQA, VQAv2 and TextVQA scripts); the demo
@@ -192,8 +210,10 @@ def check_questions(loaded: Loaded, items: list[Item]) -> None:
             raise type(error)(f"question {number}: {error}") from None
 
 
-def correct(answer: str, expected: str) -> bool:
-    return scenes.normalise(answer) == scenes.normalise(expected)
+def correct(answer: str, expected: str | tuple[str, ...]) -> bool:
+    """Normalised exact match with the expected answer, or with any of a list of accepted ones."""
+    accepted = (expected,) if isinstance(expected, str) else expected
+    return any(scenes.normalise(answer) == scenes.normalise(one) for one in accepted)
 
 
 def evaluate(

@@ -14,12 +14,31 @@ from transformers import BatchFeature, ProcessorMixin
 from ..errors import AsapError, UsageError
 
 
+def check_readable(path: Path, what: str) -> None:
+    """Raise AsapError unless `path` is a file to read: missing, a folder, or a named pipe or device
+    that is not this process's standard input (opening a FIFO nobody writes to waits forever)."""
+    if not path.exists():
+        raise AsapError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise AsapError(f"{what} path is a folder, not a file: {path}")
+    if not path.is_file() and not is_stdin(path):
+        raise AsapError(
+            f"{what} {path} is not a regular file (a named pipe or a device); give a file, or pipe it into /dev/stdin"
+        )
+
+
+def is_stdin(path: Path) -> bool:
+    """Whether `path` names this process's standard input (/dev/stdin, /proc/self/fd/0, a pipe's node)."""
+    try:
+        given, stdin = path.stat(), os.fstat(0)
+    except OSError:
+        return False
+    return (given.st_dev, given.st_ino) == (stdin.st_dev, stdin.st_ino)
+
+
 def load_image(path: str | Path) -> Image.Image:
     path = Path(path).expanduser()
-    if not path.exists():
-        raise AsapError(f"image not found: {path}")
-    if path.is_dir():
-        raise AsapError(f"image path is a folder, not a file: {path}")
+    check_readable(path, "image")
     try:
         # Up to twice PIL's pixel limit an image opens with a warning; it is read like any other
         # (the processor resizes it), so the warning is not the user's business. Beyond: refused.
