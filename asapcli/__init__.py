@@ -6,11 +6,17 @@ __version__ = "0.1.0"
 def main() -> None:
     """The `asap` command. Its libraries take seconds to import: Ctrl-C meanwhile ends it as it
     does later, with one line and exit status 130, never a traceback."""
+    import sys
+
+    if sys.stdout is None:  # started with stdout closed (`asap ... >&-`): nowhere to answer
+        if sys.stderr is not None:
+            sys.stderr.write(
+                "Error: standard output is closed; asap writes its results there (>/dev/null discards them)\n"
+            )
+        raise SystemExit(1)
     try:
         from .cli import app
     except KeyboardInterrupt:
-        import sys
-
         sys.stderr.write("Error: interrupted\n")
         raise SystemExit(130) from None
     app()

@@ -2,6 +2,8 @@
 or spread by accelerate (`--device-map`), whose per-layer hooks the pruned decoder must follow."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +72,37 @@ def test_device_map_through_the_cli(offload_map):
 def test_device_map_usage_errors(extra, message):
     result = runner.invoke(app, ["run", str(CAR), "hi", *extra])
     assert result.exit_code == 2 and message in result.stderr
+
+
+def test_a_device_map_with_every_module_on_disk_is_refused(tmp_path):
+    placement = tmp_path / "disk.json"
+    placement.write_text(json.dumps({"": "disk"}))  # accelerate would leave nothing to compute on
+    result = runner.invoke(app, ["run", str(CAR), "hi", "--device-map", str(placement)])
+    assert result.exit_code == 2
+    assert f"Error: --device-map {placement} puts every module on disk" in result.stderr
+
+
+def test_a_truncated_weights_file_is_named(llava_path, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(llava_path, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    result = runner.invoke(app, ["run", str(CAR), "hi", "-m", str(damaged)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: cannot load model {str(damaged)!r}: {weights} is damaged or incomplete")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_closed_standard_output_is_one_error_line():
+    closed = subprocess.run(  # `asap --version >&-`: Python starts with sys.stdout None
+        [sys.executable, "-c", "import asapcli; asapcli.main()", "--version"],
+        preexec_fn=lambda: os.close(1), capture_output=False, stderr=subprocess.PIPE, check=False,
+    )  # fmt: skip
+    assert closed.returncode == 1
+    assert (
+        closed.stderr.decode()
+        == "Error: standard output is closed; asap writes its results there (>/dev/null discards them)\n"
+    )
 
 
 PEAK_SCRIPT = """

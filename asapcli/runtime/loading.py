@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from ..engine import PrunedDecoder, install
@@ -124,7 +125,24 @@ def load(
         raise _missing_package(model, error) from error
     except (OSError, ValueError, KeyError) as error:
         raise AsapError(f"cannot load model {model!r}: {first_line(error)}") from error
+    except SafetensorError as error:  # a weights file cut short (an interrupted download) or overwritten
+        raise AsapError(
+            f"cannot load model {model!r}: {_damaged_weights(source) or 'a weights file'} is damaged or incomplete "
+            f"({first_line(error)}); download or copy it again"
+        ) from error
     return prepare(lvlm, processor, model, preset)
+
+
+def _damaged_weights(source: str) -> str | None:
+    """The first .safetensors file of a local folder that does not open, or None."""
+    folder = Path(source).expanduser()
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except SafetensorError:
+            return str(path)
+    return None
 
 
 def read_checkpoint(
@@ -159,6 +177,11 @@ def resolve_device_map(device_map: str | None, device: str) -> str | dict | None
         raise UsageError(f"--device-map {device_map}: not a JSON object of module -> device ({error})") from None
     if not isinstance(placement, dict) or not all(isinstance(v, str | int) for v in placement.values()):
         raise UsageError(f"--device-map {device_map}: not a JSON object of module -> device")
+    if placement and all(value == "disk" for value in placement.values()):
+        raise UsageError(
+            f"--device-map {device_map} puts every module on disk: at least one must sit on a GPU or the CPU, "
+            "where the disk's weights are brought to compute"
+        )
     return placement
 
 
