@@ -158,3 +158,55 @@ def test_bad_model_args_on_the_command_line_are_one_error_line_before_lmms_eval_
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr == "Error: model_args: k needs a whole number of at least 1, got '0'\n"
+
+
+@needs_lmms_eval
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model_args", "pretrained=demo,device_map=bogus"], "model_args: device_map takes auto, balanced"),
+        (["--model_args", "pretrained=demo,dtype=float64"], "model_args: unknown dtype 'float64'"),
+        (["--model_args", '{"pretrained": "demo"}'], "model_args: write key=value pairs separated by commas"),
+        (["--model_args", "=4"], "model_args: '=4': each item is key=value"),
+        (["--model_args", "pretrained=demo,k=4,k=8"], "model_args: k given more than once"),
+        (["--batch_size", "0"], "--batch_size needs a whole number of at least 1, got '0'"),
+        (["--config", "<bad.yaml>"], "--config <bad.yaml>: not a YAML file lmms-eval can read"),
+        (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
+        (["--output_path", "/dev/full"], "--output_path /dev/full: /dev/full is not a folder"),
+        (["--output_path", "<read-only>/results"], "--output_path <read-only>/results: <read-only> is not writable"),
+    ],
+)
+def test_what_lmms_eval_would_fail_on_late_is_refused_first(tmp_path, monkeypatch, capsys, argv, message):
+    """Each of these printed lmms-eval's traceback, ran the wrong thing (k=8 of k=4,k=8) or exited 0
+    after a run whose results were lost."""
+    import asapcli.lmms_eval.__main__ as launcher
+
+    (tmp_path / "bad.yaml").write_text("a: [b\n")
+    (tmp_path / "read-only").mkdir(mode=0o555)
+    if os.access(tmp_path / "read-only", os.W_OK) and "read-only" in message:
+        pytest.skip("running as a user who may write anywhere")
+
+    def fill(text: str) -> str:
+        return text.replace("<bad.yaml>", str(tmp_path / "bad.yaml")).replace(
+            "<read-only>", str(tmp_path / "read-only")
+        )
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["asapcli.lmms_eval", "--model", "asap", "--tasks", "asap_demo",
+                                      *map(fill, argv)])  # fmt: skip
+    monkeypatch.setattr("lmms_eval.__main__.cli_evaluate", lambda args: pytest.fail("lmms-eval started"))
+    assert launcher.main() == 2
+    assert capsys.readouterr().err.startswith(f"Error: {fill(message)}")
+
+
+@needs_lmms_eval
+def test_ctrl_c_in_lmms_eval_is_one_line_and_status_130(monkeypatch, capsys):
+    import asapcli.lmms_eval.__main__ as launcher
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["asapcli.lmms_eval", "--model", "asap", "--tasks", "asap_demo"])
+    monkeypatch.setattr("lmms_eval.__main__.cli_evaluate", interrupted)
+    assert launcher.main() == 130
+    assert capsys.readouterr().err == "Error: interrupted\n"

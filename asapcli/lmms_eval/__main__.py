@@ -1,14 +1,20 @@
 """`python -m asapcli.lmms_eval ...`: lmms-eval's own command line (`python -m lmms_eval`, the same
 options) with the model `asap` registered and the task folder of `asap_demo` included. Unlike
 lmms-eval, it exits 1 when lmms-eval reports that a run failed or had no task (lmms-eval logs the
-error and exits 0), and 2 with one Error line when the model `asap`'s --model_args are wrong,
-checked before lmms-eval starts (it would print its traceback first)."""
+error and exits 0), and 2 with one Error line when the command line is wrong in a way that can be
+told before lmms-eval starts (it would print its traceback first, or fail after the run): the
+model `asap`'s --model_args (each key once, `key=value` pairs, values asap takes, a device and
+dtype it can load on), --batch_size, a --config that is not YAML, an --output_path that cannot
+be written. Ctrl-C ends it with one line and status 130."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+from ..errors import AsapError, UsageError, first_line, whole_number
 from . import TASKS
 
 
@@ -17,14 +23,13 @@ def main() -> int:
     from lmms_eval.models import MODEL_REGISTRY_V2
     from loguru import logger
 
-    from ..errors import UsageError
     from .plugin import MANIFEST
 
     try:
-        _check_model_args(sys.argv[1:])
-    except UsageError as error:
+        _check_command_line(sys.argv[1:])
+    except AsapError as error:  # a usage error, or one of the machine's (no CUDA GPU for device=cuda)
         sys.stderr.write(f"Error: {error}\n")
-        return 2
+        return 2 if isinstance(error, UsageError) else 1
     MODEL_REGISTRY_V2.register_manifest(MANIFEST, overwrite=True)  # a checkout on PYTHONPATH has no entry point
     failures: list[str] = []
     logger.configure(patcher=lambda record: _note_failure(record, failures))  # survives lmms-eval's logger.remove()
@@ -33,6 +38,9 @@ def main() -> int:
     except SystemExit as end:  # lmms-eval ends some runs with sys.exit(), 0 even after an error
         if end.code not in (None, 0):
             raise
+    except KeyboardInterrupt:
+        sys.stderr.write("Error: interrupted\n")
+        return 130
     for failure in failures:
         sys.stderr.write(f"Error: {failure}\n")
     return 1 if failures else 0
@@ -53,20 +61,68 @@ def _note_failure(record, failures: list[str]) -> None:
         failures.append("no task given: --tasks NAME[,NAME...]")
 
 
-def _check_model_args(argv: list[str]) -> None:
-    """The asap model's --model_args, parsed as lmms-eval parses them and checked as the model
-    checks them on creation (what needs the model, such as the layer's upper bound, is checked
-    then)."""
-    from lmms_eval.utils import simple_parse_args_string
-
-    from .arguments import ModelArgs
-
+def _check_command_line(argv: list[str]) -> None:
+    """What can be told wrong before lmms-eval starts; a UsageError naming it."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--model_args", default="")
+    for option in ("--model", "--model_args", "--batch_size", "--config", "--output_path"):
+        parser.add_argument(option, default=None)
     given = parser.parse_known_args(argv)[0]
     if given.model == "asap":
-        ModelArgs.parse(simple_parse_args_string(given.model_args or ""))
+        _check_model_args(given.model_args or "")
+    if given.batch_size is not None and not given.batch_size.startswith("auto"):
+        whole_number(given.batch_size, "--batch_size", 1)
+    if given.config is not None:
+        _check_config(given.config)
+    if given.output_path is not None:
+        _check_writable_folder(given.output_path)
+
+
+def _check_model_args(text: str) -> None:
+    """The asap model's --model_args, parsed as lmms-eval parses them and checked as the model
+    checks them on creation (what needs the model, such as the layer's upper bound, is checked
+    then), the device and dtype included."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    from ..runtime.loading import resolve_device, resolve_device_map, resolve_dtype
+    from .arguments import ModelArgs
+
+    if text.lstrip().startswith("{"):
+        raise UsageError("model_args: write key=value pairs separated by commas (pretrained=demo,k=64), not JSON")
+    keys = [item.partition("=")[0].strip() for item in text.split(",") if item.strip()]
+    if any(not key for key in keys) or any("=" not in item for item in text.split(",") if item.strip()):
+        raise UsageError(f"model_args: {text!r}: each item is key=value (pretrained=demo,k=64)")
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise UsageError(f"model_args: {', '.join(twice)} given more than once; give each once")
+    args = ModelArgs.parse(simple_parse_args_string(text))
+    try:
+        resolve_device_map(args.device_map, args.device)
+        resolve_dtype(args.dtype, resolve_device(args.device))
+    except AsapError as error:  # worded for asap's options: named here as the model_args they are
+        message = str(error).replace("--device-map", "device_map").replace("--device ", "device=")
+        raise type(error)(f"model_args: {message}") from None
+
+
+def _check_config(path: str) -> None:
+    import yaml
+
+    try:
+        yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UsageError(f"--config {path}: not a YAML file lmms-eval can read ({first_line(error)})") from None
+
+
+def _check_writable_folder(path: str) -> None:
+    """lmms-eval writes its results under --output_path at the end of the run, and exits 0 when it
+    cannot: a folder to create or to write into, checked first."""
+    folder = Path(path).expanduser()
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output_path {path}: {existing} is not a folder; results are written into a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_path {path}: {existing} is not writable")
 
 
 def _include_path(argv: list[str]) -> list[str]:
