@@ -234,5 +234,23 @@ class FlopsReport:
     measured: MeasuredFlops | None  # None: without --measure
 
 
+@dataclass(frozen=True)
+class Environment:
+    """`asap env --json`: the versions, device and date a result was measured with."""
+
+    asap: str
+    python: str
+    torch: str
+    transformers: str | None
+    lmms_eval: str | None  # None: the eval extra is not installed
+    platform: str
+    device: str  # cpu, cuda or cuda:N
+    gpu: str | None  # the GPU's name; None on CPU
+    cuda: str | None  # the CUDA version PyTorch was built with; None without a GPU
+    dtype: str | None  # the model's; None where no model was loaded
+    threads: int | None  # PyTorch's CPU threads; None on a GPU
+    date: str  # UTC, ISO 8601
+
+
 RECORDS = (Answer, CompareReport, ChatTurn, ChatStats, ProfileRow, EvalReport, EvalRow, AttentionProfile, LoggedAnswer)
-RECORDS += (FlopsReport, FlopsStage, MeasuredFlops, Architecture)
+RECORDS += (FlopsReport, FlopsStage, MeasuredFlops, Architecture, Environment)

@@ -135,6 +135,15 @@ def test_flops_json_is_a_flops_report(llava_path):
     assert measured["measured"] is not None
 
 
+def test_env_json_is_an_environment_record_of_this_process():
+    import torch
+
+    (found,) = asap("env", "--json")
+    conforms(found, records.Environment, "env")
+    assert (found["torch"], found["threads"]) == (torch.__version__, torch.get_num_threads())
+    assert found["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_the_docs_list_every_record_and_its_fields():
     """One line per record in docs/json.md: `Name`: `key`, `key`, ... in order."""
     section = SCHEMA_DOC.read_text()

@@ -1,0 +1,25 @@
+"""asap env: the versions, device and threads asap runs with, to paste into a bug report."""
+
+from __future__ import annotations
+
+from ..report import display
+from . import options
+
+
+@options.command
+def env_command(*, json: options.Json = False) -> None:
+    """Print asap's, Python's, PyTorch's and transformers' versions, the device and the threads."""
+    import dataclasses
+
+    from ..runtime.environment import environment
+
+    found = environment()
+    if json:
+        display.print_json(found)
+        return
+    table = display.table("asap environment", ["", ""])
+    table.columns[1].justify = "left"
+    for field in dataclasses.fields(found):
+        value = getattr(found, field.name)
+        table.add_row(field.name, "-" if value is None else str(value))
+    display.out.print(table)
