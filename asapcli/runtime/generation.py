@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import BatchFeature, DynamicCache, StoppingCriteriaList
 
-from ..engine import PruningPlan, image_spans, schedule
+from ..engine import PruningPlan, SpanRecord, image_spans, schedule
 from ..engine.block import pruned_as
 from ..engine.plans import token_counts
 from ..engine.settings import PruneSettings
@@ -40,9 +40,7 @@ class GenerationResult:
     decode_tokens_per_second: float | None  # None: fewer than MIN_DECODE_TOKENS decoded
     flops_ratio: float
     layer: int = 0  # L of the plan: 0 for methods that prune before the language model
-    kept_positions: list[list[int]] = field(default_factory=list)
-    kept_roles: list[list[str]] = field(default_factory=list)  # why each was kept (engine.methods.ROLES)
-    kept_absorbed: list[list[list[int]]] = field(default_factory=list)  # span indices each one absorbed
+    spans: list[SpanRecord] = field(default_factory=list)  # each image span pruned, in the prompt's own positions
     token_ids: list[int] = field(default_factory=list)  # the generated tokens, end-of-text included
     fed_tokens: int = 0  # prompt tokens this call prefilled (the rest came from the cache)
     stopped: bool = False  # cut short by `should_stop`
@@ -52,6 +50,20 @@ class GenerationResult:
     @property
     def pruned(self) -> bool:
         return self.kept_tokens < self.visual_tokens
+
+    @property
+    def kept_positions(self) -> list[list[int]]:
+        return [span.kept.tolist() for span in self.spans]
+
+    @property
+    def kept_roles(self) -> list[list[str]]:
+        """Why each kept token was kept (engine.methods.ROLES), per span."""
+        return [span.roles for span in self.spans]
+
+    @property
+    def kept_absorbed(self) -> list[list[list[int]]]:
+        """The span indices each kept token absorbed, per span."""
+        return [span.absorbed for span in self.spans]
 
 
 def generate(
@@ -220,9 +232,7 @@ def _result(
         decode_tokens_per_second=decoded / decoding if decoded >= MIN_DECODE_TOKENS and decoding > 0 else None,
         flops_ratio=ratio,
         layer=plan.layer if plan is not None else 0,
-        kept_positions=[(positions - padding).tolist() for positions in plan.kept] if plan is not None else [],
-        kept_roles=plan.roles if plan is not None else [],
-        kept_absorbed=plan.absorbed if plan is not None else [],
+        spans=[record.shifted(padding) for record in plan.pruned] if plan is not None else [],
         token_ids=new_ids.tolist(),
         fed_tokens=int(prompt_ids.numel()) - cached,
         stopped=stopped,
