@@ -70,6 +70,7 @@ def generate(
     loaded: Loaded,
     inputs: BatchFeature,
     settings: PruneSettings,
+    *,
     max_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,
@@ -86,11 +87,14 @@ def generate(
     streamer = TextStream(loaded.processor.tokenizer, on_text) if on_text is not None else None
     stop = StopWhen(should_stop) if should_stop is not None else None
     cached = cache.get_seq_length() if cache is not None else 0
-    output, clock, plans = _generate(loaded, inputs, settings, max_tokens, temperature, seed, streamer, stop, cache)
+    output, clock, plans = _generate(
+        loaded, inputs, settings, max_tokens=max_tokens, sampling=sampling_options(temperature), seed=seed,
+        streamer=streamer, stop=stop, cache=cache,
+    )  # fmt: skip
     prompt_len = inputs["input_ids"].shape[1]
     return _result(
-        loaded, inputs["input_ids"][0], output[0, prompt_len:], plans and plans[0], clock, cached=cached,
-        stopped=bool(stop and stop.fired), max_tokens=max_tokens,
+        loaded, prompt_ids=inputs["input_ids"][0], new_ids=output[0, prompt_len:], plan=plans and plans[0],
+        clock=clock, cached=cached, stopped=bool(stop and stop.fired), max_tokens=max_tokens,
     )  # fmt: skip
 
 
@@ -98,14 +102,18 @@ def generate_batch(
     loaded: Loaded,
     inputs: BatchFeature,
     settings: PruneSettings,
+    *,
     max_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,
+    sampling: dict | None = None,
 ) -> list[GenerationResult]:
     """Several samples as one left-padded batch (`inputs`), each row pruned on its own: prefilled
-    and decoded together, a result per row (the times are the batch's)."""
+    and decoded together, a result per row (the times are the batch's). `sampling`: generate()'s
+    own sampling options in place of those `temperature` makes (lmms-eval passes its task's)."""
     inputs = to_device(loaded, inputs)
-    output, clock, plans = _generate(loaded, inputs, settings, max_tokens, temperature, seed)
+    sampling = sampling if sampling is not None else sampling_options(temperature)
+    output, clock, plans = _generate(loaded, inputs, settings, max_tokens=max_tokens, sampling=sampling, seed=seed)
     plans = plans or [None] * output.shape[0]
     prompt_len = inputs["input_ids"].shape[1]
     eos = _end_tokens(loaded)
@@ -115,11 +123,41 @@ def generate_batch(
         ends = [index for index, token in enumerate(new_ids) if token in eos]
         new_ids = new_ids[: ends[0] + 1] if ends else new_ids  # what follows is the batch's padding
         padding = int((inputs["attention_mask"][row] == 0).sum()) if "attention_mask" in inputs else 0
-        prompt_ids = inputs["input_ids"][row, padding:]
-        results.append(
-            _result(loaded, prompt_ids, torch.tensor(new_ids), plan, clock, padding=padding, max_tokens=max_tokens)
+        prompt_ids, new_ids = inputs["input_ids"][row, padding:], torch.tensor(new_ids)
+        result = _result(
+            loaded,
+            prompt_ids=prompt_ids,
+            new_ids=new_ids,
+            plan=plan,
+            clock=clock,
+            padding=padding,
+            max_tokens=max_tokens,
         )
+        results.append(result)
     return results
+
+
+def sampling_options(temperature: float) -> dict:
+    """generate()'s options for picking each token: greedily, or by sampling at `temperature`
+    from every token (no top-k or top-p cut)."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
+
+
+def flops_ratio(loaded: Loaded, results: list[GenerationResult]) -> float:
+    """Eq. 8 over several answers' prompts: their visual tokens' FLOPs over those of keeping
+    every one (the v^2 term of Eq. 7 is per sequence, so it is the ratio of the sums)."""
+    pruned = full = 0.0
+    for result in results:
+        if result.visual_tokens:
+            pruned += schedule.token_flops(loaded.text_config, result.visual_tokens, result.kept_tokens, result.layer)[
+                0
+            ]
+            full += schedule.token_flops(loaded.text_config, result.visual_tokens, result.visual_tokens, result.layer)[
+                0
+            ]
+    return pruned / full if full else 1.0
 
 
 def context_length(loaded: Loaded) -> int:
@@ -163,8 +201,9 @@ def _generate(
     loaded: Loaded,
     inputs: BatchFeature,
     settings: PruneSettings,
+    *,
     max_tokens: int,
-    temperature: float,
+    sampling: dict,
     seed: int,
     streamer: TextStream | None = None,
     stop: StopWhen | None = None,
@@ -174,11 +213,6 @@ def _generate(
     the prefill's plans (one per row; None when the prompt brought no image)."""
     model, tokenizer = loaded.model, loaded.processor.tokenizer
     max_tokens = _room(loaded, inputs["input_ids"].shape[1], max_tokens)
-    sampling = (
-        {"do_sample": False}
-        if temperature <= 0
-        else {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
-    )
     torch.manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     first = FirstToken()
@@ -202,6 +236,7 @@ def _generate(
 
 def _result(
     loaded: Loaded,
+    *,
     prompt_ids: torch.Tensor,
     new_ids: torch.Tensor,
     plan: PruningPlan | None,
