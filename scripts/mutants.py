@@ -69,8 +69,7 @@ MUTANTS = [
     Mutant("SG-BiMask in layer L-1 only", ATTENTION, (
         ("if method.sg_bimask else None", "if method.sg_bimask and is_scoring_layer else None"),
         ("        if method.sg_bimask:\n", "        if method.sg_bimask and is_scoring_layer:\n"),
-        ("    if method.sg_bimask:\n        attention_mask = mask",
-         "    if method.sg_bimask and is_scoring_layer:\n        attention_mask = mask"),
+        ("return mask if method.sg_bimask else", "return mask if method.sg_bimask and is_scoring_layer else"),
     )),
     Mutant("consolidation visits by importance, not s_hat", ASAP, (
         ("ops.consolidation_groups(hidden, span.saliency[selected],",
@@ -105,20 +104,20 @@ MUTANTS = [
         ("return slice(span.stop, q_len) if span.stop < q_len", "return slice(span.stop + 1, q_len) if span.stop < q_len"),
     )),
     Mutant("mask cache keyed without the query count", DECODER, (
-        ("if mask_key != (kv_len, hidden.shape[1], pruned):", "if mask_key is None or mask_key[::2] != (kv_len, pruned):"),
+        ("if self.key != key:", "if self.key is None or self.key[::2] != key[::2]:"),
     )),
     Mutant("a span the budget does not shrink gets SG-BiMask", DECODER, (
         ("and (plan.score_only or plan.shrinks(start, end))", ""),
-        ("            if plan.score_only:\n                continue\n",
-         "            if plan.score_only or self.k >= span.stop - span.start:\n                continue\n"),
+        ("        if self.plans[row].score_only:\n",
+         "        if self.plans[row].score_only or self.k >= span.stop - span.start:\n"),
     )),
     Mutant("kept tokens renumbered after layer L", DECODER, (
-        ("                rope_positions = _gather_positions(rope_positions, keep)\n",
-         ("                rope_positions = _gather_positions(rope_positions, keep)\n"
-          "                rope_positions = rope_positions.sort(dim=-1).indices\n")),
+        ("        call.rope_positions = _gather_positions(call.rope_positions, keep)\n",
+         ("        call.rope_positions = _gather_positions(call.rope_positions, keep)\n"
+          "        call.rope_positions = call.rope_positions.sort(dim=-1).indices\n")),
     )),
     Mutant("renumbered decoding steps not shifted", DECODER, (
-        ("position_ids = position_ids - self.after.position_shift[:, None]", "pass"),
+        ("return position_ids - self.position_shift[:, None]", "return position_ids"),
     )),
 ]  # fmt: skip
 

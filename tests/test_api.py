@@ -52,7 +52,7 @@ def test_generate_inside_the_block_is_the_engine_driven_with_its_plan(method, op
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(out, expected)
     report = pruning.report()
-    assert [image.kept for image in report.images] == [kept.tolist() for kept in plan.kept]
+    assert [image.kept for image in report.images] == [record.kept.tolist() for record in plan.pruned]
     assert (report.visual_tokens, report.kept_tokens, report.merged_tokens) == (64, 8, plan.merged)
     assert report.layer == plan.layer
     text_config = model.config.get_text_config()
@@ -75,7 +75,7 @@ def test_a_padded_batch_reports_each_prompt_in_its_own_tokens(llava_next_path, i
         with torch.inference_mode(), lvlm.decoder.pruning(expected):
             lvlm.model(**single)
         assert [(image.start, image.end)] == expected.spans
-        assert image.kept == expected.kept[0].tolist()
+        assert image.kept == expected.pruned[0].kept.tolist()
 
 
 def test_a_call_that_continues_a_cache_prunes_only_its_new_image(llava_path, images):

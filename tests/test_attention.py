@@ -48,4 +48,4 @@ def test_fastv_keeps_the_top_k_of_transformers_eager_last_token_attention(llava_
     pruning = plan_for(lvlm, ids, PruneSettings(method="fastv", k=k, layer=layer))
     with torch.inference_mode(), lvlm.decoder.pruning(pruning):
         lvlm.model(**inputs)
-    assert pruning.kept[0].tolist() == expected.tolist()
+    assert pruning.pruned[0].kept.tolist() == expected.tolist()

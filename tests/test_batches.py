@@ -54,7 +54,7 @@ def test_a_padded_batch_equals_its_samples_one_by_one(family, method, positions,
         for step in range(STEPS):
             assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-5)
         padding = batch["input_ids"].shape[1] - length
-        assert [kept.tolist() for kept in single_plan.kept] == [(kept - padding).tolist() for kept in plans[row].kept]
+        assert [r.kept.tolist() for r in single_plan.pruned] == [(r.kept - padding).tolist() for r in plans[row].pruned]
 
 
 def test_plans_of_one_batch_must_agree(loaded, images):

@@ -87,7 +87,7 @@ def test_a_budget_at_or_above_the_image_is_vanilla_bit_for_bit(method, demo):
         assert torch.equal(logits(lvlm, inputs, pruning), expected)
         with torch.inference_mode(), lvlm.decoder.pruning(pruning):
             assert torch.equal(lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False), expected_tokens)
-        assert pruning.kept == [] and pruning.importance == []
+        assert pruning.records == []  # nothing kept, nothing scored
 
 
 def test_only_the_spans_a_budget_shrinks_get_sg_bimask(loaded, images):
@@ -106,7 +106,7 @@ def test_only_the_spans_a_budget_shrinks_get_sg_bimask(loaded, images):
     keys, plain_keys = cache.layers[1].keys, plain.layers[1].keys  # computed from layer 0's output
     assert torch.equal(keys[:, :, small[0] : small[1]], plain_keys[:, :, small[0] : small[1]])
     assert not torch.allclose(keys[:, :, large[0] : large[1]], plain_keys[:, :, large[0] : large[1]], atol=1e-4)
-    assert [len(kept) for kept in pruning.kept] == [small[1] - small[0]]
+    assert [len(record.kept) for record in pruning.pruned] == [small[1] - small[0]]
 
 
 def test_sg_bimask_changes_the_forward_pass_of_layers_before_l(loaded, images):
@@ -143,8 +143,8 @@ def test_layers_from_l_on_hold_text_plus_k_per_image(family, method, loaded, ima
     assert lengths == [total] * layer + [text + 2 * k] * (lvlm.num_layers - layer)
     assert out.shape[1] == text + 2 * k
     # Every kept position lies inside its own span; k per span.
-    assert [len(kept) for kept in pruning.kept] == [k, k]
-    for kept, (start, end) in zip(pruning.kept, spans):
+    assert [len(record.kept) for record in pruning.pruned] == [k, k]
+    for kept, (start, end) in zip((record.kept for record in pruning.pruned), spans):
         assert kept.min() >= start and kept.max() < end and torch.equal(kept, kept.sort().values)
 
 
@@ -195,7 +195,7 @@ def test_a_plan_ignores_spans_already_in_the_cache(loaded, images):
         lvlm.model(input_ids=more, past_key_values=cache, use_cache=True)
     after = [cache.get_seq_length(i) for i in range(lvlm.num_layers)]
     assert [a - b for a, b in zip(after, before)] == [more.shape[1]] * lvlm.num_layers
-    assert second_plan.kept == []
+    assert second_plan.records == []
 
 
 def test_bimask_only_is_asap_without_consolidation(loaded, images):
@@ -210,7 +210,7 @@ def test_bimask_only_is_asap_without_consolidation(loaded, images):
     }.items():
         pruning = plan_for(lvlm, ids, settings)
         logits(lvlm, inputs, pruning)
-        kept[name] = torch.cat(pruning.kept)
+        kept[name] = torch.cat([record.kept for record in pruning.pruned])
     assert torch.equal(kept["bimask-only"], kept["asap, nothing merged"])
     assert not torch.equal(kept["bimask-only"], kept["asap"])  # refilled from the pruned pool
 
@@ -224,8 +224,8 @@ def test_contribution_score_ranks_by_attention_times_value_norm(method, loaded, 
     for score in ("attention", "contribution"):
         pruning = plan_for(lvlm, ids, PruneSettings(method=method, k=8, score=score))
         logits(lvlm, inputs, pruning)
-        importance[score] = torch.cat(pruning.importance)
-        assert [len(kept) for kept in pruning.kept] == [8, 8]
+        importance[score] = torch.cat([record.importance for record in pruning.records])
+        assert [len(record.kept) for record in pruning.pruned] == [8, 8]
     assert not torch.allclose(importance["attention"], importance["contribution"])
 
 
@@ -268,7 +268,7 @@ def test_divprune_equals_the_model_fed_only_the_kept_features(loaded, images):
         features = torch.cat(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
         embeds[inputs["input_ids"] == lvlm.image_token_id] = features.reshape(-1, embeds.shape[-1])
         start, end = image_spans(ids, lvlm.image_token_id)[0]
-        keep = torch.cat([torch.arange(start), pruning.kept[0], torch.arange(end, ids.numel())])
+        keep = torch.cat([torch.arange(start), pruning.pruned[0].kept, torch.arange(end, ids.numel())])
         reference = model(inputs_embeds=embeds[:, keep], position_ids=keep[None]).logits
     assert torch.allclose(pruned, reference, atol=1e-5)
 
@@ -312,7 +312,7 @@ def test_renumbered_divprune_is_the_model_fed_only_the_kept_features(family, loa
                 **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
             )
         start, end = image_spans(ids, lvlm.image_token_id)[0]
-        keep = torch.cat([torch.arange(start), pruning.kept[0], torch.arange(end, ids.numel())])
+        keep = torch.cat([torch.arange(start), pruning.pruned[0].kept, torch.arange(end, ids.numel())])
         expected = ref.generate(
             inputs_embeds=embeds[:, keep], max_new_tokens=6, do_sample=False, output_logits=True,
             return_dict_in_generate=True,
@@ -343,7 +343,7 @@ def test_sg_bimask_reaches_a_text_query_selection_only_through_earlier_layers(qu
             lvlm, inputs["input_ids"][0], PruneSettings(method, k=128, layer=layer, score_queries=queries)
         )
         logits(lvlm, inputs, pruning)
-        chosen[method] = pruning.kept[0], pruning.importance[0]
+        chosen[method] = pruning.pruned[0].kept, pruning.pruned[0].importance
     (fastv_kept, fastv_importance), (bimask_kept, bimask_importance) = chosen.values()
     assert torch.equal(fastv_kept, bimask_kept) == same
     assert torch.equal(fastv_importance, bimask_importance) == same

@@ -113,7 +113,7 @@ def test_layers_from_l_on_hold_text_plus_k_per_image(family, method):
     lengths = [cache.get_seq_length(i) for i in range(loaded.num_layers)]
     assert lengths == [ids.numel()] * layer + [text + 2 * k] * (loaded.num_layers - layer)
     assert out.shape[1] == text + 2 * k
-    for kept, (start, end) in zip(pruning.kept, spans, strict=True):
+    for kept, (start, end) in zip((record.kept for record in pruning.pruned), spans, strict=True):
         assert len(kept) == k and kept.min() >= start and kept.max() < end
 
 
@@ -158,7 +158,7 @@ def test_kept_tokens_keep_their_original_3d_positions(families):
         embeds[inputs["input_ids"] == loaded.image_token_id] = features
         (first_start, first_end), (second_start, second_end) = image_spans(ids, loaded.image_token_id)
         keep = torch.cat([
-            torch.arange(first_start), pruning.kept[0], torch.arange(first_end, second_start), pruning.kept[1],
+            torch.arange(first_start), pruning.pruned[0].kept, torch.arange(first_end, second_start), pruning.pruned[1].kept,
             torch.arange(second_end, ids.numel()),
         ])  # fmt: skip
         assert not torch.equal(positions[1, 0, keep], positions[2, 0, keep])  # height and width differ: 3-D

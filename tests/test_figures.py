@@ -65,9 +65,10 @@ def test_asaps_roles_are_the_references_anchors_sources_and_refills(demo):
     expected = ReferenceLM(model).pruned(inputs, "asap", 128, 2)
     ((start, _),) = plan.spans
     debug = expected.debug[start]
-    kept = (plan.kept[0] - start).tolist()
-    roles = dict(zip(kept, plan.roles[0], strict=True))
-    absorbed = dict(zip(kept, plan.absorbed[0], strict=True))
+    (record,) = plan.pruned
+    kept = (record.kept - start).tolist()
+    roles = dict(zip(kept, record.roles, strict=True))
+    absorbed = dict(zip(kept, record.absorbed, strict=True))
     anchors = {anchor for anchor, members in debug["sources"].items() if members}
     assert {i for i, role in roles.items() if role == ANCHOR} == anchors
     assert {i for i, role in roles.items() if role == REFILLED} == set(debug["refill"])
@@ -83,7 +84,7 @@ def test_asaps_roles_are_the_references_anchors_sources_and_refills(demo):
 def test_fastv_divprune_and_random_keep_by_selection_only(demo):
     for method in ("fastv", "divprune", "random"):
         _, plan = demo_plan(demo, method)
-        assert plan.roles[0] == [SELECTED] * 128 and plan.absorbed[0] == [[]] * 128
+        assert plan.pruned[0].roles == [SELECTED] * 128 and plan.pruned[0].absorbed == [[]] * 128
 
 
 def test_pools_cells_are_the_patches_adaptive_pooling_averages():

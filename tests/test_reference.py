@@ -105,7 +105,7 @@ def _check(setup: Setup, method, k, layer, lambda_max=1.0, threshold=0.9, querie
     )
     pruned_spans = setup.spans if k < setup.span else 0
     assert len(expected.kept) == pruned_spans
-    got_kept = [positions.cpu().tolist() for positions in pruning.kept]
+    got_kept = [record.kept.cpu().tolist() for record in pruning.pruned]
     want_kept = [positions.tolist() for positions in expected.kept]
     assert got_kept == want_kept, _kept_diff(got_kept, want_kept)
     assert pruning.merged == expected.merged

@@ -10,6 +10,7 @@ only N x N tensor it builds is the additive mask, as any masked SDPA call does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import ops
-from .methods import SpanScores
+from .methods import PruningMethod, SpanScores
 
 if TYPE_CHECKING:
     from .decoder import PrunePass
@@ -58,6 +59,24 @@ def score_rows(score_queries: str, span: slice, q_len: int) -> slice:
     raise ValueError(f"unknown score queries {score_queries!r}")
 
 
+@dataclass(frozen=True)
+class _Heads:
+    """One attention call of layers 0..L-1 of a pruning prefill, as the span scores read it: the
+    queries, the keys repeated to as many heads, the values and the mask transformers passed."""
+
+    module: torch.nn.Module
+    query: torch.Tensor
+    keys: torch.Tensor
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float
+
+    @property
+    def offset(self) -> int:
+        """Where the chunk's queries sit among the keys: they are the last q_len."""
+        return self.keys.shape[2] - self.query.shape[2]
+
+
 def asap_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -69,21 +88,25 @@ def asap_attention(
     **kwargs,
 ):
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    layer = module.layer_idx
-    if prune_pass is None or layer >= prune_pass.layer:
+    if prune_pass is None or not prune_pass.scores_in(module.layer_idx):
         return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-    method = prune_pass.method
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    q_len, kv_len = query.shape[2], key.shape[2]
-    offset = kv_len - q_len  # the chunk's queries are the last q_len keys
-    keys = repeat_kv(key, module.num_key_value_groups)
-    is_scoring_layer = layer == prune_pass.layer - 1
-    need_mass = method.sg_bimask or (is_scoring_layer and method.needs_mass)
+    heads = _Heads(module, query, repeat_kv(key, module.num_key_value_groups), value, attention_mask, scaling)
+    attention_mask = _measure_spans(heads, prune_pass)
+    return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
-    mask = additive_mask(attention_mask, query, kv_len) if method.sg_bimask else None
+
+def _measure_spans(heads: _Heads, prune_pass: PrunePass) -> torch.Tensor | None:
+    """Each span's attention mass (Eq. 2), SG-BiMask inside the spans when the method asks for
+    it, and at layer L-1 the spans' scores recorded in the pass. Returns the mask the layer then
+    attends with: SG-BiMask in place of the causal mask, or the one transformers passed."""
+    method = prune_pass.method
+    query, keys, scaling = heads.query, heads.keys, heads.scaling
+    is_scoring_layer = heads.module.layer_idx == prune_pass.layer - 1
+    need_mass = method.sg_bimask or (is_scoring_layer and method.needs_mass)
+    mask = additive_mask(heads.attention_mask, query, keys.shape[2]) if method.sg_bimask else None
     for index, (row, span) in enumerate(prune_pass.spans):
-        key_span = slice(span.start + offset, span.stop + offset)
+        key_span = slice(span.start + heads.offset, span.stop + heads.offset)
         rows_of = slice(row, row + 1)  # this span's batch row
         mass = saliency = None
         if need_mass:
@@ -92,27 +115,32 @@ def asap_attention(
         if method.sg_bimask:
             mask[rows_of, :, span, key_span] = ops.sg_bimask(saliency, method.lambda_max)[:, None].to(mask.dtype)
         if is_scoring_layer:
-            importance = None
-            if method.score_queries:
-                queries = score_rows(method.score_queries, span, q_len)
-                # Without SG-BiMask only the scoring rows of the causal mask are ever needed.
-                query_mask = (
-                    mask[rows_of, :, queries]
-                    if mask is not None
-                    else additive_mask(attention_mask, query, kv_len, queries)[rows_of]
-                )
-                value_norms = None
-                if method.score == "contribution":
-                    values = repeat_kv(value[rows_of, :, key_span], module.num_key_value_groups)
-                    value_norms = values.float().norm(dim=-1)
-                importance = ops.received_attention(
-                    query[rows_of, :, queries], keys[rows_of], query_mask, scaling, key_span, value_norms=value_norms
-                )
+            importance = _importance(heads, method, rows_of, span, mask) if method.score_queries else None
             prune_pass.record(index, SpanScores(importance=importance, mass=mass, saliency=saliency))
+    return mask if method.sg_bimask else heads.attention_mask
 
-    if method.sg_bimask:
-        attention_mask = mask
-    return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+def _importance(
+    heads: _Heads, method: PruningMethod, rows_of: slice, span: slice, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The attention the tokens of `span` (chunk coordinates) receive from the method's query
+    rows, weighted by their value norms when the method scores contributions (CAPA)."""
+    query, keys, value = heads.query, heads.keys, heads.value
+    key_span = slice(span.start + heads.offset, span.stop + heads.offset)
+    queries = score_rows(method.score_queries, span, query.shape[2])
+    # Without SG-BiMask only the scoring rows of the causal mask are ever needed.
+    query_mask = (
+        mask[rows_of, :, queries]
+        if mask is not None
+        else additive_mask(heads.attention_mask, query, keys.shape[2], queries)[rows_of]
+    )
+    value_norms = None
+    if method.score == "contribution":
+        values = repeat_kv(value[rows_of, :, key_span], heads.module.num_key_value_groups)
+        value_norms = values.float().norm(dim=-1)
+    return ops.received_attention(
+        query[rows_of, :, queries], keys[rows_of], query_mask, heads.scaling, key_span, value_norms=value_norms
+    )
 
 
 def register() -> str:

@@ -67,6 +67,35 @@ class Pruning:
             self.prefills.append((plans, padding))
         return plans
 
+    def plans_for_call(self, args: tuple, kwargs: dict) -> list[PruningPlan] | None:
+        """The plans of one forward call of the model, from its own arguments; None for a call
+        with no image to find: embeddings given directly, or a decoding step (one token the model
+        made after a cache; finding spans there would cost a device sync per token)."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            return None
+        self._refuse_outputs(kwargs)
+        cache = kwargs.get("past_key_values")
+        cached = cache.get_seq_length() if cache is not None else 0
+        if cached and input_ids.shape[1] == 1:
+            return None
+        if cached and input_ids.shape[1] > 1 and self.prefills and METHODS[self.settings.method].before_llm:
+            # Their cache is shorter than the sequence it holds: generate() would feed its image again.
+            raise UsageError(
+                f"{self.settings.method} prunes before the first layer, so a cache it pruned cannot be continued by a "
+                "later call; answer each prompt from the start (asap chat refuses these methods for the same reason)"
+            )
+        mask = kwargs.get("attention_mask")
+        padding = [0] * input_ids.shape[0] if mask is None else (mask[:, : cached + input_ids.shape[1]] == 0).sum(1)
+        return self.plans_for(input_ids, cached, [int(p) for p in padding])
+
+    def _refuse_outputs(self, kwargs: dict) -> None:
+        for output in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(output) or getattr(self.model.config, output, False):
+                raise UsageError(
+                    f"{output} is not available inside an asapcli.pruned block (the pruned decoder runs its own layers)"
+                )
+
     @property
     def plans(self) -> list[PruningPlan] | None:
         """The plans (one per row) of the block's first forward call that brought images: the
@@ -79,16 +108,7 @@ class Pruning:
         pruned_tflops = full_tflops = 0.0  # Eq. 7 of each prompt, summed (its v^2 term is per sequence)
         for plans, padding in self.prefills:
             for row, plan in enumerate(plans):
-                pruned = iter(zip(plan.kept, plan.roles, plan.absorbed))
-                for start, end in plan.spans:
-                    first = start - padding[row]
-                    if not plan.shrinks(start, end):
-                        images.append(ImageReport(row, first, end - padding[row], None))
-                        continue
-                    positions, roles, absorbed = next(pruned)
-                    sources = [[first + index for index in indices] for indices in absorbed]
-                    kept_positions = (positions - padding[row]).tolist()
-                    images.append(ImageReport(row, first, end - padding[row], kept_positions, roles, sources))
+                images += _image_reports(row, plan, padding[row])
                 tokens, kept_tokens = token_counts(plan)
                 visual, kept, merged = visual + tokens, kept + kept_tokens, merged + plan.merged
                 if tokens:
@@ -97,6 +117,20 @@ class Pruning:
         layer = (self.plans or [make_plan(self.settings, [])])[0].layer
         ratio = pruned_tflops / full_tflops if full_tflops else 1.0
         return PruningReport(self.settings.method, self.settings.k, layer, images, visual, kept, merged, ratio)
+
+
+def _image_reports(row: int, plan: PruningPlan, padding: int) -> list[ImageReport]:
+    """One report per image span of a row's plan, in the row's own tokens (`padding` left out)."""
+    pruned = {record.start: record.shifted(padding) for record in plan.pruned}
+    reports = []
+    for start, end in plan.spans:
+        record = pruned.get(start)
+        if record is None:  # a span the budget keeps whole, or a method that prunes nothing
+            reports.append(ImageReport(row, start - padding, end - padding, None))
+        else:
+            kept = record.kept.tolist()
+            reports.append(ImageReport(row, record.start, record.end, kept, record.roles, record.absorbed_positions()))
+    return reports
 
 
 # Models inside a block now: a second block around the same calls would prune them twice.
@@ -116,29 +150,7 @@ def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruni
     pruning = Pruning(model, settings)
 
     def before_forward(module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:  # embeddings given directly: no image tokens to find
-            decoder.plans = None
-            return
-        for output in ("output_hidden_states", "output_attentions"):
-            if kwargs.get(output) or getattr(model.config, output, False):
-                raise UsageError(
-                    f"{output} is not available inside an asapcli.pruned block (the pruned decoder runs its own layers)"
-                )
-        cache = kwargs.get("past_key_values")
-        cached = cache.get_seq_length() if cache is not None else 0
-        if cached and input_ids.shape[1] == 1:  # a decoding step: a token the model made, no image to find
-            decoder.plans = None  # (finding spans would cost a device sync per token)
-            return
-        if cached and input_ids.shape[1] > 1 and pruning.prefills and METHODS[settings.method].before_llm:
-            # Their cache is shorter than the sequence it holds: generate() would feed its image again.
-            raise UsageError(
-                f"{settings.method} prunes before the first layer, so a cache it pruned cannot be continued by a "
-                "later call; answer each prompt from the start (asap chat refuses these methods for the same reason)"
-            )
-        mask = kwargs.get("attention_mask")
-        padding = [0] * input_ids.shape[0] if mask is None else (mask[:, : cached + input_ids.shape[1]] == 0).sum(1)
-        decoder.plans = pruning.plans_for(input_ids, cached, [int(p) for p in padding])
+        decoder.prune_next(pruning.plans_for_call(args, kwargs))
 
     _OPEN.add(model)
     try:

@@ -7,11 +7,14 @@ KV cache. We chose this over an own prefill/decode loop because each model famil
 multimodal preprocessing (LLaVA-NeXT tiles and newlines, Qwen's 3-D positions) stays the
 model's own code, untouched.
 
-A `PruningPlan` is set for the duration of one `generate()` or forward call with
-`with decoder.pruning(plan):` (generate() rejects keyword arguments its model's forward does not
-name, so the plan cannot travel as one). The plan names image spans in absolute positions of the
-conversation, so it is inert during decoding steps and earlier turns, and a chat turn that
-brings a new image prunes only that image's span in its own prefill.
+The decoder receives its plans in one of two ways (generate() rejects keyword arguments its
+model's forward does not name, so a plan cannot travel as one): `with decoder.pruning(plan):`
+prunes every forward call inside the block by one plan (tests, measurements), and
+`decoder.prune_next(plans)` gives the next forward call alone its plans (the API's block plans
+each call from its own input_ids, which the LVLM never hands its decoder). A plan names image
+spans in absolute positions of the conversation, so it is inert during decoding steps and
+earlier turns, and a chat turn that brings a new image prunes only that image's span in its own
+prefill. What the decoder did to each span it pruned goes into the plan as one `SpanRecord`.
 
 After layer L-1 the sequence shrinks to text + k visual tokens per span; the kept tokens keep
 their ORIGINAL position ids, so RoPE is unchanged for them. The DynamicCache then holds all
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -47,6 +50,34 @@ class UnsupportedModel(AsapError):
     """The model is built in a way the pruning engine cannot drive (yet)."""
 
 
+@dataclass(frozen=True)
+class SpanRecord:
+    """What the decoder did to one image span of a prefill. `start`, `end` and `kept` (the
+    positions that went on past layer L-1, ascending) are positions of the span's batch row,
+    its padding included (`shifted` counts them in the row's own tokens); `roles` says why each
+    kept token was kept (engine.methods.ROLES) and `absorbed` which span indices (0: the span's
+    first token) each one took the states of (ASAP's anchors, pool's cells); `importance` is the
+    attention the span's tokens received at layer L-1 when the method scores them, `merged` how
+    many kept tokens were merged. A span only scored (a score_only plan) has `kept` None."""
+
+    start: int
+    end: int
+    kept: torch.Tensor | None
+    roles: list[str] = field(default_factory=list)
+    absorbed: list[list[int]] = field(default_factory=list)
+    importance: torch.Tensor | None = None
+    merged: int = 0
+
+    def shifted(self, padding: int) -> SpanRecord:
+        """The record counted in its row's own tokens, the `padding` before them left out."""
+        kept = self.kept - padding if self.kept is not None else None
+        return replace(self, start=self.start - padding, end=self.end - padding, kept=kept)
+
+    def absorbed_positions(self) -> list[list[int]]:
+        """`absorbed` as positions (counted as `start` is) rather than span indices."""
+        return [[self.start + index for index in indices] for indices in self.absorbed]
+
+
 @dataclass
 class PruningPlan:
     """What to prune in the next prefill: `spans` are [start, end) positions of image tokens in the
@@ -54,29 +85,40 @@ class PruningPlan:
     not shrink at budget k (k >= its tokens) runs exactly as vanilla: no SG-BiMask, no scoring,
     unless `score_only` asks for the scores (attention figures). `renumber` (methods that prune
     before the language model only) numbers the pruned sequence afresh, as a pipeline that feeds
-    the model fewer embeddings does (official DivPrune). The decoder appends to `kept` the
-    absolute positions it kept for each span it pruned, to `roles` why each of them was kept
-    (engine.methods.ROLES) and to `absorbed` the span indices (0: the span's first token) whose
-    states each one absorbed (ASAP's anchors, pool's cells), and to `importance` the attention
-    each span's tokens received at layer L-1 when the method scores them (outputs, for reports
-    and figures)."""
+    the model fewer embeddings does (official DivPrune). The decoder appends to `records` one
+    SpanRecord per span it pruned or scored, in the order of `spans` (outputs, for reports and
+    figures)."""
 
     method: PruningMethod
     k: int
     layer: int
     spans: list[tuple[int, int]]
-    kept: list[torch.Tensor] = field(default_factory=list)
-    roles: list[list[str]] = field(default_factory=list)
-    absorbed: list[list[list[int]]] = field(default_factory=list)
-    importance: list[torch.Tensor] = field(default_factory=list)
-    merged: int = 0
+    records: list[SpanRecord] = field(default_factory=list)
     score_only: bool = False  # score every span at layer L-1 as the method would, prune none
     renumber: bool = False  # kept tokens take positions 0..M-1 (a shorter prompt) instead of their own
+
+    @property
+    def pruned(self) -> list[SpanRecord]:
+        """The records of the spans that lost tokens (a score-only span lost none)."""
+        return [record for record in self.records if record.kept is not None]
+
+    @property
+    def merged(self) -> int:
+        return sum(record.merged for record in self.records)
 
     def shrinks(self, start: int, end: int) -> bool:
         """Whether the span [start, end) loses tokens at this budget; one that does not runs as vanilla
         (as every span does under vanilla, whatever its k)."""
         return self.method.prunes and self.method.kept_count(end - start, self.k) < end - start
+
+
+def checked_plans(plan: PruningPlan | list[PruningPlan] | None) -> list[PruningPlan] | None:
+    """One plan per row of a batch (a single plan: a batch of one); they must agree on how they
+    prune, each row naming its own spans."""
+    plans = [plan] if isinstance(plan, PruningPlan) else plan
+    if plans and len({(p.method, p.k, p.layer) for p in plans}) != 1:
+        raise ValueError("the plans of one batch must share method, k and layer")
+    return plans
 
 
 class PrunePass:
@@ -90,6 +132,7 @@ class PrunePass:
         self.method = plans[0].method
         self.layer = plans[0].layer
         self.k = plans[0].k
+        self.renumber = plans[0].renumber
         self.spans = [
             (row, slice(start - chunk_start, end - chunk_start))
             for row, plan in enumerate(plans)
@@ -101,6 +144,13 @@ class PrunePass:
     def record(self, index: int, scores: SpanScores) -> None:
         self.scores[index] = scores
 
+    def scores_in(self, layer: int) -> bool:
+        """Whether the attention of `layer` sees this pass (layers 0..L-1 measure the spans)."""
+        return layer < self.layer
+
+    def prunes_before(self, layer: int) -> bool:
+        return layer == self.layer
+
     def _unpadded(self, row: int, position: int) -> int:
         """A position of the padded batch, counted in its own row's tokens (padding left out)."""
         if self.attention_mask is None:
@@ -108,45 +158,56 @@ class PrunePass:
         return int(self.attention_mask[row, :position].sum())
 
     def prune(self, hidden: torch.Tensor, chunk_start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Select k tokens per span from the output of layer L-1 (B, N, d). Returns, per row,
-        the chunk indices that go on (B, M), ascending, the hidden states there (B, M, d), and
-        which of them are real (B, M): rows that keep fewer than M tokens are left-filled with
-        some of their dropped slots, masked out, as a padded batch is."""
-        batch, length = hidden.shape[:2]
-        keep = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        """Select k tokens per span from the output of layer L-1 (B, N, d), recording each span in
+        its row's plan. Returns, per row, the chunk indices that go on (B, M), ascending, the
+        hidden states there (B, M, d), and which of them are real (B, M): rows that keep fewer
+        than M tokens are left-filled with some of their dropped slots, masked out, as a padded
+        batch is."""
+        keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         hidden = hidden.clone()
         for index, (row, span) in enumerate(self.spans):
-            plan, scores = self.plans[row], self.scores.get(index, SpanScores())
-            if scores.importance is not None:
-                plan.importance.append(scores.importance[0])
-            if plan.score_only:
-                continue
-            view = SpanView(
-                start=self._unpadded(row, span.start + chunk_start),
-                hidden=hidden[row, span],
-                importance=_first(scores.importance),
-                mass=_first(scores.mass),
-                saliency=_first(scores.saliency),
-            )
-            selection = self.method.select(view, self.k)
-            kept = selection.kept + span.start
-            keep[row, span] = False
-            keep[row, kept] = True
-            hidden[row, kept] = selection.hidden
-            plan.kept.append(kept + chunk_start)
-            plan.roles.append(selection.token_roles())
-            plan.absorbed.append(selection.token_absorbed())
-            plan.merged += selection.merged
-        # Kept tokens rank above dropped ones, each group in position order: the top `width`
-        # ranks of a row are its kept tokens and, for a row that keeps fewer than the longest,
-        # its last dropped slots as fillers; sorted by rank, the fillers come first.
-        width = int(keep.sum(1).max())
-        position = torch.arange(length, device=hidden.device)
-        rank = torch.where(keep, position + length, position).expand(batch, -1)
-        top = rank.topk(width, dim=1)
-        index = top.indices.gather(1, top.values.argsort(dim=1))
-        real = keep.gather(1, index)
-        return index, hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), real
+            record = self._select(row, span, hidden, keep, chunk_start, self.scores.get(index, SpanScores()))
+            self.plans[row].records.append(record)
+        return _gather_kept(keep, hidden)
+
+    def _select(
+        self, row: int, span: slice, hidden: torch.Tensor, keep: torch.Tensor, chunk_start: int, scores: SpanScores
+    ) -> SpanRecord:
+        """Prune one span: its kept tokens marked in `keep` and their states written into
+        `hidden` (both in place, chunk coordinates); the span's record."""
+        start, end = span.start + chunk_start, span.stop + chunk_start
+        importance = _first(scores.importance)
+        if self.plans[row].score_only:
+            return SpanRecord(start, end, None, importance=importance)
+        view = SpanView(
+            start=self._unpadded(row, start),
+            hidden=hidden[row, span],
+            importance=importance,
+            mass=_first(scores.mass),
+            saliency=_first(scores.saliency),
+        )
+        selection = self.method.select(view, self.k)
+        kept = selection.kept + span.start
+        keep[row, span] = False
+        keep[row, kept] = True
+        hidden[row, kept] = selection.hidden
+        roles, absorbed = selection.token_roles(), selection.token_absorbed()
+        return SpanRecord(start, end, kept + chunk_start, roles, absorbed, importance, selection.merged)
+
+
+def _gather_kept(keep: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept tokens of each row (`keep`, (B, N)) as one (B, M) batch: their indices, states and
+    which are real. Kept tokens rank above dropped ones, each group in position order: the top M
+    ranks of a row are its kept tokens and, for a row that keeps fewer than the longest, its last
+    dropped slots as fillers; sorted by rank, the fillers come first."""
+    batch, length = keep.shape
+    width = int(keep.sum(1).max())
+    position = torch.arange(length, device=keep.device)
+    rank = torch.where(keep, position + length, position).expand(batch, -1)
+    top = rank.topk(width, dim=1)
+    index = top.indices.gather(1, top.values.argsort(dim=1))
+    real = keep.gather(1, index)
+    return index, hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), real
 
 
 def _split_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -174,14 +235,111 @@ def _first(scores: torch.Tensor | None) -> torch.Tensor | None:
 
 @dataclass
 class _AfterPruning:
-    """What a pruning prefill leaves for the decoding steps of the same call. `padding`: which
-    tokens of the pruned layers' cache are real (rows padded to one length), (B, cached), from
-    layer `padding_from` on; None: all are. `position_shift` (B,): how far a renumbered row's
-    positions run behind the ones generate() counts from the whole prompt."""
+    """What a pruning prefill leaves for the later calls on the same cache (the decoding steps of
+    one generate()). `padding`: which tokens of the pruned layers' cache are real (rows padded to
+    one length), (B, cached), from layer `padding_from` on; None: all are. `position_shift` (B,):
+    how far a renumbered row's positions run behind the ones generate() counts from the whole
+    prompt."""
 
     padding_from: int | None = None
     padding: torch.Tensor | None = None
     position_shift: torch.Tensor | None = None
+
+    def shifted(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """generate()'s positions for a call, carried on from a renumbered prefill."""
+        if self.position_shift is None:
+            return position_ids
+        return position_ids - self.position_shift[:, None]
+
+    def pads(self, layer: int) -> bool:
+        """Whether `layer` holds a pruned cache with padding of its own."""
+        return self.padding_from is not None and layer >= self.padding_from
+
+    def note_padding(self, layer: int, real: torch.Tensor, cached: int) -> None:
+        """Remember which tokens of the pruned layers are real (kept, not padding). Nothing to
+        remember when all are (one sequence, or rows that stay aligned)."""
+        if bool(real.all()):
+            return
+        past = torch.ones(real.shape[0], cached, dtype=torch.bool, device=real.device)
+        self.padding_from, self.padding = layer, torch.cat([past, real], dim=1)
+
+    def renumber(self, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Positions 0..M-1 over each row's real kept tokens (padding at 1, as generate() pads),
+        and the shift that carries the decoding steps on from there."""
+        if positions.ndim == 3:
+            raise UnsupportedModel("renumbered positions need 1-D position ids; this model uses 3-D M-RoPE")
+        renumbered = (real.long().cumsum(1) - 1).masked_fill(~real, 1)
+        self.position_shift = positions[:, -1] - renumbered[:, -1]
+        return renumbered
+
+    def padding_mask(self, attention_mask: torch.Tensor | None, layer: int, length: int) -> torch.Tensor | None:
+        """The 2-D padding mask for `layer`, whose keys will number `length`. transformers' mask
+        covers every token of the conversation: it fits only layers that kept them all; pruned
+        layers of a padded batch get theirs, the tokens decoded since then added as real."""
+        if self.pads(layer):
+            grown = length - self.padding.shape[1]
+            if grown > 0:
+                self.padding = torch.cat([self.padding, self.padding.new_ones(self.padding.shape[0], grown)], dim=1)
+            return self.padding
+        if attention_mask is not None and attention_mask.shape[-1] == length:
+            return attention_mask
+        return None  # a pruned layer of one sequence, or of aligned rows: nothing is padding
+
+
+@dataclass
+class _Call:
+    """One forward call as it runs: the tokens going through the layers (fewer from a prune step
+    on) with their positions, and what the call was given."""
+
+    hidden: torch.Tensor
+    rope_positions: torch.Tensor
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    cache: DynamicCache | None
+    use_cache: bool
+    chunk_start: int  # tokens the cache held before the call
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def cached(self, layer: int) -> int:
+        return self.cache.get_seq_length(layer) if self.cache is not None else 0
+
+
+class _Masks:
+    """The attention mask of each layer of one call. Layers hold different cache lengths after
+    pruning, and the queries shrink at layer L: a mask per distinct (cached keys, queries,
+    padding) shape, built when the shape changes."""
+
+    def __init__(self, config, call: _Call, after: _AfterPruning):
+        self.config, self.call, self.after = config, call, after
+        self.key: tuple[int, int, bool] | None = None
+        self.mask = None
+
+    def for_layer(self, layer: int, hidden: torch.Tensor):
+        kv_len, pads = self.call.cached(layer), self.after.pads(layer)
+        key = (kv_len, hidden.shape[1], pads)
+        if self.key != key:
+            self.mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=self.after.padding_mask(self.call.attention_mask, layer, kv_len + hidden.shape[1]),
+                past_key_values=self.call.cache,
+                # No position ids: pruned positions jump, which transformers would read as
+                # packed sequences and answer with a block-diagonal mask.
+                position_ids=None,
+                layer_idx=layer,
+            )
+            self.key = key
+        return self.mask
+
+
+def _check_padding_mask(attention_mask) -> None:
+    if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
+        # The LVLM built its language model's masks itself: it attends otherwise than
+        # causally (PaliGemma attends bidirectionally over the image and prompt prefix).
+        raise UnsupportedModel(
+            "this model builds its own attention masks for its language model (bidirectional attention "
+            "over the image, say); the pruning engine supports causal attention with a padding mask only"
+        )
 
 
 class PrunedDecoder(nn.Module):
@@ -192,22 +350,27 @@ class PrunedDecoder(nn.Module):
         super().__init__()
         self.decoder = decoder
         self.replaced_attention = replaced_attention  # the text model's own, restored by uninstall
-        self.plans: list[PruningPlan] | None = None
-        self.after = _AfterPruning()
+        self._plans: list[PruningPlan] | None = None  # every call's inside `pruning`
+        self._next: list[list[PruningPlan] | None] = []  # the next call's alone (prune_next), if given
+        self._after = _AfterPruning()
 
     @contextmanager
     def pruning(self, plan: PruningPlan | list[PruningPlan] | None) -> Iterator[PruningPlan | list[PruningPlan] | None]:
         """Prune by `plan` in the forward calls made inside the block; a list holds one plan per
-        row of a batch (same method, k and layer; each row its own spans)."""
-        plans = [plan] if isinstance(plan, PruningPlan) else plan
-        if plans and len({(p.method, p.k, p.layer) for p in plans}) != 1:
-            raise ValueError("the plans of one batch must share method, k and layer")
-        previous = self.plans, self.after
-        self.plans, self.after = plans, _AfterPruning()
+        row of a batch (same method, k and layer; each row its own spans). None: a call prunes
+        what `prune_next` gives it, else nothing."""
+        plans = checked_plans(plan)
+        previous = self._plans, self._next, self._after
+        self._plans, self._next, self._after = plans, [], _AfterPruning()
         try:
             yield plan
         finally:
-            self.plans, self.after = previous
+            self._plans, self._next, self._after = previous
+
+    def prune_next(self, plans: list[PruningPlan] | None) -> None:
+        """The plans of the next forward call alone, one per row (None: it prunes nothing), in
+        place of the block's; the call uses them up."""
+        self._next = [checked_plans(plans)]
 
     @property
     def config(self):
@@ -229,107 +392,71 @@ class PrunedDecoder(nn.Module):
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        decoder, config = self.decoder, self.decoder.config
-        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
-            # The LVLM built its language model's masks itself: it attends otherwise than
-            # causally (PaliGemma attends bidirectionally over the image and prompt prefix).
-            raise UnsupportedModel(
-                "this model builds its own attention masks for its language model (bidirectional attention "
-                "over the image, say); the pruning engine supports causal attention with a padding mask only"
-            )
+        plans = self._next.pop() if self._next else self._plans
+        _check_padding_mask(attention_mask)
         if inputs_embeds is None:
-            inputs_embeds = decoder.embed_tokens(input_ids)
-        use_cache = config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=config)
-        chunk_start = past_key_values.get_seq_length() if past_key_values is not None else 0
-        chunk_len = inputs_embeds.shape[1]
-        if position_ids is None:
-            position_ids = torch.arange(chunk_len, device=inputs_embeds.device)[None] + chunk_start
-        if chunk_start == 0:  # a new sequence: no pruned cache yet
-            self.after = _AfterPruning()
-        elif self.after.position_shift is not None:
-            position_ids = position_ids - self.after.position_shift[:, None]
-        rope_positions, position_ids = _split_positions(position_ids)
-        prune_pass = None
-        if self.plans is not None and self.plans[0].method.prunes:
-            if len(self.plans) != inputs_embeds.shape[0]:
-                raise ValueError(f"{len(self.plans)} pruning plans for a batch of {inputs_embeds.shape[0]}")
-            prune_pass = PrunePass(self.plans, chunk_start, chunk_len, attention_mask)
-            if not prune_pass.spans:
-                prune_pass = None
+            inputs_embeds = self.decoder.embed_tokens(input_ids)
+        call = self._start(inputs_embeds, attention_mask, position_ids, past_key_values, use_cache)
+        hidden = self._layers(call, self._prune_pass(plans, call), kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.decoder.norm(hidden), past_key_values=call.cache)
 
-        hidden = inputs_embeds
-        position_embeddings = decoder.rotary_emb(hidden, rope_positions)
-        mask, mask_key = None, None
-        for index, layer in enumerate(decoder.layers[: config.num_hidden_layers]):
-            if prune_pass is not None and index == prune_pass.layer:
-                keep, hidden, real = prune_pass.prune(hidden, chunk_start)
-                if attention_mask is not None:  # batch padding kept as a filler is not real either
-                    real = real & attention_mask[:, -chunk_len:].bool().gather(1, keep)
-                cached = past_key_values.get_seq_length(index) if past_key_values is not None else 0
-                self._note_padding(index, real, cached)
-                rope_positions = _gather_positions(rope_positions, keep)
-                position_ids = _gather_positions(position_ids, keep) if position_ids is not None else None
-                if self.plans[0].renumber:
-                    rope_positions = position_ids = self._renumber(rope_positions, real)
-                position_embeddings = decoder.rotary_emb(hidden, rope_positions)
-            # Layers hold different cache lengths after pruning, and the queries shrink at layer
-            # L: a mask per distinct (cached keys, queries, padding) shape.
-            kv_len = past_key_values.get_seq_length(index) if past_key_values is not None else 0
-            pruned = self.after.padding_from is not None and index >= self.after.padding_from
-            if mask_key != (kv_len, hidden.shape[1], pruned):
-                mask = create_causal_mask(
-                    config=config,
-                    inputs_embeds=hidden,
-                    attention_mask=self._padding(attention_mask, pruned, kv_len + hidden.shape[1]),
-                    past_key_values=past_key_values,
-                    # No position ids: pruned positions jump, which transformers would read as
-                    # packed sequences and answer with a block-diagonal mask.
-                    position_ids=None,
-                    layer_idx=index,
-                )
-                mask_key = (kv_len, hidden.shape[1], pruned)
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                prune_pass=prune_pass if prune_pass is not None and index < prune_pass.layer else None,
+    def _start(self, embeds, attention_mask, position_ids, cache, use_cache) -> _Call:
+        """The call's cache and positions: a new sequence's, or carried on from a pruning prefill
+        of this one."""
+        config = self.decoder.config
+        use_cache = config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        chunk_start = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start
+        if chunk_start == 0:  # a new sequence: no pruned cache yet
+            self._after = _AfterPruning()
+        rope_positions, position_ids = _split_positions(self._after.shifted(position_ids))
+        return _Call(embeds, rope_positions, position_ids, attention_mask, cache, use_cache, chunk_start)
+
+    def _prune_pass(self, plans: list[PruningPlan] | None, call: _Call) -> PrunePass | None:
+        """The pass that prunes this call's image spans; None when the call brings none to prune
+        (a decoding step, text, images the budget keeps whole)."""
+        if plans is None or not plans[0].method.prunes:
+            return None
+        batch, chunk_len = call.hidden.shape[:2]
+        if len(plans) != batch:
+            raise ValueError(f"{len(plans)} pruning plans for a batch of {batch}")
+        prune_pass = PrunePass(plans, call.chunk_start, chunk_len, call.attention_mask)
+        return prune_pass if prune_pass.spans else None
+
+    def _layers(self, call: _Call, prune_pass: PrunePass | None, kwargs: dict) -> torch.Tensor:
+        """The decoder layers over the call's tokens, a prune step before layer L when there is a
+        pass (whose spans the attention of the layers before measures)."""
+        masks = _Masks(self.decoder.config, call, self._after)
+        call.position_embeddings = self.decoder.rotary_emb(call.hidden, call.rope_positions)
+        for index, layer in enumerate(self.decoder.layers[: self.decoder.config.num_hidden_layers]):
+            if prune_pass is not None and prune_pass.prunes_before(index):
+                self._prune_step(call, prune_pass, index)
+            call.hidden = layer(
+                call.hidden,
+                attention_mask=masks.for_layer(index, call.hidden),
+                position_embeddings=call.position_embeddings,
+                position_ids=call.position_ids,
+                past_key_values=call.cache,
+                use_cache=call.use_cache,
+                prune_pass=prune_pass if prune_pass is not None and prune_pass.scores_in(index) else None,
                 **kwargs,
             )
-        hidden = decoder.norm(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+        return call.hidden
 
-    def _note_padding(self, layer: int, real: torch.Tensor, cached: int) -> None:
-        """Remember which tokens of the pruned layers are real (kept, not padding). Nothing to
-        remember when all are (one sequence, or rows that stay aligned)."""
-        if bool(real.all()):
-            return
-        past = torch.ones(real.shape[0], cached, dtype=torch.bool, device=real.device)
-        self.after.padding_from, self.after.padding = layer, torch.cat([past, real], dim=1)
-
-    def _renumber(self, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Positions 0..M-1 over each row's real kept tokens (padding at 1, as generate() pads),
-        and the shift that carries the decoding steps on from there."""
-        if positions.ndim == 3:
-            raise UnsupportedModel("renumbered positions need 1-D position ids; this model uses 3-D M-RoPE")
-        renumbered = (real.long().cumsum(1) - 1).masked_fill(~real, 1)
-        self.after.position_shift = positions[:, -1] - renumbered[:, -1]
-        return renumbered
-
-    def _padding(self, attention_mask: torch.Tensor | None, pruned: bool, length: int) -> torch.Tensor | None:
-        """The 2-D padding mask for a layer whose keys will number `length`. transformers' mask
-        covers every token of the conversation: it fits only layers that kept them all; pruned
-        layers of a padded batch get theirs, the tokens decoded since then added as real."""
-        if pruned:
-            grown = length - self.after.padding.shape[1]
-            if grown > 0:
-                ones = self.after.padding.new_ones(self.after.padding.shape[0], grown)
-                self.after.padding = torch.cat([self.after.padding, ones], dim=1)
-            return self.after.padding
-        if attention_mask is not None and attention_mask.shape[-1] == length:
-            return attention_mask
-        return None  # a pruned layer of one sequence, or of aligned rows: nothing is padding
+    def _prune_step(self, call: _Call, prune_pass: PrunePass, layer: int) -> None:
+        """The call's tokens cut to the kept ones before `layer`, with their positions (their own,
+        or renumbered); which of them are real is noted for the pruned layers' masks."""
+        chunk_len = call.hidden.shape[1]
+        keep, call.hidden, real = prune_pass.prune(call.hidden, call.chunk_start)
+        if call.attention_mask is not None:  # batch padding kept as a filler is not real either
+            real = real & call.attention_mask[:, -chunk_len:].bool().gather(1, keep)
+        self._after.note_padding(layer, real, call.cached(layer))
+        call.rope_positions = _gather_positions(call.rope_positions, keep)
+        if call.position_ids is not None:
+            call.position_ids = _gather_positions(call.position_ids, keep)
+        if prune_pass.renumber:
+            call.rope_positions = call.position_ids = self._after.renumber(call.rope_positions, real)
+        call.position_embeddings = self.decoder.rotary_emb(call.hidden, call.rope_positions)

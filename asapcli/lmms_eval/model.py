@@ -21,9 +21,8 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from ..engine.block import pruned_as
 from ..errors import AsapError, UsageError
-from ..runtime.generation import to_device
+from ..runtime.generation import GenerationResult, flops_ratio, generate_batch
 from ..runtime.inputs import build_batch_inputs
 from ..runtime.loading import load
 from .arguments import ModelArgs, whole
@@ -65,27 +64,30 @@ class Asap(lmms):
         """Each request's answer, in order: requests with the same generation options are answered
         `batch_size` at a time, as one left-padded batch (each row its own pruning)."""
         answers: list[str] = []
+        results: list[GenerationResult] = []
         progress = tqdm(total=len(requests), disable=self.rank != 0, desc="Model Responding")
-        with pruned_as(self.loaded.model, self.prune) as pruning:
-            for _, same_options in itertools.groupby(requests, key=lambda request: repr(request.args[1])):
-                same_options = list(same_options)
-                for start in range(0, len(same_options), self.batch_size):
-                    group = same_options[start : start + self.batch_size]
-                    answers += self._answer(group)
-                    progress.update(len(group))
+        for _, same_options in itertools.groupby(requests, key=lambda request: repr(request.args[1])):
+            same_options = list(same_options)
+            for start in range(0, len(same_options), self.batch_size):
+                group = same_options[start : start + self.batch_size]
+                answered = self._answer(group)
+                answers += [_cut(result.text, _until(group[0])) for result in answered]
+                results += answered
+                progress.update(len(group))
         progress.close()
-        report = pruning.report()
-        if report.visual_tokens:
+        visual = sum(result.visual_tokens for result in results)
+        if visual:
+            kept, merged = sum(r.kept_tokens for r in results), sum(r.merged_tokens for r in results)
             logger.info(
-                f"asap: {report.kept_tokens}/{report.visual_tokens} visual tokens kept ({report.merged_tokens} merged), "
-                f"FLOPs {100 * report.flops_ratio:.1f}% of vanilla (Eq. 8)"
+                f"asap: {kept}/{visual} visual tokens kept ({merged} merged), "
+                f"FLOPs {100 * flops_ratio(self.loaded, results):.1f}% of vanilla (Eq. 8)"
             )
         return answers
 
-    def _answer(self, group: list[Instance]) -> list[str]:
+    def _answer(self, group: list[Instance]) -> list[GenerationResult]:
+        """The answers to a group of requests with the same options, as asap eval answers them:
+        its prompts, one padded batch, the same generation (seeded as asap run --seed)."""
         options = dict(group[0].args[1])
-        until = options.pop("until", None)
-        until = [until] if isinstance(until, str) else list(until or [])
         samples = []
         for request in group:
             context, _, doc_to_visual, doc_id, task, split = request.args
@@ -95,19 +97,12 @@ class Asap(lmms):
                     f"task {task}: question {doc_id} brings {len(visuals)} images; the asap model answers one per question"
                 )
             samples.append((context, visuals[0].convert("RGB")))
-        inputs = to_device(self.loaded, build_batch_inputs(self.loaded.processor, samples))  # as asap eval builds them
-        tokenizer = self.loaded.processor.tokenizer
-        torch.manual_seed(self.prune.seed)  # a task that samples draws as asap run --seed does
-        with torch.inference_mode():
-            output = self.loaded.model.generate(
-                **inputs,
-                **_sampling(options),
-                max_new_tokens=whole(options.get("max_new_tokens", 10), "max_new_tokens"),
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            )
-        prompt_length = inputs["input_ids"].shape[1]
-        texts = [tokenizer.decode(row[prompt_length:], skip_special_tokens=True).strip() for row in output]
-        return [_cut(text, until) for text in texts]
+        inputs = build_batch_inputs(self.loaded.processor, samples)
+        max_tokens = whole(options.get("max_new_tokens", 10), "max_new_tokens")
+        sampling = _sampling(options)
+        return generate_batch(
+            self.loaded, inputs, self.prune, max_tokens=max_tokens, seed=self.prune.seed, sampling=sampling
+        )
 
     def loglikelihood(self, requests):
         raise NotImplementedError("the asap model generates answers; it does not score given continuations")
@@ -124,6 +119,12 @@ def _sampling(options: dict) -> dict:
     if not options.get("do_sample") or temperature <= 0 or math.isnan(temperature):
         return {"do_sample": False}
     return {"do_sample": True, "temperature": temperature, "top_p": float(options.get("top_p", 1.0) or 1.0)}
+
+
+def _until(request: Instance) -> list[str]:
+    """The task's stop strings for a request."""
+    until = request.args[1].get("until")
+    return [until] if isinstance(until, str) else list(until or [])
 
 
 def _cut(text: str, until: list[str]) -> str:

@@ -318,7 +318,7 @@ def patch_attention(
             plan = replace(plan_for(loaded, inputs["input_ids"][0], settings), score_only=True)
             with torch.inference_mode(), loaded.decoder.pruning(plan):
                 loaded.model(**to_device(loaded, inputs))
-            sums[mask] = sums[mask] + _on_grid(loaded, picture, plan.importance[0])
+            sums[mask] = sums[mask] + _on_grid(loaded, picture, plan.records[0].importance)
             if on_step is not None:
                 on_step()
     return PatchAttention(layer, queries, *((sums[mask] / len(items)).tolist() for mask in masks))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import BatchFeature, DynamicCache, StoppingCriteriaList
 
-from ..engine import PruningPlan, image_spans, schedule
+from ..engine import PruningPlan, SpanRecord, image_spans, schedule
 from ..engine.block import pruned_as
 from ..engine.plans import token_counts
 from ..engine.settings import PruneSettings
@@ -40,9 +40,7 @@ class GenerationResult:
     decode_tokens_per_second: float | None  # None: fewer than MIN_DECODE_TOKENS decoded
     flops_ratio: float
     layer: int = 0  # L of the plan: 0 for methods that prune before the language model
-    kept_positions: list[list[int]] = field(default_factory=list)
-    kept_roles: list[list[str]] = field(default_factory=list)  # why each was kept (engine.methods.ROLES)
-    kept_absorbed: list[list[list[int]]] = field(default_factory=list)  # span indices each one absorbed
+    spans: list[SpanRecord] = field(default_factory=list)  # each image span pruned, in the prompt's own positions
     token_ids: list[int] = field(default_factory=list)  # the generated tokens, end-of-text included
     fed_tokens: int = 0  # prompt tokens this call prefilled (the rest came from the cache)
     stopped: bool = False  # cut short by `should_stop`
@@ -53,11 +51,26 @@ class GenerationResult:
     def pruned(self) -> bool:
         return self.kept_tokens < self.visual_tokens
 
+    @property
+    def kept_positions(self) -> list[list[int]]:
+        return [span.kept.tolist() for span in self.spans]
+
+    @property
+    def kept_roles(self) -> list[list[str]]:
+        """Why each kept token was kept (engine.methods.ROLES), per span."""
+        return [span.roles for span in self.spans]
+
+    @property
+    def kept_absorbed(self) -> list[list[list[int]]]:
+        """The span indices each kept token absorbed, per span."""
+        return [span.absorbed for span in self.spans]
+
 
 def generate(
     loaded: Loaded,
     inputs: BatchFeature,
     settings: PruneSettings,
+    *,
     max_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,
@@ -74,11 +87,14 @@ def generate(
     streamer = TextStream(loaded.processor.tokenizer, on_text) if on_text is not None else None
     stop = StopWhen(should_stop) if should_stop is not None else None
     cached = cache.get_seq_length() if cache is not None else 0
-    output, clock, plans = _generate(loaded, inputs, settings, max_tokens, temperature, seed, streamer, stop, cache)
+    output, clock, plans = _generate(
+        loaded, inputs, settings, max_tokens=max_tokens, sampling=sampling_options(temperature), seed=seed,
+        streamer=streamer, stop=stop, cache=cache,
+    )  # fmt: skip
     prompt_len = inputs["input_ids"].shape[1]
     return _result(
-        loaded, inputs["input_ids"][0], output[0, prompt_len:], plans and plans[0], clock, cached=cached,
-        stopped=bool(stop and stop.fired), max_tokens=max_tokens,
+        loaded, prompt_ids=inputs["input_ids"][0], new_ids=output[0, prompt_len:], plan=plans and plans[0],
+        clock=clock, cached=cached, stopped=bool(stop and stop.fired), max_tokens=max_tokens,
     )  # fmt: skip
 
 
@@ -86,14 +102,18 @@ def generate_batch(
     loaded: Loaded,
     inputs: BatchFeature,
     settings: PruneSettings,
+    *,
     max_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,
+    sampling: dict | None = None,
 ) -> list[GenerationResult]:
     """Several samples as one left-padded batch (`inputs`), each row pruned on its own: prefilled
-    and decoded together, a result per row (the times are the batch's)."""
+    and decoded together, a result per row (the times are the batch's). `sampling`: generate()'s
+    own sampling options in place of those `temperature` makes (lmms-eval passes its task's)."""
     inputs = to_device(loaded, inputs)
-    output, clock, plans = _generate(loaded, inputs, settings, max_tokens, temperature, seed)
+    sampling = sampling if sampling is not None else sampling_options(temperature)
+    output, clock, plans = _generate(loaded, inputs, settings, max_tokens=max_tokens, sampling=sampling, seed=seed)
     plans = plans or [None] * output.shape[0]
     prompt_len = inputs["input_ids"].shape[1]
     eos = _end_tokens(loaded)
@@ -103,11 +123,41 @@ def generate_batch(
         ends = [index for index, token in enumerate(new_ids) if token in eos]
         new_ids = new_ids[: ends[0] + 1] if ends else new_ids  # what follows is the batch's padding
         padding = int((inputs["attention_mask"][row] == 0).sum()) if "attention_mask" in inputs else 0
-        prompt_ids = inputs["input_ids"][row, padding:]
-        results.append(
-            _result(loaded, prompt_ids, torch.tensor(new_ids), plan, clock, padding=padding, max_tokens=max_tokens)
+        prompt_ids, new_ids = inputs["input_ids"][row, padding:], torch.tensor(new_ids)
+        result = _result(
+            loaded,
+            prompt_ids=prompt_ids,
+            new_ids=new_ids,
+            plan=plan,
+            clock=clock,
+            padding=padding,
+            max_tokens=max_tokens,
         )
+        results.append(result)
     return results
+
+
+def sampling_options(temperature: float) -> dict:
+    """generate()'s options for picking each token: greedily, or by sampling at `temperature`
+    from every token (no top-k or top-p cut)."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
+
+
+def flops_ratio(loaded: Loaded, results: list[GenerationResult]) -> float:
+    """Eq. 8 over several answers' prompts: their visual tokens' FLOPs over those of keeping
+    every one (the v^2 term of Eq. 7 is per sequence, so it is the ratio of the sums)."""
+    pruned = full = 0.0
+    for result in results:
+        if result.visual_tokens:
+            pruned += schedule.token_flops(loaded.text_config, result.visual_tokens, result.kept_tokens, result.layer)[
+                0
+            ]
+            full += schedule.token_flops(loaded.text_config, result.visual_tokens, result.visual_tokens, result.layer)[
+                0
+            ]
+    return pruned / full if full else 1.0
 
 
 def context_length(loaded: Loaded) -> int:
@@ -151,8 +201,9 @@ def _generate(
     loaded: Loaded,
     inputs: BatchFeature,
     settings: PruneSettings,
+    *,
     max_tokens: int,
-    temperature: float,
+    sampling: dict,
     seed: int,
     streamer: TextStream | None = None,
     stop: StopWhen | None = None,
@@ -162,11 +213,6 @@ def _generate(
     the prefill's plans (one per row; None when the prompt brought no image)."""
     model, tokenizer = loaded.model, loaded.processor.tokenizer
     max_tokens = _room(loaded, inputs["input_ids"].shape[1], max_tokens)
-    sampling = (
-        {"do_sample": False}
-        if temperature <= 0
-        else {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
-    )
     torch.manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     first = FirstToken()
@@ -190,6 +236,7 @@ def _generate(
 
 def _result(
     loaded: Loaded,
+    *,
     prompt_ids: torch.Tensor,
     new_ids: torch.Tensor,
     plan: PruningPlan | None,
@@ -220,9 +267,7 @@ def _result(
         decode_tokens_per_second=decoded / decoding if decoded >= MIN_DECODE_TOKENS and decoding > 0 else None,
         flops_ratio=ratio,
         layer=plan.layer if plan is not None else 0,
-        kept_positions=[(positions - padding).tolist() for positions in plan.kept] if plan is not None else [],
-        kept_roles=plan.roles if plan is not None else [],
-        kept_absorbed=plan.absorbed if plan is not None else [],
+        spans=[record.shifted(padding) for record in plan.pruned] if plan is not None else [],
         token_ids=new_ids.tolist(),
         fed_tokens=int(prompt_ids.numel()) - cached,
         stopped=stopped,
