@@ -60,7 +60,7 @@ def test_vanilla_equals_transformers_in_bfloat16(demo, demo_reference):
     # attention kernel may differ in the last bits of each.
     torch.testing.assert_close(ours.float(), expected.float(), atol=0.05, rtol=0.02)
     assert torch.equal(ours.argmax(-1), expected.argmax(-1))
-    result = generate(demo, inputs, plan_for(demo, inputs["input_ids"][0], PruneSettings("vanilla")), max_tokens=8)
+    result = generate(demo, inputs, PruneSettings("vanilla"), max_tokens=8)
     assert result.token_ids == expected_tokens[0, prompt:].tolist()[: len(result.token_ids)]
     assert result.text == demo.processor.tokenizer.decode(expected_tokens[0, prompt:], skip_special_tokens=True).strip()
     assert result.text == "red"
