@@ -111,7 +111,7 @@ def kept_view(
         note = (
             f"also kept: {sum(painter.off_grid.values())} of the {len(layout.extra)} tokens on no patch (CLS, row ends)"
         )
-    return KeptView(title, method, grids, _legend(layout.tokens, roles, absorbed, method), note)
+    return KeptView(title, method, grids, _legend_entries(layout.tokens, roles, absorbed, method), note)
 
 
 class _Painter:
@@ -154,7 +154,7 @@ class _Painter:
                 self.outlines[at[0]].append((ABSORBED, self.layout.grids[at[0]].patch_box(*at[1:])))
 
 
-def _legend(tokens: int, roles: list[str], absorbed: list, method: str) -> list[tuple[str, str, int]]:
+def _legend_entries(tokens: int, roles: list[str], absorbed: list, method: str) -> list[tuple[str, str, int]]:
     """(role, label, count) of the kept roles in ROLES' order, the patches merged into anchors
     right after the anchors, then the dropped ones (none where cells pooled every patch)."""
     counts = Counter(roles)
