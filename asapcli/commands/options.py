@@ -278,11 +278,11 @@ class Comparison(MethodOptions):
         and L not given come from `preset`; `reference`: the unpruned reference runs first,
         named or not."""
         names = method_list(self.methods)
-        budgets = self.budget_list(preset)
+        budgets = self.budgets_for(preset)
         layer = budget_and_layer(preset, None, self.layer)[1]
         return MethodGrid(names, budgets, layer=layer, seed=self.seed, reference=reference, **options_given(self))
 
-    def budget_list(self, preset: Preset | None) -> list[int]:
+    def budgets_for(self, preset: Preset | None) -> list[int]:
         """-k as given, else the preset's k."""
         return budget_list(self.budgets) or [budget_and_layer(preset, None, None)[0]]
 
@@ -291,10 +291,10 @@ class Comparison(MethodOptions):
 class EvalComparison(Comparison):
     methods: Methods = EVALUATED
 
-    def budget_list(self, preset: Preset | None) -> list[int]:
+    def budgets_for(self, preset: Preset | None) -> list[int]:
         """Table 1's budgets, largest first: -k as given, else the preset's list, else its k."""
         budgets = budget_list(self.budgets) or (list(preset.budgets) if preset and preset.budgets else None)
-        return sorted(set(budgets), reverse=True) if budgets else super().budget_list(preset)
+        return sorted(set(budgets), reverse=True) if budgets else super().budgets_for(preset)
 
 
 def command(function):
