@@ -28,6 +28,7 @@ from contextlib import contextmanager
 
 from transformers import PreTrainedModel
 
+from .engine import DEFAULT_METHOD
 from .engine.block import ImageReport, Pruning, PruningReport, pruned_as
 from .engine.settings import PruneSettings
 
@@ -36,7 +37,7 @@ __all__ = ["ImageReport", "Pruning", "PruningReport", "pruned", "pruned_as"]
 
 @contextmanager
 def pruned(
-    model: PreTrainedModel, method: str = "asap", k: int = 128, layer: int = 2, seed: int = 0, **options
+    model: PreTrainedModel, method: str = DEFAULT_METHOD, k: int = 128, layer: int = 2, seed: int = 0, **options
 ) -> Iterator[Pruning]:
     """Prune the visual tokens of `model` (a transformers LVLM) in every forward call inside the
     block. `options` are the method's own, as the CLI spells them with underscores

@@ -375,7 +375,7 @@ def prumerge_plus(
     if q.shape[0] != n + 1 or k.shape[0] != n + 1:
         raise ValueError("q and k must be (N + 1, C) with [CLS] first")
     stop = n - 1 if sample_stop is None else sample_stop
-    attn = torch.softmax((q @ k.transpose(0, 1)) * c ** -0.5, dim=-1)
+    attn = torch.softmax((q @ k.transpose(0, 1)) * c**-0.5, dim=-1)
     cls_attn = attn[0, 1:]
 
     if adaptive:
@@ -392,9 +392,7 @@ def prumerge_plus(
     if adaptive:
         step = int(step_length / 3)
         if step == 0:
-            raise ValueError(
-                f"PruMerge+ share {share:.4f} > 1/3 gives an arange step of 0 (clip_encoder.py 210)"
-            )
+            raise ValueError(f"PruMerge+ share {share:.4f} > 1/3 gives an arange step of 0 (clip_encoder.py 210)")
         taken = set(top.tolist())
         samples = [x for x in range(0, stop, step) if x not in taken]
         if not samples:

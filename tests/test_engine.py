@@ -231,7 +231,7 @@ def test_contribution_score_ranks_by_attention_times_value_norm(method, loaded, 
 
 def test_unknown_score_is_a_usage_error():
     with pytest.raises(UsageError, match="score must be one of attention, contribution"):
-        PruneSettings(method="fastv", score="magic").check()
+        PruneSettings(method="fastv", score="magic")
 
 
 @pytest.mark.parametrize("method, kept_per_image", [("divprune", 8), ("pool", 4)])  # pool: 2 x 2 <= 8 cells
@@ -323,11 +323,11 @@ def test_renumbered_divprune_is_the_model_fed_only_the_kept_features(family, loa
 
 
 def test_renumbering_is_for_methods_that_prune_before_the_llm():
-    PruneSettings(method="pool", positions="renumber").check()
+    PruneSettings(method="pool", positions="renumber")
     with pytest.raises(UsageError, match="--positions renumber is for methods that prune before the language model"):
-        PruneSettings(method="fastv", positions="renumber").check()
+        PruneSettings(method="fastv", positions="renumber")
     with pytest.raises(UsageError, match="positions must be one of original, renumber"):
-        PruneSettings(method="divprune", positions="shuffled").check()
+        PruneSettings(method="divprune", positions="shuffled")
 
 
 @pytest.mark.parametrize(

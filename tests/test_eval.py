@@ -8,6 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from asapcli.cli import app
+from asapcli.commands import options
 from asapcli.demo import scenes
 from asapcli.engine.settings import PruneSettings
 from asapcli.measure import evaluation
@@ -89,8 +90,14 @@ def test_bad_question_files_are_one_error_line(tmp_path, line, message):
 
 def test_scoring_and_rows():
     assert evaluation.correct(" Red.", "red") and not evaluation.correct("red car", "red")
-    rows = evaluation.runs(["vanilla", "fastv", "asap"], [64, 192], PruneSettings())
-    assert [(row.method, row.k) for row in rows][1:] == [("fastv", 192), ("asap", 192), ("fastv", 64), ("asap", 64)]
+    grid = options.EvalComparison(methods="vanilla,fastv,asap", budgets="64,192").grid(None)
+    rows = evaluation.runs(grid, num_layers=4)
+    assert [(row.method.name, row.k) for row in rows][1:] == [
+        ("fastv", 192),
+        ("asap", 192),
+        ("fastv", 64),
+        ("asap", 64),
+    ]
     score = evaluation.Score(PruneSettings())
     for kind, region, hit in (("colour", "top", True), ("colour", "bottom", False), ("exists", None, True)):
         score.add(evaluation.Item(None, "q", "a", kind, region), hit)

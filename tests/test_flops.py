@@ -119,7 +119,7 @@ def test_flops_from_a_local_config(llava_path):
         (["-m", "no-such-preset"], "unknown preset 'no-such-preset'"),
         (["-m", "llava-1.5-7b", "--schedule", "2:100,4:200"], "must not grow"),
         (["-m", "llava-1.5-7b", "--schedule", "40:100"], "outside this model's layers 0..31"),
-        (["-m", "llava-1.5-7b", "--k", "0"], "k must be a whole number of at least 1, got '0'"),
+        (["-m", "llava-1.5-7b", "--k", "0"], "k needs a whole number of at least 1, got '0'"),
         (["-m", "llava-1.5-7b", "-k", "128,64", "--schedule", "2:9"], "give either --schedule or -k/--layer"),
         # Steps that prune nothing, refused instead of shown as stages:
         (["-m", "llava-1.5-7b", "--schedule", "2:100000"], "keeps every visual token (the image has 576)"),

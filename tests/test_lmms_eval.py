@@ -54,7 +54,7 @@ def test_model_args_are_read_as_asap_reads_its_options():
         ({"layer": "two"}, "layer needs a whole number"),
         ({"method": "fastvv"}, "unknown method 'fastvv'"),
         ({"lambda_max": 2.0}, "lambda-max must be in (0, 1]"),
-        ({"lambda_max": "high"}, "lambda_max needs a number"),
+        ({"lambda_max": "high"}, "lambda-max needs a number"),
         ({"score_queries": "first"}, "score-queries must be one of last, text, all"),
         ({"method": "fastv", "merge_threshold": 0.9}, "--merge-threshold is not an option of fastv"),
         ({"positions": "renumber"}, "--positions renumber is for methods that prune before the language model"),

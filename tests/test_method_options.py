@@ -54,10 +54,11 @@ def test_an_option_the_method_ignores_is_a_usage_error_naming_its_options(image_
 
 
 def test_a_comparison_gives_each_method_the_options_it_takes():
-    given = options.MethodOptions(lambda_max=0.5, merge_threshold=0.8, score_queries=None, score=None, positions=None)
-    base = options.prune_settings(["vanilla", "fastv", "asap"], given)
-    assert base.method == "vanilla" and base.hyperparameters == {}
-    assert base.for_method("fastv").hyperparameters == {}
+    given = options.Comparison(methods="vanilla,fastv,asap", lambda_max=0.5, merge_threshold=0.8)
+    base, fastv, asap_run = given.grid(None).runs()
+    assert base.method.name == "vanilla" and base.hyperparameters == {}
+    assert fastv.hyperparameters == {} and base.for_method("fastv").hyperparameters == {}
+    assert asap_run.hyperparameters == {"lambda_max": 0.5, "merge_threshold": 0.8}  # not lost behind vanilla
     assert base.replace(method="asap", lambda_max=0.5, merge_threshold=0.8).hyperparameters == {
         "lambda_max": 0.5,
         "merge_threshold": 0.8,
@@ -65,7 +66,7 @@ def test_a_comparison_gives_each_method_the_options_it_takes():
     bimask = PruneSettings("asap", lambda_max=0.5, merge_threshold=0.8).for_method("asap-bimask-only")
     assert bimask.hyperparameters == {"lambda_max": 0.5}
     with pytest.raises(UsageError, match="merge-threshold is a cosine similarity in"):
-        PruneSettings("asap", merge_threshold=float("nan")).check()
+        PruneSettings("asap", merge_threshold=float("nan"))
     with pytest.raises(TypeError, match="unknown hyperparameters"):
         PruneSettings("asap", lambda_mx=0.5)
 
@@ -75,4 +76,4 @@ def test_an_option_one_method_takes_says_so_in_the_singular():
     from asapcli.errors import UsageError
 
     with pytest.raises(UsageError, match=r"; asap takes it$"):
-        PruneSettings("fastv", merge_threshold=0.5).check()
+        PruneSettings("fastv", merge_threshold=0.5)

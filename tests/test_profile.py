@@ -140,7 +140,7 @@ def test_cpu_peak_memory_sees_a_temporary_and_what_is_kept():
     "args, message",
     [
         (["--methods", "fastv,foo"], "unknown method 'foo'"),
-        (["-k", "0"], "k must be a whole number of at least 1"),
+        (["-k", "0"], "k needs a whole number of at least 1"),
         (["-k", "16,x"], "got 'x'"),
         (["--layer", "4"], "layer must be in 1..3"),
         (["--prompt", " "], "the prompt is empty"),

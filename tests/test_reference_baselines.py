@@ -7,9 +7,8 @@ behaviour without it. Expected values below are worked out by hand in the commen
 import math
 
 import pytest
-import torch
-
 import reference_baselines as ref
+import torch
 
 F64 = torch.float64
 
@@ -48,7 +47,9 @@ def test_vispruner_hand_case():
 def test_vispruner_heads_are_averaged():
     attn, feats = _vispruner_hand_inputs()
     two_heads = torch.stack([attn * 2, torch.zeros_like(attn)])  # mean over heads = attn
-    assert ref.vispruner_select(two_heads, feats, 16).kept.tolist() == ref.vispruner_select(attn, feats, 16).kept.tolist()
+    assert (
+        ref.vispruner_select(two_heads, feats, 16).kept.tolist() == ref.vispruner_select(attn, feats, 16).kept.tolist()
+    )
 
 
 def test_vispruner_odd_residual_quirk_and_natural_mode():
@@ -336,8 +337,13 @@ def test_pyramiddrop_gqa_and_counts():
     hidden = torch.randn(30, 8, dtype=F64)
     d, h = 8, 4
     angles = torch.arange(64.0, dtype=F64)[:, None] * torch.tensor([0.3, 0.3], dtype=F64)  # head_dim 2
-    base = dict(norm_weight=torch.ones(d, dtype=F64) * 1.3, norm_eps=1e-6, num_heads=h,
-                cos=torch.cos(angles), sin=torch.sin(angles))
+    base = dict(
+        norm_weight=torch.ones(d, dtype=F64) * 1.3,
+        norm_eps=1e-6,
+        num_heads=h,
+        cos=torch.cos(angles),
+        sin=torch.sin(angles),
+    )
     wq, wk2 = torch.randn(d, d, dtype=F64), torch.randn(4, d, dtype=F64)  # 2 key heads of dim 2
     span = dict(image_start=3, image_len=20, keep=7)
     with pytest.raises(ValueError, match="repeat"):

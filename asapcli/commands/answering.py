@@ -107,16 +107,16 @@ def answer(
 
 
 def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResult, span=None) -> Answered:
-    vanilla = settings.method == "vanilla"  # no budget, no pruning layer: none to report
+    prunes = settings.method.prunes  # else no budget, no pruning layer: none to report
     record = Answer(
         **Answer.figures(result),
         image=str(image),
         prompt=prompt,
         model=loaded.name,
-        method=settings.method,
-        k=None if vanilla else settings.k,
-        layer=None if vanilla else result.layer,
-        options=settings.method_options(),
+        method=settings.method.name,
+        k=settings.k if prunes else None,
+        layer=result.layer if prunes else None,
+        options=settings.method.options(),
         prompt_tokens=result.prompt_tokens,
         device=str(loaded.device),
     )
@@ -139,15 +139,6 @@ def kept_view(loaded: Loaded, picture: Image.Image, answered: Answered) -> figur
         title,
         record.method,
     )
-
-
-def comparison_runs(methods: list[str], budgets: list[int] | None, base: PruneSettings) -> list[PruneSettings]:
-    """`asap compare`'s columns: vanilla first (the original image and its answer), then every
-    other method at every budget (`base`'s k when none are given)."""
-    ks = budgets or [base.k]
-    return [base.for_method("vanilla")] + [
-        base.for_method(method, k) for k in ks for method in methods if method != "vanilla"
-    ]
 
 
 def compare(

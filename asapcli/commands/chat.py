@@ -47,17 +47,16 @@ def chat(
     where: options.Where,
     pruning: options.OneMethod,
     sampling: options.Sampling,
-    json: Annotated[bool, typer.Option("--json", help="Print one JSON object per turn instead of text.")] = False,
+    json: options.json_flag("one JSON object per turn instead of text") = False,
 ) -> None:
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
-    pruning.settings(seed=sampling.seed)
+    settings = pruning.settings(where.preset, sampling.seed)  # made and checked before the long load
     # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
     from ..runtime.chat import ChatSession
     from ..runtime.inputs import load_image
 
     first_image = load_image(image) if image is not None else None  # a bad image fails before the long load
     loaded = where.load()
-    settings = pruning.settings(loaded.preset, sampling.seed)
     session = ChatSession(
         loaded, settings, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed
     )
@@ -180,16 +179,7 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
     if name == "/help":  # with --json, stdout holds JSON Lines only
         (display.err if json else display.out).print(HELP, markup=False, highlight=False, soft_wrap=True)
     elif name == "/image":
-        if not argument:
-            raise UsageError("/image needs a path: /image PATH")
-        # A path pasted from a file manager comes quoted when it holds spaces.
-        if len(argument) > 1 and argument[0] == argument[-1] and argument[0] in "'\"":
-            argument = argument[1:-1]
-        path = Path(argument)
-        from ..runtime.inputs import load_image
-
-        session.add_image(path.name, load_image(path))
-        display.note(f"{path.name} will go with your next message.")
+        _add_image(session, argument)
     elif name == "/drop":
         dropped = session.drop_pending()
         display.note(f"Dropped {', '.join(dropped)}." if dropped else "No image was queued.")
@@ -200,14 +190,32 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
         session.set_k(whole_number(argument, "/k"))
         display.note(f"k = {session.settings.k} from the next image on.")
     elif name == "/stats":
-        stats = session.stats()
-        if json:
-            display.print_json({"stats": dataclasses.asdict(stats)})
-        else:
-            display.out.print(_stats_text(stats), markup=False, highlight=False, soft_wrap=True)
+        _show_stats(session, json)
     else:
         raise UsageError(f"unknown command {name}; /help lists them")
     return True
+
+
+def _add_image(session: ChatSession, argument: str) -> None:
+    """/image PATH: the image queued for the next message."""
+    if not argument:
+        raise UsageError("/image needs a path: /image PATH")
+    # A path pasted from a file manager comes quoted when it holds spaces.
+    if len(argument) > 1 and argument[0] == argument[-1] and argument[0] in "'\"":
+        argument = argument[1:-1]
+    path = Path(argument)
+    from ..runtime.inputs import load_image
+
+    session.add_image(path.name, load_image(path))
+    display.note(f"{path.name} will go with your next message.")
+
+
+def _show_stats(session: ChatSession, json: bool) -> None:
+    stats = session.stats()
+    if json:
+        display.print_json({"stats": dataclasses.asdict(stats)})
+    else:
+        display.out.print(_stats_text(stats), markup=False, highlight=False, soft_wrap=True)
 
 
 @contextmanager

@@ -3,6 +3,7 @@ each kept and what each answered (the layout of the paper's Fig. 2)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -15,11 +16,11 @@ OUT_HELP = (
     "Write the figure: the original image, then each method's kept tokens with its answer under it "
     "(.png, .svg, .pdf, .jpg or .webp)."
 )
-JSON_HELP = "Print one JSON object (a CompareReport) instead of text."
 
 
+@dataclasses.dataclass
 class Methods(options.Comparison):
-    DEFAULT_METHODS = "fastv,asap,divprune"
+    methods: options.Methods = options.SIDE_BY_SIDE
 
 
 @options.command
@@ -31,7 +32,7 @@ def compare(
     comparison: Methods,
     max_tokens: options.MaxTokens = 32,
     out: Annotated[Path | None, typer.Option("--out", "-o", metavar="FILE", help=OUT_HELP)] = None,
-    json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    json: options.json_flag("one JSON object (a CompareReport) instead of text") = False,
 ) -> None:
     """Answer PROMPT about IMAGE unpruned and under each method; print the answers and draw what each kept."""
     from ..records import CompareReport
@@ -39,13 +40,13 @@ def compare(
     from . import answering
     from .run import _read_stdin
 
-    methods, budgets = comparison.check()
+    grid = comparison.grid(where.preset, reference=True)  # made and checked before the long load
     samples = answering.read_samples([str(image), prompt], [], [], _read_stdin)
     if out is not None:
         figures.check_figure_writable(out, inputs=[image])
 
     loaded = where.load()
-    runs = answering.comparison_runs(methods, budgets, comparison.settings(loaded.preset))
+    runs = [settings.for_model(loaded.num_layers) for settings in grid.runs()]
     with display.status(f"Answering under {len(runs)} settings"):
         answers = answering.compare(loaded, runs, samples, max_tokens=max_tokens, seed=comparison.seed)
     if json:

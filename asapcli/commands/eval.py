@@ -39,7 +39,6 @@ LOG_HELP = (
     "Write every answer as a JSON line (method, k, question, expected, answer, correct) as it "
     "comes: an interrupted run leaves what it answered."
 )
-JSON_HELP = "Print one JSON object with every row instead of a table."
 PROMPT_SUFFIX_HELP = (
     "A line after each question. Default: LLaVA's 'Answer the question using a single word or phrase.', "
     "none for the bundled demo model; '' for none."
@@ -53,7 +52,7 @@ def eval_command(
     data: Annotated[Path | None, typer.Option("--data", metavar="FILE.jsonl", help=DATA_HELP)] = None,
     n: Annotated[int | None, typer.Option("-n", "--n", metavar="N", min=1, help=N_HELP)] = None,
     comparison: options.EvalComparison,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", metavar="N", min=1, help="Most tokens per answer.")] = 10,
+    max_tokens: options.max_tokens("Most tokens per answer.") = 10,
     batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, help=BATCH_HELP)] = 1,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE", help=PLOT_HELP)] = None,
     attention_profile: Annotated[
@@ -63,13 +62,13 @@ def eval_command(
     prompt_suffix: Annotated[
         str | None, typer.Option("--prompt-suffix", metavar="TEXT", help=PROMPT_SUFFIX_HELP)
     ] = None,
-    json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    json: options.json_flag("one JSON object with every row instead of a table") = False,
     format_: options.Format = None,
 ) -> None:
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
     output = options.output_format(format_, json)
-    methods, budgets = comparison.check()
-    if plot is not None and set(methods) <= {"vanilla"}:
+    grid = comparison.grid(where.preset)  # made and checked before the long load
+    if plot is not None and not any(method.prunes for method in grid.methods):
         raise UsageError("--plot draws accuracy against FLOPs of pruning methods; name one in --methods beside vanilla")
     if where.random_weights:
         raise UsageError(
@@ -81,11 +80,9 @@ def eval_command(
     run = EvalRun.prepare(data, n, plot, attention_profile, log)
 
     loaded = where.load()
-    base = comparison.settings(loaded.preset)
-    lambda_max, queries = comparison.hyperparameters.get("lambda_max"), comparison.hyperparameters.get("score_queries")
     with display.progress() as tasks:
         outcome = run.answer(
-            loaded, where.model, methods, budgets, base, lambda_max, max_tokens, batch, tasks, prompt_suffix, queries
+            loaded, where.model, grid, max_tokens=max_tokens, batch=batch, tasks=tasks, prompt_suffix=prompt_suffix
         )
 
     # The results are shown before any file is written: a failed write loses only that file.
@@ -96,13 +93,17 @@ def eval_command(
     elif outcome.report.results:
         _show(outcome)
     if outcome.interrupted:
-        holds = f"; {log} holds them" if log else ""
-        unwritten = [str(path) for path in (plot, attention_profile) if path is not None]
-        skipped = f" Not written: {', '.join(unwritten)}." if unwritten else ""
-        display.note(f"Interrupted after {_count(outcome.answered, 'answer')}{holds}.{skipped}")
-        raise typer.Exit(130)
+        _interrupted(outcome, log, [path for path in (plot, attention_profile) if path is not None])
     for path in run.write_files(outcome):
         display.note(f"wrote {path}")
+
+
+def _interrupted(outcome: Outcome, log: Path | None, unwritten: list[Path]) -> None:
+    """Say what an interrupted run answered and which files it did not write; exit 130 (Ctrl-C)."""
+    holds = f"; {log} holds them" if log else ""
+    skipped = f" Not written: {', '.join(str(path) for path in unwritten)}." if unwritten else ""
+    display.note(f"Interrupted after {_count(outcome.answered, 'answer')}{holds}.{skipped}")
+    raise typer.Exit(130)
 
 
 def _has_regions(report) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.settings import PruneSettings
+from ..engine.settings import MethodGrid
 from ..errors import UsageError
 from ..measure import evaluation
 from ..measure.evaluation import AnswerLog, Item, PatchAttention, Score
@@ -64,26 +64,19 @@ class EvalRun:
         self,
         loaded: Loaded,
         model: str,
-        methods: list[str],
-        budgets: list[int] | None,
-        base: PruneSettings,
-        lambda_max: float | None = None,
+        grid: MethodGrid,
+        *,
         max_tokens: int = 10,
         batch: int = 1,
         tasks: Tasks | None = None,
         prompt_suffix: str | None = None,
-        score_queries: str | None = None,
     ) -> Outcome:
-        """Every method at every budget (the preset's budgets, else `base`'s k, when none are
-        given) over the questions, then the attention profile if asked for. Ctrl-C stops it and
+        """Every method at every budget of `grid` over the questions, then the attention profile
+        if asked for (with the grid's --lambda-max and --score-queries). Ctrl-C stops it and
         keeps what was answered; --log's file holds every answer given."""
         items, tasks = self.items, tasks or (lambda description, total: lambda: None)
         evaluation.check_questions(loaded, items)
-        if budgets is None:
-            budgets = list(loaded.preset.budgets) if loaded.preset and loaded.preset.budgets else [base.k]
-        runs = evaluation.runs(methods, budgets, base)
-        for settings in runs:
-            settings.check(loaded.num_layers)
+        runs = evaluation.runs(grid, loaded.num_layers)
         scores = [Score(settings) for settings in runs]
         attention, interrupted = None, False
         answers = AnswerLog(self.log, items) if self.log is not None else None
@@ -95,10 +88,7 @@ class EvalRun:
                 loaded, items, runs, max_tokens, batch, step, scores=scores, on_answer=on_answer, prompt_suffix=suffix
             )
             if self.attention_profile is not None:
-                step = tasks("Attention profile", 2 * len(items))
-                attention = evaluation.patch_attention(
-                    loaded, items, base.layer, lambda_max, score_queries, on_step=step
-                )
+                attention = self._attention(loaded, grid, tasks("Attention profile", 2 * len(items)))
         except KeyboardInterrupt:  # Ctrl-C: what was answered, marked partial
             interrupted = True
         finally:
@@ -106,17 +96,22 @@ class EvalRun:
                 answers.close()
         answered = sum(sum(score.totals.values()) for score in scores)
         scores = [score for score in scores if score.totals]
-        vanilla = next((score for score in scores if score.settings.method == "vanilla"), None)
+        vanilla = next((score for score in scores if not score.settings.method.prunes), None)
         report = EvalReport(
             model=model,
             data=self.source,
             n=len(items),
-            layer=base.layer,
+            layer=grid.layer,
             partial=interrupted,
             results=[score.row(vanilla) for score in scores],
             attention_profile=None if attention is None else _profile(attention),
         )
         return Outcome(report, answered, len(items) * len(runs), attention)
+
+    def _attention(self, loaded: Loaded, grid: MethodGrid, step: Callable[[], None]) -> PatchAttention:
+        """The attention profile at the grid's L, with its --lambda-max and --score-queries."""
+        lambda_max, queries = grid.options.get("lambda_max"), grid.options.get("score_queries")
+        return evaluation.patch_attention(loaded, self.items, grid.layer, lambda_max, queries, on_step=step)
 
     def write_files(self, outcome: Outcome) -> Iterator[Path]:
         """The output files, each yielded once written (--log's was written as answers came)."""

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..engine.methods import DEFAULT_METHOD, REFERENCE
 from ..measure.flops import FlopsCount
 from ..report import display
 from ..runtime.presets import built_from_numbers
@@ -38,25 +39,17 @@ def flops_command(
             metavar="METHOD",
             help="The method that prunes: divprune and pool prune before layer 0, pool to a square grid.",
         ),
-    ] = "asap",
-    json: options.Json = False,
+    ] = DEFAULT_METHOD,
+    json: options.json_flag() = False,
     format_: options.Format = None,
 ) -> None:
     """Theoretical FLOPs of the visual tokens, vanilla and pruned (paper Eq. 7-8)."""
     output = options.output_format(format_, json)
-    counts = [
-        FlopsCount.plan(
-            where.model, k, layer, schedule, visual_tokens, gqa, measure, method, where.random_weights, where.layers
-        )
-        for k in options.budget_list(budgets) or [None]
-    ]
+    request = {"layer": layer, "schedule": schedule, "visual_tokens": visual_tokens, "gqa": gqa, "measure": measure}
+    request |= {"method": method, "random_weights": where.random_weights, "layers": where.layers}
+    counts = [FlopsCount.plan(where.model, k=k, **request) for k in options.budget_list(budgets) or [None]]
     if measure:
-        settings = [count.measure_settings() for count in counts]
-        loaded = where.load()
-        with display.status("Counting FLOPs with fvcore"):
-            first = counts[0].measured(loaded, settings[0])  # the vanilla forward is the same for every budget
-            vanilla = first.counted["vanilla"]
-            counts = [first] + [count.measured(loaded, each, vanilla) for count, each in zip(counts[1:], settings[1:])]
+        counts = _measured(where, counts)
     if output == "json":
         for count in counts:
             display.print_json(count.record())
@@ -64,6 +57,21 @@ def flops_command(
     if output != "table":
         display.print_rows([row for count in counts for row in count.rows()], output)
         return
+    _show(counts, where.model, gqa, method)
+
+
+def _measured(where: options.Where, counts: list[FlopsCount]) -> list[FlopsCount]:
+    """The counts with fvcore's beside them, their settings made (and checked) before the load."""
+    settings = [count.measure_settings() for count in counts]
+    loaded = where.load()
+    with display.status("Counting FLOPs with fvcore"):
+        first = counts[0].measured(loaded, settings[0])  # the vanilla forward is the same for every budget
+        vanilla = first.counted[REFERENCE]
+        return [first] + [count.measured(loaded, each, vanilla) for count, each in zip(counts[1:], settings[1:])]
+
+
+def _show(counts: list[FlopsCount], model: str, gqa: bool, method: str) -> None:
+    """The table and the lines under it that say how it was counted."""
     if len(counts) > 1:
         display.out.print(_budgets_table(counts))
     else:
@@ -71,7 +79,7 @@ def flops_command(
     count = counts[0]
     display.out.print(f"Convention: {count.convention}.", markup=False, soft_wrap=True)
     if gqa and count.arch.kv_heads == count.arch.heads:
-        display.note(f"--gqa changes nothing here: {where.model} has as many key/value heads as query heads.")
+        display.note(f"--gqa changes nothing here: {model} has as many key/value heads as query heads.")
     if count.counted is not None:
         extra = ", ".join(f"{op} {n:,} FLOPs" for op, n in count.counted["pruned"].other.items()) or "none"
         display.out.print(
@@ -91,9 +99,9 @@ def _budgets_table(counts: list[FlopsCount]) -> Table:
     unit, scale = display.flop_unit(first.vanilla)
     columns = ["k", "L", "tokens from L", unit, "ratio %"] + ([f"measured {unit}", "measured %"] if measured else [])
     table = display.table(f"{first.label}: FLOPs of the visual tokens by budget", columns)
-    vanilla = first.counted["vanilla"].total if measured else None
+    vanilla = first.counted[REFERENCE].total if measured else None
     table.add_row(
-        "vanilla", "", str(first.arch.visual_tokens), f"{first.vanilla / scale:.3f}", "100.0",
+        REFERENCE, "", str(first.arch.visual_tokens), f"{first.vanilla / scale:.3f}", "100.0",
         *([f"{vanilla / scale:.3f}", "100.0"] if measured else []),
     )  # fmt: skip
     for count in counts:
@@ -126,13 +134,13 @@ def _table(count: FlopsCount) -> Table:
         start += stage.layers
     table.add_section()
     rows = [
-        ("vanilla", f"0..{arch.layers - 1}", str(arch.visual_tokens), vanilla, counted and counted["vanilla"].total),
+        (REFERENCE, f"0..{arch.layers - 1}", str(arch.visual_tokens), vanilla, counted and counted[REFERENCE].total),
         ("pruned", "", "", pruned, counted and counted["pruned"].total),
     ]
     for name, span, tokens, analytic, measured_total in rows:
         table.add_row(
             name, span, tokens, f"{analytic / scale:.3f}", *([f"{measured_total / scale:.3f}"] if counted else [])
         )
-    ratio = [f"{counted['pruned'].total / counted['vanilla'].total:.2%}"] if counted else []
+    ratio = [f"{counted['pruned'].total / counted[REFERENCE].total:.2%}"] if counted else []
     table.add_row("ratio", "", "", f"{pruned / vanilla:.2%}", *ratio)
     return table

@@ -1,7 +1,8 @@
 """Options shared by the subcommands, so that every command spells them the same way, each
-declared once. A command takes a group of them (`Where`, `Sampling`, `MethodOptions`) as one
-parameter annotated with the group; `@command` spreads the group into Typer options and hands
-the command the group back."""
+declared once. A command takes a group of them (a dataclass of options: `Where`, `Sampling`,
+`OneMethod`, `Comparison`) as one parameter annotated with the group; `@command` spreads the
+group into Typer options and hands the command the group back. An option whose help differs by
+command (--json says what it prints) is declared once as a function of that help."""
 
 import dataclasses
 import functools
@@ -11,16 +12,21 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..engine import HYPERPARAMETERS, METHODS
-from ..engine.settings import PruneSettings, budget_and_layer, check_hyperparameters, check_methods
-from ..errors import UsageError, ascii_digits
+from ..engine import DEFAULT_METHOD, HYPERPARAMETERS, METHODS
+from ..engine.methods import DEFAULT_COMPARISON, DEFAULT_EVALUATION, DEFAULT_SIDE_BY_SIDE
+from ..engine.settings import MethodGrid, PruneSettings, budget_and_layer
+from ..errors import UsageError, whole_number
 from ..report import display
-from ..runtime.presets import Preset
+from ..runtime.presets import Preset, find_preset
 
 if TYPE_CHECKING:
     from ..runtime.loading import Loaded
 
 DEFAULT_MODEL = "demo"  # bundled with the package: every command runs offline on a fresh machine
+# --methods unless told: profile's, eval's, compare's (the registry's choices, as the option spells them)
+COMPARED, EVALUATED, SIDE_BY_SIDE = (
+    ",".join(m) for m in (DEFAULT_COMPARISON, DEFAULT_EVALUATION, DEFAULT_SIDE_BY_SIDE)
+)
 
 Model = Annotated[
     str,
@@ -80,7 +86,13 @@ Layers = Annotated[
         "machine; every output says so).",
     ),
 ]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, metavar="N", help="Most tokens to generate.")]
+
+
+def max_tokens(help: str = "Most tokens to generate."):
+    return Annotated[int, typer.Option("--max-tokens", min=1, metavar="N", help=help)]
+
+
+MaxTokens = max_tokens()
 
 
 def _finite(value: float) -> float:
@@ -98,7 +110,14 @@ Temperature = Annotated[
 Seed = Annotated[
     int, typer.Option("--seed", min=0, max=2**32 - 1, metavar="N", help="Seed for sampling and for the random method.")
 ]
-Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of text.")]
+
+
+def json_flag(prints: str = "one JSON object on stdout instead of text"):
+    """--json, its help saying what the command prints instead."""
+    return Annotated[bool, typer.Option("--json", help=f"Print {prints}.")]
+
+
+Json = json_flag()
 Format = Annotated[
     str | None,
     typer.Option(
@@ -128,6 +147,12 @@ Budgets = Annotated[
         help="Comma-separated budgets (visual tokens kept per image). Default: the preset's, else 128.",
     ),
 ]
+Methods = Annotated[
+    str,
+    typer.Option(
+        "--methods", metavar="METHOD,...", help=f"Comma-separated methods to compare, from {', '.join(METHODS)}."
+    ),
+]
 Threads = Annotated[
     int | None,
     typer.Option(
@@ -148,9 +173,11 @@ class Where:
     random_weights: RandomWeights = False
     layers: Layers = None
 
-    @classmethod
-    def parameters(cls) -> list[inspect.Parameter]:
-        return list(inspect.signature(cls).parameters.values())
+    @property
+    def preset(self) -> Preset | None:
+        """The preset -m names (None: a folder or a hub id), known before the model loads: what
+        the settings' defaults come from, so that they are made and checked once, first."""
+        return find_preset(self.model)
 
     def load(self) -> "Loaded":
         """The model, loaded under a spinner, PyTorch's CPU thread count set first."""
@@ -190,116 +217,98 @@ class Sampling:
     temperature: Temperature = 0.0
     seed: Seed = 0
 
-    @classmethod
-    def parameters(cls) -> list[inspect.Parameter]:
-        return list(inspect.signature(cls).parameters.values())
-
 
 def _field_default(method: type, name: str):
     return next(field.default for field in dataclasses.fields(method) if field.name == name)
 
 
-class MethodOptions(dict):
-    """The pruning methods' hyperparameters as given on the command line (None: not given), one
-    option per declaration in engine.HYPERPARAMETERS, its help naming the methods that take it."""
-
-    @classmethod
-    def parameters(cls) -> list[inspect.Parameter]:
-        parameters = []
-        for name, hyperparameter in HYPERPARAMETERS.items():
-            takers = [method for method, cls in METHODS.items() if name in cls.hyperparameters()]
-            defaults = {str(_field_default(METHODS[method], name)) for method in takers}
-            metavar = "{" + "|".join(hyperparameter.choices) + "}" if hyperparameter.choices else "X"
-            option = typer.Option(
-                hyperparameter.flag,
-                metavar=metavar,
-                help=f"{', '.join(takers)}: {hyperparameter.help} Default: {', '.join(sorted(defaults))}.",
-            )
-            annotation = Annotated[hyperparameter.type | None, option]
-            parameters.append(
-                inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
-            )
-        return parameters
-
-    def given(self) -> dict:
-        return {name: value for name, value in self.items() if value is not None}
+def _method_option(name: str) -> tuple:
+    """The option of one declared hyperparameter (None: not given), its help naming the methods
+    that take it and their defaults."""
+    hyperparameter = HYPERPARAMETERS[name]
+    takers = [method for method, cls in METHODS.items() if name in cls.hyperparameters()]
+    defaults = {str(_field_default(METHODS[method], name)) for method in takers}
+    metavar = "{" + "|".join(hyperparameter.choices) + "}" if hyperparameter.choices else "X"
+    option = typer.Option(
+        hyperparameter.flag,
+        metavar=metavar,
+        help=f"{', '.join(takers)}: {hyperparameter.help} Default: {', '.join(sorted(defaults))}.",
+    )
+    return (name, Annotated[hyperparameter.type | None, option], dataclasses.field(default=None, kw_only=True))
 
 
-class OneMethod:
+# The pruning methods' hyperparameters as given on the command line (None: not given), one option
+# per declaration in engine.HYPERPARAMETERS; keyword-only, so that they follow a group's own options.
+MethodOptions = dataclasses.make_dataclass("MethodOptions", [_method_option(name) for name in HYPERPARAMETERS])
+MethodOptions.__module__ = __name__
+
+
+def options_given(group) -> dict:
+    """The method options of `group` that were given."""
+    values = {name: getattr(group, name) for name in HYPERPARAMETERS}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclasses.dataclass
+class OneMethod(MethodOptions):
     """--method, -k, --layer and the method's options: what run and chat prune by."""
 
-    def __init__(self, method: str = "asap", k: int | None = None, layer: int | None = None, **hyperparameters):
-        self.method, self.k, self.layer = method, k, layer
-        self.hyperparameters = MethodOptions(hyperparameters)
+    method: Method = DEFAULT_METHOD
+    k: K = None
+    layer: Layer = None
 
-    @classmethod
-    def parameters(cls) -> list[inspect.Parameter]:
-        def option(name: str, annotation, default) -> inspect.Parameter:
-            return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-
-        return [option("method", Method, "asap"), option("k", K, None), option("layer", Layer, None)] + (
-            MethodOptions.parameters()
-        )
-
-    def settings(self, preset: Preset | None = None, seed: int = 0) -> PruneSettings:
-        """The checked settings; k and L not given come from `preset`."""
-        return prune_settings([self.method], self.hyperparameters, preset, k=self.k, layer=self.layer, seed=seed)
+    def settings(self, preset: Preset | None, seed: int = 0) -> PruneSettings:
+        """The settings, made and checked once; k and L not given come from `preset`."""
+        k, layer = budget_and_layer(preset, self.k, self.layer)
+        return PruneSettings(self.method, k, layer, seed, **options_given(self))
 
 
-class Comparison:
-    """--methods, -k/--k budgets, --layer, the methods' options and --seed: what profile
-    and eval compare several methods by. `DEFAULT_METHODS` is the command's own choice."""
+@dataclasses.dataclass
+class Comparison(MethodOptions):
+    """--methods, -k/--k budgets, --layer, the methods' options and --seed: what compare, profile
+    and eval compare several methods by. A subclass gives the command's own default --methods."""
 
-    DEFAULT_METHODS = "vanilla,fastv,asap"
+    methods: Methods = COMPARED
+    budgets: Budgets = None
+    layer: Layer = None
+    seed: Seed = 0
 
-    def __init__(self, methods: str, budgets: str | None, layer: int | None, seed: int, **rest):
-        self.methods, self.budgets, self.layer, self.seed = methods, budgets, layer, seed
-        self.hyperparameters = MethodOptions(rest)
-
-    @classmethod
-    def parameters(cls) -> list[inspect.Parameter]:
-        methods = Annotated[
-            str,
-            typer.Option(
-                "--methods",
-                metavar="METHOD,...",
-                help=f"Comma-separated methods to compare, from {', '.join(METHODS)}.",
-            ),
-        ]
-        own = [("methods", methods, cls.DEFAULT_METHODS), ("budgets", Budgets, None), ("layer", Layer, None)]
-        own += [("seed", Seed, 0)]
-        return [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-            for name, annotation, default in own
-        ] + MethodOptions.parameters()
-
-    def check(self) -> tuple[list[str], list[int] | None]:
-        """Before the model loads: the methods (each known, each option taken by one of them at
-        least) and the budgets (None: not given)."""
+    def grid(self, preset: Preset | None, *, reference: bool = False) -> MethodGrid:
+        """The methods at their budgets, made and checked once, before the model loads: budgets
+        and L not given come from `preset`; `reference`: the unpruned reference runs first,
+        named or not."""
         names = method_list(self.methods)
-        prune_settings(names, self.hyperparameters)
-        return names, budget_list(self.budgets)
+        budgets = self.budgets_for(preset)
+        layer = budget_and_layer(preset, None, self.layer)[1]
+        return MethodGrid(names, budgets, layer=layer, seed=self.seed, reference=reference, **options_given(self))
 
-    def settings(self, preset: Preset | None) -> PruneSettings:
-        """The settings the runs derive from (the first method's); k and L not given from `preset`."""
-        return prune_settings(method_list(self.methods), self.hyperparameters, preset, layer=self.layer, seed=self.seed)
+    def budgets_for(self, preset: Preset | None) -> list[int]:
+        """-k as given, else the preset's k."""
+        return budget_list(self.budgets) or [budget_and_layer(preset, None, None)[0]]
 
 
+@dataclasses.dataclass
 class EvalComparison(Comparison):
-    DEFAULT_METHODS = "vanilla,fastv,random,asap"
+    methods: Methods = EVALUATED
+
+    def budgets_for(self, preset: Preset | None) -> list[int]:
+        """Table 1's budgets, largest first: -k as given, else the preset's list, else its k."""
+        budgets = budget_list(self.budgets) or (list(preset.budgets) if preset and preset.budgets else None)
+        return sorted(set(budgets), reverse=True) if budgets else super().budgets_for(preset)
 
 
 def command(function):
-    """`function` with every parameter annotated with an option group spread into the group's
-    own options (what Typer reads), and called with the group rebuilt from them."""
+    """`function` with every parameter annotated with an option group (a dataclass of options)
+    spread into the group's own options (what Typer reads), and called with the group rebuilt
+    from them."""
     signature = inspect.signature(function, eval_str=True)
     flat, groups = [], {}
     for parameter in signature.parameters.values():
         group = parameter.annotation
-        if not (isinstance(group, type) and hasattr(group, "parameters")):
+        if not (isinstance(group, type) and dataclasses.is_dataclass(group)):
             flat.append(parameter)
             continue
-        members = group.parameters()
+        members = list(inspect.signature(group, eval_str=True).parameters.values())
         groups[parameter.name] = (group, [member.name for member in members])
         flat.extend(members)
 
@@ -317,10 +326,9 @@ def command(function):
 
 
 def method_list(text: str) -> list[str]:
-    """Comma-separated method names, each one known; one named twice runs once (as a budget does)."""
-    names = list(dict.fromkeys(_split(text, "--methods")))
-    check_methods(names)
-    return names
+    """Comma-separated method names (MethodGrid checks each is known); one named twice runs once
+    (as a budget does)."""
+    return list(dict.fromkeys(_split(text, "--methods")))
 
 
 def budget_list(text: str | None) -> list[int] | None:
@@ -328,12 +336,7 @@ def budget_list(text: str | None) -> list[int] | None:
     when not given."""
     if text is None:
         return None
-    budgets = []
-    for item in _split(text, "-k/--k"):
-        if not ascii_digits(item) or int(item) < 1:
-            raise UsageError(f"k must be a whole number of at least 1, got {item!r}")
-        budgets.append(int(item))
-    return list(dict.fromkeys(budgets))
+    return list(dict.fromkeys(whole_number(item, "k") for item in _split(text, "-k/--k")))
 
 
 def _split(text: str, option: str) -> list[str]:
@@ -341,20 +344,3 @@ def _split(text: str, option: str) -> list[str]:
     if not items:
         raise UsageError(f"{option} is empty")
     return items
-
-
-def prune_settings(
-    methods: list[str], hyperparameters: MethodOptions, preset: Preset | None = None, **given
-) -> PruneSettings:
-    """PruneSettings for the first of `methods` from the options as given (None: not given),
-    checked: k and layer left out come from the model's preset, anything else left out takes
-    PruneSettings' or the method's own default; each hyperparameter must be taken by one of
-    `methods` at least (a comparison of several applies it to those that take it)."""
-    check_methods(methods)
-    check_hyperparameters(hyperparameters.given(), methods)
-    k, layer = budget_and_layer(preset, given.pop("k", None), given.pop("layer", None))
-    chosen = {name: value for name, value in given.items() if value is not None}
-    settings = PruneSettings(methods[0], k=k, layer=layer, **chosen, **hyperparameters.given())
-    settings = settings if len(methods) == 1 else settings.for_method(methods[0])
-    settings.check()
-    return settings

@@ -19,7 +19,6 @@ IMAGE_HELP = "The image. Default: a built-in test pattern (what it shows does no
 PROMPT_HELP = "The question asked about the image."
 REPEATS_HELP = "Timed rounds, one prefill per method each; the median is shown."
 BATCH_HELP = "Also run N copies of the sample as one batch, beside batch 1, and compare their images/s."
-JSON_HELP = "Print one JSON object per method and budget (JSON Lines)."
 
 
 @options.command
@@ -36,7 +35,7 @@ def profile(
     ] = 16,
     # --batch: N copies are built at once; beyond 1024, memory, then an integer overflow
     batch: Annotated[int, typer.Option("--batch", metavar="N", min=1, max=1024, help=BATCH_HELP)] = 1,
-    json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    json: options.json_flag("one JSON object per method and budget (JSON Lines)") = False,
     format_: options.Format = None,
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
@@ -47,13 +46,13 @@ def profile(
     from ..runtime.inputs import check_prompt, load_image, pattern_image
 
     output = options.output_format(format_, json)
-    methods, budgets = comparison.check()
+    grid = comparison.grid(where.preset)  # made and checked before the long load
     check_prompt(prompt)
     picture = load_image(image) if image is not None else None
 
     loaded = where.load()
     picture = picture or pattern_image(*(loaded.preset.pattern if loaded.preset else ()))
-    runs = profiling.runs(methods, budgets, comparison.settings(loaded.preset), loaded.num_layers)
+    runs = profiling.runs(grid, loaded.num_layers)
     with display.status(f"Measuring {len(runs)} runs") as spinner:
         step = None if spinner is None else lambda message: spinner.update(f"Measuring: {message}")
         rows = profiling.profile(
@@ -70,7 +69,7 @@ def profile(
     on_gpu = loaded.device.type == "cuda"
     display.out.print(_table(rows, on_gpu, batched=batch > 1))
     gpu_name = torch.cuda.get_device_name(loaded.device) if on_gpu else None
-    for line in profiling.how_measured(rows[0], methods, batch, gpu_name):
+    for line in profiling.how_measured(rows[0], grid.methods, batch, gpu_name):
         display.out.print(line, markup=False, soft_wrap=True)
 
 

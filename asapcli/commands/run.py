@@ -41,7 +41,7 @@ def run(
     pruning: options.OneMethod,
     sampling: options.Sampling,
     save_kept: Annotated[Path | None, typer.Option("--save-kept", metavar="FILE", help=SAVE_KEPT_HELP)] = None,
-    json: options.Json = False,
+    json: options.json_flag() = False,
 ) -> None:
     """Answer PROMPT about IMAGE, pruning visual tokens inside the language model.
 
@@ -56,10 +56,10 @@ def run(
         if len(samples.pairs) > 1:
             raise UsageError("--save-kept draws one image; run one sample to use it")
         figures.check_figure_writable(save_kept, inputs=[path for path, _ in samples.pairs])
-    pruning.settings(seed=sampling.seed)  # fail before a long load where the model is not needed to tell
+    settings = pruning.settings(where.preset, sampling.seed)  # made and checked before the long load
 
     loaded = where.load()
-    settings = pruning.settings(loaded.preset, sampling.seed)
+    settings = settings.for_model(loaded.num_layers)
     several = len(samples.pairs) > 1
     with display.status(f"Answering {len(samples.pairs)} samples in one batch") if several else nullcontext():
         answers = answering.answer(

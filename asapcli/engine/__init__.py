@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import importlib
 
-from .methods import HYPERPARAMETERS, METHODS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter, PruningMethod
+from .methods import (
+    DEFAULT_METHOD,
+    HYPERPARAMETERS,
+    METHODS,
+    POSITIONS,
+    REFERENCE,
+    SCORE_QUERIES,
+    SCORES,
+    Hyperparameter,
+    PruningMethod,
+)
 
 # name -> the submodule that defines it, imported (with torch and transformers) when first asked for.
 _COMPUTING = {
@@ -23,9 +33,11 @@ _COMPUTING = {
 }
 
 __all__ = [
+    "DEFAULT_METHOD",
     "HYPERPARAMETERS",
     "METHODS",
     "POSITIONS",
+    "REFERENCE",
     "SCORES",
     "SCORE_QUERIES",
     "Hyperparameter",
@@ -49,7 +61,8 @@ def __getattr__(name: str):
 
 
 def make_method(name: str, **options) -> PruningMethod:
-    """A method instance from its registry name, with the options it understands."""
+    """A method instance from its registry name, with the options it understands, unchecked (a
+    plan made by hand; PruneSettings makes the checked ones)."""
     cls = METHODS[name]
     fields = getattr(cls, "__dataclass_fields__", {})
     return cls(**{key: value for key, value in options.items() if key in fields and value is not None})

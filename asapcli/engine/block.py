@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..errors import UsageError
-from . import METHODS, PrunedDecoder, PruningPlan, UnsupportedModel, image_spans, install, uninstall
+from . import PrunedDecoder, PruningPlan, UnsupportedModel, image_spans, install, uninstall
 from .plans import make_plan, token_counts
 from .schedule import token_flops
 from .settings import PruneSettings
@@ -79,7 +79,7 @@ class Pruning:
         cached = cache.get_seq_length() if cache is not None else 0
         if cached and input_ids.shape[1] == 1:
             return None
-        if cached and input_ids.shape[1] > 1 and self.prefills and METHODS[self.settings.method].before_llm:
+        if cached and input_ids.shape[1] > 1 and self.prefills and not self.settings.method.continues_cache:
             # Their cache is shorter than the sequence it holds: generate() would feed its image again.
             raise UsageError(
                 f"{self.settings.method} prunes before the first layer, so a cache it pruned cannot be continued by a "
@@ -116,7 +116,7 @@ class Pruning:
                     full_tflops += token_flops(text_config, tokens, tokens, plan.layer)[0]
         layer = (self.plans or [make_plan(self.settings, [])])[0].layer
         ratio = pruned_tflops / full_tflops if full_tflops else 1.0
-        return PruningReport(self.settings.method, self.settings.k, layer, images, visual, kept, merged, ratio)
+        return PruningReport(self.settings.method.name, self.settings.k, layer, images, visual, kept, merged, ratio)
 
 
 def _image_reports(row: int, plan: PruningPlan, padding: int) -> list[ImageReport]:
@@ -140,7 +140,7 @@ _OPEN: weakref.WeakSet = weakref.WeakSet()
 @contextmanager
 def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruning]:
     """`pruned` with its arguments as one PruneSettings (what the CLI's options make)."""
-    settings.check(model.config.get_text_config().num_hidden_layers)
+    settings = settings.for_model(model.config.get_text_config().num_hidden_layers)  # once: trusted after
     if getattr(model.config, "image_token_id", None) is None:
         raise UnsupportedModel(f"{type(model).__name__} has no image_token_id in its config: asap prunes image tokens")
     if model in _OPEN:

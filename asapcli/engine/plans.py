@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import PruningPlan, image_spans, make_method
+from . import PruningPlan, image_spans
 from .settings import PruneSettings
 
 if TYPE_CHECKING:
@@ -18,16 +18,16 @@ def plan_for(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings) -
     """The plan for the image spans of `input_ids` (one sequence), made by hand: the attention
     profile drives the engine with it (asking for scores only). Answers go through the API's
     block (engine/block.py), which plans each forward call's spans itself."""
-    settings.check(loaded.num_layers)
+    settings = settings.for_model(loaded.num_layers)
     return make_plan(settings, image_spans(input_ids, loaded.image_token_id))
 
 
 def make_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> PruningPlan:
-    """The plan that prunes `spans` ([start, end) token positions) as `settings` say."""
-    method = make_method(settings.method, seed=settings.seed, **settings.hyperparameters)
-    layer = 0 if method.before_llm else settings.layer
+    """The plan that prunes `spans` ([start, end) token positions) as `settings` say: their
+    method object as it is (made and checked once, with the settings), at its own layer."""
+    method = settings.method
     return PruningPlan(
-        method=method, k=settings.k, layer=layer, spans=spans, renumber=getattr(method, "positions", None) == "renumber"
+        method=method, k=settings.k, layer=method.pruning_layer(settings.layer), spans=spans, renumber=method.renumbers
     )
 
 

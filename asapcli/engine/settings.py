@@ -1,115 +1,214 @@
-"""What the user asked a pruning run for (PruneSettings) and the checks on it; no model needed."""
+"""What the user asked a pruning run for, parsed once where it is made: PruneSettings (one method,
+its budget, its layer) and MethodGrid (several methods at several budgets, as compare, profile
+and eval run them). Every refusal of a setting is worded here, whichever way it came in (the CLI,
+asapcli.pruned, lmms-eval's --model_args, asap flops). No model is needed, except for the layer's
+upper bound: `for_model` checks that once the model is known, and the value says it was done."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from . import HYPERPARAMETERS, METHODS, make_method
+from .methods import DEFAULT_METHOD, HYPERPARAMETERS, METHODS, REFERENCE, PruningMethod
 
 if TYPE_CHECKING:
     from ..runtime.presets import Preset
 
+DEFAULT_K, DEFAULT_LAYER = 128, 2  # where neither the user nor the model's preset says
 
+
+@dataclass(frozen=True, init=False)
 class PruneSettings:
-    """A method, its budget k, the layer L, the seed (random's selection), and the method's
-    hyperparameters as given (see engine.HYPERPARAMETERS); one not given takes the method's own
-    default and reads as None here."""
+    """A method (the object, its hyperparameters as its fields: those given, else its defaults),
+    its budget k, the layer L as given (the method's `pruning_layer` says where its plan prunes)
+    and the seed. Made from names and numbers as the user gave them, and checked then; trusted
+    after that."""
 
-    def __init__(self, method: str = "asap", k: int = 128, layer: int = 2, seed: int = 0, **hyperparameters):
-        unknown = sorted(set(hyperparameters) - set(HYPERPARAMETERS))
+    method: PruningMethod
+    k: int
+    layer: int
+    seed: int
+    given: frozenset[str]  # the hyperparameters given; the others are the method's defaults
+    # The decoder layers of the model these were checked against (for_model); None: not yet.
+    num_layers: int | None = field(compare=False, repr=False)
+
+    def __init__(
+        self, method: str = DEFAULT_METHOD, k: int = DEFAULT_K, layer: int = DEFAULT_LAYER, seed: int = 0, **options
+    ):
+        unknown = sorted(set(options) - set(HYPERPARAMETERS))
         if unknown:
             raise TypeError(f"PruneSettings got unknown hyperparameters {', '.join(unknown)}")
-        self.method, self.k, self.layer, self.seed = method, k, layer, seed
-        self.hyperparameters = {name: value for name, value in hyperparameters.items() if value is not None}
+        (cls,) = method_classes([method])
+        check_numbers(k=k, layer=layer, seed=seed)
+        check_layer(layer, [cls])
+        given = check_options({name: value for name, value in options.items() if value is not None}, [cls])
+        _fill(self, method=_configured(cls, seed, given), k=k, layer=layer, seed=seed, given=frozenset(given))
 
-    def __getattr__(self, name: str):
-        if name in HYPERPARAMETERS:
-            return self.__dict__.get("hyperparameters", {}).get(name)
-        raise AttributeError(name)
+    @classmethod
+    def _made(cls, method: PruningMethod, k: int, layer: int, seed: int, **checked) -> PruneSettings:
+        """Settings from parts checked already (a MethodGrid's runs, these with one part new and
+        checked): no check runs again. `checked`: `given`, and `num_layers` where known."""
+        settings = object.__new__(cls)
+        _fill(settings, method=method, k=k, layer=layer, seed=seed, **checked)
+        return settings
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, PruneSettings) and vars(self) == vars(other)
+    @property
+    def hyperparameters(self) -> dict:
+        """The hyperparameters given, by name, in their declarations' order."""
+        return {name: getattr(self.method, name) for name in HYPERPARAMETERS if name in self.given}
 
     def __repr__(self) -> str:
         given = "".join(f", {name}={value!r}" for name, value in self.hyperparameters.items())
-        return f"PruneSettings({self.method!r}, k={self.k}, layer={self.layer}, seed={self.seed}{given})"
+        return f"PruneSettings({self.method.name!r}, k={self.k}, layer={self.layer}, seed={self.seed}{given})"
 
     def replace(self, **changes) -> PruneSettings:
-        fields = {"method": self.method, "k": self.k, "layer": self.layer, "seed": self.seed, **self.hyperparameters}
-        return PruneSettings(**{**fields, **changes})
+        """New settings from these with `changes` (method by name), checked as any made anew."""
+        fields = {"method": self.method.name, "k": self.k, "layer": self.layer, "seed": self.seed}
+        return PruneSettings(**{**fields, **self.hyperparameters, **changes})
 
     def for_method(self, method: str, k: int | None = None) -> PruneSettings:
-        """These settings for another method (and budget), as a comparison of several runs them:
-        each method keeps the hyperparameters it takes (--positions renumber stays with the
-        methods that prune before the language model, --lambda-max with the SG-BiMask ones)."""
-        taken = METHODS[method].hyperparameters()
-        kept = {name: value for name, value in self.hyperparameters.items() if name in taken}
-        return PruneSettings(method, self.k if k is None else k, self.layer, self.seed, **kept)
+        """These settings for another method (and budget): it keeps the hyperparameters given that
+        it takes (--positions renumber stays with the methods that prune before the language
+        model, --lambda-max with the SG-BiMask ones)."""
+        taken = {
+            name: value for name, value in self.hyperparameters.items() if name in METHODS[method].hyperparameters()
+        }
+        return PruneSettings(method, self.k if k is None else k, self.layer, self.seed, **taken)
 
-    def method_options(self) -> dict:
-        """The method's own hyperparameters as it runs (each one given, else the method's
-        default), and the seed of a method that draws its tokens."""
-        method = make_method(self.method, seed=self.seed, **self.hyperparameters)
-        taken = METHODS[self.method].hyperparameters() + (["seed"] if hasattr(method, "seed") else [])
-        return {name: getattr(method, name) for name in taken}
+    def with_budget(self, k: int) -> PruneSettings:
+        """These settings at budget `k` (checked: the rest was), still checked against the model
+        they were (k has no bound a model sets)."""
+        check_numbers(k=k)
+        return PruneSettings._made(self.method, k, self.layer, self.seed, given=self.given, num_layers=self.num_layers)
 
-    def check(self, num_layers: int | None = None) -> None:
-        """Raise UsageError for a value out of range, or a hyperparameter the method does not
-        take; the layer's upper bound needs the model."""
-        check_methods([self.method])
-        for name in ("k", "layer", "seed"):  # a float layer would never match a layer index: nothing pruned
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise UsageError(f"{name} must be a whole number, got {value!r}")
-        if self.k < 1:
-            raise UsageError(f"k must be at least 1, got {self.k}")
-        if self.layer < 0 or (self.layer == 0 and not METHODS[self.method].before_llm):  # 0: what divprune, pool do
-            raise UsageError(f"layer must be at least 1 (layers 0..L-1 see every token), got {self.layer}")
-        method = METHODS[self.method]
-        prunes_after_layer = method.prunes and not method.before_llm  # the others never read L
-        if num_layers is not None and prunes_after_layer and self.layer > num_layers - 1:
+    def for_model(self, num_layers: int) -> PruneSettings:
+        """These settings checked against a model of `num_layers` decoder layers (the layer's upper
+        bound); settings checked against it already come back as they are."""
+        if self.num_layers == num_layers:
+            return self
+        if self.method.reads_layer and self.layer > num_layers - 1:
             none_left = "; a model of one decoder layer has none to prune after" if num_layers < 2 else ""
             raise UsageError(
                 f"layer must be in 1..{num_layers - 1} for this model ({num_layers} decoder layers), "
                 f"got {self.layer}{none_left}"
             )
-        check_hyperparameters(self.hyperparameters, [self.method])
+        return PruneSettings._made(self.method, self.k, self.layer, self.seed, given=self.given, num_layers=num_layers)
+
+
+def _fill(settings: PruneSettings, num_layers: int | None = None, **fields) -> None:
+    """The fields of frozen settings, set once as they are made."""
+    for name, value in {**fields, "num_layers": num_layers}.items():
+        object.__setattr__(settings, name, value)
+
+
+def _configured(cls: type[PruningMethod], seed: int, options: Mapping) -> PruningMethod:
+    """The method object: the options it takes (checked) as its fields, and the seed if it draws."""
+    taken = {name: value for name, value in options.items() if name in cls.hyperparameters()}
+    return cls(**taken, **({"seed": seed} if cls.draws() else {}))
+
+
+@dataclass(frozen=True, init=False)
+class MethodGrid:
+    """Several methods compared at several budgets under one layer L, one seed and the method
+    options given, each option applied to the methods that take it: what compare, profile and
+    eval run. `reference`: the unpruned reference runs first whether named or not (compare's
+    first column). Checked once where made, as PruneSettings are, against every method named."""
+
+    methods: tuple[type[PruningMethod], ...]
+    budgets: tuple[int, ...]
+    layer: int
+    seed: int
+    options: Mapping
+    reference: bool
+
+    def __init__(
+        self,
+        methods: Sequence[str],
+        budgets: Sequence[int],
+        *,
+        layer: int = DEFAULT_LAYER,
+        seed: int = 0,
+        reference: bool = False,
+        **options,
+    ):
+        classes = method_classes(methods)
+        check_numbers(layer=layer, seed=seed)
+        for k in budgets:
+            check_numbers(k=k)
+        given = check_options({name: value for name, value in options.items() if value is not None}, classes)
+        if reference and not any(not cls.prunes for cls in classes):
+            classes = [METHODS[REFERENCE], *classes]
+        check_layer(layer, classes)
+        values = {"methods": tuple(classes), "budgets": tuple(budgets), "layer": layer, "seed": seed}
+        for name, value in {**values, "options": MappingProxyType(given), "reference": reference}.items():
+            object.__setattr__(self, name, value)
+
+    def runs(self) -> list[PruneSettings]:
+        """Every run, in one order: the methods that prune nothing first, once each (a budget
+        means nothing to them: they carry the first), then for each budget in the order given,
+        each pruning method in the order given."""
+        unpruned = [cls for cls in self.methods if not cls.prunes]
+        pruning = [cls for cls in self.methods if cls.prunes]
+        pairs = [(cls, self.budgets[0]) for cls in unpruned] + [(cls, k) for k in self.budgets for cls in pruning]
+        return [self._settings(cls, k) for cls, k in pairs]
+
+    def _settings(self, cls: type[PruningMethod], k: int) -> PruneSettings:
+        given = {name: value for name, value in self.options.items() if name in cls.hyperparameters()}
+        method = _configured(cls, self.seed, given)
+        return PruneSettings._made(method, k, self.layer, self.seed, given=frozenset(given))
 
 
 def budget_and_layer(preset: Preset | None, k: int | None, layer: int | None) -> tuple[int, int]:
     """k and L as given, else the preset's, else PruneSettings' defaults."""
-    defaults = PruneSettings()
-    k = k if k is not None else preset.k if preset is not None and preset.k is not None else defaults.k
-    layer = (
-        layer
-        if layer is not None
-        else preset.layer
-        if preset is not None and preset.layer is not None
-        else defaults.layer
-    )
+    k = k if k is not None else preset.k if preset is not None and preset.k is not None else DEFAULT_K
+    if layer is None:
+        layer = preset.layer if preset is not None and preset.layer is not None else DEFAULT_LAYER
     return k, layer
 
 
-def check_methods(methods: list[str]) -> None:
-    unknown = [name for name in methods if name not in METHODS]
+# ---- the refusals, each worded once ----------------------------------------------------------
+
+
+def method_classes(names: Sequence[str]) -> list[type[PruningMethod]]:
+    """The registered method of each name; a UsageError naming the first unknown one."""
+    unknown = [name for name in names if name not in METHODS]
     if unknown:
         raise UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return [METHODS[name] for name in names]
 
 
-def check_hyperparameters(given: dict, methods: list[str]) -> None:
-    """Every hyperparameter given has a value it takes and is taken by one of `methods` at least
-    (a comparison of several applies each to those that take it); else a UsageError that names
-    what the method takes."""
+def check_numbers(**numbers) -> None:
+    """k, layer and seed are whole numbers (a float layer would never match a layer index:
+    nothing pruned), and a budget k keeps one token at least."""
+    for name, value in numbers.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UsageError(f"{name} must be a whole number, got {value!r}")
+    if "k" in numbers and numbers["k"] < 1:
+        raise UsageError(f"k must be at least 1, got {numbers['k']}")
+
+
+def check_layer(layer: int, methods: Sequence[type[PruningMethod]]) -> None:
+    """L is one every method accepts (0 only for those that prune before the language model)."""
+    if layer < 0 or any(layer < method.min_layer for method in methods):
+        raise UsageError(f"layer must be at least 1 (layers 0..L-1 see every token), got {layer}")
+
+
+def check_options(given: Mapping, methods: Sequence[type[PruningMethod]]) -> dict:
+    """`given` hyperparameters parsed: each has a value it takes and is taken by one of `methods`
+    at least (a comparison of several applies each to those that take it); else a UsageError
+    that names what the method takes."""
     for name, value in given.items():
         problem = HYPERPARAMETERS[name].problem(value)
         if problem:
             raise UsageError(problem)
+    names = [method.name for method in methods]
     for name, value in given.items():
-        if value == HYPERPARAMETERS[name].implied:
-            continue
-        if not any(name in METHODS[method].hyperparameters() for method in methods):
-            raise UsageError(refusal(name, value, methods))
+        if value != HYPERPARAMETERS[name].implied and not any(name in m.hyperparameters() for m in methods):
+            raise UsageError(refusal(name, value, names))
+    return {name: HYPERPARAMETERS[name].parse(value) for name, value in given.items()}
 
 
 def refusal(name: str, value, methods: list[str]) -> str:

@@ -1,14 +1,16 @@
-"""--model_args of lmms-eval's model `asap`, read and checked as asap's own options are: a bad
-value is a UsageError with asap's message, raised before the model loads. No lmms-eval import."""
+"""--model_args of lmms-eval's model `asap`, read and checked as asap's own options are: the
+pruning settings are made (and checked, in asap's words) where the arguments are read, before the
+model loads; only the layer's upper bound waits for the model. No lmms-eval import."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..engine import HYPERPARAMETERS
-from ..engine.settings import PruneSettings, budget_and_layer, check_hyperparameters, check_methods
+from ..engine import DEFAULT_METHOD, HYPERPARAMETERS
+from ..engine.settings import PruneSettings, budget_and_layer
 from ..errors import UsageError, whole_number
+from ..runtime.presets import find_preset
 
 if TYPE_CHECKING:
     from ..runtime.loading import Loaded
@@ -29,6 +31,7 @@ class ModelArgs:
     device: str
     dtype: str
     device_map: str | None
+    prune: PruneSettings  # made from the above, k and L defaulting to the preset's (as the CLI)
 
     @classmethod
     def parse(cls, given: dict) -> ModelArgs:
@@ -37,28 +40,29 @@ class ModelArgs:
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise UsageError(f"model_args: asap takes no {', '.join(unknown)}; it takes {', '.join(known)}")
-        method = _text(given.get("method", "asap"), "method")
-        check_methods([method])
-        options = {name: _option(name, given[name]) for name in HYPERPARAMETERS if name in given}
-        check_hyperparameters(options, [method])
+        method = _text(given.get("method", DEFAULT_METHOD), "method")
+        pretrained = _text(given.get("pretrained", "demo"), "pretrained")
+        k = whole(given["k"], "k") if "k" in given else None
+        layer = whole(given["layer"], "layer") if "layer" in given else None
+        seed = whole(given.get("seed", 0), "seed", minimum=0)
+        options = {name: given[name] for name in HYPERPARAMETERS if name in given}
+        prune = PruneSettings(method, *budget_and_layer(find_preset(pretrained), k, layer), seed, **options)
         return cls(
-            pretrained=_text(given.get("pretrained", "demo"), "pretrained"),
+            pretrained=pretrained,
             method=method,
-            k=whole(given["k"], "k") if "k" in given else None,
-            layer=whole(given["layer"], "layer") if "layer" in given else None,
-            seed=whole(given.get("seed", 0), "seed", minimum=0),
-            options=options,
+            k=k,
+            layer=layer,
+            seed=seed,
+            options=prune.hyperparameters,
             device=_text(given.get("device", "auto"), "device"),
             dtype=_text(given.get("dtype", "auto"), "dtype"),
             device_map=_text(given["device_map"], "device_map") if "device_map" in given else None,
+            prune=prune,
         )
 
     def settings(self, loaded: Loaded) -> PruneSettings:
-        """The pruning settings, k and L defaulting to the preset's; checked against the model."""
-        k, layer = budget_and_layer(loaded.preset, self.k, self.layer)
-        settings = PruneSettings(self.method, k, layer, self.seed, **self.options)
-        settings.check(loaded.num_layers)
-        return settings
+        """The pruning settings, checked against the model (the layer's upper bound)."""
+        return self.prune.for_model(loaded.num_layers)
 
 
 def _text(value, name: str) -> str:
@@ -72,13 +76,3 @@ def whole(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool):  # lmms-eval reads "true" as True, which int() would take as 1
         value = str(value).lower()
     return whole_number(str(value), f"model_args: {name}", minimum)
-
-
-def _option(name: str, value):
-    """A method option as its Hyperparameter types it (range and choices are checked after)."""
-    kind = HYPERPARAMETERS[name].type
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UsageError(f"model_args: {name} needs a number, got {value!r}")
-        return float(value)
-    return str(value)

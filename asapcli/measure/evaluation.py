@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from ..demo import scenes
+from ..engine.methods import DEFAULT_METHOD, METHODS
 from ..engine.plans import plan_for
-from ..engine.settings import PruneSettings
+from ..engine.settings import MethodGrid, PruneSettings
 from ..errors import AsapError, UsageError
 from ..records import EvalRow, LoggedAnswer
 from ..runtime import patch_layout
@@ -62,33 +63,41 @@ def read_items(path: Path, limit: int | None = None) -> list[Item]:
     folder = Path.cwd() if is_stdin(path) else path.parent  # piped questions name images from here
     items = []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark (Notepad) is fine
-        except UnicodeDecodeError:
-            raise AsapError(f"{path}:{number}: not UTF-8 text") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise AsapError(f"{path}:{number}: not JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise AsapError(f"{path}:{number}: expected an object with image, question and answer")
-        problem = _record_problem(record)
-        if problem:
-            raise AsapError(f"{path}:{number}: {problem}")
-        image = folder / Path(record["image"]).expanduser()
-        try:
-            load_image(image)  # every image opens before the first answer, not at its turn
-        except AsapError as error:
-            raise AsapError(f"{path}:{number}: {error}") from None
-        answer = record["answer"] if isinstance(record["answer"], str) else tuple(record["answer"])
-        items.append(Item(image, record["question"], answer, str(record.get("type", ALL))))
+        item = _read_item(path, number, raw, folder)
+        if item is not None:
+            items.append(item)
         if limit is not None and len(items) == limit:
             break
     if not items:
         raise AsapError(f"{path} holds no questions")
     return items
+
+
+def _read_item(path: Path, number: int, raw: bytes, folder: Path) -> Item | None:
+    """Line `number` of the question file, checked (its image opened, named from `folder`); None
+    for a blank line."""
+    try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark (Notepad) is fine
+    except UnicodeDecodeError:
+        raise AsapError(f"{path}:{number}: not UTF-8 text") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise AsapError(f"{path}:{number}: not JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise AsapError(f"{path}:{number}: expected an object with image, question and answer")
+    problem = _record_problem(record)
+    if problem:
+        raise AsapError(f"{path}:{number}: {problem}")
+    image = folder / Path(record["image"]).expanduser()
+    try:
+        load_image(image)  # every image opens before the first answer, not at its turn
+    except AsapError as error:
+        raise AsapError(f"{path}:{number}: {error}") from None
+    answer = record["answer"] if isinstance(record["answer"], str) else tuple(record["answer"])
+    return Item(image, record["question"], answer, str(record.get("type", ALL)))
 
 
 def _record_problem(record: dict) -> str | None:
@@ -164,8 +173,8 @@ class Score:
     def row(self, vanilla: Score | None) -> EvalRow:
         """The score as a row of the table (and of --json), `relative` to vanilla's average."""
         return EvalRow(
-            method=self.settings.method,
-            k=None if self.settings.method == "vanilla" else self.settings.k,
+            method=self.settings.method.name,
+            k=self.settings.k if self.settings.method.prunes else None,
             flops_ratio=self.flops_ratio,
             accuracy=self.accuracy(),
             region_accuracy=self.region_accuracy(),
@@ -192,13 +201,10 @@ class Score:
         return [max(0.0, self.average - math.sqrt(below) / types), min(1.0, self.average + math.sqrt(above) / types)]
 
 
-def runs(methods: list[str], budgets: list[int], base: PruneSettings) -> list[PruneSettings]:
-    """Table 1's rows: vanilla once (it keeps everything at any budget), then every pruning
-    method at every budget, largest budget first."""
-    rows = [base.for_method("vanilla")] if "vanilla" in methods else []
-    for k in sorted(set(budgets), reverse=True):
-        rows += [base.for_method(method, k) for method in methods if method != "vanilla"]
-    return rows
+def runs(grid: MethodGrid, num_layers: int) -> list[PruneSettings]:
+    """Table 1's rows, in the grid's order (vanilla once, then budget by budget), each checked
+    against the model's layers."""
+    return [settings.for_model(num_layers) for settings in grid.runs()]
 
 
 def check_questions(loaded: Loaded, items: list[Item]) -> None:
@@ -262,8 +268,8 @@ class AnswerLog:
     def write(self, score: Score, index: int, answer: str, hit: bool) -> None:
         item, settings = self.items[index], score.settings
         record = LoggedAnswer(
-            method=settings.method,
-            k=None if settings.method == "vanilla" else settings.k,
+            method=settings.method.name,
+            k=settings.k if settings.method.prunes else None,
             index=index,
             image=str(item.image) if isinstance(item.image, Path) else None,
             question=item.question,
@@ -305,17 +311,23 @@ def patch_attention(
 ) -> PatchAttention:
     """Scores every item's image at layer `layer`-1 without pruning anything (a score-only plan)
     and averages the attention per patch of its first grid (LLaVA-NeXT: the base image, the same
-    size for every image). FastV's settings score under the causal mask, ASAP's under SG-BiMask."""
-    masks = {"causal": "fastv", "sg_bimask": "asap"}
-    queries = queries or "last"
+    size for every image). The default method (ASAP) scores under SG-BiMask, the method it is
+    paired with (FastV) under the causal mask."""
+    shifted = METHODS[DEFAULT_METHOD]
+    queries = queries or shifted.score_queries
+    base = PruneSettings(shifted.name, layer=layer, score_queries=queries, lambda_max=lambda_max)
+    # Each keeps the options it takes; checked against the model once, its budget set per image.
+    masks = {
+        "causal": base.for_method(shifted.paired_with).for_model(loaded.num_layers),
+        "sg_bimask": base.for_model(loaded.num_layers),
+    }
     sums = {mask: torch.zeros(()) for mask in masks}
     for item in items:
         picture = item.picture()
         inputs = build_batch_inputs(loaded.processor, [(item.question, picture)])
         everything = inputs["input_ids"].shape[1]
-        for mask, method in masks.items():
-            settings = PruneSettings(method, k=everything, layer=layer, score_queries=queries, lambda_max=lambda_max)
-            plan = replace(plan_for(loaded, inputs["input_ids"][0], settings), score_only=True)
+        for mask, settings in masks.items():
+            plan = replace(plan_for(loaded, inputs["input_ids"][0], settings.with_budget(everything)), score_only=True)
             with torch.inference_mode(), loaded.decoder.pruning(plan):
                 loaded.model(**to_device(loaded, inputs))
             sums[mask] = sums[mask] + _on_grid(loaded, picture, plan.records[0].importance)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from ..engine import METHODS
+from ..engine import DEFAULT_METHOD, METHODS, REFERENCE, PruningMethod
 from ..engine.schedule import (
     CONVENTION,
     GQA_CONVENTION,
@@ -17,7 +17,7 @@ from ..engine.schedule import (
     pruning_schedule,
     schedule_flops,
 )
-from ..engine.settings import PruneSettings, budget_and_layer
+from ..engine.settings import PruneSettings, budget_and_layer, check_numbers, method_classes
 from ..errors import UsageError
 from ..records import FlopsReport, FlopsStage, MeasuredFlops
 from ..runtime.presets import find_preset, load_architecture, model_label
@@ -37,7 +37,7 @@ class FlopsCount:
     kv_fraction: float  # k/v projections at kv_heads / heads (grouped-query), else 1
     method: str  # what prunes in a measured forward
     budget: int | None  # k as asked (-k, else the preset's); None for a --schedule
-    counted: dict | None = None  # fvcore's CountedFlops, "vanilla" and "pruned", once measured
+    counted: dict | None = None  # fvcore's CountedFlops, REFERENCE's (unpruned) and "pruned", once measured
     full_layers: int | None = None  # the model's own decoder layers, when --layers counts fewer (arch.layers)
     random_weights: bool = False  # the measured model is built with random weights
 
@@ -45,13 +45,14 @@ class FlopsCount:
     def plan(
         cls,
         model: str,
+        *,
         k: int | None = None,
         layer: int | None = None,
         schedule: str | None = None,
         visual_tokens: int | None = None,
         gqa: bool = False,
         measure: bool = False,
-        method: str = "asap",
+        method: str = DEFAULT_METHOD,
         random_weights: bool = False,
         layers: int | None = None,
     ) -> FlopsCount:
@@ -61,16 +62,7 @@ class FlopsCount:
         weights when `random_weights`."""
         if (random_weights or layers is not None) and not measure:
             raise UsageError("--random-weights and --layers build the model that --measure counts; add --measure")
-        if schedule is not None and (k is not None or layer is not None):
-            raise UsageError("give either --schedule or -k/--layer, not both")
-        if k is not None and k < 1:
-            raise UsageError(f"k must be at least 1, got {k}")
-        if layer is not None and layer < 0:
-            raise UsageError(f"layer must be at least 0 (0 prunes before the first layer), got {layer}")
-        if method not in METHODS:
-            raise UsageError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-        if not METHODS[method].prunes:
-            raise UsageError(f"--method {method} prunes nothing: its count is the vanilla row of any other method's")
+        pruner = _checked(k, layer, schedule, method)
         arch = load_architecture(model, visual_tokens)
         budget = None
         full_layers = None
@@ -81,11 +73,11 @@ class FlopsCount:
         else:
             budget, at = budget_and_layer(find_preset(model), k, layer)
             steps = [(at, budget)]
-        if METHODS[method].before_llm and len(steps) == 1:
+        if pruner.before_llm and len(steps) == 1:
             # The formula counts what the method does: divprune and pool prune before the first
             # layer whatever layer was asked (as asap run does), and pool keeps its square grid.
             ((_, budget),) = steps
-            steps = [(0, METHODS[method]().kept_count(arch.visual_tokens, budget))]
+            steps = [(0, pruner().kept_count(arch.visual_tokens, budget))]
         if schedule is None and k is None and steps[0][1] >= arch.visual_tokens:
             stages = [Stage(arch.layers, arch.visual_tokens)]  # the preset's k keeps them all
         else:
@@ -120,21 +112,19 @@ class FlopsCount:
         if len(self.steps) != 1:
             raise UsageError("--measure runs one pruning step: give -k/--layer, not a --schedule of several")
         ((layer, k),) = self.steps
-        # A method that prunes before the LLM ignores L; check() asks for one all the same.
-        before_llm = METHODS[self.method].before_llm
-        settings = PruneSettings(method=self.method, k=k, layer=max(layer, 1) if before_llm else layer)
-        settings.check()
-        return settings
+        # A method that prunes before the LLM ignores L (its step is at 0): any it accepts will do.
+        method = METHODS[self.method]
+        return PruneSettings(self.method, k=k, layer=layer if method.reads_layer else max(layer, method.min_layer))
 
     def measured(self, loaded: Loaded, settings: PruneSettings, vanilla=None) -> FlopsCount:
         """This count with fvcore's, vanilla and pruned, of the loaded model's language model;
         `vanilla`: fvcore's vanilla count already made (one budget of several), not traced again."""
         from .measured_flops import count_flops  # fvcore only when asked for
 
-        settings.check(loaded.num_layers)
+        settings = settings.for_model(loaded.num_layers)
         tokens = self.arch.visual_tokens
         vanilla = vanilla if vanilla is not None else count_flops(loaded, tokens)
-        return replace(self, counted={"vanilla": vanilla, "pruned": count_flops(loaded, tokens, settings)})
+        return replace(self, counted={REFERENCE: vanilla, "pruned": count_flops(loaded, tokens, settings)})
 
     def measured_by_stage(self) -> list[list[int]]:
         """fvcore's per-layer counts of the pruned forward, grouped by stage."""
@@ -154,7 +144,7 @@ class FlopsCount:
         measured = record.measured.stages_tflops if record.measured else [None] * len(record.stages)
         extra = (lambda value: {"measured_tflops": value}) if record.measured else (lambda value: {})
         vanilla_measured = record.measured.tflops_vanilla if record.measured else None
-        rows = [{**budget, "layers": "vanilla", "tokens": self.arch.visual_tokens, "tflops": record.tflops_vanilla,
+        rows = [{**budget, "layers": REFERENCE, "tokens": self.arch.visual_tokens, "tflops": record.tflops_vanilla,
                  **extra(vanilla_measured), "flops_ratio": 1.0}]  # fmt: skip
         start = 0
         for stage, counted in zip(record.stages, measured, strict=True):
@@ -169,7 +159,7 @@ class FlopsCount:
     def record(self) -> FlopsReport:
         measured = None
         if self.counted is not None:
-            vanilla, pruned = self.counted["vanilla"], self.counted["pruned"]
+            vanilla, pruned = self.counted[REFERENCE], self.counted["pruned"]
             measured = MeasuredFlops(
                 tflops_vanilla=vanilla.total / 1e12,
                 tflops=pruned.total / 1e12,
@@ -194,3 +184,18 @@ class FlopsCount:
             convention=self.convention,
             measured=measured,
         )
+
+
+def _checked(k: int | None, layer: int | None, schedule: str | None, method: str) -> type[PruningMethod]:
+    """The method that prunes the count, once -k, --layer and --schedule are found to go together
+    (the words of k's and the method's refusals are PruneSettings')."""
+    if schedule is not None and (k is not None or layer is not None):
+        raise UsageError("give either --schedule or -k/--layer, not both")
+    if k is not None:
+        check_numbers(k=k)
+    if layer is not None and layer < 0:  # a schedule's step may prune before layer 0, whatever the method
+        raise UsageError(f"layer must be at least 0 (0 prunes before the first layer), got {layer}")
+    (pruner,) = method_classes([method])
+    if not pruner.prunes:
+        raise UsageError(f"--method {method} prunes nothing: its count is the vanilla row of any other method's")
+    return pruner

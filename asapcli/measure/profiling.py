@@ -16,7 +16,7 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
-from ..engine import schedule
+from ..engine import PruningMethod, schedule
 from ..engine.block import pruned_as
 from ..engine.plans import token_counts
-from ..engine.settings import PruneSettings
+from ..engine.settings import MethodGrid, PruneSettings
 from ..records import ProfileRow
 from ..runtime.generation import kv_cache_bytes, to_device
 from ..runtime.inputs import build_batch_inputs
@@ -40,7 +40,7 @@ T = TypeVar("T")
 @dataclass
 class Measurement:
     method: str
-    k: int | None  # None: vanilla, nothing pruned
+    k: int | None  # None: a method that prunes nothing (vanilla)
     batch: int  # samples in the forward; the token, FLOPs and ratio figures are per sample
     visual_tokens: int
     kept_tokens: int
@@ -160,7 +160,7 @@ def measure(
                 case_times.append(elapsed)
     results = []
     for (settings, inputs), case_times in zip(cases, times):
-        k = "" if settings.method == "vanilla" else f" k={settings.k}"
+        k = f" k={settings.k}" if settings.method.prunes else ""
         step(f"memory and decoding, {settings.method}{k}, batch {inputs['input_ids'].shape[0]}")
         results.append(_costs(loaded, inputs, settings, case_times, decode_tokens))
     return results
@@ -181,7 +181,7 @@ def _costs(
     tflops, ratio = schedule.token_flops(loaded.text_config, visual, kept, plan.layer)
     _, prompt_ratio = schedule.token_flops(loaded.text_config, prompt, prompt - (visual - kept), plan.layer)
     return Measurement(
-        method=settings.method,
+        method=settings.method.name,
         k=settings.k if plan.method.prunes else None,
         batch=batch,
         visual_tokens=visual,
@@ -197,14 +197,12 @@ def _costs(
     )
 
 
-def runs(methods: list[str], budgets: list[int] | None, base: PruneSettings, num_layers: int) -> list[PruneSettings]:
-    """Every method at every budget (`base`'s k when none is given), in the order given; vanilla
-    once, as it does not depend on k. Each checked against the model's layers."""
-    ks = budgets or [None]
-    settings = [base.for_method(name, k) for name in methods for k in (ks[:1] if name == "vanilla" else ks)]
-    for one in settings:
-        one.check(num_layers)
-    return settings
+def runs(grid: MethodGrid, num_layers: int) -> list[PruneSettings]:
+    """The grid's runs grouped by method in the order named (the table reads method by method,
+    each method's budgets in their order), each checked against the model's layers."""
+    named = [method.name for method in grid.methods]
+    grouped = sorted(grid.runs(), key=lambda settings: named.index(settings.method.name))  # stable: budgets keep order
+    return [settings.for_model(num_layers) for settings in grouped]
 
 
 def profile(
@@ -230,7 +228,8 @@ def profile(
 def _figures(result: Measurement, results: list[Measurement]) -> dict:
     """One measurement's figures, its time beside vanilla's at the same batch size and its
     throughput beside its own at batch 1."""
-    vanilla = next((other for other in results if other.method == "vanilla" and other.batch == result.batch), None)
+    # k is None only for a method that prunes nothing: the reference every time is set against
+    vanilla = next((other for other in results if other.k is None and other.batch == result.batch), None)
     single = next(other for other in results if (other.method, other.k, other.batch) == (result.method, result.k, 1))
     return {
         "method": result.method,
@@ -272,11 +271,11 @@ def conditions(loaded: Loaded, layer: int, prompt_tokens: int, repeats: int, war
     }
 
 
-def how_measured(row: ProfileRow, methods: list[str], batch: int, gpu_name: str | None) -> list[str]:
+def how_measured(
+    row: ProfileRow, methods: Sequence[type[PruningMethod]], batch: int, gpu_name: str | None
+) -> list[str]:
     """The lines under a table of measurements that say what each figure is and how it was got."""
-    from ..engine import METHODS
-
-    early = [name for name in methods if METHODS[name].before_llm]
+    early = [method.name for method in methods if method.before_llm]
     on_gpu = gpu_name is not None
     where = gpu_name if on_gpu else f"CPU, {row.threads} thread{'' if row.threads == 1 else 's'}"
     time = "CUDA-event time" if on_gpu else "wall time"

@@ -202,8 +202,8 @@ def speeds(result: GenerationResult) -> str:
 
 def summary(settings: PruneSettings, result: GenerationResult) -> str:
     """The line after an answer: what the method kept and saved, and how fast it ran."""
-    if settings.method == "vanilla":  # k and L mean nothing to it
-        head, kept = "vanilla: ", f"all {result.visual_tokens} visual tokens kept (no pruning)"
+    if not settings.method.prunes:  # k and L mean nothing to it
+        head, kept = f"{settings.method}: ", f"all {result.visual_tokens} visual tokens kept (no pruning)"
     else:
         head = f"{settings.method} k={settings.k} L={result.layer}: "
         if not result.pruned:

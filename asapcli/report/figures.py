@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..engine.methods.base import ANCHOR, KEPT, POOLED, REFILLED, SELECTED
+from ..engine.methods import ANCHOR, KEPT, METHODS, POOLED, ROLES, SELECTED
 from ..errors import AsapError, UsageError
 from ..runtime.patch_layout import Box, SpanLayout
 
@@ -38,33 +38,21 @@ MIN_SHORT_SIDE = 384  # pixels: a 96 px image is upscaled to this, nearest-neigh
 MAX_LONG_SIDE = 1024
 
 DROPPED, ABSORBED = "dropped", "absorbed"  # a patch's state beside the kept roles
-# Okabe-Ito colours, told apart by colour-blind readers too.
-COLOURS = {
-    SELECTED: "#0072B2",
-    ANCHOR: "#E69F00",
-    ABSORBED: "#E69F00",
-    REFILLED: "#009E73",
-    POOLED: "#CC79A7",
-    KEPT: "#FFFFFF",
-    DROPPED: "#555555",
-}
+# Each role's colour is the methods' (engine.methods.ROLES, Okabe-Ito); a patch merged into an
+# anchor takes the anchor's, a dropped one is grey.
+COLOURS = {**{name: role.colour for name, role in ROLES.items()}, ABSORBED: ROLES[ANCHOR].colour, DROPPED: "#555555"}
+STATE_LABELS = {ABSORBED: "merged into an anchor (dashed)", DROPPED: "dropped (dimmed)"}
 DIM_TOWARDS, DIM_KEEPS = (24, 24, 24), 0.3  # a dropped patch: 30% of itself over near-black, still readable
 SERIES = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]  # one colour per line
-SELECTED_BY = {"fastv": "by score", "asap": "by score", "asap-bimask-only": "by score", "divprune": "for diversity"}
 
 
 def role_label(role: str, method: str) -> str:
-    """What the legend calls a role, for `method`."""
-    if role == SELECTED:
-        return "chosen at random" if method == "random" else f"selected {SELECTED_BY.get(method, 'by score')}"
-    return {
-        ANCHOR: "merge anchor",
-        ABSORBED: "merged into an anchor (dashed)",
-        REFILLED: "refilled from the pruned pool",
-        POOLED: "pooled cell",
-        KEPT: "kept (not pruned)",
-        DROPPED: "dropped (dimmed)",
-    }[role]
+    """What the legend calls a role (or a patch's state), for `method`: the method's own label
+    for a role it gives, else the role's first declaration's."""
+    if role in STATE_LABELS:
+        return STATE_LABELS[role]
+    own = METHODS[method].role_label(role) if method in METHODS else None
+    return own or ROLES[role].label
 
 
 # ---- kept tokens -------------------------------------------------------------------------
@@ -112,58 +100,77 @@ def kept_view(
         kept, roles, absorbed = range(layout.tokens), [KEPT] * layout.tokens, [[] for _ in range(layout.tokens)]
     roles = list(roles) if roles is not None else [SELECTED] * len(kept)
     absorbed = list(absorbed) if absorbed is not None else [[] for _ in kept]
-    states = [[[DROPPED] * grid.cols for _ in range(grid.rows)] for grid in layout.grids]
-    outlines: list[list[tuple[str, Box]]] = [[] for _ in layout.grids]
-    off_grid: Counter[str] = Counter()
+    painter = _Painter(layout)
+    for index, role, sources in zip(kept, roles, absorbed, strict=True):
+        painter.token(index, role, sources)
+    grids = [
+        GridView(g.name, g.box, s, o) for g, s, o in zip(layout.grids, painter.states, painter.outlines, strict=True)
+    ]
+    note = ""
+    if painter.off_grid and len(layout.extra) > 0:
+        note = (
+            f"also kept: {sum(painter.off_grid.values())} of the {len(layout.extra)} tokens on no patch (CLS, row ends)"
+        )
+    return KeptView(title, method, grids, _legend_entries(layout.tokens, roles, absorbed, method), note)
 
-    def mark(index: int, state: str) -> tuple[int, int, int] | None:
-        place = layout.locate(index)
+
+class _Painter:
+    """Each patch's state and the outlines of one span's figure, filled in token by token."""
+
+    def __init__(self, layout: SpanLayout):
+        self.layout = layout
+        self.states = [[[DROPPED] * grid.cols for _ in range(grid.rows)] for grid in layout.grids]
+        self.outlines: list[list[tuple[str, Box]]] = [[] for _ in layout.grids]
+        self.off_grid: Counter[str] = Counter()
+
+    def mark(self, index: int, state: str) -> tuple[int, int, int] | None:
+        place = self.layout.locate(index)
         if place is not None:
             number, row, col = place
-            if state != ABSORBED or states[number][row][col] == DROPPED:  # a kept token is never shown as merged
-                states[number][row][col] = state
+            if state != ABSORBED or self.states[number][row][col] == DROPPED:  # a kept token is never shown as merged
+                self.states[number][row][col] = state
         return place
 
-    for index, role, sources in zip(kept, roles, absorbed, strict=True):
-        place = mark(index, role)
+    def token(self, index: int, role: str, sources: Sequence[int]) -> None:
+        """A kept token in its role, and the patches whose states it took in."""
+        place = self.mark(index, role)
         if place is None:
-            off_grid[role] += 1
-            continue
+            self.off_grid[role] += 1
+            return
         number, row, col = place
-        grid = layout.grids[number]
+        grid = self.layout.grids[number]
         if role == POOLED:  # the cell: the kept token and the patches averaged into it, one box
-            places = [place] + [mark(source, POOLED) for source in sources]
+            places = [place] + [self.mark(source, POOLED) for source in sources]
             rows = [p[1] for p in places if p is not None]
             cols = [p[2] for p in places if p is not None]
             box = grid.patch_box(min(rows), min(cols), max(rows) - min(rows) + 1, max(cols) - min(cols) + 1)
-            outlines[number].append((POOLED, box))
-            continue
+            self.outlines[number].append((POOLED, box))
+            return
         if role != KEPT:
-            outlines[number].append((role, grid.patch_box(row, col)))
+            self.outlines[number].append((role, grid.patch_box(row, col)))
         for source in sources:
-            source_place = mark(source, ABSORBED)
-            if source_place is not None and states[source_place[0]][source_place[1]][source_place[2]] == ABSORBED:
-                at = layout.grids[source_place[0]]
-                outlines[source_place[0]].append((ABSORBED, at.patch_box(*source_place[1:])))
-    grids = [GridView(g.name, g.box, s, o) for g, s, o in zip(layout.grids, states, outlines, strict=True)]
+            at = self.mark(source, ABSORBED)
+            if at is not None and self.states[at[0]][at[1]][at[2]] == ABSORBED:
+                self.outlines[at[0]].append((ABSORBED, self.layout.grids[at[0]].patch_box(*at[1:])))
+
+
+def _legend_entries(tokens: int, roles: list[str], absorbed: list, method: str) -> list[tuple[str, str, int]]:
+    """(role, label, count) of the kept roles in ROLES' order, the patches merged into anchors
+    right after the anchors, then the dropped ones (none where cells pooled every patch)."""
     counts = Counter(roles)
     merged = sum(len(sources) for role, sources in zip(roles, absorbed) if role == ANCHOR)
-    legend = [(role, role_label(role, method), counts[role]) for role in (SELECTED, ANCHOR) if counts[role]]
-    if merged:
-        legend.append((ABSORBED, role_label(ABSORBED, method), merged))
-    legend += [(role, role_label(role, method), counts[role]) for role in (REFILLED, POOLED, KEPT) if counts[role]]
+    order = [state for role in ROLES for state in ((role, ABSORBED) if role == ANCHOR else (role,))]
+    shown = {**counts, ABSORBED: merged}
+    legend = [(role, role_label(role, method), shown[role]) for role in order if shown.get(role)]
     pooled_away = sum(len(sources) for role, sources in zip(roles, absorbed) if role == POOLED)
-    dropped = layout.tokens - len(kept) - merged - pooled_away
+    dropped = tokens - len(roles) - merged - pooled_away
     if dropped > 0 and not counts[POOLED]:
         legend.append((DROPPED, role_label(DROPPED, method), dropped))
-    note = ""
-    if off_grid and len(layout.extra) > 0:
-        note = f"also kept: {sum(off_grid.values())} of the {len(layout.extra)} tokens on no patch (CLS, row ends)"
-    return KeptView(title, method, grids, legend, note)
+    return legend
 
 
 def kept_title(model: str, method: str, k: int | None, layer: int | None, kept: int, tokens: int) -> str:
-    if method == "vanilla" or kept >= tokens:
+    if not METHODS[method].prunes or kept >= tokens:
         return f"{model}: {method}, every one of {tokens} visual tokens kept"
     where = "before the language model" if layer == 0 else f"L={layer}"
     return f"{model}: {method}, k={k}, {where}: kept {kept} of {tokens} visual tokens"
@@ -232,7 +239,7 @@ def _draw_grid(axes, pixels, factor: float, grid: GridView) -> None:
     axes.vlines([left + c * (right - left) / cols for c in range(cols + 1)], top, bottom, **line)
     axes.hlines([top + r * (bottom - top) / rows for r in range(rows + 1)], left, right, **line)
     inset = {POOLED: 0.12 * (right - left) / cols}  # overlapping cells drawn a little inside their bounds, apart
-    for role in (ABSORBED, SELECTED, ANCHOR, REFILLED, POOLED):
+    for role in (ABSORBED, *(role for role in ROLES if role != KEPT)):  # merged patches under the rest
         d = inset.get(role, 0.0)
         boxes = [
             Rectangle((b[0] + d, b[1] + d), b[2] - b[0] - 2 * d, b[3] - b[1] - 2 * d)
@@ -382,6 +389,23 @@ def accuracy_points(rows) -> list[AccuracyPoint]:
     ]
 
 
+def _label_budgets(axes, points: list[AccuracyPoint]) -> None:
+    """One label per budget where the methods' points stand side by side (one per point collided
+    into "k=64k=64"): above the highest error bar of the group."""
+    groups: dict[tuple[int, float], float] = {}
+    for p in points:
+        if _prunes(p.method):
+            key = (p.k, round(p.flops, 6))
+            groups[key] = max(groups.get(key, p.high), p.high)
+    for (k, flops), top in groups.items():
+        axes.annotate(f"k={k}", (flops, top), xytext=(0, 4), textcoords="offset points", ha="center",
+                      fontsize=8, color="#333333")  # fmt: skip
+
+
+def _prunes(method: str) -> bool:
+    return METHODS[method].prunes
+
+
 DODGE = 0.012  # of the FLOPs range: how far apart the methods' points at one budget are drawn
 
 
@@ -398,12 +422,12 @@ def draw_accuracy(points: list[AccuracyPoint], title: str) -> Figure:
     axes = figure.add_subplot()
     palette = iter(SERIES)
     for point in points:
-        if point.method == "vanilla":
+        if not _prunes(point.method):  # the reference: a line across, not a point
             axes.axhspan(point.low, point.high, color="#888888", alpha=0.15, linewidth=0)
             axes.axhline(point.accuracy, color="#444444", linestyle="--", linewidth=1.2,
-                         label=f"vanilla: {point.accuracy:.1f}%")  # fmt: skip
-    methods = list(dict.fromkeys(p.method for p in points if p.method != "vanilla"))
-    flops = [p.flops for p in points if p.method != "vanilla"] or [0.0]
+                         label=f"{point.method}: {point.accuracy:.1f}%")  # fmt: skip
+    methods = list(dict.fromkeys(p.method for p in points if _prunes(p.method)))
+    flops = [p.flops for p in points if _prunes(p.method)] or [0.0]
     # Every method has the same FLOPs at one k: each is moved sideways a little, so that its
     # error bar does not hide behind another's.
     step = DODGE * ((max(flops) - min(flops)) or 1.0)
@@ -417,16 +441,7 @@ def draw_accuracy(points: list[AccuracyPoint], title: str) -> Figure:
             yerr=[[p.accuracy - p.low for p in mine], [p.high - p.accuracy for p in mine]],
             marker="o", markersize=5, capsize=3, linewidth=1.5, color=colour, label=method,
         )  # fmt: skip
-    # One label per budget where the methods' points stand side by side (one per point collided
-    # into "k=64k=64"): above the highest error bar of the group.
-    groups: dict[tuple[int, float], float] = {}
-    for p in points:
-        if p.method != "vanilla":
-            key = (p.k, round(p.flops, 6))
-            groups[key] = max(groups.get(key, p.high), p.high)
-    for (k, flops), top in groups.items():
-        axes.annotate(f"k={k}", (flops, top), xytext=(0, 4), textcoords="offset points", ha="center",
-                      fontsize=8, color="#333333")  # fmt: skip
+    _label_budgets(axes, points)
     for axis in (axes.xaxis, axes.yaxis):
         axis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]))  # round numbers
     axes.margins(x=0.1, y=0.08)  # room for the labels above the highest bars

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
-from ..engine import METHODS, image_spans, schedule
+from ..engine import image_spans, schedule
 from ..engine.settings import PruneSettings
 from ..errors import AsapError, UsageError
 from ..records import ChatStats, ChatTurn
@@ -65,9 +65,9 @@ class ChatSession:
         temperature: float = 0.0,
         seed: int = 0,
     ):
-        settings.check(loaded.num_layers)
-        if METHODS[settings.method].before_llm:
-            # They prune layer 0 as well, whose length is what locates each new turn.
+        settings = settings.for_model(loaded.num_layers)
+        if not settings.method.continues_cache:
+            # Layer 0's cache length is what locates each new turn: theirs is shorter.
             raise UsageError(f"{settings.method} prunes before the language model; asap chat takes in-LLM methods only")
         self.loaded = loaded
         self.settings = settings
@@ -98,9 +98,7 @@ class ChatSession:
 
     def set_k(self, k: int) -> None:
         """The budget for images from the next message on."""
-        settings = self.settings.replace(k=k)
-        settings.check(self.loaded.num_layers)
-        self.settings = settings
+        self.settings = self.settings.with_budget(k)
 
     def ask(
         self,
@@ -139,11 +137,7 @@ class ChatSession:
                 should_stop=should_stop,
             )
         except BaseException:
-            self.cache, layers, self.seen = saved
-            del self.cache.layers[len(layers) :]  # layers a cache built lazily may have added
-            for layer, attributes in zip(self.cache.layers, layers):
-                vars(layer).clear()
-                vars(layer).update(attributes)
+            self._restore(*saved)
             raise
         # The last generated token was never fed to the model: the cache ends before it.
         self.seen = ids.tolist() + result.token_ids[:-1]
@@ -153,13 +147,22 @@ class ChatSession:
         self.pending = []
         self.turns.append(turn)
         if result.visual_tokens:
-            self.tflops_vanilla += schedule.token_flops(
-                self.loaded.text_config, result.visual_tokens, result.visual_tokens, 0
-            )[0]
-            self.tflops_pruned += schedule.token_flops(
-                self.loaded.text_config, result.visual_tokens, result.kept_tokens, result.layer
-            )[0]
+            self._count_flops(result)
         return turn
+
+    def _restore(self, cache: DynamicCache, layers: list[dict], seen: list[int]) -> None:
+        """The cache as a failed turn found it."""
+        self.cache, self.seen = cache, seen
+        del self.cache.layers[len(layers) :]  # layers a cache built lazily may have added
+        for layer, attributes in zip(self.cache.layers, layers):
+            vars(layer).clear()
+            vars(layer).update(attributes)
+
+    def _count_flops(self, result: GenerationResult) -> None:
+        """Eq. 7 of the images this turn brought, unpruned and as pruned."""
+        config, visual = self.loaded.text_config, result.visual_tokens
+        self.tflops_vanilla += schedule.token_flops(config, visual, visual, 0)[0]
+        self.tflops_pruned += schedule.token_flops(config, visual, result.kept_tokens, result.layer)[0]
 
     def _reuse_cache(self, ids: list[int]) -> int:
         """Cut the cache back to its longest common prefix with `ids` (always leaving at least one
@@ -194,7 +197,7 @@ class ChatSession:
             images=len(self.images),
             pending_images=len(self.pending),
             k=self.settings.k,
-            method=self.settings.method,
+            method=self.settings.method.name,
             layer=self.settings.layer,
             cache_tokens_per_layer=lengths,
             kv_cache_bytes=kv_cache_bytes(self.cache),

@@ -1,31 +1,56 @@
 """Pruning methods behind one interface; `METHODS` is the registry the CLI offers.
 
-A method module imports torch and the engine's ops inside `select` only: the CLI reads the
-registry (names, options, defaults, flags) to build its help and to count FLOPs, and starts in a
-blink without torch."""
+Adding a method is one module here (a PruningMethod with its traits and `select`) and one line
+in METHODS. A method module imports torch and the engine's ops inside `select` only: the CLI
+reads the registry (names, options, defaults, traits) to build its help and to count FLOPs, and
+starts in a blink without torch."""
 
 from __future__ import annotations
 
-from .asap import Asap, AsapBimaskOnly
-from .base import ANCHOR, KEPT, POOLED, REFILLED, ROLES, SELECTED, PruningMethod, Selection, SpanScores, SpanView
+from .asap import ANCHOR, REFILLED, Asap, AsapBimaskOnly
+from .base import KEPT, SELECTED, UNPRUNED, PruningMethod, Role, Selection, SpanScores, SpanView
 from .divprune import DivPrune
 from .fastv import FastV
 from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
-from .pool import Pool
+from .pool import POOLED, Pool
 from .random import Random
 from .vanilla import Vanilla
 
 METHODS: dict[str, type[PruningMethod]] = {
     m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool)
 }
+DEFAULT_METHOD = Asap.name  # what run, chat, flops and the API prune with unless told
+REFERENCE = Vanilla.name  # the unpruned run every other is measured against (compare's first column)
+DEFAULT_COMPARISON = (Vanilla.name, FastV.name, Asap.name)  # profile's --methods unless told
+DEFAULT_EVALUATION = (Vanilla.name, FastV.name, Random.name, Asap.name)  # eval's
+DEFAULT_SIDE_BY_SIDE = (FastV.name, Asap.name, DivPrune.name)  # compare's
+
+
+def _roles() -> dict[str, Role]:
+    """Every role a method's selections give, by name, then the role of a span left whole; in the
+    order the legends list them. A role has one colour: the first declaration's."""
+    roles: dict[str, Role] = {}
+    for method in METHODS.values():
+        for role in method.roles:
+            roles.setdefault(role.name, role)
+    roles.setdefault(KEPT, UNPRUNED)
+    return roles
+
+
+ROLES = _roles()
 
 __all__ = [
     "ANCHOR",
+    "DEFAULT_COMPARISON",
+    "DEFAULT_EVALUATION",
+    "DEFAULT_METHOD",
+    "DEFAULT_SIDE_BY_SIDE",
     "HYPERPARAMETERS",
     "KEPT",
     "METHODS",
     "POOLED",
     "POSITIONS",
+    "REFERENCE",
     "REFILLED",
     "ROLES",
     "SCORES",
@@ -33,6 +58,7 @@ __all__ = [
     "SELECTED",
     "Hyperparameter",
     "PruningMethod",
+    "Role",
     "Selection",
     "SpanScores",
     "SpanView",

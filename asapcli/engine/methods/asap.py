@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import ANCHOR, REFILLED, SELECTED, PruningMethod, Selection, SpanView
+from .base import BY_SCORE, SELECTED, PruningMethod, Role, Selection, SpanView
+
+ANCHOR = "anchor"  # a selected token that absorbed similar selected ones (Eq. 6)
+REFILLED = "refilled"  # taken from the pruned pool into a slot an absorbed token freed
+MERGE_ANCHOR = Role(ANCHOR, "merge anchor", "#E69F00")
+REFILL = Role(REFILLED, "refilled from the pruned pool", "#009E73")
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,7 @@ class AsapBimaskOnly(PruningMethod):
     name = "asap-bimask-only"
     sg_bimask = True
     needs_mass = True
+    paired_with = "fastv"  # the same scoring under the causal mask: what SG-BiMask changes
     score_queries: str = "last"
     score: str = "attention"
     lambda_max: float = 1.0
@@ -39,6 +45,7 @@ class Asap(AsapBimaskOnly):
     slots they free (Eq. 6 and budget reallocation)."""
 
     name = "asap"
+    roles = (BY_SCORE, MERGE_ANCHOR, REFILL)
     merge_threshold: float = 0.9
 
     def select(self, span: SpanView, k: int) -> Selection:

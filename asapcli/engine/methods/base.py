@@ -38,13 +38,22 @@ class SpanScores:
     saliency: torch.Tensor | None = None
 
 
-# Why a kept token was kept (its role), for reports and figures; the numbers never depend on it.
+@dataclass(frozen=True)
+class Role:
+    """Why a kept token was kept, for reports and figures (the numbers never depend on it): `name`
+    is what Selection.roles and --json hold, `label` the legend's words, `colour` its colour in
+    the figures (Okabe-Ito, told apart by colour-blind readers too). A method lists the roles its
+    selections give in `PruningMethod.roles`; a role has one colour whichever method gives it."""
+
+    name: str
+    label: str
+    colour: str
+
+
 SELECTED = "selected"  # ranked in by the method's own criterion: attention, diversity, chance
-ANCHOR = "anchor"  # ASAP: a selected token that absorbed similar selected ones (Eq. 6)
-REFILLED = "refilled"  # ASAP: taken from the pruned pool into a slot an absorbed token freed
-POOLED = "pooled"  # pool: the average of one cell of the grid
 KEPT = "kept"  # a span that was not pruned: every token goes on
-ROLES = (SELECTED, ANCHOR, REFILLED, POOLED, KEPT)
+BY_SCORE = Role(SELECTED, "selected by score", "#0072B2")
+UNPRUNED = Role(KEPT, "kept (not pruned)", "#FFFFFF")
 
 
 @dataclass(frozen=True)
@@ -70,20 +79,33 @@ class Selection:
 
 
 class PruningMethod:
-    """One visual-token pruning method. Subclasses set the class flags and implement `select`.
+    """One visual-token pruning method. Subclasses are frozen dataclasses whose fields are the
+    hyperparameters they take (see hyperparameters.py); they set the class traits below and
+    implement `select`. Everything that differs by method is one of these traits: nothing outside
+    engine/methods/ asks for a method by name.
 
-    The flags tell the decoder what to compute in layers 0..L-1:
-    - `prunes`: False only for the vanilla reference.
+    What the decoder computes in layers 0..L-1:
     - `sg_bimask`: replace the causal mask inside image spans by SG-BiMask (Eq. 4-5).
     - `score_queries`: which query rows rank the tokens at layer L-1 ("last", "text", "all"),
       or None when the method needs no attention scores.
     - `needs_mass`: record s and s_hat at layer L-1.
-    - `before_llm`: prune the projected visual features before decoder layer 0 instead of after
-      layer L-1 (the plan's layer is 0 whatever L the user gave). Kept tokens keep their
-      original positions, as with every method here: generate() numbers the decoding steps
-      from the full prompt.
     - `score`: "attention" ranks by the attention probability received; "contribution" weights
       it by the norm of the token's value vector (CAPA).
+
+    What a run of it is:
+    - `prunes`: False only for the unpruned reference (vanilla): it takes no budget, reports
+      none, and a comparison runs it once whatever the budgets.
+    - `before_llm`: prune the projected visual features before decoder layer 0 instead of after
+      layer L-1 (the plan's layer is 0 whatever L the user gave). Kept tokens keep their
+      original positions unless `positions` says otherwise: generate() numbers the decoding
+      steps from the full prompt.
+    - `min_layer`: the smallest L it accepts; `reads_layer`: whether L is where it prunes, so
+      that the model's layer count bounds it.
+    - `continues_cache`: whether a later call can continue a KV cache it pruned (asap chat); a
+      method that shortens layer 0's cache cannot.
+    - `roles`: the roles its selections give, in the legend's order, with their labels.
+    - `paired_with`: the method whose scores a figure contrasts with its own (the attention
+      shift: the same scoring under the causal mask), or None.
     """
 
     name: ClassVar[str]
@@ -91,9 +113,17 @@ class PruningMethod:
     sg_bimask: ClassVar[bool] = False
     needs_mass: ClassVar[bool] = False
     before_llm: ClassVar[bool] = False
+    min_layer: ClassVar[int] = 1  # layers 0..L-1 see every token
+    reads_layer: ClassVar[bool] = True
+    continues_cache: ClassVar[bool] = True
+    roles: ClassVar[tuple[Role, ...]] = (BY_SCORE,)
+    paired_with: ClassVar[str | None] = None
     score_queries: str | None = None
     score: str = "attention"
     lambda_max: float = 1.0
+
+    def __str__(self) -> str:
+        return self.name
 
     @classmethod
     def hyperparameters(cls) -> list[str]:
@@ -103,6 +133,31 @@ class PruningMethod:
 
         own = {field.name for field in fields(cls)} if hasattr(cls, "__dataclass_fields__") else set()
         return [name for name in HYPERPARAMETERS if name in own]
+
+    @classmethod
+    def draws(cls) -> bool:
+        """Whether it chooses tokens by chance: it then has a `seed` field, which PruneSettings fills."""
+        return "seed" in getattr(cls, "__dataclass_fields__", {})
+
+    @classmethod
+    def role_label(cls, role: str) -> str | None:
+        """What the legend calls `role` for this method; None when its selections never give it."""
+        return next((own.label for own in cls.roles if own.name == role), None)
+
+    def options(self) -> dict:
+        """The hyperparameters as it runs (each given one, else its default), then the seed of a
+        method that draws its tokens: what --json reports."""
+        taken = self.hyperparameters() + (["seed"] if self.draws() else [])
+        return {name: getattr(self, name) for name in taken}
+
+    def pruning_layer(self, layer: int) -> int:
+        """The layer its plan prunes at when the user asked for L = `layer`."""
+        return 0 if self.before_llm else layer
+
+    @property
+    def renumbers(self) -> bool:
+        """Kept tokens are numbered 0..M-1, as a shorter prompt (--positions renumber)."""
+        return getattr(self, "positions", None) == "renumber"
 
     def kept_count(self, tokens: int, k: int) -> int:
         """How many of a span's `tokens` go on at budget k."""

@@ -31,11 +31,18 @@ class Hyperparameter:
 
     def problem(self, value) -> str | None:
         """Why `value` is not one this hyperparameter takes; None when it is."""
+        if self.type is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"{self.flag[2:]} needs a number, got {value!r}"
         if self.choices and value not in self.choices:
             return f"{self.flag[2:]} must be one of {', '.join(self.choices)}, got {value!r}"
         if self.valid is not None and not self.valid(value):
             return f"{self.flag[2:]} {self.rule}, got {value!r}"
         return None
+
+    def parse(self, value):
+        """`value` as this hyperparameter's type (a whole number where a float is asked for is
+        one), once `problem` found none."""
+        return float(value) if self.type is float else value
 
 
 def _finite_in(low: float, high: float, low_open: bool) -> Callable[[object], bool]:

@@ -8,13 +8,20 @@ import math
 from dataclasses import dataclass
 
 from ...errors import UsageError
-from .base import POOLED, PruningMethod, Selection, SpanView
+from .base import PruningMethod, Role, Selection, SpanView
+
+POOLED = "pooled"  # the average of one cell of the grid
+POOLED_CELL = Role(POOLED, "pooled cell", "#CC79A7")
 
 
 @dataclass(frozen=True)
 class Pool(PruningMethod):
     name = "pool"
     before_llm = True
+    min_layer = 0  # it never reads L: 0 says so
+    reads_layer = False
+    continues_cache = False  # its cache is shorter than the sequence from layer 0 on
+    roles = (POOLED_CELL,)
     positions: str = "original"  # or "renumber": numbered 0..M-1 as a shorter prompt
 
     def kept_count(self, tokens: int, k: int) -> int:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .base import PruningMethod, Selection, SpanView
+from .base import BY_SCORE, PruningMethod, Selection, SpanView
 
 
 @dataclass(frozen=True)
 class Random(PruningMethod):
     name = "random"
+    roles = (replace(BY_SCORE, label="chosen at random"),)
     seed: int = 0
 
     def select(self, span: SpanView, k: int) -> Selection:

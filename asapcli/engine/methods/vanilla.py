@@ -11,6 +11,8 @@ from .base import PruningMethod, Selection, SpanView
 class Vanilla(PruningMethod):
     name = "vanilla"
     prunes = False
+    reads_layer = False
+    roles = ()  # every span is kept whole (base.UNPRUNED)
 
     def select(self, span: SpanView, k: int) -> Selection:
         raise AssertionError("vanilla never prunes")
