@@ -503,7 +503,7 @@ def pyramiddrop_rank(
     model's own attention).
     """
     _check_tie_break(tie_break)
-    length, width = hidden.shape
+    length, _width = hidden.shape
     head_dim = wq.shape[0] // num_heads
     if num_kv_heads not in (num_heads, 1) and not repeat_kv:
         raise ValueError(

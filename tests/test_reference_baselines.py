@@ -308,16 +308,16 @@ def test_prumerge_plus_invariants_576():
 
 def _pdrop_identity_args(hidden, h=1, hkv=1):
     d = hidden.shape[1]
-    return dict(
-        norm_weight=torch.ones(d, dtype=hidden.dtype),
-        norm_eps=1e-6,
-        wq=torch.eye(d, dtype=hidden.dtype).repeat(h, 1)[: d * h],
-        wk=torch.eye(d, dtype=hidden.dtype).repeat(hkv, 1)[: d * hkv],
-        num_heads=h,
-        num_kv_heads=hkv,
-        cos=torch.ones(64, d // h, dtype=hidden.dtype),
-        sin=torch.zeros(64, d // h, dtype=hidden.dtype),
-    )
+    return {
+        "norm_weight": torch.ones(d, dtype=hidden.dtype),
+        "norm_eps": 1e-6,
+        "wq": torch.eye(d, dtype=hidden.dtype).repeat(h, 1)[: d * h],
+        "wk": torch.eye(d, dtype=hidden.dtype).repeat(hkv, 1)[: d * hkv],
+        "num_heads": h,
+        "num_kv_heads": hkv,
+        "cos": torch.ones(64, d // h, dtype=hidden.dtype),
+        "sin": torch.zeros(64, d // h, dtype=hidden.dtype),
+    }
 
 
 def test_pyramiddrop_hand_case():
@@ -337,15 +337,15 @@ def test_pyramiddrop_gqa_and_counts():
     hidden = torch.randn(30, 8, dtype=F64)
     d, h = 8, 4
     angles = torch.arange(64.0, dtype=F64)[:, None] * torch.tensor([0.3, 0.3], dtype=F64)  # head_dim 2
-    base = dict(
-        norm_weight=torch.ones(d, dtype=F64) * 1.3,
-        norm_eps=1e-6,
-        num_heads=h,
-        cos=torch.cos(angles),
-        sin=torch.sin(angles),
-    )
+    base = {
+        "norm_weight": torch.ones(d, dtype=F64) * 1.3,
+        "norm_eps": 1e-6,
+        "num_heads": h,
+        "cos": torch.cos(angles),
+        "sin": torch.sin(angles),
+    }
     wq, wk2 = torch.randn(d, d, dtype=F64), torch.randn(4, d, dtype=F64)  # 2 key heads of dim 2
-    span = dict(image_start=3, image_len=20, keep=7)
+    span = {"image_start": 3, "image_len": 20, "keep": 7}
     with pytest.raises(ValueError, match="repeat"):
         ref.pyramiddrop_rank(hidden, wq=wq, wk=wk2, num_kv_heads=2, **base, **span)
     # repeat_kv=True equals giving every query head its group's key weights explicitly
