@@ -1,12 +1,17 @@
-"""Mutation check of the engine's tests: apply one small wrong change to the engine at a time, in
-a scratch copy of the working tree, run the engine's tests there, and report whether a test
-failed (the mutant is killed) or the suite stayed green (it survived: a hole in the tests).
+"""Mutation check of the tests: apply one small wrong change to asapcli at a time, in a scratch
+copy of the working tree, run the tests there, and report whether a test failed (the mutant is
+killed) or the suite stayed green (it survived: a hole in the tests).
 
-    python scripts/mutants.py                 # every mutant, about 1-2 minutes each on 2 cores
+    python scripts/mutants.py                 # every mutant; a killed one takes seconds to minutes
     python scripts/mutants.py --only capa     # mutants whose name contains "capa"
+    python scripts/mutants.py --own-tests     # each mutant against the tests it names only (quick)
     python scripts/mutants.py --list
 
-A development tool, not part of the test run. Exit status 1 when a mutant survives.
+Each mutant's text must occur exactly once in its file: every pattern is checked before any test
+runs, and one that no longer matches (a refactor moved or reworded the line) stops the run with
+exit status 2, so the mutant is updated rather than silently lost. A mutant may name the tests
+expected to kill it: they run first, then the rest of TESTS (pytest -x stops at the first
+failure). A development tool, not part of the test run. Exit status 1 when a mutant survives.
 """
 
 from __future__ import annotations
@@ -30,6 +35,16 @@ TESTS = [
     "tests/test_batches.py",
     "tests/test_families.py",
     "tests/test_attention.py",
+    # Issue 27: the user-level behaviours around the engine (API block, chat, run, eval, lmms-eval).
+    "tests/test_api.py",
+    "tests/test_api_block_calls.py",
+    "tests/test_divprune_official.py",
+    "tests/test_chat_stats.py",
+    "tests/test_streaming.py",
+    "tests/test_inputs.py",
+    "tests/test_run_glob_and_stream.py",
+    "tests/test_eval_budgets_and_partial.py",
+    "tests/test_lmms_eval.py",
 ]
 
 
@@ -38,6 +53,7 @@ class Mutant:
     name: str
     file: str
     edits: tuple[tuple[str, str], ...]  # (exact text, replacement); each text occurs once
+    tests: tuple[str, ...] = ()  # the tests expected to kill it, run first
 
 
 ATTENTION, ASAP, OPS, DECODER = (
@@ -45,6 +61,15 @@ ATTENTION, ASAP, OPS, DECODER = (
     "asapcli/engine/methods/asap.py",
     "asapcli/engine/ops.py",
     "asapcli/engine/decoder.py",
+)
+RANDOM, BLOCK, INPUTS, CHAT, STREAMING, EVAL_RUN, LMMS_ARGUMENTS = (
+    "asapcli/engine/methods/random.py",
+    "asapcli/engine/block.py",
+    "asapcli/runtime/inputs.py",
+    "asapcli/runtime/chat.py",
+    "asapcli/runtime/streaming.py",
+    "asapcli/commands/eval_run.py",
+    "asapcli/lmms_eval/arguments.py",
 )
 MUTANTS = [
     # The six that survived the review of issue 16.
@@ -119,6 +144,48 @@ MUTANTS = [
     Mutant("renumbered decoding steps not shifted", DECODER, (
         ("return position_ids - self.position_shift[:, None]", "return position_ids"),
     )),
+    # Issue 27: twelve that survived an independent pass, each changing what a user gets.
+    Mutant("pruning state kept into the next sequence of a block", DECODER, (
+        ("        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            self.after = _AfterPruning()\n",
+         "        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            pass\n"),
+    ), ("tests/test_api_block_calls.py::test_a_padded_batch_then_a_single_prompt_in_one_block_answer_as_apart",)),
+    Mutant("DivPrune's first pick the least isolated token", OPS, (
+        ("picked = [int(nearest_other.amin(dim=1).argmax())]", "picked = [int(nearest_other.amin(dim=1).argmin())]"),
+    ), ("tests/test_divprune_official.py",)),
+    Mutant("random's seed ignores the span start", RANDOM, (
+        ("manual_seed(self.seed * 1_000_003 + span.start)", "manual_seed(self.seed * 1_000_003)"),
+    ), ("tests/test_api_block_calls.py::test_random_pruning_draws_each_image_of_a_prompt_afresh_and_repeats_itself",)),
+    Mutant("the model config's output_hidden_states/attentions not refused", BLOCK, (
+        ("if kwargs.get(output) or getattr(model.config, output, False):", "if kwargs.get(output):"),
+    ), ("tests/test_api_block_calls.py::test_the_models_own_config_asking_for_hidden_states_or_attentions_is_refused",)),
+    Mutant("a before-LLM continuation refused with no earlier pruned prefill", BLOCK, (
+        ("if cached and input_ids.shape[1] > 1 and pruning.prefills and METHODS[settings.method].before_llm:",
+         "if cached and input_ids.shape[1] > 1 and METHODS[settings.method].before_llm:"),
+    ), ("tests/test_api_block_calls.py::test_a_cache_filled_outside_the_block_is_continued_inside_it",)),
+    Mutant("glob matches not sorted", INPUTS, (
+        ("matches = sorted(glob.glob(os.path.expanduser(text)))", "matches = glob.glob(os.path.expanduser(text))"),
+    ), ("tests/test_run_glob_and_stream.py::test_a_glob_pairs_its_files_in_sorted_order_with_the_prompts",)),
+    Mutant("chat's pruned TFLOPs replaced, not added, each image turn", CHAT, (
+        ("            self.tflops_pruned += schedule.token_flops(", "            self.tflops_pruned = schedule.token_flops("),
+    ), ("tests/test_chat_stats.py::test_stats_add_up_the_flops_of_every_image_turn",)),
+    Mutant("chat's /reset keeps the queued images", CHAT, (
+        ("        self.pending: list[tuple[str, Image.Image]] = []\n",
+         "        self.pending: list[tuple[str, Image.Image]] = getattr(self, \"pending\", [])\n"),
+    ), ("tests/test_chat_stats.py::test_reset_forgets_the_queued_images_too",)),
+    Mutant("a trailing partial character never streamed, even at the end", STREAMING, (
+        ('if not text.startswith(shown) or (text.endswith("\\ufffd") and not final):',
+         'if not text.startswith(shown) or text.endswith("\\ufffd"):'),
+    ), ("tests/test_run_glob_and_stream.py::test_an_answer_cut_inside_a_character_streams_all_of_its_text",)),
+    Mutant("eval without -k ignores the preset's budgets", EVAL_RUN, (
+        ("budgets = list(loaded.preset.budgets) if loaded.preset and loaded.preset.budgets else [base.k]",
+         "budgets = [base.k]"),
+    ), ("tests/test_eval_budgets_and_partial.py::test_eval_without_k_runs_every_budget_of_the_preset",)),
+    Mutant("a stopped eval keeps rows with no answers", EVAL_RUN, (
+        ("        scores = [score for score in scores if score.totals]\n", ""),
+    ), ("tests/test_eval_budgets_and_partial.py::test_a_stopped_eval_has_no_row_for_a_run_that_gave_no_answer",)),
+    Mutant("lmms-eval's true/false taken as numbers", LMMS_ARGUMENTS, (
+        ("if isinstance(value, bool) or not isinstance(value, int | float):", "if not isinstance(value, int | float):"),
+    ), ("tests/test_eval_budgets_and_partial.py",)),
 ]  # fmt: skip
 
 
@@ -137,21 +204,47 @@ def scratch_copy() -> Path:
     return target
 
 
+class NoLongerMatches(Exception):
+    """A mutant's text does not occur exactly once in its file."""
+
+
+def mutated(text: str, mutant: Mutant) -> str:
+    """`text` (the file's) with the mutant's edits made, in turn; NoLongerMatches names the first
+    edit whose text does not occur exactly once."""
+    for old, new in mutant.edits:
+        count = text.count(old)
+        if count != 1:
+            raise NoLongerMatches(f"mutant {mutant.name!r}: {old!r} occurs {count} times in {mutant.file}")
+        text = text.replace(old, new)
+    return text
+
+
+def broken_patterns(mutants: list[Mutant]) -> list[str]:
+    """Why each mutant that no longer applies to the working tree does not."""
+    problems = []
+    for mutant in mutants:
+        path = REPO / mutant.file
+        if not path.is_file():
+            problems.append(f"mutant {mutant.name!r}: {mutant.file} does not exist")
+            continue
+        try:
+            mutated(path.read_text(), mutant)
+        except NoLongerMatches as error:
+            problems.append(str(error))
+    return problems
+
+
 def apply(copy: Path, mutant: Mutant) -> None:
     path = copy / mutant.file
-    text = path.read_text()
-    for old, new in mutant.edits:
-        if text.count(old) != 1:
-            raise SystemExit(f"mutant {mutant.name!r}: {old!r} occurs {text.count(old)} times in {mutant.file}")
-        text = text.replace(old, new)
-    path.write_text(text)
+    path.write_text(mutated(path.read_text(), mutant))
 
 
-def run_tests(copy: Path) -> tuple[bool, str]:
-    """Run the engine's tests in `copy` (its asapcli imported first); (passed, last line)."""
+def run_tests(copy: Path, tests: list[str]) -> tuple[bool, str]:
+    """Run `tests` in `copy` (its asapcli imported first), stopping at the first failure;
+    (passed, the failing test or the last line)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(copy))
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
         cwd=copy, env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if line.strip()]
@@ -159,18 +252,39 @@ def run_tests(copy: Path) -> tuple[bool, str]:
     return result.returncode == 0, failed
 
 
+def tests_for(mutant: Mutant, own_only: bool) -> list[str]:
+    """The mutant's own tests first, then the rest of TESTS (or its own only, where it names some)."""
+    if own_only and mutant.tests:
+        return list(mutant.tests)
+    own_files = {test.split("::")[0] for test in mutant.tests if "::" not in test}
+    return [*mutant.tests, *(test for test in TESTS if test not in own_files)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run the mutants whose name contains this text")
+    parser.add_argument(
+        "--own-tests", action="store_true", help="run each mutant's own tests only, where it names some"
+    )
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     args = parser.parse_args()
     mutants = [m for m in MUTANTS if args.only is None or args.only.lower() in m.name.lower()]
     if args.list:
         print("\n".join(m.name for m in mutants))
         return 0
+    if not mutants:
+        print(f"no mutant's name contains {args.only!r}")
+        return 2
+    problems = broken_patterns(mutants)
+    if problems:
+        print("\n".join(problems))
+        print("these mutants no longer match the code: update their text to the code's (each must occur once)")
+        return 2
+    started = time.perf_counter()
     baseline = scratch_copy()
     try:
-        passed, line = run_tests(baseline)
+        tests = TESTS if not args.own_tests else sorted({t for m in mutants for t in tests_for(m, True)})
+        passed, line = run_tests(baseline, tests)
         if not passed:
             print(f"the unmutated tests fail, fix them first: {line}")
             return 2
@@ -179,18 +293,21 @@ def main() -> int:
     survivors = []
     for mutant in mutants:
         copy = scratch_copy()
-        started = time.perf_counter()
+        began = time.perf_counter()
         try:
             apply(copy, mutant)
-            passed, line = run_tests(copy)
+            passed, line = run_tests(copy, tests_for(mutant, args.own_tests))
         finally:
             shutil.rmtree(copy)
         verdict = "SURVIVED" if passed else "killed  "
-        print(f"{verdict} {mutant.name} ({time.perf_counter() - started:.0f} s){'' if passed else ': ' + line}")
+        print(f"{verdict} {mutant.name} ({time.perf_counter() - began:.0f} s){'' if passed else ': ' + line}")
         sys.stdout.flush()
         if passed:
             survivors.append(mutant.name)
-    print(f"{len(mutants) - len(survivors)} of {len(mutants)} mutants killed")
+    minutes = (time.perf_counter() - started) / 60
+    print(f"{len(mutants) - len(survivors)} of {len(mutants)} mutants killed in {minutes:.1f} min")
+    if survivors:
+        print("survived (no test failed):\n" + "\n".join(f"  {name}" for name in survivors))
     return 1 if survivors else 0
 
 

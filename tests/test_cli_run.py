@@ -348,12 +348,19 @@ def test_a_prompt_that_fills_the_context_is_refused_in_words_that_add_up(llava_p
     assert result.stderr.startswith("Error: the prompt is 4096 tokens (image tokens included): the model's context")
 
 
-def test_version_and_shell_completion():
+def test_version_and_shell_completion(monkeypatch):
+    import shellingham
+
     from asapcli import __version__
 
     assert asap("--version").stdout == f"asap {__version__}\n"
-    completion = asap("--show-completion", "bash")
-    assert completion.exit_code == 0 and "_ASAP_COMPLETE" in completion.stdout
+    # --show-completion writes the script of the shell it finds asap started from; pytest's own
+    # parent (sh -c, a CI runner, an IDE) is not the user's: say the user runs bash.
+    monkeypatch.setattr(shellingham, "detect_shell", lambda *args, **kwargs: ("bash", "/bin/bash"))
+    monkeypatch.delenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", raising=False)  # typer's switch for this
+    completion = asap("--show-completion")
+    assert completion.exit_code == 0, completion.output
+    assert "_ASAP_COMPLETE=complete_bash" in completion.stdout
 
 
 def test_threads_on_run_and_urls_said_to_be_unsupported(image_file, llava_path):

@@ -1,0 +1,42 @@
+"""`asap chat`'s /stats as the user reads it through the CLI: the FLOPs it reports add up over
+every image turn, and /reset forgets the images queued for the next message as well as the
+dialogue."""
+
+import json
+
+import pytest
+
+
+@pytest.fixture
+def second_image(tmp_path, images):
+    path = tmp_path / "second.png"
+    images[1].save(path)
+    return path
+
+
+def records(result):
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_stats_add_up_the_flops_of_every_image_turn(asap, llava_path, image_file, second_image):
+    """Two images of the same size pruned to the same k: twice the FLOPs of one, pruned,
+    unpruned and saved alike."""
+    transcript = f"what colour?\n/stats\n/image {second_image}\nand this one?\n/stats\n"
+    result = asap("chat", image_file, "-m", llava_path, "-k", 16, "--max-tokens", 2, "--json", input=transcript)
+    first_turn, one, second_turn, two = records(result)
+    assert first_turn["visual_tokens"] == second_turn["visual_tokens"] == 64
+    assert first_turn["kept_tokens"] == second_turn["kept_tokens"] == 16
+    one, two = one["stats"], two["stats"]
+    assert one["tflops"] < one["tflops_vanilla"]
+    for figure in ("tflops_vanilla", "tflops", "tflops_saved"):
+        assert two[figure] == pytest.approx(2 * one[figure]), figure
+
+
+def test_reset_forgets_the_queued_images_too(asap, llava_path, image_file, second_image):
+    transcript = f"/image {second_image}\n/stats\n/reset\n/stats\nhi\n"
+    result = asap("chat", "-m", llava_path, "-k", 16, "--max-tokens", 2, "--json", input=transcript)
+    queued, after_reset, turn = records(result)
+    assert queued["stats"]["pending_images"] == 1
+    assert (after_reset["stats"]["pending_images"], after_reset["stats"]["images"]) == (0, 0)
+    assert turn["images"] == [] and turn["visual_tokens"] == 0  # the message after /reset brings none
