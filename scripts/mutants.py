@@ -62,14 +62,15 @@ ATTENTION, ASAP, OPS, DECODER = (
     "asapcli/engine/ops.py",
     "asapcli/engine/decoder.py",
 )
-RANDOM, BLOCK, INPUTS, CHAT, STREAMING, EVAL_RUN, LMMS_ARGUMENTS = (
+RANDOM, BLOCK, INPUTS, CHAT, STREAMING, EVAL_RUN, OPTIONS, HYPERPARAMETERS_FILE = (
     "asapcli/engine/methods/random.py",
     "asapcli/engine/block.py",
     "asapcli/runtime/inputs.py",
     "asapcli/runtime/chat.py",
     "asapcli/runtime/streaming.py",
     "asapcli/commands/eval_run.py",
-    "asapcli/lmms_eval/arguments.py",
+    "asapcli/commands/options.py",
+    "asapcli/engine/methods/hyperparameters.py",
 )
 MUTANTS = [
     # The six that survived the review of issue 16.
@@ -146,7 +147,7 @@ MUTANTS = [
     )),
     # Issue 27: twelve that survived an independent pass, each changing what a user gets.
     Mutant("pruning state kept into the next sequence of a block", DECODER, (
-        ("        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            self.after = _AfterPruning()\n",
+        ("        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            self._after = _AfterPruning()\n",
          "        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            pass\n"),
     ), ("tests/test_api_block_calls.py::test_a_padded_batch_then_a_single_prompt_in_one_block_answer_as_apart",)),
     Mutant("DivPrune's first pick the least isolated token", OPS, (
@@ -156,17 +157,17 @@ MUTANTS = [
         ("manual_seed(self.seed * 1_000_003 + span.start)", "manual_seed(self.seed * 1_000_003)"),
     ), ("tests/test_api_block_calls.py::test_random_pruning_draws_each_image_of_a_prompt_afresh_and_repeats_itself",)),
     Mutant("the model config's output_hidden_states/attentions not refused", BLOCK, (
-        ("if kwargs.get(output) or getattr(model.config, output, False):", "if kwargs.get(output):"),
+        ("if kwargs.get(output) or getattr(self.model.config, output, False):", "if kwargs.get(output):"),
     ), ("tests/test_api_block_calls.py::test_the_models_own_config_asking_for_hidden_states_or_attentions_is_refused",)),
     Mutant("a before-LLM continuation refused with no earlier pruned prefill", BLOCK, (
-        ("if cached and input_ids.shape[1] > 1 and pruning.prefills and METHODS[settings.method].before_llm:",
-         "if cached and input_ids.shape[1] > 1 and METHODS[settings.method].before_llm:"),
+        ("if cached and input_ids.shape[1] > 1 and self.prefills and not self.settings.method.continues_cache:",
+         "if cached and input_ids.shape[1] > 1 and not self.settings.method.continues_cache:"),
     ), ("tests/test_api_block_calls.py::test_a_cache_filled_outside_the_block_is_continued_inside_it",)),
     Mutant("glob matches not sorted", INPUTS, (
         ("matches = sorted(glob.glob(os.path.expanduser(text)))", "matches = glob.glob(os.path.expanduser(text))"),
     ), ("tests/test_run_glob_and_stream.py::test_a_glob_pairs_its_files_in_sorted_order_with_the_prompts",)),
     Mutant("chat's pruned TFLOPs replaced, not added, each image turn", CHAT, (
-        ("            self.tflops_pruned += schedule.token_flops(", "            self.tflops_pruned = schedule.token_flops("),
+        ("        self.tflops_pruned += schedule.token_flops(", "        self.tflops_pruned = schedule.token_flops("),
     ), ("tests/test_chat_stats.py::test_stats_add_up_the_flops_of_every_image_turn",)),
     Mutant("chat's /reset keeps the queued images", CHAT, (
         ("        self.pending: list[tuple[str, Image.Image]] = []\n",
@@ -176,15 +177,16 @@ MUTANTS = [
         ('if not text.startswith(shown) or (text.endswith("\\ufffd") and not final):',
          'if not text.startswith(shown) or text.endswith("\\ufffd"):'),
     ), ("tests/test_run_glob_and_stream.py::test_an_answer_cut_inside_a_character_streams_all_of_its_text",)),
-    Mutant("eval without -k ignores the preset's budgets", EVAL_RUN, (
-        ("budgets = list(loaded.preset.budgets) if loaded.preset and loaded.preset.budgets else [base.k]",
-         "budgets = [base.k]"),
+    Mutant("eval without -k ignores the preset's budgets", OPTIONS, (
+        ("budgets = budget_list(self.budgets) or (list(preset.budgets) if preset and preset.budgets else None)",
+         "budgets = budget_list(self.budgets)"),
     ), ("tests/test_eval_budgets_and_partial.py::test_eval_without_k_runs_every_budget_of_the_preset",)),
     Mutant("a stopped eval keeps rows with no answers", EVAL_RUN, (
         ("        scores = [score for score in scores if score.totals]\n", ""),
     ), ("tests/test_eval_budgets_and_partial.py::test_a_stopped_eval_has_no_row_for_a_run_that_gave_no_answer",)),
-    Mutant("lmms-eval's true/false taken as numbers", LMMS_ARGUMENTS, (
-        ("if isinstance(value, bool) or not isinstance(value, int | float):", "if not isinstance(value, int | float):"),
+    Mutant("lmms-eval's true/false taken as numbers", HYPERPARAMETERS_FILE, (
+        ("if self.type is float and (isinstance(value, bool) or not isinstance(value, int | float)):",
+         "if self.type is float and not isinstance(value, int | float):"),
     ), ("tests/test_eval_budgets_and_partial.py",)),
 ]  # fmt: skip
 
