@@ -138,6 +138,7 @@ def measure(
     loaded: Loaded,
     batches: list[BatchFeature],
     runs: list[PruneSettings],
+    *,
     repeats: int = 5,
     warmup: int = 1,
     decode_tokens: int = 16,
@@ -207,6 +208,7 @@ def runs(grid: MethodGrid, num_layers: int) -> list[PruneSettings]:
 
 def profile(
     loaded: Loaded,
+    *,
     model: str,
     prompt: str,
     picture: Image.Image,
@@ -220,7 +222,9 @@ def profile(
     """`asap profile`: the sample prefilled under every settings, at batch 1 and at `batch`
     (copies of it), measured side by side (see measure()); a record per run and batch size."""
     batches = [build_batch_inputs(loaded.processor, [(prompt, picture)] * size) for size in sorted({1, batch})]
-    results = measure(loaded, batches, settings, repeats, warmup, decode_tokens, on_step)
+    results = measure(
+        loaded, batches, settings, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, on_step=on_step
+    )
     context = conditions(loaded, settings[0].layer, int(batches[0]["input_ids"].shape[1]), repeats, warmup)
     return [ProfileRow(model=model, **context, **_figures(result, results)) for result in results]
 

@@ -89,6 +89,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 def load(
     model: str,
+    *,
     device: str = "auto",
     dtype: str = "auto",
     device_map: str | None = None,
@@ -257,7 +258,7 @@ def build_random(
     if layers is not None and not 1 <= layers <= full:
         raise UsageError(f"--layers must be in 1..{full} for {model!r} ({full} decoder layers), got {layers}")
     try:
-        lvlm, processor = build_from_config(preset.config, preset.processor, dtype, device, layers)
+        lvlm, processor = build_from_config(preset.config, preset.processor, dtype=dtype, device=device, layers=layers)
     except ImportError as error:
         raise _missing_package(model, error) from error
     loaded = prepare(lvlm, processor, model, preset)
