@@ -7,17 +7,12 @@ import dataclasses
 
 import pytest
 import typer.main
-from typer.testing import CliRunner
 
 from asapcli.cli import app
 from asapcli.commands import options
 from asapcli.engine import HYPERPARAMETERS, METHODS
 from asapcli.engine.settings import PruneSettings
 from asapcli.errors import UsageError
-
-
-def asap(*args):
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def test_a_method_takes_the_declared_hyperparameters_it_has_fields_for():
@@ -38,7 +33,7 @@ def test_every_pruning_command_offers_each_hyperparameter_once(command):
     assert len(flags) == len(set(flags))
 
 
-def test_an_option_the_method_ignores_is_a_usage_error_naming_its_options(image_file):
+def test_an_option_the_method_ignores_is_a_usage_error_naming_its_options(image_file, asap):
     result = asap("run", image_file, "what?", "--method", "fastv", "--merge-threshold", 0.1, "--lambda-max", 0.5)
     assert result.exit_code == 2
     assert result.stderr.strip() == (
