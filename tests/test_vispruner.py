@@ -20,7 +20,9 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 import asapcli
 from asapcli.engine import UnsupportedModel, image_spans
-from asapcli.engine.vision import VisionTap
+from asapcli.engine.methods import SpanView
+from asapcli.engine.methods.vispruner import VisPruner
+from asapcli.engine.vision import VisionCues, VisionTap
 from asapcli.runtime.inputs import build_batch_inputs, build_inputs, load_image, user_message
 from asapcli.runtime.loading import load
 
@@ -113,6 +115,20 @@ def test_the_kept_sets_are_the_references_on_the_tiny_llava(tiny):
         (image,) = pruning.report().images
         expected = vispruner_select(cues.attention, cues.features, k, ratio, residual_mode="natural").kept
         assert [position - image.start for position in image.kept] == expected.tolist(), (k, ratio)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tied_attention_ranks_as_torchs_argsort(seed):
+    """[CLS] attention with many exact ties (and features with exact duplicates): the ranks are
+    torch's descending argsort, as the authors' code, not a stable sort's."""
+    generator = torch.Generator().manual_seed(seed)
+    attention = torch.randint(0, 4, (2, 64), generator=generator).float()
+    features = torch.randint(0, 3, (64, 8), generator=generator).float() + 0.5
+    span = SpanView(start=0, hidden=torch.randn(64, 4, generator=generator), vision=VisionCues(attention, features))
+    for k, ratio in [(20, 0.5), (33, 0.5), (40, 0.8)]:
+        kept = VisPruner(important_ratio=ratio).select(span, k).kept
+        expected = vispruner_select(attention, features, k, ratio, residual_mode="natural", tie_break="torch")
+        assert kept.tolist() == expected.kept.tolist(), k
 
 
 def official_pipeline(path, inputs, k: int, renumber: bool):
