@@ -13,7 +13,7 @@ out on exit (unless it was there already, as on a model from `asapcli.loading.lo
 
 Inside the block the language model's attention runs as PyTorch's SDPA (a model loaded with
 eager attention agrees to float rounding, not to the bit) and returns no hidden states or
-attention maps (asking for them is an error). Blocks do not nest. divprune and pool, which
+attention maps (asking for them is an error). Blocks do not nest. divprune, pool and vispruner, which
 prune before the first layer, leave a cache shorter than its sequence: a later call cannot
 continue it (an error, not a wrong answer).
 

@@ -39,6 +39,7 @@ TESTS = [
     "tests/test_api.py",
     "tests/test_api_block_calls.py",
     "tests/test_divprune_official.py",
+    "tests/test_vispruner.py",
     "tests/test_chat_stats.py",
     "tests/test_streaming.py",
     "tests/test_inputs.py",
@@ -56,6 +57,7 @@ class Mutant:
     tests: tuple[str, ...] = ()  # the tests expected to kill it, run first
 
 
+VISPRUNER, VISION = "asapcli/engine/methods/vispruner.py", "asapcli/engine/vision.py"
 ATTENTION, ASAP, OPS, DECODER = (
     "asapcli/engine/attention.py",
     "asapcli/engine/methods/asap.py",
@@ -188,6 +190,24 @@ MUTANTS = [
         ("if self.type is float and (isinstance(value, bool) or not isinstance(value, int | float)):",
          "if self.type is float and not isinstance(value, int | float):"),
     ), ("tests/test_eval_budgets_and_partial.py",)),
+    Mutant("VisPruner's [CLS] ranking ties broken by a stable sort", OPS, (
+        ("ranked = scores[None].argsort(dim=-1, descending=True)[0]",
+         "ranked = scores.sort(descending=True, stable=True).indices"),
+    ), ("tests/test_vispruner.py",)),
+    Mutant("VisPruner's important share rounded up", VISPRUNER, (
+        ("int(k * self.important_ratio)", "math.ceil(k * self.important_ratio)"),
+        ("from dataclasses import dataclass, replace", "import math\nfrom dataclasses import dataclass, replace"),
+    ), ("tests/test_vispruner.py",)),
+    Mutant("VisPruner's duplicates matched by dot product, not cosine", OPS, (
+        ("unit = features / features.norm(dim=-1, keepdim=True)\n    while count", "unit = features\n    while count"),
+    ), ("tests/test_vispruner.py",)),
+    Mutant("VisPruner drops the least similar evens", OPS, (
+        ("distinct = best_match.argsort(dim=-1, descending=True)[0, drop:]",
+         "distinct = best_match.argsort(dim=-1)[0, drop:]"),
+    ), ("tests/test_vispruner.py",)),
+    Mutant("the tap reads the [CLS] row without layer_norm1", VISION, (
+        ("normed = layer.layer_norm1(hidden)", "normed = hidden"),
+    ), ("tests/test_vispruner.py",)),
 ]  # fmt: skip
 
 

@@ -32,7 +32,7 @@ and the batch padding, kept for the decoding steps of the same call.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -96,6 +96,7 @@ class PruningPlan:
     records: list[SpanRecord] = field(default_factory=list)
     score_only: bool = False  # score every span at layer L-1 as the method would, prune none
     renumber: bool = False  # kept tokens take positions 0..M-1 (a shorter prompt) instead of their own
+    vision: Callable[[int], object] | None = None  # a span's start -> what the vision tower gave for its image
 
     @property
     def pruned(self) -> list[SpanRecord]:
@@ -185,6 +186,7 @@ class PrunePass:
             importance=importance,
             mass=_first(scores.mass),
             saliency=_first(scores.saliency),
+            vision=self.plans[row].vision(start) if self.plans[row].vision is not None else None,
         )
         selection = self.method.select(view, self.k)
         kept = selection.kept + span.start
