@@ -399,3 +399,16 @@ def test_help_names_values_not_python_types(command, asap):
     text = asap(command, "--help", env={"COLUMNS": "200"}).stdout
     assert not re.findall(r"<[a-z][^>]*>", text), text
     assert "[[" not in text.splitlines()[0]  # the usage line brackets an optional argument once
+
+
+def test_a_figure_named_only_by_its_suffix_is_refused_before_the_load(asap):
+    result = asap("run", CAR, "what colour is the car?", "--save-kept", ".png")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: .png names a format but no file: give it a name, e.g. kept.png\n"
+
+
+def test_a_piped_chat_says_when_an_answer_was_cut(asap):
+    """Off a terminal chat prints no summary line: an answer cut short said nothing (--json did)."""
+    result = asap("chat", CAR, "--max-tokens", 1, input="what colour is the car?\n")
+    assert result.exit_code == 0, result.output
+    assert "(answer cut at --max-tokens (1 token))" in result.stderr

@@ -91,8 +91,11 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(output):
     import subprocess
     import sys
 
-    budgets = ",".join(str(k) for k in range(1, 400))
-    command = [sys.executable, "-m", "asapcli", "flops", "-m", "llava-1.5-7b", "-k", budgets, *output]
+    # More than a pipe holds (64 KiB; the table of 3,000 rows is 150 KB): the writer is still
+    # writing when the reader goes, whatever the machine's speed (399 rows fitted: a race).
+    budgets = ",".join(str(k) for k in range(1, 3000))
+    command = [sys.executable, "-m", "asapcli", "flops", "-m", "llava-1.5-7b", "--visual-tokens", "5000", "-k", budgets,
+               *output]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.readline()
     process.stdout.close()  # what head does once it has its line

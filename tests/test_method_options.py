@@ -62,8 +62,11 @@ def test_a_comparison_gives_each_method_the_options_it_takes():
     assert bimask.hyperparameters == {"lambda_max": 0.5}
     with pytest.raises(UsageError, match="merge-threshold is a cosine similarity in"):
         PruneSettings("asap", merge_threshold=float("nan"))
-    with pytest.raises(TypeError, match="unknown hyperparameters"):
-        PruneSettings("asap", lambda_mx=0.5)
+    with pytest.raises(UsageError, match="unknown option lambda_mx; the methods' options are lambda_max,"):
+        PruneSettings("asap", lambda_mx=0.5)  # the API's docstring promises a UsageError, not a TypeError
+    for seed in (-1, 2**70):  # what torch and the random method cannot take: refused, not overflowed
+        with pytest.raises(UsageError, match=f"seed must be a whole number from 0 to 4294967295, got {seed}"):
+            PruneSettings("random", seed=seed)
 
 
 def test_an_option_one_method_takes_says_so_in_the_singular():

@@ -138,6 +138,7 @@ def test_cpu_peak_memory_sees_a_temporary_and_what_is_kept():
         (["--layer", "4"], "layer must be in 1..3"),
         (["--prompt", " "], "the prompt is empty"),
         (["--image", "missing.png"], "image not found"),
+        (["--prompt", "hi " * 3000], "the model's context holds"),  # it measured positions past the context
     ],
 )
 def test_profile_errors_are_one_line(llava_path, args, message, asap):
@@ -145,3 +146,10 @@ def test_profile_errors_are_one_line(llava_path, args, message, asap):
     assert result.exit_code != 0
     assert result.stderr.startswith("Error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_decoding_past_the_context_is_refused_not_measured(llava_path, asap):
+    """--decode-tokens 100000 on a 2048-position model printed nothing for minutes."""
+    result = asap("profile", "-m", llava_path, *FAST, "--decode-tokens", 100000)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: the prompt is ") and "--decode-tokens asks for 100000 more" in result.stderr

@@ -163,6 +163,8 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
     display.write("\n")
     if turn.result.stopped:
         display.note("(stopped)")
+    elif not interactive and turn.result.ended != "end":  # piped: the summary below is not shown
+        display.note(f"(answer{display.cut(turn.result).removeprefix('; answer')})")
     if interactive:
         result = turn.result
         line = display.summary(session.settings, result)

@@ -16,7 +16,7 @@ import typer
 
 from ..engine import DEFAULT_METHOD, HYPERPARAMETERS, METHODS
 from ..engine.methods import DEFAULT_COMPARISON, DEFAULT_EVALUATION, DEFAULT_SIDE_BY_SIDE
-from ..engine.settings import MethodGrid, PruneSettings, budget_and_layer
+from ..engine.settings import SEEDS, MethodGrid, PruneSettings, budget_and_layer
 from ..errors import UsageError, whole_number
 from ..report import display
 from ..runtime.presets import Preset, find_preset, preset_names
@@ -77,9 +77,8 @@ def _budget(text: str) -> int:
 
 
 def _seed(value: int) -> int:
-    # torch seeds take 64 bits, and the random method multiplies the seed by a million: 32 bits fit.
-    if not 0 <= value < 2**32:
-        raise typer.BadParameter(f"{value} is not a seed: a whole number from 0 to {2**32 - 1}")
+    if not 0 <= value < SEEDS:
+        raise typer.BadParameter(f"{value} is not a seed: a whole number from 0 to {SEEDS - 1}")
     return value
 
 
