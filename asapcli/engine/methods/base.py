@@ -171,3 +171,17 @@ class PruningMethod:
 
     def select(self, span: SpanView, k: int) -> Selection:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BeforeLLM(PruningMethod):
+    """A method that prunes the projected visual features before decoder layer 0 (L = 0 whatever
+    the user gave): chat cannot continue its cache, shorter than the sequence from layer 0 on. Its
+    kept tokens keep their own positions, or are numbered 0..M-1 as a shorter prompt would be
+    (--positions renumber: what the authors' pipelines that feed fewer embeddings do)."""
+
+    before_llm = True
+    min_layer = 0  # it never reads L: 0 says so
+    reads_layer = False
+    continues_cache = False
+    positions: str = "original"

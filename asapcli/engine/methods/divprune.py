@@ -5,18 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .base import BY_SCORE, PruningMethod, Selection, SpanView
+from .base import BY_SCORE, BeforeLLM, Selection, SpanView
 
 
 @dataclass(frozen=True)
-class DivPrune(PruningMethod):
+class DivPrune(BeforeLLM):
     name = "divprune"
-    before_llm = True
-    min_layer = 0  # it never reads L: 0 says so
-    reads_layer = False
-    continues_cache = False  # its cache is shorter than the sequence from layer 0 on
     roles = (replace(BY_SCORE, label="selected for diversity"),)
-    positions: str = "original"  # or "renumber": numbered 0..M-1 as a shorter prompt
 
     def select(self, span: SpanView, k: int) -> Selection:
         from .. import ops  # at call time: the registry imports without torch (methods/__init__.py)

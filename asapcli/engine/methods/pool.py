@@ -8,21 +8,16 @@ import math
 from dataclasses import dataclass
 
 from ...errors import UsageError
-from .base import PruningMethod, Role, Selection, SpanView
+from .base import BeforeLLM, Role, Selection, SpanView
 
 POOLED = "pooled"  # the average of one cell of the grid
 POOLED_CELL = Role(POOLED, "pooled cell", "#CC79A7")
 
 
 @dataclass(frozen=True)
-class Pool(PruningMethod):
+class Pool(BeforeLLM):
     name = "pool"
-    before_llm = True
-    min_layer = 0  # it never reads L: 0 says so
-    reads_layer = False
-    continues_cache = False  # its cache is shorter than the sequence from layer 0 on
     roles = (POOLED_CELL,)
-    positions: str = "original"  # or "renumber": numbered 0..M-1 as a shorter prompt
 
     def kept_count(self, tokens: int, k: int) -> int:
         return min(math.isqrt(k), _side(tokens)) ** 2

@@ -9,23 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ...errors import UsageError
-from .base import BY_SCORE, SELECTED, PruningMethod, Role, Selection, SpanView
+from .base import BY_SCORE, SELECTED, BeforeLLM, Role, Selection, SpanView
 
 DIVERSE = "diverse"  # kept by the duplicate removal among the patches left after the important ones
 KEPT_DIVERSE = Role(DIVERSE, "kept as a distinct patch", "#D55E00")
 
 
 @dataclass(frozen=True)
-class VisPruner(PruningMethod):
+class VisPruner(BeforeLLM):
     name = "vispruner"
-    before_llm = True
-    min_layer = 0  # it never reads L: 0 says so
-    reads_layer = False
-    continues_cache = False  # its cache is shorter than the sequence from layer 0 on
     reads_vision = True
     roles = (replace(BY_SCORE, label="most attended by [CLS]"), KEPT_DIVERSE)
     important_ratio: float = 0.5
-    positions: str = "original"  # or "renumber": numbered 0..M-1 as a shorter prompt (the authors' pipeline)
 
     def select(self, span: SpanView, k: int) -> Selection:
         import torch  # at call time: the registry imports without torch (methods/__init__.py)
