@@ -14,6 +14,9 @@ def main() -> None:
                 "Error: standard output is closed; asap writes its results there (>/dev/null discards them)\n"
             )
         raise SystemExit(1)
+    for stream in (sys.stdout, sys.stderr):  # PYTHONIOENCODING=ascii: '±' or '─' as '?', not an error at the end
+        if stream is not None and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         from .cli import app
     except KeyboardInterrupt:

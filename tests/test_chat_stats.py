@@ -1,8 +1,11 @@
 """`asap chat`'s /stats as the user reads it through the CLI: the FLOPs it reports add up over
 every image turn, and /reset forgets the images queued for the next message as well as the
-dialogue."""
+dialogue; a reader that stops early ends a piped chat quietly."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +43,18 @@ def test_reset_forgets_the_queued_images_too(asap, llava_path, image_file, secon
     assert queued["stats"]["pending_images"] == 1
     assert (after_reset["stats"]["pending_images"], after_reset["stats"]["images"]) == (0, 0)
     assert turn["images"] == [] and turn["visual_tokens"] == 0  # the message after /reset brings none
+
+
+def test_a_reader_that_stops_early_ends_a_piped_chat_quietly():
+    """`asap chat ... | head -c 2`: one BrokenPipeError line per remaining turn, then exit 1."""
+    car = Path(__file__).resolve().parents[1] / "examples" / "car.png"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "asapcli", "chat", str(car)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    process.stdin.write(b"what colour is the car?\n" * 200)
+    process.stdin.close()
+    process.stdout.read(2)
+    process.stdout.close()  # what head -c 2 does
+    assert process.wait(timeout=300) == 141
+    assert b"Error" not in process.stderr.read()

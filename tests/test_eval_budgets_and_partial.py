@@ -1,9 +1,12 @@
 """`asap eval` and lmms-eval's model `asap` as the user drives them: without -k, eval runs every
 budget of the model's preset; a run stopped by Ctrl-C reports the runs that answered and no
-empty row; and lmms-eval's `true`/`false` (which it turns into booleans) are no numbers."""
+empty row; lmms-eval's `true`/`false` (which it turns into booleans) are no numbers; a --log that
+is standard output is refused, and an ASCII-only terminal gets its table."""
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -58,3 +61,30 @@ def test_lambda_max_true_on_lmms_evals_command_line_is_refused(monkeypatch, caps
     monkeypatch.setattr(sys, "argv", argv)
     assert main() == 2
     assert capsys.readouterr().err == "Error: lambda-max needs a number, got True\n"
+
+
+def test_a_log_that_is_standard_output_is_refused_before_the_run(tmp_path):
+    """`--log /dev/stdout > out.txt`: the table wrote over the answers in the file."""
+    out = tmp_path / "out.txt"
+    with open(out, "w") as stdout:
+        result = subprocess.run(
+            [sys.executable, "-m", "asapcli", "eval", "--n", "2", "--methods", "vanilla", "--log", "/dev/stdout"],
+            stdout=stdout, stderr=subprocess.PIPE, text=True, check=False,
+        )  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == "Error: refusing to write /dev/stdout: it is standard output, where the results go; give it a file\n"
+    )
+    assert out.read_text() == ""
+
+
+def test_an_ascii_terminal_gets_the_table_not_an_encoding_error():
+    """PYTHONIOENCODING=ascii: every answer was computed, then '±' lost the table."""
+    environment = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    result = subprocess.run(
+        [sys.executable, "-m", "asapcli", "eval", "--n", "2", "--methods", "vanilla"],
+        capture_output=True, env=environment, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()[-500:]
+    assert b"100.0?" in result.stdout and b"Error" not in result.stderr

@@ -81,6 +81,8 @@ def chat(
                     display.note("No image in the dialogue yet: /image PATH adds one to your next message.")
                     hinted = True
                 _turn(session, line, json, interactive)
+            except BrokenPipeError:  # `asap chat ... | head -c 5`: the reader is gone, and so is the session
+                raise
             except Exception as error:  # no turn, however it fails, ends the session (its state is kept)
                 if os.environ.get("ASAP_DEBUG") == "1":
                     raise

@@ -550,6 +550,14 @@ def check_figure_writable(path: Path, inputs: Sequence[Path] = ()) -> Path:
     return path
 
 
+def _is_stdout(path: Path) -> bool:
+    try:
+        given, stdout = path.stat(), os.fstat(1)
+    except OSError:
+        return False
+    return (given.st_dev, given.st_ino) == (stdout.st_dev, stdout.st_ino)
+
+
 def check_writable(path: Path, inputs: Sequence[Path] = ()) -> Path:
     """Fail before long work where the file could not be written. An existing file is replaced,
     unless it is one of the run's `inputs`, which is never written over."""
@@ -561,6 +569,8 @@ def check_writable(path: Path, inputs: Sequence[Path] = ()) -> Path:
         raise AsapError(f"cannot write {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise AsapError(f"cannot write {path}: it is a folder")
+    if path.exists() and _is_stdout(path):  # `--log /dev/stdout > out.txt`: the table would write over it
+        raise UsageError(f"refusing to write {path}: it is standard output, where the results go; give it a file")
     if path.exists() and not path.is_file():  # a device (/dev/full) or a pipe: written last, lost then
         raise AsapError(f"cannot write {path}: not a regular file")
     if path.exists() and not os.access(path, os.W_OK):
