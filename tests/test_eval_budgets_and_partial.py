@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,17 @@ def test_an_ascii_terminal_gets_the_table_not_an_encoding_error():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()[-500:]
     assert b"100.0?" in result.stdout and b"Error" not in result.stderr
+
+
+def test_a_question_too_long_for_the_context_is_refused_before_the_first_answer(tmp_path, asap):
+    """It was found after 60 answers: an error, no table, no line named, every answer lost."""
+    car = Path(__file__).resolve().parents[1] / "examples" / "car.png"
+    good = {"image": str(car), "question": "what colour is the car?", "answer": "red"}
+    long = {**good, "question": "what colour is the car? " * 300}
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in (good, good, long)))
+    log = tmp_path / "log.jsonl"
+    result = asap("eval", "--data", data, "--methods", "vanilla,fastv", "-k", 64, "--log", log)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: question 3: its prompt is ") and "no room for an answer" in result.stderr
+    assert not log.exists() or log.read_text() == ""  # refused before the first answer

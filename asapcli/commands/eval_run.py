@@ -75,7 +75,8 @@ class EvalRun:
         if asked for (with the grid's --lambda-max and --score-queries). Ctrl-C stops it and
         keeps what was answered; --log's file holds every answer given."""
         items, tasks = self.items, tasks or (lambda description, total: lambda: None)
-        evaluation.check_questions(loaded, items)
+        suffix = evaluation.default_prompt_suffix(loaded) if prompt_suffix is None else prompt_suffix
+        evaluation.check_questions(loaded, items, suffix)
         runs = evaluation.runs(grid, loaded.num_layers)
         scores = [Score(settings) for settings in runs]
         attention, interrupted = None, False
@@ -83,7 +84,6 @@ class EvalRun:
         try:
             on_answer = answers.write if answers is not None else None
             step = tasks("Answers", len(items) * len(runs))  # questions x runs: what the count counts
-            suffix = evaluation.default_prompt_suffix(loaded) if prompt_suffix is None else prompt_suffix
             evaluation.evaluate(
                 loaded, items, runs, max_tokens=max_tokens, batch_size=batch, on_step=step, scores=scores,
                 on_answer=on_answer, prompt_suffix=suffix,

@@ -20,7 +20,7 @@ from ..engine.settings import MethodGrid, PruneSettings
 from ..errors import AsapError, UsageError
 from ..records import EvalRow, LoggedAnswer
 from ..runtime import patch_layout
-from ..runtime.generation import generate_batch, to_device
+from ..runtime.generation import context_length, generate_batch, to_device
 from ..runtime.inputs import build_batch_inputs, check_readable, check_text, is_stdin, load_image
 from ..runtime.loading import Loaded
 
@@ -207,13 +207,26 @@ def runs(grid: MethodGrid, num_layers: int) -> list[PruneSettings]:
     return [settings.for_model(num_layers) for settings in grid.runs()]
 
 
-def check_questions(loaded: Loaded, items: list[Item]) -> None:
-    """Every question is one the model can be asked, checked before the first answer."""
+def check_questions(loaded: Loaded, items: list[Item], prompt_suffix: str = "") -> None:
+    """Every question is one the model can be asked, checked before the first answer: its text,
+    and the longest one's prompt (image tokens and template included) against the model's context,
+    which a question found too long halfway through would have cut the run short at."""
+    lengths = []
     for number, item in enumerate(items, start=1):
         try:
             check_text(loaded.processor, item.question)
         except AsapError as error:
             raise type(error)(f"question {number}: {error}") from None
+        lengths.append(len(loaded.processor.tokenizer(item.question)["input_ids"]))
+    longest = max(range(len(items)), key=lengths.__getitem__)
+    item = items[longest]
+    prompt = f"{item.question}\n{prompt_suffix}" if prompt_suffix else item.question
+    tokens = int(build_batch_inputs(loaded.processor, [(prompt, item.picture())])["input_ids"].shape[1])
+    if tokens >= context_length(loaded):
+        raise AsapError(
+            f"question {longest + 1}: its prompt is {tokens} tokens (image tokens included), the model's context "
+            f"{context_length(loaded)}: no room for an answer; shorten it or leave it out"
+        )
 
 
 def correct(answer: str, expected: str | tuple[str, ...]) -> bool:
