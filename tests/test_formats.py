@@ -101,3 +101,11 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(output):
     process.stdout.close()  # what head does once it has its line
     assert process.wait(timeout=60) == 141
     assert process.stderr.read() == b""
+
+
+def test_a_bar_in_a_markdown_cell_is_escaped(capsys):
+    """A model folder named with '|' split its row into one cell too many."""
+    from asapcli.report import display
+
+    display.print_rows([{"model": "runs/a|b", "k": 64}], "markdown")
+    assert capsys.readouterr().out.splitlines()[2] == "| runs/a\\|b | 64 |"

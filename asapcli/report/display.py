@@ -130,8 +130,8 @@ def print_rows(rows: list[dict], format_: str) -> None:
         return
     cells = [[_cell(row.get(key)) for key in columns] for row in rows]
     if format_ == "markdown":
-        lines = [columns, ["---"] * len(columns), *cells]
-        write("".join("| " + " | ".join(line) + " |\n" for line in lines))
+        lines = [columns, ["---"] * len(columns), *cells]  # a '|' in a cell (a model's path) would split it
+        write("".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |\n" for line in lines))
         return
     escape = str.maketrans({char: "\\" + char for char in "&%$#_{}"})
     body = [" & ".join(cell.translate(escape) for cell in line) + r" \\" for line in [columns, *cells]]
