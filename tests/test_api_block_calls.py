@@ -93,3 +93,28 @@ def test_random_pruning_draws_each_image_of_a_prompt_afresh_and_repeats_itself(l
     assert len(first) == len(second) == 8
     assert first != second  # the same 8 of 64 for both images would be no random draw per image
     assert patterns[1] == patterns[0]  # seeded: the same draw every time
+
+
+def test_another_threads_call_inside_a_block_is_refused_not_pruned(llava_path, images):
+    """A plain call from a second thread while a block was open came back pruned ([1, 11, V] for
+    [1, 586, V]): the block's decoder state belongs to its own thread."""
+    import threading
+
+    model = AutoModelForImageTextToText.from_pretrained(llava_path).eval()
+    inputs = build_inputs(load(str(llava_path), device="cpu").processor, [user_message("what?", 1)], images[:1])
+    errors = []
+
+    def plain_call():
+        try:
+            with torch.inference_mode():
+                model(**inputs)
+        except UsageError as error:
+            errors.append(str(error))
+
+    with asapcli.pruned(model, method="fastv", k=8):
+        other = threading.Thread(target=plain_call)
+        other.start()
+        other.join()
+    assert errors and "inside an asapcli.pruned block in another thread" in errors[0]
+    with torch.inference_mode():  # after the block the model serves every thread again
+        assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]

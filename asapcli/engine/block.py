@@ -5,6 +5,7 @@ tokens a cache holds already) and the plans are handed to the pruned decoder for
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -167,7 +168,14 @@ def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruni
     decoder = install(model)
     pruning = Pruning(model, settings, tap)
 
+    owner = threading.get_ident()
+
     def before_forward(module, args, kwargs):
+        if threading.get_ident() != owner:  # the decoder's state is the block's thread's alone
+            raise UsageError(
+                "this model is inside an asapcli.pruned block in another thread: a model prunes for one thread "
+                "at a time; give each thread a model of its own"
+            )
         decoder.prune_next(pruning.plans_for_call(args, kwargs))
 
     _OPEN.add(model)
