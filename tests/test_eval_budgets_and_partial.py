@@ -103,3 +103,33 @@ def test_a_question_too_long_for_the_context_is_refused_before_the_first_answer(
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: question 3: its prompt is ") and "no room for an answer" in result.stderr
     assert not log.exists() or log.read_text() == ""  # refused before the first answer
+
+
+def test_a_log_that_fills_its_disk_loses_neither_the_table_nor_the_answers(tmp_path, asap, monkeypatch):
+    """A full disk under --log after some answers: the run went down with an OSError naming no
+    file, no table, the --plot on another disk unwritten, the log cut mid-line."""
+    log, plot = tmp_path / "log.jsonl", tmp_path / "accuracy.png"
+    budget = {"bytes": 600}  # room for two or three lines of the log, as a tiny filesystem would give
+
+    real_write = evaluation.AnswerLog.write
+
+    def filling_write(self, *args):
+        original = self.file.write
+
+        def write(data):
+            if self.file.tell() + len(data) > budget["bytes"]:
+                original(data[: budget["bytes"] - self.file.tell()])  # what a full disk takes of it
+                raise OSError(28, "No space left on device")
+            return original(data)
+
+        self.file.write = write
+        return real_write(self, *args)
+
+    monkeypatch.setattr(evaluation.AnswerLog, "write", filling_write)
+    result = asap("eval", "--n", 4, "--methods", "vanilla,fastv", "-k", 64, "--log", log, "--plot", plot)
+    assert result.exit_code == 1
+    assert "vanilla" in result.stdout and "fastv" in result.stdout  # the table, every answer scored
+    assert plot.is_file()
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: cannot write {log}: No space left on device after")
+    lines = log.read_text().splitlines()
+    assert lines and all(json.loads(line)["method"] in ("vanilla", "fastv") for line in lines)  # whole lines only

@@ -96,6 +96,9 @@ def eval_command(
         _interrupted(outcome, log, [path for path in (plot, attention_profile) if path is not None])
     for path in run.write_files(outcome):
         display.note(f"wrote {path}")
+    if outcome.log_error is not None:  # after the table and the other files: only the log's end is lost
+        display.error(f"cannot write {log}: {outcome.log_error}; it holds the answers before that")
+        raise typer.Exit(1)
 
 
 def _interrupted(outcome: Outcome, log: Path | None, unwritten: list[Path]) -> None:

@@ -26,6 +26,7 @@ class Outcome:
     answered: int  # answers given, over every method and budget
     asked: int  # answers a whole run gives
     attention: PatchAttention | None  # the attention profile, when asked for and not interrupted
+    log_error: str | None = None  # why --log stopped being written (a full disk), the run going on
 
     @property
     def interrupted(self) -> bool:
@@ -107,7 +108,8 @@ class EvalRun:
             results=[score.row(vanilla) for score in scores],
             attention_profile=None if attention is None else _profile(attention),
         )
-        return Outcome(report, answered, len(items) * len(runs), attention)
+        log_error = answers.error if answers is not None else None
+        return Outcome(report, answered, len(items) * len(runs), attention, log_error)
 
     def _attention(self, loaded: Loaded, grid: MethodGrid, step: Callable[[], None]) -> PatchAttention:
         """The attention profile at the grid's L, with its --lambda-max and --score-queries."""
@@ -119,7 +121,7 @@ class EvalRun:
     def write_files(self, outcome: Outcome) -> Iterator[Path]:
         """The output files, each yielded once written (--log's was written as answers came)."""
         report = outcome.report
-        if self.log is not None:
+        if self.log is not None and outcome.log_error is None:
             yield self.log
         if self.plot is not None:
             title = f"{report.model}: {report.data}, n={report.n}, L={report.layer}"

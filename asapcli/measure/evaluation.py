@@ -3,6 +3,7 @@ and the attention the scoring queries pay to each patch of the image (the attent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections import defaultdict
@@ -272,14 +273,20 @@ def evaluate(
 
 
 class AnswerLog:
-    """Every answer as one JSON line, written (and flushed) as it comes: an interrupted or failed
-    run leaves a readable record of what it answered."""
+    """Every answer as one JSON line, written as it comes: an interrupted or failed run leaves a
+    readable record of what it answered. A log that cannot be written (a full disk) stops logging,
+    not the run: the file keeps its whole lines and `error` says why; the answers go on."""
 
     def __init__(self, path: Path, items: list[Item]):
         self.items = items
-        self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 -- open for the whole run
+        self.path = path
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 -- open for the whole run; each line written at once
+        self.lines = 0
+        self.error: str | None = None
 
     def write(self, score: Score, index: int, answer: str, hit: bool) -> None:
+        if self.error is not None:
+            return
         item, settings = self.items[index], score.settings
         record = LoggedAnswer(
             method=settings.method.name,
@@ -292,11 +299,19 @@ class AnswerLog:
             answer=answer,
             correct=hit,
         )
-        self.file.write(json.dumps(asdict(record)) + "\n")
-        self.file.flush()
+        line, whole = (json.dumps(asdict(record)) + "\n").encode("utf-8"), self.file.tell()
+        try:
+            if self.file.write(line) != len(line):
+                raise OSError("no space left for a whole line")
+            self.lines += 1
+        except OSError as error:
+            self.error = f"{error.strerror or error} after {self.lines} answers"
+            with contextlib.suppress(OSError):
+                self.file.truncate(whole)  # no line cut in the middle
 
     def close(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):
+            self.file.close()
 
 
 @dataclass
