@@ -133,3 +133,17 @@ def test_a_log_that_fills_its_disk_loses_neither_the_table_nor_the_answers(tmp_p
     assert result.stderr.strip().splitlines()[-1].startswith(f"Error: cannot write {log}: No space left on device after")
     lines = log.read_text().splitlines()
     assert lines and all(json.loads(line)["method"] in ("vanilla", "fastv") for line in lines)  # whole lines only
+
+
+def test_two_runs_cannot_write_one_log(tmp_path, asap):
+    """Two evals on one --log interleaved their lines (2 of 40 garbled, no warning)."""
+    import fcntl
+
+    log = tmp_path / "log.jsonl"
+    with open(log, "ab") as held:  # another run's log, open and locked
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(b'{"answer": "theirs"}\n')
+        result = asap("eval", "--n", 2, "--methods", "vanilla", "--log", log)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {log} is being written by another run; give this one a log of its own"
+    assert log.read_text() == '{"answer": "theirs"}\n'  # left as the other run wrote it

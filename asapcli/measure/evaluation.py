@@ -4,6 +4,7 @@ and the attention the scoring queries pay to each patch of the image (the attent
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 from collections import defaultdict
@@ -280,7 +281,14 @@ class AnswerLog:
     def __init__(self, path: Path, items: list[Item]):
         self.items = items
         self.path = path
-        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 -- open for the whole run; each line written at once
+        # Open, lock, then empty: a second eval writing the same log would interleave its lines.
+        self.file = open(path, "ab", buffering=0)  # noqa: SIM115 -- open for the whole run; each line written at once
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise AsapError(f"{path} is being written by another run; give this one a log of its own") from None
+        self.file.truncate(0)
         self.lines = 0
         self.error: str | None = None
 
