@@ -45,6 +45,7 @@ TESTS = [
     "tests/test_run_glob_and_stream.py",
     "tests/test_eval_budgets_and_partial.py",
     "tests/test_lmms_eval.py",
+    "tests/test_pdrop.py",
 ]
 
 
@@ -70,6 +71,11 @@ RANDOM, BLOCK, INPUTS, CHAT, STREAMING, EVAL_RUN, LMMS_ARGUMENTS = (
     "asapcli/runtime/streaming.py",
     "asapcli/commands/eval_run.py",
     "asapcli/lmms_eval/arguments.py",
+)
+PDROP, PLANS, OPTIONS = (
+    "asapcli/engine/methods/pdrop.py",
+    "asapcli/engine/plans.py",
+    "asapcli/commands/options.py",
 )
 MUTANTS = [
     # The six that survived the review of issue 16.
@@ -132,9 +138,11 @@ MUTANTS = [
         ("if self.key != key:", "if self.key is None or self.key[::2] != key[::2]:"),
     )),
     Mutant("a span the budget does not shrink gets SG-BiMask", DECODER, (
-        ("and (plan.score_only or plan.shrinks(start, end))", ""),
-        ("        if self.plans[row].score_only:\n",
-         "        if self.plans[row].score_only or self.k >= span.stop - span.start:\n"),
+        ("else dict(plan.steps(start, end))", "else dict(plan.steps(start, end) or [(plan.layer, None)])"),
+        ("        if self.plans[item.row].score_only:\n            return item.now.start",
+         "        if self.plans[item.row].score_only or item.steps[layer] is None:\n            return item.now.start"),
+        ("        if self.plans[item.row].score_only:\n            return SpanRecord(",
+         "        if self.plans[item.row].score_only or not item.stages:\n            return SpanRecord("),
     )),
     Mutant("kept tokens renumbered after layer L", DECODER, (
         ("        call.rope_positions = _gather_positions(call.rope_positions, keep)\n",
@@ -142,11 +150,11 @@ MUTANTS = [
           "        call.rope_positions = call.rope_positions.sort(dim=-1).indices\n")),
     )),
     Mutant("renumbered decoding steps not shifted", DECODER, (
-        ("return position_ids - self.position_shift[:, None]", "return position_ids"),
+        ("return position_ids if shift is None else position_ids - shift[:, None]", "return position_ids"),
     )),
     # Issue 27: twelve that survived an independent pass, each changing what a user gets.
     Mutant("pruning state kept into the next sequence of a block", DECODER, (
-        ("        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            self.after = _AfterPruning()\n",
+        ("        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            self._after = _AfterPruning()\n",
          "        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            pass\n"),
     ), ("tests/test_api_block_calls.py::test_a_padded_batch_then_a_single_prompt_in_one_block_answer_as_apart",)),
     Mutant("DivPrune's first pick the least isolated token", OPS, (
@@ -156,17 +164,17 @@ MUTANTS = [
         ("manual_seed(self.seed * 1_000_003 + span.start)", "manual_seed(self.seed * 1_000_003)"),
     ), ("tests/test_api_block_calls.py::test_random_pruning_draws_each_image_of_a_prompt_afresh_and_repeats_itself",)),
     Mutant("the model config's output_hidden_states/attentions not refused", BLOCK, (
-        ("if kwargs.get(output) or getattr(model.config, output, False):", "if kwargs.get(output):"),
+        ("if kwargs.get(output) or getattr(self.model.config, output, False):", "if kwargs.get(output):"),
     ), ("tests/test_api_block_calls.py::test_the_models_own_config_asking_for_hidden_states_or_attentions_is_refused",)),
     Mutant("a before-LLM continuation refused with no earlier pruned prefill", BLOCK, (
-        ("if cached and input_ids.shape[1] > 1 and pruning.prefills and METHODS[settings.method].before_llm:",
-         "if cached and input_ids.shape[1] > 1 and METHODS[settings.method].before_llm:"),
+        ("if cached and input_ids.shape[1] > 1 and self.prefills and not self.settings.method.continues_cache:",
+         "if cached and input_ids.shape[1] > 1 and not self.settings.method.continues_cache:"),
     ), ("tests/test_api_block_calls.py::test_a_cache_filled_outside_the_block_is_continued_inside_it",)),
     Mutant("glob matches not sorted", INPUTS, (
         ("matches = sorted(glob.glob(os.path.expanduser(text)))", "matches = glob.glob(os.path.expanduser(text))"),
     ), ("tests/test_run_glob_and_stream.py::test_a_glob_pairs_its_files_in_sorted_order_with_the_prompts",)),
     Mutant("chat's pruned TFLOPs replaced, not added, each image turn", CHAT, (
-        ("            self.tflops_pruned += schedule.token_flops(", "            self.tflops_pruned = schedule.token_flops("),
+        ("        self.tflops_pruned += schedule.visual_flops(", "        self.tflops_pruned = schedule.visual_flops("),
     ), ("tests/test_chat_stats.py::test_stats_add_up_the_flops_of_every_image_turn",)),
     Mutant("chat's /reset keeps the queued images", CHAT, (
         ("        self.pending: list[tuple[str, Image.Image]] = []\n",
@@ -176,16 +184,44 @@ MUTANTS = [
         ('if not text.startswith(shown) or (text.endswith("\\ufffd") and not final):',
          'if not text.startswith(shown) or text.endswith("\\ufffd"):'),
     ), ("tests/test_run_glob_and_stream.py::test_an_answer_cut_inside_a_character_streams_all_of_its_text",)),
-    Mutant("eval without -k ignores the preset's budgets", EVAL_RUN, (
-        ("budgets = list(loaded.preset.budgets) if loaded.preset and loaded.preset.budgets else [base.k]",
-         "budgets = [base.k]"),
+    Mutant("eval without -k ignores the preset's budgets", OPTIONS, (
+        ("budgets = budget_list(self.budgets) or (list(preset.budgets) if preset and preset.budgets else None)",
+         "budgets = budget_list(self.budgets)"),
     ), ("tests/test_eval_budgets_and_partial.py::test_eval_without_k_runs_every_budget_of_the_preset",)),
     Mutant("a stopped eval keeps rows with no answers", EVAL_RUN, (
         ("        scores = [score for score in scores if score.totals]\n", ""),
     ), ("tests/test_eval_budgets_and_partial.py::test_a_stopped_eval_has_no_row_for_a_run_that_gave_no_answer",)),
     Mutant("lmms-eval's true/false taken as numbers", LMMS_ARGUMENTS, (
-        ("if isinstance(value, bool) or not isinstance(value, int | float):", "if not isinstance(value, int | float):"),
+        (("    if isinstance(value, bool):  # lmms-eval reads \"true\" as True, which int() would take as 1\n"
+          "        value = str(value).lower()\n"), ""),
     ), ("tests/test_eval_budgets_and_partial.py",)),
+    # Issue 26: PyramidDrop and the multi-stage engine.
+    Mutant("pdrop's stage layers one layer late", PDROP, (
+        ("layers = [max(1, stage * depth // STAGES) for stage in range(1, STAGES)]",
+         "layers = [max(1, stage * depth // STAGES + 1) for stage in range(1, STAGES)]"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("pdrop's ties broken by the lower index, not as torch.topk", PDROP, (
+        ("kept = ops.top_k(span.importance, k)", "kept = ops.visit_order(span.importance)[:k].sort().values"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("a stage ranked by the last but one token's query", ATTENTION, (
+        ("torch.matmul(query[:, :, -1:], keys.transpose(2, 3))", "torch.matmul(query[:, :, -2:-1], keys.transpose(2, 3))"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("a stage ranked without the layer's input norm", ATTENTION, (
+        ("    normed = layer.input_layernorm(hidden)\n", "    normed = hidden\n"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("pdrop's stage s keeps lambda^(s+1)", PDROP, (
+        ("count = max(1, int(tokens * ratio**stage))", "count = max(1, int(tokens * ratio ** (stage + 1)))"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("pdrop's budget averaged over one layer too few", PDROP, (
+        ("for s in range(len(bounds) - 1)) / depth", "for s in range(len(bounds) - 1)) / (depth - 1)"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("later stages' decoding steps not renumbered", DECODER, (
+        ("elif index and index in call.shifts:", "elif False:"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("Eq. 7 counts the first step of a schedule only", PLANS, (
+        ("return [(layer, sum(_left(start, end, steps, layer) for start, end, steps in spans)) for layer in layers]",
+         "return [(layer, sum(_left(start, end, steps, layer) for start, end, steps in spans)) for layer in layers[:1]]"),
+    ), ("tests/test_pdrop.py",)),
 ]  # fmt: skip
 
 

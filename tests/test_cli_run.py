@@ -201,7 +201,7 @@ def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path,
     result = asap("run", image_file, "what?", "-m", llava_path, "--method", "fastv", "--positions", "renumber")
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        "Error: --positions renumber is for methods that prune before the language model (divprune, pool); "
+        "Error: --positions renumber is for methods that shorten the sequence they feed on (divprune, pool); "
         "fastv keeps original positions"
     )
     args = ["run", image_file, "what?", "-m", llava_path, "--method", "divprune", "-k", 8, "--json"]

@@ -12,12 +12,13 @@ from .base import KEPT, SELECTED, UNPRUNED, PruningMethod, Role, Selection, Span
 from .divprune import DivPrune
 from .fastv import FastV
 from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
+from .pdrop import PyramidDrop
 from .pool import POOLED, Pool
 from .random import Random
 from .vanilla import Vanilla
 
 METHODS: dict[str, type[PruningMethod]] = {
-    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool)
+    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, PyramidDrop)
 }
 DEFAULT_METHOD = Asap.name  # what run, chat, flops and the API prune with unless told
 REFERENCE = Vanilla.name  # the unpruned run every other is measured against (compare's first column)
