@@ -16,7 +16,9 @@ spans in absolute positions of the conversation, so it is inert during decoding 
 earlier turns, and a chat turn that brings a new image prunes only that image's span in its own
 prefill. What the decoder did to each span it pruned goes into the plan as one `SpanRecord`.
 
-After layer L-1 the sequence shrinks to text + k visual tokens per span; the kept tokens keep
+A plan prunes each span by its method's schedule: steps (layer, tokens left), one for the
+single-layer methods, several for multi-stage ones (PyramidDrop), each pruning what the step
+before left. After layer L-1 the sequence shrinks to text + k visual tokens per span; the kept tokens keep
 their ORIGINAL position ids, so RoPE is unchanged for them. The DynamicCache then holds all
 tokens in layers < L and the pruned sequence in layers >= L; layer 0 is never pruned, so its
 length (`get_seq_length()`) stays the true position of the next token, which a chat's later
@@ -476,8 +478,8 @@ def _check_padding_mask(attention_mask) -> None:
 
 
 class PrunedDecoder(nn.Module):
-    """Runs the wrapped decoder's own layers, norm and rotary embedding, pruning between layer
-    L-1 and L when a `PruningPlan` says so. Without a plan it is the plain causal decoder."""
+    """Runs the wrapped decoder's own layers, norm and rotary embedding, pruning before each layer
+    of a `PruningPlan`'s schedule when there is one. Without a plan it is the plain causal decoder."""
 
     def __init__(self, decoder: nn.Module, replaced_attention: str = "sdpa"):
         super().__init__()
