@@ -23,10 +23,10 @@ def main() -> None:
 
 
 def __getattr__(name: str):
-    # `asapcli.pruned` without importing torch and transformers until it is used (the CLI's
+    # `asapcli.pruned`, `load` and `generate` without importing torch and transformers until it is used (the CLI's
     # start-up does not need them).
-    if name == "pruned":
-        from .api import pruned
+    if name in ("pruned", "load", "generate"):
+        from . import api
 
-        return pruned
+        return getattr(api, name)
     raise AttributeError(f"module 'asapcli' has no attribute {name!r}")

@@ -12,7 +12,31 @@ from .commands import chat, compare, env, eval, flops, profile, run
 from .errors import UsageError, describe
 from .report import display
 
+# Typer vendors click (typer._click): its UsageError is the base of typer.BadParameter.
+_ParseError = typer.BadParameter.__bases__[0]
+
+
+class _Group(typer.core.TyperGroup):
+    """The app: a mistake on the command line is one `Error:` line (exit 2), as every other error
+    is, without click's usage lines before it (--help shows those)."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except _ParseError as error:
+            error.ctx = None
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _ParseError as error:
+            error.ctx = None
+            raise
+
+
 app = typer.Typer(
+    cls=_Group,
     name="asap",
     help="Prune the visual tokens of vision-language models with ASAP, and measure what it saves.",
     no_args_is_help=True,

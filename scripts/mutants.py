@@ -39,6 +39,7 @@ TESTS = [
     "tests/test_api.py",
     "tests/test_api_block_calls.py",
     "tests/test_divprune_official.py",
+    "tests/test_vispruner.py",
     "tests/test_chat_stats.py",
     "tests/test_streaming.py",
     "tests/test_inputs.py",
@@ -57,25 +58,26 @@ class Mutant:
     tests: tuple[str, ...] = ()  # the tests expected to kill it, run first
 
 
+VISPRUNER, VISION = "asapcli/engine/methods/vispruner.py", "asapcli/engine/vision.py"
 ATTENTION, ASAP, OPS, DECODER = (
     "asapcli/engine/attention.py",
     "asapcli/engine/methods/asap.py",
     "asapcli/engine/ops.py",
     "asapcli/engine/decoder.py",
 )
-RANDOM, BLOCK, INPUTS, CHAT, STREAMING, EVAL_RUN, LMMS_ARGUMENTS = (
+RANDOM, BLOCK, INPUTS, CHAT, STREAMING, EVAL_RUN, OPTIONS, HYPERPARAMETERS_FILE = (
     "asapcli/engine/methods/random.py",
     "asapcli/engine/block.py",
     "asapcli/runtime/inputs.py",
     "asapcli/runtime/chat.py",
     "asapcli/runtime/streaming.py",
     "asapcli/commands/eval_run.py",
-    "asapcli/lmms_eval/arguments.py",
+    "asapcli/commands/options.py",
+    "asapcli/engine/methods/hyperparameters.py",
 )
-PDROP, PLANS, OPTIONS = (
+PDROP, PLANS = (
     "asapcli/engine/methods/pdrop.py",
     "asapcli/engine/plans.py",
-    "asapcli/commands/options.py",
 )
 MUTANTS = [
     # The six that survived the review of issue 16.
@@ -191,10 +193,28 @@ MUTANTS = [
     Mutant("a stopped eval keeps rows with no answers", EVAL_RUN, (
         ("        scores = [score for score in scores if score.totals]\n", ""),
     ), ("tests/test_eval_budgets_and_partial.py::test_a_stopped_eval_has_no_row_for_a_run_that_gave_no_answer",)),
-    Mutant("lmms-eval's true/false taken as numbers", LMMS_ARGUMENTS, (
-        (("    if isinstance(value, bool):  # lmms-eval reads \"true\" as True, which int() would take as 1\n"
-          "        value = str(value).lower()\n"), ""),
+    Mutant("lmms-eval's true/false taken as numbers", HYPERPARAMETERS_FILE, (
+        ("if self.type is float and (isinstance(value, bool) or not isinstance(value, int | float)):",
+         "if self.type is float and not isinstance(value, int | float):"),
     ), ("tests/test_eval_budgets_and_partial.py",)),
+    Mutant("VisPruner's [CLS] ranking ties broken by a stable sort", OPS, (
+        ("ranked = scores[None].argsort(dim=-1, descending=True)[0]",
+         "ranked = scores.sort(descending=True, stable=True).indices"),
+    ), ("tests/test_vispruner.py",)),
+    Mutant("VisPruner's important share rounded up", VISPRUNER, (
+        ("int(k * self.important_ratio)", "math.ceil(k * self.important_ratio)"),
+        ("from dataclasses import dataclass, replace", "import math\nfrom dataclasses import dataclass, replace"),
+    ), ("tests/test_vispruner.py",)),
+    Mutant("VisPruner's duplicates matched by dot product, not cosine", OPS, (
+        ("unit = features / features.norm(dim=-1, keepdim=True)\n    while count", "unit = features\n    while count"),
+    ), ("tests/test_vispruner.py",)),
+    Mutant("VisPruner drops the least similar evens", OPS, (
+        ("distinct = best_match.argsort(dim=-1, descending=True)[0, drop:]",
+         "distinct = best_match.argsort(dim=-1)[0, drop:]"),
+    ), ("tests/test_vispruner.py",)),
+    Mutant("the tap reads the [CLS] row without layer_norm1", VISION, (
+        ("normed = layer.layer_norm1(hidden)", "normed = hidden"),
+    ), ("tests/test_vispruner.py",)),
     # Issue 26: PyramidDrop and the multi-stage engine.
     Mutant("pdrop's stage layers one layer late", PDROP, (
         ("layers = [max(1, stage * depth // STAGES) for stage in range(1, STAGES)]",

@@ -3,7 +3,6 @@ small images, the `asap` fixture that runs the CLI in-process, and the CUDA mark
 
 import importlib.util
 import os
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,13 +34,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def asap():
     """Run the CLI in-process: `asap("run", image, "what?", "--json")` -> click's Result (exit_code,
-    stdout and stderr apart); arguments are turned into strings, `input` feeds stdin."""
+    stdout and stderr apart); arguments are turned into strings, `input` feeds stdin, other keywords
+    (env) go to click's runner."""
     from asapcli.cli import app
 
     runner = CliRunner()
 
-    def invoke(*args, input: str | None = None):
-        return runner.invoke(app, [str(arg) for arg in args], input=input)
+    def invoke(*args, input: str | None = None, **options):
+        return runner.invoke(app, [str(arg) for arg in args], input=input, **options)
 
     return invoke
 
@@ -79,24 +79,8 @@ def image_file(tmp_path, images):
 
 @pytest.fixture(scope="session", autouse=True)
 def checkpoints_read_once():
-    """Every CLI test loads its model through asapcli.runtime.loading.load, the real path; the weights
-    of one unchanged folder are read from disk once per session and the model shared (load()
-    still checks it and installs the engine, idempotently, each time). A folder whose files
-    change is read again. transformers' own from_pretrained, which the reference models of the
-    tests use, is untouched."""
-    read = loading.read_checkpoint
-    seen = {}
-
-    def read_once(source, dtype, local_only=False, device_map="cpu"):
-        folder = Path(source)
-        files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file())
-        if device_map != "cpu":  # accelerate's placements and hooks: read afresh each time
-            return read(source, dtype, local_only, device_map)
-        key = (str(folder.resolve()), dtype, files)
-        if key not in seen:
-            seen[key] = read(source, dtype, local_only)
-        return seen[key]
-
-    loading.read_checkpoint = read_once
-    yield
-    loading.read_checkpoint = read
+    """The CLI tests load their models through loading.load, the real path; the checkpoints of
+    one unchanged folder are read from disk once per session (loading.reusing_checkpoints).
+    transformers' own from_pretrained, which the tests' reference models use, reads afresh."""
+    with loading.reusing_checkpoints():
+        yield

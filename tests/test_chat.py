@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
-from typer.testing import CliRunner
 
-from asapcli.cli import app
 from asapcli.engine import METHODS, PruningPlan, image_spans, make_method
 from asapcli.engine.settings import PruneSettings
 from asapcli.runtime.chat import ChatSession
@@ -18,12 +16,17 @@ from asapcli.runtime.generation import to_device
 from asapcli.runtime.inputs import build_inputs, user_message
 from asapcli.runtime.loading import load
 
-runner = CliRunner()
 K, LAYER, VISUAL = 16, 2, 64  # the tiny LLaVA makes 64 visual tokens per image
 
 
-def chat(*args, input):
-    return runner.invoke(app, ["chat", *[str(arg) for arg in args]], input=input)
+@pytest.fixture
+def chat(asap):
+    """`asap chat ARGS` fed `input` as its stdin."""
+
+    def run(*args, input):
+        return asap("chat", *args, input=input)
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -38,26 +41,22 @@ def second_image(tmp_path, images):
     return path
 
 
-def test_transcript_through_the_cli(llava_path, image_file, second_image):
+def test_transcript_through_the_cli(llava_path, image_file, second_image, chat):
     transcript = f"hi\nwhat colour is it?\n/image {second_image}\ncompare the two\n/stats\n/reset\n/exit\nnever read\n"
     result = chat(image_file, "-m", llava_path, "-k", K, "--max-tokens", 4, input=transcript)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     answers, stats = lines[:3], "\n".join(lines[3:])
     assert all(answer.strip() for answer in answers)  # three answers, one line each
-    # Two images pruned to 16 of 64 tokens in layers >= 2; layers 0-1 hold every token.
+    # What /stats shows a person (its figures are checked in the JSON transcript below).
     assert "images 2" in stats and "asap k=16 L=2" in stats
     assert "tokens in cache: layers 0-1: " in stats and "; layers 2-3: " in stats
-    full, pruned = (
-        int(part.split(": ")[1]) for part in stats.splitlines()[1].removeprefix("tokens in cache: ").split("; ")
-    )
-    assert full - pruned == 2 * (VISUAL - K)
     assert "KV cache:" in stats and "FLOPs saved so far" in stats
     assert "second.png will go with your next message." in result.stderr
     assert "cleared" in result.stderr
 
 
-def test_json_transcript_has_one_object_per_turn(llava_path, image_file, second_image):
+def test_json_transcript_has_one_object_per_turn(llava_path, image_file, second_image, chat):
     transcript = f"hi\nwhat colour?\n/image {second_image}\nand now?\n/stats\n"
     result = chat(image_file, "-m", llava_path, "-k", K, "--max-tokens", 3, "--json", input=transcript)
     assert result.exit_code == 0, result.output
@@ -71,9 +70,13 @@ def test_json_transcript_has_one_object_per_turn(llava_path, image_file, second_
     assert VISUAL < turns[2]["fed_tokens"] < 2 * VISUAL
     assert stats["cache_tokens_per_layer"][0] == turns[2]["cached_tokens"]
     assert stats["turns"] == 3 and stats["tflops_saved"] > 0
+    # Two images pruned to 16 of 64 tokens in layers >= 2; layers 0-1 hold every token.
+    per_layer = stats["cache_tokens_per_layer"]
+    assert per_layer[0] == per_layer[1] and per_layer[2] == per_layer[3]
+    assert per_layer[0] - per_layer[2] == 2 * (VISUAL - K)
 
 
-def test_errors_keep_the_session_and_its_cache(llava_path, image_file):
+def test_errors_keep_the_session_and_its_cache(llava_path, image_file, chat):
     transcript = "hi\n/image missing.png\n/frobnicate\n/k zero\nstill there?\n/stats\n"
     result = chat(image_file, "-m", llava_path, "-k", K, "--max-tokens", 3, "--json", input=transcript)
     assert result.exit_code == 1  # a piped session that met an error says so at the end
@@ -88,7 +91,7 @@ def test_errors_keep_the_session_and_its_cache(llava_path, image_file):
     assert stats["stats"]["images"] == 1 and stats["stats"]["pending_images"] == 0
 
 
-def test_chat_usage_errors(llava_path, image_file):
+def test_chat_usage_errors(llava_path, image_file, chat):
     result = chat("missing.png", "-m", llava_path, input="")
     assert result.exit_code == 1 and result.stderr.startswith("Error: image not found")
     result = chat(image_file, "-m", llava_path, "--layer", 9, input="")
@@ -266,7 +269,7 @@ def test_vanilla_chat_with_two_llava_next_images_equals_transformers(llava_next_
 
 
 @pytest.mark.parametrize("method", ["asap", "fastv"])
-def test_pruning_into_a_cache_no_earlier_prefill_pruned_through_the_cli(method, llava_path, image_file):
+def test_pruning_into_a_cache_no_earlier_prefill_pruned_through_the_cli(method, llava_path, image_file, chat):
     """A text-only first turn, then an image pruned (the bundled model answers it); an image
     kept whole, then one pruned (the tiny model: two whole images overflow the demo's context)."""
     car = Path(__file__).parent.parent / "examples" / "car.png"
@@ -282,7 +285,7 @@ def test_pruning_into_a_cache_no_earlier_prefill_pruned_through_the_cli(method, 
     assert [(t["visual_tokens"], t["kept_tokens"]) for t in turns] == [(64, 64), (64, 16)]
 
 
-def test_any_failing_turn_keeps_the_session(llava_path, image_file, tmp_path, monkeypatch):
+def test_any_failing_turn_keeps_the_session(llava_path, image_file, tmp_path, monkeypatch, chat):
     from PIL import Image
 
     import asapcli.runtime.chat
@@ -341,7 +344,7 @@ def test_a_turn_that_fails_inside_the_model_changes_nothing(lvlm, images, monkey
     ]
 
 
-def test_json_chat_keeps_stdout_json_lines(llava_path, image_file):
+def test_json_chat_keeps_stdout_json_lines(llava_path, image_file, chat):
     result = chat(image_file, "-m", llava_path, "--max-tokens", 2, "--json", input="/help\nhi\n/stats\n")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -349,7 +352,7 @@ def test_json_chat_keeps_stdout_json_lines(llava_path, image_file):
     assert "/image PATH" in result.stderr
 
 
-def test_chat_says_when_the_dialogue_no_longer_fits(llava_path, image_file):
+def test_chat_says_when_the_dialogue_no_longer_fits(llava_path, image_file, chat):
     # The tiny model holds 4096 positions; its tokenizer makes one token per character.
     transcript = f"hi\n{'x' * 4100}\n/reset\nhi again\n"
     result = chat(image_file, "-m", llava_path, "--max-tokens", 2, "--json", input=transcript)
@@ -359,7 +362,7 @@ def test_chat_says_when_the_dialogue_no_longer_fits(llava_path, image_file):
     assert [json.loads(line)["turn"] for line in result.stdout.splitlines()] == [1, 1]
 
 
-def test_an_image_path_pasted_in_quotes(llava_path, image_file, tmp_path):
+def test_an_image_path_pasted_in_quotes(llava_path, image_file, tmp_path, chat):
     spaced = tmp_path / "my picture.png"
     spaced.write_bytes(image_file.read_bytes())
     result = chat("-m", llava_path, "--max-tokens", 2, input=f'/image "{spaced}"\nwhat is it?\n')
@@ -383,7 +386,7 @@ def test_the_prompt_keeps_its_history_between_sessions(tmp_path, monkeypatch):
     readline.clear_history()
 
 
-def test_a_question_with_no_image_in_the_dialogue_gets_a_hint_once(llava_path, image_file):
+def test_a_question_with_no_image_in_the_dialogue_gets_a_hint_once(llava_path, image_file, chat):
     hint = "No image in the dialogue yet: /image PATH adds one to your next message."
     result = chat("-m", llava_path, "--max-tokens", 2, input="hi\nand now?\n")
     assert result.exit_code == 0, result.output
@@ -392,7 +395,7 @@ def test_a_question_with_no_image_in_the_dialogue_gets_a_hint_once(llava_path, i
     assert hint not in result.stderr
 
 
-def test_queued_images_that_do_not_fit_can_be_dropped_and_the_dialogue_goes_on(image_file):
+def test_queued_images_that_do_not_fit_can_be_dropped_and_the_dialogue_goes_on(image_file, chat):
     """The demo model's 1,024 positions hold one image of 576 tokens, not two."""
     result = chat(
         image_file, "--max-tokens", 2, "--json",

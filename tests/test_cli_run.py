@@ -6,19 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from asapcli.cli import app
-
-runner = CliRunner()
 CAR = str(Path(__file__).resolve().parent.parent / "examples" / "car.png")
 
 
-def asap(*args, input=None):
-    return runner.invoke(app, [str(arg) for arg in args], input=input)
-
-
-def test_run_streams_an_answer_and_a_summary(llava_path, image_file):
+def test_run_streams_an_answer_and_a_summary(llava_path, image_file, asap):
     result = asap("run", image_file, "what colour?", "-m", llava_path, "-k", 16, "--max-tokens", 5)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()  # the (random-weight) answer
@@ -28,7 +20,7 @@ def test_run_streams_an_answer_and_a_summary(llava_path, image_file):
     assert "(first call: includes warm-up)" in result.stderr and "decode not timed" in result.stderr
 
 
-def test_run_json_is_one_object_with_the_figures(llava_path, image_file):
+def test_run_json_is_one_object_with_the_figures(llava_path, image_file, asap):
     result = asap(
         "run", image_file, "what colour?", "-m", llava_path, "--method", "fastv", "-k", 16, "--json", "--max-tokens", 4
     )
@@ -46,25 +38,25 @@ def test_run_json_is_one_object_with_the_figures(llava_path, image_file):
     assert 1 <= data["generated_tokens"] <= 4 and isinstance(data["answer"], str)
 
 
-def test_a_prompt_that_is_not_text_is_one_error_line(llava_path, image_file):
+def test_a_prompt_that_is_not_text_is_one_error_line(llava_path, image_file, asap):
     result = asap("run", image_file, "-", "-m", llava_path, input=b"what \xff is it?\n")
     assert result.exit_code == 1
     assert result.stderr == "Error: the input is not valid UTF-8 text; check the encoding of what you typed or piped\n"
 
 
-def test_run_reads_the_prompt_from_stdin(llava_path, image_file):
+def test_run_reads_the_prompt_from_stdin(llava_path, image_file, asap):
     result = asap("run", image_file, "-", "-m", llava_path, "--json", "--max-tokens", 2, input="what colour?\n")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["prompt_tokens"] > 64
 
 
-def test_k_at_least_the_visual_tokens_prunes_nothing_and_says_so(llava_path, image_file):
+def test_k_at_least_the_visual_tokens_prunes_nothing_and_says_so(llava_path, image_file, asap):
     result = asap("run", image_file, "hi", "-m", llava_path, "-k", 64, "--max-tokens", 2)
     assert result.exit_code == 0, result.output
     assert "nothing pruned" in result.stderr
 
 
-def test_vanilla_and_asap_agree_when_nothing_is_pruned(llava_path, image_file):
+def test_vanilla_and_asap_agree_when_nothing_is_pruned(llava_path, image_file, asap):
     answers = []
     for extra in (["--method", "vanilla"], ["--method", "asap", "-k", 1000, "--lambda-max", 1.0]):
         result = asap("run", image_file, "what?", "-m", llava_path, "--json", "--max-tokens", 8, *extra)
@@ -72,7 +64,7 @@ def test_vanilla_and_asap_agree_when_nothing_is_pruned(llava_path, image_file):
     assert answers[0] == answers[1]
 
 
-def test_vanilla_summary_names_no_budget(llava_path, image_file):
+def test_vanilla_summary_names_no_budget(llava_path, image_file, asap):
     result = asap("run", image_file, "what?", "-m", llava_path, "--method", "vanilla", "--max-tokens", 2)
     assert result.exit_code == 0, result.output
     assert "vanilla: all 64 visual tokens kept (no pruning)" in result.stderr and "k=" not in result.stderr
@@ -102,21 +94,21 @@ def model_without_image_token(tmp_path, llava_path):
     [
         (["{missing}", "hi", "-m", "{model}"], 1, "image not found"),
         (["{corrupt}", "hi", "-m", "{model}"], 1, "not an image format PIL can open"),
-        (["{image}", "hi", "-m", "{model}", "-k", "0"], 2, "k must be at least 1"),
+        (["{image}", "hi", "-m", "{model}", "-k", "0"], 2, "k needs a whole number of at least 1, got '0'"),
         (["{image}", "hi", "-m", "{model}", "--layer", "0"], 2, "layer must be at least 1"),
         (["{image}", "hi", "-m", "{model}", "--layer", "4"], 2, "layer must be in 1..3"),
         (["{image}", "hi", "-m", "{model}", "--lambda-max", "0"], 2, "lambda-max must be in (0, 1]"),
         (["{image}", "hi", "-m", "{model}", "--lambda-max", "1.5"], 2, "lambda-max must be in (0, 1]"),
         (["{image}", "   ", "-m", "{model}"], 2, "the prompt is empty"),
         (["{image}", "<image> hi", "-m", "{model}"], 2, "contains '<image>', this model's image placeholder"),
-        (["{image}", "hi", "-m", "{model}", "--method", "magic"], 2, "unknown method 'magic'"),
+        (["{image}", "hi", "-m", "{model}", "--method", "magic"], 2, "'magic' is not one of vanilla, fastv"),
         (["{image}", "hi", "-m", "{no_image_token}"], 1, "has no image_token_id"),
         (["{image}", "hi", "-m", "no-such-org/no-such-model"], 1, "is not in the local Hugging Face cache"),
         (["{image}", "hi", "-m", "{model}", "--device", "cuda:7"], 1, "no CUDA GPU"),
     ],
 )
 def test_user_errors_are_one_line_and_non_zero(
-    args, code, message, llava_path, image_file, corrupt_image, model_without_image_token, tmp_path
+    args, code, message, llava_path, image_file, corrupt_image, model_without_image_token, tmp_path, asap
 ):
     names = {
         "model": llava_path,
@@ -132,20 +124,20 @@ def test_user_errors_are_one_line_and_non_zero(
     assert "Traceback" not in result.output
 
 
-def test_usage_errors_from_the_parser_exit_2(llava_path, image_file):
+def test_usage_errors_from_the_parser_exit_2(llava_path, image_file, asap):
     result = asap("run", image_file, "hi", "-m", llava_path, "--max-tokens", "0")
     assert result.exit_code == 2
     assert "Error:" in result.stderr
 
 
-def test_asap_debug_shows_the_traceback(llava_path, tmp_path, monkeypatch):
+def test_asap_debug_shows_the_traceback(llava_path, tmp_path, monkeypatch, asap):
     monkeypatch.setenv("ASAP_DEBUG", "1")
     result = asap("run", tmp_path / "nope.jpg", "hi", "-m", llava_path)
     assert result.exit_code != 0
     assert "image not found" in str(result.exception)
 
 
-def test_pool_on_a_tiling_model_is_one_error_line(llava_next_path, image_file):
+def test_pool_on_a_tiling_model_is_one_error_line(llava_next_path, image_file, asap):
     result = asap("run", image_file, "hi", "-m", llava_next_path, "--method", "pool", "-k", 4)
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
@@ -153,14 +145,14 @@ def test_pool_on_a_tiling_model_is_one_error_line(llava_next_path, image_file):
 
 
 @pytest.mark.parametrize("method", ["divprune", "pool"])
-def test_methods_before_the_llm_report_layer_0(method, llava_path, image_file):
+def test_methods_before_the_llm_report_layer_0(method, llava_path, image_file, asap):
     result = asap("run", image_file, "hi", "-m", llava_path, "--method", method, "-k", 16, "--json", "--max-tokens", 2)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["layer"] == 0 and data["kept_tokens"] == 16
 
 
-def test_several_images_run_as_one_batch_equal_to_single_runs(llava_next_path, tmp_path, images):
+def test_several_images_run_as_one_batch_equal_to_single_runs(llava_next_path, tmp_path, images, asap):
     """LLaVA-NeXT tiles the two images differently: the batch is padded and its rows keep k each."""
     paths = []
     for index, image in enumerate(images):
@@ -179,7 +171,7 @@ def test_several_images_run_as_one_batch_equal_to_single_runs(llava_next_path, t
     assert [json.loads(line)["answer"] for line in globbed.stdout.splitlines()] == [row["answer"] for row in rows]
 
 
-def test_several_prompts_on_one_image_and_pairing_errors(llava_path, image_file):
+def test_several_prompts_on_one_image_and_pairing_errors(llava_path, image_file, asap):
     common = ["-m", llava_path, "-k", 16, "--max-tokens", 3]
     result = asap("run", image_file, "-p", "what colour?", "-p", "where is the blue patch?", *common)
     assert result.exit_code == 0, result.output
@@ -197,11 +189,11 @@ def test_several_prompts_on_one_image_and_pairing_errors(llava_path, image_file)
     assert kept.exit_code == 2 and "--save-kept draws one image" in kept.output
 
 
-def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path, image_file):
+def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path, image_file, asap):
     result = asap("run", image_file, "what?", "-m", llava_path, "--method", "fastv", "--positions", "renumber")
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        "Error: --positions renumber is for methods that shorten the sequence they feed on (divprune, pool, pdrop); "
+        "Error: --positions renumber is for methods that shorten the sequence they feed on (divprune, pool, vispruner, pdrop); "
         "fastv keeps original positions"
     )
     args = ["run", image_file, "what?", "-m", llava_path, "--method", "divprune", "-k", 8, "--json"]
@@ -214,14 +206,14 @@ def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path,
     assert result.exit_code == 2 and "for methods that shorten the sequence they feed on" in result.stderr
 
 
-def test_a_prompt_longer_than_the_context_is_refused(llava_path, image_file):
+def test_a_prompt_longer_than_the_context_is_refused(llava_path, image_file, asap):
     result = asap("run", image_file, "x" * 4100, "-m", llava_path, "--max-tokens", 2)
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: the prompt is ")
     assert "the model's context of 4096 leaves no room for an answer" in result.stderr
 
 
-def test_generation_stops_at_the_end_of_the_context(llava_path, image_file):
+def test_generation_stops_at_the_end_of_the_context(llava_path, image_file, asap):
     short = json.loads(asap("run", image_file, "x", "-m", llava_path, "--max-tokens", 1, "--json").stdout)
     prompt = "x" * (4096 - 2 - (short["prompt_tokens"] - 1))  # two positions left for the answer
     record = json.loads(asap("run", image_file, prompt, "-m", llava_path, "--max-tokens", 8, "--json").stdout)
@@ -231,7 +223,7 @@ def test_generation_stops_at_the_end_of_the_context(llava_path, image_file):
     assert summary.strip().endswith("; answer cut: the model's context is full")
 
 
-def test_run_says_how_the_answer_ended_and_which_options_the_method_ran_with():
+def test_run_says_how_the_answer_ended_and_which_options_the_method_ran_with(asap):
     record = json.loads(asap("run", CAR, "what colour is the car?", "--json").stdout)
     assert (record["answer"], record["ended"]) == ("red", "end")
     assert record["options"] == {
@@ -268,14 +260,14 @@ def test_run_says_how_the_answer_ended_and_which_options_the_method_ran_with():
         (["profile", "--batch", "100000000000000000000000"], "--batch"),
     ],
 )
-def test_values_the_tool_cannot_use_are_usage_errors(args, message, image_file):
+def test_values_the_tool_cannot_use_are_usage_errors(args, message, image_file, asap):
     result = asap(*[arg.format(image=image_file) for arg in args])
     assert result.exit_code == 2, result.output
     error = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]  # after the parser's usage
     assert len(error) == 1 and message in error[0] and "Traceback" not in result.output
 
 
-def test_an_unreachable_hub_is_one_error_line_at_once(image_file, monkeypatch):
+def test_an_unreachable_hub_is_one_error_line_at_once(image_file, monkeypatch, asap):
     """No retries for minutes: the hub is probed once (a name that does not resolve here)."""
     import huggingface_hub
 
@@ -295,7 +287,7 @@ def test_an_unreachable_hub_is_one_error_line_at_once(image_file, monkeypatch):
     ]
 
 
-def test_hf_hub_offline_with_an_uncached_model_says_what_to_do(image_file):
+def test_hf_hub_offline_with_an_uncached_model_says_what_to_do(image_file, asap):
     result = asap("run", image_file, "hi", "-m", "nobody/no-such-model")  # conftest sets HF_HUB_OFFLINE=1
     assert result.exit_code == 1
     assert result.stderr.startswith(
@@ -323,7 +315,7 @@ def test_ctrl_c_while_the_libraries_import_is_one_line_and_130(monkeypatch, caps
     assert capsys.readouterr().err == "Error: interrupted\n"
 
 
-def test_ctrl_c_while_the_model_loads_is_one_line_and_130(image_file, monkeypatch):
+def test_ctrl_c_while_the_model_loads_is_one_line_and_130(image_file, monkeypatch, asap):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -332,14 +324,14 @@ def test_ctrl_c_while_the_model_loads_is_one_line_and_130(image_file, monkeypatc
     assert result.exit_code == 130 and result.stderr == "Error: interrupted\n"
 
 
-def test_a_forgotten_prompt_or_an_empty_image_path_is_a_usage_error(image_file):
+def test_a_forgotten_prompt_or_an_empty_image_path_is_a_usage_error(image_file, asap):
     result = asap("run", image_file, image_file)
     assert result.exit_code == 2 and "is a file: give the question after the images" in result.stderr
     result = asap("run", "", "what?")
     assert result.exit_code == 2 and result.stderr == "Error: an image path is empty\n"
 
 
-def test_a_prompt_that_fills_the_context_is_refused_in_words_that_add_up(llava_path, image_file):
+def test_a_prompt_that_fills_the_context_is_refused_in_words_that_add_up(llava_path, image_file, asap):
     """The tiny model holds 4096 positions: a prompt of exactly that many leaves no room."""
     probe = asap("run", image_file, "x", "-m", llava_path, "--json", "--max-tokens", 1)
     fill = 4096 - json.loads(probe.stdout)["prompt_tokens"] + 1  # one character is one token here
@@ -348,7 +340,7 @@ def test_a_prompt_that_fills_the_context_is_refused_in_words_that_add_up(llava_p
     assert result.stderr.startswith("Error: the prompt is 4096 tokens (image tokens included): the model's context")
 
 
-def test_version_and_shell_completion(monkeypatch):
+def test_version_and_shell_completion(monkeypatch, asap):
     import shellingham
 
     from asapcli import __version__
@@ -363,7 +355,7 @@ def test_version_and_shell_completion(monkeypatch):
     assert "_ASAP_COMPLETE=complete_bash" in completion.stdout
 
 
-def test_threads_on_run_and_urls_said_to_be_unsupported(image_file, llava_path):
+def test_threads_on_run_and_urls_said_to_be_unsupported(image_file, llava_path, asap):
     before = torch.get_num_threads()
     try:
         result = asap("run", image_file, "hi", "-m", llava_path, "--threads", 1, "--max-tokens", 1)
@@ -376,7 +368,7 @@ def test_threads_on_run_and_urls_said_to_be_unsupported(image_file, llava_path):
     assert "image URLs are not supported (https://example.com/cars.jpg): download the image" in result.stderr
 
 
-def test_vanilla_reports_no_budget_or_layer_it_did_not_use(image_file, llava_path):
+def test_vanilla_reports_no_budget_or_layer_it_did_not_use(image_file, llava_path, asap):
     result = asap("run", image_file, "hi", "-m", llava_path, "--method", "vanilla", "--json", "--max-tokens", 1)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
@@ -384,7 +376,7 @@ def test_vanilla_reports_no_budget_or_layer_it_did_not_use(image_file, llava_pat
     assert record["visual_tokens"] == record["kept_tokens"] == 64
 
 
-def test_a_download_shows_the_hubs_progress_and_loading_shows_none(image_file, llava_path):
+def test_a_download_shows_the_hubs_progress_and_loading_shows_none(image_file, llava_path, asap):
     import huggingface_hub
     from transformers.utils import logging as transformers_logging
 
@@ -393,17 +385,30 @@ def test_a_download_shows_the_hubs_progress_and_loading_shows_none(image_file, l
     assert not transformers_logging.is_progress_bar_enabled()  # no "Loading weights" bar
 
 
-def test_help_lists_choices_and_the_methods_own_defaults():
-    text = " ".join(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).stdout.split())
-    assert "--method {vanilla|fastv|random|asap|asap-bimask-only|divprune|pool|pdrop}" in text
+def test_help_lists_choices_and_the_methods_own_defaults(asap):
+    text = " ".join(asap("run", "--help", env={"COLUMNS": "200"}).stdout.split())
+    assert "--method {vanilla|fastv|random|asap|asap-bimask-only|divprune|pool|vispruner|pdrop}" in text
     assert "--score-queries {last|text|all}" in text and "Default: last." in text
     assert "SG-BiMask's largest forward visibility, in (0, 1]. Default: 1.0." in text
     assert "--dtype {auto|bfloat16|float16|float32}" in text and "<str>" not in text
 
 
 @pytest.mark.parametrize("command", ["run", "chat", "compare", "flops", "profile", "eval"])
-def test_help_names_values_not_python_types(command):
+def test_help_names_values_not_python_types(command, asap):
     """No `<list[str]>`, `<path>` or `<int range>`: each argument and option by its metavar."""
-    text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).stdout
+    text = asap(command, "--help", env={"COLUMNS": "200"}).stdout
     assert not re.findall(r"<[a-z][^>]*>", text), text
     assert "[[" not in text.splitlines()[0]  # the usage line brackets an optional argument once
+
+
+def test_a_figure_named_only_by_its_suffix_is_refused_before_the_load(asap):
+    result = asap("run", CAR, "what colour is the car?", "--save-kept", ".png")
+    assert result.exit_code == 2
+    assert result.stderr == "Error: .png names a format but no file: give it a name, e.g. kept.png\n"
+
+
+def test_a_piped_chat_says_when_an_answer_was_cut(asap):
+    """Off a terminal chat prints no summary line: an answer cut short said nothing (--json did)."""
+    result = asap("chat", CAR, "--max-tokens", 1, input="what colour is the car?\n")
+    assert result.exit_code == 0, result.output
+    assert "(answer cut at --max-tokens (1 token))" in result.stderr

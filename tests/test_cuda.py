@@ -12,9 +12,7 @@ import test_chat
 import torch
 from test_chat import replay_selection  # noqa: F401 (a fixture the chat check takes)
 from transformers import AutoModelForImageTextToText
-from typer.testing import CliRunner
 
-from asapcli.cli import app
 from asapcli.engine.plans import plan_for
 from asapcli.engine.settings import PruneSettings
 from asapcli.runtime.generation import generate, to_device
@@ -24,7 +22,6 @@ from asapcli.runtime.presets import get_preset
 
 pytestmark = pytest.mark.cuda
 CAR = Path(__file__).parent.parent / "examples" / "car.png"
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +77,9 @@ def test_a_dialogue_on_the_gpu_equals_one_pruned_prefill_of_it(method, on_gpu, i
     )
 
 
-def test_profile_times_with_cuda_events_and_counts_cuda_memory():
+def test_profile_times_with_cuda_events_and_counts_cuda_memory(asap):
     args = ["profile", "--device", "cuda", "--dtype", "bfloat16", "--methods", "vanilla,asap", "-k", "64"]
-    result = runner.invoke(app, [*args, "--repeats", "2", "--warmup", "1", "--decode-tokens", "8", "--json"])
+    result = asap(*args, "--repeats", "2", "--warmup", "1", "--decode-tokens", "8", "--json")
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 2
@@ -94,7 +91,7 @@ def test_profile_times_with_cuda_events_and_counts_cuda_memory():
         assert row["decode_tokens_per_second"] > 0
     vanilla, asap = rows
     assert asap["kv_cache_bytes"] < vanilla["kv_cache_bytes"]  # the pruned layers keep 64 of 576
-    table = runner.invoke(app, [*args, "--repeats", "1", "--warmup", "0", "--decode-tokens", "8"])
+    table = asap(*args, "--repeats", "1", "--warmup", "0", "--decode-tokens", "8")
     assert torch.cuda.get_device_name() in table.stdout and "CUDA-event time" in table.stdout
 
 

@@ -1,5 +1,5 @@
-"""DivPrune as its authors wrote it (github.com/vbdi/divprune, LLaVA/llava/model/llava_arch.py,
-`DivPrune`), transcribed here independently of asap's code: the first pick is the token whose
+"""DivPrune as its authors define it (github.com/vbdi/divprune, LLaVA/llava/model/llava_arch.py,
+`DivPrune`), restated here independently of asap's code and of theirs: the first pick is the token whose
 nearest other token is farthest (the second smallest cosine distance of its column, argmax),
 each next pick the token whose smallest distance to those picked is largest. asap's divprune
 keeps that set, on hand-made features where picking by the smallest first gives another set and
@@ -18,21 +18,17 @@ from asapcli.runtime.loading import load
 
 
 def official_divprune(features: torch.Tensor, k: int) -> list[int]:
-    """The authors' loop, their names kept; their `threshold_terms` is k here."""
-    norm_matrix = features / features.norm(dim=1, keepdim=True)
-    cosine_matrix = 1.0 - torch.mm(norm_matrix, norm_matrix.t())
-    s = torch.empty(k, dtype=torch.long)
-    for i in range(k):
-        if i == 0:
-            m2 = cosine_matrix
-        else:
-            m2 = torch.index_select(cosine_matrix, 0, torch.index_select(s, 0, torch.arange(0, i)))
-        if i == 0:
-            scores = torch.topk(m2, 2, dim=0, largest=False).values[1, :]  # each token's nearest other
-        else:
-            scores = torch.min(m2, dim=0).values
-        s[i] = torch.argmax(scores)
-    return sorted(s.tolist())
+    """The authors' selection, restated from its definition (not their code): cosine distances
+    between the features; the first pick is the token whose nearest other token is farthest away,
+    each later pick the token whose distance to the nearest token picked so far is largest; on a
+    tie the lowest index (torch.argmax's first maximum, which their loop uses)."""
+    unit = features / features.norm(dim=1, keepdim=True)
+    distance = 1.0 - unit @ unit.T
+    others = distance + torch.diag(torch.full((len(features),), math.inf))  # a token is not its own neighbour
+    picked = [int(others.min(dim=0).values.argmax())]
+    while len(picked) < k:
+        picked.append(int(distance[picked].min(dim=0).values.argmax()))
+    return sorted(picked)
 
 
 def on_circle(*degrees: float) -> torch.Tensor:

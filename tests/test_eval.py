@@ -5,23 +5,15 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from asapcli.cli import app
 from asapcli.commands import options
 from asapcli.demo import scenes
 from asapcli.engine.settings import PruneSettings
 from asapcli.measure import evaluation
 from asapcli.report import figures
 
-runner = CliRunner()
 
-
-def asap(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def test_eval_json_has_every_method_and_budget(tmp_path):
+def test_eval_json_has_every_method_and_budget(tmp_path, asap):
     plot, profile = tmp_path / "accuracy.png", tmp_path / "attention.png"
     result = asap(
         "eval",
@@ -53,14 +45,14 @@ def test_eval_json_has_every_method_and_budget(tmp_path):
     assert Image.open(plot).format == "PNG" and Image.open(profile).format == "PNG"
 
 
-def test_eval_in_batches_scores_as_one_at_a_time():
+def test_eval_in_batches_scores_as_one_at_a_time(asap):
     args = ["eval", "--n", 12, "--methods", "vanilla,random,asap", "-k", 64, "--json"]
     single, batched = asap(*args, "--batch", 1), asap(*args, "--batch", 5)  # the last batch holds 2
     assert single.exit_code == 0 and batched.exit_code == 0, single.output + batched.output
     assert json.loads(batched.stdout)["results"] == json.loads(single.stdout)["results"]
 
 
-def test_eval_table_and_a_question_file(tmp_path):
+def test_eval_table_and_a_question_file(tmp_path, asap):
     data = tmp_path / "questions.jsonl"
     scenes.questions(7, 1)[0].scene.render().save(tmp_path / "scene.png")
     data.write_text('{"image": "scene.png", "question": "is there a red car?", "answer": "No."}\n\n')
@@ -79,7 +71,7 @@ def test_eval_table_and_a_question_file(tmp_path):
         ('{"image": "scene.png", "question": "h\udcffi", "answer": "no"}', ":1: not UTF-8 text"),
     ],
 )
-def test_bad_question_files_are_one_error_line(tmp_path, line, message):
+def test_bad_question_files_are_one_error_line(tmp_path, line, message, asap):
     data = tmp_path / "questions.jsonl"
     data.write_bytes(line.encode("utf-8", "surrogateescape") + b"\n")
     result = asap("eval", "--data", data)
@@ -108,7 +100,7 @@ def test_scoring_and_rows():
 @pytest.mark.parametrize(
     "method, k, expected", [("asap", 64, 64), ("fastv", 128, 128), ("random", 10, 10), ("vanilla", 64, 576)]
 )
-def test_save_kept_draws_exactly_the_kept_patches_undimmed(tmp_path, monkeypatch, method, k, expected):
+def test_save_kept_draws_exactly_the_kept_patches_undimmed(tmp_path, monkeypatch, method, k, expected, asap):
     image = tmp_path / "scene.png"
     scenes.questions(3, 1)[0].scene.render().save(image)
     drawn = []
@@ -125,7 +117,7 @@ def test_save_kept_draws_exactly_the_kept_patches_undimmed(tmp_path, monkeypatch
     assert Image.open(kept).format == "PNG"
 
 
-def test_save_kept_never_writes_over_an_input_and_replaces_other_files(tmp_path):
+def test_save_kept_never_writes_over_an_input_and_replaces_other_files(tmp_path, asap):
     image = tmp_path / "scene.png"
     scenes.questions(3, 1)[0].scene.render().save(image)
     before = image.read_bytes()
@@ -139,7 +131,7 @@ def test_save_kept_never_writes_over_an_input_and_replaces_other_files(tmp_path)
     assert Image.open(kept).format == "PNG" and f"wrote {kept}" in result.stderr
 
 
-def test_eval_never_writes_over_its_question_file(tmp_path):
+def test_eval_never_writes_over_its_question_file(tmp_path, asap):
     data = tmp_path / "questions.jsonl"
     scenes.questions(7, 1)[0].scene.render().save(tmp_path / "scene.png")
     data.write_text('{"image": "scene.png", "question": "is there a red car?", "answer": "No."}\n')
@@ -154,12 +146,12 @@ def test_eval_never_writes_over_its_question_file(tmp_path):
     assert result.exit_code == 2 and "must name different files" in result.stderr
 
 
-def test_an_output_that_cannot_be_written_fails_before_the_run(tmp_path):
+def test_an_output_that_cannot_be_written_fails_before_the_run(tmp_path, asap):
     result = asap("eval", "--n", 2, "--methods", "vanilla,fastv", "--plot", "/dev/full")
     assert result.exit_code == 1 and result.stderr == "Error: cannot write /dev/full: not a regular file\n"
 
 
-def test_a_failed_write_after_the_run_loses_only_that_file(tmp_path, monkeypatch):
+def test_a_failed_write_after_the_run_loses_only_that_file(tmp_path, monkeypatch, asap):
     plot = tmp_path / "plot.png"
     plot.write_bytes(b"the previous plot")
 
@@ -176,7 +168,7 @@ def test_a_failed_write_after_the_run_loses_only_that_file(tmp_path, monkeypatch
     assert plot.read_bytes() == b"the previous plot" and list(tmp_path.iterdir()) == [plot]
 
 
-def test_interrupted_eval_prints_what_was_answered_and_keeps_the_log(tmp_path, monkeypatch):
+def test_interrupted_eval_prints_what_was_answered_and_keeps_the_log(tmp_path, monkeypatch, asap):
     calls = []
     answer = evaluation.generate_batch
 
@@ -197,7 +189,7 @@ def test_interrupted_eval_prints_what_was_answered_and_keeps_the_log(tmp_path, m
     assert records[0]["expected"] == scenes.questions(scenes.EVAL_SEED, 1)[0].answer
 
 
-def test_every_image_of_a_question_file_opens_before_the_first_answer(tmp_path):
+def test_every_image_of_a_question_file_opens_before_the_first_answer(tmp_path, asap):
     scenes.questions(7, 1)[0].scene.render().save(tmp_path / "scene.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     line = '{"image": "%s", "question": "is there a red car?", "answer": "No."}\n'
@@ -218,13 +210,13 @@ def test_synthetic_questions_render_their_scenes_only_when_asked(monkeypatch):
     assert len(rendered) == 1
 
 
-def test_synthetic_questions_are_bounded(monkeypatch):
+def test_synthetic_questions_are_bounded(monkeypatch, asap):
     monkeypatch.setattr(evaluation, "MAX_SYNTHETIC", 10)
     result = asap("eval", "--n", 11)
     assert result.exit_code == 2 and result.stderr == "Error: --n is at most 10 for the synthetic questions, got 11\n"
 
 
-def test_the_image_placeholder_in_a_question_is_refused_before_the_first_answer(tmp_path):
+def test_the_image_placeholder_in_a_question_is_refused_before_the_first_answer(tmp_path, asap):
     scenes.questions(7, 1)[0].scene.render().save(tmp_path / "scene.png")
     line = '{"image": "scene.png", "question": "%s", "answer": "No."}\n'
     data = tmp_path / "questions.jsonl"
@@ -236,7 +228,7 @@ def test_the_image_placeholder_in_a_question_is_refused_before_the_first_answer(
     assert result.exit_code == 2 and "contains '<image>'" in result.stderr
 
 
-def test_a_method_named_twice_runs_once_and_a_byte_order_mark_is_fine(tmp_path):
+def test_a_method_named_twice_runs_once_and_a_byte_order_mark_is_fine(tmp_path, asap):
     Path(tmp_path / "car.png").write_bytes((Path(__file__).parent.parent / "examples" / "car.png").read_bytes())
     line = json.dumps({"image": "car.png", "question": "what colour is the car?", "answer": "red"})
     (tmp_path / "q.jsonl").write_text(line + "\n", encoding="utf-8-sig")  # as Notepad saves it
@@ -245,7 +237,7 @@ def test_a_method_named_twice_runs_once_and_a_byte_order_mark_is_fine(tmp_path):
     assert [row["method"] for row in json.loads(result.stdout)["results"]] == ["fastv"]
 
 
-def test_eval_off_a_terminal_says_how_far_it_is(monkeypatch):
+def test_eval_off_a_terminal_says_how_far_it_is(monkeypatch, asap):
     """A pipe or a CI log gets plain progress lines on stderr, never minutes of silence."""
     monkeypatch.setattr("asapcli.report.display.PLAIN_PROGRESS_SECONDS", 0.0)
     result = asap("eval", "--n", 3, "--methods", "fastv", "-k", 64, "--json")
@@ -254,7 +246,7 @@ def test_eval_off_a_terminal_says_how_far_it_is(monkeypatch):
     assert lines == ["Answers: 1/3", "Answers: 2/3", "Answers: 3/3"]
 
 
-def test_a_picture_is_written_in_the_format_its_name_says(image_file, tmp_path):
+def test_a_picture_is_written_in_the_format_its_name_says(image_file, tmp_path, asap):
     result = asap("run", image_file, "what?", "--save-kept", tmp_path / "kept.jpg", "--max-tokens", 2)
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "kept.jpg").format == "JPEG"
@@ -263,7 +255,7 @@ def test_a_picture_is_written_in_the_format_its_name_says(image_file, tmp_path):
     assert not (tmp_path / "kept.gif").exists()
 
 
-def test_every_cell_has_a_95_percent_interval():
+def test_every_cell_has_a_95_percent_interval(asap):
     from asapcli.measure.evaluation import wilson
 
     # Wilson's interval, by hand: centre (p + z^2/2n) / (1 + z^2/n), half-width as in its formula.
@@ -281,14 +273,14 @@ def test_every_cell_has_a_95_percent_interval():
     assert "±" in table.stdout and "95% interval" in table.stdout
 
 
-def test_short_n_and_log_samples_spell_n_and_log(tmp_path):
+def test_short_n_and_log_samples_spell_n_and_log(tmp_path, asap):
     result = asap("eval", "-n", 2, "--methods", "vanilla", "--log-samples", tmp_path / "samples.jsonl", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n"] == 2
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
 
 
-def test_questions_to_a_real_model_ask_for_a_short_answer(tmp_path, llava_path, monkeypatch):
+def test_questions_to_a_real_model_ask_for_a_short_answer(tmp_path, llava_path, monkeypatch, asap):
     """LLaVA's convention, so that exact match does not score 'The car is red.' as wrong; not for
     the demo model, whose tokenizer knows none of its words; --prompt-suffix sets another."""
     asked = []
@@ -312,7 +304,7 @@ def test_questions_to_a_real_model_ask_for_a_short_answer(tmp_path, llava_path, 
     assert "\n" not in asked[0][0][0]  # the demo model: the question alone
 
 
-def test_the_table_reads_at_80_columns(monkeypatch):
+def test_the_table_reads_at_80_columns(monkeypatch, asap):
     from asapcli.report import display
 
     monkeypatch.setattr(display.out, "width", 80)

@@ -45,7 +45,7 @@ def test_a_stopped_eval_has_no_row_for_a_run_that_gave_no_answer(asap, monkeypat
 
 @pytest.mark.parametrize("value", [True, False])
 def test_a_boolean_is_not_a_number_for_a_method_option(value):
-    with pytest.raises(UsageError, match="lambda_max needs a number"):
+    with pytest.raises(UsageError, match="lambda-max needs a number"):
         ModelArgs.parse({"pretrained": "demo", "method": "asap", "lambda_max": value})
 
 
@@ -57,4 +57,4 @@ def test_lambda_max_true_on_lmms_evals_command_line_is_refused(monkeypatch, caps
     argv = ["lmms_eval", "--model", "asap", "--model_args", "pretrained=demo,lambda_max=true", "--tasks", "asap_demo"]
     monkeypatch.setattr(sys, "argv", argv)
     assert main() == 2
-    assert capsys.readouterr().err == "Error: model_args: lambda_max needs a number, got True\n"
+    assert capsys.readouterr().err == "Error: lambda-max needs a number, got True\n"

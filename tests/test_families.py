@@ -19,9 +19,7 @@ from transformers import (
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
 )
-from typer.testing import CliRunner
 
-from asapcli.cli import app
 from asapcli.engine import PrunedDecoder, UnsupportedModel, check_supported, image_spans, install
 from asapcli.engine.plans import plan_for
 from asapcli.engine.settings import PruneSettings
@@ -230,8 +228,8 @@ def test_a_model_that_masks_its_own_image_attention_fails_clearly():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
-def test_asap_run_says_what_these_processors_need(families, image_file):
-    result = CliRunner().invoke(app, ["run", str(image_file), "what?", "-m", families["internvl"].path])
+def test_asap_run_says_what_these_processors_need(families, image_file, asap):
+    result = asap("run", image_file, "what?", "-m", families["internvl"].path)
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: cannot load model") and "torchvision" in lines[0]
@@ -301,18 +299,15 @@ def test_mistral_without_a_window_that_cuts_runs_and_equals_transformers(window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_processor_that_needs_torchvision_says_so_in_one_line(families, tmp_path):
+def test_a_processor_that_needs_torchvision_says_so_in_one_line(families, tmp_path, asap):
     """transformers builds Qwen2.5-VL's processor with a video processor, which needs torchvision."""
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: the processor loads")
     from PIL import Image
-    from typer.testing import CliRunner
-
-    from asapcli.cli import app
 
     image = tmp_path / "picture.png"
     Image.new("RGB", (16, 16)).save(image)
-    result = CliRunner().invoke(app, ["run", str(image), "hi", "-m", families["qwen2.5-vl"].path])
+    result = asap("run", image, "hi", "-m", families["qwen2.5-vl"].path)
     assert result.exit_code == 1
     path = families["qwen2.5-vl"].path
     assert result.stderr == (

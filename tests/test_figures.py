@@ -13,10 +13,8 @@ import torch
 from PIL import Image
 from reference_asap import ReferenceLM
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from typer.testing import CliRunner
 
 import asapcli
-from asapcli.cli import app
 from asapcli.commands import answering
 from asapcli.engine import image_spans
 from asapcli.engine.methods import ANCHOR, KEPT, POOLED, REFILLED, SELECTED, SpanView
@@ -31,13 +29,8 @@ from asapcli.runtime.inputs import build_inputs, load_image, user_message
 from asapcli.runtime.loading import load
 from asapcli.runtime.presets import find_preset
 
-runner = CliRunner()
 CAR = Path(__file__).resolve().parent.parent / "examples" / "car.png"
 QUESTION = "what colour is the car?"
-
-
-def asap(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +187,7 @@ def test_an_unpruned_image_is_drawn_whole():
     assert len(view.grids[0].cells_in(KEPT)) == 16 and view.grids[0].outlines == []
 
 
-def test_save_kept_draws_the_engines_roles_large_enough_to_read(tmp_path, monkeypatch):
+def test_save_kept_draws_the_engines_roles_large_enough_to_read(tmp_path, monkeypatch, asap):
     drawn = []
     draw = figures.draw_kept
     monkeypatch.setattr(figures, "draw_kept", lambda image, view: drawn.append(view) or draw(image, view))
@@ -219,7 +212,7 @@ def test_a_figure_is_written_in_the_format_its_name_says(tmp_path, suffix, magic
     assert out.read_bytes().startswith(magic)
 
 
-def test_llava_next_kept_figure_has_the_base_image_and_the_tiles(llava_next_path, tmp_path, monkeypatch):
+def test_llava_next_kept_figure_has_the_base_image_and_the_tiles(llava_next_path, tmp_path, monkeypatch, asap):
     drawn = []
     draw = figures.draw_kept
     monkeypatch.setattr(figures, "draw_kept", lambda image, view: drawn.append(view) or draw(image, view))
@@ -238,7 +231,7 @@ def test_llava_next_kept_figure_has_the_base_image_and_the_tiles(llava_next_path
 # ---- compare ---------------------------------------------------------------------------------
 
 
-def test_compare_prints_each_answer_and_draws_a_panel_per_method(tmp_path, monkeypatch):
+def test_compare_prints_each_answer_and_draws_a_panel_per_method(tmp_path, monkeypatch, asap):
     columns = []
     draw = figures.draw_comparison
     monkeypatch.setattr(figures, "draw_comparison", lambda image, c, title: columns.extend(c) or draw(image, c, title))
@@ -263,7 +256,7 @@ def test_compare_prints_each_answer_and_draws_a_panel_per_method(tmp_path, monke
     assert report["answers"][1]["kept_tokens"] == 64
 
 
-def test_compare_checks_its_figure_before_the_model_loads(tmp_path):
+def test_compare_checks_its_figure_before_the_model_loads(tmp_path, asap):
     result = asap("compare", CAR, QUESTION, "--out", tmp_path / "figure.gif")
     assert result.exit_code == 2 and "name it .png, .svg, .pdf, .jpg or .webp" in result.stderr
     result = asap("compare", CAR, QUESTION, "--out", CAR)
@@ -324,12 +317,12 @@ def test_the_attention_figure_names_the_layer_as_given_and_draws_the_maps():
     ]
 
 
-def test_a_plot_of_vanilla_alone_is_refused():
+def test_a_plot_of_vanilla_alone_is_refused(asap):
     result = asap("eval", "-n", 2, "--methods", "vanilla", "--plot", "accuracy.png")
     assert result.exit_code == 2 and "name one in --methods beside vanilla" in result.stderr
 
 
-def test_eval_writes_both_plots_from_its_own_numbers(tmp_path, monkeypatch):
+def test_eval_writes_both_plots_from_its_own_numbers(tmp_path, monkeypatch, asap):
     seen = {}
     accuracy, attention = figures.draw_accuracy, figures.draw_attention
     monkeypatch.setattr(figures, "draw_accuracy", lambda p, t: seen.setdefault("points", p) and accuracy(p, t))
@@ -358,7 +351,7 @@ def test_answering_refuses_to_draw_an_image_it_cannot_place(demo, monkeypatch):
 
 
 @pytest.mark.parametrize("size", [(3000, 2000), (2000, 8), (8, 2000)])
-def test_a_large_or_long_image_makes_a_figure_of_a_figures_size(size, tmp_path):
+def test_a_large_or_long_image_makes_a_figure_of_a_figures_size(size, tmp_path, asap):
     """An 8000 px photo once made an 8000 px figure (6 GB to draw), a 4000 x 10 strip a
     156,000 px one: the drawn image stops at figures.MAX_LONG_SIDE."""
     source = tmp_path / "wide.png"

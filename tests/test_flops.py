@@ -3,13 +3,9 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from asapcli.cli import app
 from asapcli.engine import schedule as flops
 from asapcli.errors import UsageError
-
-runner = CliRunner()
 
 
 def test_layer_flops_is_the_papers_formula():
@@ -51,11 +47,11 @@ def test_parse_schedule():
         flops.parse_schedule("2-960")
 
 
-def test_flops_cli_table_and_json():
-    result = runner.invoke(app, ["flops", "-m", "llava-1.5-7b", "--k", "128", "--layer", "2"])
+def test_flops_cli_table_and_json(asap):
+    result = asap("flops", "-m", "llava-1.5-7b", "--k", "128", "--layer", "2")
     assert result.exit_code == 0, result.output
     assert "3.817" in result.stdout and "26.71%" in result.stdout and "multiply-accumulates" in result.stdout
-    result = runner.invoke(app, ["flops", "-m", "llava-next-7b", "--schedule", "2:960,16:480", "--json"])
+    result = asap("flops", "-m", "llava-next-7b", "--schedule", "2:960,16:480", "--json")
     data = json.loads(result.stdout)
     assert data["tflops_vanilla"] == pytest.approx(20.825, abs=5e-3)  # paper Table 2
     assert [s["tokens"] for s in data["stages"]] == [2880, 960, 480]
@@ -63,16 +59,13 @@ def test_flops_cli_table_and_json():
     assert "visual tokens only" in data["convention"]
 
 
-def test_flops_takes_several_budgets_as_profile_and_eval_do():
+def test_flops_takes_several_budgets_as_profile_and_eval_do(asap):
     args = ["flops", "-m", "llava-1.5-7b", "-k", "192,128,64", "--layer", "2"]
-    records = [json.loads(line) for line in runner.invoke(app, [*args, "--json"]).stdout.splitlines()]
+    records = [json.loads(line) for line in asap(*args, "--json").stdout.splitlines()]
     assert [(r["k"], r["layer"]) for r in records] == [(192, 2), (128, 2), (64, 2)]
-    alone = [
-        json.loads(runner.invoke(app, ["flops", "-m", "llava-1.5-7b", "-k", k, "--json"]).stdout)
-        for k in ["192", "128", "64"]
-    ]
+    alone = [json.loads(asap("flops", "-m", "llava-1.5-7b", "-k", k, "--json").stdout) for k in ["192", "128", "64"]]
     assert records == alone  # each budget counted as it is alone
-    table = runner.invoke(app, args).stdout.splitlines()
+    table = asap(*args).stdout.splitlines()
     rows = [line.split() for line in table if line.split() and line.split()[0] in ("vanilla", "192", "128", "64")]
     assert rows == [
         ["vanilla", "576", "3.817", "100.0"],
@@ -80,26 +73,26 @@ def test_flops_takes_several_budgets_as_profile_and_eval_do():
         ["128", "2", "128", "1.020", "26.7"],
         ["64", "2", "64", "0.628", "16.5"],
     ]
-    csv_rows = runner.invoke(app, [*args, "--format", "csv"]).stdout.splitlines()
-    one = runner.invoke(app, ["flops", "-m", "llava-1.5-7b", "-k", "128", "--format", "csv"]).stdout.splitlines()
+    csv_rows = asap(*args, "--format", "csv").stdout.splitlines()
+    one = asap("flops", "-m", "llava-1.5-7b", "-k", "128", "--format", "csv").stdout.splitlines()
     assert csv_rows[0] == one[0] == "k,layer,layers,tokens,tflops,flops_ratio"  # more budgets: more rows, same columns
     assert len(csv_rows) == 1 + 3 * 4 and csv_rows[5:9] == one[1:]
-    twice = runner.invoke(app, ["flops", "-m", "llava-1.5-7b", "-k", "128,128", "--json"]).stdout.splitlines()
+    twice = asap("flops", "-m", "llava-1.5-7b", "-k", "128,128", "--json").stdout.splitlines()
     assert len(twice) == 1  # a budget given twice is counted once, as a method is
-    schedule = json.loads(runner.invoke(app, ["flops", "-m", "llava-next-7b", "--schedule", "2:960", "--json"]).stdout)
+    schedule = json.loads(asap("flops", "-m", "llava-next-7b", "--schedule", "2:960", "--json").stdout)
     assert (schedule["k"], schedule["layer"]) == (None, None)
 
 
 @pytest.mark.parametrize(
     "preset, stages", [("llava-next-7b", [(2, 2880), (30, 640)]), ("qwen2.5-vl-7b", [(2, 1024), (26, 224)])]
 )
-def test_flops_takes_k_and_layer_from_the_preset(preset, stages):
-    data = json.loads(runner.invoke(app, ["flops", "-m", preset, "--json"]).stdout)
+def test_flops_takes_k_and_layer_from_the_preset(preset, stages, asap):
+    data = json.loads(asap("flops", "-m", preset, "--json").stdout)
     assert [(stage["layers"], stage["tokens"]) for stage in data["stages"]] == stages
 
 
-def test_flops_from_a_local_config(llava_path):
-    result = runner.invoke(app, ["flops", "-m", str(llava_path), "--k", "16", "--layer", "1", "--json", "--gqa"])
+def test_flops_from_a_local_config(llava_path, asap):
+    result = asap("flops", "-m", llava_path, "--k", "16", "--layer", "1", "--json", "--gqa")
     data = json.loads(result.stdout)
     assert data["architecture"] == {
         "layers": 4,
@@ -137,8 +130,8 @@ def test_flops_from_a_local_config(llava_path):
         (["-m", "llava-1.5-7b", "--layer", "-1"], "layer must be at least 0"),
     ],
 )
-def test_flops_errors(args, message):
-    result = runner.invoke(app, ["flops", *args])
+def test_flops_errors(args, message, asap):
+    result = asap("flops", *args)
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: ") and message in result.stderr
 
@@ -162,15 +155,15 @@ def test_fvcore_counts_eq_7_exactly_on_the_tiny_model(llava_path, method):
     assert counted.other == scoring[method]
 
 
-def test_flops_measure_through_the_cli(llava_path):
-    result = runner.invoke(app, ["flops", "-m", str(llava_path), "-k", "16", "--measure", "--json"])
+def test_flops_measure_through_the_cli(llava_path, asap):
+    result = asap("flops", "-m", llava_path, "-k", "16", "--measure", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["measured"]["tflops"] == pytest.approx(data["tflops"], rel=1e-12)
     assert data["measured"]["tflops_vanilla"] == pytest.approx(data["tflops_vanilla"], rel=1e-12)
     assert data["measured"]["stages_tflops"] == pytest.approx([s["tflops"] for s in data["stages"]], rel=1e-12)
     assert "grouped-query" in data["convention"]
-    table = runner.invoke(app, ["flops", "-m", str(llava_path), "-k", "16", "--measure"])
+    table = asap("flops", "-m", llava_path, "-k", "16", "--measure")
     assert "measured MFLOPs" in table.stdout and "fvcore" in table.stdout
 
 
@@ -182,39 +175,39 @@ def test_flops_measure_through_the_cli(llava_path):
         (["--layer", "4"], "layer must be in 1..3"),
     ],
 )
-def test_flops_measure_errors(llava_path, args, message):
-    result = runner.invoke(app, ["flops", "-m", str(llava_path), "--measure", *args])
+def test_flops_measure_errors(llava_path, args, message, asap):
+    result = asap("flops", "-m", llava_path, "--measure", *args)
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: ") and message in result.stderr
 
 
 @pytest.mark.parametrize("method", ["divprune", "pool"])
 @pytest.mark.parametrize("budget", [["-k", "12"], ["-k", "12", "--layer", "2"], ["--schedule", "2:12"]])
-def test_flops_measure_of_a_method_before_the_llm_prunes_layer_0_in_both_columns(llava_path, method, budget):
+def test_flops_measure_of_a_method_before_the_llm_prunes_layer_0_in_both_columns(llava_path, method, budget, asap):
     """Whichever way the budget is given, the formula counts what the measured method does:
     pruning before layer 0, and pool keeping its largest square grid (9 of 12)."""
     args = ["flops", "-m", str(llava_path), *budget, "--measure", "--method", method, "--json"]
-    result = runner.invoke(app, args)
+    result = asap(*args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     kept = {"divprune": 12, "pool": 9}[method]
     assert [(stage["layers"], stage["tokens"]) for stage in data["stages"]] == [(4, kept)]
     assert data["measured"]["stages_tflops"] == pytest.approx([s["tflops"] for s in data["stages"]], rel=1e-12)
     assert data["measured"]["tflops"] == pytest.approx(data["tflops"], rel=1e-12)
-    table = runner.invoke(app, args[:-1]).stdout
+    table = asap(*args[:-1]).stdout
     scoring = {"divprune": "none.", "pool": "adaptive_avg_pool2d 4,096 FLOPs."}[method]  # not "none FLOPs"
     assert f"counted apart: {scoring}" in table
 
 
-def test_gqa_on_a_multi_head_model_says_it_changes_nothing():
-    result = runner.invoke(app, ["flops", "-m", "llava-1.5-7b", "--gqa"])
+def test_gqa_on_a_multi_head_model_says_it_changes_nothing(asap):
+    result = asap("flops", "-m", "llava-1.5-7b", "--gqa")
     assert result.exit_code == 0, result.output
     assert "--gqa changes nothing here: llava-1.5-7b has as many key/value heads as query heads." in result.stderr
 
 
-def test_the_formula_counts_what_the_named_method_does_with_or_without_measure():
+def test_the_formula_counts_what_the_named_method_does_with_or_without_measure(asap):
     """--method pool once changed the formula only with --measure (62.12% without, 20.86% with)."""
-    alone = json.loads(runner.invoke(app, ["flops", "--method", "pool", "-k", "192", "--json"]).stdout)
+    alone = json.loads(asap("flops", "--method", "pool", "-k", "192", "--json").stdout)
     assert (alone["layer"], [stage["tokens"] for stage in alone["stages"]]) == (0, [169])  # 13 x 13, before layer 0
-    measured = json.loads(runner.invoke(app, ["flops", "--method", "pool", "-k", "192", "--measure", "--json"]).stdout)
+    measured = json.loads(asap("flops", "--method", "pool", "-k", "192", "--measure", "--json").stdout)
     assert measured["flops_ratio"] == pytest.approx(alone["flops_ratio"])

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from asapcli.cli import app
 from asapcli.errors import UsageError
 from asapcli.lmms_eval import TASKS, demo_task
 from asapcli.lmms_eval.arguments import ModelArgs
@@ -93,7 +91,7 @@ RUNS = {"vanilla": "method=vanilla", "asap": "method=asap,k=4,layer=2"}  # k=4 g
 
 
 @needs_lmms_eval
-def test_lmms_eval_answers_each_question_as_asap_eval(tmp_path):
+def test_lmms_eval_answers_each_question_as_asap_eval(tmp_path, asap):
     """One lmms-eval process (its --config runs each entry in turn) evaluates vanilla, asap, and
     a run with a bad k; `asap eval` answers the same questions in this process."""
     runs = [
@@ -120,11 +118,7 @@ def test_lmms_eval_answers_each_question_as_asap_eval(tmp_path):
     assert not list((tmp_path / "bad").glob("**/*_results.json"))
 
     log = tmp_path / "asap-eval.jsonl"
-    asap_eval = CliRunner().invoke(
-        app,
-        ["eval", "--data", str(QUESTIONS), "-n", str(LIMIT), "--methods", "vanilla,asap", "-k", "4", "--layer", "2",
-         "--threads", "1", "--log-samples", str(log)],
-    )  # fmt: skip
+    asap_eval = asap("eval", "--data", QUESTIONS, "-n", LIMIT, "--methods", "vanilla,asap", "-k", "4", "--layer", "2", "--threads", "1", "--log-samples", log)  # fmt: skip
     assert asap_eval.exit_code == 0, asap_eval.output
     expected = [json.loads(line) for line in log.read_text().splitlines()]
 

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from asapcli.cli import app
 from asapcli.engine.plans import plan_for
 from asapcli.engine.settings import PruneSettings
 from asapcli.runtime.generation import generate
@@ -20,7 +18,6 @@ from asapcli.runtime.inputs import build_inputs, load_image, user_message
 from asapcli.runtime.loading import load
 
 CAR = Path(__file__).parent.parent / "examples" / "car.png"
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +51,9 @@ def test_layers_offloaded_by_accelerate_give_the_plain_models_logits_and_tokens(
     assert answers[0].token_ids == answers[1].token_ids and answers[0].kept_positions == answers[1].kept_positions
 
 
-def test_device_map_through_the_cli(offload_map):
+def test_device_map_through_the_cli(offload_map, asap):
     args = ["run", str(CAR), "what colour is the car?", "--json", "--max-tokens", "3"]
-    plain, sharded = runner.invoke(app, args), runner.invoke(app, [*args, "--device-map", str(offload_map)])
+    plain, sharded = asap(*args), asap(*args, "--device-map", offload_map)
     assert plain.exit_code == sharded.exit_code == 0, sharded.output
     assert json.loads(sharded.stdout)["answer"] == json.loads(plain.stdout)["answer"] == "red"
 
@@ -69,25 +66,25 @@ def test_device_map_through_the_cli(offload_map):
         (["--device-map", "auto", "-m", "bench"], "is built from numbers on one device"),
     ],
 )
-def test_device_map_usage_errors(extra, message):
-    result = runner.invoke(app, ["run", str(CAR), "hi", *extra])
+def test_device_map_usage_errors(extra, message, asap):
+    result = asap("run", CAR, "hi", *extra)
     assert result.exit_code == 2 and message in result.stderr
 
 
-def test_a_device_map_with_every_module_on_disk_is_refused(tmp_path):
+def test_a_device_map_with_every_module_on_disk_is_refused(tmp_path, asap):
     placement = tmp_path / "disk.json"
     placement.write_text(json.dumps({"": "disk"}))  # accelerate would leave nothing to compute on
-    result = runner.invoke(app, ["run", str(CAR), "hi", "--device-map", str(placement)])
+    result = asap("run", CAR, "hi", "--device-map", placement)
     assert result.exit_code == 2
     assert f"Error: --device-map {placement} puts every module on disk" in result.stderr
 
 
-def test_a_truncated_weights_file_is_named(llava_path, tmp_path):
+def test_a_truncated_weights_file_is_named(llava_path, tmp_path, asap):
     damaged = tmp_path / "damaged"
     shutil.copytree(llava_path, damaged)
     weights = damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
-    result = runner.invoke(app, ["run", str(CAR), "hi", "-m", str(damaged)])
+    result = asap("run", CAR, "hi", "-m", damaged)
     assert result.exit_code == 1
     assert result.stderr.startswith(f"Error: cannot load model {str(damaged)!r}: {weights} is damaged or incomplete")
     assert len(result.stderr.strip().splitlines()) == 1

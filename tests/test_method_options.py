@@ -7,17 +7,12 @@ import dataclasses
 
 import pytest
 import typer.main
-from typer.testing import CliRunner
 
 from asapcli.cli import app
 from asapcli.commands import options
 from asapcli.engine import HYPERPARAMETERS, METHODS
 from asapcli.engine.settings import PruneSettings
 from asapcli.errors import UsageError
-
-
-def asap(*args):
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def test_a_method_takes_the_declared_hyperparameters_it_has_fields_for():
@@ -38,7 +33,7 @@ def test_every_pruning_command_offers_each_hyperparameter_once(command):
     assert len(flags) == len(set(flags))
 
 
-def test_an_option_the_method_ignores_is_a_usage_error_naming_its_options(image_file):
+def test_an_option_the_method_ignores_is_a_usage_error_naming_its_options(image_file, asap):
     result = asap("run", image_file, "what?", "--method", "fastv", "--merge-threshold", 0.1, "--lambda-max", 0.5)
     assert result.exit_code == 2
     assert result.stderr.strip() == (
@@ -67,8 +62,11 @@ def test_a_comparison_gives_each_method_the_options_it_takes():
     assert bimask.hyperparameters == {"lambda_max": 0.5}
     with pytest.raises(UsageError, match="merge-threshold is a cosine similarity in"):
         PruneSettings("asap", merge_threshold=float("nan"))
-    with pytest.raises(TypeError, match="unknown hyperparameters"):
-        PruneSettings("asap", lambda_mx=0.5)
+    with pytest.raises(UsageError, match="unknown option lambda_mx; the methods' options are lambda_max,"):
+        PruneSettings("asap", lambda_mx=0.5)  # the API's docstring promises a UsageError, not a TypeError
+    for seed in (-1, 2**70):  # what torch and the random method cannot take: refused, not overflowed
+        with pytest.raises(UsageError, match=f"seed must be a whole number from 0 to 4294967295, got {seed}"):
+            PruneSettings("random", seed=seed)
 
 
 def test_an_option_one_method_takes_says_so_in_the_singular():

@@ -6,9 +6,7 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from asapcli.cli import app
 from asapcli.engine import METHODS
 from asapcli.engine.settings import PruneSettings
 from asapcli.measure.profiling import kv_cache_bytes, peak_memory, prefill
@@ -16,12 +14,7 @@ from asapcli.report import display
 from asapcli.runtime.inputs import build_batch_inputs, build_inputs, pattern_image, user_message
 from asapcli.runtime.loading import load
 
-runner = CliRunner()
 FAST = ["--repeats", "1", "--warmup", "0", "--decode-tokens", "2"]
-
-
-def asap(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 def table_rows(text: str) -> list[list[str]]:
@@ -37,7 +30,7 @@ def table_rows(text: str) -> list[list[str]]:
     return rows
 
 
-def test_profile_table_has_every_column_and_reads_at_80_columns(llava_path, monkeypatch):
+def test_profile_table_has_every_column_and_reads_at_80_columns(llava_path, monkeypatch, asap):
     monkeypatch.setattr(display.out, "width", 80)
     result = asap("profile", "-m", llava_path, "-k", 16, "--threads", 1, *FAST)
     assert result.exit_code == 0, result.output
@@ -51,7 +44,7 @@ def test_profile_table_has_every_column_and_reads_at_80_columns(llava_path, monk
     assert "kept: of 64 visual tokens" in text and "CPU, 1 thread," in text
 
 
-def test_profile_json_is_one_object_per_method_and_budget(llava_path):
+def test_profile_json_is_one_object_per_method_and_budget(llava_path, asap):
     result = asap("profile", "-m", llava_path, "--methods", "vanilla,random,asap", "-k", "16,8", "--json", *FAST)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -77,7 +70,7 @@ def test_profile_json_is_one_object_per_method_and_budget(llava_path):
     assert records[1]["flops_ratio"] < records[1]["prompt_flops_ratio"] < 1.0  # text tokens are never pruned
 
 
-def test_profile_takes_every_method(llava_path):
+def test_profile_takes_every_method(llava_path, asap):
     result = asap("profile", "-m", llava_path, "--methods", ",".join(METHODS), "-k", 16, "--json", *FAST)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -98,7 +91,7 @@ def test_kv_cache_bytes_sums_the_cache_tensors(llava_path):
     assert kv_cache_bytes(cache) == sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-def test_profile_batch_measures_batch_one_beside_batch_n(llava_path):
+def test_profile_batch_measures_batch_one_beside_batch_n(llava_path, asap):
     result = asap("profile", "-m", llava_path, "--methods", "vanilla,asap", "-k", 16, "--batch", 3, "--json", *FAST)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -142,16 +135,24 @@ def test_cpu_peak_memory_sees_a_temporary_and_what_is_kept():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--methods", "fastv,foo"], "unknown method 'foo'"),
+        (["--methods", "fastv,foo"], "'foo' is not one of vanilla, fastv"),
         (["-k", "0"], "k needs a whole number of at least 1"),
         (["-k", "16,x"], "got 'x'"),
         (["--layer", "4"], "layer must be in 1..3"),
         (["--prompt", " "], "the prompt is empty"),
         (["--image", "missing.png"], "image not found"),
+        (["--prompt", "hi " * 3000], "the model's context holds"),  # it measured positions past the context
     ],
 )
-def test_profile_errors_are_one_line(llava_path, args, message):
+def test_profile_errors_are_one_line(llava_path, args, message, asap):
     result = asap("profile", "-m", llava_path, *args, *FAST)
     assert result.exit_code != 0
     assert result.stderr.startswith("Error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_decoding_past_the_context_is_refused_not_measured(llava_path, asap):
+    """--decode-tokens 100000 on a 2048-position model printed nothing for minutes."""
+    result = asap("profile", "-m", llava_path, *FAST, "--decode-tokens", 100000)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: the prompt is ") and "--decode-tokens asks for 100000 more" in result.stderr

@@ -12,16 +12,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForImageTextToText
-from typer.testing import CliRunner
 
-from asapcli.cli import app
 from asapcli.engine import image_spans
 from asapcli.runtime import presets
 from asapcli.runtime.inputs import build_inputs, pattern_image, user_message
 from asapcli.runtime.loading import load
 from asapcli.runtime.random_model import made_in, random_config
 
-runner = CliRunner()
 PROFILES = Path(presets.__file__).resolve().parents[2] / "profiles"
 
 # LLaVA-1.5 and LLaVA-NeXT in miniature, written as the real presets are: a hub id (so that
@@ -187,10 +184,6 @@ def tiny_presets(tmp_path, monkeypatch):
     return tmp_path
 
 
-def asap(*args):
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
 class AllocatedDtypes(TorchDispatchMode):
     """Records the dtype and size of every tensor an operation makes."""
 
@@ -238,7 +231,7 @@ def test_the_build_is_seeded_and_made_on_the_target_device(tiny_presets):
     assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.float16)}
 
 
-def test_layers_cuts_the_language_model_and_every_output_says_so(tiny_presets):
+def test_layers_cuts_the_language_model_and_every_output_says_so(tiny_presets, asap):
     loaded = load("tiny-llava", device="cpu", random_weights=True, layers=3)
     assert len(loaded.decoder.decoder.layers) == 3 and loaded.num_layers == 3
     assert loaded.label == "tiny-llava (random weights, first 3 of 4 layers)"
@@ -267,14 +260,14 @@ def test_layers_cuts_the_language_model_and_every_output_says_so(tiny_presets):
     assert "tiny-llava (random weights, first 3 of 4 layers): FLOPs" in " ".join(table.stdout.split())
 
 
-def test_a_whole_model_is_labelled_as_whole(tiny_presets):
+def test_a_whole_model_is_labelled_as_whole(tiny_presets, asap):
     assert load("tiny-llava", device="cpu", random_weights=True, layers=4).label == "tiny-llava (random weights)"
     checkpoint = json.loads(asap("flops", "-m", "llava-1.5-7b", "--json").stdout)
     labels = checkpoint["random_weights"], checkpoint["decoder_layers"], checkpoint["decoder_layers_full"]
     assert labels == (False, 32, 32)
 
 
-def test_llava_next_tiles_the_presets_pattern(tiny_presets):
+def test_llava_next_tiles_the_presets_pattern(tiny_presets, asap):
     fast = ["--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--methods", "vanilla", "--json"]
     result = asap("profile", "-m", "tiny-next", "--random-weights", *fast)
     assert result.exit_code == 0, result.output
@@ -283,7 +276,7 @@ def test_llava_next_tiles_the_presets_pattern(tiny_presets):
     assert json.loads(result.stdout)["visual_tokens"] == 336
 
 
-def test_run_answers_with_random_weights(tiny_presets, image_file):
+def test_run_answers_with_random_weights(tiny_presets, image_file, asap):
     result = asap("run", image_file, "what is it?", "-m", "tiny-llava", "--random-weights", "--json", "--max-tokens", 3)
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
@@ -309,12 +302,12 @@ def test_run_answers_with_random_weights(tiny_presets, image_file):
         (["-m", "tiny-llava", "--random-weights", "--device-map", "auto"], "is built from numbers on one device"),
     ],
 )
-def test_refusals_are_one_line(tiny_presets, image_file, args, message):
+def test_refusals_are_one_line(tiny_presets, image_file, args, message, asap):
     result = asap("run", image_file, "hi", *args)
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
 
 
-def test_a_folder_is_refused_and_eval_and_flops_without_measure_refuse(tiny_presets, llava_path):
+def test_a_folder_is_refused_and_eval_and_flops_without_measure_refuse(tiny_presets, llava_path, asap):
     result = asap("profile", "-m", llava_path, "--random-weights")
     assert result.exit_code == 2 and "is a folder or hub id" in result.stderr
     result = asap("eval", "-m", "tiny-llava", "--random-weights", "-n", 2)
@@ -324,7 +317,7 @@ def test_a_folder_is_refused_and_eval_and_flops_without_measure_refuse(tiny_pres
 
 
 @pytest.mark.parametrize("name", ["tiny-internvl", "tiny-qwen"])
-def test_internvl_and_qwen_build_and_profile_or_say_they_need_torchvision(tiny_presets, name):
+def test_internvl_and_qwen_build_and_profile_or_say_they_need_torchvision(tiny_presets, name, asap):
     """Their processors need torchvision (there on a GPU machine, not on this project's CPU
     one): with it, a profile of the preset's shape; without it, one Error line, before any build."""
     fast = ["--repeats", "1", "--warmup", "0", "--decode-tokens", "2", "--methods", "vanilla,asap", "--json"]

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import pytest
 import typer.main
-from typer.testing import CliRunner
 
 from asapcli.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-runner = CliRunner()
 
 # Shown, not run here: they name the reader's own files or a hub checkpoint (no network here),
 # or run for minutes (the same paths run smaller in the other tests).
@@ -70,13 +68,13 @@ def shown_only() -> list[str]:
 
 
 @pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_runs_as_shown(command, tmp_path, monkeypatch):
+def test_readme_command_runs_as_shown(command, tmp_path, monkeypatch, asap):
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     (tmp_path / "asapcli").symlink_to(REPO / "asapcli")  # files the docs name inside the package (a task's questions)
     (tmp_path / "docs" / "figures").mkdir(parents=True)  # where docs/figures.md's commands write their figures
     monkeypatch.chdir(tmp_path)  # outputs the command writes (kept.png) land here
     arguments, _, comment = command.partition("  # ")
-    result = runner.invoke(app, shlex.split(arguments)[1:])
+    result = asap(*shlex.split(arguments)[1:])
     assert result.exit_code == 0, result.output
     for figure in re.findall(r"\d+\.\d+%?", comment):  # the figures a comment promises
         assert figure in result.stdout, (figure, result.stdout)

@@ -10,19 +10,22 @@ import typing
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from asapcli import records
-from asapcli.cli import app
 
-runner = CliRunner()
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "json.md"
 
 
-def asap(*args, input=None):
-    result = runner.invoke(app, [str(arg) for arg in args], input=input)
-    assert result.exit_code == 0, result.output
-    return [json.loads(line) for line in result.stdout.splitlines()]
+@pytest.fixture
+def json_lines(asap):
+    """The JSON objects `asap ARGS` printed, one per line, after checking that it succeeded."""
+
+    def run(*args, input=None):
+        result = asap(*args, input=input)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    return run
 
 
 def conforms(value, kind, where="") -> None:
@@ -80,24 +83,24 @@ def test_conforms_refuses_a_missing_an_extra_and_a_mistyped_key():
             conforms(bad, records.FlopsStage)
 
 
-def test_run_json_is_answer_records(llava_path, image_file, second_image):
-    for record in asap("run", image_file, "what?", "-m", llava_path, "-k", 16, "--max-tokens", 2, "--json"):
+def test_run_json_is_answer_records(llava_path, image_file, second_image, json_lines):
+    for record in json_lines("run", image_file, "what?", "-m", llava_path, "-k", 16, "--max-tokens", 2, "--json"):
         conforms(record, records.Answer, "run")
-    batch = asap("run", image_file, second_image, "what?", "-m", llava_path, "--max-tokens", 2, "--json")
+    batch = json_lines("run", image_file, second_image, "what?", "-m", llava_path, "--max-tokens", 2, "--json")
     assert len(batch) == 2
     for record in batch:
         conforms(record, records.Answer, "run (batch)")
 
 
-def test_compare_json_is_a_compare_report(llava_path, image_file):
+def test_compare_json_is_a_compare_report(llava_path, image_file, json_lines):
     args = ["-m", llava_path, "--methods", "fastv,asap", "-k", 16, "--max-tokens", 2, "--json"]
-    (report,) = asap("compare", image_file, "what?", *args)
+    (report,) = json_lines("compare", image_file, "what?", *args)
     conforms(report, records.CompareReport, "compare")
     assert [answer["method"] for answer in report["answers"]] == ["vanilla", "fastv", "asap"]
 
 
-def test_chat_json_is_turn_and_stats_records(llava_path, image_file):
-    lines = asap("chat", image_file, "-m", llava_path, "--max-tokens", 2, "--json", input="hi\nmore\n/stats\n")
+def test_chat_json_is_turn_and_stats_records(llava_path, image_file, json_lines):
+    lines = json_lines("chat", image_file, "-m", llava_path, "--max-tokens", 2, "--json", input="hi\nmore\n/stats\n")
     *turns, stats = lines
     assert len(turns) == 2
     for record in turns:
@@ -106,18 +109,18 @@ def test_chat_json_is_turn_and_stats_records(llava_path, image_file):
     conforms(stats["stats"], records.ChatStats, "chat /stats")
 
 
-def test_profile_json_is_profile_rows(llava_path):
+def test_profile_json_is_profile_rows(llava_path, json_lines):
     fast = ["--repeats", 1, "--warmup", 0, "--decode-tokens", 2, "--batch", 2]
-    rows = asap("profile", "-m", llava_path, "--methods", "vanilla,asap", "-k", 16, "--json", *fast)
+    rows = json_lines("profile", "-m", llava_path, "--methods", "vanilla,asap", "-k", 16, "--json", *fast)
     assert len(rows) == 4
     for record in rows:
         conforms(record, records.ProfileRow, "profile")
 
 
-def test_eval_json_is_an_eval_report_and_its_log_logged_answers(tmp_path):
+def test_eval_json_is_an_eval_report_and_its_log_logged_answers(tmp_path, json_lines):
     log = tmp_path / "answers.jsonl"
     args = ["--n", 2, "--methods", "vanilla,asap", "-k", 64, "--max-tokens", 3, "--log", log]
-    (report,) = asap("eval", *args, "--attention-profile", tmp_path / "rows.png", "--json")
+    (report,) = json_lines("eval", *args, "--attention-profile", tmp_path / "rows.png", "--json")
     conforms(report, records.EvalReport, "eval")
     assert report["attention_profile"] is not None and len(report["results"]) == 2
     lines = [json.loads(line) for line in log.read_text().splitlines()]
@@ -126,19 +129,19 @@ def test_eval_json_is_an_eval_report_and_its_log_logged_answers(tmp_path):
         conforms(record, records.LoggedAnswer, "eval --log")
 
 
-def test_flops_json_is_a_flops_report(llava_path):
-    (analytic,) = asap("flops", "-m", "llava-next-7b", "--schedule", "2:960,16:480", "--json")
+def test_flops_json_is_a_flops_report(llava_path, json_lines):
+    (analytic,) = json_lines("flops", "-m", "llava-next-7b", "--schedule", "2:960,16:480", "--json")
     conforms(analytic, records.FlopsReport, "flops")
     assert analytic["measured"] is None
-    (measured,) = asap("flops", "-m", llava_path, "-k", 16, "--measure", "--json")
+    (measured,) = json_lines("flops", "-m", llava_path, "-k", 16, "--measure", "--json")
     conforms(measured, records.FlopsReport, "flops --measure")
     assert measured["measured"] is not None
 
 
-def test_env_json_is_an_environment_record_of_this_process():
+def test_env_json_is_an_environment_record_of_this_process(json_lines):
     import torch
 
-    (found,) = asap("env", "--json")
+    (found,) = json_lines("env", "--json")
     conforms(found, records.Environment, "env")
     assert (found["torch"], found["threads"]) == (torch.__version__, torch.get_num_threads())
     assert found["device"] == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,8 +1,9 @@
-"""`asap --help` and arithmetic on a preset start in a blink: they never import torch,
+"""`asap --help`, arithmetic on a preset and a usage error start and end in a blink: they never import torch,
 transformers or the image libraries (5-6 s of CPU on a small machine before this was so)."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +43,41 @@ def test_the_command_imports_no_heavy_library(arguments):
     lines = dict(line.split(" ", 1) for line in result.stderr.splitlines() if line.startswith(("EXIT", "HEAVY")))
     assert lines["HEAVY"] == "[]", result.stderr
     assert lines["EXIT"] in ("0", "None"), result.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["run", "examples/car.png", "hi", "--method", "fastvv"], "'fastvv' is not one of vanilla, fastv,"),
+        (["run", "examples/car.png", "hi", "--dtype", "fp16"], "'fp16' is not one of auto, bfloat16"),
+        (["run", "examples/car.png", "hi", "--device", "gpu"], "'gpu' is not one of auto, cpu, cuda"),
+        (["run", "examples/car.png", "hi", "-k", "0"], "k needs a whole number of at least 1, got '0'"),
+        (["run", "examples/car.png", "hi", "--positions", "renum"], "did you mean 'renumber'?"),
+        (["profile", "--k", "0"], "k needs a whole number of at least 1, got '0'"),
+        (["profile", "--format", "mardown"], "did you mean 'markdown'?"),
+        (["eval", "--methods", "vanilla,fastvv"], "'fastvv' is not one of vanilla, fastv,"),
+        (["compare", "examples/car.png", "hi", "--methods", "asap,divprun"], "did you mean 'divprune'?"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_a_usage_error_is_refused_as_the_command_line_is_read(arguments, message):
+    """Before: each waited for torch and transformers to import (5-17 s) and suggested nothing."""
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(arguments=arguments, heavy=HEAVY)],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    lines = dict(line.split(" ", 1) for line in result.stderr.splitlines() if line.startswith(("EXIT", "HEAVY")))
+    assert lines["EXIT"] == "2" and message in result.stderr, result.stderr
+    assert lines["HEAVY"] == "[]", result.stderr
+
+
+def test_a_choice_completes_in_the_shell():
+    from typer.testing import CliRunner
+
+    from asapcli.cli import app
+
+    environment = {"_ASAP_COMPLETE": "complete_bash", "COMP_WORDS": "asap run --method div", "COMP_CWORD": "3"}
+    result = CliRunner().invoke(app, [], env=environment, prog_name="asap")
+    assert result.stdout.split() == ["divprune"]
+    environment["COMP_WORDS"], environment["COMP_CWORD"] = "asap eval --methods vanilla,fa", "3"
+    assert CliRunner().invoke(app, [], env=environment, prog_name="asap").stdout.split() == ["vanilla,fastv"]

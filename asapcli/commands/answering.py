@@ -78,6 +78,7 @@ def answer(
     loaded: Loaded,
     settings: PruneSettings,
     samples: Samples,
+    *,
     max_tokens: int = 128,
     temperature: float = 0.0,
     seed: int = 0,

@@ -31,11 +31,12 @@ if TYPE_CHECKING:
 HELP = """Commands:
   /image PATH   add an image to your next message (pruned to k tokens in its own prefill)
   /drop         forget the images queued for your next message
+  /forget       forget the oldest image and the turns up to it (room in the model's context)
   /k N          visual tokens kept per image, from the next image on
   /stats        tokens cached per layer, KV-cache size, FLOPs saved so far, last speeds
   /reset        forget the conversation, its images and the cache (alias /clear)
   /help         this list
-  /exit         leave (Ctrl-D too); Ctrl-C stops an answer and keeps the session"""
+  /exit         leave (alias /quit; Ctrl-D too); Ctrl-C stops an answer and keeps the session"""
 
 
 @options.command
@@ -162,6 +163,8 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
     display.write("\n")
     if turn.result.stopped:
         display.note("(stopped)")
+    elif not interactive and turn.result.ended != "end":  # piped: the summary below is not shown
+        display.note(f"(answer{display.cut(turn.result).removeprefix('; answer')})")
     if interactive:
         result = turn.result
         line = display.summary(session.settings, result)
@@ -183,6 +186,9 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
     elif name == "/drop":
         dropped = session.drop_pending()
         display.note(f"Dropped {', '.join(dropped)}." if dropped else "No image was queued.")
+    elif name == "/forget":
+        forgotten = session.forget_oldest_image()
+        display.note(f"Forgot the oldest image and {forgotten} messages." if forgotten else "No image to forget.")
     elif name in ("/reset", "/clear"):
         session.reset()
         display.note("Conversation, images and cache cleared.")

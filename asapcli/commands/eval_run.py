@@ -85,8 +85,9 @@ class EvalRun:
             step = tasks("Answers", len(items) * len(runs))  # questions x runs: what the count counts
             suffix = evaluation.default_prompt_suffix(loaded) if prompt_suffix is None else prompt_suffix
             evaluation.evaluate(
-                loaded, items, runs, max_tokens, batch, step, scores=scores, on_answer=on_answer, prompt_suffix=suffix
-            )
+                loaded, items, runs, max_tokens=max_tokens, batch_size=batch, on_step=step, scores=scores,
+                on_answer=on_answer, prompt_suffix=suffix,
+            )  # fmt: skip
             if self.attention_profile is not None:
                 attention = self._attention(loaded, grid, tasks("Attention profile", 2 * len(items)))
         except KeyboardInterrupt:  # Ctrl-C: what was answered, marked partial
@@ -111,7 +112,9 @@ class EvalRun:
     def _attention(self, loaded: Loaded, grid: MethodGrid, step: Callable[[], None]) -> PatchAttention:
         """The attention profile at the grid's L, with its --lambda-max and --score-queries."""
         lambda_max, queries = grid.options.get("lambda_max"), grid.options.get("score_queries")
-        return evaluation.patch_attention(loaded, self.items, grid.layer, lambda_max, queries, on_step=step)
+        return evaluation.patch_attention(
+            loaded, self.items, layer=grid.layer, lambda_max=lambda_max, queries=queries, on_step=step
+        )
 
     def write_files(self, outcome: Outcome) -> Iterator[Path]:
         """The output files, each yielded once written (--log's was written as answers came)."""

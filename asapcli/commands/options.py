@@ -5,22 +5,84 @@ group into Typer options and hands the command the group back. An option whose h
 command (--json says what it prints) is declared once as a function of that help."""
 
 import dataclasses
+import difflib
 import functools
 import inspect
 import math
+import re
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ..engine import DEFAULT_METHOD, HYPERPARAMETERS, METHODS
 from ..engine.methods import DEFAULT_COMPARISON, DEFAULT_EVALUATION, DEFAULT_SIDE_BY_SIDE
-from ..engine.settings import MethodGrid, PruneSettings, budget_and_layer
+from ..engine.settings import SEEDS, MethodGrid, PruneSettings, budget_and_layer
 from ..errors import UsageError, whole_number
 from ..report import display
-from ..runtime.presets import Preset, find_preset
+from ..runtime.presets import Preset, find_preset, preset_names
 
 if TYPE_CHECKING:
     from ..runtime.loading import Loaded
+
+
+def _choice(values: tuple[str, ...], pattern: str | None = None) -> dict:
+    """typer.Option keywords that check a value against `values` (or the regular expression
+    `pattern`) as the command line is parsed, before anything heavy is imported, with the closest
+    value as a suggestion, and complete it in the shell."""
+
+    def parse(text: str) -> str:
+        if text in values or (pattern is not None and re.fullmatch(pattern, text)):
+            return text
+        close = difflib.get_close_matches(text, values, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise typer.BadParameter(f"{text!r} is not one of {', '.join(values)}{hint}")
+
+    return {"parser": parse, "autocompletion": lambda incomplete: [v for v in values if v.startswith(incomplete)]}
+
+
+def _choices(values: tuple[str, ...], what: str) -> dict:
+    """_choice for a comma-separated list of `values` (--methods)."""
+    single = _choice(values)["parser"]
+
+    def parse(text: str) -> str:
+        for item in (item.strip() for item in text.split(",") if item.strip()):
+            try:
+                single(item)
+            except typer.BadParameter as error:
+                raise typer.BadParameter(str(error)) from None
+        return text
+
+    def complete(incomplete: str) -> list[str]:
+        done, _, last = incomplete.rpartition(",")
+        return [f"{done},{v}" if done else v for v in values if v.startswith(last)]
+
+    return {"parser": parse, "autocompletion": complete}
+
+
+def _budgets(text: str) -> str:
+    """-k as a comma-separated list of whole numbers of at least 1, checked as it is parsed."""
+    try:
+        budget_list(text)
+    except UsageError as error:
+        raise typer.BadParameter(str(error)) from None
+    return text
+
+
+def _budget(text: str) -> int:
+    """One -k, a whole number of at least 1, checked as it is parsed."""
+    try:
+        return whole_number(text, "k")
+    except UsageError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def _seed(value: int) -> int:
+    if not 0 <= value < SEEDS:
+        raise typer.BadParameter(f"{value} is not a seed: a whole number from 0 to {SEEDS - 1}")
+    return value
+
+
+DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")  # runtime.loading.DTYPES, without importing torch
 
 DEFAULT_MODEL = "demo"  # bundled with the package: every command runs offline on a fresh machine
 # --methods unless told: profile's, eval's, compare's (the registry's choices, as the option spells them)
@@ -35,12 +97,20 @@ Model = Annotated[
         "--model",
         metavar="NAME|FOLDER|HUB_ID",
         help="A preset name (see profiles/), a local model folder or a hub id. Default: demo, the bundled model.",
+        autocompletion=lambda incomplete: [name for name in preset_names() if name.startswith(incomplete)],
     ),
 ]
-Method = Annotated[str, typer.Option("--method", metavar="{" + "|".join(METHODS) + "}", help="The pruning method.")]
+Method = Annotated[
+    str,
+    typer.Option(
+        "--method", metavar="{" + "|".join(METHODS) + "}", help="The pruning method.", **_choice(tuple(METHODS))
+    ),
+]
 K = Annotated[
     int | None,
-    typer.Option("-k", "--k", metavar="N", help="Visual tokens kept per image. Default: the preset's, else 128."),
+    typer.Option(
+        "-k", "--k", metavar="N", help="Visual tokens kept per image. Default: the preset's, else 128.", parser=_budget
+    ),
 ]
 Layer = Annotated[
     int | None,
@@ -50,7 +120,15 @@ Layer = Annotated[
         help="Prune after layer L-1: layers 0..L-1 see every token. Default: the preset's, else 2.",
     ),
 ]
-Device = Annotated[str, typer.Option("--device", metavar="{auto|cpu|cuda|cuda:N}", help="Where the model runs.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        metavar="{auto|cpu|cuda|cuda:N}",
+        help="Where the model runs.",
+        **_choice(("auto", "cpu", "cuda"), pattern=r"cuda:\d+"),
+    ),
+]
 DeviceMap = Annotated[
     str | None,
     typer.Option(
@@ -66,6 +144,7 @@ Dtype = Annotated[
         "--dtype",
         metavar="{auto|bfloat16|float16|float32}",
         help="Precision of the weights; auto: bfloat16 on GPU, float32 on CPU.",
+        **_choice(DTYPE_NAMES),
     ),
 ]
 RandomWeights = Annotated[
@@ -106,9 +185,8 @@ Temperature = Annotated[
     float,
     typer.Option("--temperature", min=0.0, callback=_finite, metavar="T", help="Sampling temperature; 0 is greedy."),
 ]
-# torch seeds take 64 bits, and the random method multiplies the seed by a million: 32 bits fit.
 Seed = Annotated[
-    int, typer.Option("--seed", min=0, max=2**32 - 1, metavar="N", help="Seed for sampling and for the random method.")
+    int, typer.Option("--seed", callback=_seed, metavar="N", help="Seed for sampling and for the random method.")
 ]
 
 
@@ -123,6 +201,7 @@ Format = Annotated[
     typer.Option(
         "--format",
         metavar="{table|json|csv|markdown|latex}",
+        **_choice(display.FORMATS),
         help="table (default), json (as --json), or csv, markdown, latex: one row per result, for a spreadsheet "
         "or a paper.",
     ),
@@ -145,12 +224,16 @@ Budgets = Annotated[
         "--k",
         metavar="N,...",
         help="Comma-separated budgets (visual tokens kept per image). Default: the preset's, else 128.",
+        parser=_budgets,
     ),
 ]
 Methods = Annotated[
     str,
     typer.Option(
-        "--methods", metavar="METHOD,...", help=f"Comma-separated methods to compare, from {', '.join(METHODS)}."
+        "--methods",
+        metavar="METHOD,...",
+        help=f"Comma-separated methods to compare, from {', '.join(METHODS)}.",
+        **_choices(tuple(METHODS), "--methods"),
     ),
 ]
 Threads = Annotated[
@@ -229,10 +312,12 @@ def _method_option(name: str) -> tuple:
     takers = [method for method, cls in METHODS.items() if name in cls.hyperparameters()]
     defaults = {str(_field_default(METHODS[method], name)) for method in takers}
     metavar = "{" + "|".join(hyperparameter.choices) + "}" if hyperparameter.choices else "X"
+    checked = _choice(hyperparameter.choices) if hyperparameter.choices else {}
     option = typer.Option(
         hyperparameter.flag,
         metavar=metavar,
         help=f"{', '.join(takers)}: {hyperparameter.help} Default: {', '.join(sorted(defaults))}.",
+        **checked,
     )
     return (name, Annotated[hyperparameter.type | None, option], dataclasses.field(default=None, kw_only=True))
 

@@ -56,8 +56,9 @@ def profile(
     with display.status(f"Measuring {len(runs)} runs") as spinner:
         step = None if spinner is None else lambda message: spinner.update(f"Measuring: {message}")
         rows = profiling.profile(
-            loaded, where.model, prompt, picture, runs, batch, repeats, warmup, decode_tokens, step
-        )
+            loaded, model=where.model, prompt=prompt, picture=picture, settings=runs, batch=batch,
+            repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, on_step=step,
+        )  # fmt: skip
 
     if output == "json":
         for row in rows:

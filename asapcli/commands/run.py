@@ -47,6 +47,7 @@ def run(
 
     Several images (or prompts) run as one padded batch: each sample keeps its own k tokens.
     """
+    settings = pruning.settings(where.preset, sampling.seed)  # made and checked before anything heavy
     # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
     from ..report import figures
     from . import answering
@@ -56,8 +57,6 @@ def run(
         if len(samples.pairs) > 1:
             raise UsageError("--save-kept draws one image; run one sample to use it")
         figures.check_figure_writable(save_kept, inputs=[path for path, _ in samples.pairs])
-    settings = pruning.settings(where.preset, sampling.seed)  # made and checked before the long load
-
     loaded = where.load()
     settings = settings.for_model(loaded.num_layers)
     several = len(samples.pairs) > 1

@@ -18,6 +18,7 @@ from . import PrunedDecoder, PruningPlan, UnsupportedModel, image_spans, install
 from .plans import make_plan, token_counts, visual_steps
 from .schedule import visual_flops
 from .settings import PruneSettings
+from .vision import VisionTap, tap_for
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,10 @@ class PruningReport:
 class Pruning:
     """What the block pruned: the plan of every prefill that brought images."""
 
-    def __init__(self, model: PreTrainedModel, settings: PruneSettings):
+    def __init__(self, model: PreTrainedModel, settings: PruneSettings, tap: VisionTap | None = None):
         self.model = model
         self.settings = settings
+        self.tap = tap  # what the vision tower saw, for a method that reads it
         self.prefills: list[tuple[list[PruningPlan], list[int]]] = []  # plans and each row's padding
 
     def plans_for(self, input_ids: torch.Tensor, cached: int, padding: list[int]) -> list[PruningPlan]:
@@ -68,7 +70,22 @@ class Pruning:
         ]
         if any(plan.spans for plan in plans):
             self.prefills.append((plans, padding))
+        if self.tap is not None:
+            self._attach_vision(plans)
         return plans
+
+    def _attach_vision(self, plans: list[PruningPlan]) -> None:
+        """Each plan's spans read the vision tower's cues of their own image: the call's images,
+        in the order the model places their features (row by row, left to right), are the last
+        ones the tower saw when the decoder runs (generate() may run the tower before the call,
+        the call itself after this), so older cues are let go and the newest looked up."""
+        count = sum(len(plan.spans) for plan in plans)
+        self.tap.keep_last(count)
+        first = 0
+        for plan in plans:
+            index = {start: first + n for n, (start, _) in enumerate(plan.spans)}
+            plan.vision = lambda start, index=index: self.tap.newest(count)[index[start]]
+            first += len(plan.spans)
 
     def plans_for_call(self, args: tuple, kwargs: dict) -> list[PruningPlan] | None:
         """The plans of one forward call of the model, from its own arguments; None for a call
@@ -150,14 +167,17 @@ def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruni
     if model in _OPEN:
         raise UsageError("this model is inside an asapcli.pruned block already; blocks do not nest")
     was_installed = isinstance(model.get_decoder(), PrunedDecoder)
+    tap = tap_for(model, settings.method.name) if settings.method.reads_vision else None
     decoder = install(model)
-    pruning = Pruning(model, settings)
+    pruning = Pruning(model, settings, tap)
 
     def before_forward(module, args, kwargs):
         decoder.prune_next(pruning.plans_for_call(args, kwargs))
 
     _OPEN.add(model)
     try:
+        if tap is not None:
+            tap.install()
         with decoder.pruning(None):
             hook = model.register_forward_pre_hook(before_forward, with_kwargs=True)
             try:
@@ -166,5 +186,7 @@ def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruni
                 hook.remove()
     finally:
         _OPEN.discard(model)
+        if tap is not None:
+            tap.remove()
         if not was_installed:
             uninstall(model)

@@ -34,7 +34,7 @@ and the batch padding, kept for the decoding steps of the same call.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -106,6 +106,7 @@ class PruningPlan:
     score_only: bool = False  # score every span at its first step as the method would, prune none
     renumber: bool = False  # kept tokens take positions 0..M-1 (a shorter prompt) instead of their own
     num_layers: int | None = None  # the model's decoder layers, where a multi-stage schedule needs them
+    vision: Callable[[int], object] | None = None  # a span's start -> what the vision tower gave for its image
 
     @property
     def pruned(self) -> list[SpanRecord]:
@@ -251,6 +252,7 @@ class PrunePass:
             importance=_first(scores.importance),
             mass=_first(scores.mass),
             saliency=_first(scores.saliency),
+            vision=self._vision(item, chunk_start),
         )
         selection = self.method.select(view, item.steps[layer])
         kept = selection.kept + item.now.start
@@ -262,6 +264,11 @@ class PrunePass:
         item.roles, item.merged = selection.token_roles(), item.merged + selection.merged
         item.stages.append((layer, item.index + item.start + chunk_start))
         return int(kept[0])
+
+    def _vision(self, item: _Span, chunk_start: int):
+        """What the vision tower gave for the span's image, where the plan can tell."""
+        vision = self.plans[item.row].vision
+        return vision(item.start + chunk_start) if vision is not None else None
 
     def _moved(self, kept_index: torch.Tensor, keep: torch.Tensor, firsts: list[int]) -> None:
         """Where each span's tokens are after a step (`firsts`: where its first token that went on

@@ -184,3 +184,30 @@ def pooled_cells(side: int, cells: int) -> list[list[int]]:
         for top, bottom in bounds
         for left, right in bounds
     ]
+
+
+def most_attended(attention: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `count` patches the [CLS] token attends to most, and the rest, both in rank order:
+    `attention` (heads, n) is averaged over heads (in its dtype) and ranked by a descending argsort
+    (ties as torch's sort leaves them)."""
+    scores = attention.mean(dim=0) if attention.dim() == 2 else attention
+    ranked = scores[None].argsort(dim=-1, descending=True)[0]
+    return ranked[:count], ranked[count:]
+
+
+def without_duplicates(features: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` of the `candidates` (indices into `features` (n, c)) left by rounds of duplicate
+    removal: the candidates at even places are matched with those at odd places by the cosine of
+    their features, and the (at most 8) evens whose best match is closest are dropped, until
+    `count` remain. The survivors come in the order of the rounds (evens by ascending best match,
+    then the odds); an odd number of candidates keeps every even that is not dropped."""
+    unit = features / features.norm(dim=-1, keepdim=True)
+    while count > 0:
+        drop = min(8, candidates.numel() - count)
+        if drop <= 0:
+            break
+        tokens = unit[candidates][None]  # a leading batch of one, strided halves: the authors' rounding
+        best_match = (tokens[:, 0::2] @ tokens[:, 1::2].transpose(-1, -2)).amax(dim=-1)
+        distinct = best_match.argsort(dim=-1, descending=True)[0, drop:]
+        candidates = torch.cat([candidates[0::2][distinct], candidates[1::2]])
+    return candidates if count > 0 else candidates[:0]

@@ -39,8 +39,9 @@ class PruneSettings:
         self, method: str = DEFAULT_METHOD, k: int = DEFAULT_K, layer: int = DEFAULT_LAYER, seed: int = 0, **options
     ):
         unknown = sorted(set(options) - set(HYPERPARAMETERS))
-        if unknown:
-            raise TypeError(f"PruneSettings got unknown hyperparameters {', '.join(unknown)}")
+        if unknown:  # asapcli.pruned(model, lamda_max=...): a UsageError, as the docstring promises
+            takes = ", ".join(HYPERPARAMETERS)
+            raise UsageError(f"unknown option {', '.join(unknown)}; the methods' options are {takes}")
         (cls,) = method_classes([method])
         check_numbers(k=k, layer=layer, seed=seed)
         check_layer(layer, [cls])
@@ -188,6 +189,12 @@ def check_numbers(**numbers) -> None:
             raise UsageError(f"{name} must be a whole number, got {value!r}")
     if "k" in numbers and numbers["k"] < 1:
         raise UsageError(f"k must be at least 1, got {numbers['k']}")
+    if "seed" in numbers and not 0 <= numbers["seed"] < SEEDS:
+        raise UsageError(f"seed must be a whole number from 0 to {SEEDS - 1}, got {numbers['seed']}")
+
+
+# torch seeds take 64 bits, and the random method multiplies the seed by a million: 32 bits fit.
+SEEDS = 2**32
 
 
 def check_layer(layer: int, methods: Sequence[type[PruningMethod]]) -> None:

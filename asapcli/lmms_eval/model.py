@@ -48,7 +48,7 @@ class Asap(lmms):
             if device == "auto" and args.device_map is None and torch.cuda.is_available():
                 device = f"cuda:{self.accelerator.local_process_index}"
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        self.loaded = load(args.pretrained, device, args.dtype, args.device_map)
+        self.loaded = load(args.pretrained, device=device, dtype=args.dtype, device_map=args.device_map)
         self.prune = args.settings(self.loaded)
         logger.info(f"asap: {args.pretrained} on {self.loaded.device}, {self.prune}")
 

@@ -226,6 +226,7 @@ def evaluate(
     loaded: Loaded,
     items: list[Item],
     settings: list[PruneSettings],
+    *,
     max_tokens: int = 10,
     batch_size: int = 1,
     on_step: Callable[[], None] | None = None,
@@ -304,6 +305,7 @@ class PatchAttention:
 def patch_attention(
     loaded: Loaded,
     items: list[Item],
+    *,
     layer: int,
     lambda_max: float | None = None,
     queries: str | None = None,

@@ -28,8 +28,9 @@ from ..engine import PruningMethod, schedule
 from ..engine.block import pruned_as
 from ..engine.plans import token_counts
 from ..engine.settings import MethodGrid, PruneSettings
+from ..errors import AsapError
 from ..records import ProfileRow
-from ..runtime.generation import kv_cache_bytes, to_device
+from ..runtime.generation import context_length, kv_cache_bytes, to_device
 from ..runtime.inputs import build_batch_inputs
 from ..runtime.loading import Loaded
 from ..runtime.presets import built_from_numbers
@@ -138,6 +139,7 @@ def measure(
     loaded: Loaded,
     batches: list[BatchFeature],
     runs: list[PruneSettings],
+    *,
     repeats: int = 5,
     warmup: int = 1,
     decode_tokens: int = 16,
@@ -205,8 +207,21 @@ def runs(grid: MethodGrid, num_layers: int) -> list[PruneSettings]:
     return [settings.for_model(num_layers) for settings in grouped]
 
 
+def _check_fits(loaded: Loaded, prompt_tokens: int, decode_tokens: int) -> None:
+    """The prompt and the decoded tokens fit the model's context: past it a model answers noise, and
+    the figures measured there would be of positions it was never built for."""
+    limit = context_length(loaded)
+    if prompt_tokens + decode_tokens > limit:
+        raise AsapError(
+            f"the prompt is {prompt_tokens} tokens (image tokens included) and --decode-tokens asks for "
+            f"{decode_tokens} more: the model's context holds {limit}; shorten the prompt or decode at most "
+            f"{max(limit - prompt_tokens, 0)}"
+        )
+
+
 def profile(
     loaded: Loaded,
+    *,
     model: str,
     prompt: str,
     picture: Image.Image,
@@ -220,7 +235,10 @@ def profile(
     """`asap profile`: the sample prefilled under every settings, at batch 1 and at `batch`
     (copies of it), measured side by side (see measure()); a record per run and batch size."""
     batches = [build_batch_inputs(loaded.processor, [(prompt, picture)] * size) for size in sorted({1, batch})]
-    results = measure(loaded, batches, settings, repeats, warmup, decode_tokens, on_step)
+    _check_fits(loaded, int(batches[0]["input_ids"].shape[1]), decode_tokens)
+    results = measure(
+        loaded, batches, settings, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, on_step=on_step
+    )
     context = conditions(loaded, settings[0].layer, int(batches[0]["input_ids"].shape[1]), repeats, warmup)
     return [ProfileRow(model=model, **context, **_figures(result, results)) for result in results]
 

@@ -537,6 +537,8 @@ def draw_attention(view: AttentionView) -> Figure:
 def figure_format(path: Path) -> str:
     """The file format a figure's suffix names (never PNG bytes in a .pdf)."""
     format_ = FORMATS.get(Path(path).suffix.lower())
+    if format_ is None and Path(path).name.lower() in FORMATS:  # ".png": a hidden file with no suffix
+        raise UsageError(f"{path} names a format but no file: give it a name, e.g. kept{Path(path).name}")
     if format_ is None:
         raise UsageError(f"cannot tell which format {path} should be: name it .png, .svg, .pdf, .jpg or .webp")
     return format_

@@ -96,6 +96,23 @@ class ChatSession:
         names, self.pending = [name for name, _ in self.pending], []
         return names
 
+    def has_image_turn(self) -> bool:
+        return any(_images_in(message) for message in self.messages)
+
+    def forget_oldest_image(self) -> int:
+        """Forget the dialogue up to and including the oldest turn that brought an image (the image
+        and the answer to it), to make room in the model's context; the next turn prefills what is
+        left afresh. The number of messages forgotten; 0 where no turn brought an image."""
+        first = next((i for i, message in enumerate(self.messages) if _images_in(message)), None)
+        if first is None:
+            return 0
+        cut = first + 2  # the user's message and the answer to it
+        forgotten = sum(_images_in(message) for message in self.messages[:cut])
+        self.messages, self.images = self.messages[cut:], self.images[forgotten:]
+        self.cache = DynamicCache(config=self.loaded.model.config.get_text_config())
+        self.seen = []
+        return cut
+
     def set_k(self, k: int) -> None:
         """The budget for images from the next message on."""
         self.settings = self.settings.with_budget(k)
@@ -116,9 +133,11 @@ class ChatSession:
         ids = features["input_ids"][0]
         if ids.numel() >= context_length(self.loaded):
             queued = f" and the {len(new_images)} queued image(s) (/drop forgets them)" if new_images else ""
+            forget = " /forget drops the oldest image and the turns up to it," if self.has_image_turn() else ""
             raise AsapError(
                 f"the dialogue no longer fits the model's context ({ids.numel()} tokens with this message{queued}, "
-                f"{context_length(self.loaded)} at most): /reset starts a new one"
+                f"{context_length(self.loaded)} at most; pruning does not shorten it, kept tokens keep their "
+                f"positions):{forget} /reset starts a new one"
             )
         # A turn that fails anywhere leaves the session as it found it: the cache's tensors are
         # never changed in place (crop slices, update concatenates), so keeping them is enough.
@@ -222,3 +241,8 @@ def _with_images_from(features: BatchFeature, first: int) -> BatchFeature:
         if key in features and features[key].shape[0] > first:
             kept[key] = features[key][first:]
     return kept
+
+
+def _images_in(message: dict) -> int:
+    content = message["content"]
+    return sum(part.get("type") == "image" for part in content) if isinstance(content, list) else 0

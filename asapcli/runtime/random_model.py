@@ -230,6 +230,7 @@ FAMILIES = {
 def build_from_config(
     table: dict,
     images: dict | None = None,
+    *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     layers: int | None = None,

@@ -16,9 +16,10 @@ from .pdrop import PyramidDrop
 from .pool import POOLED, Pool
 from .random import Random
 from .vanilla import Vanilla
+from .vispruner import DIVERSE, VisPruner
 
 METHODS: dict[str, type[PruningMethod]] = {
-    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, PyramidDrop)
+    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, VisPruner, PyramidDrop)
 }
 DEFAULT_METHOD = Asap.name  # what run, chat, flops and the API prune with unless told
 REFERENCE = Vanilla.name  # the unpruned run every other is measured against (compare's first column)
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_EVALUATION",
     "DEFAULT_METHOD",
     "DEFAULT_SIDE_BY_SIDE",
+    "DIVERSE",
     "HYPERPARAMETERS",
     "KEPT",
     "METHODS",

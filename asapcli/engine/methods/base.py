@@ -17,7 +17,9 @@ class SpanView:
     not counted). hidden (n, d) is that layer's output for the span's tokens. The scores are present only when
     the method asked for them: importance (n,) is the attention each token received from the
     method's query rows; mass (n,) is the raw attention mass s (Eq. 2) and saliency (n,) its
-    min-max normalisation s_hat (Eq. 3).
+    min-max normalisation s_hat (Eq. 3). vision is what the vision tower gave for the span's image
+    (engine/vision.py's VisionCues: its [CLS] attention and pre-projector patch features), present
+    only for a method that declares `reads_vision`, inside a block.
     """
 
     start: int
@@ -25,6 +27,7 @@ class SpanView:
     importance: torch.Tensor | None = None
     mass: torch.Tensor | None = None
     saliency: torch.Tensor | None = None
+    vision: object | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ class PruningMethod:
     - `continues_cache`: whether a later call can continue a KV cache it pruned (asap chat); a
       method that shortens layer 0's cache cannot.
     - `roles`: the roles its selections give, in the legend's order, with their labels.
+    - `reads_vision`: it ranks tokens by what the vision tower saw ([CLS] attention, patch
+      features at the feature layer): the block taps the tower for it (engine/vision.py).
     - `stage_scores`: rank each stage's spans by the attention that the stage's own first layer
       would pay them from the last token, computed over the tokens entering it (its own norm,
       q/k projections and rotary; PyramidDrop), instead of recording layer L-1's attention.
@@ -126,6 +131,7 @@ class PruningMethod:
     continues_cache: ClassVar[bool] = True
     roles: ClassVar[tuple[Role, ...]] = (BY_SCORE,)
     paired_with: ClassVar[str | None] = None
+    reads_vision: ClassVar[bool] = False
     stage_scores: ClassVar[bool] = False
     score_queries: str | None = None
     score: str = "attention"

@@ -97,10 +97,18 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
             choices=SCORES,
         ),
         Hyperparameter(
+            "important_ratio",
+            float,
+            "VisPruner's share of the budget kept for the [CLS] token's attention, in [0, 1] (default 0.5); "
+            "the rest is kept for diversity.",
+            valid=_finite_in(0, 1, low_open=False),
+            rule="must be in [0, 1]",
+        ),
+        Hyperparameter(
             "positions",
             str,
             "kept tokens keep their own position ids (original, default) or are numbered 0..M-1 as a shorter "
-            "prompt (renumber: official DivPrune's and PyramidDrop's pipelines).",
+            "prompt (renumber: official DivPrune's, VisPruner's and PyramidDrop's pipelines).",
             choices=POSITIONS,
             refusal="--positions {value} is for methods that shorten the sequence they feed on ({takers}); "
             "{method} keeps original positions",
