@@ -46,6 +46,7 @@ TESTS = [
     "tests/test_run_glob_and_stream.py",
     "tests/test_eval_budgets_and_partial.py",
     "tests/test_lmms_eval.py",
+    "tests/test_pdrop.py",
 ]
 
 
@@ -73,6 +74,10 @@ RANDOM, BLOCK, INPUTS, CHAT, STREAMING, EVAL_RUN, OPTIONS, HYPERPARAMETERS_FILE 
     "asapcli/commands/eval_run.py",
     "asapcli/commands/options.py",
     "asapcli/engine/methods/hyperparameters.py",
+)
+PDROP, PLANS = (
+    "asapcli/engine/methods/pdrop.py",
+    "asapcli/engine/plans.py",
 )
 MUTANTS = [
     # The six that survived the review of issue 16.
@@ -135,9 +140,11 @@ MUTANTS = [
         ("if self.key != key:", "if self.key is None or self.key[::2] != key[::2]:"),
     )),
     Mutant("a span the budget does not shrink gets SG-BiMask", DECODER, (
-        ("and (plan.score_only or plan.shrinks(start, end))", ""),
-        ("        if self.plans[row].score_only:\n",
-         "        if self.plans[row].score_only or self.k >= span.stop - span.start:\n"),
+        ("else dict(plan.steps(start, end))", "else dict(plan.steps(start, end) or [(plan.layer, None)])"),
+        ("        if self.plans[item.row].score_only:\n            return item.now.start",
+         "        if self.plans[item.row].score_only or item.steps[layer] is None:\n            return item.now.start"),
+        ("        if self.plans[item.row].score_only:\n            return SpanRecord(",
+         "        if self.plans[item.row].score_only or not item.stages:\n            return SpanRecord("),
     )),
     Mutant("kept tokens renumbered after layer L", DECODER, (
         ("        call.rope_positions = _gather_positions(call.rope_positions, keep)\n",
@@ -145,7 +152,7 @@ MUTANTS = [
           "        call.rope_positions = call.rope_positions.sort(dim=-1).indices\n")),
     )),
     Mutant("renumbered decoding steps not shifted", DECODER, (
-        ("return position_ids - self.position_shift[:, None]", "return position_ids"),
+        ("return position_ids if shift is None else position_ids - shift[:, None]", "return position_ids"),
     )),
     # Issue 27: twelve that survived an independent pass, each changing what a user gets.
     Mutant("pruning state kept into the next sequence of a block", DECODER, (
@@ -169,7 +176,7 @@ MUTANTS = [
         ("matches = sorted(glob.glob(os.path.expanduser(text)))", "matches = glob.glob(os.path.expanduser(text))"),
     ), ("tests/test_run_glob_and_stream.py::test_a_glob_pairs_its_files_in_sorted_order_with_the_prompts",)),
     Mutant("chat's pruned TFLOPs replaced, not added, each image turn", CHAT, (
-        ("        self.tflops_pruned += schedule.token_flops(", "        self.tflops_pruned = schedule.token_flops("),
+        ("        self.tflops_pruned += schedule.visual_flops(", "        self.tflops_pruned = schedule.visual_flops("),
     ), ("tests/test_chat_stats.py::test_stats_add_up_the_flops_of_every_image_turn",)),
     Mutant("chat's /reset keeps the queued images", CHAT, (
         ("        self.pending: list[tuple[str, Image.Image]] = []\n",
@@ -208,6 +215,33 @@ MUTANTS = [
     Mutant("the tap reads the [CLS] row without layer_norm1", VISION, (
         ("normed = layer.layer_norm1(hidden)", "normed = hidden"),
     ), ("tests/test_vispruner.py",)),
+    # Issue 26: PyramidDrop and the multi-stage engine.
+    Mutant("pdrop's stage layers one layer late", PDROP, (
+        ("layers = [max(1, stage * depth // STAGES) for stage in range(1, STAGES)]",
+         "layers = [max(1, stage * depth // STAGES + 1) for stage in range(1, STAGES)]"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("pdrop's ties broken by the lower index, not as torch.topk", PDROP, (
+        ("kept = ops.top_k(span.importance, k)", "kept = ops.visit_order(span.importance)[:k].sort().values"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("a stage ranked by the last but one token's query", ATTENTION, (
+        ("torch.matmul(query[:, :, -1:], keys.transpose(2, 3))", "torch.matmul(query[:, :, -2:-1], keys.transpose(2, 3))"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("a stage ranked without the layer's input norm", ATTENTION, (
+        ("    normed = layer.input_layernorm(hidden)\n", "    normed = hidden\n"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("pdrop's stage s keeps lambda^(s+1)", PDROP, (
+        ("count = max(1, int(tokens * ratio**stage))", "count = max(1, int(tokens * ratio ** (stage + 1)))"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("pdrop's budget averaged over one layer too few", PDROP, (
+        ("for s in range(len(bounds) - 1)) / depth", "for s in range(len(bounds) - 1)) / (depth - 1)"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("later stages' decoding steps not renumbered", DECODER, (
+        ("elif index and index in call.shifts:", "elif False:"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant("Eq. 7 counts the first step of a schedule only", PLANS, (
+        ("return [(layer, sum(_left(start, end, steps, layer) for start, end, steps in spans)) for layer in layers]",
+         "return [(layer, sum(_left(start, end, steps, layer) for start, end, steps in spans)) for layer in layers[:1]]"),
+    ), ("tests/test_pdrop.py",)),
 ]  # fmt: skip
 
 

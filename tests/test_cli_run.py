@@ -193,7 +193,7 @@ def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path,
     result = asap("run", image_file, "what?", "-m", llava_path, "--method", "fastv", "--positions", "renumber")
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        "Error: --positions renumber is for methods that prune before the language model (divprune, pool, vispruner); "
+        "Error: --positions renumber is for methods that shorten the sequence they feed on (divprune, pool, vispruner, pdrop); "
         "fastv keeps original positions"
     )
     args = ["run", image_file, "what?", "-m", llava_path, "--method", "divprune", "-k", 8, "--json"]
@@ -203,7 +203,7 @@ def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path,
     result = asap("eval", "--n", 4, "--methods", "fastv,divprune", "-k", 64, "--positions", "renumber", "--json")
     assert result.exit_code == 0, result.output  # renumbers divprune, leaves fastv as it is
     result = asap("eval", "--n", 4, "--methods", "fastv,asap", "--positions", "renumber")
-    assert result.exit_code == 2 and "for methods that prune before the language model" in result.stderr
+    assert result.exit_code == 2 and "for methods that shorten the sequence they feed on" in result.stderr
 
 
 def test_a_prompt_longer_than_the_context_is_refused(llava_path, image_file, asap):
@@ -387,7 +387,7 @@ def test_a_download_shows_the_hubs_progress_and_loading_shows_none(image_file, l
 
 def test_help_lists_choices_and_the_methods_own_defaults(asap):
     text = " ".join(asap("run", "--help", env={"COLUMNS": "200"}).stdout.split())
-    assert "--method {vanilla|fastv|random|asap|asap-bimask-only|divprune|pool|vispruner}" in text
+    assert "--method {vanilla|fastv|random|asap|asap-bimask-only|divprune|pool|vispruner|pdrop}" in text
     assert "--score-queries {last|text|all}" in text and "Default: last." in text
     assert "SG-BiMask's largest forward visibility, in (0, 1]. Default: 1.0." in text
     assert "--dtype {auto|bfloat16|float16|float32}" in text and "<str>" not in text

@@ -324,7 +324,7 @@ def test_renumbered_divprune_is_the_model_fed_only_the_kept_features(family, loa
 
 def test_renumbering_is_for_methods_that_prune_before_the_llm():
     PruneSettings(method="pool", positions="renumber")
-    with pytest.raises(UsageError, match="--positions renumber is for methods that prune before the language model"):
+    with pytest.raises(UsageError, match="--positions renumber is for methods that shorten the sequence they feed on"):
         PruneSettings(method="fastv", positions="renumber")
     with pytest.raises(UsageError, match="positions must be one of original, renumber"):
         PruneSettings(method="divprune", positions="shuffled")

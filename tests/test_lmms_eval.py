@@ -55,7 +55,7 @@ def test_model_args_are_read_as_asap_reads_its_options():
         ({"lambda_max": "high"}, "lambda-max needs a number"),
         ({"score_queries": "first"}, "score-queries must be one of last, text, all"),
         ({"method": "fastv", "merge_threshold": 0.9}, "--merge-threshold is not an option of fastv"),
-        ({"positions": "renumber"}, "--positions renumber is for methods that prune before the language model"),
+        ({"positions": "renumber"}, "--positions renumber is for methods that shorten the sequence they feed on"),
         ({"topk": 64}, "asap takes no topk; it takes pretrained, method, k, layer"),
     ],
 )

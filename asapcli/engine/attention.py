@@ -10,6 +10,8 @@ only N x N tensor it builds is the additive mask, as any masked SDPA call does.
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -102,7 +104,7 @@ def _measure_spans(heads: _Heads, prune_pass: PrunePass) -> torch.Tensor | None:
     attends with: SG-BiMask in place of the causal mask, or the one transformers passed."""
     method = prune_pass.method
     query, keys, scaling = heads.query, heads.keys, heads.scaling
-    is_scoring_layer = heads.module.layer_idx == prune_pass.layer - 1
+    is_scoring_layer = prune_pass.scores_at(heads.module.layer_idx)
     need_mass = method.sg_bimask or (is_scoring_layer and method.needs_mass)
     mask = additive_mask(heads.attention_mask, query, keys.shape[2]) if method.sg_bimask else None
     for index, (row, span) in enumerate(prune_pass.spans):
@@ -141,6 +143,40 @@ def _importance(
     return ops.received_attention(
         query[rows_of, :, queries], keys[rows_of], query_mask, heads.scaling, key_span, value_norms=value_norms
     )
+
+
+def stage_importance(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    past_keys: torch.Tensor | None,
+    real: torch.Tensor | None,
+) -> torch.Tensor:
+    """The attention the last token would pay every key of decoder `layer` if the tokens entering
+    it, `hidden` (B, N, d), all went on: the layer's own input norm, q and k projections (q_norm /
+    k_norm where the family has them) and rotary at the tokens' current positions, the keys its
+    cache holds from earlier calls (`past_keys`, RoPE applied) first. As PyramidDrop's ranking
+    computes it: every row projected, q.k / sqrt(head_dim), softmax in float32 cast back, key
+    heads repeated for grouped-query attention, averaged over heads. `real` (B, kv) marks the keys
+    that are not padding (None: all are). Returns (B, kv)."""
+    module = layer.self_attn
+    batch, length, _ = hidden.shape
+    normed = layer.input_layernorm(hidden)
+    shape = (batch, length, -1, module.head_dim)
+    query = module.q_proj(normed).view(shape)
+    key = module.k_proj(normed).view(shape)
+    if hasattr(module, "q_norm") and hasattr(module, "k_norm"):
+        query, key = module.q_norm(query), module.k_norm(key)
+    rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    query, key = rotary(query.transpose(1, 2), key.transpose(1, 2), *position_embeddings)
+    if past_keys is not None:
+        key = torch.cat([past_keys, key], dim=2)
+    keys = repeat_kv(key, module.num_key_value_groups)
+    logits = torch.matmul(query[:, :, -1:], keys.transpose(2, 3)) / math.sqrt(module.head_dim)
+    if real is not None:
+        logits = logits.masked_fill(~real[:, None, None, :], torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return probs.mean(dim=1)[:, 0]
 
 
 def register() -> str:

@@ -16,8 +16,8 @@ from transformers import PreTrainedModel
 
 from ..errors import UsageError
 from . import PrunedDecoder, PruningPlan, UnsupportedModel, image_spans, install, uninstall
-from .plans import make_plan, token_counts
-from .schedule import token_flops
+from .plans import make_plan, token_counts, visual_steps
+from .schedule import visual_flops
 from .settings import PruneSettings
 from .vision import VisionTap, tap_for
 
@@ -28,7 +28,9 @@ class ImageReport:
     the prompt's own tokens (a batch's padding left out); `kept` is None where nothing was pruned.
     For each kept position, `roles` says why it was kept ("selected" by the method's criterion;
     ASAP's merge "anchor" and "refilled" slot; pool's "pooled" cell) and `absorbed` the positions
-    whose states it took in (an anchor's merged tokens, a pooled cell's other patches)."""
+    whose states it took in (an anchor's merged tokens, a pooled cell's other patches). `stages`:
+    for each pruning step, (its layer, the positions kept from it on): one for the single-layer
+    methods, one per stage for multi-stage ones (PyramidDrop); the last is `kept`."""
 
     row: int
     start: int
@@ -36,13 +38,14 @@ class ImageReport:
     kept: list[int] | None
     roles: list[str] | None = None
     absorbed: list[list[int]] | None = None
+    stages: list[tuple[int, list[int]]] | None = None
 
 
 @dataclass(frozen=True)
 class PruningReport:
     method: str
     k: int
-    layer: int  # L of the plans: 0 for methods that prune before the language model
+    layer: int  # L of the plans (their first pruning layer): 0 for methods that prune before the language model
     images: list[ImageReport]
     visual_tokens: int
     kept_tokens: int
@@ -130,8 +133,8 @@ class Pruning:
                 tokens, kept_tokens = token_counts(plan)
                 visual, kept, merged = visual + tokens, kept + kept_tokens, merged + plan.merged
                 if tokens:
-                    pruned_tflops += token_flops(text_config, tokens, kept_tokens, plan.layer)[0]
-                    full_tflops += token_flops(text_config, tokens, tokens, plan.layer)[0]
+                    pruned_tflops += visual_flops(text_config, tokens, visual_steps(plan))[0]
+                    full_tflops += visual_flops(text_config, tokens, [])[0]
         layer = (self.plans or [make_plan(self.settings, [])])[0].layer
         ratio = pruned_tflops / full_tflops if full_tflops else 1.0
         return PruningReport(self.settings.method.name, self.settings.k, layer, images, visual, kept, merged, ratio)
@@ -146,8 +149,9 @@ def _image_reports(row: int, plan: PruningPlan, padding: int) -> list[ImageRepor
         if record is None:  # a span the budget keeps whole, or a method that prunes nothing
             reports.append(ImageReport(row, start - padding, end - padding, None))
         else:
-            kept = record.kept.tolist()
-            reports.append(ImageReport(row, record.start, record.end, kept, record.roles, record.absorbed_positions()))
+            kept, absorbed = record.kept.tolist(), record.absorbed_positions()
+            stages = [(layer, positions.tolist()) for layer, positions in record.stages]
+            reports.append(ImageReport(row, record.start, record.end, kept, record.roles, absorbed, stages))
     return reports
 
 

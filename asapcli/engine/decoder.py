@@ -16,7 +16,9 @@ spans in absolute positions of the conversation, so it is inert during decoding 
 earlier turns, and a chat turn that brings a new image prunes only that image's span in its own
 prefill. What the decoder did to each span it pruned goes into the plan as one `SpanRecord`.
 
-After layer L-1 the sequence shrinks to text + k visual tokens per span; the kept tokens keep
+A plan prunes each span by its method's schedule: steps (layer, tokens left), one for the
+single-layer methods, several for multi-stage ones (PyramidDrop), each pruning what the step
+before left. After layer L-1 the sequence shrinks to text + k visual tokens per span; the kept tokens keep
 their ORIGINAL position ids, so RoPE is unchanged for them. The DynamicCache then holds all
 tokens in layers < L and the pruned sequence in layers >= L; layer 0 is never pruned, so its
 length (`get_seq_length()`) stays the true position of the next token, which a chat's later
@@ -43,6 +45,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..errors import AsapError
+from . import attention
 from .methods import PruningMethod, SpanScores, SpanView
 
 
@@ -53,12 +56,14 @@ class UnsupportedModel(AsapError):
 @dataclass(frozen=True)
 class SpanRecord:
     """What the decoder did to one image span of a prefill. `start`, `end` and `kept` (the
-    positions that went on past layer L-1, ascending) are positions of the span's batch row,
-    its padding included (`shifted` counts them in the row's own tokens); `roles` says why each
-    kept token was kept (engine.methods.ROLES) and `absorbed` which span indices (0: the span's
-    first token) each one took the states of (ASAP's anchors, pool's cells); `importance` is the
-    attention the span's tokens received at layer L-1 when the method scores them, `merged` how
-    many kept tokens were merged. A span only scored (a score_only plan) has `kept` None."""
+    positions that went on past the last pruning step, ascending) are positions of the span's
+    batch row, its padding included (`shifted` counts them in the row's own tokens); `roles` says
+    why each kept token was kept (engine.methods.ROLES) and `absorbed` which span indices (0: the
+    span's first token) each one took the states of (ASAP's anchors, pool's cells); `importance`
+    is the attention the span's tokens received when the method scored them at its first step,
+    `merged` how many kept tokens were merged. `stages` holds (layer, positions kept from that
+    layer on) for every step that pruned the span (one for single-layer methods; the last is
+    `kept`). A span only scored (a score_only plan) has `kept` None."""
 
     start: int
     end: int
@@ -67,11 +72,13 @@ class SpanRecord:
     absorbed: list[list[int]] = field(default_factory=list)
     importance: torch.Tensor | None = None
     merged: int = 0
+    stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     def shifted(self, padding: int) -> SpanRecord:
         """The record counted in its row's own tokens, the `padding` before them left out."""
         kept = self.kept - padding if self.kept is not None else None
-        return replace(self, start=self.start - padding, end=self.end - padding, kept=kept)
+        stages = [(layer, positions - padding) for layer, positions in self.stages]
+        return replace(self, start=self.start - padding, end=self.end - padding, kept=kept, stages=stages)
 
     def absorbed_positions(self) -> list[list[int]]:
         """`absorbed` as positions (counted as `start` is) rather than span indices."""
@@ -81,21 +88,24 @@ class SpanRecord:
 @dataclass
 class PruningPlan:
     """What to prune in the next prefill: `spans` are [start, end) positions of image tokens in the
-    whole token sequence. `layer` is L: layers 0..L-1 see every token. A span the method would
-    not shrink at budget k (k >= its tokens) runs exactly as vanilla: no SG-BiMask, no scoring,
-    unless `score_only` asks for the scores (attention figures). `renumber` (methods that prune
-    before the language model only) numbers the pruned sequence afresh, as a pipeline that feeds
-    the model fewer embeddings does (official DivPrune). The decoder appends to `records` one
-    SpanRecord per span it pruned or scored, in the order of `spans` (outputs, for reports and
-    figures)."""
+    whole token sequence. `layer` is L, the first layer that sees pruned spans: layers 0..L-1 see
+    every token. Each span is pruned by the method's schedule (`steps`: one step at L for the
+    single-layer methods, several for multi-stage ones, whose layers depend on the model's
+    `num_layers`). A span the method would not shrink at budget k (k >= its tokens) runs exactly
+    as vanilla: no SG-BiMask, no scoring, unless `score_only` asks for the scores (attention
+    figures). `renumber` numbers the tokens left after each step afresh, as a pipeline that feeds
+    the next layers fewer embeddings does (official DivPrune, PyramidDrop). The decoder appends to
+    `records` one SpanRecord per span it pruned or scored, in the order of `spans` (outputs, for
+    reports and figures)."""
 
     method: PruningMethod
     k: int
     layer: int
     spans: list[tuple[int, int]]
     records: list[SpanRecord] = field(default_factory=list)
-    score_only: bool = False  # score every span at layer L-1 as the method would, prune none
+    score_only: bool = False  # score every span at its first step as the method would, prune none
     renumber: bool = False  # kept tokens take positions 0..M-1 (a shorter prompt) instead of their own
+    num_layers: int | None = None  # the model's decoder layers, where a multi-stage schedule needs them
     vision: Callable[[int], object] | None = None  # a span's start -> what the vision tower gave for its image
 
     @property
@@ -107,50 +117,93 @@ class PruningPlan:
     def merged(self) -> int:
         return sum(record.merged for record in self.records)
 
+    def steps(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The method's schedule for the span [start, end): (layer, tokens left from it on)."""
+        if not self.method.prunes:
+            return []
+        return self.method.schedule(end - start, self.k, self.layer, self.num_layers)
+
     def shrinks(self, start: int, end: int) -> bool:
         """Whether the span [start, end) loses tokens at this budget; one that does not runs as vanilla
         (as every span does under vanilla, whatever its k)."""
-        return self.method.prunes and self.method.kept_count(end - start, self.k) < end - start
+        return bool(self.steps(start, end))
 
 
 def checked_plans(plan: PruningPlan | list[PruningPlan] | None) -> list[PruningPlan] | None:
     """One plan per row of a batch (a single plan: a batch of one); they must agree on how they
     prune, each row naming its own spans."""
     plans = [plan] if isinstance(plan, PruningPlan) else plan
-    if plans and len({(p.method, p.k, p.layer) for p in plans}) != 1:
+    if plans and len({(p.method, p.k, p.layer, p.num_layers) for p in plans}) != 1:
         raise ValueError("the plans of one batch must share method, k and layer")
     return plans
 
 
+@dataclass
+class _Span:
+    """One span of a pruning pass as the pass goes: its batch row, where its tokens are now in the
+    call's tokens (`now`, chunk coordinates, fewer after each step), its steps (layer -> tokens
+    left), which of its original tokens are still there (`index`, span indices ascending), and
+    what its steps did so far."""
+
+    row: int
+    start: int  # the span's original chunk coordinates
+    end: int
+    now: slice
+    steps: dict[int, int | None]
+    index: torch.Tensor
+    stages: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)
+    absorbed: list[list[int]] = field(default_factory=list)
+    importance: torch.Tensor | None = None
+    merged: int = 0
+
+
 class PrunePass:
     """The state of one pruning prefill over a batch (one plan per row): the spans inside this
-    forward's chunk as (row, slice in chunk coordinates) pairs, and the scores the attention
-    function records for each pair at layer L-1."""
+    forward's chunk, where their tokens are now, the layers that prune them (`layers`, the union
+    of their schedules' steps) and the scores recorded for each span before a step: by the
+    attention of the layer before it, or by the stage's own layer (`stage_scores` methods)."""
 
     def __init__(self, plans: list[PruningPlan], chunk_start: int, chunk_len: int, attention_mask: torch.Tensor | None):
         self.plans = plans
         self.attention_mask = attention_mask
         self.method = plans[0].method
-        self.layer = plans[0].layer
         self.k = plans[0].k
         self.renumber = plans[0].renumber
-        self.spans = [
-            (row, slice(start - chunk_start, end - chunk_start))
-            for row, plan in enumerate(plans)
-            for start, end in plan.spans
-            if chunk_start <= start and end <= chunk_start + chunk_len and (plan.score_only or plan.shrinks(start, end))
-        ]
-        self.scores: dict[int, SpanScores] = {}  # by index into `spans`
+        self.items: list[_Span] = []
+        for row, plan in enumerate(plans):
+            for start, end in plan.spans:
+                if chunk_start <= start and end <= chunk_start + chunk_len:
+                    steps = {plan.layer: None} if plan.score_only else dict(plan.steps(start, end))
+                    if steps:
+                        self._add(row, start - chunk_start, end - chunk_start, steps)
+        self.layers = sorted({layer for item in self.items for layer in item.steps})
+        self.layer = self.layers[0] if self.layers else plans[0].layer
+        self.scores: dict[int, SpanScores] = {}  # by index into `spans`, for the next step
+
+    def _add(self, row: int, start: int, end: int, steps: dict[int, int | None]) -> None:
+        index = torch.arange(end - start)
+        self.items.append(_Span(row, start, end, slice(start, end), steps, index))
+
+    @property
+    def spans(self) -> list[tuple[int, slice]]:
+        """Each span as (row, where its tokens are now in chunk coordinates)."""
+        return [(item.row, item.now) for item in self.items]
 
     def record(self, index: int, scores: SpanScores) -> None:
         self.scores[index] = scores
 
     def scores_in(self, layer: int) -> bool:
-        """Whether the attention of `layer` sees this pass (layers 0..L-1 measure the spans)."""
-        return layer < self.layer
+        """Whether the attention of `layer` sees this pass (layers before the last step measure
+        the spans; a method that scores with the stage's own layer needs none of them)."""
+        return not self.method.stage_scores and layer < self.layers[-1]
+
+    def scores_at(self, layer: int) -> bool:
+        """Whether the attention of `layer` records the spans' scores: the layer before a step."""
+        return layer + 1 in self.layers
 
     def prunes_before(self, layer: int) -> bool:
-        return layer == self.layer
+        return layer in self.layers
 
     def _unpadded(self, row: int, position: int) -> int:
         """A position of the padded batch, counted in its own row's tokens (padding left out)."""
@@ -158,43 +211,94 @@ class PrunePass:
             return position
         return int(self.attention_mask[row, :position].sum())
 
-    def prune(self, hidden: torch.Tensor, chunk_start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Select k tokens per span from the output of layer L-1 (B, N, d), recording each span in
-        its row's plan. Returns, per row, the chunk indices that go on (B, M), ascending, the
-        hidden states there (B, M, d), and which of them are real (B, M): rows that keep fewer
-        than M tokens are left-filled with some of their dropped slots, masked out, as a padded
-        batch is."""
+    def prune(
+        self, hidden: torch.Tensor, chunk_start: int, layer: int, real: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step before `layer`: select the tokens its spans keep from the states entering it
+        (B, N, d). Returns, per row, the chunk indices that go on (B, M), ascending, the hidden
+        states there (B, M, d), and which of them are real (B, M): rows that keep fewer than M
+        tokens are left-filled with some of their dropped slots, masked out, as a padded batch
+        is. `real`: which tokens are real now (a later step drops the fillers of the one before)."""
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if real is not None and layer != self.layers[0]:
+            keep &= real
         hidden = hidden.clone()
-        for index, (row, span) in enumerate(self.spans):
-            record = self._select(row, span, hidden, keep, chunk_start, self.scores.get(index, SpanScores()))
-            self.plans[row].records.append(record)
-        return _gather_kept(keep, hidden)
+        firsts = [
+            self._select(index, item, hidden, keep, chunk_start, layer) if layer in item.steps else item.now.start
+            for index, item in enumerate(self.items)
+        ]
+        kept_index, hidden, kept_real = _gather_kept(keep, hidden)
+        self._moved(kept_index, keep, firsts)
+        self.scores = {}
+        if layer == self.layers[-1]:
+            for item in self.items:
+                self.plans[item.row].records.append(self._span_record(item, chunk_start))
+        return kept_index, hidden, kept_real
 
     def _select(
-        self, row: int, span: slice, hidden: torch.Tensor, keep: torch.Tensor, chunk_start: int, scores: SpanScores
-    ) -> SpanRecord:
-        """Prune one span: its kept tokens marked in `keep` and their states written into
-        `hidden` (both in place, chunk coordinates); the span's record."""
-        start, end = span.start + chunk_start, span.stop + chunk_start
-        importance = _first(scores.importance)
-        if self.plans[row].score_only:
-            return SpanRecord(start, end, None, importance=importance)
+        self, index: int, item: _Span, hidden: torch.Tensor, keep: torch.Tensor, chunk_start: int, layer: int
+    ) -> int:
+        """One span's step: its kept tokens marked in `keep` and their states written into
+        `hidden` (both in place, chunk coordinates); what it did noted in `item`. Returns where
+        its first token that goes on is now."""
+        scores = self.scores.get(index, SpanScores())
+        if not item.stages and item.importance is None:
+            item.importance = _first(scores.importance)
+        if self.plans[item.row].score_only:
+            return item.now.start
         view = SpanView(
-            start=self._unpadded(row, start),
-            hidden=hidden[row, span],
-            importance=importance,
+            start=self._unpadded(item.row, item.start + chunk_start),
+            hidden=hidden[item.row, item.now],
+            importance=_first(scores.importance),
             mass=_first(scores.mass),
             saliency=_first(scores.saliency),
-            vision=self.plans[row].vision(start) if self.plans[row].vision is not None else None,
+            vision=self._vision(item, chunk_start),
         )
-        selection = self.method.select(view, self.k)
-        kept = selection.kept + span.start
-        keep[row, span] = False
-        keep[row, kept] = True
-        hidden[row, kept] = selection.hidden
-        roles, absorbed = selection.token_roles(), selection.token_absorbed()
-        return SpanRecord(start, end, kept + chunk_start, roles, absorbed, importance, selection.merged)
+        selection = self.method.select(view, item.steps[layer])
+        kept = selection.kept + item.now.start
+        keep[item.row, item.now] = False
+        keep[item.row, kept] = True
+        hidden[item.row, kept] = selection.hidden
+        item.absorbed = _absorbed(item, selection) if item.stages else selection.token_absorbed()
+        item.index = item.index.to(selection.kept.device)[selection.kept]
+        item.roles, item.merged = selection.token_roles(), item.merged + selection.merged
+        item.stages.append((layer, item.index + item.start + chunk_start))
+        return int(kept[0])
+
+    def _vision(self, item: _Span, chunk_start: int):
+        """What the vision tower gave for the span's image, where the plan can tell."""
+        vision = self.plans[item.row].vision
+        return vision(item.start + chunk_start) if vision is not None else None
+
+    def _moved(self, kept_index: torch.Tensor, keep: torch.Tensor, firsts: list[int]) -> None:
+        """Where each span's tokens are after a step (`firsts`: where its first token that went on
+        was before it), from the chunk indices that went on."""
+        if len(self.layers) == 1:
+            return  # no step after this one
+        new_position = torch.full(keep.shape, -1, dtype=torch.long, device=keep.device)
+        order = torch.arange(kept_index.shape[1], device=keep.device).expand_as(kept_index)
+        new_position.scatter_(1, kept_index, order)
+        for item, first in zip(self.items, firsts):
+            now = int(new_position[item.row, first])
+            item.now = slice(now, now + item.index.numel())
+
+    def _span_record(self, item: _Span, chunk_start: int) -> SpanRecord:
+        start, end = item.start + chunk_start, item.end + chunk_start
+        if self.plans[item.row].score_only:
+            return SpanRecord(start, end, None, importance=item.importance)
+        kept = item.stages[-1][1]
+        return SpanRecord(start, end, kept, item.roles, item.absorbed, item.importance, item.merged, item.stages)
+
+
+def _absorbed(item: _Span, selection) -> list[list[int]]:
+    """The original span indices each kept token carries after a later step: those it and the
+    tokens it absorbed now carried before."""
+    earlier = item.absorbed or [[] for _ in range(item.index.numel())]
+    original = item.index.tolist()
+    return [
+        sorted({*earlier[i], *(original[j] for j in sources), *(a for j in sources for a in earlier[j])})
+        for i, sources in zip(selection.kept.tolist(), selection.token_absorbed())
+    ]
 
 
 def _gather_kept(keep: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,41 +341,70 @@ def _first(scores: torch.Tensor | None) -> torch.Tensor | None:
 
 @dataclass
 class _AfterPruning:
-    """What a pruning prefill leaves for the later calls on the same cache (the decoding steps of
-    one generate()). `padding`: which tokens of the pruned layers' cache are real (rows padded to
-    one length), (B, cached), from layer `padding_from` on; None: all are. `position_shift` (B,):
-    how far a renumbered row's positions run behind the ones generate() counts from the whole
-    prompt."""
+    """What pruning prefills leave for the later calls on the same cache (the decoding steps of
+    one generate(), a chat's later turns), per pruning step: `padding[layer]` says which tokens of
+    the cache of the layers from `layer` on (to the next step's layer) are real, (B, cached), None
+    where all are; `shift[layer]` (B,) how far a renumbered row's positions in those layers run
+    behind the ones generate() counts from the whole prompt."""
 
-    padding_from: int | None = None
-    padding: torch.Tensor | None = None
-    position_shift: torch.Tensor | None = None
+    padding: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    shift: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def shifted(self, position_ids: torch.Tensor) -> torch.Tensor:
-        """generate()'s positions for a call, carried on from a renumbered prefill."""
-        if self.position_shift is None:
-            return position_ids
-        return position_ids - self.position_shift[:, None]
+    @staticmethod
+    def _step(steps: dict, layer: int) -> int | None:
+        """The layer of the last step at or before `layer` among `steps`; None: none."""
+        return max((at for at in steps if at <= layer), default=None)
+
+    def shift_at(self, layer: int, shifts: dict | None = None) -> torch.Tensor | None:
+        step = self._step(self.shift if shifts is None else shifts, layer)
+        return None if step is None else (self.shift if shifts is None else shifts)[step]
+
+    def shifted(self, position_ids: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        """generate()'s positions for a call as `layer` numbers them, carried on from a renumbered
+        prefill."""
+        shift = self.shift_at(layer)
+        return position_ids if shift is None else position_ids - shift[:, None]
 
     def pads(self, layer: int) -> bool:
         """Whether `layer` holds a pruned cache with padding of its own."""
-        return self.padding_from is not None and layer >= self.padding_from
+        step = self._step(self.padding, layer)
+        return step is not None and self.padding[step] is not None
+
+    def mask_key(self, layer: int) -> int | None:
+        return self._step(self.padding, layer)
+
+    def real_cached(self, layer: int, cached: int, batch: int, device) -> torch.Tensor | None:
+        """Which of the `cached` tokens of `layer` are real (None: all), grown with real ones for
+        tokens decoded since."""
+        step = self._step(self.padding, layer)
+        padding = self.padding[step] if step is not None else None
+        if padding is None:
+            return None
+        if padding.shape[1] >= cached:
+            return padding[:, :cached]
+        return torch.cat([padding, padding.new_ones(batch, cached - padding.shape[1])], dim=1)
 
     def note_padding(self, layer: int, real: torch.Tensor, cached: int) -> None:
-        """Remember which tokens of the pruned layers are real (kept, not padding). Nothing to
-        remember when all are (one sequence, or rows that stay aligned)."""
-        if bool(real.all()):
+        """Remember which tokens of the layers a step pruned are real (kept, not padding). None
+        when all are (one sequence, or rows that stay aligned)."""
+        past = self.real_cached(layer, cached, real.shape[0], real.device)
+        if past is None and bool(real.all()):
+            if self._step(self.padding, layer) is not None:
+                self.padding[layer] = None
             return
-        past = torch.ones(real.shape[0], cached, dtype=torch.bool, device=real.device)
-        self.padding_from, self.padding = layer, torch.cat([past, real], dim=1)
+        if past is None:
+            past = torch.ones(real.shape[0], cached, dtype=torch.bool, device=real.device)
+        self.padding[layer] = torch.cat([past, real], dim=1)
 
-    def renumber(self, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Positions 0..M-1 over each row's real kept tokens (padding at 1, as generate() pads),
-        and the shift that carries the decoding steps on from there."""
-        if positions.ndim == 3:
+    def renumber(self, layer: int, base: torch.Tensor, real: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Positions start..start+M-1 over each row's real tokens left (padding at 1, as generate()
+        pads), `start` (B,) being the row's next position as `layer` numbers it (0 in a first
+        prefill); the shift that carries later calls on from there. `base`: generate()'s own
+        positions of the tokens left, (B, M)."""
+        if base.ndim == 3:
             raise UnsupportedModel("renumbered positions need 1-D position ids; this model uses 3-D M-RoPE")
-        renumbered = (real.long().cumsum(1) - 1).masked_fill(~real, 1)
-        self.position_shift = positions[:, -1] - renumbered[:, -1]
+        renumbered = (start[:, None] + real.long().cumsum(1) - 1).masked_fill(~real, 1)
+        self.shift[layer] = base[:, -1] - renumbered[:, -1]
         return renumbered
 
     def padding_mask(self, attention_mask: torch.Tensor | None, layer: int, length: int) -> torch.Tensor | None:
@@ -279,10 +412,12 @@ class _AfterPruning:
         covers every token of the conversation: it fits only layers that kept them all; pruned
         layers of a padded batch get theirs, the tokens decoded since then added as real."""
         if self.pads(layer):
-            grown = length - self.padding.shape[1]
+            step = self._step(self.padding, layer)
+            padding = self.padding[step]
+            grown = length - padding.shape[1]
             if grown > 0:
-                self.padding = torch.cat([self.padding, self.padding.new_ones(self.padding.shape[0], grown)], dim=1)
-            return self.padding
+                self.padding[step] = torch.cat([padding, padding.new_ones(padding.shape[0], grown)], dim=1)
+            return self.padding[step]
         if attention_mask is not None and attention_mask.shape[-1] == length:
             return attention_mask
         return None  # a pruned layer of one sequence, or of aligned rows: nothing is padding
@@ -291,7 +426,9 @@ class _AfterPruning:
 @dataclass
 class _Call:
     """One forward call as it runs: the tokens going through the layers (fewer from a prune step
-    on) with their positions, and what the call was given."""
+    on) with their positions, and what the call was given. `base`: generate()'s own positions of
+    the tokens (1-D position ids; None for 3-D ones), `real`: which tokens are real (None: all),
+    `shifts`: the renumbering shifts earlier calls left, as this call found them."""
 
     hidden: torch.Tensor
     rope_positions: torch.Tensor
@@ -301,6 +438,9 @@ class _Call:
     use_cache: bool
     chunk_start: int  # tokens the cache held before the call
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    base: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+    shifts: dict = field(default_factory=dict)
 
     def cached(self, layer: int) -> int:
         return self.cache.get_seq_length(layer) if self.cache is not None else 0
@@ -308,17 +448,17 @@ class _Call:
 
 class _Masks:
     """The attention mask of each layer of one call. Layers hold different cache lengths after
-    pruning, and the queries shrink at layer L: a mask per distinct (cached keys, queries,
+    pruning, and the queries shrink at each step: a mask per distinct (cached keys, queries,
     padding) shape, built when the shape changes."""
 
     def __init__(self, config, call: _Call, after: _AfterPruning):
         self.config, self.call, self.after = config, call, after
-        self.key: tuple[int, int, bool] | None = None
+        self.key: tuple | None = None
         self.mask = None
 
     def for_layer(self, layer: int, hidden: torch.Tensor):
         kv_len, pads = self.call.cached(layer), self.after.pads(layer)
-        key = (kv_len, hidden.shape[1], pads)
+        key = (kv_len, hidden.shape[1], pads, self.after.mask_key(layer) if pads else None)
         if self.key != key:
             self.mask = create_causal_mask(
                 config=self.config,
@@ -345,8 +485,8 @@ def _check_padding_mask(attention_mask) -> None:
 
 
 class PrunedDecoder(nn.Module):
-    """Runs the wrapped decoder's own layers, norm and rotary embedding, pruning between layer
-    L-1 and L when a `PruningPlan` says so. Without a plan it is the plain causal decoder."""
+    """Runs the wrapped decoder's own layers, norm and rotary embedding, pruning before each layer
+    of a `PruningPlan`'s schedule when there is one. Without a plan it is the plain causal decoder."""
 
     def __init__(self, decoder: nn.Module, replaced_attention: str = "sdpa"):
         super().__init__()
@@ -414,8 +554,23 @@ class PrunedDecoder(nn.Module):
             position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start
         if chunk_start == 0:  # a new sequence: no pruned cache yet
             self._after = _AfterPruning()
+        base = position_ids.expand(embeds.shape[0], -1) if position_ids.ndim == 2 else None
         rope_positions, position_ids = _split_positions(self._after.shifted(position_ids))
-        return _Call(embeds, rope_positions, position_ids, attention_mask, cache, use_cache, chunk_start)
+        real = attention_mask[:, -embeds.shape[1] :].bool() if attention_mask is not None else None
+        shifts = dict(self._after.shift)
+        return _Call(
+            embeds,
+            rope_positions,
+            position_ids,
+            attention_mask,
+            cache,
+            use_cache,
+            chunk_start,
+            None,
+            base,
+            real,
+            shifts,
+        )
 
     def _prune_pass(self, plans: list[PruningPlan] | None, call: _Call) -> PrunePass | None:
         """The pass that prunes this call's image spans; None when the call brings none to prune
@@ -429,13 +584,16 @@ class PrunedDecoder(nn.Module):
         return prune_pass if prune_pass.spans else None
 
     def _layers(self, call: _Call, prune_pass: PrunePass | None, kwargs: dict) -> torch.Tensor:
-        """The decoder layers over the call's tokens, a prune step before layer L when there is a
-        pass (whose spans the attention of the layers before measures)."""
+        """The decoder layers over the call's tokens, a prune step before each layer of the pass's
+        schedule (whose spans the attention of the layers before measures); where an earlier call
+        renumbered the layers from a step on, the call's positions as they number them."""
         masks = _Masks(self.decoder.config, call, self._after)
         call.position_embeddings = self.decoder.rotary_emb(call.hidden, call.rope_positions)
         for index, layer in enumerate(self.decoder.layers[: self.decoder.config.num_hidden_layers]):
             if prune_pass is not None and prune_pass.prunes_before(index):
                 self._prune_step(call, prune_pass, index)
+            elif index and index in call.shifts:
+                self._renumbered(call, call.base - call.shifts[index][:, None])
             call.hidden = layer(
                 call.hidden,
                 attention_mask=masks.for_layer(index, call.hidden),
@@ -448,17 +606,59 @@ class PrunedDecoder(nn.Module):
             )
         return call.hidden
 
+    def _renumbered(self, call: _Call, positions: torch.Tensor) -> None:
+        call.rope_positions = call.position_ids = positions
+        call.position_embeddings = self.decoder.rotary_emb(call.hidden, call.rope_positions)
+
     def _prune_step(self, call: _Call, prune_pass: PrunePass, layer: int) -> None:
         """The call's tokens cut to the kept ones before `layer`, with their positions (their own,
         or renumbered); which of them are real is noted for the pruned layers' masks."""
-        chunk_len = call.hidden.shape[1]
-        keep, call.hidden, real = prune_pass.prune(call.hidden, call.chunk_start)
-        if call.attention_mask is not None:  # batch padding kept as a filler is not real either
-            real = real & call.attention_mask[:, -chunk_len:].bool().gather(1, keep)
+        if prune_pass.method.stage_scores:
+            self._stage_scores(call, prune_pass, layer)
+        keep, call.hidden, real = prune_pass.prune(call.hidden, call.chunk_start, layer, call.real)
+        if call.real is not None:  # batch padding and earlier fillers are not real either
+            real = real & call.real.gather(1, keep)
+        call.real = real
         self._after.note_padding(layer, real, call.cached(layer))
         call.rope_positions = _gather_positions(call.rope_positions, keep)
         if call.position_ids is not None:
             call.position_ids = _gather_positions(call.position_ids, keep)
+        if call.base is not None:
+            call.base = call.base.gather(1, keep)
         if prune_pass.renumber:
-            call.rope_positions = call.position_ids = self._after.renumber(call.rope_positions, real)
+            start = self._next_position(call, layer)
+            call.rope_positions = call.position_ids = self._after.renumber(layer, call.base, real, start)
         call.position_embeddings = self.decoder.rotary_emb(call.hidden, call.rope_positions)
+
+    def _next_position(self, call: _Call, layer: int) -> torch.Tensor:
+        """Each row's first real token of the call as `layer` numbered its cache before the call:
+        0 in a first prefill."""
+        base = call.base
+        if base is None:
+            raise UnsupportedModel("renumbered positions need 1-D position ids; this model uses 3-D M-RoPE")
+        first = base.masked_fill(~call.real, base.max() + 1).amin(1) if call.real is not None else base[:, 0]
+        shift = self._after.shift_at(layer, call.shifts)
+        return first if shift is None else first - shift
+
+    def _stage_scores(self, call: _Call, prune_pass: PrunePass, layer: int) -> None:
+        """The spans' scores by the attention that `layer` itself would pay them from the last
+        token over the tokens entering it (PyramidDrop's ranking)."""
+        cached = call.cached(layer)
+        past_real = self._after.real_cached(layer, cached, call.hidden.shape[0], call.hidden.device)
+        real = call.real
+        if past_real is not None or real is not None:
+            now = (
+                real
+                if real is not None
+                else torch.ones(call.hidden.shape[:2], dtype=torch.bool, device=call.hidden.device)
+            )
+            past = past_real if past_real is not None else now.new_ones(now.shape[0], cached)
+            real = torch.cat([past, now], dim=1)
+        past_keys = call.cache.layers[layer].keys if cached else None
+        importance = attention.stage_importance(
+            self.decoder.layers[layer], call.hidden, call.position_embeddings, past_keys, real
+        )
+        for index, (row, span) in enumerate(prune_pass.spans):
+            if layer in prune_pass.items[index].steps:
+                scores = importance[row : row + 1, cached + span.start : cached + span.stop]
+                prune_pass.record(index, SpanScores(importance=scores))

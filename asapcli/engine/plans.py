@@ -24,16 +24,38 @@ def plan_for(loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings) -
 
 def make_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> PruningPlan:
     """The plan that prunes `spans` ([start, end) token positions) as `settings` say: their
-    method object as it is (made and checked once, with the settings), at its own layer."""
+    method object as it is (made and checked once, with the settings), from its first pruning
+    layer, by its schedule for the model the settings were checked against."""
     method = settings.method
     return PruningPlan(
-        method=method, k=settings.k, layer=method.pruning_layer(settings.layer), spans=spans, renumber=method.renumbers
+        method=method,
+        k=settings.k,
+        layer=method.stage_layers(settings.layer, settings.num_layers)[0],
+        spans=spans,
+        renumber=method.renumbers,
+        num_layers=settings.num_layers,
     )
 
 
 def token_counts(plan: PruningPlan) -> tuple[int, int]:
-    """Visual tokens in the plan's spans, and how many of them go past layer L-1."""
+    """Visual tokens in the plan's spans, and how many of them go past its last pruning step."""
     sizes = [end - start for start, end in plan.spans]
-    if not plan.method.prunes:
-        return sum(sizes), sum(sizes)
-    return sum(sizes), sum(plan.method.kept_count(size, plan.k) for size in sizes)
+    kept = [steps[-1][1] if steps else end - start for start, end, steps in _span_steps(plan)]
+    return sum(sizes), sum(kept)
+
+
+def visual_steps(plan: PruningPlan) -> list[tuple[int, int]]:
+    """The plan's schedule over all its spans: (layer, visual tokens left from it on), one step per
+    layer where a span loses tokens; what Eq. 7 counts (schedule.visual_flops)."""
+    spans = _span_steps(plan)
+    layers = sorted({layer for _, _, steps in spans for layer, _ in steps})
+    return [(layer, sum(_left(start, end, steps, layer) for start, end, steps in spans)) for layer in layers]
+
+
+def _span_steps(plan: PruningPlan) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    return [(start, end, plan.steps(start, end)) for start, end in plan.spans]
+
+
+def _left(start: int, end: int, steps: list[tuple[int, int]], layer: int) -> int:
+    """The tokens of the span [start, end) that `layer` holds under `steps`."""
+    return min([end - start] + [count for at, count in steps if at <= layer])

@@ -116,7 +116,15 @@ def token_flops(text_config, tokens: int, kept: int, layer: int) -> tuple[float,
     language model that `text_config` describes, and the ratio to keeping them all (Eq. 8).
     The paper counts the visual tokens; given the whole prompt, the same formula tells what the
     prefill as a whole should save."""
+    return visual_flops(text_config, tokens, [(layer, kept)] if kept < tokens else [])
+
+
+def visual_flops(text_config, tokens: int, steps: list[tuple[int, int]]) -> tuple[float, float]:
+    """Theoretical TFLOPs (Eq. 7) of `tokens` tokens pruned by `steps` (layer, tokens left from it
+    on; empty: none pruned) in the language model that `text_config` describes, and the ratio to
+    keeping them all (Eq. 8): a plan's schedule as the engine runs it (plans.visual_steps)."""
     hidden, intermediate = text_config.hidden_size, text_config.intermediate_size
-    stages = single_prune(text_config.num_hidden_layers, tokens, kept, layer)
+    num_layers = text_config.num_hidden_layers
+    stages = pruning_schedule(num_layers, tokens, steps) if steps else [Stage(num_layers, tokens)]
     tflops = schedule_flops(stages, hidden, intermediate) / 1e12
     return tflops, flops_ratio(stages, tokens, hidden, intermediate)

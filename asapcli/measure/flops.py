@@ -72,7 +72,8 @@ class FlopsCount:
             steps = parse_schedule(schedule)
         else:
             budget, at = budget_and_layer(find_preset(model), k, layer)
-            steps = [(at, budget)]
+            # The method's own schedule, as the engine prunes by it (several steps for multi-stage methods).
+            steps = pruner().schedule(arch.visual_tokens, budget, at, arch.layers) or [(at, budget)]
         if pruner.before_llm and len(steps) == 1:
             # The formula counts what the method does: divprune and pool prune before the first
             # layer whatever layer was asked (as asap run does), and pool keeps its square grid.

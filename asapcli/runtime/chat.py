@@ -180,8 +180,8 @@ class ChatSession:
     def _count_flops(self, result: GenerationResult) -> None:
         """Eq. 7 of the images this turn brought, unpruned and as pruned."""
         config, visual = self.loaded.text_config, result.visual_tokens
-        self.tflops_vanilla += schedule.token_flops(config, visual, visual, 0)[0]
-        self.tflops_pruned += schedule.token_flops(config, visual, result.kept_tokens, result.layer)[0]
+        self.tflops_vanilla += schedule.visual_flops(config, visual, [])[0]
+        self.tflops_pruned += schedule.visual_flops(config, visual, result.steps)[0]
 
     def _reuse_cache(self, ids: list[int]) -> int:
         """Cut the cache back to its longest common prefix with `ids` (always leaving at least one

@@ -13,7 +13,7 @@ from transformers import BatchFeature, DynamicCache, StoppingCriteriaList
 
 from ..engine import PruningPlan, SpanRecord, image_spans, schedule
 from ..engine.block import pruned_as
-from ..engine.plans import token_counts
+from ..engine.plans import token_counts, visual_steps
 from ..engine.settings import PruneSettings
 from ..errors import AsapError
 from . import streaming
@@ -40,6 +40,7 @@ class GenerationResult:
     decode_tokens_per_second: float | None  # None: fewer than MIN_DECODE_TOKENS decoded
     flops_ratio: float
     layer: int = 0  # L of the plan: 0 for methods that prune before the language model
+    steps: list[tuple[int, int]] = field(default_factory=list)  # the prompt's visual schedule (plans.visual_steps)
     spans: list[SpanRecord] = field(default_factory=list)  # each image span pruned, in the prompt's own positions
     token_ids: list[int] = field(default_factory=list)  # the generated tokens, end-of-text included
     fed_tokens: int = 0  # prompt tokens this call prefilled (the rest came from the cache)
@@ -151,12 +152,8 @@ def flops_ratio(loaded: Loaded, results: list[GenerationResult]) -> float:
     pruned = full = 0.0
     for result in results:
         if result.visual_tokens:
-            pruned += schedule.token_flops(loaded.text_config, result.visual_tokens, result.kept_tokens, result.layer)[
-                0
-            ]
-            full += schedule.token_flops(loaded.text_config, result.visual_tokens, result.visual_tokens, result.layer)[
-                0
-            ]
+            pruned += schedule.visual_flops(loaded.text_config, result.visual_tokens, result.steps)[0]
+            full += schedule.visual_flops(loaded.text_config, result.visual_tokens, [])[0]
     return pruned / full if full else 1.0
 
 
@@ -254,7 +251,8 @@ def _result(
         visual = kept = sum(end - start for start, end in image_spans(prompt_ids[cached:], loaded.image_token_id))
     else:
         visual, kept = token_counts(plan)
-    _, ratio = schedule.token_flops(loaded.text_config, visual, kept, plan.layer if plan else 0)
+    steps = visual_steps(plan) if plan is not None else []
+    _, ratio = schedule.visual_flops(loaded.text_config, visual, steps)
     decoding = clock.finished - clock.first_token
     return GenerationResult(
         text=loaded.processor.tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
@@ -267,6 +265,7 @@ def _result(
         decode_tokens_per_second=decoded / decoding if decoded >= MIN_DECODE_TOKENS and decoding > 0 else None,
         flops_ratio=ratio,
         layer=plan.layer if plan is not None else 0,
+        steps=steps,
         spans=[record.shifted(padding) for record in plan.pruned] if plan is not None else [],
         token_ids=new_ids.tolist(),
         fed_tokens=int(prompt_ids.numel()) - cached,

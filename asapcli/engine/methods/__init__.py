@@ -12,13 +12,14 @@ from .base import KEPT, SELECTED, UNPRUNED, PruningMethod, Role, Selection, Span
 from .divprune import DivPrune
 from .fastv import FastV
 from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
+from .pdrop import PyramidDrop
 from .pool import POOLED, Pool
 from .random import Random
 from .vanilla import Vanilla
 from .vispruner import DIVERSE, VisPruner
 
 METHODS: dict[str, type[PruningMethod]] = {
-    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, VisPruner)
+    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, VisPruner, PyramidDrop)
 }
 DEFAULT_METHOD = Asap.name  # what run, chat, flops and the API prune with unless told
 REFERENCE = Vanilla.name  # the unpruned run every other is measured against (compare's first column)

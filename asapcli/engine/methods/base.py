@@ -109,6 +109,14 @@ class PruningMethod:
     - `roles`: the roles its selections give, in the legend's order, with their labels.
     - `reads_vision`: it ranks tokens by what the vision tower saw ([CLS] attention, patch
       features at the feature layer): the block taps the tower for it (engine/vision.py).
+    - `stage_scores`: rank each stage's spans by the attention that the stage's own first layer
+      would pay them from the last token, computed over the tokens entering it (its own norm,
+      q/k projections and rotary; PyramidDrop), instead of recording layer L-1's attention.
+
+    Where it prunes: `schedule` gives, for one span, the steps (layer, tokens left after it) of a
+    prefill; one step for the single-layer methods (at `pruning_layer(L)`, `kept_count` tokens),
+    several for the multi-stage ones. The engine prunes by it and Eq. 7 counts it, so the two
+    never disagree.
     - `paired_with`: the method whose scores a figure contrasts with its own (the attention
       shift: the same scoring under the causal mask), or None.
     """
@@ -124,6 +132,7 @@ class PruningMethod:
     roles: ClassVar[tuple[Role, ...]] = (BY_SCORE,)
     paired_with: ClassVar[str | None] = None
     reads_vision: ClassVar[bool] = False
+    stage_scores: ClassVar[bool] = False
     score_queries: str | None = None
     score: str = "attention"
     lambda_max: float = 1.0
@@ -168,6 +177,18 @@ class PruningMethod:
     def kept_count(self, tokens: int, k: int) -> int:
         """How many of a span's `tokens` go on at budget k."""
         return min(tokens, k)
+
+    def stage_layers(self, layer: int, num_layers: int | None) -> list[int]:
+        """The layers its prefills prune before, for L = `layer` in a model of `num_layers` decoder
+        layers (None: not known; single-layer methods never need it)."""
+        return [self.pruning_layer(layer)]
+
+    def schedule(self, tokens: int, k: int, layer: int, num_layers: int | None) -> list[tuple[int, int]]:
+        """The steps that prune one span of `tokens` tokens at budget k: (layer, tokens of the span
+        left from that layer on), layers ascending, counts falling; empty where it keeps the span
+        whole. A step at layer 0 prunes before the first decoder layer."""
+        kept = self.kept_count(tokens, k)
+        return [(self.stage_layers(layer, num_layers)[0], kept)] if kept < tokens else []
 
     def select(self, span: SpanView, k: int) -> Selection:
         raise NotImplementedError

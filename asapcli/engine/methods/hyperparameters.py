@@ -52,6 +52,16 @@ def _finite_in(low: float, high: float, low_open: bool) -> Callable[[object], bo
     return valid
 
 
+def _ratio_or_budget(value) -> bool:
+    if value == "budget":
+        return True
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(ratio) and 0 < ratio < 1
+
+
 SCORE_QUERIES = ("last", "text", "all")
 SCORES = ("attention", "contribution")
 POSITIONS = ("original", "renumber")
@@ -98,11 +108,19 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
             "positions",
             str,
             "kept tokens keep their own position ids (original, default) or are numbered 0..M-1 as a shorter "
-            "prompt (renumber: official DivPrune's and VisPruner's pipeline).",
+            "prompt (renumber: official DivPrune's, VisPruner's and PyramidDrop's pipelines).",
             choices=POSITIONS,
-            refusal="--positions {value} is for methods that prune before the language model ({takers}); "
+            refusal="--positions {value} is for methods that shorten the sequence they feed on ({takers}); "
             "{method} keeps original positions",
             implied="original",
+        ),
+        Hyperparameter(
+            "stage_ratio",
+            str,
+            "the share lambda of the image tokens each stage keeps: budget (matched to -k, default) or a number "
+            "in (0, 1) (0.5: the authors' scripts).",
+            valid=_ratio_or_budget,
+            rule="must be budget or a number in (0, 1)",
         ),
     )
 }
