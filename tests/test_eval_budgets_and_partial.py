@@ -130,7 +130,9 @@ def test_a_log_that_fills_its_disk_loses_neither_the_table_nor_the_answers(tmp_p
     assert result.exit_code == 1
     assert "vanilla" in result.stdout and "fastv" in result.stdout  # the table, every answer scored
     assert plot.is_file()
-    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: cannot write {log}: No space left on device after")
+    assert (
+        result.stderr.strip().splitlines()[-1].startswith(f"Error: cannot write {log}: No space left on device after")
+    )
     lines = log.read_text().splitlines()
     assert lines and all(json.loads(line)["method"] in ("vanilla", "fastv") for line in lines)  # whole lines only
 

@@ -69,27 +69,33 @@ def chat(
         display.note(
             f"Chatting with {where.model} ({settings.method}, k={settings.k}, L={settings.layer}). /help lists commands."
         )
-    failed, hinted = False, False
     with line_editing(interactive):
-        for line in _lines(interactive):
-            try:
-                if line.startswith("/"):
-                    if not _command(session, line, json):
-                        break
-                    continue
-                if not hinted and not session.images and not session.pending:
-                    display.note("No image in the dialogue yet: /image PATH adds one to your next message.")
-                    hinted = True
-                _turn(session, line, json, interactive)
-            except BrokenPipeError:  # `asap chat ... | head -c 5`: the reader is gone, and so is the session
-                raise
-            except Exception as error:  # no turn, however it fails, ends the session (its state is kept)
-                if os.environ.get("ASAP_DEBUG") == "1":
-                    raise
-                display.error(describe(error))
-                failed = True
+        failed = _converse(session, json, interactive)
     if failed and not interactive:
         raise typer.Exit(1)
+
+
+def _converse(session: ChatSession, json: bool, interactive: bool) -> bool:
+    """Each line a turn or a /command, until /exit or the end of input; whether any failed."""
+    failed, hinted = False, False
+    for line in _lines(interactive):
+        try:
+            if line.startswith("/"):
+                if not _command(session, line, json):
+                    break
+                continue
+            if not hinted and not session.images and not session.pending:
+                display.note("No image in the dialogue yet: /image PATH adds one to your next message.")
+                hinted = True
+            _turn(session, line, json, interactive)
+        except BrokenPipeError:  # `asap chat ... | head -c 5`: the reader is gone, and so is the session
+            raise
+        except Exception as error:  # no turn, however it fails, ends the session (its state is kept)
+            if os.environ.get("ASAP_DEBUG") == "1":
+                raise
+            display.error(describe(error))
+            failed = True
+    return failed
 
 
 def history_path() -> Path:

@@ -85,13 +85,7 @@ def eval_command(
             loaded, where.model, grid, max_tokens=max_tokens, batch=batch, tasks=tasks, prompt_suffix=prompt_suffix
         )
 
-    # The results are shown before any file is written: a failed write loses only that file.
-    if output == "json":
-        display.print_json(outcome.report)
-    elif output != "table":
-        display.print_rows([display.flat(dataclasses.asdict(row)) for row in outcome.report.results], output)
-    elif outcome.report.results:
-        _show(outcome)
+    _print(outcome, output)  # before any file is written: a failed write loses only that file
     if outcome.interrupted:
         _interrupted(outcome, log, [path for path in (plot, attention_profile) if path is not None])
     for path in run.write_files(outcome):
@@ -99,6 +93,15 @@ def eval_command(
     if outcome.log_error is not None:  # after the table and the other files: only the log's end is lost
         display.error(f"cannot write {log}: {outcome.log_error}; it holds the answers before that")
         raise typer.Exit(1)
+
+
+def _print(outcome: Outcome, output: str) -> None:
+    if output == "json":
+        display.print_json(outcome.report)
+    elif output != "table":
+        display.print_rows([display.flat(dataclasses.asdict(row)) for row in outcome.report.results], output)
+    elif outcome.report.results:
+        _show(outcome)
 
 
 def _interrupted(outcome: Outcome, log: Path | None, unwritten: list[Path]) -> None:

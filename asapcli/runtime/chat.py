@@ -96,6 +96,16 @@ class ChatSession:
         names, self.pending = [name for name, _ in self.pending], []
         return names
 
+    def _too_long(self, tokens: int, queued: int) -> str:
+        """What to do about a dialogue that no longer fits the model's context."""
+        images = f" and the {queued} queued image(s) (/drop forgets them)" if queued else ""
+        forget = " /forget drops the oldest image and the turns up to it," if self.has_image_turn() else ""
+        return (
+            f"the dialogue no longer fits the model's context ({tokens} tokens with this message{images}, "
+            f"{context_length(self.loaded)} at most; pruning does not shorten it, kept tokens keep their "
+            f"positions):{forget} /reset starts a new one"
+        )
+
     def has_image_turn(self) -> bool:
         return any(_images_in(message) for message in self.messages)
 
@@ -132,13 +142,7 @@ class ChatSession:
         features = build_inputs(self.loaded.processor, messages, images)
         ids = features["input_ids"][0]
         if ids.numel() >= context_length(self.loaded):
-            queued = f" and the {len(new_images)} queued image(s) (/drop forgets them)" if new_images else ""
-            forget = " /forget drops the oldest image and the turns up to it," if self.has_image_turn() else ""
-            raise AsapError(
-                f"the dialogue no longer fits the model's context ({ids.numel()} tokens with this message{queued}, "
-                f"{context_length(self.loaded)} at most; pruning does not shorten it, kept tokens keep their "
-                f"positions):{forget} /reset starts a new one"
-            )
+            raise AsapError(self._too_long(ids.numel(), len(new_images)))
         # A turn that fails anywhere leaves the session as it found it: the cache's tensors are
         # never changed in place (crop slices, update concatenates), so keeping them is enough.
         saved = self.cache, [dict(vars(layer)) for layer in self.cache.layers], self.seen
