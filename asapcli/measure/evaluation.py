@@ -289,6 +289,7 @@ class AnswerLog:
             self.file.close()
             raise AsapError(f"{path} is being written by another run; give this one a log of its own") from None
         self.file.truncate(0)
+        self.file.seek(0)  # where the next line goes, and what a failed one is cut back to
         self.lines = 0
         self.error: str | None = None
 
