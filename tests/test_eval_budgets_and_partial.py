@@ -110,6 +110,7 @@ def test_a_log_that_fills_its_disk_loses_neither_the_table_nor_the_answers(tmp_p
     file, no table, the --plot on another disk unwritten, the log cut mid-line."""
     log, plot = tmp_path / "log.jsonl", tmp_path / "accuracy.png"
     budget = {"bytes": 600}  # room for two or three lines of the log, as a tiny filesystem would give
+    log.write_text("a line of an earlier run\n" * 100)  # replaced, not padded back to its length
 
     real_write = evaluation.AnswerLog.write
 
