@@ -254,16 +254,16 @@ class PrunePass:
             saliency=_first(scores.saliency),
             vision=self._vision(item, chunk_start),
         )
-        selection = self.method.select(view, item.steps[layer])
-        kept = selection.kept + item.now.start
+        selection = self.method.select(view, item.steps[layer]).in_sequence(self.renumber)
+        slots = selection.kept.sort().values + item.now.start  # in order, the tokens fill them
         keep[item.row, item.now] = False
-        keep[item.row, kept] = True
-        hidden[item.row, kept] = selection.hidden
+        keep[item.row, slots] = True
+        hidden[item.row, slots] = selection.hidden
         item.absorbed = _absorbed(item, selection) if item.stages else selection.token_absorbed()
         item.index = item.index.to(selection.kept.device)[selection.kept]
         item.roles, item.merged = selection.token_roles(), item.merged + selection.merged
-        item.stages.append((layer, item.index + item.start + chunk_start))
-        return int(kept[0])
+        item.stages.append((layer, (item.index + item.start + chunk_start).sort().values))
+        return int(slots[0])
 
     def _vision(self, item: _Span, chunk_start: int):
         """What the vision tower gave for the span's image, where the plan can tell."""
@@ -286,8 +286,10 @@ class PrunePass:
         start, end = item.start + chunk_start, item.end + chunk_start
         if self.plans[item.row].score_only:
             return SpanRecord(start, end, None, importance=item.importance)
+        ascending = item.index.argsort().tolist()  # the tokens' own places, where a method reordered them
+        roles, absorbed = [item.roles[i] for i in ascending], [item.absorbed[i] for i in ascending]
         kept = item.stages[-1][1]
-        return SpanRecord(start, end, kept, item.roles, item.absorbed, item.importance, item.merged, item.stages)
+        return SpanRecord(start, end, kept, roles, absorbed, item.importance, item.merged, item.stages)
 
 
 def _absorbed(item: _Span, selection) -> list[list[int]]:

@@ -66,19 +66,42 @@ class Selection:
 
     `roles` names why each kept token was kept (None: all SELECTED); `absorbed` lists, for each
     kept token, the other span indices whose states it now carries (an anchor's merged tokens, a
-    pooled cell's other patches; None: none anywhere)."""
+    pooled cell's other patches; None: none anywhere).
+
+    `order` is the order the kept tokens take in the sequence when it is numbered afresh
+    (--positions renumber), as indices into `kept`; None: the slots' order. A method whose
+    authors feed the tokens in another order than the patches' gives it (VisionZip: the dominant
+    tokens, then the contextual ones): renumbered, its tokens then reach the language model as
+    the authors' do; with original positions each token stays at its slot."""
 
     kept: torch.Tensor
     hidden: torch.Tensor
     merged: int = 0
     roles: list[str] | None = None
     absorbed: list[list[int]] | None = None
+    order: torch.Tensor | None = None
 
     def token_roles(self) -> list[str]:
         return list(self.roles) if self.roles is not None else [SELECTED] * self.kept.numel()
 
     def token_absorbed(self) -> list[list[int]]:
         return [list(a) for a in self.absorbed] if self.absorbed is not None else [[] for _ in range(self.kept.numel())]
+
+    def in_sequence(self, renumber: bool) -> Selection:
+        """The selection with its tokens in the order they take in the sequence: `order`'s when
+        the kept tokens are numbered afresh, else the slots' (itself). `kept` then lists, for
+        each place in that order, the span index of the token there (no longer ascending); the
+        slots those tokens fill are still `kept` sorted."""
+        if not renumber or self.order is None:
+            return self
+        order = self.order.tolist()
+        return Selection(
+            kept=self.kept[self.order],
+            hidden=self.hidden[self.order.to(self.hidden.device)],
+            merged=self.merged,
+            roles=[self.token_roles()[i] for i in order],
+            absorbed=[self.token_absorbed()[i] for i in order],
+        )
 
 
 class PruningMethod:
