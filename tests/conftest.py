@@ -3,6 +3,7 @@ small images, the `asap` fixture that runs the CLI in-process, and the CUDA mark
 
 import importlib.util
 import os
+import signal
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,7 +42,11 @@ def asap():
     runner = CliRunner()
 
     def invoke(*args, input: str | None = None, **options):
-        return runner.invoke(app, [str(arg) for arg in args], input=input, **options)
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            return runner.invoke(app, [str(arg) for arg in args], input=input, **options)
+        finally:  # an interrupted eval ignores Ctrl-C until its process ends; this one goes on
+            signal.signal(signal.SIGINT, handler)
 
     return invoke
 

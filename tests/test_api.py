@@ -194,10 +194,21 @@ def test_what_the_block_cannot_do_is_refused_not_done_wrong(llava_path, images):
 def test_a_text_only_model_is_refused_on_entry(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
-    with pytest.raises(UnsupportedModel, match="no image_token_id"), asapcli.pruned(LlamaForCausalLM(config)):
+    model = LlamaForCausalLM(config)
+    with pytest.raises(UnsupportedModel, match="no image_token_id"), asapcli.pruned(model):
         pass
+    # its default layer 2 is out of its range too: the missing image token is what is named
+    with pytest.raises(UnsupportedModel, match="no image_token_id"), asapcli.pruned(model, layer=5):
+        pass
+
+
+@pytest.mark.parametrize("layers, words", [(0, "0 decoder layers, so none"), (1, "1 decoder layer, so none")])
+def test_a_model_too_shallow_to_prune_after_a_layer_says_so(layers, words):
+    with pytest.raises(UsageError, match=words):
+        PruneSettings("asap", 64, 1).for_model(layers)
+    assert PruneSettings("divprune", 64, 1).for_model(layers).num_layers == layers  # before the first: no L
 
 
 def test_load_and_generate_answer_as_asap_run(asap):

@@ -6,6 +6,7 @@ is standard output is refused, and an ASCII-only terminal gets its table."""
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,32 @@ def test_two_runs_cannot_write_one_log(tmp_path, asap):
     assert result.exit_code == 1
     assert result.stderr.strip() == f"Error: {log} is being written by another run; give this one a log of its own"
     assert log.read_text() == '{"answer": "theirs"}\n'  # left as the other run wrote it
+
+
+def test_more_presses_after_the_first_do_not_cut_the_partial_table(monkeypatch, asap):
+    """Ctrl-C five times in a row: the first ends the answering; the next ones, arriving while the
+    partial table prints, are ignored (they used to raise inside rich: a traceback, no table)."""
+    import asapcli.commands.eval as eval_command
+
+    answer, printed = evaluation.generate_batch, []
+
+    def interrupted_on_the_third(*args, **kwargs):
+        if len(printed) == 2:
+            raise KeyboardInterrupt
+        printed.append(1)
+        return answer(*args, **kwargs)
+
+    show = eval_command._show
+
+    def pressed_four_times_while_printing(outcome):
+        for _ in range(4):
+            os.kill(os.getpid(), signal.SIGINT)
+        show(outcome)
+
+    monkeypatch.setattr(evaluation, "generate_batch", interrupted_on_the_third)
+    monkeypatch.setattr(eval_command, "_show", pressed_four_times_while_printing)
+    result = asap("eval", "-n", 2, "--methods", "vanilla,fastv")
+    assert result.exit_code == 130, result.output
+    assert "Partial: interrupted after 2 of 8 answers" in result.stdout
+    assert "Interrupted after 2 answers" in result.stderr
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the fixture restored it

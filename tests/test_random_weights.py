@@ -284,7 +284,12 @@ def test_run_answers_with_random_weights(tiny_presets, image_file, asap):
     # run, compare and chat said nothing of it: every command that loads one says so now
     assert "tiny-llava (random weights): its answers mean nothing" in result.stderr
     result = asap("run", image_file, "what?", "-m", "tiny-llava", "--random-weights", "--layers", 1, "--max-tokens", 1)
-    assert result.exit_code == 2 and "(1 decoder layers), got 2; a model of one decoder layer has none" in result.stderr
+    assert result.exit_code == 2 and "this model has 1 decoder layer, so none to prune after" in result.stderr
+    assert "its answers mean nothing" not in result.stderr  # refused before the model was built
+    wide = ["-m", "tiny-llava", "--random-weights", "--layer", "9", "--repeats", "1", "--methods", "asap"]
+    result = asap("profile", *wide)  # the preset's own depth (4) is known before building too
+    assert result.exit_code == 2 and "layer must be in 1..3" in result.stderr
+    assert "its answers mean nothing" not in result.stderr
     vanilla = ["--method", "vanilla", "--max-tokens", 1]  # never reads the layer: runs on one layer
     assert (
         asap("run", image_file, "what?", "-m", "tiny-llava", "--random-weights", "--layers", 1, *vanilla).exit_code == 0

@@ -52,6 +52,7 @@ def chat(
 ) -> None:
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
     settings = pruning.settings(where.preset, sampling.seed)  # made and checked before the long load
+    where.check([settings])
     # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
     from ..runtime.chat import ChatSession
     from ..runtime.inputs import load_image

@@ -41,6 +41,7 @@ def compare(
     from .run import _read_stdin
 
     grid = comparison.grid(where.preset, reference=True)  # made and checked before the long load
+    where.check(grid.runs())
     samples = answering.read_samples([str(image), prompt], [], [], _read_stdin)
     if out is not None:
         figures.check_figure_writable(out, inputs=[image])

@@ -16,7 +16,7 @@ from ..report import display
 from . import options
 
 if TYPE_CHECKING:
-    from .eval_run import Outcome
+    from .eval_run import EvalRun, Outcome
 
 DATA_HELP = (
     'JSONL of {"image": path, "question": str, "answer": str} (optional "type"), images relative '
@@ -68,6 +68,7 @@ def eval_command(
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
     output = options.output_format(format_, json)
     grid = comparison.grid(where.preset)  # made and checked before the long load
+    where.check(grid.runs())
     if plot is not None and not any(method.prunes for method in grid.methods):
         raise UsageError("--plot draws accuracy against FLOPs of pruning methods; name one in --methods beside vanilla")
     if where.random_weights:
@@ -84,10 +85,14 @@ def eval_command(
         outcome = run.answer(
             loaded, where.model, grid, max_tokens=max_tokens, batch=batch, tasks=tasks, prompt_suffix=prompt_suffix
         )
+    _report(outcome, output, run, log=log, files=[path for path in (plot, attention_profile) if path is not None])
 
+
+def _report(outcome: Outcome, output: str, run: EvalRun, *, log: Path | None, files: list[Path]) -> None:
+    """The table, then the files (or, interrupted, what was answered and exit 130)."""
     _print(outcome, output)  # before any file is written: a failed write loses only that file
     if outcome.interrupted:
-        _interrupted(outcome, log, [path for path in (plot, attention_profile) if path is not None])
+        _interrupted(outcome, log, files)
     for path in run.write_files(outcome):
         display.note(f"wrote {path}")
     if outcome.log_error is not None:  # after the table and the other files: only the log's end is lost

@@ -4,6 +4,7 @@ at every budget answering them (Ctrl-C keeps what was answered, marked partial);
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,9 @@ class EvalRun:
                 attention = self._attention(loaded, grid, tasks("Attention profile", 2 * len(items)))
         except KeyboardInterrupt:  # Ctrl-C: what was answered, marked partial
             interrupted = True
+            # More presses in a row (an impatient user) must not cut the partial table mid-print,
+            # nor the interpreter's exit after it: the command ends its process right after.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         finally:
             if answers is not None:
                 answers.close()

@@ -262,6 +262,22 @@ class Where:
         the settings' defaults come from, so that they are made and checked once, first."""
         return find_preset(self.model)
 
+    @property
+    def decoder_layers(self) -> int | None:
+        """The decoder layers of the model, where known before it loads: --layers of one built
+        with random weights, else a preset's [config] table (None: a folder, a hub id, the demo)."""
+        preset = self.preset
+        if self.layers is not None:
+            return self.layers if self.random_weights or (preset and preset.random_weights) else None
+        return preset.config["text_config"]["num_hidden_layers"] if preset and preset.config else None
+
+    def check(self, runs: list[PruneSettings]) -> None:
+        """Refuse a layer the model cannot have before the long load, where its depth is known
+        (a 13B architecture takes a minute to build)."""
+        if (layers := self.decoder_layers) is not None:
+            for settings in runs:
+                settings.for_model(layers)
+
     def load(self) -> "Loaded":
         """The model, loaded under a spinner, PyTorch's CPU thread count set first."""
         import huggingface_hub

@@ -47,6 +47,7 @@ def profile(
 
     output = options.output_format(format_, json)
     grid = comparison.grid(where.preset)  # made and checked before the long load
+    where.check(grid.runs())
     check_prompt(prompt)
     picture = load_image(image) if image is not None else None
 

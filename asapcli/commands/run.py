@@ -48,6 +48,7 @@ def run(
     Several images (or prompts) run as one padded batch: each sample keeps its own k tokens.
     """
     settings = pruning.settings(where.preset, sampling.seed)  # made and checked before anything heavy
+    where.check([settings])
     # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
     from ..report import figures
     from . import answering

@@ -162,9 +162,9 @@ _OPEN: weakref.WeakSet = weakref.WeakSet()
 @contextmanager
 def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruning]:
     """`pruned` with its arguments as one PruneSettings (what the CLI's options make)."""
-    settings = settings.for_model(model.config.get_text_config().num_hidden_layers)  # once: trusted after
-    if getattr(model.config, "image_token_id", None) is None:
+    if getattr(model.config, "image_token_id", None) is None:  # first: a text-only model has no layer to blame
         raise UnsupportedModel(f"{type(model).__name__} has no image_token_id in its config: asap prunes image tokens")
+    settings = settings.for_model(model.config.get_text_config().num_hidden_layers)  # once: trusted after
     if model in _OPEN:
         raise UsageError("this model is inside an asapcli.pruned block already; blocks do not nest")
     was_installed = isinstance(model.get_decoder(), PrunedDecoder)

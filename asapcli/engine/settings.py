@@ -90,11 +90,14 @@ class PruneSettings:
         bound); settings checked against it already come back as they are."""
         if self.num_layers == num_layers:
             return self
-        if self.method.reads_layer and self.layer > num_layers - 1:
-            none_left = "; a model of one decoder layer has none to prune after" if num_layers < 2 else ""
+        if self.method.reads_layer and num_layers < 2:
             raise UsageError(
-                f"layer must be in 1..{num_layers - 1} for this model ({num_layers} decoder layers), "
-                f"got {self.layer}{none_left}"
+                f"{self.method} prunes after a decoder layer L with layers after it; this model has "
+                f"{num_layers} decoder layer{'' if num_layers == 1 else 's'}, so none to prune after"
+            )
+        if self.method.reads_layer and self.layer > num_layers - 1:
+            raise UsageError(
+                f"layer must be in 1..{num_layers - 1} for this model ({num_layers} decoder layers), got {self.layer}"
             )
         return PruneSettings._made(self.method, self.k, self.layer, self.seed, given=self.given, num_layers=num_layers)
 
