@@ -60,6 +60,7 @@ class Answer(AnswerFigures):
     options: dict  # the method's own options as it ran: those given and its defaults ({} for vanilla)
     prompt_tokens: int
     device: str
+    environment: Environment
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class CompareReport:
     prompt: str
     figure: str | None  # the file --out wrote; None without --out
     answers: list[Answer]  # vanilla first, then each method at each budget
+    environment: Environment
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class ChatTurn(AnswerFigures):
     fed_tokens: int  # prompt tokens this turn prefilled (the rest came from the cache)
     cached_tokens: int  # tokens in the cache after the turn
     stopped: bool  # cut short by Ctrl-C
+    environment: Environment
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class ChatStats:
     tflops_saved: float
     last_prefill_seconds: float | None  # None: no turn yet
     last_decode_tokens_per_second: float | None
+    environment: Environment
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ class ProfileRow:
     images_per_second: float
     throughput_ratio: float  # over batch 1's
     decode_tokens_per_second: float
+    environment: Environment
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,7 @@ class EvalReport:
     partial: bool  # interrupted: each row scores the questions it answered
     results: list[EvalRow]
     attention_profile: AttentionProfile | None
+    environment: Environment
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,7 @@ class LoggedAnswer:
     expected: str | list[str]  # a list where the question file accepts several answers
     answer: str
     correct: bool
+    environment: Environment
 
 
 @dataclass(frozen=True)
@@ -232,23 +239,25 @@ class FlopsReport:
     architecture: Architecture
     convention: str
     measured: MeasuredFlops | None  # None: without --measure
+    environment: Environment  # device and dtype None where no model was loaded (no --measure)
 
 
 @dataclass(frozen=True)
 class Environment:
-    """`asap env --json`: the versions, device and date a result was measured with."""
+    """`asap env --json`, and in every record a run prints: the versions, device and date a result
+    was measured with (as lmms-eval's results.json carries)."""
 
     asap: str
     python: str
-    torch: str
+    torch: str | None  # its installed version (None: not installed, as for the numbers of asap flops)
     transformers: str | None
     lmms_eval: str | None  # None: the eval extra is not installed
     platform: str
-    device: str  # cpu, cuda or cuda:N
+    device: str | None  # cpu, cuda or cuda:N; None where no model ran (asap flops without --measure)
     gpu: str | None  # the GPU's name; None on CPU
     cuda: str | None  # the CUDA version PyTorch was built with; None without a GPU
     dtype: str | None  # the model's; None where no model was loaded
-    threads: int | None  # PyTorch's CPU threads; None on a GPU
+    threads: int | None  # PyTorch's CPU threads; None on a GPU or where no model ran
     date: str  # UTC, ISO 8601
 
 

@@ -136,6 +136,21 @@ def test_flops_json_is_a_flops_report(llava_path, json_lines):
     (measured,) = json_lines("flops", "-m", llava_path, "-k", 16, "--measure", "--json")
     conforms(measured, records.FlopsReport, "flops --measure")
     assert measured["measured"] is not None
+    # where it was measured: the model's device and dtype when one ran, none for numbers alone
+    assert (measured["environment"]["device"], measured["environment"]["dtype"]) == ("cpu", "float32")
+    assert (analytic["environment"]["device"], analytic["environment"]["dtype"]) == (None, None)
+
+
+def test_a_record_says_what_it_was_measured_with(llava_path, image_file, json_lines):
+    import torch
+    import transformers
+
+    (answer,) = json_lines("run", image_file, "what?", "-m", llava_path, "--dtype", "bfloat16", "--max-tokens", 1,
+                           "--threads", 1, "--json")  # fmt: skip
+    found = answer["environment"]
+    assert (found["torch"], found["transformers"]) == (torch.__version__, transformers.__version__)
+    assert (found["device"], found["dtype"], found["threads"], found["gpu"]) == ("cpu", "bfloat16", 1, None)
+    assert found["date"].endswith("+00:00") and found["date"][:4] >= "2025"
 
 
 def test_env_json_is_an_environment_record_of_this_process(json_lines):

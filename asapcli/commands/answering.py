@@ -120,6 +120,7 @@ def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResu
         options=settings.method.options(),
         prompt_tokens=result.prompt_tokens,
         device=str(loaded.device),
+        environment=loaded.environment,
     )
     return Answered(image, prompt, result, record, span)
 

@@ -167,7 +167,7 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
 
         turn = session.ask(text, on_text=None if json else show, should_stop=interrupted)
     if json:
-        display.print_json(turn.record())
+        display.print_json(turn.record(session.loaded.environment))
         return
     display.write("\n")
     if turn.result.stopped:

@@ -53,7 +53,9 @@ def compare(
     if json:
         figure = None if out is None else str(out)
         display.print_json(
-            CompareReport(loaded.name, str(image), answers[0].prompt, figure, [a.record for a in answers])
+            CompareReport(
+                loaded.name, str(image), answers[0].prompt, figure, [a.record for a in answers], loaded.environment
+            )
         )
     else:
         for answered in answers:

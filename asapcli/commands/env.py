@@ -11,9 +11,9 @@ def env_command(*, json: options.Json = False) -> None:
     """Print asap's, Python's, PyTorch's and transformers' versions, the device and the threads."""
     import dataclasses
 
-    from ..runtime.environment import environment
+    from ..runtime.environment import default_device, environment
 
-    found = environment()
+    found = environment(default_device())
     if json:
         display.print_json(found)
         return

@@ -82,7 +82,7 @@ class EvalRun:
         runs = evaluation.runs(grid, loaded.num_layers)
         scores = [Score(settings) for settings in runs]
         attention, interrupted = None, False
-        answers = AnswerLog(self.log, items) if self.log is not None else None
+        answers = AnswerLog(self.log, items, loaded.environment) if self.log is not None else None
         try:
             on_answer = answers.write if answers is not None else None
             step = tasks("Answers", len(items) * len(runs))  # questions x runs: what the count counts
@@ -111,6 +111,7 @@ class EvalRun:
             partial=interrupted,
             results=[score.row(vanilla) for score in scores],
             attention_profile=None if attention is None else _profile(attention),
+            environment=loaded.environment,
         )
         log_error = answers.error if answers is not None else None
         return Outcome(report, answered, len(items) * len(runs), attention, log_error)

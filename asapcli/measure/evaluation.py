@@ -20,7 +20,7 @@ from ..engine.methods import DEFAULT_METHOD, METHODS
 from ..engine.plans import plan_for
 from ..engine.settings import MethodGrid, PruneSettings
 from ..errors import AsapError, UsageError
-from ..records import EvalRow, LoggedAnswer
+from ..records import Environment, EvalRow, LoggedAnswer
 from ..runtime import patch_layout
 from ..runtime.generation import context_length, generate_batch, to_device
 from ..runtime.inputs import build_batch_inputs, check_readable, check_text, is_stdin, load_image
@@ -278,8 +278,8 @@ class AnswerLog:
     readable record of what it answered. A log that cannot be written (a full disk) stops logging,
     not the run: the file keeps its whole lines and `error` says why; the answers go on."""
 
-    def __init__(self, path: Path, items: list[Item]):
-        self.items = items
+    def __init__(self, path: Path, items: list[Item], environment: Environment):
+        self.items, self.environment = items, environment
         self.path = path
         # Open, lock, then empty: a second eval writing the same log would interleave its lines.
         self.file = open(path, "ab", buffering=0)  # noqa: SIM115 -- open for the whole run; each line written at once
@@ -307,6 +307,7 @@ class AnswerLog:
             expected=item.answer,
             answer=answer,
             correct=hit,
+            environment=self.environment,
         )
         line, whole = (json.dumps(asdict(record)) + "\n").encode("utf-8"), self.file.tell()
         try:

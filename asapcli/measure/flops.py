@@ -19,7 +19,8 @@ from ..engine.schedule import (
 )
 from ..engine.settings import PruneSettings, budget_and_layer, check_numbers, method_classes
 from ..errors import UsageError
-from ..records import FlopsReport, FlopsStage, MeasuredFlops
+from ..records import Environment, FlopsReport, FlopsStage, MeasuredFlops
+from ..runtime.environment import environment
 from ..runtime.presets import find_preset, load_architecture, model_label
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class FlopsCount:
     counted: dict | None = None  # fvcore's CountedFlops, REFERENCE's (unpruned) and "pruned", once measured
     full_layers: int | None = None  # the model's own decoder layers, when --layers counts fewer (arch.layers)
     random_weights: bool = False  # the measured model is built with random weights
+    environment: Environment | None = None  # the measured model's; None: numbers alone
 
     @classmethod
     def plan(
@@ -125,7 +127,8 @@ class FlopsCount:
         settings = settings.for_model(loaded.num_layers)
         tokens = self.arch.visual_tokens
         vanilla = vanilla if vanilla is not None else count_flops(loaded, tokens)
-        return replace(self, counted={REFERENCE: vanilla, "pruned": count_flops(loaded, tokens, settings)})
+        counted = {REFERENCE: vanilla, "pruned": count_flops(loaded, tokens, settings)}
+        return replace(self, counted=counted, environment=loaded.environment)
 
     def measured_by_stage(self) -> list[list[int]]:
         """fvcore's per-layer counts of the pruned forward, grouped by stage."""
@@ -184,6 +187,7 @@ class FlopsCount:
             architecture=self.arch,
             convention=self.convention,
             measured=measured,
+            environment=self.environment or environment(),
         )
 
 

@@ -240,7 +240,8 @@ def profile(
         loaded, batches, settings, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, on_step=on_step
     )
     context = conditions(loaded, settings[0].layer, int(batches[0]["input_ids"].shape[1]), repeats, warmup)
-    return [ProfileRow(model=model, **context, **_figures(result, results)) for result in results]
+    found = loaded.environment
+    return [ProfileRow(model=model, **context, **_figures(result, results), environment=found) for result in results]
 
 
 def _figures(result: Measurement, results: list[Measurement]) -> dict:

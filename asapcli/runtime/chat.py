@@ -25,7 +25,7 @@ from transformers import BatchFeature, DynamicCache
 from ..engine import image_spans, schedule
 from ..engine.settings import PruneSettings
 from ..errors import AsapError, UsageError
-from ..records import ChatStats, ChatTurn
+from ..records import ChatStats, ChatTurn, Environment
 from .generation import GenerationResult, context_length, generate, kv_cache_bytes
 from .inputs import build_inputs, check_prompt, check_text, user_message
 from .loading import Loaded
@@ -43,7 +43,7 @@ class Turn:
     result: GenerationResult
     cached_tokens: int  # tokens in the (layer-0) cache after the turn
 
-    def record(self) -> ChatTurn:
+    def record(self, environment: Environment) -> ChatTurn:
         """The turn as --json prints it."""
         return ChatTurn(
             **ChatTurn.figures(self.result),
@@ -53,6 +53,7 @@ class Turn:
             fed_tokens=self.result.fed_tokens,
             cached_tokens=self.cached_tokens,
             stopped=self.result.stopped,
+            environment=environment,
         )
 
 
@@ -229,6 +230,7 @@ class ChatSession:
             tflops_saved=self.tflops_vanilla - self.tflops_pruned,
             last_prefill_seconds=last.prefill_seconds if last else None,
             last_decode_tokens_per_second=last.decode_tokens_per_second if last else None,
+            environment=self.loaded.environment,
         )
 
 

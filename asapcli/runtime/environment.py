@@ -4,12 +4,15 @@ and for the records that carry it, as lmms-eval's results.json does."""
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import platform
 
+from .. import __version__
 from ..records import Environment
 
 
+@functools.cache  # asked for each answer of a long eval: the packages do not change meanwhile
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -17,27 +20,31 @@ def _version(package: str) -> str | None:
         return None
 
 
-def environment(device: str | None = None, dtype: str | None = None) -> Environment:
-    """This process's environment; `device` and `dtype` those of the model a result came from (None:
-    where none was loaded, as for `asap env`, which names the device a model would load on)."""
+def default_device() -> str:
+    """The device a model loads on unless told (--device auto)."""
     import torch
 
-    from .. import __version__
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-    cuda = torch.cuda.is_available()
-    device = device or ("cuda" if cuda else "cpu")
-    on_gpu = device.startswith("cuda")
+
+def environment(device: str | None = None, dtype: str | None = None) -> Environment:
+    """This process's environment; `device` and `dtype` those of the model a result came from.
+    None: no model ran (asap flops counts numbers): then neither is PyTorch imported, nor its
+    threads or GPU reported."""
+    on_gpu = device is not None and device.startswith("cuda")
+    if device is not None:
+        import torch
     return Environment(
         asap=__version__,
         python=platform.python_version(),
-        torch=torch.__version__,
+        torch=_version("torch"),
         transformers=_version("transformers"),
         lmms_eval=_version("lmms_eval"),
         platform=platform.platform(),
         device=device,
-        gpu=torch.cuda.get_device_name(torch.device(device)) if on_gpu and cuda else None,
-        cuda=torch.version.cuda if cuda else None,
+        gpu=torch.cuda.get_device_name(torch.device(device)) if on_gpu else None,
+        cuda=torch.version.cuda if on_gpu else None,
         dtype=dtype,
-        threads=None if on_gpu else torch.get_num_threads(),
+        threads=torch.get_num_threads() if device is not None and not on_gpu else None,
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )

@@ -21,6 +21,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 
 from ..engine import PrunedDecoder, install
 from ..errors import AsapError, UsageError, first_line
+from ..records import Environment
+from .environment import environment
 from .presets import Preset, find_preset, model_label, preset_names, resolve_source
 from .random_model import build_from_config
 
@@ -60,6 +62,11 @@ class Loaded:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def environment(self) -> Environment:
+        """What its results are measured with: versions, its device and dtype, threads, now."""
+        return environment(str(self.device), str(self.model.dtype).removeprefix("torch."))
 
 
 def resolve_device(device: str) -> torch.device:
