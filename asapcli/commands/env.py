@@ -17,9 +17,8 @@ def env_command(*, json: options.Json = False) -> None:
     if json:
         display.print_json(found)
         return
-    table = display.table("asap environment", ["", ""])
-    table.columns[1].justify = "left"
+    table = display.Shown("asap environment", ["", ""], left=2)
     for field in dataclasses.fields(found):
         value = getattr(found, field.name)
         table.add_row(field.name, "-" if value is None else str(value))
-    display.out.print(table)
+    display.show(table)

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from ..errors import UsageError
-from ..records import EvalRow
+from ..records import EvalReport
 from ..report import display
 from . import options
 
@@ -103,8 +102,10 @@ def _report(outcome: Outcome, output: str, run: EvalRun, *, log: Path | None, fi
 def _print(outcome: Outcome, output: str) -> None:
     if output == "json":
         display.print_json(outcome.report)
+    elif output == "csv":
+        display.print_csv([display.flat(dataclasses.asdict(row)) for row in outcome.report.results])
     elif output != "table":
-        display.print_rows([display.flat(dataclasses.asdict(row)) for row in outcome.report.results], output)
+        display.show(_table(outcome.report), output)
     elif outcome.report.results:
         _show(outcome)
 
@@ -124,8 +125,7 @@ def _has_regions(report) -> bool:
 def _show(outcome: Outcome) -> None:
     """The table, what its columns mean and, when interrupted, how much of the run it covers."""
     report = outcome.report
-    partial = " (partial)" if report.partial else ""
-    display.out.print(_table(report.results, f"{report.model}: {report.data}, n={report.n}, L={report.layer}{partial}"))
+    display.show(_table(report))
     display.out.print(
         "All figures in %. FLOPs: paper Eq. 8, visual tokens only; accuracy: normalised exact match, greedy; avg: "
         "mean over question types (col, shape, exist, pos), ± half its 95% interval (each cell's in --json); rel: "
@@ -143,11 +143,16 @@ def _show(outcome: Outcome) -> None:
         )
 
 
-def _table(rows: list[EvalRow], title: str) -> Table:
+def _table(report: EvalReport) -> display.Shown:
+    """Table 1's layout: a row per method and budget; the FLOPs ratio, each question type's
+    accuracy, the average with its interval, the average over vanilla's, in percent."""
+    rows = report.results
     types = list(dict.fromkeys(kind for row in rows for kind in row.accuracy))
     regions = [region for region in ("top", "bottom") if any(region in row.region_accuracy for row in rows)]
     headers = [SHORT.get(name, name) for name in (*types, "avg ±", "rel", *regions)]
-    table = display.table(title, ["method", "k", "FLOPs", *headers])
+    partial = " (partial)" if report.partial else ""
+    title = f"{report.model}: {report.data}, n={report.n}, L={report.layer}{partial}"
+    table = display.Shown(title, ["method", "k", "FLOPs", *headers], keys=2)
     for row in rows:
         table.add_row(
             row.method,

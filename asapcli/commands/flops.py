@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..engine.methods import DEFAULT_METHOD, REFERENCE
 from ..measure.flops import FlopsCount
@@ -54,8 +54,11 @@ def flops_command(
         for count in counts:
             display.print_json(count.record())
         return
+    if output == "csv":  # the records: one row per budget, the stages as their own columns
+        display.print_csv([display.flat(dataclasses.asdict(count.record())) for count in counts])
+        return
     if output != "table":
-        display.print_rows([row for count in counts for row in count.rows()], output)
+        display.show(_budgets_table(counts) if len(counts) > 1 else _table(counts[0]), output)
         return
     _show(counts, where.model, gqa, method)
 
@@ -72,10 +75,7 @@ def _measured(where: options.Where, counts: list[FlopsCount]) -> list[FlopsCount
 
 def _show(counts: list[FlopsCount], model: str, gqa: bool, method: str) -> None:
     """The table and the lines under it that say how it was counted."""
-    if len(counts) > 1:
-        display.out.print(_budgets_table(counts))
-    else:
-        display.out.print(_table(counts[0]))
+    display.show(_budgets_table(counts) if len(counts) > 1 else _table(counts[0]))
     count = counts[0]
     display.out.print(f"Convention: {count.convention}.", markup=False, soft_wrap=True)
     if gqa and count.arch.kv_heads == count.arch.heads:
@@ -93,12 +93,12 @@ def _show(counts: list[FlopsCount], model: str, gqa: bool, method: str) -> None:
         display.out.print(line, markup=False, soft_wrap=True)
 
 
-def _budgets_table(counts: list[FlopsCount]) -> Table:
+def _budgets_table(counts: list[FlopsCount]) -> display.Shown:
     """Several budgets side by side: vanilla, then one row per k (Table 1's FLOPs column)."""
     first, measured = counts[0], counts[0].counted is not None
     unit, scale = display.flop_unit(first.vanilla)
     columns = ["k", "L", "tokens from L", unit, "ratio %"] + ([f"measured {unit}", "measured %"] if measured else [])
-    table = display.table(f"{first.label}: FLOPs of the visual tokens by budget", columns)
+    table = display.Shown(f"{first.label}: FLOPs of the visual tokens by budget", columns)
     vanilla = first.counted[REFERENCE].total if measured else None
     table.add_row(
         REFERENCE, "", str(first.arch.visual_tokens), f"{first.vanilla / scale:.3f}", "100.0",
@@ -115,12 +115,12 @@ def _budgets_table(counts: list[FlopsCount]) -> Table:
     return table
 
 
-def _table(count: FlopsCount) -> Table:
+def _table(count: FlopsCount) -> display.Shown:
     arch, stages, counted = count.arch, count.stages, count.counted
     vanilla, pruned = count.vanilla, count.pruned
     unit, scale = display.flop_unit(vanilla)
     columns = ["stage", "layers", "visual tokens", unit] + ([f"measured {unit}"] if counted else [])
-    table = display.table(f"{count.label}: FLOPs of the visual tokens", columns)
+    table = display.Shown(f"{count.label}: FLOPs of the visual tokens", columns)
     measured = count.measured_by_stage() if counted else [None] * len(stages)
     start = 0
     for index, (stage, layers) in enumerate(zip(stages, measured)):

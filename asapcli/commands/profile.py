@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..records import ProfileRow
 from ..report import display
@@ -65,17 +64,19 @@ def profile(
         for row in rows:
             display.print_json(row)
         return
-    if output != "table":
-        display.print_rows([display.flat(dataclasses.asdict(row)) for row in rows], output)
+    if output == "csv":
+        display.print_csv([display.flat(dataclasses.asdict(row)) for row in rows])
         return
     on_gpu = loaded.device.type == "cuda"
-    display.out.print(_table(rows, on_gpu, batched=batch > 1))
+    display.show(_table(rows, on_gpu, batched=batch > 1), output)
+    if output != "table":
+        return
     gpu_name = torch.cuda.get_device_name(loaded.device) if on_gpu else None
     for line in profiling.how_measured(rows[0], grid.methods, batch, gpu_name):
         display.out.print(line, markup=False, soft_wrap=True)
 
 
-def _table(rows: list[ProfileRow], on_gpu: bool, batched: bool) -> Table:
+def _table(rows: list[ProfileRow], on_gpu: bool, batched: bool) -> display.Shown:
     columns = [
         ("method", lambda row: row.method),
         ("k", lambda row: "-" if row.k is None else str(row.k)),
@@ -101,7 +102,7 @@ def _table(rows: list[ProfileRow], on_gpu: bool, batched: bool) -> Table:
     what = "one image" + (", batch 1 and batched" if batched else "")
     first = rows[0]
     label = model_label(first.model, first.random_weights, first.decoder_layers, first.decoder_layers_full)
-    table = display.table(f"{label}: prefill of {what}", [header for header, _ in columns])
+    table = display.Shown(f"{label}: prefill of {what}", [header for header, _ in columns], keys=2)
     for row in rows:
         table.add_row(*(cell(row) for _, cell in columns))
     return table

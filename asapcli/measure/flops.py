@@ -138,28 +138,6 @@ class FlopsCount:
             start += stage.layers
         return groups
 
-    def rows(self) -> list[dict]:
-        """The count as table rows (--format csv|markdown|latex), each led by the budget and layer
-        (null for a --schedule), so that several budgets give more rows, not other columns:
-        vanilla, each stage of the pruned schedule (layers first-last), then its total;
-        fvcore's column when measured."""
-        record = self.record()
-        budget = {"k": record.k, "layer": record.layer}
-        measured = record.measured.stages_tflops if record.measured else [None] * len(record.stages)
-        extra = (lambda value: {"measured_tflops": value}) if record.measured else (lambda value: {})
-        vanilla_measured = record.measured.tflops_vanilla if record.measured else None
-        rows = [{**budget, "layers": REFERENCE, "tokens": self.arch.visual_tokens, "tflops": record.tflops_vanilla,
-                 **extra(vanilla_measured), "flops_ratio": 1.0}]  # fmt: skip
-        start = 0
-        for stage, counted in zip(record.stages, measured, strict=True):
-            layers = f"{start}-{start + stage.layers - 1}"
-            rows.append({**budget, "layers": layers, "tokens": stage.tokens, "tflops": stage.tflops, **extra(counted)})
-            start += stage.layers
-        pruned_measured = record.measured.tflops if record.measured else None
-        rows.append({**budget, "layers": "total", "tokens": None, "tflops": record.tflops, **extra(pruned_measured),
-                     "flops_ratio": record.flops_ratio})  # fmt: skip
-        return rows
-
     def record(self) -> FlopsReport:
         measured = None
         if self.counted is not None:

@@ -85,23 +85,89 @@ def _plain_progress(description: str, total: int) -> Callable[[], None]:
 FORMATS = ("table", "json", "csv", "markdown", "latex")
 
 
-def table(title: str, headers: list[str]):
-    """A results table that reads at 80 columns: light rules, short headers (units go in the
-    header or the caption), and a cell too wide for its column wrapped, never cut to '…'."""
+@dataclasses.dataclass
+class Shown:
+    """A results table as a reader sees it: the cells as text (numbers formatted, '-' for none), a
+    rule above the rows listed in `rules`. The same cells print as a rich table on a terminal and
+    as Markdown or LaTeX (`--format`, through tabulate: what a paper or a README pastes).
+    `keys`: the leading columns that name a row (method, k), repeated in each block when the
+    table is wider than the terminal and goes out in blocks of columns."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]] = dataclasses.field(default_factory=list)
+    rules: set[int] = dataclasses.field(default_factory=set)
+    keys: int = 1
+    left: int = 1  # the leading columns aligned left (words); the rest are numbers, right
+
+    def add_row(self, *cells: str) -> None:
+        self.rows.append(list(cells))
+
+    def add_section(self) -> None:
+        self.rules.add(len(self.rows))
+
+
+def show(shown: Shown, format_: str = "table") -> None:
+    """`shown` on stdout as a rich table (in blocks of columns that fit the terminal), a Markdown
+    table or a LaTeX tabular (booktabs)."""
+    if format_ == "table":
+        for index, block in enumerate(_blocks(shown, out.width)):
+            if index:
+                out.print()
+            out.print(_rich(shown, block, shown.title if index == 0 else None, out.width))
+        return
+    from tabulate import tabulate
+
+    headers = [header.replace("\n", " ") for header in shown.headers]
+    align = ["left"] * shown.left + ["right"] * (len(headers) - shown.left)
+    if format_ == "markdown":  # a '|' in a cell (a model's path) would split it
+        rows = [[cell.replace("|", "\\|") for cell in row] for row in shown.rows]
+        write(tabulate(rows, headers, tablefmt="github", colalign=align, disable_numparse=True) + "\n")
+        return
+    write(tabulate(shown.rows, headers, tablefmt="latex_booktabs", colalign=align, disable_numparse=True) + "\n")
+
+
+def _widths(shown: Shown) -> list[int]:
+    lines = [header.split("\n") for header in shown.headers]
+    return [max([len(part) for part in lines[i]] + [len(row[i]) for row in shown.rows]) for i in range(len(lines))]
+
+
+def _blocks(shown: Shown, width: int) -> list[list[int]]:
+    """The columns of each block: all in one where they fit `width`, else the key columns then as
+    many others as fit, block after block (a number is never broken across lines)."""
+    widths = _widths(shown)
+    keys = list(range(min(shown.keys, len(widths))))
+    blocks, block = [], list(keys)
+    for column in range(len(keys), len(widths)):
+        used = sum(widths[i] + 1 for i in block)
+        if used + widths[column] > width and len(block) > len(keys):
+            blocks.append(block)
+            block = [*keys]
+        block.append(column)
+    blocks.append(block)
+    return blocks
+
+
+def _rich(shown: Shown, columns: list[int], title: str | None, width: int):
+    """One block of the table as rich draws it: light rules, short headers (units go in the header
+    or the caption), as wide as its title where the terminal has room (the title would wrap)."""
     from rich import box
     from rich.table import Table
 
-    result = Table(
-        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0, min_width=len(title)
-    )  # a title wider than the columns would wrap
-    for index, header in enumerate(headers):
-        result.add_column(header, justify="left" if index == 0 else "right", overflow="fold")
-    return result
+    wide = min(len(title or ""), width)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0, min_width=wide)
+    for i in columns:
+        table.add_column(shown.headers[i], justify="left" if i < shown.left else "right", no_wrap=True)
+    for index, row in enumerate(shown.rows):
+        if index in shown.rules:
+            table.add_section()
+        table.add_row(*(row[i] for i in columns))
+    return table
 
 
 def flat(record: dict, prefix: str = "") -> dict:
     """One table row from a record: nested objects flattened to `outer.inner` columns, lists of
-    numbers kept (print_rows joins them with ';'; lists of objects are left out: they are rows
+    numbers kept (print_csv joins them with ';'; lists of objects are left out: they are rows
     of their own)."""
     row = {}
     for key, value in record.items():
@@ -116,43 +182,22 @@ def flat(record: dict, prefix: str = "") -> dict:
     return row
 
 
-def print_rows(rows: list[dict], format_: str) -> None:
-    """Rows (dicts, one key set) on stdout as CSV (every digit kept, empty for null), a Markdown
-    table or a LaTeX tabular (numbers to 4 significant digits, '-' for null)."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    if format_ == "csv":
-        import csv
+def print_csv(rows: list[dict]) -> None:
+    """Records (dicts, one key set) on stdout as CSV: every digit kept, empty for null, lists of
+    numbers joined with ';'."""
+    import csv
 
-        writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({key: _csv_cell(row.get(key)) for key in columns} for row in rows)
-        sys.stdout.flush()
-        return
-    cells = [[_cell(row.get(key)) for key in columns] for row in rows]
-    if format_ == "markdown":
-        lines = [columns, ["---"] * len(columns), *cells]  # a '|' in a cell (a model's path) would split it
-        write("".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |\n" for line in lines))
-        return
-    escape = str.maketrans({char: "\\" + char for char in "&%$#_{}"})
-    body = [" & ".join(cell.translate(escape) for cell in line) + r" \\" for line in [columns, *cells]]
-    body.insert(1, r"\hline")
-    write("\\begin{tabular}{" + "l" * len(columns) + "}\n" + "\n".join(body) + "\n\\end{tabular}\n")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: _csv_cell(row.get(key)) for key in columns} for row in rows)
+    sys.stdout.flush()
 
 
 def _csv_cell(value):
     if isinstance(value, list):
         return ";".join(str(item) for item in value)
     return "" if value is None else value
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, list):
-        return ";".join(_cell(item) for item in value)
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def print_json(data) -> None:
