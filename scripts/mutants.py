@@ -47,6 +47,7 @@ TESTS = [
     "tests/test_eval_budgets_and_partial.py",
     "tests/test_lmms_eval.py",
     "tests/test_pdrop.py",
+    "tests/test_sparsevlm.py",
 ]
 
 
@@ -75,9 +76,10 @@ RANDOM, BLOCK, INPUTS, CHAT, STREAMING, EVAL_RUN, OPTIONS, HYPERPARAMETERS_FILE 
     "asapcli/commands/options.py",
     "asapcli/engine/methods/hyperparameters.py",
 )
-PDROP, PLANS = (
+PDROP, PLANS, SPARSEVLM = (
     "asapcli/engine/methods/pdrop.py",
     "asapcli/engine/plans.py",
+    "asapcli/engine/methods/sparsevlm.py",
 )
 MUTANTS = [
     # The six that survived the review of issue 16.
@@ -242,6 +244,31 @@ MUTANTS = [
         ("return [(layer, sum(_left(start, end, steps, layer) for start, end, steps in spans)) for layer in layers]",
          "return [(layer, sum(_left(start, end, steps, layer) for start, end, steps in spans)) for layer in layers[:1]]"),
     ), ("tests/test_pdrop.py",)),
+    # Issue 26: SparseVLM v1.5.
+    Mutant("sparsevlm's ties broken by the lower index, not as torch.topk", SPARSEVLM, (
+        ("chosen = torch.topk(relation[None], keep_for(tokens, k), dim=-1).indices[0]",
+         "chosen = torch.sort(relation, descending=True, stable=True).indices[: keep_for(tokens, k)]"),
+    ), ("tests/test_sparsevlm.py",)),
+    Mutant("sparsevlm's rating layers one layer late", SPARSEVLM, (
+        ("at = max(int(layer * depth / DEPTH + 0.5),", "at = max(int(layer * depth / DEPTH + 0.5) + 1,"),
+    ), ("tests/test_sparsevlm.py",)),
+    Mutant("sparsevlm's cluster weights swapped between clusters", OPS, (
+        ("points * weight[cluster, None]", "points * weight.flip(0)[cluster, None]"),
+    ), ("tests/test_sparsevlm.py",)),
+    Mutant("sparsevlm's clusters placed before the kept tokens", SPARSEVLM, (
+        ("places = ascending.argsort()", "places = ascending.argsort().roll(-kept.numel())"),
+    ), ("tests/test_sparsevlm.py",)),
+    Mutant("sparsevlm's raters: every text token", OPS, (
+        ("raters = torch.nonzero(relevance > relevance.mean()).flatten()",
+         "raters = torch.nonzero(relevance >= relevance.min()).flatten()"),
+    ), ("tests/test_sparsevlm.py",)),
+    Mutant("sparsevlm recycles the worst rated deleted tokens", SPARSEVLM, (
+        ("best = torch.topk(relation[deleted][None], recycled_count(deleted.numel()), dim=-1).indices[0]",
+         "best = torch.topk(relation[deleted][None], recycled_count(deleted.numel()), dim=-1, largest=False).indices[0]"),
+    ), ("tests/test_sparsevlm.py",)),
+    Mutant("sparsevlm's density without its noise", OPS, (
+        ("+ noise.to(dist.dtype) * 1e-6", "+ noise.to(dist.dtype) * 0"),
+    ), ("tests/test_sparsevlm.py",)),
 ]  # fmt: skip
 
 

@@ -117,19 +117,24 @@ def _measure_spans(heads: _Heads, prune_pass: PrunePass) -> torch.Tensor | None:
         if method.sg_bimask:
             mask[rows_of, :, span, key_span] = ops.sg_bimask(saliency, method.lambda_max)[:, None].to(mask.dtype)
         if is_scoring_layer:
-            importance = _importance(heads, method, rows_of, span, mask) if method.score_queries else None
+            queries = prune_pass.query_rows(index, span, query.shape[2]) if method.score_queries else None
+            importance = _importance(heads, method, rows_of, span, queries, mask) if method.score_queries else None
             prune_pass.record(index, SpanScores(importance=importance, mass=mass, saliency=saliency))
     return mask if method.sg_bimask else heads.attention_mask
 
 
 def _importance(
-    heads: _Heads, method: PruningMethod, rows_of: slice, span: slice, mask: torch.Tensor | None
+    heads: _Heads,
+    method: PruningMethod,
+    rows_of: slice,
+    span: slice,
+    queries: slice | torch.Tensor,
+    mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The attention the tokens of `span` (chunk coordinates) receive from the method's query
-    rows, weighted by their value norms when the method scores contributions (CAPA)."""
+    """The attention the tokens of `span` (chunk coordinates) receive from the query rows
+    `queries`, weighted by their value norms when the method scores contributions (CAPA)."""
     query, keys, value = heads.query, heads.keys, heads.value
     key_span = slice(span.start + heads.offset, span.stop + heads.offset)
-    queries = score_rows(method.score_queries, span, query.shape[2])
     # Without SG-BiMask only the scoring rows of the causal mask are ever needed.
     query_mask = (
         mask[rows_of, :, queries]

@@ -45,7 +45,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..errors import AsapError
-from . import attention
+from . import attention, ops
 from .methods import PruningMethod, SpanScores, SpanView
 
 
@@ -180,6 +180,8 @@ class PrunePass:
         self.layers = sorted({layer for item in self.items for layer in item.steps})
         self.layer = self.layers[0] if self.layers else plans[0].layer
         self.scores: dict[int, SpanScores] = {}  # by index into `spans`, for the next step
+        self.raters: dict[int, torch.Tensor] = {}  # by index into `spans`: its rows, where the method rates so
+        self.chunk = (chunk_start, chunk_len)
 
     def _add(self, row: int, start: int, end: int, steps: dict[int, int | None]) -> None:
         index = torch.arange(end - start)
@@ -189,6 +191,29 @@ class PrunePass:
     def spans(self) -> list[tuple[int, slice]]:
         """Each span as (row, where its tokens are now in chunk coordinates)."""
         return [(item.row, item.now) for item in self.items]
+
+    def rate(self, embeds: torch.Tensor) -> None:
+        """Each span's text raters (score_queries "raters"), from the input embeddings `embeds`
+        (B, N, d): among the tokens after the span that no image span of its row holds, those most
+        relevant to the span (ops.text_raters); the chunk's last token where none follows."""
+        chunk_start, chunk_len = self.chunk
+        for index, item in enumerate(self.items):
+            text = torch.ones(chunk_len, dtype=torch.bool)
+            text[: item.end] = False
+            for start, end in self.plans[item.row].spans:
+                text[max(start - chunk_start, 0) : max(end - chunk_start, 0)] = False
+            after = torch.nonzero(text).flatten().to(embeds.device)
+            if after.numel() == 0:
+                self.raters[index] = torch.tensor([chunk_len - 1], device=embeds.device)
+                continue
+            chosen = ops.text_raters(embeds[item.row, item.start : item.end], embeds[item.row, after])
+            self.raters[index] = after[chosen]
+
+    def query_rows(self, index: int, span: slice, q_len: int) -> slice | torch.Tensor:
+        """The query rows (chunk coordinates, as they are now) whose attention ranks span `index`."""
+        if index in self.raters:
+            return self.raters[index]
+        return attention.score_rows(self.method.score_queries, span, q_len)
 
     def record(self, index: int, scores: SpanScores) -> None:
         self.scores[index] = scores
@@ -281,6 +306,9 @@ class PrunePass:
         for item, first in zip(self.items, firsts):
             now = int(new_position[item.row, first])
             item.now = slice(now, now + item.index.numel())
+        for index, rows in self.raters.items():  # text goes on; a rater cut with a span: the last token
+            moved = new_position[self.items[index].row, rows]
+            self.raters[index] = torch.where(moved >= 0, moved, kept_index.shape[1] - 1)
 
     def _span_record(self, item: _Span, chunk_start: int) -> SpanRecord:
         start, end = item.start + chunk_start, item.end + chunk_start
@@ -583,7 +611,11 @@ class PrunedDecoder(nn.Module):
         if len(plans) != batch:
             raise ValueError(f"{len(plans)} pruning plans for a batch of {batch}")
         prune_pass = PrunePass(plans, call.chunk_start, chunk_len, call.attention_mask)
-        return prune_pass if prune_pass.spans else None
+        if not prune_pass.spans:
+            return None
+        if prune_pass.method.score_queries == "raters":
+            prune_pass.rate(call.hidden)  # the input embeddings, before layer 0
+        return prune_pass
 
     def _layers(self, call: _Call, prune_pass: PrunePass | None, kwargs: dict) -> torch.Tensor:
         """The decoder layers over the call's tokens, a prune step before each layer of the pass's

@@ -211,3 +211,47 @@ def without_duplicates(features: torch.Tensor, candidates: torch.Tensor, count: 
         distinct = best_match.argsort(dim=-1, descending=True)[0, drop:]
         candidates = torch.cat([candidates[0::2][distinct], candidates[1::2]])
     return candidates if count > 0 else candidates[:0]
+
+
+def text_raters(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's raters: the text tokens (rows of `text` (t, d), input embeddings) whose
+    relevance to the image (`image` (n, d)) is above the mean relevance, where relevance is the
+    softmax over the text of image . text, averaged over the image rows. Returns indices into
+    `text`, ascending; every text row where none is above the mean (one text token: the authors'
+    code would average an empty set)."""
+    relevance = (image.float() @ text.float().T).softmax(dim=1).mean(dim=0)
+    raters = torch.nonzero(relevance > relevance.mean()).flatten()
+    return raters if raters.numel() else torch.arange(text.shape[0], device=text.device)
+
+
+def dpc_knn_clusters(tokens: torch.Tensor, clusters: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-kNN clustering of `tokens` (m, c) into `clusters` groups, as SparseVLM recycles its
+    deleted tokens. Distances are Euclidean / sqrt(c); a token's density is exp(-mean squared
+    distance to its `clusters` nearest, itself included) plus 1e-6 `noise` (m,) (which orders
+    tied densities); its delta is the distance to the nearest denser token (the largest distance
+    when none is denser). Centres: the top `clusters` of delta * density (torch.topk's order);
+    each token joins its nearest centre (the first on ties), a centre itself. Returns the
+    centres (clusters,) and each token's cluster (m,)."""
+    points = tokens.float()
+    dist = torch.cdist(points[None], points[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+    dist = dist / points.shape[1] ** 0.5
+    nearest = torch.topk(dist, k=clusters, dim=-1, largest=False).values
+    density = (-(nearest**2).mean(dim=-1)).exp() + noise.to(dist.dtype) * 1e-6
+    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
+    delta = torch.where(denser, dist, dist.max()).amin(dim=-1)
+    centres = torch.topk((delta * density)[None], clusters, dim=-1).indices[0]
+    cluster = dist[centres].argmin(dim=0)
+    cluster[centres] = torch.arange(clusters, device=tokens.device)
+    return centres, cluster
+
+
+def cluster_means(tokens: torch.Tensor, cluster: torch.Tensor, clusters: int) -> torch.Tensor:
+    """Each cluster's members summed with weight 1 / (members + 1e-6): their mean, as SparseVLM
+    merges (its 1e-6 kept). tokens (m, c), cluster (m,) in 0..clusters-1. Returns (clusters, c)."""
+    points = tokens.float()
+    members = torch.zeros(clusters, device=tokens.device).index_add_(
+        0, cluster, torch.ones_like(cluster, dtype=points.dtype)
+    )
+    weight = 1 / (members + 1e-6)
+    merged = torch.zeros(clusters, points.shape[1], device=tokens.device)
+    return merged.index_add_(0, cluster, points * weight[cluster, None]).to(tokens.dtype)

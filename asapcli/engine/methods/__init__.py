@@ -15,11 +15,12 @@ from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, 
 from .pdrop import PyramidDrop
 from .pool import POOLED, Pool
 from .random import Random
+from .sparsevlm import RECYCLED, SparseVLM
 from .vanilla import Vanilla
 from .vispruner import DIVERSE, VisPruner
 
 METHODS: dict[str, type[PruningMethod]] = {
-    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, VisPruner, PyramidDrop)
+    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, VisPruner, PyramidDrop, SparseVLM)
 }
 DEFAULT_METHOD = Asap.name  # what run, chat, flops and the API prune with unless told
 REFERENCE = Vanilla.name  # the unpruned run every other is measured against (compare's first column)
@@ -53,6 +54,7 @@ __all__ = [
     "METHODS",
     "POOLED",
     "POSITIONS",
+    "RECYCLED",
     "REFERENCE",
     "REFILLED",
     "ROLES",

@@ -112,8 +112,9 @@ class PruningMethod:
 
     What the decoder computes in layers 0..L-1:
     - `sg_bimask`: replace the causal mask inside image spans by SG-BiMask (Eq. 4-5).
-    - `score_queries`: which query rows rank the tokens at layer L-1 ("last", "text", "all"),
-      or None when the method needs no attention scores.
+    - `score_queries`: which query rows rank the tokens at layer L-1 ("last", "text", "all",
+      or "raters": the text rows after the span most relevant to its input embeddings, chosen
+      once before layer 0; SparseVLM), or None when the method needs no attention scores.
     - `needs_mass`: record s and s_hat at layer L-1.
     - `score`: "attention" ranks by the attention probability received; "contribution" weights
       it by the norm of the token's value vector (CAPA).
@@ -212,6 +213,10 @@ class PruningMethod:
         whole. A step at layer 0 prunes before the first decoder layer."""
         kept = self.kept_count(tokens, k)
         return [(self.stage_layers(layer, num_layers)[0], kept)] if kept < tokens else []
+
+    def budget_problem(self, k: int) -> str | None:
+        """Why it cannot run at budget k as configured (a fixed table of budgets, say); None: it can."""
+        return None
 
     def select(self, span: SpanView, k: int) -> Selection:
         raise NotImplementedError

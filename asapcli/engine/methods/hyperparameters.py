@@ -65,6 +65,7 @@ def _ratio_or_budget(value) -> bool:
 SCORE_QUERIES = ("last", "text", "all")
 SCORES = ("attention", "contribution")
 POSITIONS = ("original", "renumber")
+STAGE_COUNTS = ("budget", "table")
 
 HYPERPARAMETERS: dict[str, Hyperparameter] = {
     h.name: h
@@ -108,7 +109,7 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
             "positions",
             str,
             "kept tokens keep their own position ids (original, default) or are numbered 0..M-1 as a shorter "
-            "prompt (renumber: official DivPrune's, VisPruner's and PyramidDrop's pipelines).",
+            "prompt (renumber: official DivPrune's, VisPruner's, PyramidDrop's and SparseVLM's pipelines).",
             choices=POSITIONS,
             refusal="--positions {value} is for methods that shorten the sequence they feed on ({takers}); "
             "{method} keeps original positions",
@@ -121,6 +122,13 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
             "in (0, 1) (0.5: the authors' scripts).",
             valid=_ratio_or_budget,
             rule="must be budget or a number in (0, 1)",
+        ),
+        Hyperparameter(
+            "stage_counts",
+            str,
+            "the image tokens each stage keeps: budget (matched to -k, default) or table (the authors' counts "
+            "for -k 64, 128, 192).",
+            choices=STAGE_COUNTS,
         ),
     )
 }
