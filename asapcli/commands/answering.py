@@ -83,11 +83,13 @@ def answer(
     temperature: float = 0.0,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
+    on_step: Callable[[], None] | None = None,
     draws_kept: bool = False,
 ) -> list[Answered]:
     """Every sample answered: one alone, its text streamed to `on_text`; several as one batch
-    (each row its own plan, the same answers). `draws_kept`: the caller will draw the kept
-    patches, so a model whose image tokens cannot be placed on the image fails before generating."""
+    (each row its own plan, the same answers), `on_step` called after each decoding step.
+    `draws_kept`: the caller will draw the kept patches, so a model whose image tokens cannot
+    be placed on the image fails before generating."""
     for prompt in dict.fromkeys(prompt for _, prompt in samples.pairs):
         check_text(loaded.processor, prompt)
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
@@ -95,7 +97,7 @@ def answer(
         inputs = build_batch_inputs(
             loaded.processor, [(prompt, samples.pictures[image]) for image, prompt in samples.pairs]
         )
-        results = generate_batch(loaded, inputs, settings, **sampling)
+        results = generate_batch(loaded, inputs, settings, **sampling, on_step=on_step)
         return [_answered(loaded, settings, *pair, result) for pair, result in zip(samples.pairs, results, strict=True)]
     ((image, prompt),) = samples.pairs
     inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [samples.pictures[image]])
@@ -144,13 +146,21 @@ def kept_view(loaded: Loaded, picture: Image.Image, answered: Answered) -> figur
 
 
 def compare(
-    loaded: Loaded, runs: list[PruneSettings], samples: Samples, max_tokens: int = 128, seed: int = 0
+    loaded: Loaded,
+    runs: list[PruneSettings],
+    samples: Samples,
+    max_tokens: int = 128,
+    seed: int = 0,
+    on_answer: Callable[[], None] | None = None,
 ) -> list[Answered]:
     """One image and prompt answered under each of `runs`, each alone, so that each keeps its
-    plan for the figure."""
-    return [
-        answer(loaded, settings, samples, max_tokens=max_tokens, seed=seed, draws_kept=True)[0] for settings in runs
-    ]
+    plan for the figure; `on_answer` called after each."""
+    answers = []
+    for settings in runs:
+        answers += answer(loaded, settings, samples, max_tokens=max_tokens, seed=seed, draws_kept=True)
+        if on_answer is not None:
+            on_answer()
+    return answers
 
 
 def comparison_line(answered: Answered) -> str:

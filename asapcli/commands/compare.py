@@ -48,8 +48,9 @@ def compare(
 
     loaded = where.load()
     runs = [settings.for_model(loaded.num_layers) for settings in grid.runs()]
-    with display.status(f"Answering under {len(runs)} settings"):
-        answers = answering.compare(loaded, runs, samples, max_tokens=max_tokens, seed=comparison.seed)
+    with display.progress() as tasks:
+        step = tasks("Answers", len(runs))
+        answers = answering.compare(loaded, runs, samples, max_tokens=max_tokens, seed=comparison.seed, on_answer=step)
     if json:
         figure = None if out is None else str(out)
         display.print_json(

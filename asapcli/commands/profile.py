@@ -53,8 +53,8 @@ def profile(
     loaded = where.load()
     picture = picture or pattern_image(*(loaded.preset.pattern if loaded.preset else ()))
     runs = profiling.runs(grid, loaded.num_layers)
-    with display.status(f"Measuring {len(runs)} runs") as spinner:
-        step = None if spinner is None else lambda message: spinner.update(f"Measuring: {message}")
+    with display.progress() as tasks:
+        step = tasks("Prefills and decodes", profiling.step_count(len(runs), len({1, batch}), warmup, repeats))
         rows = profiling.profile(
             loaded, model=where.model, prompt=prompt, picture=picture, settings=runs, batch=batch,
             repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, on_step=step,

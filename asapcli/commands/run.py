@@ -61,7 +61,9 @@ def run(
     loaded = where.load()
     settings = settings.for_model(loaded.num_layers)
     several = len(samples.pairs) > 1
-    with display.status(f"Answering {len(samples.pairs)} samples in one batch") if several else nullcontext():
+    with display.progress() if several else nullcontext() as tasks:  # one sample alone streams its answer
+        # a batch decodes all its samples together: its steps are tokens, at most --max-tokens
+        step = tasks(f"Decoding {len(samples.pairs)} samples in one batch", sampling.max_tokens) if tasks else None
         answers = answering.answer(
             loaded,
             settings,
@@ -70,6 +72,7 @@ def run(
             temperature=sampling.temperature,
             seed=sampling.seed,
             on_text=None if json or several else display.write,
+            on_step=step,
             draws_kept=save_kept is not None,
         )
     _show(answers, settings, json, several)

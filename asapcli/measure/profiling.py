@@ -143,7 +143,7 @@ def measure(
     repeats: int = 5,
     warmup: int = 1,
     decode_tokens: int = 16,
-    on_step: Callable[[str], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[Measurement]:
     """Time `warmup` + `repeats` prefills of every run on every batch (the median of the repeats
     is its time), interleaved round by round so that a machine that speeds up or slows down
@@ -152,20 +152,25 @@ def measure(
     device = loaded.device
     batches = [to_device(loaded, inputs) for inputs in batches]
     cases = [(settings, inputs) for settings in runs for inputs in batches]
-    step = on_step or (lambda _: None)
+    step = on_step or (lambda: None)
     times: list[list[float]] = [[] for _ in cases]
     for round_index in range(warmup + repeats):
-        step(f"prefill round {round_index + 1}/{warmup + repeats}" + (" (warm-up)" if round_index < warmup else ""))
         for (settings, inputs), case_times in zip(cases, times):
             elapsed = seconds(device, lambda settings=settings, inputs=inputs: prefill(loaded, inputs, settings))
             if round_index >= warmup:
                 case_times.append(elapsed)
+            step()
     results = []
     for (settings, inputs), case_times in zip(cases, times):
-        k = f" k={settings.k}" if settings.method.prunes else ""
-        step(f"memory and decoding, {settings.method}{k}, batch {inputs['input_ids'].shape[0]}")
         results.append(_costs(loaded, inputs, settings, case_times, decode_tokens))
+        step()
     return results
+
+
+def step_count(runs: int, batch_sizes: int, warmup: int, repeats: int) -> int:
+    """The steps measure() reports: each timed prefill, then each run's memory and decoding."""
+    cases = runs * batch_sizes
+    return cases * (warmup + repeats) + cases
 
 
 def _costs(
@@ -230,7 +235,7 @@ def profile(
     repeats: int = 5,
     warmup: int = 1,
     decode_tokens: int = 16,
-    on_step: Callable[[str], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[ProfileRow]:
     """`asap profile`: the sample prefilled under every settings, at batch 1 and at `batch`
     (copies of it), measured side by side (see measure()); a record per run and batch size."""

@@ -55,9 +55,23 @@ def progress() -> Iterator[Callable[[str, int], Callable[[], None]]]:
     if not err.is_terminal:
         yield _plain_progress
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as bars:
 
         def add(description: str, total: int) -> Callable[[], None]:
@@ -68,18 +82,40 @@ def progress() -> Iterator[Callable[[str, int], Callable[[], None]]]:
 
 
 def _plain_progress(description: str, total: int) -> Callable[[], None]:
+    """A line at most every PLAIN_PROGRESS_SECONDS, and one at the end of a task that said
+    something before: done/total, the time so far, the rate and, from it, the time left."""
     started = last = time.monotonic()
-    done = 0
+    done = said = 0
 
     def advance() -> None:
-        nonlocal done, last
+        nonlocal done, last, said
         done += 1
         now = time.monotonic()
-        if now - last >= PLAIN_PROGRESS_SECONDS or done == total:
-            last = now
-            note(f"{description}: {done}/{total} ({now - started:.0f} s)")
+        # the last line only after others: a task too short for them needs no word at its end
+        if now - last >= PLAIN_PROGRESS_SECONDS or (done == total and said):
+            last, said = now, said + 1
+            note(f"{description}: {done}/{total} ({_pace(done, total, now - started)})")
 
     return advance
+
+
+def _pace(done: int, total: int, elapsed: float) -> str:
+    """`12 s, 3.4/s, about 20 s left` (no rate or time left before a second has passed)."""
+    said = f"{elapsed:.0f} s"
+    if elapsed < 1 or done >= total:
+        return said
+    rate = done / elapsed
+    left = (total - done) / rate
+    pace = f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f} s each"
+    return f"{said}, {pace}, about {_duration(left)} left"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 FORMATS = ("table", "json", "csv", "markdown", "latex")

@@ -18,7 +18,7 @@ from ..engine.settings import PruneSettings
 from ..errors import AsapError
 from . import streaming
 from .loading import Loaded
-from .streaming import FirstToken, StopWhen, TextStream
+from .streaming import EachStep, FirstToken, StopWhen, TextStream
 
 # A decode rate over fewer tokens than this is mostly noise and per-call overhead: not reported.
 MIN_DECODE_TOKENS = 8
@@ -108,13 +108,18 @@ def generate_batch(
     temperature: float = 0.0,
     seed: int = 0,
     sampling: dict | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[GenerationResult]:
     """Several samples as one left-padded batch (`inputs`), each row pruned on its own: prefilled
     and decoded together, a result per row (the times are the batch's). `sampling`: generate()'s
-    own sampling options in place of those `temperature` makes (lmms-eval passes its task's)."""
+    own sampling options in place of those `temperature` makes (lmms-eval passes its task's);
+    `on_step` is called after each decoding step (at most `max_tokens`: a progress bar's)."""
     inputs = to_device(loaded, inputs)
     sampling = sampling if sampling is not None else sampling_options(temperature)
-    output, clock, plans = _generate(loaded, inputs, settings, max_tokens=max_tokens, sampling=sampling, seed=seed)
+    stop = EachStep(on_step) if on_step is not None else None
+    output, clock, plans = _generate(
+        loaded, inputs, settings, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop
+    )
     plans = plans or [None] * output.shape[0]
     prompt_len = inputs["input_ids"].shape[1]
     eos = _end_tokens(loaded)
@@ -203,7 +208,7 @@ def _generate(
     sampling: dict,
     seed: int,
     streamer: TextStream | None = None,
-    stop: StopWhen | None = None,
+    stop: StopWhen | EachStep | None = None,
     cache: DynamicCache | None = None,
 ) -> tuple[torch.Tensor, _Clock, list[PruningPlan] | None]:
     """The model's own generate() inside the API's pruning block: the output ids, its times and

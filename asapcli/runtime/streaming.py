@@ -64,6 +64,18 @@ class StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
+class EachStep(StoppingCriteria):
+    """Calls `tick` after every decoding step (generate() checks stopping then), for a progress
+    bar; never stops anything."""
+
+    def __init__(self, tick: Callable[[], None]):
+        self.tick = tick
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.tick()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 class FirstToken(StoppingCriteria):
     """Notes when the first token is out (generate() checks stopping after every step): the end
     of the prefill, once the device has finished it (CUDA runs ahead of the host). Never stops
