@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import asapcli
 from asapcli.commands import answering
 from asapcli.engine import image_spans
-from asapcli.engine.methods import ANCHOR, KEPT, POOLED, REFILLED, SELECTED, SpanView
+from asapcli.engine.methods import ANCHOR, DIVERSE, KEPT, METHODS, POOLED, REFILLED, SELECTED, SpanView
 from asapcli.engine.methods.pool import Pool
 from asapcli.engine.plans import plan_for
 from asapcli.engine.settings import PruneSettings
@@ -75,9 +75,37 @@ def test_asaps_roles_are_the_references_anchors_sources_and_refills(demo):
 
 
 def test_fastv_divprune_and_random_keep_by_selection_only(demo):
-    for method in ("fastv", "divprune", "random"):
+    for method, role in (("fastv", SELECTED), ("divprune", DIVERSE), ("random", SELECTED)):
         _, plan = demo_plan(demo, method)
-        assert plan.pruned[0].roles == [SELECTED] * 128 and plan.pruned[0].absorbed == [[]] * 128
+        assert plan.pruned[0].roles == [role] * 128 and plan.pruned[0].absorbed == [[]] * 128
+
+
+def test_a_method_has_one_colour_in_every_figure():
+    """asap was green in one plot and orange in another: the colour went by the order drawn."""
+    from matplotlib.colors import to_hex
+
+    colours = {name: to_hex(method.colour) for name, method in METHODS.items()}
+    assert len(set(colours.values())) == len(colours)
+    for names in (["fastv", "asap"], ["vispruner", "divprune", "asap", "random"]):
+        rows = [row("vanilla", None, 1.0, 0.98, 0.95, 1.0)] + [row(n, 64, 0.5, 0.9, 0.85, 0.95) for n in names]
+        axes = figures.draw_accuracy(figures.accuracy_points(rows), "demo").axes[0]
+        drawn = {container.get_label(): to_hex(container.lines[0].get_color()) for container in axes.containers}
+        assert drawn == {name: colours[name] for name in names}
+
+
+def test_one_swatch_per_colour_in_a_merged_legend():
+    """fastv's "selected by score" and divprune's "selected for diversity" were two blue swatches;
+    random's "chosen at random" shares fastv's role, so it shares its swatch."""
+    views = [
+        figures.KeptView("", method, [], [(role, figures.role_label(role, method), 1)])
+        for method, role in (("fastv", SELECTED), ("divprune", DIVERSE), ("random", SELECTED))
+    ]
+    legend = figures._merged_legend(views)
+    assert [(role, label) for role, label, _ in legend] == [
+        (SELECTED, "selected by score / chosen at random"),
+        (DIVERSE, "selected for diversity"),
+    ]
+    assert len({figures.COLOURS[role] for role, _, _ in legend}) == len(legend)
 
 
 def test_pools_cells_are_the_patches_adaptive_pooling_averages():

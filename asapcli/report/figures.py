@@ -43,7 +43,7 @@ DROPPED, ABSORBED = "dropped", "absorbed"  # a patch's state beside the kept rol
 COLOURS = {**{name: role.colour for name, role in ROLES.items()}, ABSORBED: ROLES[ANCHOR].colour, DROPPED: "#555555"}
 STATE_LABELS = {ABSORBED: "merged into an anchor (dashed)", DROPPED: "dropped (dimmed)"}
 DIM_TOWARDS, DIM_KEEPS = (24, 24, 24), 0.3  # a dropped patch: 30% of itself over near-black, still readable
-SERIES = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"]  # one colour per line
+SERIES = ["#0072B2", "#D55E00"]  # the attention profile's two lines: causal, SG-BiMask
 
 
 def role_label(role: str, method: str) -> str:
@@ -227,6 +227,7 @@ def _draw_grid(axes, pixels, factor: float, grid: GridView) -> None:
     """One panel: the image with its patch grid, dimmed where tokens were lost, each kept patch
     outlined in its role's colour."""
     from matplotlib.collections import PatchCollection
+    from matplotlib.colors import to_rgba
     from matplotlib.patches import Rectangle
 
     height, width = pixels.shape[:2]
@@ -247,13 +248,15 @@ def _draw_grid(axes, pixels, factor: float, grid: GridView) -> None:
             if r == role
         ]
         if boxes:
-            dashed = role == ABSORBED
+            dashed, cell = role == ABSORBED, role == POOLED
             axes.add_collection(
                 PatchCollection(
                     boxes,
-                    facecolor="none",
+                    # a pooled cell spans several patches: filled lightly and drawn thick, so that it
+                    # reads as one region over the thin patch grid
+                    facecolor=to_rgba(COLOURS[role], 0.12) if cell else "none",
                     edgecolor=COLOURS[role],
-                    linewidth=1.0 if dashed else 1.6,
+                    linewidth=1.0 if dashed else 2.4 if cell else 1.6,
                     linestyle="--" if dashed else "-",
                     label=role,
                 )
@@ -359,10 +362,15 @@ def draw_comparison(image: Image.Image, columns: list[ComparedPanel], title: str
 
 
 def _merged_legend(views: list[KeptView]) -> list[tuple[str, str, int | None]]:
-    """One legend for several panels: each role once, labelled without counts per panel (each
-    panel's heading has them)."""
-    entries = dict.fromkeys((role, label) for view in views for role, label, _ in view.legend if role != KEPT)
-    return [(role, label, None) for role, label in entries]
+    """One legend for several panels: each role once (one swatch per colour), its labels joined
+    where methods name it differently ("selected by score / chosen at random"), without counts
+    (each panel's heading has them)."""
+    labels: dict[str, list[str]] = {}
+    for view in views:
+        for role, label, _ in view.legend:
+            if role != KEPT and label not in labels.setdefault(role, []):
+                labels[role].append(label)
+    return [(role, " / ".join(names), None) for role, names in labels.items()]
 
 
 # ---- accuracy against FLOPs ---------------------------------------------------------------
@@ -420,7 +428,6 @@ def draw_accuracy(points: list[AccuracyPoint], title: str) -> Figure:
     figure = MplFigure(figsize=(6.4, 4.4), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    palette = iter(SERIES)
     for point in points:
         if not _prunes(point.method):  # the reference: a line across, not a point
             axes.axhspan(point.low, point.high, color="#888888", alpha=0.15, linewidth=0)
@@ -433,7 +440,7 @@ def draw_accuracy(points: list[AccuracyPoint], title: str) -> Figure:
     step = DODGE * ((max(flops) - min(flops)) or 1.0)
     for number, method in enumerate(methods):
         mine = sorted((p for p in points if p.method == method), key=lambda p: p.flops)
-        colour = next(palette, "#000000")
+        colour = METHODS[method].colour if method in METHODS else "#000000"  # the same in every figure
         shift = (number - (len(methods) - 1) / 2) * step
         axes.errorbar(
             [p.flops + shift for p in mine],

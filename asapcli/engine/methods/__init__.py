@@ -8,7 +8,7 @@ starts in a blink without torch."""
 from __future__ import annotations
 
 from .asap import ANCHOR, REFILLED, Asap, AsapBimaskOnly
-from .base import KEPT, SELECTED, UNPRUNED, PruningMethod, Role, Selection, SpanScores, SpanView
+from .base import DIVERSE, KEPT, SELECTED, UNPRUNED, PruningMethod, Role, Selection, SpanScores, SpanView
 from .divprune import DivPrune
 from .fastv import FastV
 from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
@@ -17,7 +17,7 @@ from .pool import POOLED, Pool
 from .random import Random
 from .sparsevlm import RECYCLED, SparseVLM
 from .vanilla import Vanilla
-from .vispruner import DIVERSE, VisPruner
+from .vispruner import VisPruner
 
 METHODS: dict[str, type[PruningMethod]] = {
     m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, VisPruner, PyramidDrop, SparseVLM)

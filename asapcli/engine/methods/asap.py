@@ -25,6 +25,7 @@ class AsapBimaskOnly(PruningMethod):
     From L = 2 on, and with `all` queries at any L, the selections differ."""
 
     name = "asap-bimask-only"
+    colour = "#56B4E9"
     sg_bimask = True
     needs_mass = True
     paired_with = "fastv"  # the same scoring under the causal mask: what SG-BiMask changes
@@ -45,6 +46,7 @@ class Asap(AsapBimaskOnly):
     slots they free (Eq. 6 and budget reallocation)."""
 
     name = "asap"
+    colour = "#009E73"
     roles = (BY_SCORE, MERGE_ANCHOR, REFILL)
     merge_threshold: float = 0.9
 

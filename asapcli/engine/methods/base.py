@@ -53,9 +53,11 @@ class Role:
     colour: str
 
 
-SELECTED = "selected"  # ranked in by the method's own criterion: attention, diversity, chance
+SELECTED = "selected"  # ranked in by the method's own criterion: attention, chance
+DIVERSE = "diverse"  # kept for being unlike the others (DivPrune, VisPruner's second part)
 KEPT = "kept"  # a span that was not pruned: every token goes on
 BY_SCORE = Role(SELECTED, "selected by score", "#0072B2")
+KEPT_DIVERSE = Role(DIVERSE, "kept as a distinct patch", "#D55E00")
 UNPRUNED = Role(KEPT, "kept (not pruned)", "#FFFFFF")
 
 
@@ -143,6 +145,8 @@ class PruningMethod:
     never disagree.
     - `paired_with`: the method whose scores a figure contrasts with its own (the attention
       shift: the same scoring under the causal mask), or None.
+    - `colour`: its line and points in every figure that compares methods (one per method,
+      whichever others a figure shows).
     """
 
     name: ClassVar[str]
@@ -155,6 +159,7 @@ class PruningMethod:
     continues_cache: ClassVar[bool] = True
     roles: ClassVar[tuple[Role, ...]] = (BY_SCORE,)
     paired_with: ClassVar[str | None] = None
+    colour: ClassVar[str] = "#000000"
     reads_vision: ClassVar[bool] = False
     stage_scores: ClassVar[bool] = False
     score_queries: str | None = None

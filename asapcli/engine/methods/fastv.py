@@ -11,6 +11,7 @@ from .base import PruningMethod, Selection, SpanView
 @dataclass(frozen=True)
 class FastV(PruningMethod):
     name = "fastv"
+    colour = "#0072B2"
     score_queries: str = "last"
     score: str = "attention"
 

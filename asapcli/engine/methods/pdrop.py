@@ -17,6 +17,7 @@ BUDGET = "budget"  # lambda matched to k (the default), else a number: the fixed
 @dataclass(frozen=True)
 class PyramidDrop(PruningMethod):
     name = "pdrop"
+    colour = "#E69F00"
     stage_scores = True
     min_layer = 0  # it never reads L: its stages follow the model's depth
     reads_layer = False

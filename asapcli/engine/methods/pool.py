@@ -17,6 +17,7 @@ POOLED_CELL = Role(POOLED, "pooled cell", "#CC79A7")
 @dataclass(frozen=True)
 class Pool(BeforeLLM):
     name = "pool"
+    colour = "#8C564B"
     roles = (POOLED_CELL,)
 
     def kept_count(self, tokens: int, k: int) -> int:

@@ -10,6 +10,7 @@ from .base import BY_SCORE, PruningMethod, Selection, SpanView
 @dataclass(frozen=True)
 class Random(PruningMethod):
     name = "random"
+    colour = "#999999"
     roles = (replace(BY_SCORE, label="chosen at random"),)
     seed: int = 0
 

@@ -97,6 +97,7 @@ def matched_steps(tokens: int, k: int, depth: int) -> list[tuple[int, int]]:
 @dataclass(frozen=True)
 class SparseVLM(PruningMethod):
     name = "sparsevlm"
+    colour = "#882255"
     min_layer = 0  # it never reads L: its stages follow the model's depth
     reads_layer = False
     score_queries = "raters"

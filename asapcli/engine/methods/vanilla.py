@@ -10,6 +10,7 @@ from .base import PruningMethod, Selection, SpanView
 @dataclass(frozen=True)
 class Vanilla(PruningMethod):
     name = "vanilla"
+    colour = "#444444"
     prunes = False
     reads_layer = False
     roles = ()  # every span is kept whole (base.UNPRUNED)

@@ -9,15 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ...errors import UsageError
-from .base import BY_SCORE, SELECTED, BeforeLLM, Role, Selection, SpanView
-
-DIVERSE = "diverse"  # kept by the duplicate removal among the patches left after the important ones
-KEPT_DIVERSE = Role(DIVERSE, "kept as a distinct patch", "#D55E00")
+from .base import BY_SCORE, DIVERSE, KEPT_DIVERSE, SELECTED, BeforeLLM, Selection, SpanView
 
 
 @dataclass(frozen=True)
 class VisPruner(BeforeLLM):
     name = "vispruner"
+    colour = "#D55E00"
     reads_vision = True
     roles = (replace(BY_SCORE, label="most attended by [CLS]"), KEPT_DIVERSE)
     important_ratio: float = 0.5
