@@ -412,3 +412,18 @@ def test_a_piped_chat_says_when_an_answer_was_cut(asap):
     result = asap("chat", CAR, "--max-tokens", 1, input="what colour is the car?\n")
     assert result.exit_code == 0, result.output
     assert "(answer cut at --max-tokens (1 token))" in result.stderr
+
+
+def test_help_lists_only_what_the_command_takes(asap):
+    """chat listed divprune, pool and vispruner (which it refuses) and their options; eval listed
+    --layers and --random-weights (which it refuses)."""
+    from asapcli.engine.methods import METHODS
+
+    chat = asap("chat", "--help").stdout
+    refused = [name for name, method in METHODS.items() if not method.continues_cache]
+    assert refused and not any(name in chat for name in refused)
+    assert "--important-ratio" not in chat and "pdrop" in chat
+    evaluated = asap("eval", "--help").stdout
+    assert "--layers" not in evaluated and "--random-weights" not in evaluated
+    assert "--important-ratio" in asap("run", "--help").stdout
+    assert "--random-weights" in asap("profile", "--help").stdout

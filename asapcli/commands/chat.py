@@ -46,7 +46,7 @@ def chat(
     ] = None,
     *,
     where: options.Where,
-    pruning: options.OneMethod,
+    pruning: options.ChatMethod,
     sampling: options.Sampling,
     json: options.json_flag("one JSON object per turn instead of text") = False,
 ) -> None:

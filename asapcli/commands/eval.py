@@ -47,7 +47,7 @@ PROMPT_SUFFIX_HELP = (
 @options.command
 def eval_command(
     *,
-    where: options.Where,
+    where: options.WhereAnswering,
     data: Annotated[Path | None, typer.Option("--data", metavar="FILE.jsonl", help=DATA_HELP)] = None,
     n: Annotated[int | None, typer.Option("-n", "--n", metavar="N", min=1, help=N_HELP)] = None,
     comparison: options.EvalComparison,

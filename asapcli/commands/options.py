@@ -25,14 +25,17 @@ if TYPE_CHECKING:
     from ..runtime.loading import Loaded
 
 
-def _choice(values: tuple[str, ...], pattern: str | None = None) -> dict:
+def _choice(values: tuple[str, ...], pattern: str | None = None, refused: dict[str, str] | None = None) -> dict:
     """typer.Option keywords that check a value against `values` (or the regular expression
     `pattern`) as the command line is parsed, before anything heavy is imported, with the closest
-    value as a suggestion, and complete it in the shell."""
+    value as a suggestion, and complete it in the shell. `refused`: values this command does not
+    take though others do, each with why."""
 
     def parse(text: str) -> str:
         if text in values or (pattern is not None and re.fullmatch(pattern, text)):
             return text
+        if refused and text in refused:
+            raise typer.BadParameter(refused[text])
         close = difflib.get_close_matches(text, values, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise typer.BadParameter(f"{text!r} is not one of {', '.join(values)}{hint}")
@@ -147,24 +150,15 @@ Dtype = Annotated[
         **_choice(DTYPE_NAMES),
     ),
 ]
-RandomWeights = Annotated[
-    bool,
-    typer.Option(
-        "--random-weights",
-        help="Build the preset's architecture with random weights, no download: its cost measured anywhere "
-        "(answers are noise).",
-    ),
-]
-Layers = Annotated[
-    int | None,
-    typer.Option(
-        "--layers",
-        min=1,
-        metavar="N",
-        help="With --random-weights: only the first N decoder layers of the language model (timing on a small "
-        "machine; every output says so).",
-    ),
-]
+RANDOM_WEIGHTS_HELP = (
+    "Build the preset's architecture with random weights, no download: its cost measured anywhere (answers are noise)."
+)
+LAYERS_HELP = (
+    "With --random-weights: only the first N decoder layers of the language model (timing on a small machine; "
+    "every output says so)."
+)
+RandomWeights = Annotated[bool, typer.Option("--random-weights", help=RANDOM_WEIGHTS_HELP)]
+Layers = Annotated[int | None, typer.Option("--layers", min=1, metavar="N", help=LAYERS_HELP)]
 
 
 def max_tokens(help: str = "Most tokens to generate."):
@@ -309,6 +303,15 @@ class Where:
 
 
 @dataclasses.dataclass
+class WhereAnswering(Where):
+    """Where, for a command that measures answers (eval): --random-weights and --layers, which it
+    refuses (random weights answer at chance), are left out of its help."""
+
+    random_weights: Annotated[bool, typer.Option("--random-weights", hidden=True)] = False
+    layers: Annotated[int | None, typer.Option("--layers", min=1, hidden=True)] = None
+
+
+@dataclasses.dataclass
 class Sampling:
     """How answers are generated."""
 
@@ -321,12 +324,12 @@ def _field_default(method: type, name: str):
     return next(field.default for field in dataclasses.fields(method) if field.name == name)
 
 
-def _method_option(name: str) -> tuple:
-    """The option of one declared hyperparameter (None: not given), its help naming the methods
-    that take it and their defaults."""
+def _method_option(name: str, methods: dict[str, type]) -> tuple:
+    """The option of one declared hyperparameter (None: not given), its help naming which of
+    `methods` take it and their defaults."""
     hyperparameter = HYPERPARAMETERS[name]
-    takers = [method for method, cls in METHODS.items() if name in cls.hyperparameters()]
-    defaults = {str(_field_default(METHODS[method], name)) for method in takers}
+    takers = [method for method, cls in methods.items() if name in cls.hyperparameters()]
+    defaults = {str(_field_default(methods[method], name)) for method in takers}
     metavar = "{" + "|".join(hyperparameter.choices) + "}" if hyperparameter.choices else "X"
     checked = _choice(hyperparameter.choices) if hyperparameter.choices else {}
     option = typer.Option(
@@ -338,30 +341,68 @@ def _method_option(name: str) -> tuple:
     return (name, Annotated[hyperparameter.type | None, option], dataclasses.field(default=None, kw_only=True))
 
 
-# The pruning methods' hyperparameters as given on the command line (None: not given), one option
-# per declaration in engine.HYPERPARAMETERS; keyword-only, so that they follow a group's own options.
-MethodOptions = dataclasses.make_dataclass("MethodOptions", [_method_option(name) for name in HYPERPARAMETERS])
-MethodOptions.__module__ = __name__
+def method_options(name: str, methods: dict[str, type]) -> type:
+    """The hyperparameters of `methods` as given on the command line (None: not given), one
+    option per declaration in engine.HYPERPARAMETERS that one of them takes; keyword-only, so
+    that they follow a group's own options."""
+    taken = [option for option in HYPERPARAMETERS if any(option in cls.hyperparameters() for cls in methods.values())]
+    group = dataclasses.make_dataclass(name, [_method_option(option, methods) for option in taken])
+    group.__module__ = __name__
+    return group
+
+
+MethodOptions = method_options("MethodOptions", METHODS)
+# chat continues its cache turn after turn: only the methods that can (not those that prune before layer 0)
+CHATTING = {name: cls for name, cls in METHODS.items() if cls.continues_cache}
+ChatMethodOptions = method_options("ChatMethodOptions", CHATTING)
 
 
 def options_given(group) -> dict:
-    """The method options of `group` that were given."""
-    values = {name: getattr(group, name) for name in HYPERPARAMETERS}
+    """The method options of `group` that were given (those it has)."""
+    values = {name: getattr(group, name, None) for name in HYPERPARAMETERS}
     return {name: value for name, value in values.items() if value is not None}
 
 
+class _Settles:
+    def settings(self, preset: Preset | None, seed: int = 0) -> PruneSettings:
+        """The settings, made and checked once; k and L not given come from `preset`."""
+        k, layer = budget_and_layer(preset, self.k, self.layer)
+        return PruneSettings(self.method, k, layer, seed, **options_given(self))
+
+
 @dataclasses.dataclass
-class OneMethod(MethodOptions):
-    """--method, -k, --layer and the method's options: what run and chat prune by."""
+class OneMethod(MethodOptions, _Settles):
+    """--method, -k, --layer and the method's options: what run prunes by."""
 
     method: Method = DEFAULT_METHOD
     k: K = None
     layer: Layer = None
 
-    def settings(self, preset: Preset | None, seed: int = 0) -> PruneSettings:
-        """The settings, made and checked once; k and L not given come from `preset`."""
-        k, layer = budget_and_layer(preset, self.k, self.layer)
-        return PruneSettings(self.method, k, layer, seed, **options_given(self))
+
+_NOT_IN_CHAT = {
+    name: f"{name} prunes before the language model, so a later turn cannot continue its cache; asap chat takes "
+    f"{', '.join(CHATTING)}"
+    for name, cls in METHODS.items()
+    if not cls.continues_cache
+}
+ChatMethodName = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        metavar="{" + "|".join(CHATTING) + "}",
+        help="The pruning method (those that prune inside the language model: a later turn continues the cache).",
+        **_choice(tuple(CHATTING), refused=_NOT_IN_CHAT),
+    ),
+]
+
+
+@dataclasses.dataclass
+class ChatMethod(ChatMethodOptions, _Settles):
+    """--method, -k, --layer and the method's options, as chat takes them."""
+
+    method: ChatMethodName = DEFAULT_METHOD
+    k: K = None
+    layer: Layer = None
 
 
 @dataclasses.dataclass
