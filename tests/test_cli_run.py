@@ -280,9 +280,9 @@ def test_an_unreachable_hub_is_one_error_line_at_once(image_file, monkeypatch, a
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
         (
-            "Error: cannot reach https://hub.invalid to download 'nobody/no-such-model' (no network?); pass a local "
-            "model folder with -m (a model already in the Hugging Face cache loads without the network; "
-            "HF_HUB_OFFLINE=1 says so up front)"
+            "Error: cannot reach https://hub.invalid to download 'nobody/no-such-model' (no network?); name a local "
+            "model folder instead (-m FOLDER; pretrained=FOLDER under lmms-eval; a model already in the Hugging Face "
+            "cache loads without the network, and HF_HUB_OFFLINE=1 says so up front)"
         )
     ]
 
@@ -293,6 +293,7 @@ def test_hf_hub_offline_with_an_uncached_model_says_what_to_do(image_file, asap)
     assert result.stderr.startswith(
         "Error: model 'nobody/no-such-model' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
     )
+    assert "pretrained=FOLDER under lmms-eval" in result.stderr  # the plugin's users name it there
 
 
 def test_ctrl_c_while_the_libraries_import_is_one_line_and_130(monkeypatch, capsys):

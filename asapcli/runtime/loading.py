@@ -124,7 +124,7 @@ def load(
     if source is None:
         raise AsapError(
             f"preset {model!r} gives architecture numbers only (for asap flops); time its shape with "
-            "--random-weights, or pass a transformers-format model folder or hub id with -m to run it"
+            f"--random-weights, or name a transformers-format model folder or hub id to run it ({NAMING})"
         )
     try:
         local_only = Path(source).is_dir() or _from_cache_only(source)
@@ -232,6 +232,7 @@ def _offload_folder() -> str:
 
 
 HUB_PROBE_SECONDS = 3.0
+NAMING = "-m FOLDER; pretrained=FOLDER under lmms-eval"  # where a user names the model, CLI or plugin
 
 
 def _from_cache_only(hub_id: str) -> bool:
@@ -243,7 +244,7 @@ def _from_cache_only(hub_id: str) -> bool:
         if not cached:
             raise AsapError(
                 f"model {hub_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                "unset it to download the model, or pass a local model folder with -m"
+                f"unset it to download the model, or name a local model folder instead ({NAMING})"
             )
         return True
     if _hub_reachable():
@@ -251,8 +252,8 @@ def _from_cache_only(hub_id: str) -> bool:
     if not cached:
         raise AsapError(
             f"cannot reach {huggingface_hub.constants.ENDPOINT} to download {hub_id!r} (no network?); "
-            "pass a local model folder with -m (a model already in the Hugging Face cache loads without "
-            "the network; HF_HUB_OFFLINE=1 says so up front)"
+            f"name a local model folder instead ({NAMING}; a model already in the Hugging Face cache loads "
+            "without the network, and HF_HUB_OFFLINE=1 says so up front)"
         )
     return True
 
