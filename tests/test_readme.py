@@ -1,11 +1,14 @@
 """The commands of the README and docs/ run as shown: every `asap ...` line of their examples
 that needs no network, no file of the reader's own and at most a few seconds runs, with the
-result its comment promises; the others (and commands quoted in the text) are parsed, so that
-every option they name exists and takes the value they give."""
+result its comment promises, in the time it promises (a comment's "about a minute", "20 s";
+seconds where it says nothing), each time recorded in the test report; the others (and commands
+quoted in the text) are parsed, so that every option they name exists and takes the value they
+give."""
 
 import re
 import shlex
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -67,15 +70,41 @@ def shown_only() -> list[str]:
     return sorted({command for command in every if not runnable(command) or command not in readme_commands()})
 
 
+# A command the docs give no time for takes seconds: at most this, on 2 busy cores.
+SECONDS = 30.0
+SLACK = 3.0  # a promised time is the demo's on an idle machine: CI's cores are shared
+
+
+def promised_seconds(comment: str) -> float:
+    """The time a command's comment promises ("about a minute", "20 s", "2 min"), else SECONDS."""
+    if "about a minute" in comment:
+        return 60.0
+    found = re.search(r"(\d+) ?(s|seconds|min|minutes)\b", comment)
+    if found is None:
+        return SECONDS
+    return float(found.group(1)) * (60 if found.group(2).startswith("min") else 1)
+
+
+def test_a_comment_promises_a_time_in_its_words():
+    assert promised_seconds("150 answers: about a minute") == 60.0
+    assert promised_seconds("the attention shift, 20 s") == 20.0 and promised_seconds("2 min") == 120.0
+    assert promised_seconds("circle") == SECONDS
+
+
 @pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_runs_as_shown(command, tmp_path, monkeypatch, asap):
+def test_readme_command_runs_as_shown(command, tmp_path, monkeypatch, asap, record_property):
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     (tmp_path / "asapcli").symlink_to(REPO / "asapcli")  # files the docs name inside the package (a task's questions)
     (tmp_path / "docs" / "figures").mkdir(parents=True)  # where docs/figures.md's commands write their figures
     monkeypatch.chdir(tmp_path)  # outputs the command writes (kept.png) land here
     arguments, _, comment = command.partition("  # ")
+    started = time.perf_counter()
     result = asap(*shlex.split(arguments)[1:])
+    seconds = time.perf_counter() - started
+    record_property("seconds", round(seconds, 1))  # in the junit report (--junitxml) of every run
     assert result.exit_code == 0, result.output
+    promised = promised_seconds(comment)
+    assert seconds <= SLACK * promised, f"{command}: {seconds:.0f} s, the docs promise {promised:.0f} s"
     for figure in re.findall(r"\d+\.\d+%?", comment):  # the figures a comment promises
         assert figure in result.stdout, (figure, result.stdout)
     if arguments.startswith("asap run") and comment:
