@@ -40,6 +40,7 @@ TESTS = [
     "tests/test_api_block_calls.py",
     "tests/test_divprune_official.py",
     "tests/test_vispruner.py",
+    "tests/test_visionzip.py",
     "tests/test_chat_stats.py",
     "tests/test_streaming.py",
     "tests/test_inputs.py",
@@ -59,6 +60,7 @@ class Mutant:
 
 
 VISPRUNER, VISION = "asapcli/engine/methods/vispruner.py", "asapcli/engine/vision.py"
+VISIONZIP = "asapcli/engine/methods/visionzip.py"
 ATTENTION, ASAP, OPS, DECODER = (
     "asapcli/engine/attention.py",
     "asapcli/engine/methods/asap.py",
@@ -215,6 +217,24 @@ MUTANTS = [
     Mutant("the tap reads the [CLS] row without layer_norm1", VISION, (
         ("normed = layer.layer_norm1(hidden)", "normed = hidden"),
     ), ("tests/test_vispruner.py",)),
+    Mutant("VisionZip's dominant ties broken by a stable sort", OPS, (
+        ("chosen[torch.topk(scores[None], count, dim=-1).indices[0]] = True",
+         "chosen[torch.sort(scores, descending=True, stable=True).indices[:count]] = True"),
+    ), ("tests/test_visionzip.py",)),
+    Mutant("VisionZip's contextual token the mean of its group, target included", OPS, (
+        ("return features[targets] + total / members[:, None]",
+         "return (features[targets] + total) / (members[:, None] + 1)"),
+    ), ("tests/test_visionzip.py",)),
+    Mutant("VisionZip's keys read one token off ([CLS] not skipped)", VISIONZIP, (
+        ("cues.keys[1:][rest]", "cues.keys[:-1][rest]"),
+    ), ("tests/test_visionzip.py",)),
+    Mutant("VisionZip's target step one too long", OPS, (
+        ("torch.arange(0, m, max(1, m // count), device=keys.device)[:count]",
+         "torch.arange(0, m, max(1, m // count + 1), device=keys.device)[:count]"),
+    ), ("tests/test_visionzip.py",)),
+    Mutant("VisionZip's [CLS] token fed after the patches", VISIONZIP, (
+        ("order=placed.argsort(),", "order=placed.argsort().roll(-1),"),
+    ), ("tests/test_visionzip.py",)),
     # Issue 26: PyramidDrop and the multi-stage engine.
     Mutant("pdrop's stage layers one layer late", PDROP, (
         ("layers = [max(1, stage * depth // STAGES) for stage in range(1, STAGES)]",

@@ -211,3 +211,41 @@ def without_duplicates(features: torch.Tensor, candidates: torch.Tensor, count: 
         distinct = best_match.argsort(dim=-1, descending=True)[0, drop:]
         candidates = torch.cat([candidates[0::2][distinct], candidates[1::2]])
     return candidates if count > 0 else candidates[:0]
+
+
+def dominant_patches(attention: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's dominant patches: the `count` the [CLS] token attends to most, the attention
+    (heads, n) summed over heads (a sum, as the authors') and ranked by torch.topk over a batch of
+    one (ties as theirs); returned in patch order, with the rest in patch order."""
+    scores = attention.sum(dim=0) if attention.dim() == 2 else attention
+    chosen = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    chosen[torch.topk(scores[None], count, dim=-1).indices[0]] = True
+    return chosen.nonzero().flatten(), (~chosen).nonzero().flatten()
+
+
+def context_groups(keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual grouping of m tokens by their keys (m, d), in patch order: the
+    targets are every (m // count)-th token (step at least 1), the first `count`; each other token
+    joins the target whose key is most similar (cosine, the first target on ties). Returns the
+    targets, the others (both indices into the m tokens, ascending) and each other's target (an
+    index into the targets)."""
+    unit = keys / keys.norm(dim=-1, keepdim=True)  # no epsilon, as theirs: keys are never zero
+    m = keys.shape[0]
+    targets = torch.arange(0, m, max(1, m // count), device=keys.device)[:count]
+    is_target = torch.zeros(m, dtype=torch.bool, device=keys.device)
+    is_target[targets] = True
+    others = (~is_target).nonzero().flatten()
+    similarity = torch.bmm(unit[others][None], unit[targets].T[None])[0]  # a batch of one: their rounding
+    return targets, others, similarity.argmax(dim=-1)
+
+
+def merge_into_targets(
+    features: torch.Tensor, targets: torch.Tensor, others: torch.Tensor, assignment: torch.Tensor
+) -> torch.Tensor:
+    """VisionZip's contextual tokens: each target's feature plus the mean of the features of the
+    tokens that joined it (nothing added where none did). features (m, c); returns (targets, c)."""
+    count = targets.numel()
+    total = torch.zeros(count, features.shape[-1], dtype=features.dtype, device=features.device)
+    total.index_add_(0, assignment, features[others])
+    members = torch.bincount(assignment, minlength=count).clamp(min=1).to(features.dtype)
+    return features[targets] + total / members[:, None]

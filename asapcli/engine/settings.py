@@ -46,7 +46,9 @@ class PruneSettings:
         check_numbers(k=k, layer=layer, seed=seed)
         check_layer(layer, [cls])
         given = check_options({name: value for name, value in options.items() if value is not None}, [cls])
-        _fill(self, method=_configured(cls, seed, given), k=k, layer=layer, seed=seed, given=frozenset(given))
+        configured = _configured(cls, seed, given)
+        check_budget(configured, k)
+        _fill(self, method=configured, k=k, layer=layer, seed=seed, given=frozenset(given))
 
     @classmethod
     def _made(cls, method: PruningMethod, k: int, layer: int, seed: int, **checked) -> PruneSettings:
@@ -83,6 +85,7 @@ class PruneSettings:
         """These settings at budget `k` (checked: the rest was), still checked against the model
         they were (k has no bound a model sets)."""
         check_numbers(k=k)
+        check_budget(self.method, k)
         return PruneSettings._made(self.method, k, self.layer, self.seed, given=self.given, num_layers=self.num_layers)
 
     def for_model(self, num_layers: int) -> PruneSettings:
@@ -143,6 +146,12 @@ class MethodGrid:
         if reference and not any(not cls.prunes for cls in classes):
             classes = [METHODS[REFERENCE], *classes]
         check_layer(layer, classes)
+        for cls in classes:  # each method with the options it takes, at every budget
+            method = _configured(
+                cls, seed, {name: value for name, value in given.items() if name in cls.hyperparameters()}
+            )
+            for k in budgets:
+                check_budget(method, k)
         values = {"methods": tuple(classes), "budgets": tuple(budgets), "layer": layer, "seed": seed}
         for name, value in {**values, "options": MappingProxyType(given), "reference": reference}.items():
             object.__setattr__(self, name, value)
@@ -195,6 +204,13 @@ def check_numbers(**numbers) -> None:
 
 # torch seeds take 64 bits, and the random method multiplies the seed by a million: 32 bits fit.
 SEEDS = 2**32
+
+
+def check_budget(method: PruningMethod, k: int) -> None:
+    """k is a budget the method, with its hyperparameters, can prune to (VisionZip's split)."""
+    problem = method.budget_problem(k)
+    if problem:
+        raise UsageError(problem)
 
 
 def check_layer(layer: int, methods: Sequence[type[PruningMethod]]) -> None:

@@ -16,10 +16,11 @@ from .pdrop import PyramidDrop
 from .pool import POOLED, Pool
 from .random import Random
 from .vanilla import Vanilla
+from .visionzip import CONTEXTUAL, VisionZip
 from .vispruner import DIVERSE, VisPruner
 
 METHODS: dict[str, type[PruningMethod]] = {
-    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, VisPruner, PyramidDrop)
+    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, VisPruner, VisionZip, PyramidDrop)
 }
 DEFAULT_METHOD = Asap.name  # what run, chat, flops and the API prune with unless told
 REFERENCE = Vanilla.name  # the unpruned run every other is measured against (compare's first column)
@@ -43,6 +44,7 @@ ROLES = _roles()
 
 __all__ = [
     "ANCHOR",
+    "CONTEXTUAL",
     "DEFAULT_COMPARISON",
     "DEFAULT_EVALUATION",
     "DEFAULT_METHOD",

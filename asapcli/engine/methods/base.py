@@ -55,8 +55,11 @@ class Role:
 
 SELECTED = "selected"  # ranked in by the method's own criterion: attention, diversity, chance
 KEPT = "kept"  # a span that was not pruned: every token goes on
+GLOBAL = "global"  # a token with no patch of its own (VisionZip's [CLS], PruMerge+'s extra token)
 BY_SCORE = Role(SELECTED, "selected by score", "#0072B2")
 UNPRUNED = Role(KEPT, "kept (not pruned)", "#FFFFFF")
+# It sits in a slot no other kept token takes (a dropped patch's): the figures draw it there.
+GLOBAL_TOKEN = Role(GLOBAL, "global token, in a dropped patch's slot", "#000000")
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,8 @@ class PruningMethod:
     - `roles`: the roles its selections give, in the legend's order, with their labels.
     - `reads_vision`: it ranks tokens by what the vision tower saw ([CLS] attention, patch
       features at the feature layer): the block taps the tower for it (engine/vision.py).
+    - `vision_needs`: what else of the tower it reads (engine/vision.py's VISION_NEEDS: the
+      layer's keys, the last layer's q and k, the projector), computed for it alone.
     - `stage_scores`: rank each stage's spans by the attention that the stage's own first layer
       would pay them from the last token, computed over the tokens entering it (its own norm,
       q/k projections and rotary; PyramidDrop), instead of recording layer L-1's attention.
@@ -155,6 +160,7 @@ class PruningMethod:
     roles: ClassVar[tuple[Role, ...]] = (BY_SCORE,)
     paired_with: ClassVar[str | None] = None
     reads_vision: ClassVar[bool] = False
+    vision_needs: ClassVar[tuple[str, ...]] = ()
     stage_scores: ClassVar[bool] = False
     score_queries: str | None = None
     score: str = "attention"
@@ -196,6 +202,10 @@ class PruningMethod:
     def renumbers(self) -> bool:
         """Kept tokens are numbered 0..M-1, as a shorter prompt (--positions renumber)."""
         return getattr(self, "positions", None) == "renumber"
+
+    def budget_problem(self, k: int) -> str | None:
+        """Why budget k is one this method (with its hyperparameters) cannot prune to; None when it can."""
+        return None
 
     def kept_count(self, tokens: int, k: int) -> int:
         """How many of a span's `tokens` go on at budget k."""
