@@ -249,3 +249,71 @@ def merge_into_targets(
     total.index_add_(0, assignment, features[others])
     members = torch.bincount(assignment, minlength=count).clamp(min=1).to(features.dtype)
     return features[targets] + total / members[:, None]
+
+
+def cls_row_attention(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """PruMerge+'s [CLS] attention: one head over the full width, softmax(q_cls k^T C^-0.5) over
+    [CLS] and the n patches, in the input dtype as theirs; query and key (1 + n, C). Returns (n,)."""
+    scores = (query[:1] @ key.transpose(0, 1)) * query.shape[-1] ** -0.5
+    return torch.softmax(scores, dim=-1)[0, 1:]
+
+
+def outlier_count(scores: torch.Tensor) -> int:
+    """How many scores lie above Q3 + 1.5 IQR: numpy's percentiles of the float32 scores, as
+    PruMerge+'s `outlier_dectection`."""
+    values = scores.detach().to(torch.float32).cpu().numpy().ravel()
+    low, high = np.percentile(values, 25), np.percentile(values, 75)
+    return int((values > high + 1.5 * (high - low)).sum())
+
+
+def budget_picks(scores: torch.Tensor, picks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PruMerge+'s fixed path for `picks` tokens: the ceil(picks / 2) most attended (torch.topk,
+    best first) and picks // 2 spatial samples, every (n // samples)-th patch from half a step on,
+    before the last patch (theirs: arange(step // 2, 575, step)); a sample may repeat a top token."""
+    n = scores.shape[0]
+    top = torch.topk(scores[None], (picks + 1) // 2, dim=-1).indices[0]
+    count = picks // 2
+    step = n // count if count else 1
+    samples = torch.arange(step // 2, n - 1, step, device=scores.device)[:count]
+    return top, samples
+
+
+def adaptive_picks(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PruMerge+'s adaptive path: the share s of outliers (at least one: theirs divides by s),
+    the int(n s) most attended (best first), then every int(int(1 / s) / 3)-th patch (at least 1)
+    before the last one that is not among them."""
+    n = scores.shape[0]
+    share = max(outlier_count(scores), 1) / n
+    top = torch.topk(scores[None], int(n * share), dim=-1).indices[0]
+    step = max(1, int(int(1 / share) / 3))
+    taken = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    taken[top] = True
+    grid = torch.arange(0, n - 1, step, device=scores.device)
+    return top, grid[~taken[grid]]
+
+
+def left_out(picked: torch.Tensor, n: int) -> torch.Tensor:
+    """The patches PruMerge+ merges into the extra token: those not picked, ascending, less as
+    many of the first ones as `picked` has repeats (their complement_idx sorts a scattered
+    range and drops the first len(picked) entries, repeats counted)."""
+    taken = torch.zeros(n, dtype=torch.bool, device=picked.device)
+    taken[picked] = True
+    repeats = picked.numel() - int(taken.sum())
+    return (~taken).nonzero().flatten()[repeats:]
+
+
+def merge_neighbours(
+    features: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, picked: torch.Tensor, rest: torch.Tensor
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """PruMerge+'s merge: each picked token plus the score-weighted sum (unnormalised) of its 32
+    nearest by key cosine among the other picked tokens and `rest` (fewer where fewer exist).
+    Returns the merged features (picked, C) and, for each, the patches it took in."""
+    unit = torch.nn.functional.normalize(keys, p=2, dim=-1)
+    merged, near_patches = torch.empty_like(features[picked]), []
+    for i in range(picked.numel()):  # one product per token, the shape theirs has: same rounding
+        candidates = torch.cat([picked[:i], picked[i + 1 :], rest])
+        cosine = torch.bmm(unit[picked[i]].view(1, 1, -1), unit[candidates].T[None])[0]
+        near = candidates[torch.topk(cosine, min(32, candidates.numel()), dim=-1).indices[0]]
+        merged[i] = features[picked[i]] + (features[near] * scores[near, None]).sum(dim=0)
+        near_patches.append(near.tolist())
+    return merged, near_patches

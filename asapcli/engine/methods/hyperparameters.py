@@ -131,6 +131,12 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
             default_rule="10 per 64 of k, rounded half up (54 + 10 at k = 64, 108 + 20, 162 + 30)",
         ),
         Hyperparameter(
+            "adaptive",
+            bool,
+            "PruMerge+'s own adaptive count (the share of [CLS] attention outliers, IQR), whatever k; without it, "
+            "exactly k tokens (half most attended, half spatial samples, one extra token).",
+        ),
+        Hyperparameter(
             "stage_ratio",
             str,
             "the share lambda of the image tokens each stage keeps: budget (matched to -k, default) or a number "
