@@ -309,10 +309,13 @@ def merge_neighbours(
     nearest by key cosine among the other picked tokens and `rest` (fewer where fewer exist).
     Returns the merged features (picked, C) and, for each, the patches it took in."""
     unit = torch.nn.functional.normalize(keys, p=2, dim=-1)
+    # Each picked token against every patch in one product (no gather per token), then its own
+    # candidates in their order: the picked ones but itself, then the rest, as theirs.
+    cosines = torch.bmm(unit[picked][:, None], unit.T[None].expand(picked.numel(), -1, -1))[:, 0]
     merged, near_patches = torch.empty_like(features[picked]), []
-    for i in range(picked.numel()):  # one product per token, the shape theirs has: same rounding
+    for i in range(picked.numel()):
         candidates = torch.cat([picked[:i], picked[i + 1 :], rest])
-        cosine = torch.bmm(unit[picked[i]].view(1, 1, -1), unit[candidates].T[None])[0]
+        cosine = cosines[i, candidates][None]
         near = candidates[torch.topk(cosine, min(32, candidates.numel()), dim=-1).indices[0]]
         merged[i] = features[picked[i]] + (features[near] * scores[near, None]).sum(dim=0)
         near_patches.append(near.tolist())

@@ -60,8 +60,10 @@ class VisionZip(BeforeLLM):
         dominant, rest = ops.dominant_patches(cues.attention, k - contextual - 1)
         targets, others, assignment = ops.context_groups(cues.keys[1:][rest], contextual)
         merged = ops.merge_into_targets(cues.features[rest], targets, others, assignment)
-        tokens = torch.cat([cues.cls[None], cues.features[dominant], merged])  # the authors' order
-        hidden = cues.project(tokens).to(span.hidden.device, span.hidden.dtype)
+        # The authors' order: [CLS], dominant, contextual. The dominant patches keep the model's own
+        # projection of them (the projector maps each token alone); only new tokens are projected.
+        new = cues.project(torch.cat([cues.cls[None], merged])).to(span.hidden.device, span.hidden.dtype)
+        hidden = torch.cat([new[:1], span.hidden[dominant.to(span.hidden.device)], new[1:]])
         slots = torch.cat([_free_slot(span.hidden.shape[0], dominant, rest[targets]), dominant, rest[targets]])
         members = [rest[others[assignment == target]].tolist() for target in range(contextual)]
         roles = [GLOBAL] + [SELECTED] * dominant.numel() + [CONTEXTUAL] * contextual
