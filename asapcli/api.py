@@ -15,8 +15,9 @@ Inside the block the language model's attention runs as PyTorch's SDPA (a model 
 eager attention agrees to float rounding, not to the bit) and returns no hidden states or
 attention maps (asking for them is an error). Blocks do not nest, and a model inside a block
 serves that thread alone (another thread's call of it is an error: give each thread a model of
-its own). divprune, pool and vispruner, which prune before the first layer, leave a cache
-shorter than its sequence: a later call cannot continue it (an error, not a wrong answer).
+its own). divprune, pool, vispruner, visionzip and prumerge-plus, which prune before the first
+layer, leave a cache shorter than its sequence: a later call cannot continue it (an error, not a
+wrong answer).
 
 The CLI answers through the same block (`pruned_as(model, settings)`, with the settings its
 options made): a question asked with `asap run` and with this API is pruned the same way.

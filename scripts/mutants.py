@@ -40,6 +40,8 @@ TESTS = [
     "tests/test_api_block_calls.py",
     "tests/test_divprune_official.py",
     "tests/test_vispruner.py",
+    "tests/test_visionzip.py",
+    "tests/test_prumerge_plus.py",
     "tests/test_chat_stats.py",
     "tests/test_streaming.py",
     "tests/test_inputs.py",
@@ -60,6 +62,7 @@ class Mutant:
 
 
 VISPRUNER, VISION = "asapcli/engine/methods/vispruner.py", "asapcli/engine/vision.py"
+VISIONZIP, PRUMERGE = "asapcli/engine/methods/visionzip.py", "asapcli/engine/methods/prumerge_plus.py"
 ATTENTION, ASAP, OPS, DECODER = (
     "asapcli/engine/attention.py",
     "asapcli/engine/methods/asap.py",
@@ -217,6 +220,47 @@ MUTANTS = [
     Mutant("the tap reads the [CLS] row without layer_norm1", VISION, (
         ("normed = layer.layer_norm1(hidden)", "normed = hidden"),
     ), ("tests/test_vispruner.py",)),
+    Mutant("VisionZip's dominant ties broken by a stable sort", OPS, (
+        ("chosen[torch.topk(scores[None], count, dim=-1).indices[0]] = True",
+         "chosen[torch.sort(scores, descending=True, stable=True).indices[:count]] = True"),
+    ), ("tests/test_visionzip.py",)),
+    Mutant("VisionZip's contextual token the mean of its group, target included", OPS, (
+        ("return features[targets] + total / members[:, None]",
+         "return (features[targets] + total) / (members[:, None] + 1)"),
+    ), ("tests/test_visionzip.py",)),
+    Mutant("VisionZip's keys read one token off ([CLS] not skipped)", VISIONZIP, (
+        ("cues.keys[1:][rest]", "cues.keys[:-1][rest]"),
+    ), ("tests/test_visionzip.py",)),
+    Mutant("VisionZip's target step one too long", OPS, (
+        ("torch.arange(0, m, max(1, m // count), device=keys.device)[:count]",
+         "torch.arange(0, m, max(1, m // count + 1), device=keys.device)[:count]"),
+    ), ("tests/test_visionzip.py",)),
+    Mutant("VisionZip's [CLS] token fed after the patches", VISIONZIP, (
+        ("order=placed.argsort(),", "order=placed.argsort().roll(-1),"),
+    ), ("tests/test_visionzip.py",)),
+    Mutant("PruMerge+'s neighbours ranked by a stable sort, not torch.topk", OPS, (
+        ("near = candidates[torch.topk(cosine, min(32, candidates.numel()), dim=-1).indices[0]]",
+         "near = candidates[torch.sort(cosine[0], descending=True, stable=True).indices[: min(32, candidates.numel())]]"),
+    ), ("tests/test_prumerge_plus.py",)),
+    Mutant("PruMerge+'s neighbours weighted by the kept token's attention, not their own", OPS, (
+        ("merged[i] = features[picked[i]] + (features[near] * scores[near, None]).sum(dim=0)",
+         "merged[i] = features[picked[i]] + (features[near] * scores[picked[i]]).sum(dim=0)"),
+    ), ("tests/test_prumerge_plus.py",)),
+    Mutant("PruMerge+'s samples start one patch early", OPS, (
+        ("samples = torch.arange(step // 2, n - 1, step, device=scores.device)[:count]",
+         "samples = torch.arange(step // 2 - 1, n - 1, step, device=scores.device)[:count]"),
+    ), ("tests/test_prumerge_plus.py",)),
+    Mutant("PruMerge+'s complement keeps the patches its repeats displaced", OPS, (
+        ("return (~taken).nonzero().flatten()[repeats:]", "return (~taken).nonzero().flatten()"),
+    ), ("tests/test_prumerge_plus.py",)),
+    Mutant("PruMerge+'s attention scaled by the head width, not the full width", OPS, (
+        ("scores = (query[:1] @ key.transpose(0, 1)) * query.shape[-1] ** -0.5",
+         "scores = (query[:1] @ key.transpose(0, 1)) * (query.shape[-1] // 2) ** -0.5"),
+    ), ("tests/test_prumerge_plus.py",)),
+    Mutant("PruMerge+'s adaptive top count rounded up", OPS, (
+        ("top = torch.topk(scores[None], int(n * share), dim=-1).indices[0]",
+         "top = torch.topk(scores[None], int(n * share) + 1, dim=-1).indices[0]"),
+    ), ("tests/test_prumerge_plus.py",)),
     # Issue 26: PyramidDrop and the multi-stage engine.
     Mutant("pdrop's stage layers one layer late", PDROP, (
         ("layers = [max(1, stage * depth // STAGES) for stage in range(1, STAGES)]",

@@ -193,7 +193,7 @@ def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path,
     result = asap("run", image_file, "what?", "-m", llava_path, "--method", "fastv", "--positions", "renumber")
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        "Error: --positions renumber is for methods that shorten the sequence they feed on (divprune, pool, vispruner, pdrop, sparsevlm); "
+        "Error: --positions renumber is for methods that shorten the sequence they feed on (divprune, pool, vispruner, visionzip, prumerge-plus, pdrop, sparsevlm); "
         "fastv keeps original positions"
     )
     args = ["run", image_file, "what?", "-m", llava_path, "--method", "divprune", "-k", 8, "--json"]
@@ -388,7 +388,10 @@ def test_a_download_shows_the_hubs_progress_and_loading_shows_none(image_file, l
 
 def test_help_lists_choices_and_the_methods_own_defaults(asap):
     text = " ".join(asap("run", "--help", env={"COLUMNS": "200"}).stdout.split())
-    assert "--method {vanilla|fastv|random|asap|asap-bimask-only|divprune|pool|vispruner|pdrop|sparsevlm}" in text
+    assert (
+        "--method {vanilla|fastv|random|asap|asap-bimask-only|divprune|pool|vispruner|visionzip|prumerge-plus|pdrop|"
+        "sparsevlm}" in text
+    )
     assert "--score-queries {last|text|all}" in text and "Default: last." in text
     assert "SG-BiMask's largest forward visibility, in (0, 1]. Default: 1.0." in text
     assert "--dtype {auto|bfloat16|float16|float32}" in text and "<str>" not in text

@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import asapcli
 from asapcli.commands import answering
 from asapcli.engine import image_spans
-from asapcli.engine.methods import ANCHOR, DIVERSE, KEPT, METHODS, POOLED, REFILLED, SELECTED, SpanView
+from asapcli.engine.methods import ANCHOR, DIVERSE, KEPT, METHODS, POOLED, REFILLED, ROLES, SELECTED, SpanView
 from asapcli.engine.methods.pool import Pool
 from asapcli.engine.plans import plan_for
 from asapcli.engine.settings import PruneSettings
@@ -86,6 +86,8 @@ def test_a_method_has_one_colour_in_every_figure():
 
     colours = {name: to_hex(method.colour) for name, method in METHODS.items()}
     assert len(set(colours.values())) == len(colours)
+    roles = [role.colour for role in ROLES.values()]
+    assert len(set(roles)) == len(roles)  # and one colour per role in the kept-token figures
     for names in (["fastv", "asap"], ["vispruner", "divprune", "asap", "random"]):
         rows = [row("vanilla", None, 1.0, 0.98, 0.95, 1.0)] + [row(n, 64, 0.5, 0.9, 0.85, 0.95) for n in names]
         axes = figures.draw_accuracy(figures.accuracy_points(rows), "demo").axes[0]

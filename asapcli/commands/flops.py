@@ -37,7 +37,7 @@ def flops_command(
         typer.Option(
             "--method",
             metavar="METHOD",
-            help="The method that prunes: divprune, pool and vispruner prune before layer 0, pool to a square grid.",
+            help="The method that prunes: divprune, pool, vispruner, visionzip and prumerge-plus prune before layer 0, pool to a square grid.",
         ),
     ] = DEFAULT_METHOD,
     json: options.json_flag() = False,

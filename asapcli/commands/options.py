@@ -335,7 +335,7 @@ def _method_option(name: str, methods: dict[str, type]) -> tuple:
     option = typer.Option(
         hyperparameter.flag,
         metavar=metavar,
-        help=f"{', '.join(takers)}: {hyperparameter.help} Default: {', '.join(sorted(defaults))}.",
+        help=f"{', '.join(takers)}: {hyperparameter.help} Default: {hyperparameter.default_rule or ', '.join(sorted(defaults))}.",
         **checked,
     )
     return (name, Annotated[hyperparameter.type | None, option], dataclasses.field(default=None, kw_only=True))

@@ -168,7 +168,8 @@ def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruni
     if model in _OPEN:
         raise UsageError("this model is inside an asapcli.pruned block already; blocks do not nest")
     was_installed = isinstance(model.get_decoder(), PrunedDecoder)
-    tap = tap_for(model, settings.method.name) if settings.method.reads_vision else None
+    method = settings.method
+    tap = tap_for(model, method.name, method.vision_needs) if method.reads_vision else None
     decoder = install(model)
     pruning = Pruning(model, settings, tap)
 

@@ -118,9 +118,14 @@ class PruningPlan:
         return sum(record.merged for record in self.records)
 
     def steps(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The method's schedule for the span [start, end): (layer, tokens left from it on)."""
+        """The method's schedule for the span [start, end): (layer, tokens left from it on); once
+        the span is pruned, the steps as they went (a method whose count is the image's own,
+        PruMerge+'s adaptive one, may keep another number than k)."""
         if not self.method.prunes:
             return []
+        done = next((r for r in self.records if r.start == start and r.kept is not None and r.stages), None)
+        if done is not None:
+            return [(layer, positions.numel()) for layer, positions in done.stages]
         return self.method.schedule(end - start, self.k, self.layer, self.num_layers)
 
     def shrinks(self, start: int, end: int) -> bool:

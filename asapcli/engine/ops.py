@@ -255,3 +255,112 @@ def cluster_means(tokens: torch.Tensor, cluster: torch.Tensor, clusters: int) ->
     weight = 1 / (members + 1e-6)
     merged = torch.zeros(clusters, points.shape[1], device=tokens.device)
     return merged.index_add_(0, cluster, points * weight[cluster, None]).to(tokens.dtype)
+
+
+def dominant_patches(attention: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's dominant patches: the `count` the [CLS] token attends to most, the attention
+    (heads, n) summed over heads (a sum, as the authors') and ranked by torch.topk over a batch of
+    one (ties as theirs); returned in patch order, with the rest in patch order."""
+    scores = attention.sum(dim=0) if attention.dim() == 2 else attention
+    chosen = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    chosen[torch.topk(scores[None], count, dim=-1).indices[0]] = True
+    return chosen.nonzero().flatten(), (~chosen).nonzero().flatten()
+
+
+def context_groups(keys: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual grouping of m tokens by their keys (m, d), in patch order: the
+    targets are every (m // count)-th token (step at least 1), the first `count`; each other token
+    joins the target whose key is most similar (cosine, the first target on ties). Returns the
+    targets, the others (both indices into the m tokens, ascending) and each other's target (an
+    index into the targets)."""
+    unit = keys / keys.norm(dim=-1, keepdim=True)  # no epsilon, as theirs: keys are never zero
+    m = keys.shape[0]
+    targets = torch.arange(0, m, max(1, m // count), device=keys.device)[:count]
+    is_target = torch.zeros(m, dtype=torch.bool, device=keys.device)
+    is_target[targets] = True
+    others = (~is_target).nonzero().flatten()
+    similarity = torch.bmm(unit[others][None], unit[targets].T[None])[0]  # a batch of one: their rounding
+    return targets, others, similarity.argmax(dim=-1)
+
+
+def merge_into_targets(
+    features: torch.Tensor, targets: torch.Tensor, others: torch.Tensor, assignment: torch.Tensor
+) -> torch.Tensor:
+    """VisionZip's contextual tokens: each target's feature plus the mean of the features of the
+    tokens that joined it (nothing added where none did). features (m, c); returns (targets, c)."""
+    count = targets.numel()
+    total = torch.zeros(count, features.shape[-1], dtype=features.dtype, device=features.device)
+    total.index_add_(0, assignment, features[others])
+    members = torch.bincount(assignment, minlength=count).clamp(min=1).to(features.dtype)
+    return features[targets] + total / members[:, None]
+
+
+def cls_row_attention(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """PruMerge+'s [CLS] attention: one head over the full width, softmax(q_cls k^T C^-0.5) over
+    [CLS] and the n patches, in the input dtype as theirs; query and key (1 + n, C). Returns (n,)."""
+    scores = (query[:1] @ key.transpose(0, 1)) * query.shape[-1] ** -0.5
+    return torch.softmax(scores, dim=-1)[0, 1:]
+
+
+def outlier_count(scores: torch.Tensor) -> int:
+    """How many scores lie above Q3 + 1.5 IQR: numpy's percentiles of the float32 scores, as
+    PruMerge+'s `outlier_dectection`."""
+    values = scores.detach().to(torch.float32).cpu().numpy().ravel()
+    low, high = np.percentile(values, 25), np.percentile(values, 75)
+    return int((values > high + 1.5 * (high - low)).sum())
+
+
+def budget_picks(scores: torch.Tensor, picks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PruMerge+'s fixed path for `picks` tokens: the ceil(picks / 2) most attended (torch.topk,
+    best first) and picks // 2 spatial samples, every (n // samples)-th patch from half a step on,
+    before the last patch (theirs: arange(step // 2, 575, step)); a sample may repeat a top token."""
+    n = scores.shape[0]
+    top = torch.topk(scores[None], (picks + 1) // 2, dim=-1).indices[0]
+    count = picks // 2
+    step = n // count if count else 1
+    samples = torch.arange(step // 2, n - 1, step, device=scores.device)[:count]
+    return top, samples
+
+
+def adaptive_picks(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PruMerge+'s adaptive path: the share s of outliers (at least one: theirs divides by s),
+    the int(n s) most attended (best first), then every int(int(1 / s) / 3)-th patch (at least 1)
+    before the last one that is not among them."""
+    n = scores.shape[0]
+    share = max(outlier_count(scores), 1) / n
+    top = torch.topk(scores[None], int(n * share), dim=-1).indices[0]
+    step = max(1, int(int(1 / share) / 3))
+    taken = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    taken[top] = True
+    grid = torch.arange(0, n - 1, step, device=scores.device)
+    return top, grid[~taken[grid]]
+
+
+def left_out(picked: torch.Tensor, n: int) -> torch.Tensor:
+    """The patches PruMerge+ merges into the extra token: those not picked, ascending, less as
+    many of the first ones as `picked` has repeats (their complement_idx sorts a scattered
+    range and drops the first len(picked) entries, repeats counted)."""
+    taken = torch.zeros(n, dtype=torch.bool, device=picked.device)
+    taken[picked] = True
+    repeats = picked.numel() - int(taken.sum())
+    return (~taken).nonzero().flatten()[repeats:]
+
+
+def merge_neighbours(
+    features: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor, picked: torch.Tensor, rest: torch.Tensor
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """PruMerge+'s merge: each picked token plus the score-weighted sum (unnormalised) of its 32
+    nearest by key cosine among the other picked tokens and `rest` (fewer where fewer exist).
+    Returns the merged features (picked, C) and, for each, the patches it took in."""
+    unit = torch.nn.functional.normalize(keys, p=2, dim=-1)
+    # Each picked token against every patch in one product (no gather per token), then its own
+    # candidates in their order: the picked ones but itself, then the rest, as theirs.
+    cosines = torch.bmm(unit[picked][:, None], unit.T[None].expand(picked.numel(), -1, -1))[:, 0]
+    merged, near_patches = torch.empty_like(features[picked]), []
+    for i in range(picked.numel()):
+        candidates = torch.cat([picked[:i], picked[i + 1 :], rest])
+        cosine = cosines[i, candidates][None]
+        near = candidates[torch.topk(cosine, min(32, candidates.numel()), dim=-1).indices[0]]
+        merged[i] = features[picked[i]] + (features[near] * scores[near, None]).sum(dim=0)
+        near_patches.append(near.tolist())
+    return merged, near_patches

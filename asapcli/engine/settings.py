@@ -149,7 +149,7 @@ class MethodGrid:
         if reference and not any(not cls.prunes for cls in classes):
             classes = [METHODS[REFERENCE], *classes]
         check_layer(layer, classes)
-        for cls in classes:
+        for cls in classes:  # each method with the options it takes, at every budget
             taken = {name: value for name, value in given.items() if name in cls.hyperparameters()}
             for k in budgets if cls.prunes else ():
                 check_budget(_configured(cls, seed, taken), k)
@@ -208,7 +208,8 @@ SEEDS = 2**32
 
 
 def check_budget(method: PruningMethod, k: int) -> None:
-    """k is a budget the method, as configured, can run at."""
+    """k is a budget the method, with its hyperparameters, can run at (VisionZip's split,
+    SparseVLM's table)."""
     problem = method.budget_problem(k)
     if problem:
         raise UsageError(problem)

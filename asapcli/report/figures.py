@@ -41,7 +41,7 @@ DROPPED, ABSORBED = "dropped", "absorbed"  # a patch's state beside the kept rol
 # Each role's colour is the methods' (engine.methods.ROLES, Okabe-Ito); a patch merged into an
 # anchor takes the anchor's, a dropped one is grey.
 COLOURS = {**{name: role.colour for name, role in ROLES.items()}, ABSORBED: ROLES[ANCHOR].colour, DROPPED: "#555555"}
-STATE_LABELS = {ABSORBED: "merged into an anchor (dashed)", DROPPED: "dropped (dimmed)"}
+STATE_LABELS = {ABSORBED: "merged into a kept token (dashed)", DROPPED: "dropped (dimmed)"}
 DIM_TOWARDS, DIM_KEEPS = (24, 24, 24), 0.3  # a dropped patch: 30% of itself over near-black, still readable
 SERIES = ["#0072B2", "#D55E00"]  # the attention profile's two lines: causal, SG-BiMask
 
@@ -111,7 +111,7 @@ def kept_view(
         note = (
             f"also kept: {sum(painter.off_grid.values())} of the {len(layout.extra)} tokens on no patch (CLS, row ends)"
         )
-    return KeptView(title, method, grids, _legend_entries(layout.tokens, roles, absorbed, method), note)
+    return KeptView(title, method, grids, _legend_entries(layout.tokens, kept, roles, absorbed, method), note)
 
 
 class _Painter:
@@ -154,15 +154,20 @@ class _Painter:
                 self.outlines[at[0]].append((ABSORBED, self.layout.grids[at[0]].patch_box(*at[1:])))
 
 
-def _legend_entries(tokens: int, roles: list[str], absorbed: list, method: str) -> list[tuple[str, str, int]]:
-    """(role, label, count) of the kept roles in ROLES' order, the patches merged into anchors
-    right after the anchors, then the dropped ones (none where cells pooled every patch)."""
+def _legend_entries(
+    tokens: int, kept: Sequence[int], roles: list[str], absorbed: list, method: str
+) -> list[tuple[str, str, int]]:
+    """(role, label, count) of the kept roles in ROLES' order, the patches merged into kept tokens
+    right after the anchors (each once, however many tokens took it in: PruMerge+'s overlap; a
+    kept patch is never counted as merged), then the dropped ones (none where cells pooled every
+    patch)."""
     counts = Counter(roles)
-    merged = sum(len(sources) for role, sources in zip(roles, absorbed) if role == ANCHOR)
+    sources = {source for role, group in zip(roles, absorbed) if role != POOLED for source in group}
+    merged = len(sources - set(kept))
     order = [state for role in ROLES for state in ((role, ABSORBED) if role == ANCHOR else (role,))]
     shown = {**counts, ABSORBED: merged}
     legend = [(role, role_label(role, method), shown[role]) for role in order if shown.get(role)]
-    pooled_away = sum(len(sources) for role, sources in zip(roles, absorbed) if role == POOLED)
+    pooled_away = sum(len(group) for role, group in zip(roles, absorbed) if role == POOLED)
     dropped = tokens - len(roles) - merged - pooled_away
     if dropped > 0 and not counts[POOLED]:
         legend.append((DROPPED, role_label(DROPPED, method), dropped))

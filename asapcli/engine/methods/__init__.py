@@ -14,13 +14,29 @@ from .fastv import FastV
 from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
 from .pdrop import PyramidDrop
 from .pool import POOLED, Pool
+from .prumerge_plus import SAMPLED, PruMergePlus
 from .random import Random
 from .sparsevlm import RECYCLED, SparseVLM
 from .vanilla import Vanilla
+from .visionzip import CONTEXTUAL, VisionZip
 from .vispruner import VisPruner
 
 METHODS: dict[str, type[PruningMethod]] = {
-    m.name: m for m in (Vanilla, FastV, Random, Asap, AsapBimaskOnly, DivPrune, Pool, VisPruner, PyramidDrop, SparseVLM)
+    m.name: m
+    for m in (
+        Vanilla,
+        FastV,
+        Random,
+        Asap,
+        AsapBimaskOnly,
+        DivPrune,
+        Pool,
+        VisPruner,
+        VisionZip,
+        PruMergePlus,
+        PyramidDrop,
+        SparseVLM,
+    )
 }
 DEFAULT_METHOD = Asap.name  # what run, chat, flops and the API prune with unless told
 REFERENCE = Vanilla.name  # the unpruned run every other is measured against (compare's first column)
@@ -44,6 +60,7 @@ ROLES = _roles()
 
 __all__ = [
     "ANCHOR",
+    "CONTEXTUAL",
     "DEFAULT_COMPARISON",
     "DEFAULT_EVALUATION",
     "DEFAULT_METHOD",
@@ -58,6 +75,7 @@ __all__ = [
     "REFERENCE",
     "REFILLED",
     "ROLES",
+    "SAMPLED",
     "SCORES",
     "SCORE_QUERIES",
     "SELECTED",

@@ -56,9 +56,12 @@ class Role:
 SELECTED = "selected"  # ranked in by the method's own criterion: attention, chance
 DIVERSE = "diverse"  # kept for being unlike the others (DivPrune, VisPruner's second part)
 KEPT = "kept"  # a span that was not pruned: every token goes on
+GLOBAL = "global"  # a token with no patch of its own (VisionZip's [CLS], PruMerge+'s extra token)
 BY_SCORE = Role(SELECTED, "selected by score", "#0072B2")
 KEPT_DIVERSE = Role(DIVERSE, "kept as a distinct patch", "#D55E00")
 UNPRUNED = Role(KEPT, "kept (not pruned)", "#FFFFFF")
+# It sits in a slot no other kept token takes (a dropped patch's): the figures draw it there.
+GLOBAL_TOKEN = Role(GLOBAL, "global token, in a dropped patch's slot", "#000000")
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,8 @@ class PruningMethod:
     - `roles`: the roles its selections give, in the legend's order, with their labels.
     - `reads_vision`: it ranks tokens by what the vision tower saw ([CLS] attention, patch
       features at the feature layer): the block taps the tower for it (engine/vision.py).
+    - `vision_needs`: what else of the tower it reads (engine/vision.py's VISION_NEEDS: the
+      layer's keys, the last layer's q and k, the projector), computed for it alone.
     - `stage_scores`: rank each stage's spans by the attention that the stage's own first layer
       would pay them from the last token, computed over the tokens entering it (its own norm,
       q/k projections and rotary; PyramidDrop), instead of recording layer L-1's attention.
@@ -161,6 +166,7 @@ class PruningMethod:
     paired_with: ClassVar[str | None] = None
     colour: ClassVar[str] = "#000000"
     reads_vision: ClassVar[bool] = False
+    vision_needs: ClassVar[tuple[str, ...]] = ()
     stage_scores: ClassVar[bool] = False
     score_queries: str | None = None
     score: str = "attention"
@@ -203,6 +209,11 @@ class PruningMethod:
         """Kept tokens are numbered 0..M-1, as a shorter prompt (--positions renumber)."""
         return getattr(self, "positions", None) == "renumber"
 
+    def budget_problem(self, k: int) -> str | None:
+        """Why it cannot run at budget k with its hyperparameters (VisionZip's split of k, SparseVLM's
+        table of budgets); None: it can."""
+        return None
+
     def kept_count(self, tokens: int, k: int) -> int:
         """How many of a span's `tokens` go on at budget k."""
         return min(tokens, k)
@@ -218,10 +229,6 @@ class PruningMethod:
         whole. A step at layer 0 prunes before the first decoder layer."""
         kept = self.kept_count(tokens, k)
         return [(self.stage_layers(layer, num_layers)[0], kept)] if kept < tokens else []
-
-    def budget_problem(self, k: int) -> str | None:
-        """Why it cannot run at budget k as configured (a fixed table of budgets, say); None: it can."""
-        return None
 
     def select(self, span: SpanView, k: int) -> Selection:
         raise NotImplementedError

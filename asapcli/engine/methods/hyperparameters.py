@@ -24,6 +24,8 @@ class Hyperparameter:
     # The value every method that does not take it behaves as, where there is one: giving it
     # to such a method says what the method does anyway, and is not refused.
     implied: object = None
+    # What the help says the default is where the field's default (None) stands for a rule.
+    default_rule: str = ""
 
     @property
     def flag(self) -> str:
@@ -33,6 +35,10 @@ class Hyperparameter:
         """Why `value` is not one this hyperparameter takes; None when it is."""
         if self.type is float and (isinstance(value, bool) or not isinstance(value, int | float)):
             return f"{self.flag[2:]} needs a number, got {value!r}"
+        if self.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"{self.flag[2:]} needs a whole number, got {value!r}"
+        if self.type is bool and not isinstance(value, bool):
+            return f"{self.flag[2:]} is a switch (true or false), got {value!r}"
         if self.choices and value not in self.choices:
             return f"{self.flag[2:]} must be one of {', '.join(self.choices)}, got {value!r}"
         if self.valid is not None and not self.valid(value):
@@ -109,11 +115,27 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
             "positions",
             str,
             "kept tokens keep their own position ids (original, default) or are numbered 0..M-1 as a shorter "
-            "prompt (renumber: official DivPrune's, VisPruner's, PyramidDrop's and SparseVLM's pipelines).",
+            "prompt (renumber: official DivPrune's, VisPruner's, VisionZip's, PruMerge+'s, PyramidDrop's and "
+            "SparseVLM's pipelines).",
             choices=POSITIONS,
             refusal="--positions {value} is for methods that shorten the sequence they feed on ({takers}); "
             "{method} keeps original positions",
             implied="original",
+        ),
+        Hyperparameter(
+            "contextual",
+            int,
+            "VisionZip's contextual (merged) tokens among the k, from 1 to k - 1; the rest are the [CLS] token and "
+            "the patches it attends to most.",
+            valid=lambda value: value >= 1,
+            rule="must be at least 1",
+            default_rule="10 per 64 of k, rounded half up (54 + 10 at k = 64, 108 + 20, 162 + 30)",
+        ),
+        Hyperparameter(
+            "adaptive",
+            bool,
+            "PruMerge+'s own adaptive count (the share of [CLS] attention outliers, IQR), whatever k; without it, "
+            "exactly k tokens (half most attended, half spatial samples, one extra token).",
         ),
         Hyperparameter(
             "stage_ratio",

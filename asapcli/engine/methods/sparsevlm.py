@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from .base import BY_SCORE, PruningMethod, Role, Selection, SpanView
 
 RECYCLED = "recycled"
-RECYCLED_CLUSTER = Role(RECYCLED, "recycled: a cluster of deleted tokens", "#56B4E9")
+RECYCLED_CLUSTER = Role(RECYCLED, "recycled: a cluster of deleted tokens", "#44AA99")
 
 RATED_LAYERS, DEPTH = (2, 6, 15), 32  # score.py 5: the layers whose attention rates, of 32
 # score.py 7-15: image tokens each stage keeps (its clusters not counted), by budget.

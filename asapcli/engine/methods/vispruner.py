@@ -25,16 +25,23 @@ class VisPruner(BeforeLLM):
 
         from .. import ops
 
-        cues = span.vision
-        if cues is None:
-            raise UsageError("vispruner reads the vision tower's [CLS] attention: prune with it inside asapcli.pruned")
-        if cues.features.shape[0] != span.hidden.shape[0]:
-            raise UsageError(
-                f"vispruner: the vision tower gave {cues.features.shape[0]} patches for an image span of "
-                f"{span.hidden.shape[0]} tokens"
-            )
+        cues = tower_cues(span, self.name)
         important, rest = ops.most_attended(cues.attention, int(k * self.important_ratio))
         distinct = ops.without_duplicates(cues.features, rest, k - important.numel())
         kept, order = torch.cat([important, distinct]).to(span.hidden.device).sort()
         roles = [SELECTED if place < important.numel() else DIVERSE for place in order.tolist()]
         return Selection(kept=kept, hidden=span.hidden[kept], roles=roles)
+
+
+def tower_cues(span: SpanView, method: str):
+    """What the vision tower gave for the span's image (engine/vision.py's VisionCues), checked to
+    be one patch per token of the span."""
+    cues = span.vision
+    if cues is None:
+        raise UsageError(f"{method} reads the vision tower's [CLS] attention: prune with it inside asapcli.pruned")
+    if cues.features.shape[0] != span.hidden.shape[0]:
+        raise UsageError(
+            f"{method}: the vision tower gave {cues.features.shape[0]} patches for an image span of "
+            f"{span.hidden.shape[0]} tokens"
+        )
+    return cues
