@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from asapcli.engine import PrunedDecoder, UnsupportedModel, check_supported, image_spans, install
-from asapcli.engine.plans import plan_for
+from asapcli.engine.plans import plan_for, visual_steps
 from asapcli.engine.settings import PruneSettings
 from asapcli.runtime.generation import generate
 from asapcli.runtime.loading import Loaded, prepare
@@ -113,6 +113,23 @@ def test_layers_from_l_on_hold_text_plus_k_per_image(family, method):
     assert out.shape[1] == text + 2 * k
     for kept, (start, end) in zip((record.kept for record in pruning.pruned), spans, strict=True):
         assert len(kept) == k and kept.min() >= start and kept.max() < end
+
+
+@pytest.mark.parametrize("method", ["pdrop", "sparsevlm"])
+def test_a_multi_stage_method_holds_its_schedules_tokens_layer_by_layer(family, method):
+    """PyramidDrop and SparseVLM in M-RoPE and tiled models, with original positions (renumbered
+    ones need 1-D positions): each layer's cache holds the text and what the schedule leaves."""
+    loaded = family.loaded
+    ids = family.inputs["input_ids"][0]
+    visual = sum(end - start for start, end in image_spans(ids, loaded.image_token_id))
+    pruning = plan_for(loaded, ids, PruneSettings(method=method, k=8, layer=2))
+    cache = DynamicCache(config=loaded.model.config.get_text_config())
+    out = logits(loaded, family.inputs, pruning, cache)
+    steps = visual_steps(pruning)
+    left = [min([visual] + [count for at, count in steps if at <= layer]) for layer in range(loaded.num_layers)]
+    assert steps and left[-1] < visual  # it pruned
+    assert [cache.get_seq_length(i) for i in range(loaded.num_layers)] == [ids.numel() - visual + n for n in left]
+    assert out.shape[1] == ids.numel() - visual + left[-1] and torch.isfinite(out).all()
 
 
 def test_cached_decoding_equals_a_pruned_prefill_of_the_same_tokens(family):

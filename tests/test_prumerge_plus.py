@@ -249,5 +249,7 @@ def test_refusals_are_one_line(asap, llava_next_path, image_file):
     assert result.exit_code == 2 and line.startswith("Error: --adaptive is not an option of fastv")
     result = asap("chat", CAR, "--method", "prumerge-plus", input="/quit\n")
     assert result.exit_code == 2
-    assert result.stderr.startswith("Error: Invalid value for '--method': prumerge-plus prunes before the language model")
+    assert result.stderr.startswith(
+        "Error: Invalid value for '--method': prumerge-plus prunes before the language model"
+    )
     assert len(result.stderr.splitlines()) == 1
