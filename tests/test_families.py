@@ -115,10 +115,11 @@ def test_layers_from_l_on_hold_text_plus_k_per_image(family, method):
         assert len(kept) == k and kept.min() >= start and kept.max() < end
 
 
-@pytest.mark.parametrize("method", ["pdrop", "sparsevlm"])
-def test_a_multi_stage_method_holds_its_schedules_tokens_layer_by_layer(family, method):
-    """PyramidDrop and SparseVLM in M-RoPE and tiled models, with original positions (renumbered
-    ones need 1-D positions): each layer's cache holds the text and what the schedule leaves."""
+@pytest.mark.parametrize("method", ["pdrop", "sparsevlm", "divprune"])
+def test_each_layer_holds_what_the_methods_schedule_leaves(family, method):
+    """The multi-stage (PyramidDrop, SparseVLM) and before-the-LLM (DivPrune) methods in
+    M-RoPE and tiled models, with original positions (renumbered ones need 1-D positions): each
+    layer's cache holds the text and what the schedule leaves."""
     loaded = family.loaded
     ids = family.inputs["input_ids"][0]
     visual = sum(end - start for start, end in image_spans(ids, loaded.image_token_id))
