@@ -94,9 +94,7 @@ class EvalRun:
                 attention = self._attention(loaded, grid, tasks("Attention profile", 2 * len(items)))
         except KeyboardInterrupt:  # Ctrl-C: what was answered, marked partial
             interrupted = True
-            # More presses in a row (an impatient user) must not cut the partial table mid-print,
-            # nor the interpreter's exit after it: the command ends its process right after.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _ignore_more_presses()
         finally:
             if answers is not None:
                 answers.close()
@@ -104,15 +102,10 @@ class EvalRun:
         scores = [score for score in scores if score.totals]
         vanilla = next((score for score in scores if not score.settings.method.prunes), None)
         report = EvalReport(
-            model=model,
-            data=self.source,
-            n=len(items),
-            layer=grid.layer,
-            partial=interrupted,
+            model=model, data=self.source, n=len(items), layer=grid.layer, partial=interrupted,
             results=[score.row(vanilla) for score in scores],
-            attention_profile=None if attention is None else _profile(attention),
-            environment=loaded.environment,
-        )
+            attention_profile=None if attention is None else _profile(attention), environment=loaded.environment,
+        )  # fmt: skip
         log_error = answers.error if answers is not None else None
         return Outcome(report, answered, len(items) * len(runs), attention, log_error)
 
@@ -150,3 +143,10 @@ def _profile(attention: PatchAttention) -> AttentionProfile:
         attention.causal,
         attention.sg_bimask,
     )
+
+
+def _ignore_more_presses() -> None:
+    """After the Ctrl-C that ended the answering, more presses in a row (an impatient user) must
+    not cut the partial table mid-print, nor the interpreter's exit after it: the command ends
+    its process right after."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

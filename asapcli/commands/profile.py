@@ -39,8 +39,6 @@ def profile(
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
     # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
-    import torch
-
     from ..measure import profiling
     from ..runtime.inputs import check_prompt, load_image, pattern_image
 
@@ -60,6 +58,15 @@ def profile(
             repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, on_step=step,
         )  # fmt: skip
 
+    _show(rows, output, loaded.device, grid.methods, batch)
+
+
+def _show(rows: list[ProfileRow], output: str, device, methods, batch: int) -> None:
+    """The rows as --json / --format say; a table says under it how each figure was measured."""
+    import torch
+
+    from ..measure import profiling
+
     if output == "json":
         for row in rows:
             display.print_json(row)
@@ -67,12 +74,12 @@ def profile(
     if output == "csv":
         display.print_csv([display.flat(dataclasses.asdict(row)) for row in rows])
         return
-    on_gpu = loaded.device.type == "cuda"
+    on_gpu = device.type == "cuda"
     display.show(_table(rows, on_gpu, batched=batch > 1), output)
     if output != "table":
         return
-    gpu_name = torch.cuda.get_device_name(loaded.device) if on_gpu else None
-    for line in profiling.how_measured(rows[0], grid.methods, batch, gpu_name):
+    gpu_name = torch.cuda.get_device_name(device) if on_gpu else None
+    for line in profiling.how_measured(rows[0], methods, batch, gpu_name):
         display.out.print(line, markup=False, soft_wrap=True)
 
 
