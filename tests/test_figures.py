@@ -97,14 +97,14 @@ def test_a_method_has_one_colour_in_every_figure():
 
 def test_one_swatch_per_colour_in_a_merged_legend():
     """fastv's "selected by score" and divprune's "selected for diversity" were two blue swatches;
-    random's "chosen at random" shares fastv's role, so it shares its swatch."""
+    random's "chosen at random" shares fastv's role, so it shares its swatch, in the general words."""
     views = [
         figures.KeptView("", method, [], [(role, figures.role_label(role, method), 1)])
         for method, role in (("fastv", SELECTED), ("divprune", DIVERSE), ("random", SELECTED))
     ]
     legend = figures._merged_legend(views)
     assert [(role, label) for role, label, _ in legend] == [
-        (SELECTED, "selected by score / chosen at random"),
+        (SELECTED, "selected by score"),
         (DIVERSE, "selected for diversity"),
     ]
     assert len({figures.COLOURS[role] for role, _, _ in legend}) == len(legend)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..engine import image_spans
+from ..engine import METHODS, image_spans
 from ..engine.settings import PruneSettings
 from ..errors import UsageError
 from ..records import Answer
@@ -182,7 +182,8 @@ def comparison_figure(loaded: Loaded, samples: Samples, answers: list[Answered])
             budget = "" if record.k is None else f" k={record.k}"
             heading = f"{record.method}{budget}: kept {record.kept_tokens}/{record.visual_tokens}"
         columns.append(figures.ComparedPanel(heading, kept_view(loaded, picture, answered), record.answer))
-    layer = next((a.record.layer for a in answers if a.record.layer), None)
+    # L is said where a method prunes after layer L-1 (the multi-stage ones follow the model's depth)
+    layer = next((a.record.layer for a in answers if a.record.layer and METHODS[a.record.method].reads_layer), None)
     before = list(dict.fromkeys(a.record.method for a in answers if a.record.layer == 0))
     title = f"{loaded.label}: “{answers[0].prompt}”" + (f", L={layer}" if layer else "")
     title += f" ({' and '.join(before)}: before the language model)" if before else ""

@@ -367,15 +367,17 @@ def draw_comparison(image: Image.Image, columns: list[ComparedPanel], title: str
 
 
 def _merged_legend(views: list[KeptView]) -> list[tuple[str, str, int | None]]:
-    """One legend for several panels: each role once (one swatch per colour), its labels joined
-    where methods name it differently ("selected by score / chosen at random"), without counts
-    (each panel's heading has them)."""
-    labels: dict[str, list[str]] = {}
+    """One legend for several panels: each role once (one swatch per colour), in the words of the
+    method that gives it, or in its general words where several methods name it differently
+    ("selected by score" for fastv's and random's); without counts (each heading has them)."""
+    labels: dict[str, set[str]] = {}
     for view in views:
         for role, label, _ in view.legend:
-            if role != KEPT and label not in labels.setdefault(role, []):
-                labels[role].append(label)
-    return [(role, " / ".join(names), None) for role, names in labels.items()]
+            if role != KEPT:
+                labels.setdefault(role, set()).add(label)
+    return [
+        (role, next(iter(names)) if len(names) == 1 else role_label(role, ""), None) for role, names in labels.items()
+    ]
 
 
 # ---- accuracy against FLOPs ---------------------------------------------------------------

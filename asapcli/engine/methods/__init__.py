@@ -8,7 +8,20 @@ starts in a blink without torch."""
 from __future__ import annotations
 
 from .asap import ANCHOR, REFILLED, Asap, AsapBimaskOnly
-from .base import DIVERSE, KEPT, SELECTED, UNPRUNED, PruningMethod, Role, Selection, SpanScores, SpanView
+from .base import (
+    BY_SCORE,
+    DIVERSE,
+    GLOBAL_TOKEN,
+    KEPT,
+    KEPT_DIVERSE,
+    SELECTED,
+    UNPRUNED,
+    PruningMethod,
+    Role,
+    Selection,
+    SpanScores,
+    SpanView,
+)
 from .divprune import DivPrune
 from .fastv import FastV
 from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
@@ -47,11 +60,13 @@ DEFAULT_SIDE_BY_SIDE = (FastV.name, Asap.name, DivPrune.name)  # compare's
 
 def _roles() -> dict[str, Role]:
     """Every role a method's selections give, by name, then the role of a span left whole; in the
-    order the legends list them. A role has one colour: the first declaration's."""
+    order the legends list them. A role has one colour: the first declaration's; a role several
+    methods give under words of their own has its general words (base.py's) here."""
+    general = {role.name: role for role in (BY_SCORE, KEPT_DIVERSE, GLOBAL_TOKEN)}
     roles: dict[str, Role] = {}
     for method in METHODS.values():
         for role in method.roles:
-            roles.setdefault(role.name, role)
+            roles.setdefault(role.name, general.get(role.name, role))
     roles.setdefault(KEPT, UNPRUNED)
     return roles
 
