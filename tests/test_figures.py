@@ -394,3 +394,12 @@ def test_a_large_or_long_image_makes_a_figure_of_a_figures_size(size, tmp_path, 
         assert result.exit_code == 0, result.output
         with Image.open(command[-1]) as figure:
             assert max(figure.size) <= 2 * figures.MAX_LONG_SIDE, figure.size
+
+
+def test_budgets_that_cost_the_same_share_one_label():
+    """A multi-stage method that cannot go below its first stage's cost gives k=64 and k=128 one
+    point: their labels were drawn over each other ("k=128k=64")."""
+    rows = [row("vanilla", None, 1.0, 0.98, 0.95, 1.0)]
+    rows += [row("pdrop", k, 0.251, 0.54, 0.51, 0.57) for k in (128, 64)] + [row("pdrop", 192, 0.306, 0.8, 0.78, 0.83)]
+    axes = figures.draw_accuracy(figures.accuracy_points(rows), "demo").axes[0]
+    assert sorted(text.get_text() for text in axes.texts) == ["k=192", "k=64,128"]

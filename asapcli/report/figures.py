@@ -405,16 +405,18 @@ def accuracy_points(rows) -> list[AccuracyPoint]:
 
 
 def _label_budgets(axes, points: list[AccuracyPoint]) -> None:
-    """One label per budget where the methods' points stand side by side (one per point collided
-    into "k=64k=64"): above the highest error bar of the group."""
-    groups: dict[tuple[int, float], float] = {}
+    """One label per FLOPs ratio where points stand side by side (one per point collided into
+    "k=64k=64"), above the highest error bar there; budgets that cost the same (a method that
+    cannot go below its first stage's cost) share it: "k=64,128"."""
+    groups: dict[float, tuple[set[int], float]] = {}
     for p in points:
         if _prunes(p.method):
-            key = (p.k, round(p.flops, 6))
-            groups[key] = max(groups.get(key, p.high), p.high)
-    for (k, flops), top in groups.items():
-        axes.annotate(f"k={k}", (flops, top), xytext=(0, 4), textcoords="offset points", ha="center",
-                      fontsize=8, color="#333333")  # fmt: skip
+            budgets, top = groups.get(round(p.flops, 1), (set(), p.high))
+            groups[round(p.flops, 1)] = (budgets | {p.k}, max(top, p.high))
+    for flops, (budgets, top) in groups.items():
+        label = "k=" + ",".join(str(k) for k in sorted(budgets))
+        axes.annotate(label, (flops, top), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8,
+                      color="#333333")  # fmt: skip
 
 
 def _prunes(method: str) -> bool:
