@@ -194,6 +194,20 @@ def test_what_lmms_eval_would_fail_on_late_is_refused_first(tmp_path, monkeypatc
 
 
 @needs_lmms_eval
+def test_a_model_that_cannot_load_is_one_error_line_before_lmms_eval_starts(monkeypatch, capsys):
+    """The README's hub command offline printed lmms-eval's 30-line traceback of the load first."""
+    import asapcli.lmms_eval.__main__ as launcher
+
+    monkeypatch.setattr(sys, "argv", ["asapcli.lmms_eval", "--model", "asap", "--tasks", "asap_demo",
+                                      "--model_args", "pretrained=nobody/no-such-model"])  # fmt: skip
+    monkeypatch.setattr("lmms_eval.__main__.cli_evaluate", lambda args: pytest.fail("lmms-eval started"))
+    assert launcher.main() == 1  # conftest sets HF_HUB_OFFLINE=1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("Error: model 'nobody/no-such-model' is not in the local Hugging Face cache")
+    assert "pretrained=FOLDER under lmms-eval" in line
+
+
+@needs_lmms_eval
 def test_ctrl_c_in_lmms_eval_is_one_line_and_status_130(monkeypatch, capsys):
     import asapcli.lmms_eval.__main__ as launcher
 

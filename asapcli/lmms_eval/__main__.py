@@ -83,7 +83,7 @@ def _check_model_args(text: str) -> None:
     then), the device and dtype included."""
     from lmms_eval.utils import simple_parse_args_string
 
-    from ..runtime.loading import resolve_device, resolve_device_map, resolve_dtype
+    from ..runtime.loading import check_available, resolve_device, resolve_device_map, resolve_dtype
     from .arguments import ModelArgs
 
     if text.lstrip().startswith("{"):
@@ -101,6 +101,7 @@ def _check_model_args(text: str) -> None:
     except AsapError as error:  # worded for asap's options: named here as the model_args they are
         message = str(error).replace("--device-map", "device_map").replace("--device ", "device=")
         raise type(error)(f"model_args: {message}") from None
+    check_available(args.pretrained)  # lmms-eval would print its traceback of the load first
 
 
 def _check_config(path: str) -> None:

@@ -235,6 +235,14 @@ HUB_PROBE_SECONDS = 3.0
 NAMING = "-m FOLDER; pretrained=FOLDER under lmms-eval"  # where a user names the model, CLI or plugin
 
 
+def check_available(model: str) -> None:
+    """What load() would refuse about where `model` comes from, told before anything else starts
+    (lmms-eval's run): an unknown preset or folder, a hub model neither cached nor reachable."""
+    source, _ = resolve_source(model)
+    if source is not None and not Path(source).is_dir():
+        _from_cache_only(source)
+
+
 def _from_cache_only(hub_id: str) -> bool:
     """Whether hub model `hub_id` must come from the local cache: the hub is switched off
     (HF_HUB_OFFLINE) or out of reach. Refuses at once, saying what to do, when the model is not
