@@ -6,13 +6,11 @@ import atexit
 import json
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
@@ -255,7 +253,7 @@ def _from_cache_only(hub_id: str) -> bool:
                 f"unset it to download the model, or name a local model folder instead ({NAMING})"
             )
         return True
-    if _hub_reachable():
+    if _hub_reachable(hub_id):
         return False
     if not cached:
         raise AsapError(
@@ -266,11 +264,16 @@ def _from_cache_only(hub_id: str) -> bool:
     return True
 
 
-def _hub_reachable() -> bool:
-    host = urlparse(huggingface_hub.constants.ENDPOINT).hostname
+def _hub_reachable(hub_id: str) -> bool:
+    """Whether the hub answers about `hub_id` within HUB_PROBE_SECONDS: huggingface_hub's own
+    request (its endpoint, token and proxies), once, where its download would retry for minutes."""
     try:
-        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
-    except OSError:
+        huggingface_hub.HfApi(endpoint=huggingface_hub.constants.ENDPOINT).model_info(
+            hub_id, timeout=HUB_PROBE_SECONDS
+        )
+    except huggingface_hub.errors.HfHubHTTPError:
+        return True  # it answered: a missing or gated model is for the download itself to say
+    except (huggingface_hub.utils.httpx.HTTPError, OSError):  # its client's: no network, no name, a timeout
         return False
     return True
 
