@@ -1,10 +1,12 @@
 """The commands of the README and docs/ run as shown: every `asap ...` line of their examples
 that needs no network, no file of the reader's own and at most a few seconds runs, with the
 result its comment promises, in the time it promises (a comment's "about a minute", "20 s";
-seconds where it says nothing), each time recorded in the test report; the others (and commands
+seconds where it says nothing; judged only on a machine not busier than its cores, where times
+mean something), each time recorded in the test report; the others (and commands
 quoted in the text) are parsed, so that every option they name exists and takes the value they
 give."""
 
+import os
 import re
 import shlex
 import shutil
@@ -104,7 +106,8 @@ def test_readme_command_runs_as_shown(command, tmp_path, monkeypatch, asap, reco
     record_property("seconds", round(seconds, 1))  # in the junit report (--junitxml) of every run
     assert result.exit_code == 0, result.output
     promised = promised_seconds(comment)
-    assert seconds <= SLACK * promised, f"{command}: {seconds:.0f} s, the docs promise {promised:.0f} s"
+    if os.getloadavg()[0] <= (os.cpu_count() or 1):  # oversubscribed, PyTorch runs 10-100x slower: no verdict
+        assert seconds <= SLACK * promised, f"{command}: {seconds:.0f} s, the docs promise {promised:.0f} s"
     for figure in re.findall(r"\d+\.\d+%?", comment):  # the figures a comment promises
         assert figure in result.stdout, (figure, result.stdout)
     if arguments.startswith("asap run") and comment:
