@@ -37,6 +37,7 @@ TESTS = [
     "tests/test_attention.py",
     # Issue 27: the user-level behaviours around the engine (API block, chat, run, eval, lmms-eval).
     "tests/test_api.py",
+    "tests/test_survivors.py",
     "tests/test_api_block_calls.py",
     "tests/test_divprune_official.py",
     "tests/test_vispruner.py",
@@ -313,6 +314,40 @@ MUTANTS = [
     Mutant("sparsevlm's density without its noise", OPS, (
         ("+ noise.to(dist.dtype) * 1e-6", "+ noise.to(dist.dtype) * 0"),
     ), ("tests/test_sparsevlm.py",)),
+    # Session 12: what a fresh, independent pass of 45 mutations found surviving (tests/test_survivors.py).
+    Mutant("a later stage's report forgets what earlier stages merged", 'asapcli/engine/decoder.py', (
+        ('item.absorbed = _absorbed(item, selection) if item.stages else selection.token_absorbed()', 'item.absorbed = selection.token_absorbed()'),
+    ), ("tests/test_survivors.py",)),
+    Mutant('the API takes a seed of 2**32', 'asapcli/engine/settings.py', (
+        ('if "seed" in numbers and not 0 <= numbers["seed"] < SEEDS:', 'if "seed" in numbers and not 0 <= numbers["seed"] <= SEEDS:'),
+    ), ("tests/test_survivors.py",)),
+    Mutant('-n on a question file takes one more', 'asapcli/measure/evaluation.py', (
+        ('if limit is not None and len(items) == limit:', 'if limit is not None and len(items) > limit:'),
+    ), ("tests/test_survivors.py",)),
+    Mutant("a batch row's end token not counted", 'asapcli/runtime/generation.py', (
+        ('new_ids = new_ids[: ends[0] + 1] if ends else new_ids', 'new_ids = new_ids[: ends[0]] if ends else new_ids'),
+    ), ("tests/test_survivors.py",)),
+    Mutant('a decode rate from 7 decoding steps', 'asapcli/runtime/generation.py', (
+        ('decoded = n_new - 1  # the first token came with the prefill', 'decoded = n_new  # the first token came with the prefill'),
+    ), ("tests/test_survivors.py",)),
+    Mutant("/forget leaves the oldest image's answer", 'asapcli/runtime/chat.py', (
+        ("cut = first + 2  # the user's message and the answer to it", "cut = first + 1  # the user's message and the answer to it"),
+    ), ("tests/test_survivors.py",)),
+    Mutant('FLOPs shown in a unit a thousand times too small', 'asapcli/report/display.py', (
+        ('if flop_count >= 0.1 * scale:', 'if flop_count >= scale:'),
+    ), ("tests/test_survivors.py",)),
+    Mutant('the summary drops the merged count', 'asapcli/report/display.py', (
+        ('if result.merged_tokens:', 'if not result.merged_tokens:'),
+    ), ("tests/test_survivors.py",)),
+    Mutant('a figure written world-writable', 'asapcli/report/figures.py', (
+        ('os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())', 'os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o666)'),
+    ), ("tests/test_survivors.py",)),
+    Mutant('a batch of one prompt labels answers with the prompt', 'asapcli/commands/run.py', (
+        ('several_prompts = len({answered.prompt for answered in answers}) > 1', 'several_prompts = len({answered.prompt for answered in answers}) >= 1'),
+    ), ("tests/test_survivors.py",)),
+    Mutant('flops stage ranges one layer too long', 'asapcli/commands/flops.py', (
+        ('f"{start}..{start + stage.layers - 1}",', 'f"{start}..{start + stage.layers}",'),
+    ), ("tests/test_survivors.py",)),
 ]  # fmt: skip
 
 

@@ -175,8 +175,10 @@ def test_more_presses_after_the_first_do_not_cut_the_partial_table(monkeypatch, 
 
     monkeypatch.setattr(evaluation, "generate_batch", interrupted_on_the_third)
     monkeypatch.setattr(eval_command, "_show", pressed_four_times_while_printing)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest started by nohup ignores it
     result = asap("eval", "-n", 2, "--methods", "vanilla,fastv")
     assert result.exit_code == 130, result.output
     assert "Partial: interrupted after 2 of 8 answers" in result.stdout
     assert "Interrupted after 2 answers" in result.stderr
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the fixture restored it
+    signal.signal(signal.SIGINT, before)
