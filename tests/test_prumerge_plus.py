@@ -20,10 +20,12 @@ from test_vispruner import greedy, taps
 from transformers import AutoModelForImageTextToText
 
 import asapcli
-from asapcli.engine import UnsupportedModel, image_spans
+from asapcli.engine import image_spans
 from asapcli.engine.methods import SpanView
-from asapcli.engine.methods.prumerge_plus import PruMergePlus, _slots
+from asapcli.engine.methods.prumerge_plus import PruMergePlus
+from asapcli.engine.methods.tower import claim_slots
 from asapcli.engine.vision import VisionCues
+from asapcli.errors import UsageError
 from asapcli.runtime.inputs import build_batch_inputs, build_inputs, load_image, user_message
 from asapcli.runtime.loading import load
 
@@ -76,6 +78,11 @@ def test_the_tap_gives_the_last_layers_q_and_k_as_the_authors_hooks(which, demo,
     assert torch.allclose(cues.query_key[1], outputs["k"][0], atol=1e-6, rtol=0)
     assert cues.keys is None  # VisionZip's, not computed here
     assert not taps(lvlm.model)
+
+
+def _slots(picked: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each picked patch's slot, then the extra token's, by the tower methods' rule."""
+    return torch.tensor(claim_slots(picked.tolist() + [-1], tokens))
 
 
 def check(pruning, k: int, adaptive: bool, ratio: float = 1 / 8):
@@ -218,11 +225,12 @@ def test_a_padded_batch_answers_as_its_rows_one_by_one(adaptive, tiny, images):
         assert answer[0, -4:].tolist() == answers[row, -4:].tolist()
 
 
-def test_llava_next_is_refused(llava_next_path, images):
+def test_a_tiled_budget_under_what_each_tile_needs_is_refused(llava_next_path, images):
+    """On LLaVA-NeXT each of up to 5 tower items keeps k // 5 tokens (tests/test_next_tower_methods.py)."""
     lvlm = load(str(llava_next_path), device="cpu")
     inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
-    with pytest.raises(UnsupportedModel, match="tiles each image"):
-        captured(lvlm.model, inputs, k=8)
+    with pytest.raises(UsageError, match="0 at k = 4; per item, it needs at least 1"):
+        captured(lvlm.model, inputs, k=4)
     assert not taps(lvlm.model)
 
 
@@ -241,9 +249,10 @@ def test_the_cli_runs_it_and_reports_the_adaptive_count(asap):
 
 
 def test_refusals_are_one_line(asap, llava_next_path, image_file):
-    result = asap("run", image_file, "hi", "-m", llava_next_path, "--method", "prumerge-plus", "-k", 8)
+    result = asap("run", image_file, "hi", "-m", llava_next_path, "--method", "prumerge-plus", "-k", 4)
     (line,) = result.stderr.strip().splitlines()
-    assert result.exit_code != 0 and line.startswith("Error: prumerge-plus supports one grid of patches per image")
+    assert result.exit_code == 2 and line.startswith("Error: prumerge-plus on a tiled model gives each of an image's")
+    assert line.endswith("k // 5 tokens, 0 at k = 4; per item, it needs at least 1")
     result = asap("run", CAR, "hi", "--method", "fastv", "--adaptive")
     (line,) = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and line.startswith("Error: --adaptive is not an option of fastv")

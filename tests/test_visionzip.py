@@ -19,10 +19,11 @@ from test_vispruner import full_attention, greedy, taps
 from transformers import AutoModelForImageTextToText
 
 import asapcli
-from asapcli.engine import UnsupportedModel, image_spans
+from asapcli.engine import image_spans
 from asapcli.engine.methods import SpanView
 from asapcli.engine.methods.visionzip import VisionZip, contextual_count
 from asapcli.engine.vision import VisionCues
+from asapcli.errors import UsageError
 from asapcli.runtime.inputs import build_batch_inputs, build_inputs, load_image, user_message
 from asapcli.runtime.loading import load
 
@@ -222,10 +223,11 @@ def test_a_padded_batch_answers_as_its_rows_one_by_one(tiny, images):
         assert answer[0, -4:].tolist() == answers[row, -4:].tolist()
 
 
-def test_llava_next_is_refused(llava_next_path, images):
+def test_a_tiled_budget_under_what_each_tile_needs_is_refused(llava_next_path, images):
+    """On LLaVA-NeXT each of up to 5 tower items keeps k // 5 tokens (tests/test_next_tower_methods.py)."""
     lvlm = load(str(llava_next_path), device="cpu")
     inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
-    with pytest.raises(UnsupportedModel, match="tiles each image"):
+    with pytest.raises(UsageError, match=r"per item, visionzip keeps the \[CLS\] token"):
         captured(lvlm.model, inputs, k=8)
     assert not taps(lvlm.model)
 
@@ -258,11 +260,12 @@ def test_bad_budgets_and_counts_are_refused_in_one_line(options, message, asap, 
     assert line.startswith(message)
 
 
-def test_models_it_cannot_read_are_refused_in_one_line(asap, llava_next_path, image_file):
+def test_budgets_and_commands_it_cannot_run_are_refused_in_one_line(asap, llava_next_path, image_file):
     result = asap("run", image_file, "hi", "-m", llava_next_path, "--method", "visionzip", "-k", 8)
-    assert result.exit_code != 0
+    assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("Error: visionzip supports one grid of patches per image")
+    assert line.startswith("Error: visionzip on a tiled model gives each of an image's up to 5 tower items")
+    assert line.endswith("k must be at least 2, got 1")
     result = asap("chat", CAR, "--method", "visionzip", input="/quit\n")
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: Invalid value for '--method': visionzip prunes before the language model")

@@ -91,8 +91,30 @@ def test_each_llava_next_tile_keeps_its_own_cues(llava_next_path, images):
     assert len(tap.cues) == pixels.shape[0]
     for tile, cues in enumerate(tap.cues):
         assert torch.allclose(cues.attention, eager.attentions[-1][tile, :, 0, 1:], atol=1e-6, rtol=0)
-    with pytest.raises(UnsupportedModel, match="tiles each image"):
-        captured(lvlm.model, inputs, k=8)
+
+
+def test_a_tiled_images_layout_names_the_patch_each_of_its_tokens_shows(llava_next_path, images):
+    """Each token of a LLaVA-NeXT image span is the projected feature of the tile and patch its
+    TiledCues' `source` names (the newline embedding where it says -1): the model's own packing."""
+    lvlm = load(str(llava_next_path), device="cpu")
+    model, inputs = lvlm.model, build_inputs(lvlm.processor, [user_message("what?", 2)], images)
+    sizes = inputs["image_sizes"]
+    tap = VisionTap(model, "vispruner").install()
+    try:
+        with torch.inference_mode():
+            packed = model.model.get_image_features(inputs["pixel_values"], sizes).pooler_output
+            tiled = [tap.image(number, 2) for number in range(2)]
+    finally:
+        tap.remove()
+    assert "get_image_features" not in vars(model.model)  # the model's own method again
+    assert len({len(image.items) for image in tiled}) == 2  # the two images tile differently
+    for image, tokens in zip(tiled, packed):
+        with torch.inference_mode():
+            flat = model.model.multi_modal_projector(torch.cat([item.features for item in image.items]))
+        newline = model.model.image_newline.expand(len(image.source), -1)
+        shown = torch.where((image.source >= 0)[:, None], flat[image.source.clamp(min=0)], newline)
+        assert torch.allclose(shown, tokens, atol=1e-6, rtol=0)
+        assert image.most_items == 5 and image.grid[0] * image.grid[1] == len(image.items) - 1
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.25])

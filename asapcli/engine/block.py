@@ -85,7 +85,7 @@ class Pruning:
         first = 0
         for plan in plans:
             index = {start: first + n for n, (start, _) in enumerate(plan.spans)}
-            plan.vision = lambda start, index=index: self.tap.newest(count)[index[start]]
+            plan.vision = lambda start, index=index: self.tap.image(index[start], count)
             first += len(plan.spans)
 
     def plans_for_call(self, args: tuple, kwargs: dict) -> list[PruningPlan] | None:

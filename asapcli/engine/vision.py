@@ -13,11 +13,15 @@ head by head: one query row against the N keys (O(N d) beyond the keys), never a
 l >= 0 (hidden_states[0] is the embeddings); the tap follows that indexing, as the authors' code
 (output_attentions=True, `attentions[select_layer]`, `hidden_states[select_layer]`) does.
 
-Each item of the tower's batch (an image of LLaVA-1.5, a tile of LLaVA-NeXT) is one
-`VisionCues`, in the tower's batch order, which is the order the model places image features."""
+Each item of the tower's batch (an image of LLaVA-1.5, the base image or a tile of LLaVA-NeXT) is
+one `VisionCues`, in the tower's batch order, which is the order the model places image features.
+A tiling model's image is one `TiledCues`: its items and where each of their patches reaches the
+image span, as the model's own `pack_image_features` lays them out (unpadding, newline slots)."""
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -45,6 +49,79 @@ class VisionCues:
     keys: torch.Tensor | None = None
     query_key: tuple[torch.Tensor, torch.Tensor] | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class TiledCues:
+    """One image of a tiling model (LLaVA-NeXT) as the tower saw it: `items`, the cues of its base
+    image, then of its tiles (the model's order, row by row); `source` (the span's tokens,), the
+    item * N + patch each token of the image span shows, -1 for a newline slot; `grid`, the tiles'
+    (rows, cols); `most_items`, the most items an image of this model has (1 + the most tiles of
+    its grid pinpoints): the authors' budget is per item, k // most_items (VisPruner's
+    "32 * 5 = 160 tokens")."""
+
+    items: list[VisionCues]
+    source: torch.Tensor
+    grid: tuple[int, int]
+    most_items: int
+
+
+class Tiling:
+    """How a tiling model (LLaVA-NeXT) cuts an image into tower items and packs their patches into
+    the image span: transformers' own functions, applied to patch numbers instead of features.
+    An image's tiles depend on its size, which the tower never sees: while watching, the model's
+    `get_image_features` notes the `sizes` of the images it encodes (generate() calls it before
+    the first forward, a direct forward inside it), in order."""
+
+    def __init__(self, model: PreTrainedModel, method: str):
+        config = model.config
+        self.inner = getattr(model, "model", model)
+        if not hasattr(self.inner, "pack_image_features") or not hasattr(self.inner, "get_image_features"):
+            raise UnsupportedModel(
+                f"{method} needs to know where each tile's patches land in the image span; "
+                f"{type(model).__name__} tiles its images without LLaVA-NeXT's pack_image_features"
+            )
+        self.pinpoints = [list(point) for point in config.image_grid_pinpoints]
+        self.tile = config.vision_config.image_size
+        tiles = max(math.ceil(height / self.tile) * math.ceil(width / self.tile) for height, width in self.pinpoints)
+        self.most_items = 1 + tiles
+        self.sizes: list[torch.Tensor] = []  # (height, width) of each image encoded while watching
+
+    def watch(self) -> None:
+        encode = type(self.inner).get_image_features.__get__(self.inner)
+
+        @functools.wraps(encode)  # the same signature: generate() picks its arguments by it
+        def noting_sizes(pixel_values, image_sizes, *args, **kwargs):
+            self.sizes += [torch.as_tensor(size).cpu() for size in image_sizes]
+            return encode(pixel_values, image_sizes, *args, **kwargs)
+
+        self.inner.get_image_features = noting_sizes
+
+    def unwatch(self) -> None:
+        self.inner.__dict__.pop("get_image_features", None)
+        self.sizes = []
+
+    def count(self, size: torch.Tensor) -> int:
+        """How many tower items (base image and tiles) an image of `size` (height, width) is."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return image_size_to_num_patches(size, self.pinpoints, self.tile)
+
+    def items(self, images: int) -> list[int]:
+        """How many tower items each of the newest `images` images is."""
+        if len(self.sizes) < images:
+            raise UnsupportedModel(f"the model encoded {len(self.sizes)} images for {images} image spans")
+        return [self.count(size) for size in self.sizes[len(self.sizes) - images :]]
+
+    def image(self, cues: list[VisionCues], image_size: torch.Tensor) -> TiledCues:
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        patches = cues[0].features.shape[0]
+        numbers = torch.arange(len(cues) * patches, dtype=torch.float64).view(len(cues), patches, 1)
+        newline = torch.tensor([-1.0], dtype=torch.float64)
+        (packed,), _ = self.inner.pack_image_features([numbers], image_size[None], "default", image_newline=newline)
+        grid = get_anyres_image_grid_shape(image_size, self.pinpoints, self.tile)
+        return TiledCues(cues, packed[:, 0].long(), tuple(grid), self.most_items)
 
 
 def _encoder_layers(tower: nn.Module) -> nn.ModuleList | None:
@@ -97,6 +174,7 @@ class VisionTap:
                 f"{method} merges features before the projector; {name} has no multi_modal_projector"
             )
         self.project = projector if "project" in self.needs else None
+        self.tiling = Tiling(model, method) if getattr(config, "image_grid_pinpoints", None) else None
         self.cues: list[VisionCues] = []
         self._hooks: list = []
 
@@ -104,22 +182,34 @@ class VisionTap:
         self._hooks = [self.layer.register_forward_hook(self._capture, with_kwargs=True)]
         if "last_qk" in self.needs:  # registered after: on the same layer it runs second
             self._hooks.append(self.last.register_forward_hook(self._capture_last, with_kwargs=True))
+        if self.tiling is not None:
+            self.tiling.watch()
         return self
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self.tiling is not None:
+            self.tiling.unwatch()
 
-    def keep_last(self, count: int) -> None:
-        """Let go of all but the newest `count` cues."""
-        self.cues = self.cues[len(self.cues) - count :] if count else []
+    def keep_last(self, images: int) -> None:
+        """Let go of all but what the tower gave for the newest `images` images (or fewer)."""
+        items = images
+        if self.tiling is not None:
+            self.tiling.sizes = self.tiling.sizes[len(self.tiling.sizes) - images :] if images else []
+            items = sum(self.tiling.count(size) for size in self.tiling.sizes)
+        self.cues = self.cues[len(self.cues) - items :] if items else []
 
-    def newest(self, count: int) -> list[VisionCues]:
-        """The cues of the last `count` items the tower saw, oldest first."""
-        if len(self.cues) < count:
-            raise UnsupportedModel(f"the vision tower gave {len(self.cues)} images for {count} image spans")
-        return self.cues[len(self.cues) - count :]
+    def image(self, number: int, images: int) -> VisionCues | TiledCues:
+        """What the tower gave for image `number` of the newest `images` images: its cues on a
+        single grid, its TiledCues on a tiling model."""
+        counts = [1] * images if self.tiling is None else self.tiling.items(images)
+        if len(self.cues) < sum(counts):
+            raise UnsupportedModel(f"the vision tower gave {len(self.cues)} images for {images} image spans")
+        first = len(self.cues) - sum(counts) + sum(counts[:number])
+        items = self.cues[first : first + counts[number]]
+        return items[0] if self.tiling is None else self.tiling.image(items, self.tiling.sizes[number - images])
 
     def _capture(self, module, args, kwargs, output) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -166,14 +256,7 @@ def cls_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torc
 
 
 def tap_for(model: PreTrainedModel, method: str, needs: tuple[str, ...] = ()) -> VisionTap:
-    """The tap a method that reads the vision tower runs with (install it): one `VisionCues` per
-    image span, with what the method `needs`. Refuses a tiling model (LLaVA-NeXT: an image span
-    is several tiles and newline slots, which the authors' code, written for LLaVA-1.5, never
-    ranks together)."""
-    tap = VisionTap(model, method, needs)
-    if getattr(model.config, "image_grid_pinpoints", None) is not None:
-        raise UnsupportedModel(
-            f"{method} supports one grid of patches per image (LLaVA-1.5 style, as its authors' code); "
-            f"{type(model).__name__} tiles each image (LLaVA-NeXT), which it does not support yet"
-        )
-    return tap
+    """The tap a method that reads the vision tower runs with (install it): for each image span,
+    what the tower gave for its image (VisionCues; TiledCues on a tiling model), with what the
+    method `needs`."""
+    return VisionTap(model, method, needs)

@@ -268,9 +268,7 @@ def _hub_reachable(hub_id: str) -> bool:
     """Whether the hub answers about `hub_id` within HUB_PROBE_SECONDS: huggingface_hub's own
     request (its endpoint, token and proxies), once, where its download would retry for minutes."""
     try:
-        huggingface_hub.HfApi(endpoint=huggingface_hub.constants.ENDPOINT).model_info(
-            hub_id, timeout=HUB_PROBE_SECONDS
-        )
+        huggingface_hub.HfApi(endpoint=huggingface_hub.constants.ENDPOINT).model_info(hub_id, timeout=HUB_PROBE_SECONDS)
     except huggingface_hub.errors.HfHubHTTPError:
         return True  # it answered: a missing or gated model is for the download itself to say
     except (huggingface_hub.utils.httpx.HTTPError, OSError):  # its client's: no network, no name, a timeout

@@ -7,14 +7,16 @@ authors feed the tokens in that order (most attended first, then the samples, th
 token): the selection's `order` (renumbered) follows them.
 
 -k keeps exactly k tokens by default (a budget-matched form of their fixed path); `--adaptive`
-runs their adaptive path (IQR outliers), whose count is the image's, whatever k."""
+runs their adaptive path (IQR outliers), whose count is the image's, whatever k. Given several
+images of one sample (LLaVA-NeXT's base image and tiles), their code prunes each alone and feeds
+the outputs one after the other: each tile keeps the per-tile budget (engine/methods/tower.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from .base import BY_SCORE, GLOBAL, GLOBAL_TOKEN, SELECTED, BeforeLLM, Role, Selection, SpanView
-from .vispruner import tower_cues
+from .tower import Fed, TowerItem, tower_image
 
 SAMPLED = "sampled"  # a spatially uniform sample, kept whatever its attention
 SAMPLED_TOKEN = Role(SAMPLED, "spatial sample", "#F0E442")
@@ -34,14 +36,23 @@ class PruMergePlus(BeforeLLM):
     adaptive: bool = False
 
     def select(self, span: SpanView, k: int) -> Selection:
+        image = tower_image(span, k, self)
+        # Theirs, given several items (LLaVA-NeXT's base image and tiles): each alone, the outputs
+        # one after the other, base first; no newline slot.
+        items = [self._item(item, image.budget, span) for item in image.items]
+        return Fed.joined([fed for fed, _ in items]).selection(span, merged=sum(merged for _, merged in items))
+
+    def _item(self, item: TowerItem, budget: int, span: SpanView) -> tuple[Fed, int]:
+        """One item's tokens in their order: the picked patches, each with its nearest merged in,
+        then the extra token; all projected. And how many of the span's tokens it merged."""
         import torch  # at call time: the registry imports without torch (methods/__init__.py)
 
         from .. import ops
 
-        cues = tower_cues(span, self.name)
+        cues = item.cues
         query, key = cues.query_key
         scores = ops.cls_row_attention(query, key)
-        top, samples = ops.adaptive_picks(scores) if self.adaptive else ops.budget_picks(scores, k - 1)
+        top, samples = ops.adaptive_picks(scores) if self.adaptive else ops.budget_picks(scores, budget - 1)
         picked = torch.cat([top, samples])
         rest = ops.left_out(picked, scores.shape[0])
         merged, near = ops.merge_neighbours(cues.features, key[1:], scores, picked, rest)
@@ -49,34 +60,9 @@ class PruMergePlus(BeforeLLM):
         # outliers: a zero token with no slot left for it).
         extra = (cues.features[rest] * scores[rest, None]).sum(dim=0, keepdim=True)[: min(1, rest.numel())]
         hidden = cues.project(torch.cat([merged, extra])).to(span.hidden.device, span.hidden.dtype)
-        slots = _slots(picked, span.hidden.shape[0])[: hidden.shape[0]]
         roles = [SELECTED] * top.numel() + [SAMPLED] * samples.numel() + [GLOBAL] * extra.shape[0]
-        absorbed = [*near, rest.tolist()][: hidden.shape[0]]
-        kept, placed = slots.sort()
-        return Selection(
-            kept=kept.to(span.hidden.device),
-            hidden=hidden[placed.to(hidden.device)],
-            merged=rest.numel(),
-            roles=[roles[i] for i in placed.tolist()],
-            absorbed=[absorbed[i] for i in placed.tolist()],
-            order=placed.argsort(),
-        )
-
-
-def _slots(picked, tokens: int):
-    """Where each token sits, in their order: a picked patch at its own slot the first time; a
-    repeat (their fixed path samples a top patch again) and then the extra token at the lowest
-    slots no other token takes."""
-    import torch
-
-    first = torch.zeros(picked.numel(), dtype=torch.bool)
-    seen: set[int] = set()
-    for i, patch in enumerate(picked.tolist()):
-        first[i] = patch not in seen
-        seen.add(patch)
-    free = [slot for slot in range(tokens) if slot not in seen]
-    needing = (~first).nonzero().flatten().tolist() + [picked.numel()]
-    slots = torch.cat([picked.cpu(), torch.zeros(1, dtype=torch.long)])
-    for place, slot in zip(needing, free):
-        slots[place] = slot
-    return slots.to(picked.device)
+        absorbed = [
+            item.in_span(torch.tensor(patches, dtype=torch.long)).tolist() for patches in [*near, rest.tolist()]
+        ]
+        claims = item.slots[picked.to(item.slots.device)].tolist() + [-1] * extra.shape[0]
+        return Fed(claims, hidden, roles, absorbed[: hidden.shape[0]]), item.in_span(rest).numel()

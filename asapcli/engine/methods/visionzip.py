@@ -2,15 +2,21 @@
 patches it attends to most (the dominant tokens), and merge the rest into a few contextual
 tokens grouped by the similarity of their keys; both on the pre-projector features of the vision
 tower's feature layer, then the projector. Their authors feed the dominant tokens first, then the
-contextual ones: the selection's `order` (renumbered) follows them."""
+contextual ones: the selection's `order` (renumbered) follows them. On LLaVA-NeXT each tile is
+compressed alone with the per-tile budget and the tokens are fed in their code's order
+(engine/methods/tower.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ...errors import UsageError
 from .base import BY_SCORE, GLOBAL, GLOBAL_TOKEN, SELECTED, BeforeLLM, Role, Selection, SpanView
-from .vispruner import tower_cues
+from .tower import Fed, TowerItem, tower_image
+
+if TYPE_CHECKING:
+    import torch
 
 CONTEXTUAL = "contextual"  # a target patch with the patches grouped with it merged in
 CONTEXTUAL_TOKEN = Role(CONTEXTUAL, "contextual: a group of patches merged", "#56B4E9")
@@ -51,40 +57,53 @@ class VisionZip(BeforeLLM):
     def select(self, span: SpanView, k: int) -> Selection:
         import torch  # at call time: the registry imports without torch (methods/__init__.py)
 
-        from .. import ops
-
         problem = self.budget_problem(k)
         if problem:
             raise UsageError(problem)
-        cues = tower_cues(span, self.name)
-        contextual = contextual_count(k, self.contextual)
-        dominant, rest = ops.dominant_patches(cues.attention, k - contextual - 1)
+        image = tower_image(span, k, self)
+        first, *tiles = [self._item(item, image.budget, span) for item in image.items]
+        fed = [first.cls, first.dominant, first.contextual]
+        if tiles:  # theirs on LLaVA-NeXT: then every tile's dominant patches read row by row across
+            # the tiles' canvas, every tile's [CLS], every tile's contextual tokens; no newline slot
+            dominant = Fed.joined([tile.dominant for tile in tiles])
+            fed += [dominant.sorted_by(torch.cat([tile.canvas for tile in tiles]))]
+            fed += [tile.cls for tile in tiles] + [tile.contextual for tile in tiles]
+        fed = Fed.joined(fed)
+        return fed.selection(span, merged=sum(map(len, fed.absorbed)))
+
+    def _item(self, item: TowerItem, budget: int, span: SpanView) -> _Item:
+        """One item's tokens: its [CLS], its dominant patches (in patch order) and its contextual
+        tokens, each projected; a dominant patch that reaches the span keeps the model's own
+        projection of it (the projector maps each token alone)."""
+        import torch
+
+        from .. import ops
+
+        cues = item.cues
+        contextual = contextual_count(budget, self.contextual)
+        dominant, rest = ops.dominant_patches(cues.attention, budget - contextual - 1)
         targets, others, assignment = ops.context_groups(cues.keys[1:][rest], contextual)
         merged = ops.merge_into_targets(cues.features[rest], targets, others, assignment)
-        # The authors' order: [CLS], dominant, contextual. The dominant patches keep the model's own
-        # projection of them (the projector maps each token alone); only new tokens are projected.
-        new = cues.project(torch.cat([cues.cls[None], merged])).to(span.hidden.device, span.hidden.dtype)
-        hidden = torch.cat([new[:1], span.hidden[dominant.to(span.hidden.device)], new[1:]])
-        slots = torch.cat([_free_slot(span.hidden.shape[0], dominant, rest[targets]), dominant, rest[targets]])
-        members = [rest[others[assignment == target]].tolist() for target in range(contextual)]
-        roles = [GLOBAL] + [SELECTED] * dominant.numel() + [CONTEXTUAL] * contextual
-        absorbed = [[]] + [[] for _ in range(dominant.numel())] + members
-        kept, placed = slots.sort()
-        return Selection(
-            kept=kept.to(span.hidden.device),
-            hidden=hidden[placed.to(hidden.device)],
-            merged=sum(len(m) for m in members),
-            roles=[roles[i] for i in placed.tolist()],
-            absorbed=[absorbed[i] for i in placed.tolist()],
-            order=placed.argsort(),
+        device, dtype = span.hidden.device, span.hidden.dtype
+        new = cues.project(torch.cat([cues.cls[None], cues.features[dominant], merged])).to(device, dtype)
+        own = item.slots[dominant.to(item.slots.device)]
+        shown = (own >= 0).to(device)
+        new[1 : 1 + dominant.numel()][shown] = span.hidden[own.to(device)[shown]]
+        members = [item.in_span(rest[others[assignment == target]]).tolist() for target in range(contextual)]
+        claims = item.slots[rest[targets].to(item.slots.device)].tolist()
+        return _Item(
+            cls=Fed([-1], new[:1], [GLOBAL], [[]]),
+            dominant=Fed(own.tolist(), new[1 : 1 + dominant.numel()], [SELECTED] * dominant.numel()),
+            contextual=Fed(claims, new[1 + dominant.numel() :], [CONTEXTUAL] * contextual, members),
+            canvas=None if item.canvas is None else item.canvas[dominant.to(item.canvas.device)],
         )
 
 
-def _free_slot(tokens: int, *taken):
-    """The [CLS] token's slot: the first patch no other kept token sits on (k < n leaves one)."""
-    import torch
+@dataclass(frozen=True)
+class _Item:
+    """One tower item's tokens, in the three parts their code feeds apart on LLaVA-NeXT."""
 
-    used = torch.zeros(tokens, dtype=torch.bool)
-    for indices in taken:
-        used[indices.cpu()] = True
-    return (~used).nonzero().flatten()[:1].to(taken[0].device)
+    cls: Fed
+    dominant: Fed
+    contextual: Fed
+    canvas: torch.Tensor | None  # the dominant patches' places on the tiles' canvas
