@@ -1,6 +1,6 @@
 """SparseVLM v1.5 (`--method sparsevlm`).
 
-Covers: on the demo model, every stage's kept set, recycled tokens and the sequence handed on equal
+Covers: on the demo model and the tiny LLaVA-NeXT (tiles and newlines in one span), every stage's kept set, recycled tokens and the sequence handed on equal
 to `reference_baselines.sparsevlm_*` fed what entered and left the rating layer in the pruned run
 (both --positions); first-token logits and 5 greedy tokens equal to the authors' pipeline
 re-expressed here on transformers' layers (table counts, renumbered, each layer decoding at its
@@ -47,6 +47,16 @@ def inputs(demo):
 
     car = Image.open(REPO / "examples" / "car.png").convert("RGB")
     return build_inputs(demo.processor, [user_message(QUESTION, 1)], [car])
+
+
+@pytest.fixture(scope="module", params=["demo", "llava-next"])
+def case(request, demo, inputs, llava_next_path, images):
+    """The demo model and the car, or the tiny LLaVA-NeXT and an image it tiles (a span of base
+    image, tiles and newline slots: 70 tokens, so the table's 66 / 30 / 17 all prune)."""
+    if request.param == "demo":
+        return demo, inputs
+    lvlm = load(str(llava_next_path), device="cpu")
+    return lvlm, build_inputs(lvlm.processor, [user_message(QUESTION, 1)], images[:1])
 
 
 def _text(lvlm):
@@ -107,7 +117,9 @@ def _stage(lvlm, rating, hidden, output, positions, raters, span, keep):
     text, (start, length) = _text(lvlm), span
     cos, sin = text.rotary_emb(hidden[None], positions[None])
     q, k = _query_key(text.layers[rating], hidden, cos, sin)
-    relation = ref.sparsevlm_relation(q, k, image_start=start, image_len=length, raters=raters)
+    relation = ref.sparsevlm_relation(
+        q, k, image_start=start, image_len=length, raters=raters, repeat_kv=k.shape[0] != q.shape[0]
+    )
     noise = _noise(int((length - keep) * 0.3) + 1, start)
     return ref.sparsevlm_prune_stage(output, relation, image_start=start, keep=keep, noise=noise)
 
@@ -123,7 +135,8 @@ def _layout(stage, centres, original, start, renumber):
 
 
 @pytest.mark.parametrize("positions", ["original", "renumber"])
-def test_every_stage_keeps_and_recycles_as_the_reference(positions, demo, inputs, monkeypatch):
+def test_every_stage_keeps_and_recycles_as_the_reference(positions, case, monkeypatch):
+    demo, inputs = case
     image, seen = _pruned_run(demo, inputs, monkeypatch, k=BUDGET, stage_counts="table", positions=positions)
     renumber, layers = positions == "renumber", [layer for layer, _ in image.stages]
     assert layers == [1, 2, 3]  # rating layers 0, 1, 2 of 4 (2, 6, 15 of 32)
@@ -179,7 +192,9 @@ def _official(lvlm, inputs, centres, renumber, tokens=STEPS):
                 if step == 0 and index in rated:
                     stage_index = rated.index(index)
                     q, k = _query_key(layer, hidden[0], *embeddings)
-                    relation = ref.sparsevlm_relation(q, k, image_start=start, image_len=length, raters=raters)
+                    relation = ref.sparsevlm_relation(
+                        q, k, image_start=start, image_len=length, raters=raters, repeat_kv=k.shape[0] != q.shape[0]
+                    )
                     keep = ref.sparsevlm_keep_count(BUDGET, ref.SPARSEVLM_LAYERS[stage_index], length)
                     noise = _noise(int((length - keep) * 0.3) + 1, start)
                     stage = ref.sparsevlm_prune_stage(out[0], relation, image_start=start, keep=keep, noise=noise)
@@ -204,8 +219,9 @@ def _greedy(model, inputs, **generate):
 
 
 @pytest.mark.parametrize("positions", ["renumber", "original"])
-def test_logits_and_greedy_tokens_equal_the_official_pipeline(positions, demo, inputs, monkeypatch):
+def test_logits_and_greedy_tokens_equal_the_official_pipeline(positions, case, monkeypatch):
     """renumber: the authors' pipeline; original: the same pipeline, each token at its slot's position."""
+    demo, inputs = case
     captured = _Captured(demo, monkeypatch)
     captured.remove()  # the centres alone
     options = {"k": BUDGET, "stage_counts": "table", "positions": positions}
