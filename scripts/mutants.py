@@ -43,6 +43,8 @@ TESTS = [
     "tests/test_vispruner.py",
     "tests/test_visionzip.py",
     "tests/test_prumerge_plus.py",
+    "tests/test_tower_tiles.py",
+    "tests/test_next_tower_methods.py",
     "tests/test_chat_stats.py",
     "tests/test_streaming.py",
     "tests/test_inputs.py",
@@ -64,6 +66,7 @@ class Mutant:
 
 VISPRUNER, VISION = "asapcli/engine/methods/vispruner.py", "asapcli/engine/vision.py"
 VISIONZIP, PRUMERGE = "asapcli/engine/methods/visionzip.py", "asapcli/engine/methods/prumerge_plus.py"
+TOWER = "asapcli/engine/methods/tower.py"
 ATTENTION, ASAP, OPS, DECODER = (
     "asapcli/engine/attention.py",
     "asapcli/engine/methods/asap.py",
@@ -208,7 +211,7 @@ MUTANTS = [
          "ranked = scores.sort(descending=True, stable=True).indices"),
     ), ("tests/test_vispruner.py",)),
     Mutant("VisPruner's important share rounded up", VISPRUNER, (
-        ("int(k * self.important_ratio)", "math.ceil(k * self.important_ratio)"),
+        ("int(image.budget * self.important_ratio)", "math.ceil(image.budget * self.important_ratio)"),
         ("from dataclasses import dataclass, replace", "import math\nfrom dataclasses import dataclass, replace"),
     ), ("tests/test_vispruner.py",)),
     Mutant("VisPruner's duplicates matched by dot product, not cosine", OPS, (
@@ -237,7 +240,7 @@ MUTANTS = [
          "torch.arange(0, m, max(1, m // count + 1), device=keys.device)[:count]"),
     ), ("tests/test_visionzip.py",)),
     Mutant("VisionZip's [CLS] token fed after the patches", VISIONZIP, (
-        ("order=placed.argsort(),", "order=placed.argsort().roll(-1),"),
+        ("fed = [first.cls, first.dominant, first.contextual]", "fed = [first.dominant, first.cls, first.contextual]"),
     ), ("tests/test_visionzip.py",)),
     Mutant("PruMerge+'s neighbours ranked by a stable sort, not torch.topk", OPS, (
         ("near = candidates[torch.topk(cosine, min(32, candidates.numel()), dim=-1).indices[0]]",
@@ -262,6 +265,29 @@ MUTANTS = [
         ("top = torch.topk(scores[None], int(n * share), dim=-1).indices[0]",
          "top = torch.topk(scores[None], int(n * share) + 1, dim=-1).indices[0]"),
     ), ("tests/test_prumerge_plus.py",)),
+    # Issue 26: the [CLS] methods on LLaVA-NeXT (each tower item alone, the model's own packing).
+    Mutant("VisPruner on LLaVA-NeXT drops the newline slots", VISPRUNER, (
+        ("kept, roles = [image.newlines], [KEPT] * image.newlines.numel()", "kept, roles = [image.newlines[:0]], []"),
+    ), ("tests/test_next_tower_methods.py",)),
+    Mutant("a tile's budget split over the image's own items, not the model's most", TOWER, (
+        ("budget = k // cues.most_items", "budget = k // len(cues.items)"),
+    ), ("tests/test_next_tower_methods.py",)),
+    Mutant("the most items per image counted without the base image", VISION, (
+        ("self.most_items = 1 + tiles", "self.most_items = tiles"),
+    ), ("tests/test_next_tower_methods.py", "tests/test_vispruner.py")),
+    Mutant("VisionZip's tiles' dominant patches fed tile by tile, not across the canvas", VISIONZIP, (
+        ("fed += [dominant.sorted_by(torch.cat([tile.canvas for tile in tiles]))]", "fed += [dominant]"),
+    ), ("tests/test_next_tower_methods.py",)),
+    Mutant("PruMerge+ feeds the tiles before the base image", PRUMERGE, (
+        ("items = [self._item(item, image.budget, span) for item in image.items]",
+         "items = [self._item(item, image.budget, span) for item in image.items[::-1]]"),
+    ), ("tests/test_next_tower_methods.py",)),
+    Mutant("every image of a call read with the newest image's size", VISION, (
+        ("self.tiling.image(items, self.tiling.sizes[number - images])", "self.tiling.image(items, self.tiling.sizes[-1])"),
+    ), ("tests/test_tower_tiles.py",)),
+    Mutant("a token takes a slot an earlier token took", TOWER, (
+        ("own = claim >= 0 and claim not in taken", "own = claim >= 0"),
+    ), ("tests/test_tower_tiles.py",)),
     # Issue 26: PyramidDrop and the multi-stage engine.
     Mutant("pdrop's stage layers one layer late", PDROP, (
         ("layers = [max(1, stage * depth // STAGES) for stage in range(1, STAGES)]",
