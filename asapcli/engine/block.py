@@ -19,7 +19,7 @@ from . import PrunedDecoder, PruningPlan, UnsupportedModel, image_spans, install
 from .plans import make_plan, token_counts, visual_steps
 from .schedule import visual_flops
 from .settings import PruneSettings
-from .vision import VisionTap, tap_for
+from .vision import VisionTap
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def pruned_as(model: PreTrainedModel, settings: PruneSettings) -> Iterator[Pruni
         raise UsageError("this model is inside an asapcli.pruned block already; blocks do not nest")
     was_installed = isinstance(model.get_decoder(), PrunedDecoder)
     method = settings.method
-    tap = tap_for(model, method.name, method.vision_needs) if method.reads_vision else None
+    tap = VisionTap(model, method.name, method.vision_needs) if method.reads_vision else None
     decoder = install(model)
     pruning = Pruning(model, settings, tap)
 

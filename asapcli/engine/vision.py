@@ -254,9 +254,3 @@ def cls_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torc
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return weights[:, :, 0, 1:], keys
 
-
-def tap_for(model: PreTrainedModel, method: str, needs: tuple[str, ...] = ()) -> VisionTap:
-    """The tap a method that reads the vision tower runs with (install it): for each image span,
-    what the tower gave for its image (VisionCues; TiledCues on a tiling model), with what the
-    method `needs`."""
-    return VisionTap(model, method, needs)
