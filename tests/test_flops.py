@@ -125,7 +125,7 @@ def test_flops_from_a_local_config(llava_path, asap):
         (["-m", "llava-1.5-7b", "--schedule", "2:300,8:300"], "keeps the 300 tokens the step before left"),
         (["-m", "llava-1.5-7b", "--schedule", "32:100"], "after the last layer, prunes nothing"),
         (["-m", "llava-1.5-7b", "--layer", "32"], "after the last layer, prunes nothing"),
-        (["-m", "llava-1.5-7b", "-k", "600"], "keeps every visual token"),
+        (["-m", "llava-1.5-7b", "-k", "600"], "-k 600 keeps all 576 visual tokens of llava-1.5-7b: it prunes nothing"),
         (["-m", "llava-1.5-7b", "--schedule", ""], "--schedule is empty"),
         (["-m", "llava-1.5-7b", "--schedule", " , "], "bad schedule item"),
         (["-m", "llava-1.5-7b", "--schedule", "2:1\N{SUPERSCRIPT TWO}"], "bad schedule item"),

@@ -78,3 +78,37 @@ def test_the_cli_runs_them_on_a_tiled_model(method, asap, llava_next_path, image
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert 0 < data["kept_tokens"] < data["visual_tokens"] and data["layer"] == 0 and data["flops_ratio"] < 1
+
+
+def test_evals_flops_ratio_is_the_mean_over_its_questions_whatever_their_order(asap, llava_next_path, images, tmp_path):
+    """Each image keeps its own count on LLaVA-NeXT: the row's ratio is the mean of each answer's."""
+    ratios = []
+    for number, image in enumerate(images):
+        image.save(tmp_path / f"{number}.png")
+        run = asap("run", tmp_path / f"{number}.png", "what is it?", "-m", llava_next_path, "--method", "vispruner",
+                   "-k", 10, "--max-tokens", 1, "--json")  # fmt: skip
+        ratios.append(json.loads(run.stdout)["flops_ratio"])
+    assert ratios[0] != ratios[1]
+    lines = [json.dumps({"image": f"{n}.png", "question": "what is it?", "answer": "no"}) for n in range(2)]
+    rows = []
+    for order in (lines, lines[::-1]):
+        (tmp_path / "questions.jsonl").write_text("\n".join(order) + "\n")
+        result = asap("eval", "--data", tmp_path / "questions.jsonl", "-m", llava_next_path,
+                      "--methods", "vispruner", "-k", 10, "--max-tokens", 1, "--json")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        rows.append(json.loads(result.stdout)["results"][-1]["flops_ratio"])
+    assert rows[0] == pytest.approx(sum(ratios) / 2) and rows[1] == pytest.approx(rows[0])
+
+
+def test_a_vispruner_budget_that_keeps_every_patch_and_newline_prunes_nothing(next_model):
+    """A square image on 2 x 2 tiles: 16 + 8 x (8 + 1) = 88 tokens; k = 85 gives each item T = 17 of
+    its 16 patches, so every patch and newline is kept: nothing pruned, counted so, and no error."""
+    from PIL import Image
+
+    inputs = build_inputs(next_model.processor, [user_message("what is it?", 1)], [Image.new("RGB", (40, 40), "red")])
+    with torch.inference_mode(), asapcli.pruned(next_model.model, method="vispruner", k=85) as pruning:
+        next_model.model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    report = pruning.report()
+    (image,) = report.images
+    assert image.end - image.start == 88 == len(image.kept) == report.kept_tokens
+    assert report.flops_ratio == 1.0

@@ -124,9 +124,14 @@ class PruningPlan:
         if not self.method.prunes:
             return []
         done = next((r for r in self.records if r.start == start and r.kept is not None and r.stages), None)
-        if done is not None:
-            return [(layer, positions.numel()) for layer, positions in done.stages]
-        return self.method.schedule(end - start, self.k, self.layer, self.num_layers)
+        if done is None:
+            return self.method.schedule(end - start, self.k, self.layer, self.num_layers)
+        went, left = [], end - start
+        for layer, positions in done.stages:  # less any step that kept all it was given (VisPruner's
+            if positions.numel() < left:  # tiles and newlines can add up to the whole span)
+                went.append((layer, positions.numel()))
+                left = positions.numel()
+        return went
 
     def shrinks(self, start: int, end: int) -> bool:
         """Whether the span [start, end) loses tokens at this budget; one that does not runs as vanilla

@@ -253,4 +253,3 @@ def cls_attention_and_keys(layer: nn.Module, hidden: torch.Tensor) -> tuple[torc
     scores = torch.matmul(query, keys.transpose(2, 3)) * attn.scale
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return weights[:, :, 0, 1:], keys
-

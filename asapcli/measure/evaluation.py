@@ -147,18 +147,25 @@ class Score:
     """Exact-match results of one method at one budget."""
 
     settings: PruneSettings
-    flops_ratio: float = 1.0
+    flops_ratios: list[float] = field(default_factory=list)  # each answered question's Eq. 8 ratio
     hits: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     totals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     region_hits: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     region_totals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, item: Item, correct: bool) -> None:
+    def add(self, item: Item, correct: bool, flops_ratio: float = 1.0) -> None:
+        self.flops_ratios.append(flops_ratio)
         self.hits[item.type] += correct
         self.totals[item.type] += 1
         if item.region is not None:
             self.region_hits[item.region] += correct
             self.region_totals[item.region] += 1
+
+    @property
+    def flops_ratio(self) -> float:
+        """Eq. 8 averaged over the questions answered: each image keeps its own count of tokens
+        (LLaVA-NeXT's tiles, an adaptive method), so no one question speaks for the rest."""
+        return sum(self.flops_ratios) / len(self.flops_ratios) if self.flops_ratios else 1.0
 
     def accuracy(self) -> dict[str, float]:
         return {kind: self.hits[kind] / self.totals[kind] for kind in self.totals}
@@ -264,8 +271,7 @@ def evaluate(
             results = generate_batch(loaded, inputs, score.settings, max_tokens=max_tokens, seed=score.settings.seed)
             for index, (item, result) in enumerate(zip(group, results), start=start):
                 hit = correct(result.text, item.answer)
-                score.add(item, hit)
-                score.flops_ratio = result.flops_ratio
+                score.add(item, hit, result.flops_ratio)
                 if on_answer is not None:
                     on_answer(score, index, result.text, hit)
                 if on_step is not None:

@@ -81,7 +81,12 @@ class FlopsCount:
             # layer whatever layer was asked (as asap run does), and pool keeps its square grid.
             ((_, budget),) = steps
             steps = [(0, pruner().kept_count(arch.visual_tokens, budget))]
-        if schedule is None and k is None and steps[0][1] >= arch.visual_tokens:
+        if schedule is None and steps[0][1] >= arch.visual_tokens:
+            if k is not None:
+                raise UsageError(
+                    f"-k {k} keeps all {arch.visual_tokens} visual tokens of {model}: it prunes nothing "
+                    f"(give k below {arch.visual_tokens})"
+                )
             stages = [Stage(arch.layers, arch.visual_tokens)]  # the preset's k keeps them all
         else:
             stages = pruning_schedule(arch.layers, arch.visual_tokens, steps)
