@@ -286,6 +286,27 @@ def test_compare_prints_each_answer_and_draws_a_panel_per_method(tmp_path, monke
     assert report["answers"][1]["kept_tokens"] == 64
 
 
+@pytest.mark.parametrize("size, tokens", [((500, 1), 16), ((1, 500), 16 + 4)])
+def test_an_image_thinner_than_a_tile_row_keeps_its_base_grid_and_newlines(llava_next_path, size, tokens):
+    """Unpadding leaves such an image no tile patch (no row, or no column but the newlines)."""
+    processor = AutoProcessor.from_pretrained(llava_next_path)
+    inputs = processor(images=[Image.new("RGB", size)], text="<image> hi", return_tensors="pt")
+    ((start, end),) = image_spans(inputs["input_ids"][0], processor.image_token_id)
+    layout = patch_layout.span_layout(processor, size, end - start)
+    assert end - start == layout.tokens == tokens and [grid.name for grid in layout.grids] == ["base image"]
+    assert layout.extra == list(range(16, tokens))
+
+
+def test_dollar_signs_in_a_prompt_or_answer_are_drawn_as_written(tmp_path, monkeypatch, asap):
+    texts = []
+    draw = figures.draw_comparison
+    monkeypatch.setattr(figures, "draw_comparison", lambda i, c, t: texts.append(t) or draw(i, c, t))
+    out = tmp_path / "compare.png"
+    result = asap("compare", CAR, "is it $$?", "--methods", "fastv", "-k", 64, "--out", out, "--max-tokens", 2)
+    assert result.exit_code == 0, result.output  # matplotlib would read "$$" as an empty formula and fail
+    assert "is it $$?" in texts[0] and Image.open(out).format == "PNG"
+
+
 def test_compare_checks_its_figure_before_the_model_loads(tmp_path, asap):
     result = asap("compare", CAR, QUESTION, "--out", tmp_path / "figure.gif")
     assert result.exit_code == 2 and "name it .png, .svg, .pdf, .jpg or .webp" in result.stderr

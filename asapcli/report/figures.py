@@ -315,6 +315,22 @@ def _legend(figure, entries: list[tuple[str, str, int | None]], columns: int) ->
     figure.legend(handles=handles, loc="lower center", ncol=columns, frameon=False, fontsize=9)
 
 
+def _literal_text(draw):
+    """A figure's text as written: prompts, answers and file names may hold "$", which matplotlib
+    would otherwise read as mathtext (and fail on, or typeset)."""
+    import functools
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+@_literal_text
 def draw_kept(image: Image.Image, view: KeptView) -> Figure:
     """The kept-tokens figure: one panel per grid (LLaVA-NeXT: the base image and the tiles)."""
     pixels, factor = _upscaled(image)
@@ -342,6 +358,7 @@ class ComparedPanel:
     answer: str
 
 
+@_literal_text
 def draw_comparison(image: Image.Image, columns: list[ComparedPanel], title: str) -> Figure:
     """The paper's Fig. 2 layout: the original first, then one column per method, each with its
     answer under it; LLaVA-NeXT's base image and tiles as two rows."""
@@ -426,6 +443,7 @@ def _prunes(method: str) -> bool:
 DODGE = 0.012  # of the FLOPs range: how far apart the methods' points at one budget are drawn
 
 
+@_literal_text
 def draw_accuracy(points: list[AccuracyPoint], title: str) -> Figure:
     """Accuracy against the FLOPs ratio: a line per method, each point labelled with its k and
     its 95% interval as an error bar (the methods at one budget a little apart); vanilla as a
@@ -501,6 +519,7 @@ def attention_title(model: str, layer: int, queries: str, n: int) -> str:
     )
 
 
+@_literal_text
 def draw_attention(view: AttentionView) -> Figure:
     """Heatmaps over the patch grid, causal and SG-BiMask on one colour scale and their difference
     on a scale centred on 0; then the per-row profile of both and, on its own scale, the per-row

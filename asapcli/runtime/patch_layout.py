@@ -122,7 +122,7 @@ def _llava_next(processor, image_processor, image_size: tuple[int, int]) -> Span
     unpadded, rows = processor._get_unpadded_features(
         height, width, patches_h, patches_w, best_h // tile_h, best_w // tile_w
     )
-    cols = unpadded // rows
+    cols = unpadded // rows if rows else 0
     base = patches_h * patches_w + processor.num_additional_image_tokens
     base -= 1 if processor.vision_feature_select_strategy == "default" else 0
     skip = base - patches_h * patches_w
@@ -136,8 +136,7 @@ def _llava_next(processor, image_processor, image_size: tuple[int, int]) -> Span
         exact = width * canvas_rows / height
         offset = ((canvas_cols - cols) / 2 - (canvas_cols - exact) / 2) * width / exact
         box = (offset, 0.0, offset + cols * width / exact, float(height))
-    grids = [
-        PatchGrid("base image", skip, patches_h, patches_w, patches_w, (0.0, 0.0, float(width), float(height))),
-        PatchGrid("tiles", base, rows, cols, cols + 1, box),
-    ]
+    grids = [PatchGrid("base image", skip, patches_h, patches_w, patches_w, (0.0, 0.0, float(width), float(height)))]
+    if rows and cols:  # an image thinner than a patch row (or column) of the canvas leaves its tiles none
+        grids.append(PatchGrid("tiles", base, rows, cols, cols + 1, box))
     return SpanLayout(base + rows * (cols + 1), grids)
