@@ -229,7 +229,7 @@ def test_a_tiled_budget_under_what_each_tile_needs_is_refused(llava_next_path, i
     """On LLaVA-NeXT each of up to 5 tower items keeps k // 5 tokens (tests/test_next_tower_methods.py)."""
     lvlm = load(str(llava_next_path), device="cpu")
     inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
-    with pytest.raises(UsageError, match="0 at k = 4; per item, it needs at least 1"):
+    with pytest.raises(UsageError, match="0 at k = 4, where it needs 1; give k at least 5"):
         captured(lvlm.model, inputs, k=4)
     assert not taps(lvlm.model)
 
@@ -252,7 +252,9 @@ def test_refusals_are_one_line(asap, llava_next_path, image_file):
     result = asap("run", image_file, "hi", "-m", llava_next_path, "--method", "prumerge-plus", "-k", 4)
     (line,) = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and line.startswith("Error: prumerge-plus on a tiled model gives each of an image's")
-    assert line.endswith("k // 5 tokens, 0 at k = 4; per item, it needs at least 1")
+    assert line.endswith("k // 5 tokens: 0 at k = 4, where it needs 1; give k at least 5")
+    result = asap("run", image_file, "hi", "-m", llava_next_path, "--method", "prumerge-plus", "-k", 4, "--adaptive")
+    assert result.exit_code == 0, result.output  # the image sets its own count
     result = asap("run", CAR, "hi", "--method", "fastv", "--adaptive")
     (line,) = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and line.startswith("Error: --adaptive is not an option of fastv")

@@ -126,7 +126,7 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
             "contextual",
             int,
             "VisionZip's contextual (merged) tokens among the k, from 1 to k - 1; the rest are the [CLS] token and "
-            "the patches it attends to most.",
+            "the patches it attends to most. On LLaVA-NeXT, per tile: among each tile's k // 5.",
             valid=lambda value: value >= 1,
             rule="must be at least 1",
             default_rule="10 per 64 of k, rounded half up (54 + 10 at k = 64, 108 + 20, 162 + 30)",
@@ -134,8 +134,9 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
         Hyperparameter(
             "adaptive",
             bool,
-            "PruMerge+'s own adaptive count (the share of [CLS] attention outliers, IQR), whatever k; without it, "
-            "exactly k tokens (half most attended, half spatial samples, one extra token).",
+            "PruMerge+'s own adaptive count (the share of [CLS] attention outliers, IQR), whatever k below the "
+            "image's tokens; without it, exactly k tokens (half most attended, half spatial samples, one extra "
+            "token; on LLaVA-NeXT k // 5 per tile).",
         ),
         Hyperparameter(
             "stage_ratio",

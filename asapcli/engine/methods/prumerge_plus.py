@@ -35,6 +35,11 @@ class PruMergePlus(BeforeLLM):
     )
     adaptive: bool = False
 
+    def budget_problem(self, k: int) -> str | None:
+        if k < 1 and not self.adaptive:  # adaptive: the image sets its count, whatever k
+            return f"prumerge-plus keeps at least its extra token: k must be at least 1, got {k}"
+        return None
+
     def select(self, span: SpanView, k: int) -> Selection:
         image = tower_image(span, k, self)
         # Theirs, given several items (LLaVA-NeXT's base image and tiles): each alone, the outputs

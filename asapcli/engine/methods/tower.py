@@ -10,6 +10,7 @@ newline slots show no patch."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -67,12 +68,12 @@ def tower_image(span: SpanView, k: int, method: PruningMethod) -> TowerImage:
                 f"{span.hidden.shape[0]} tokens"
             )
         return TowerImage([TowerItem(cues, torch.arange(span.hidden.shape[0]))], k, torch.zeros(0, dtype=torch.long))
-    budget = k // cues.most_items
-    problem = "it needs at least 1" if budget < 1 else method.budget_problem(budget)
-    if problem:
+    most, budget = cues.most_items, k // cues.most_items
+    if method.budget_problem(budget):
+        least = next(t for t in itertools.count(budget + 1) if method.budget_problem(t) is None)
         raise UsageError(
-            f"{method} on a tiled model gives each of an image's up to {cues.most_items} tower items (the base image "
-            f"and its tiles) k // {cues.most_items} tokens, {budget} at k = {k}; per item, {problem}"
+            f"{method} on a tiled model gives each of an image's up to {most} tower items (the base image and its "
+            f"tiles) k // {most} tokens: {budget} at k = {k}, where it needs {least}; give k at least {least * most}"
         )
     return TowerImage(_tiles(cues), budget, (cues.source < 0).nonzero().flatten())
 

@@ -25,6 +25,9 @@ class VisPruner(BeforeLLM):
     )
     important_ratio: float = 0.5
 
+    def budget_problem(self, k: int) -> str | None:
+        return f"vispruner keeps at least 1 token: k must be at least 1, got {k}" if k < 1 else None
+
     def select(self, span: SpanView, k: int) -> Selection:
         import torch  # at call time: the registry imports without torch (methods/__init__.py)
 
