@@ -108,9 +108,8 @@ def kept_view(
     ]
     note = ""
     if painter.off_grid and len(layout.extra) > 0:
-        note = (
-            f"also kept: {sum(painter.off_grid.values())} of the {len(layout.extra)} tokens on no patch (CLS, row ends)"
-        )
+        what = "row ends" if any(grid.stride > grid.cols for grid in layout.grids) else "[CLS]"
+        note = f"also kept: {sum(painter.off_grid.values())} of the {len(layout.extra)} tokens on no patch ({what})"
     return KeptView(title, method, grids, _legend_entries(layout.tokens, kept, roles, absorbed, method), note)
 
 
