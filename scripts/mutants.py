@@ -67,6 +67,11 @@ class Mutant:
 VISPRUNER, VISION = "asapcli/engine/methods/vispruner.py", "asapcli/engine/vision.py"
 VISIONZIP, PRUMERGE = "asapcli/engine/methods/visionzip.py", "asapcli/engine/methods/prumerge_plus.py"
 TOWER = "asapcli/engine/methods/tower.py"
+EVALUATION, PATCH_LAYOUT, FIGURES = (
+    "asapcli/measure/evaluation.py",
+    "asapcli/runtime/patch_layout.py",
+    "asapcli/report/figures.py",
+)
 ATTENTION, ASAP, OPS, DECODER = (
     "asapcli/engine/attention.py",
     "asapcli/engine/methods/asap.py",
@@ -270,7 +275,7 @@ MUTANTS = [
         ("kept, roles = [image.newlines], [KEPT] * image.newlines.numel()", "kept, roles = [image.newlines[:0]], []"),
     ), ("tests/test_next_tower_methods.py",)),
     Mutant("a tile's budget split over the image's own items, not the model's most", TOWER, (
-        ("budget = k // cues.most_items", "budget = k // len(cues.items)"),
+        ("most, budget = cues.most_items, k // cues.most_items", "most, budget = cues.most_items, k // len(cues.items)"),
     ), ("tests/test_next_tower_methods.py",)),
     Mutant("the most items per image counted without the base image", VISION, (
         ("self.most_items = 1 + tiles", "self.most_items = tiles"),
@@ -288,6 +293,19 @@ MUTANTS = [
     Mutant("a token takes a slot an earlier token took", TOWER, (
         ("own = claim >= 0 and claim not in taken", "own = claim >= 0"),
     ), ("tests/test_tower_tiles.py",)),
+    # Issue 26's hostile pass: what a careless user of the tiled [CLS] methods found.
+    Mutant("eval's FLOPs ratio the last question's, not their mean", EVALUATION, (
+        ("self.flops_ratios.append(flops_ratio)", "self.flops_ratios = [flops_ratio]"),
+    ), ("tests/test_tower_tiles.py",)),
+    Mutant("a step that kept its whole span counted as pruning", DECODER, (
+        ("if positions.numel() < left:", "if True:"),
+    ), ("tests/test_tower_tiles.py",)),
+    Mutant("a figure's text read as mathtext", FIGURES, (
+        ('with matplotlib.rc_context({"text.parse_math": False}):', "with matplotlib.rc_context({}):"),
+    ), ("tests/test_figures.py",)),
+    Mutant("an image thinner than a tile row given an empty tile grid", PATCH_LAYOUT, (
+        ("    if rows and cols:  # an image thinner", "    if True:  # an image thinner"),
+    ), ("tests/test_figures.py",)),
     # Issue 26: PyramidDrop and the multi-stage engine.
     Mutant("pdrop's stage layers one layer late", PDROP, (
         ("layers = [max(1, stage * depth // STAGES) for stage in range(1, STAGES)]",
