@@ -126,10 +126,11 @@ def _show(outcome: Outcome) -> None:
     """The table, what its columns mean and, when interrupted, how much of the run it covers."""
     report = outcome.report
     display.show(_table(report))
+    types = ", ".join(dict.fromkeys(SHORT.get(kind, kind) for row in report.results for kind in row.accuracy))
     display.out.print(
-        "All figures in %. FLOPs: paper Eq. 8, visual tokens only; accuracy: normalised exact match, greedy; avg: "
-        "mean over question types (col, shape, exist, pos), ± half its 95% interval (each cell's in --json); rel: "
-        "avg / vanilla's"
+        "All figures in %. FLOPs: paper Eq. 8, visual tokens only (the mean over the questions); accuracy: "
+        f"normalised exact match, greedy; avg: mean over question types ({types}), ± half its 95% interval (each "
+        "cell's in --json); rel: avg / vanilla's"
         + ("; top/bot: questions about one object in that half of the image." if _has_regions(report) else "."),
         markup=False,
         soft_wrap=True,
