@@ -81,15 +81,10 @@ class FlopsCount:
             # layer whatever layer was asked (as asap run does), and pool keeps its square grid.
             ((_, budget),) = steps
             steps = [(0, pruner().kept_count(arch.visual_tokens, budget))]
-        if schedule is None and steps[0][1] >= arch.visual_tokens:
-            if k is not None:
-                raise UsageError(
-                    f"-k {k} keeps all {arch.visual_tokens} visual tokens of {model}: it prunes nothing "
-                    f"(give k below {arch.visual_tokens})"
-                )
-            stages = [Stage(arch.layers, arch.visual_tokens)]  # the preset's k keeps them all
-        else:
+        if schedule is not None:
             stages = pruning_schedule(arch.layers, arch.visual_tokens, steps)
+        else:
+            stages = _budget_stages(arch, steps, k, model)
         # fvcore counts what the model computes: grouped-query k/v projections at their real size.
         kv_fraction = arch.kv_heads / arch.heads if gqa or measure else 1.0
         random_weights = random_weights or getattr(find_preset(model), "random_weights", False)
@@ -187,3 +182,16 @@ def _checked(k: int | None, layer: int | None, schedule: str | None, method: str
     if not pruner.prunes:
         raise UsageError(f"--method {method} prunes nothing: its count is the vanilla row of any other method's")
     return pruner
+
+
+def _budget_stages(arch, steps: list[tuple[int, int]], k: int | None, model: str) -> list[Stage]:
+    """The stages of a budget's steps; a budget that keeps every visual token is the preset's to
+    give (a dense count), refused where -k asked for it."""
+    if steps[0][1] < arch.visual_tokens:
+        return pruning_schedule(arch.layers, arch.visual_tokens, steps)
+    if k is not None:
+        raise UsageError(
+            f"-k {k} keeps all {arch.visual_tokens} visual tokens of {model}: it prunes nothing "
+            f"(give k below {arch.visual_tokens})"
+        )
+    return [Stage(arch.layers, arch.visual_tokens)]  # the preset's k keeps them all
