@@ -248,7 +248,9 @@ def test_the_cli_runs_it(asap):
     [
         (("--contextual", 0), "Error: contextual must be at least 1, got 0"),
         (("--contextual", 8), "Error: contextual must be at most k - 1 = 7"),
-        (("--contextual", "two"), "Error: Invalid value for '--contextual'"),
+        (("--contextual", "two"), "Error: Invalid value for '--contextual': 'two' is not a whole number"),
+        (("--contextual", "1.5"), "Error: Invalid value for '--contextual': '1.5' is not a whole number"),
+        (("--contextual", "\u0661"), "Error: Invalid value for '--contextual': '\u0661' is not a whole number"),
         (("-k", 1), "Error: visionzip keeps the [CLS] token and at least one contextual token"),
     ],
 )

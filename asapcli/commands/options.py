@@ -17,7 +17,7 @@ import typer
 from ..engine import DEFAULT_METHOD, HYPERPARAMETERS, METHODS
 from ..engine.methods import DEFAULT_COMPARISON, DEFAULT_EVALUATION, DEFAULT_SIDE_BY_SIDE
 from ..engine.settings import SEEDS, MethodGrid, PruneSettings, budget_and_layer
-from ..errors import UsageError, whole_number
+from ..errors import UsageError, ascii_digits, whole_number
 from ..report import display
 from ..runtime.presets import Preset, find_preset, preset_names
 
@@ -77,6 +77,14 @@ def _budget(text: str) -> int:
         return whole_number(text, "k")
     except UsageError as error:
         raise typer.BadParameter(str(error)) from None
+
+
+def _whole_option(flag: str, text: str) -> int:
+    """A whole-number option as written (ASCII digits, a sign allowed), its own rule checked later."""
+    body = text.strip().removeprefix("-")
+    if not ascii_digits(body):
+        raise typer.BadParameter(f"{text!r} is not a whole number")
+    return int(text)
 
 
 def _seed(value: int) -> int:
@@ -332,6 +340,8 @@ def _method_option(name: str, methods: dict[str, type]) -> tuple:
     defaults = {str(_field_default(methods[method], name)) for method in takers}
     metavar = "{" + "|".join(hyperparameter.choices) + "}" if hyperparameter.choices else "X"
     checked = _choice(hyperparameter.choices) if hyperparameter.choices else {}
+    if hyperparameter.type is int and not checked:
+        checked = {"parser": functools.partial(_whole_option, hyperparameter.flag)}
     option = typer.Option(
         hyperparameter.flag,
         metavar=metavar,
