@@ -4,12 +4,19 @@ rule, a padded batch and a prompt of two images (each span reads its own image's
 budget that prunes nothing, and the CLI."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 import asapcli
-from asapcli.engine.methods.tower import claim_slots
+from asapcli.engine import UnsupportedModel
+from asapcli.engine.methods import SpanView
+from asapcli.engine.methods.prumerge_plus import PruMergePlus
+from asapcli.engine.methods.tower import Fed, claim_slots
+from asapcli.engine.methods.visionzip import VisionZip
+from asapcli.engine.methods.vispruner import VisPruner
+from asapcli.engine.vision import TiledCues, VisionCues
 from asapcli.runtime.inputs import build_batch_inputs, build_inputs, user_message
 from asapcli.runtime.loading import load
 
@@ -112,3 +119,53 @@ def test_a_vispruner_budget_that_keeps_every_patch_and_newline_prunes_nothing(ne
     (image,) = report.images
     assert image.end - image.start == 88 == len(image.kept) == report.kept_tokens
     assert report.flops_ratio == 1.0
+
+
+def test_tokens_fed_out_of_step_are_refused():
+    with pytest.raises(ValueError, match="1 claims, 2 states, 1 roles"):
+        Fed([3], torch.zeros(2, 4), ["selected"])
+
+
+def _tiles(patches: int, items: int, newlines: int, seed: int = 0) -> TiledCues:
+    """A hand-made tiled image: `items` items of `patches` patches each, then `newlines` slots."""
+    generator = torch.Generator().manual_seed(seed)
+    width = 8
+
+    def cues():
+        query, key = (torch.randn(patches + 1, width, generator=generator) for _ in range(2))
+        return VisionCues(
+            torch.rand(2, patches, generator=generator), torch.randn(patches, width, generator=generator),
+            torch.randn(width, generator=generator), keys=key, query_key=(query, key), project=lambda tokens: tokens,
+        )  # fmt: skip
+
+    source = torch.cat([torch.arange(items * patches), torch.full((newlines,), -1)])
+    return TiledCues([cues() for _ in range(items)], source, (1, items - 1), most_items=items)
+
+
+@pytest.mark.parametrize("method, kept", [(VisPruner(), 28), (VisionZip(), 8), (PruMergePlus(), 8)])
+def test_a_tile_share_above_its_patches_keeps_them_all(method, kept):
+    """k // 2 = 13 for items of 4 patches: each item keeps what 4 allow (VisionZip's split of 13
+    would ask for more dominant patches than there are)."""
+    span = SpanView(start=0, hidden=torch.randn(28, 8), vision=_tiles(patches=4, items=2, newlines=20))
+    selection = method.select(span, 27)
+    assert selection.kept.numel() == kept and selection.kept.unique().numel() == kept
+
+
+def test_an_adaptive_count_that_reaches_the_span_keeps_it_whole():
+    """PruMerge+'s adaptive count is each item's own: on a span that unpadding left hardly more
+    than the base image, the items' counts can add up to more tokens than the span has."""
+    tiles = _tiles(patches=4, items=5, newlines=0)
+    span = SpanView(start=0, hidden=torch.randn(4, 8), vision=replace(tiles, source=torch.arange(4)))  # tiles all cut
+    selection = PruMergePlus(adaptive=True).select(span, 3)  # at least a token per item: 5 for 4 slots
+    assert selection.kept.tolist() == list(range(4)) and torch.equal(selection.hidden, span.hidden)
+
+
+def test_a_call_that_repeats_its_images_after_encoding_is_refused(next_model, images):
+    """generate()'s num_beams (and num_return_sequences) repeat the encoded images: the spans no
+    longer match the images the tower saw, even after an earlier call of the same block."""
+    processor, model = next_model.processor, next_model.model
+    first, second = (build_inputs(processor, [user_message("what?", 1)], [image]) for image in images)
+    with torch.inference_mode(), asapcli.pruned(model, method="vispruner", k=25):
+        model.generate(**first, max_new_tokens=1, do_sample=False)
+        with pytest.raises(UnsupportedModel, match="2 image spans where the model encoded 1 images"):
+            model.generate(**second, max_new_tokens=1, do_sample=False, num_beams=2)

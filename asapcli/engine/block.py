@@ -77,11 +77,10 @@ class Pruning:
 
     def _attach_vision(self, plans: list[PruningPlan]) -> None:
         """Each plan's spans read the vision tower's cues of their own image: the call's images,
-        in the order the model places their features (row by row, left to right), are the last
-        ones the tower saw when the decoder runs (generate() may run the tower before the call,
-        the call itself after this), so older cues are let go and the newest looked up."""
+        in the order the model places their features (row by row, left to right), are the ones
+        the model encoded last when the decoder runs (generate() encodes them before the call,
+        a direct call inside it, after this), so they are looked up then."""
         count = sum(len(plan.spans) for plan in plans)
-        self.tap.keep_last(count)
         first = 0
         for plan in plans:
             index = {start: first + n for n, (start, _) in enumerate(plan.spans)}

@@ -68,15 +68,12 @@ class TiledCues:
 
 class Tiling:
     """How a tiling model (LLaVA-NeXT) cuts an image into tower items and packs their patches into
-    the image span: transformers' own functions, applied to patch numbers instead of features.
-    An image's tiles depend on its size, which the tower never sees: while watching, the model's
-    `get_image_features` notes the `sizes` of the images it encodes (generate() calls it before
-    the first forward, a direct forward inside it), in order."""
+    the image span: transformers' own functions, applied to patch numbers instead of features."""
 
     def __init__(self, model: PreTrainedModel, method: str):
         config = model.config
         self.inner = getattr(model, "model", model)
-        if not hasattr(self.inner, "pack_image_features") or not hasattr(self.inner, "get_image_features"):
+        if not hasattr(self.inner, "pack_image_features"):
             raise UnsupportedModel(
                 f"{method} needs to know where each tile's patches land in the image span; "
                 f"{type(model).__name__} tiles its images without LLaVA-NeXT's pack_image_features"
@@ -85,33 +82,12 @@ class Tiling:
         self.tile = config.vision_config.image_size
         tiles = max(math.ceil(height / self.tile) * math.ceil(width / self.tile) for height, width in self.pinpoints)
         self.most_items = 1 + tiles
-        self.sizes: list[torch.Tensor] = []  # (height, width) of each image encoded while watching
-
-    def watch(self) -> None:
-        encode = type(self.inner).get_image_features.__get__(self.inner)
-
-        @functools.wraps(encode)  # the same signature: generate() picks its arguments by it
-        def noting_sizes(pixel_values, image_sizes, *args, **kwargs):
-            self.sizes += [torch.as_tensor(size).cpu() for size in image_sizes]
-            return encode(pixel_values, image_sizes, *args, **kwargs)
-
-        self.inner.get_image_features = noting_sizes
-
-    def unwatch(self) -> None:
-        self.inner.__dict__.pop("get_image_features", None)
-        self.sizes = []
 
     def count(self, size: torch.Tensor) -> int:
         """How many tower items (base image and tiles) an image of `size` (height, width) is."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         return image_size_to_num_patches(size, self.pinpoints, self.tile)
-
-    def items(self, images: int) -> list[int]:
-        """How many tower items each of the newest `images` images is."""
-        if len(self.sizes) < images:
-            raise UnsupportedModel(f"the model encoded {len(self.sizes)} images for {images} image spans")
-        return [self.count(size) for size in self.sizes[len(self.sizes) - images :]]
 
     def image(self, cues: list[VisionCues], image_size: torch.Tensor) -> TiledCues:
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
@@ -140,7 +116,7 @@ VISION_NEEDS = ("keys", "last_qk", "project")  # what a method may ask beyond at
 
 class VisionTap:
     """The hook on the feature layer of `model`'s vision tower; `cues` lists what each item of
-    the tower's last forward calls gave, in order (`keep_last` lets older ones go). `needs`: what
+    the tower gave since the model last began encoding images, in order. `needs`: what
     the method asks beyond the [CLS] attention and the features (VISION_NEEDS), computed only
     then. Refuses, naming why, a model whose tower has no [CLS] token or whose projector does not
     receive one layer's patches."""
@@ -175,41 +151,58 @@ class VisionTap:
             )
         self.project = projector if "project" in self.needs else None
         self.tiling = Tiling(model, method) if getattr(config, "image_grid_pinpoints", None) else None
+        self.inner = getattr(model, "model", model)
+        if not hasattr(self.inner, "get_image_features"):
+            raise UnsupportedModel(f"{method} reads the images a model encodes; {name} has no get_image_features")
         self.cues: list[VisionCues] = []
+        self.sizes: list[torch.Tensor] = []  # a tiling model's (height, width) of each image encoded
+        self.encoded = 0  # images in the last encode
         self._hooks: list = []
 
     def install(self) -> VisionTap:
         self._hooks = [self.layer.register_forward_hook(self._capture, with_kwargs=True)]
         if "last_qk" in self.needs:  # registered after: on the same layer it runs second
             self._hooks.append(self.last.register_forward_hook(self._capture_last, with_kwargs=True))
-        if self.tiling is not None:
-            self.tiling.watch()
+        self._watch()
         return self
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if self.tiling is not None:
-            self.tiling.unwatch()
+        self.inner.__dict__.pop("get_image_features", None)  # the model's own method again
 
-    def keep_last(self, images: int) -> None:
-        """Let go of all but what the tower gave for the newest `images` images (or fewer)."""
-        items = images
-        if self.tiling is not None:
-            self.tiling.sizes = self.tiling.sizes[len(self.tiling.sizes) - images :] if images else []
-            items = sum(self.tiling.count(size) for size in self.tiling.sizes)
-        self.cues = self.cues[len(self.cues) - items :] if items else []
+    def _watch(self) -> None:
+        """Each time the model encodes images (generate() before its first forward, a direct
+        forward inside it), start afresh: what the tower gives from then on is those images' (a
+        video's frames, encoded after, come last), and a tiling model's image sizes, which decide
+        its tiles and which the tower never sees, are noted."""
+        encode = type(self.inner).get_image_features.__get__(self.inner)
+
+        @functools.wraps(encode)  # the same signature: generate() picks its arguments by it
+        def encoding(pixel_values, *args, **kwargs):
+            self.cues, self.encoded = [], len(pixel_values)
+            if self.tiling is not None:  # LLaVA-NeXT's get_image_features(pixel_values, image_sizes, ...)
+                sizes = kwargs["image_sizes"] if "image_sizes" in kwargs else args[0]
+                self.sizes = [torch.as_tensor(size).cpu() for size in sizes]
+                self.encoded = len(self.sizes)
+            return encode(pixel_values, *args, **kwargs)
+
+        self.inner.get_image_features = encoding
 
     def image(self, number: int, images: int) -> VisionCues | TiledCues:
-        """What the tower gave for image `number` of the newest `images` images: its cues on a
-        single grid, its TiledCues on a tiling model."""
-        counts = [1] * images if self.tiling is None else self.tiling.items(images)
-        if len(self.cues) < sum(counts):
-            raise UnsupportedModel(f"the vision tower gave {len(self.cues)} images for {images} image spans")
-        first = len(self.cues) - sum(counts) + sum(counts[:number])
+        """What the tower gave for image `number` of the `images` images the model last encoded:
+        its cues on a single grid, its TiledCues on a tiling model."""
+        if images != self.encoded:
+            raise UnsupportedModel(
+                f"this call has {images} image spans where the model encoded {self.encoded} images (generate()'s "
+                "num_return_sequences and num_beams repeat images after encoding them); generate one sequence per "
+                "prompt with a method that reads the vision tower"
+            )
+        counts = [1] * images if self.tiling is None else [self.tiling.count(size) for size in self.sizes]
+        first = sum(counts[:number])
         items = self.cues[first : first + counts[number]]
-        return items[0] if self.tiling is None else self.tiling.image(items, self.tiling.sizes[number - images])
+        return items[0] if self.tiling is None else self.tiling.image(items, self.sizes[number])
 
     def _capture(self, module, args, kwargs, output) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]

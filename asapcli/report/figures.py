@@ -108,8 +108,8 @@ def kept_view(
     ]
     note = ""
     if painter.off_grid and len(layout.extra) > 0:
-        what = "row ends" if any(grid.stride > grid.cols for grid in layout.grids) else "[CLS]"
-        note = f"also kept: {sum(painter.off_grid.values())} of the {len(layout.extra)} tokens on no patch ({what})"
+        kept_off = sum(painter.off_grid.values())
+        note = f"also kept: {kept_off} of the {len(layout.extra)} tokens on no patch ({layout.extra_name})"
     return KeptView(title, method, grids, _legend_entries(layout.tokens, kept, roles, absorbed, method), note)
 
 

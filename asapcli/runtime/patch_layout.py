@@ -43,10 +43,11 @@ class PatchGrid:
 @dataclass(frozen=True)
 class SpanLayout:
     """Every grid of one image span of `tokens` tokens; tokens in no grid (a CLS token, LLaVA-NeXT's
-    newline slots) are `extra`."""
+    newline slots) are `extra`, which `extra_name` names."""
 
     tokens: int
     grids: list[PatchGrid]
+    extra_name: str = "[CLS]"
 
     def locate(self, index: int) -> tuple[int, int, int] | None:
         """(grid number, row, col) of span index `index`; None for a token in no grid."""
@@ -139,4 +140,4 @@ def _llava_next(processor, image_processor, image_size: tuple[int, int]) -> Span
     grids = [PatchGrid("base image", skip, patches_h, patches_w, patches_w, (0.0, 0.0, float(width), float(height)))]
     if rows and cols:  # an image thinner than a patch row (or column) of the canvas leaves its tiles none
         grids.append(PatchGrid("tiles", base, rows, cols, cols + 1, box))
-    return SpanLayout(base + rows * (cols + 1), grids)
+    return SpanLayout(base + rows * (cols + 1), grids, "row ends")

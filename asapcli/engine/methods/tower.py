@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...errors import UsageError
-from .base import PruningMethod, Selection, SpanView
+from .base import KEPT, PruningMethod, Selection, SpanView
 
 if TYPE_CHECKING:
     import torch
@@ -48,27 +48,26 @@ class TowerImage:
     budget: int
     newlines: torch.Tensor
 
-    @property
-    def tiled(self) -> bool:
-        return len(self.items) > 1
-
 
 def tower_image(span: SpanView, k: int, method: PruningMethod) -> TowerImage:
     """What the vision tower gave for the span's image, item by item, each item's budget checked
     against what `method` can keep."""
     import torch
 
+    from ..vision import TiledCues
+
     cues = span.vision
     if cues is None:
         raise UsageError(f"{method} reads the vision tower's [CLS] attention: prune with it inside asapcli.pruned")
-    if not hasattr(cues, "items"):  # one grid: one patch per token of the span
+    if not isinstance(cues, TiledCues):  # one grid: one patch per token of the span
         if cues.features.shape[0] != span.hidden.shape[0]:
             raise UsageError(
                 f"{method}: the vision tower gave {cues.features.shape[0]} patches for an image span of "
                 f"{span.hidden.shape[0]} tokens"
             )
         return TowerImage([TowerItem(cues, torch.arange(span.hidden.shape[0]))], k, torch.zeros(0, dtype=torch.long))
-    most, budget = cues.most_items, k // cues.most_items
+    # An item has N patches: a larger share keeps them all (VisionZip could not split more).
+    most, budget = cues.most_items, min(k // cues.most_items, cues.items[0].features.shape[0])
     if method.budget_problem(budget):
         least = next(t for t in itertools.count(budget + 1) if method.budget_problem(t) is None)
         raise UsageError(
@@ -126,6 +125,11 @@ class Fed:
     def __post_init__(self):
         if self.absorbed is None:
             object.__setattr__(self, "absorbed", [[] for _ in self.claims])
+        if not len(self.claims) == self.hidden.shape[0] == len(self.roles) == len(self.absorbed):
+            raise ValueError(
+                f"tokens fed out of step: {len(self.claims)} claims, {self.hidden.shape[0]} states, "
+                f"{len(self.roles)} roles, {len(self.absorbed)} absorbed lists"
+            )
 
     @staticmethod
     def joined(parts: list[Fed]) -> Fed:
@@ -148,7 +152,12 @@ class Fed:
         (Selection.order)."""
         import torch
 
-        slots = torch.tensor(claim_slots(self.claims, span.hidden.shape[0]), dtype=torch.long)
+        tokens = span.hidden.shape[0]
+        if len(self.claims) >= tokens:  # an adaptive count (PruMerge+'s, per tile) can reach the span's
+            return Selection(
+                kept=torch.arange(tokens, device=span.hidden.device), hidden=span.hidden, roles=[KEPT] * tokens
+            )
+        slots = torch.tensor(claim_slots(self.claims, tokens), dtype=torch.long)
         kept, placed = slots.sort()
         return Selection(
             kept=kept.to(span.hidden.device),
