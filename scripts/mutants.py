@@ -275,7 +275,7 @@ MUTANTS = [
         ("kept, roles = [image.newlines], [KEPT] * image.newlines.numel()", "kept, roles = [image.newlines[:0]], []"),
     ), ("tests/test_next_tower_methods.py",)),
     Mutant("a tile's budget split over the image's own items, not the model's most", TOWER, (
-        ("most, budget = cues.most_items, k // cues.most_items", "most, budget = cues.most_items, k // len(cues.items)"),
+        ("min(k // cues.most_items, cues.items[0].features.shape[0])", "min(k // len(cues.items), cues.items[0].features.shape[0])"),
     ), ("tests/test_next_tower_methods.py",)),
     Mutant("the most items per image counted without the base image", VISION, (
         ("self.most_items = 1 + tiles", "self.most_items = tiles"),
@@ -287,8 +287,14 @@ MUTANTS = [
         ("items = [self._item(item, image.budget, span) for item in image.items]",
          "items = [self._item(item, image.budget, span) for item in image.items[::-1]]"),
     ), ("tests/test_next_tower_methods.py",)),
-    Mutant("every image of a call read with the newest image's size", VISION, (
-        ("self.tiling.image(items, self.tiling.sizes[number - images])", "self.tiling.image(items, self.tiling.sizes[-1])"),
+    Mutant("every image of a call read with the last image's size", VISION, (
+        ("self.tiling.image(items, self.sizes[number])", "self.tiling.image(items, self.sizes[-1])"),
+    ), ("tests/test_tower_tiles.py",)),
+    Mutant("a call whose spans outnumber the images encoded read anyway", VISION, (
+        ("        if images != self.encoded:", "        if False:"),
+    ), ("tests/test_tower_tiles.py",)),
+    Mutant("a tile's share not capped at its patches", TOWER, (
+        ("min(k // cues.most_items, cues.items[0].features.shape[0])", "k // cues.most_items"),
     ), ("tests/test_tower_tiles.py",)),
     Mutant("a token takes a slot an earlier token took", TOWER, (
         ("own = claim >= 0 and claim not in taken", "own = claim >= 0"),
