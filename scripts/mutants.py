@@ -300,9 +300,9 @@ MUTANTS = [
         ("own = claim >= 0 and claim not in taken", "own = claim >= 0"),
     ), ("tests/test_tower_tiles.py",)),
     # Issue 26's hostile pass: what a careless user of the tiled [CLS] methods found.
-    Mutant("eval's FLOPs ratio the last question's, not their mean", EVALUATION, (
-        ("self.flops_ratios.append(flops_ratio)", "self.flops_ratios = [flops_ratio]"),
-    ), ("tests/test_tower_tiles.py",)),
+    Mutant("eval's FLOPs ratio the last question's, not all of theirs", EVALUATION, (
+        ("self.tflops = [total + one for total, one in zip(self.tflops, tflops)]", "self.tflops = list(tflops)"),
+    ), ("tests/test_tower_tiles.py", "tests/test_eval.py")),
     Mutant("a step that kept its whole span counted as pruning", DECODER, (
         ("if positions.numel() < left:", "if True:"),
     ), ("tests/test_tower_tiles.py",)),

@@ -92,8 +92,9 @@ def test_scoring_and_rows():
     ]
     score = evaluation.Score(PruneSettings())
     for kind, region, hit in (("colour", "top", True), ("colour", "bottom", False), ("exists", None, True)):
-        score.add(evaluation.Item(None, "q", "a", kind, region), hit)
+        score.add(evaluation.Item(None, "q", "a", kind, region), hit, (1.0, 4.0) if hit else (3.0, 4.0))
     assert score.accuracy() == {"colour": 0.5, "exists": 1.0} and score.average == 0.75
+    assert score.flops_ratio == 5 / 12  # the ratio of the sums, not the mean of 1/4, 3/4, 1/4
     assert score.region_accuracy() == {"top": 1.0, "bottom": 0.0}
 
 

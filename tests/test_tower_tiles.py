@@ -87,8 +87,9 @@ def test_the_cli_runs_them_on_a_tiled_model(method, asap, llava_next_path, image
     assert 0 < data["kept_tokens"] < data["visual_tokens"] and data["layer"] == 0 and data["flops_ratio"] < 1
 
 
-def test_evals_flops_ratio_is_the_mean_over_its_questions_whatever_their_order(asap, llava_next_path, images, tmp_path):
-    """Each image keeps its own count on LLaVA-NeXT: the row's ratio is the mean of each answer's."""
+def test_evals_flops_ratio_covers_all_its_questions_whatever_their_order(asap, llava_next_path, images, tmp_path):
+    """Each image keeps its own count on LLaVA-NeXT: the row's ratio is Eq. 8 over all of them,
+    between the two images' own ratios and the same in any order."""
     ratios = []
     for number, image in enumerate(images):
         image.save(tmp_path / f"{number}.png")
@@ -104,7 +105,7 @@ def test_evals_flops_ratio_is_the_mean_over_its_questions_whatever_their_order(a
                       "--methods", "vispruner", "-k", 10, "--max-tokens", 1, "--json")  # fmt: skip
         assert result.exit_code == 0, result.output
         rows.append(json.loads(result.stdout)["results"][-1]["flops_ratio"])
-    assert rows[0] == pytest.approx(sum(ratios) / 2) and rows[1] == pytest.approx(rows[0])
+    assert min(ratios) < rows[0] < max(ratios) and rows[1] == pytest.approx(rows[0])
 
 
 def test_a_vispruner_budget_that_keeps_every_patch_and_newline_prunes_nothing(next_model):

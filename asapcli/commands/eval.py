@@ -128,7 +128,7 @@ def _show(outcome: Outcome) -> None:
     display.show(_table(report))
     types = ", ".join(dict.fromkeys(SHORT.get(kind, kind) for row in report.results for kind in row.accuracy))
     display.out.print(
-        "All figures in %. FLOPs: paper Eq. 8, visual tokens only (the mean over the questions); accuracy: "
+        "All figures in %. FLOPs: paper Eq. 8, visual tokens only (over all the questions); accuracy: "
         f"normalised exact match, greedy; avg: mean over question types ({types}), ± half its 95% interval (each "
         "cell's in --json); rel: avg / vanilla's"
         + ("; top/bot: questions about one object in that half of the image." if _has_regions(report) else "."),

@@ -22,7 +22,7 @@ from ..engine.settings import MethodGrid, PruneSettings
 from ..errors import AsapError, UsageError
 from ..records import Environment, EvalRow, LoggedAnswer
 from ..runtime import patch_layout
-from ..runtime.generation import context_length, generate_batch, to_device
+from ..runtime.generation import context_length, generate_batch, to_device, visual_tflops
 from ..runtime.inputs import build_batch_inputs, check_readable, check_text, is_stdin, load_image
 from ..runtime.loading import Loaded
 
@@ -147,14 +147,15 @@ class Score:
     """Exact-match results of one method at one budget."""
 
     settings: PruneSettings
-    flops_ratios: list[float] = field(default_factory=list)  # each answered question's Eq. 8 ratio
+    tflops: list[float] = field(default_factory=lambda: [0.0, 0.0])  # Eq. 7 summed: as pruned, unpruned
     hits: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     totals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     region_hits: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     region_totals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, item: Item, correct: bool, flops_ratio: float = 1.0) -> None:
-        self.flops_ratios.append(flops_ratio)
+    def add(self, item: Item, correct: bool, tflops: tuple[float, float]) -> None:
+        """One answer: whether it was right, and its visual tokens' Eq. 7 (pruned, unpruned)."""
+        self.tflops = [total + one for total, one in zip(self.tflops, tflops)]
         self.hits[item.type] += correct
         self.totals[item.type] += 1
         if item.region is not None:
@@ -163,9 +164,10 @@ class Score:
 
     @property
     def flops_ratio(self) -> float:
-        """Eq. 8 averaged over the questions answered: each image keeps its own count of tokens
-        (LLaVA-NeXT's tiles, an adaptive method), so no one question speaks for the rest."""
-        return sum(self.flops_ratios) / len(self.flops_ratios) if self.flops_ratios else 1.0
+        """Eq. 8 over every question answered (the ratio of the sums, as generation.flops_ratio):
+        each image keeps its own count of tokens (LLaVA-NeXT's tiles, an adaptive method)."""
+        pruned, full = self.tflops
+        return pruned / full if full else 1.0
 
     def accuracy(self) -> dict[str, float]:
         return {kind: self.hits[kind] / self.totals[kind] for kind in self.totals}
@@ -271,7 +273,7 @@ def evaluate(
             results = generate_batch(loaded, inputs, score.settings, max_tokens=max_tokens, seed=score.settings.seed)
             for index, (item, result) in enumerate(zip(group, results), start=start):
                 hit = correct(result.text, item.answer)
-                score.add(item, hit, result.flops_ratio)
+                score.add(item, hit, visual_tflops(loaded, result))
                 if on_answer is not None:
                     on_answer(score, index, result.text, hit)
                 if on_step is not None:

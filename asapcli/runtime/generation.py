@@ -154,12 +154,17 @@ def sampling_options(temperature: float) -> dict:
 def flops_ratio(loaded: Loaded, results: list[GenerationResult]) -> float:
     """Eq. 8 over several answers' prompts: their visual tokens' FLOPs over those of keeping
     every one (the v^2 term of Eq. 7 is per sequence, so it is the ratio of the sums)."""
-    pruned = full = 0.0
-    for result in results:
-        if result.visual_tokens:
-            pruned += schedule.visual_flops(loaded.text_config, result.visual_tokens, result.steps)[0]
-            full += schedule.visual_flops(loaded.text_config, result.visual_tokens, [])[0]
-    return pruned / full if full else 1.0
+    flops = [visual_tflops(loaded, result) for result in results]
+    full = sum(whole for _, whole in flops)
+    return sum(pruned for pruned, _ in flops) / full if full else 1.0
+
+
+def visual_tflops(loaded: Loaded, result: GenerationResult) -> tuple[float, float]:
+    """Eq. 7 of one answer's visual tokens: as pruned, and with every one kept (0 without any)."""
+    if not result.visual_tokens:
+        return 0.0, 0.0
+    pruned = schedule.visual_flops(loaded.text_config, result.visual_tokens, result.steps)[0]
+    return pruned, schedule.visual_flops(loaded.text_config, result.visual_tokens, [])[0]
 
 
 def context_length(loaded: Loaded) -> int:
