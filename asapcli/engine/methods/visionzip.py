@@ -73,8 +73,8 @@ class VisionZip(BeforeLLM):
 
     def _item(self, item: TowerItem, budget: int, span: SpanView) -> _Item:
         """One item's tokens: its [CLS], its dominant patches (in patch order) and its contextual
-        tokens, each projected; a dominant patch that reaches the span keeps the model's own
-        projection of it (the projector maps each token alone)."""
+        tokens; the new tokens projected, a dominant patch that reaches the span with the model's
+        own projection of it (the projector maps each token alone)."""
         import torch
 
         from .. import ops
@@ -85,16 +85,18 @@ class VisionZip(BeforeLLM):
         targets, others, assignment = ops.context_groups(cues.keys[1:][rest], contextual)
         merged = ops.merge_into_targets(cues.features[rest], targets, others, assignment)
         device, dtype = span.hidden.device, span.hidden.dtype
-        new = cues.project(torch.cat([cues.cls[None], cues.features[dominant], merged])).to(device, dtype)
+        new = cues.project(torch.cat([cues.cls[None], merged])).to(device, dtype)
         own = item.slots[dominant.to(item.slots.device)]
-        shown = (own >= 0).to(device)
-        new[1 : 1 + dominant.numel()][shown] = span.hidden[own.to(device)[shown]]
+        kept = span.hidden[own.clamp(min=0).to(device)]  # a copy: the model's own projections
+        cut = own < 0  # a tile's patch unpadding cut has none: projected here
+        if cut.any():
+            kept[cut.to(device)] = cues.project(cues.features[dominant[cut.to(dominant.device)]]).to(device, dtype)
         members = [item.in_span(rest[others[assignment == target]]).tolist() for target in range(contextual)]
         claims = item.slots[rest[targets].to(item.slots.device)].tolist()
         return _Item(
             cls=Fed([-1], new[:1], [GLOBAL], [[]]),
-            dominant=Fed(own.tolist(), new[1 : 1 + dominant.numel()], [SELECTED] * dominant.numel()),
-            contextual=Fed(claims, new[1 + dominant.numel() :], [CONTEXTUAL] * contextual, members),
+            dominant=Fed(own.tolist(), kept, [SELECTED] * dominant.numel()),
+            contextual=Fed(claims, new[1:], [CONTEXTUAL] * contextual, members),
             canvas=None if item.canvas is None else item.canvas[dominant.to(item.canvas.device)],
         )
 
