@@ -13,10 +13,10 @@ import asapcli
 from asapcli.engine import UnsupportedModel
 from asapcli.engine.methods import SpanView
 from asapcli.engine.methods.prumerge_plus import PruMergePlus
-from asapcli.engine.methods.tower import Fed, claim_slots
+from asapcli.engine.methods.tower import Fed, TiledCues, claim_slots
 from asapcli.engine.methods.visionzip import VisionZip
 from asapcli.engine.methods.vispruner import VisPruner
-from asapcli.engine.vision import TiledCues, VisionCues
+from asapcli.engine.vision import VisionCues
 from asapcli.runtime.inputs import build_batch_inputs, build_inputs, user_message
 from asapcli.runtime.loading import load
 

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .decoder import UnsupportedModel
+from .methods.tower import TiledCues
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,6 @@ class VisionCues:
     keys: torch.Tensor | None = None
     query_key: tuple[torch.Tensor, torch.Tensor] | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
-@dataclass(frozen=True)
-class TiledCues:
-    """One image of a tiling model (LLaVA-NeXT) as the tower saw it: `items`, the cues of its base
-    image, then of its tiles (the model's order, row by row); `source` (the span's tokens,), the
-    item * N + patch each token of the image span shows, -1 for a newline slot; `grid`, the tiles'
-    (rows, cols); `most_items`, the most items an image of this model has (1 + the most tiles of
-    its grid pinpoints): the authors' budget is per item, k // most_items (VisPruner's
-    "32 * 5 = 160 tokens")."""
-
-    items: list[VisionCues]
-    source: torch.Tensor
-    grid: tuple[int, int]
-    most_items: int
 
 
 class Tiling:

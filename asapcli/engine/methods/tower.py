@@ -4,9 +4,9 @@ item keeps, and the rule that gives a slot to each token they feed.
 
 On LLaVA-1.5 an image is one item: a grid of N patches, one per token of the span. On LLaVA-NeXT
 it is the base image and each tile, pruned one by one as their authors' code prunes each item of
-the tower's batch, each with their per-item budget k // most_items (engine/vision.py's
-TiledCues); a tile's patch reaches the span only where the model's unpadding kept it, and the
-newline slots show no patch."""
+the tower's batch, each with their per-item budget k // most_items (TiledCues, which
+engine/vision.py fills); a tile's patch reaches the span only where the model's unpadding kept
+it, and the newline slots show no patch."""
 
 from __future__ import annotations
 
@@ -20,6 +20,21 @@ from .base import KEPT, PruningMethod, Selection, SpanView
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class TiledCues:
+    """One image of a tiling model (LLaVA-NeXT) as the tower saw it: `items`, the cues of its base
+    image, then of its tiles (the model's order, row by row); `source` (the span's tokens,), the
+    item * N + patch each token of the image span shows, -1 for a newline slot; `grid`, the tiles'
+    (rows, cols); `most_items`, the most items an image of this model has (1 + the most tiles of
+    its grid pinpoints): the authors' budget is per item, k // most_items (VisPruner's
+    "32 * 5 = 160 tokens")."""
+
+    items: list  # engine/vision.py's VisionCues
+    source: torch.Tensor
+    grid: tuple[int, int]
+    most_items: int
 
 
 @dataclass(frozen=True)
@@ -53,8 +68,6 @@ def tower_image(span: SpanView, k: int, method: PruningMethod) -> TowerImage:
     """What the vision tower gave for the span's image, item by item, each item's budget checked
     against what `method` can keep."""
     import torch
-
-    from ..vision import TiledCues
 
     cues = span.vision
     if cues is None:
