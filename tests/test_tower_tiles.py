@@ -17,6 +17,7 @@ from asapcli.engine.methods.tower import Fed, TiledCues, claim_slots
 from asapcli.engine.methods.visionzip import VisionZip
 from asapcli.engine.methods.vispruner import VisPruner
 from asapcli.engine.vision import VisionCues
+from asapcli.errors import UsageError
 from asapcli.runtime.inputs import build_batch_inputs, build_inputs, user_message
 from asapcli.runtime.loading import load
 
@@ -170,3 +171,11 @@ def test_a_call_that_repeats_its_images_after_encoding_is_refused(next_model, im
         model.generate(**first, max_new_tokens=1, do_sample=False)
         with pytest.raises(UnsupportedModel, match="2 image spans where the model encoded 1 images"):
             model.generate(**second, max_new_tokens=1, do_sample=False, num_beams=2)
+
+
+def test_a_per_tile_need_no_k_can_meet_is_refused_as_such():
+    span = SpanView(start=0, hidden=torch.randn(28, 8), vision=_tiles(patches=4, items=2, newlines=20))
+    with pytest.raises(UsageError, match="4 at k = 27, where it needs 21; an item has only 4 patches$"):
+        VisionZip(contextual=20).select(span, 27)
+    with pytest.raises(UsageError, match="1 at k = 3, where it needs 2; give k at least 4$"):
+        VisionZip().select(span, 3)

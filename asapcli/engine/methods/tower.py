@@ -81,11 +81,13 @@ def tower_image(span: SpanView, k: int, method: PruningMethod) -> TowerImage:
         return TowerImage([TowerItem(cues, torch.arange(span.hidden.shape[0]))], k, torch.zeros(0, dtype=torch.long))
     # An item has N patches: a larger share keeps them all (VisionZip could not split more).
     most, budget = cues.most_items, min(k // cues.most_items, cues.items[0].features.shape[0])
+    patches = cues.items[0].features.shape[0]
     if method.budget_problem(budget):
         least = next(t for t in itertools.count(budget + 1) if method.budget_problem(t) is None)
+        fix = f"give k at least {least * most}" if least <= patches else f"an item has only {patches} patches"
         raise UsageError(
             f"{method} on a tiled model gives each of an image's up to {most} tower items (the base image and its "
-            f"tiles) k // {most} tokens: {budget} at k = {k}, where it needs {least}; give k at least {least * most}"
+            f"tiles) k // {most} tokens: {budget} at k = {k}, where it needs {least}; {fix}"
         )
     return TowerImage(_tiles(cues), budget, (cues.source < 0).nonzero().flatten())
 
