@@ -30,34 +30,49 @@ def json_lines(asap):
 
 def conforms(value, kind, where="") -> None:
     """Raise AssertionError where `value` (as json.loads gave it) is not of type `kind`."""
+    origin = typing.get_origin(kind)
     if dataclasses.is_dataclass(kind):
-        assert isinstance(value, dict), f"{where}: {value!r} is not an object"
-        hints = typing.get_type_hints(kind)
-        names = [field.name for field in dataclasses.fields(kind)]
-        assert sorted(value) == sorted(names), f"{where}: keys {sorted(value)} != {kind.__name__}'s {sorted(names)}"
-        for name in names:
-            conforms(value[name], hints[name], f"{where}.{name}")
-        return
-    origin, arguments = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        problems = []
-        for option in arguments:
-            try:
-                return conforms(value, option, where)
-            except AssertionError as problem:
-                problems.append(str(problem))
-        raise AssertionError("; ".join(problems))
+        _conforms_record(value, kind, where)
+    elif origin in (typing.Union, types.UnionType):
+        _conforms_union(value, typing.get_args(kind), where)
+    elif origin in (list, dict):
+        _conforms_container(value, origin, typing.get_args(kind), where)
+    else:
+        _conforms_scalar(value, kind, where)
+
+
+def _conforms_record(value, kind, where: str) -> None:
+    assert isinstance(value, dict), f"{where}: {value!r} is not an object"
+    hints = typing.get_type_hints(kind)
+    names = [field.name for field in dataclasses.fields(kind)]
+    assert sorted(value) == sorted(names), f"{where}: keys {sorted(value)} != {kind.__name__}'s {sorted(names)}"
+    for name in names:
+        conforms(value[name], hints[name], f"{where}.{name}")
+
+
+def _conforms_union(value, options, where: str) -> None:
+    problems = []
+    for option in options:
+        try:
+            return conforms(value, option, where)
+        except AssertionError as problem:
+            problems.append(str(problem))
+    raise AssertionError("; ".join(problems))
+
+
+def _conforms_container(value, origin, arguments, where: str) -> None:
     if origin is list:
         assert isinstance(value, list), f"{where}: {value!r} is not a list"
         for index, item in enumerate(value):
             conforms(item, arguments[0], f"{where}[{index}]")
         return
-    if origin is dict:
-        assert isinstance(value, dict), f"{where}: {value!r} is not an object"
-        for key, item in value.items():
-            conforms(key, arguments[0], f"{where} key")
-            conforms(item, arguments[1], f"{where}[{key!r}]")
-        return
+    assert isinstance(value, dict), f"{where}: {value!r} is not an object"
+    for key, item in value.items():
+        conforms(key, arguments[0], f"{where} key")
+        conforms(item, arguments[1], f"{where}[{key!r}]")
+
+
+def _conforms_scalar(value, kind, where: str) -> None:
     if kind is type(None):
         assert value is None, f"{where}: {value!r} is not null"
     elif kind is float:  # JSON does not tell 1 from 1.0

@@ -25,6 +25,7 @@ import argparse
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -143,7 +144,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int = 100, decay_s
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="Run folder: checkpoint and log.")
     parser.add_argument("--steps", type=int, default=6000)
@@ -162,10 +163,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--export", type=Path, help="Save the trained model with save_pretrained here and stop.")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return parser.parse_args()
 
+
+@dataclass
+class _Run:
+    """What training carries from step to step, and resumes from its checkpoint."""
+
+    model: nn.Module
+    processor: object
+    heads: nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+    checkpoint: Path
+    step: int = 0
+
+    def save(self) -> None:
+        """The checkpoint, written whole or not at all (a run killed mid-write keeps the last)."""
+        temporary = self.checkpoint.with_suffix(".tmp")
+        state = {"model": self.model.state_dict(), "heads": self.heads.state_dict()}
+        torch.save(state | {"optimizer": self.optimizer.state_dict(), "step": self.step}, temporary)
+        temporary.replace(self.checkpoint)
+
+
+def _start(args: argparse.Namespace, device: torch.device) -> _Run:
+    """The model, its probe heads and optimizer, resumed from the run folder's checkpoint if any."""
     model, processor = build_llava(SHAPE, seed=args.seed, tokenizer=word_tokenizer())
     model = model.to(device).train()
     heads = nn.ModuleDict(
@@ -173,58 +194,59 @@ def main() -> None:
     ).to(device)
     optimizer = torch.optim.AdamW([*model.parameters(), *heads["patch"].parameters()], lr=args.lr, weight_decay=0.01)
     optimizer.add_param_group({"params": list(heads["row"].parameters())})  # its own group: it came later (10,700)
-    checkpoint = args.out / "checkpoint.pt"
-    step = 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device)
+    run = _Run(model, processor, heads, optimizer, args.out / "checkpoint.pt")
+    if run.checkpoint.exists():
+        state = torch.load(run.checkpoint, map_location=device)
         model.load_state_dict(state["model"])
-        step = state["step"]
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
-        print(f"resumed at step {step}", flush=True)
+        run.step = state["step"]
+        print(f"resumed at step {run.step}", flush=True)
+    return run
+
+
+def _train_step(run: _Run, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """One optimiser step on a fresh batch of scenes; its losses."""
+    asked = scenes.scene_questions(args.seed * 1_000_003 + run.step, args.batch)
+    inputs = {key: value.to(device) for key, value in batch(run.processor, asked).items()}
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(run.step, args.steps, args.lr, decay_steps=args.decay_steps)
+    loss = losses(run.model, run.heads, inputs, vision_only=run.step < args.vision_steps)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss["total"].backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.optimizer.step()
+    run.step += 1
+    return {name: value.item() for name, value in loss.items()}
+
+
+def main() -> None:
+    args = _arguments()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    run = _start(args, device)
     if args.export:
-        model.eval().save_pretrained(args.export)
-        processor.save_pretrained(args.export)
-        print(f"exported step {step} to {args.export}", flush=True)
+        run.model.eval().save_pretrained(args.export)
+        run.processor.save_pretrained(args.export)
+        print(f"exported step {run.step} to {args.export}", flush=True)
         return
 
     args.out.mkdir(parents=True, exist_ok=True)
     started, window = time.perf_counter(), defaultdict(float)
-    while step < args.steps:
-        asked = scenes.scene_questions(args.seed * 1_000_003 + step, args.batch)
-        inputs = {key: value.to(device) for key, value in batch(processor, asked).items()}
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, decay_steps=args.decay_steps)
-        loss = losses(model, heads, inputs, vision_only=step < args.vision_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        for name, value in loss.items():
-            window[name] += value.item()
+    while run.step < args.steps:
+        for name, value in _train_step(run, args, device).items():
+            window[name] += value
+        step = run.step
         if step % 20 == 0:
             elapsed = time.perf_counter() - started
             means = " ".join(f"{name} {total / 20:.3f}" for name, total in window.items())
-            print(
-                f"step {step}/{args.steps} {means} lr {optimizer.param_groups[0]['lr']:.2e} {elapsed / 20:.2f} s/step",
-                flush=True,
-            )
+            lr = run.optimizer.param_groups[0]["lr"]
+            print(f"step {step}/{args.steps} {means} lr {lr:.2e} {elapsed / 20:.2f} s/step", flush=True)
             started, window = time.perf_counter(), defaultdict(float)
         if step % args.checkpoint_every == 0 or step == args.steps:
-            temporary = checkpoint.with_suffix(".tmp")
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "heads": heads.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                },
-                temporary,
-            )
-            temporary.replace(checkpoint)
+            run.save()
         if step % args.eval_every == 0 and step >= args.vision_steps:
-            accuracy = evaluate(model, processor, args.eval_count)
+            accuracy = evaluate(run.model, run.processor, args.eval_count)
             print(
                 f"eval step {step}: " + " ".join(f"{kind} {value:.1%}" for kind, value in accuracy.items()), flush=True
             )
