@@ -22,7 +22,12 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("Error: interrupted\n")
         raise SystemExit(130) from None
-    app()
+    try:
+        app()
+    except OSError as error:  # the commands report their own; this is typer's --install-completion writing a shell's file
+        where = f"cannot write {error.filename}: " if error.filename else ""
+        sys.stderr.write(f"Error: {where}{error.strerror or error}\n")
+        raise SystemExit(1) from None
 
 
 def __getattr__(name: str):

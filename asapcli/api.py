@@ -25,8 +25,8 @@ options made): a question asked with `asap run` and with this API is pruned the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import os
+from contextlib import AbstractContextManager
 
 from PIL import Image
 from transformers import PreTrainedModel
@@ -34,31 +34,66 @@ from transformers import PreTrainedModel
 from .engine import DEFAULT_METHOD
 from .engine.block import ImageReport, Pruning, PruningReport, pruned_as
 from .engine.settings import PruneSettings
+from .errors import UsageError
 from .runtime.generation import GenerationResult
 from .runtime.loading import Loaded
 
 __all__ = ["ImageReport", "Pruning", "PruningReport", "generate", "load", "pruned", "pruned_as"]
 
 
-@contextmanager
 def pruned(
-    model: PreTrainedModel, method: str = DEFAULT_METHOD, k: int = 128, layer: int = 2, seed: int = 0, **options
-) -> Iterator[Pruning]:
-    """Prune the visual tokens of `model` (a transformers LVLM) in every forward call inside the
-    block. `options` are the method's own, as the CLI spells them with underscores
-    (`lambda_max`, `merge_threshold`, `score_queries`, `score`, `positions`); an option the
-    method does not take, or a value out of range, raises asapcli.errors.UsageError."""
-    with pruned_as(model, PruneSettings(method, k, layer, seed, **options)) as block:
-        yield block
+    model: PreTrainedModel | Loaded,
+    method: str = DEFAULT_METHOD,
+    k: int = 128,
+    layer: int = 2,
+    seed: int = 0,
+    **options,
+) -> AbstractContextManager[Pruning]:
+    """Prune the visual tokens of `model` (a transformers LVLM, or what `load` returned) in every
+    forward call inside the block. `options` are the method's own, as the CLI spells them with
+    underscores (`lambda_max`, `merge_threshold`, `score_queries`, `score`, `positions`); an
+    option the method does not take, or a value out of range, raises asapcli.errors.UsageError
+    here, before the block. The block can be entered again, each time a fresh one."""
+    return _Block(_transformers_model(model), PruneSettings(method, k, layer, seed, **options))
 
 
-def load(model: str = "demo", **where) -> Loaded:
+class _Block:
+    """`with` over pruned_as, made anew at each entry (a contextmanager's generator runs once)."""
+
+    def __init__(self, model: PreTrainedModel, settings: PruneSettings):
+        self.model, self.settings = model, settings
+        self._open: list[AbstractContextManager[Pruning]] = []
+
+    def __enter__(self) -> Pruning:
+        block = pruned_as(self.model, self.settings)
+        entered = block.__enter__()  # a refusal (a block open already) leaves the open ones as they are
+        self._open.append(block)
+        return entered
+
+    def __exit__(self, *raised) -> bool | None:
+        return self._open.pop().__exit__(*raised)
+
+
+def _transformers_model(model) -> PreTrainedModel:
+    if isinstance(model, Loaded):
+        return model.model
+    if not isinstance(model, PreTrainedModel):
+        raise UsageError(
+            "pruned() takes a transformers vision-language model (AutoModelForImageTextToText) or what "
+            f"asapcli.load() returned, got {type(model).__name__}"
+        )
+    return model
+
+
+def load(model: str | os.PathLike = "demo", **where) -> Loaded:
     """A model as `asap -m MODEL` loads it: a preset name ("demo", the bundled model), a local
     folder or a hub id, with its processor; `where` as the CLI's options: device, dtype,
     device_map, random_weights, layers."""
     from .runtime.loading import load as load_model
 
-    return load_model(model, **where)
+    if not isinstance(model, str | os.PathLike):
+        raise UsageError(f"load() takes a preset name, a model folder or a hub id, got {type(model).__name__}")
+    return load_model(os.fspath(model), **where)
 
 
 def generate(
@@ -79,10 +114,20 @@ def generate(
     `asap run --json` prints (kept_tokens, visual_tokens, flops_ratio, prefill_seconds, ...)."""
     from .engine.settings import budget_and_layer
     from .runtime import generation
-    from .runtime.inputs import build_inputs, load_image, user_message
+    from .runtime.inputs import build_inputs, check_prompt, load_image, user_message
 
+    if not isinstance(model, Loaded):
+        raise UsageError(
+            f"generate() takes what asapcli.load() returned (a model with its processor), got {type(model).__name__}; "
+            "for a transformers model of your own, prune its generate() in an asapcli.pruned block"
+        )
+    if not isinstance(image, str | os.PathLike | Image.Image):
+        raise UsageError(f"image must be a path or a PIL image, got {type(image).__name__}")
+    if not isinstance(prompt, str):
+        raise UsageError(f"prompt must be a string, got {type(prompt).__name__}")
+    check_prompt(prompt)
     k, layer = budget_and_layer(model.preset, k, layer)
     settings = PruneSettings(method, k, layer, seed, **options).for_model(model.num_layers)
-    picture = image if isinstance(image, Image.Image) else load_image(image)
+    picture = image if isinstance(image, Image.Image) else load_image(os.fspath(image))
     inputs = build_inputs(model.processor, [user_message(prompt, 1)], [picture])
     return generation.generate(model, inputs, settings, max_tokens=max_tokens, temperature=temperature, seed=seed)

@@ -119,14 +119,17 @@ class ProfileRow:
     device: str
     dtype: str
     threads: int | None  # None on a GPU
-    layer: int
     prompt_tokens: int
     repeats: int
     warmup: int
     time: str  # how time was measured: cuda_events or cpu_wall
     memory: str  # how memory was measured: cuda_max_memory_allocated or cpu_allocator_peak
+    cpus_available: int  # the CPUs this process may use (affinity, cgroup quota)
+    load_average_start: float | None  # 1-minute load average before the first timed round; None: not kept
+    load_average_end: float | None  # and after the last measurement
     method: str
     k: int | None  # None: vanilla
+    layer: int  # L as this method pruned: after layer L-1 (0: before the language model; in stages: the first)
     batch: int
     visual_tokens: int
     kept_tokens: int
@@ -137,11 +140,21 @@ class ProfileRow:
     kv_cache_bytes: int
     peak_memory_bytes: int
     prefill_seconds: float  # the median of the repeats
-    prefill_seconds_all: list[float]
-    time_ratio: float | None  # over vanilla's at the same batch size
+    prefill_seconds_iqr: float  # their interquartile range
+    prefill_seconds_all: list[float]  # one per round, in round order
+    time_ratio: float | None  # the median of the rounds' time over vanilla's in the same round, same batch size
+    time_ratio_interval: list[float] | None  # [low, high]: distribution-free interval of that median
+    time_ratio_confidence: float | None  # the interval's confidence (0.95 or more from 6 rounds)
     images_per_second: float
     throughput_ratio: float  # over batch 1's
-    decode_tokens_per_second: float
+    decode_tokens_per_second: float  # every row's tokens, at the median step
+    decode_step_seconds: float  # the median of the timed decoding steps
+    decode_step_seconds_iqr: float
+    decode_step_seconds_all: list[float]
+    stable: bool  # no cause below: the times can be read as measured
+    # what makes them unreliable, cause -> why in words; causes: prefill_spread, decode_spread,
+    # under_flops (a time ratio under the prompt's FLOPs ratio), load (more runnable tasks than CPUs)
+    unstable: dict[str, str]
     environment: Environment
 
 
@@ -258,7 +271,19 @@ class Environment:
     cuda: str | None  # the CUDA version PyTorch was built with; None without a GPU
     dtype: str | None  # the model's; None where no model was loaded
     threads: int | None  # PyTorch's CPU threads; None on a GPU or where no model ran
+    cpus_available: int  # the CPUs this process may use (affinity, cgroup quota)
+    cpu_model: str | None
+    load_average: float | None  # 1-minute, when the record was made
+    gpu_driver: str | None  # NVIDIA's driver version; None without a GPU
     date: str  # UTC, ISO 8601
+
+    @property
+    def timed_on(self) -> str:
+        """Where its times were taken, as a summary says it: the GPU's name, or `CPU, 2 threads`."""
+        if self.gpu is not None:
+            return self.gpu
+        threads = self.threads or 1
+        return f"CPU, {threads} thread{'' if threads == 1 else 's'}"
 
 
 RECORDS = (Answer, CompareReport, ChatTurn, ChatStats, ProfileRow, EvalReport, EvalRow, AttentionProfile, LoggedAnswer)

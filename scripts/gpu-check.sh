@@ -111,15 +111,18 @@ paper = {  # Table 4, CUDA time (ms) of the prefill, LLaVA-1.5-7B (the paper doe
     ("llava-1.5-7b", "vanilla", None): 38.27, ("llava-1.5-7b", "fastv", 192): 33.65, ("llava-1.5-7b", "asap", 192): 35.13,
     ("llava-1.5-7b", "fastv", 128): 31.45, ("llava-1.5-7b", "asap", 128): 33.45,
 }
-print(f"{'model':<15}{'method':<9}{'k':>5}{'visual':>8}{'kept':>6}{'prefill ms':>12}{'time %':>8}{'peak MB':>9}{'paper ms':>10}")
+print(f"{'model':<15}{'method':<9}{'k':>5}{'visual':>8}{'kept':>6}{'prefill ms':>12}{'IQR %':>7}{'time %':>8}{'95% interval':>15}{'peak MB':>9}{'paper ms':>10}  verdict")
 for model in models:
     path = out / f"{model}.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     for row in rows:
         k = row["k"]
+        low, high = row["time_ratio_interval"]
+        verdict = "stable" if row["stable"] else "unstable: " + "; ".join(row["unstable"].values())
         print(f"{model:<15}{row['method']:<9}{'-' if k is None else k:>5}{row['visual_tokens']:>8}{row['kept_tokens']:>6}"
-              f"{row['prefill_seconds'] * 1000:>12.2f}{row['time_ratio'] * 100:>8.1f}{row['peak_memory_bytes'] / 2**20:>9.0f}"
-              f"{paper.get((model, row['method'], k), ''):>10}")
+              f"{row['prefill_seconds'] * 1000:>12.2f}{row['prefill_seconds_iqr'] / row['prefill_seconds'] * 100:>7.1f}"
+              f"{row['time_ratio'] * 100:>8.1f}{f'{low * 100:.1f}-{high * 100:.1f}':>15}{row['peak_memory_bytes'] / 2**20:>9.0f}"
+              f"{paper.get((model, row['method'], k), ''):>10}  {verdict}")
     if rows:
         print(f"  ({rows[0]['device']}, {rows[0]['dtype']}, random weights: {rows[0]['random_weights']}, "
               f"{rows[0]['decoder_layers']} of {rows[0]['decoder_layers_full']} layers, {rows[0]['prompt_tokens']} prompt tokens)")

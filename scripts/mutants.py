@@ -53,6 +53,8 @@ TESTS = [
     "tests/test_lmms_eval.py",
     "tests/test_pdrop.py",
     "tests/test_sparsevlm.py",
+    # Issue 33: timings with their spread and verdict, threads for the machine.
+    "tests/test_stability.py",
 ]
 
 
@@ -398,6 +400,38 @@ MUTANTS = [
     Mutant('flops stage ranges one layer too long', 'asapcli/commands/flops.py', (
         ('f"{start}..{start + stage.layers - 1}",', 'f"{start}..{start + stage.layers}",'),
     ), ("tests/test_survivors.py",)),
+    # Issue 33: the statistics, the verdict and the thread count.
+    Mutant('the median interval one rank too narrow', 'asapcli/measure/stability.py', (
+        ("        if 1 - 2 * after < confidence:", "        if 1 - 2 * after < confidence - 0.1:"),
+    ), ("tests/test_stability.py",)),
+    Mutant('the FLOPs bound judged on the median, not the interval', 'asapcli/measure/stability.py', (
+        ("    if ratio is not None and ratio.high < prompt_flops_ratio:", "    if ratio is not None and ratio.median < prompt_flops_ratio:"),
+    ), ("tests/test_stability.py",)),
+    Mutant('a machine at its CPUs counted oversubscribed', 'asapcli/measure/stability.py', (
+        ("    return load is not None and load > cpus", "    return load is not None and load >= cpus"),
+    ), ("tests/test_stability.py",)),
+    Mutant('time ratio of medians, not paired rounds', 'asapcli/measure/profiling.py', (
+        ("stability.median_interval(stability.paired_ratios(result.prefill_seconds, vanilla.prefill_seconds))",
+         "stability.median_interval([result.prefill.median / vanilla.prefill.median] * len(result.prefill_seconds))"),
+    ), ("tests/test_stability.py",)),
+    Mutant('the load of the end only', 'asapcli/measure/profiling.py', (
+        ("    loads = [load for load in (load_start, load_end) if load is not None]", "    loads = [load for load in (load_end,) if load is not None]"),
+    ), ("tests/test_stability.py",)),
+    Mutant('threads floor the free CPUs', 'asapcli/runtime/machine.py', (
+        ("    return max(1, min(cpus, round(cpus - busy)))", "    return max(1, min(cpus, int(cpus - busy)))"),
+    ), ("tests/test_stability.py",)),
+    Mutant('the reader counted as other work', 'asapcli/runtime/machine.py', (
+        ("        counts.append(int(running) - 1)", "        counts.append(int(running))"),
+    ), ("tests/test_stability.py",)),
+    Mutant('the default threads not set', 'asapcli/commands/options.py', (
+        ("torch.set_num_threads(choose_threads(self.threads))", "torch.set_num_threads(self.threads or torch.get_num_threads())"),
+    ), ("tests/test_stability.py",)),
+    Mutant('an unstable cell not marked', 'asapcli/commands/profile.py', (
+        ('    return text + "!" if Verdict(row.unstable).marks(cell) else text', '    return text'),
+    ), ("tests/test_stability.py",)),
+    Mutant('a decode rate from the mean step', 'asapcli/measure/profiling.py', (
+        ("        return self.batch / self.decode.median", "        return self.batch * len(self.decode_step_seconds) / sum(self.decode_step_seconds)"),
+    ), ("tests/test_stability.py",)),
 ]  # fmt: skip
 
 

@@ -226,3 +226,45 @@ def test_load_and_generate_answer_as_asap_run(asap):
     assert result.flops_ratio == expected["flops_ratio"] and result.kept_positions
     with pytest.raises(UsageError, match="k needs a whole number|k must be"):
         asapcli.generate(model, str(car), "what?", k=0)
+
+
+@pytest.fixture(scope="module")
+def loaded(llava_path):
+    return asapcli.load(str(llava_path))
+
+
+@pytest.mark.parametrize("prompt", [None, "", "   ", 5])
+def test_generate_refuses_a_prompt_the_cli_refuses(loaded, images, prompt):
+    with pytest.raises(UsageError, match="prompt"):
+        asapcli.generate(loaded, images[0], prompt, k=16)
+
+
+@pytest.mark.parametrize("image", [None, 123, b"\x89PNG", [1, 2]])
+def test_generate_says_what_an_image_must_be(loaded, image):
+    with pytest.raises(UsageError, match=f"image must be a path or a PIL image, got {type(image).__name__}"):
+        asapcli.generate(loaded, image, "what colour?", k=16)
+
+
+def test_generate_and_pruned_say_which_model_they_take(loaded, images):
+    with pytest.raises(UsageError, match=r"generate\(\) takes what asapcli.load\(\) returned"):
+        asapcli.generate(loaded.model, images[0], "what colour?", k=16)
+    with pytest.raises(UsageError, match=r"pruned\(\) takes a transformers vision-language model"):
+        asapcli.pruned("demo", k=16)
+    with pytest.raises(UsageError, match=r"load\(\) takes a preset name"):
+        asapcli.load(5)
+
+
+def test_pruned_takes_what_load_returned_and_can_be_entered_again(loaded, images):
+    inputs = build_inputs(loaded.processor, [user_message("what colour?", 1)], [images[0]])
+    block = asapcli.pruned(loaded, method="fastv", k=16)  # the Loaded itself, as the README calls both `model`
+    reports = []
+    for _ in range(2):
+        with torch.inference_mode(), block as pruning:
+            loaded.model(**inputs)
+        reports.append(pruning.report())
+    assert reports[0] == reports[1] and reports[0].kept_tokens == 16
+    with block, pytest.raises(UsageError, match="do not nest"), block:
+        pass
+    with block as pruning:  # the refused inner entry left the outer block as it was
+        loaded.model(**inputs)
+    assert pruning.report().kept_tokens == 16

@@ -407,3 +407,16 @@ def test_queued_images_that_do_not_fit_can_be_dropped_and_the_dialogue_goes_on(i
     assert f"Dropped {image_file.name}." in result.stderr
     turns = [json.loads(line) for line in result.stdout.splitlines()]
     assert [turn["turn"] for turn in turns] == [1, 2]  # the turn after /drop answered
+
+
+@pytest.mark.parametrize("method", ["pdrop", "sparsevlm", "asap"])
+def test_stats_names_the_layer_the_method_pruned_after_as_run_does(llava_path, image_file, chat, asap, method):
+    """pdrop and sparsevlm prune in stages from their own first layer, whatever --layer says."""
+    result = chat(
+        image_file, "-m", llava_path, "--method", method, "-k", 16, "--max-tokens", 2, "--json", input="hi\n/stats\n"
+    )
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout.splitlines()[-1])["stats"]
+    run = asap("run", image_file, "hi", "-m", llava_path, "--method", method, "-k", 16, "--max-tokens", 2, "--json")
+    assert stats["layer"] == json.loads(run.stdout)["layer"]
+    assert (stats["layer"] == 2) == (method == "asap")

@@ -17,7 +17,8 @@ def test_run_streams_an_answer_and_a_summary(llava_path, image_file, asap):
     assert "asap k=16 L=2: kept 16/64 visual tokens" in result.stderr
     assert "FLOPs" in result.stderr and "prefill" in result.stderr
     # A cold first call over at most 4 decoded tokens: said, and no decode rate made up from it.
-    assert "(first call: includes warm-up)" in result.stderr and "decode not timed" in result.stderr
+    assert "(one sample, CPU, " in result.stderr  # a single timing, labelled as one, with its threads
+    assert "first call: includes warm-up)" in result.stderr and "decode not timed" in result.stderr
 
 
 def test_run_json_is_one_object_with_the_figures(llava_path, image_file, asap):
@@ -431,3 +432,23 @@ def test_help_lists_only_what_the_command_takes(asap):
     assert "--layers" not in evaluated and "--random-weights" not in evaluated
     assert "--important-ratio" in asap("run", "--help").stdout
     assert "--random-weights" in asap("profile", "--help").stdout
+
+
+def test_install_completion_that_cannot_write_is_one_error_line(tmp_path):
+    """A read-only or full home, or one that is not a folder: typer's OSError, once a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    environment = {**os.environ, "HOME": str(home), "SHELL": "/bin/bash"}
+    done = subprocess.run(
+        [sys.executable, "-m", "asapcli", "--install-completion"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("Error: cannot write ") and len(done.stderr.splitlines()) == 1

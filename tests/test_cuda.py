@@ -79,14 +79,18 @@ def test_a_dialogue_on_the_gpu_equals_one_pruned_prefill_of_it(method, on_gpu, i
 
 def test_profile_times_with_cuda_events_and_counts_cuda_memory(asap):
     args = ["profile", "--device", "cuda", "--dtype", "bfloat16", "--methods", "vanilla,asap", "-k", "64"]
-    result = asap(*args, "--repeats", "2", "--warmup", "1", "--decode-tokens", "8", "--json")
+    result = asap(*args, "--repeats", "6", "--warmup", "1", "--decode-tokens", "8", "--json")
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == 2
     for row in rows:
+        # the same statistics and verdict as on CPU, from CUDA events
+        assert len(row["decode_step_seconds_all"]) == 8 and row["prefill_seconds_iqr"] >= 0
+        assert row["time_ratio_confidence"] >= 0.95 and row["stable"] == (row["unstable"] == {})
+        assert row["environment"]["gpu_driver"] is not None
         assert row["device"].startswith("cuda") and row["dtype"] == "bfloat16" and row["threads"] is None
         assert (row["time"], row["memory"]) == ("cuda_events", "cuda_max_memory_allocated")
-        assert all(seconds > 0 for seconds in row["prefill_seconds_all"]) and len(row["prefill_seconds_all"]) == 2
+        assert all(seconds > 0 for seconds in row["prefill_seconds_all"]) and len(row["prefill_seconds_all"]) == 6
         assert row["peak_memory_bytes"] > row["kv_cache_bytes"] > 0
         assert row["decode_tokens_per_second"] > 0
     vanilla, asap = rows

@@ -216,3 +216,38 @@ def test_the_formula_counts_what_the_named_method_does_with_or_without_measure(a
     assert (alone["layer"], [stage["tokens"] for stage in alone["stages"]]) == (0, [169])  # 13 x 13, before layer 0
     measured = json.loads(asap("flops", "--method", "pool", "-k", "192", "--measure", "--json").stdout)
     assert measured["flops_ratio"] == pytest.approx(alone["flops_ratio"])
+
+
+@pytest.mark.parametrize("method", ["pdrop", "sparsevlm"])
+def test_a_budgets_table_of_a_method_in_stages_lists_each_step(method, asap):
+    """Several -k of a method that prunes in stages: a row per budget, its layers and tokens step by
+    step, the same as each budget's JSON (it failed with `too many values to unpack`)."""
+    table = asap("flops", "-m", "llava-1.5-7b", "--method", method, "-k", "64,128")
+    assert table.exit_code == 0, table.output
+    records = [
+        json.loads(line)
+        for line in asap(
+            "flops", "-m", "llava-1.5-7b", "--method", method, "-k", "64,128", "--json"
+        ).stdout.splitlines()
+    ]
+    for record in records:
+        layers = [sum(stage["layers"] for stage in record["stages"][:i]) for i in range(1, len(record["stages"]))]
+        tokens = [stage["tokens"] for stage in record["stages"][1:]]
+        row = next(line.split() for line in table.stdout.splitlines() if line.startswith(str(record["k"]) + " "))
+        assert row[1:3] == ["/".join(map(str, layers)), "/".join(map(str, tokens))]
+        assert row[4] == f"{record['flops_ratio'] * 100:.1f}"
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl-7b", "internvl2.5-8b"])
+@pytest.mark.parametrize("method", ["vispruner", "visionzip", "prumerge-plus"])
+def test_flops_refuses_a_cls_method_on_a_tower_without_cls(model, method, asap):
+    """No figure for a run that cannot happen (it printed 6.09% for qwen2.5-vl-7b's vispruner)."""
+    result = asap("flops", "-m", model, "--method", method, "-k", 64)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: ") and "has no [CLS] token" in result.stderr
+
+
+def test_flops_counts_a_cls_method_on_a_clip_tower_from_its_config(llava_path, asap):
+    for model in ("llava-1.5-7b", "llava-next-7b", str(llava_path)):
+        result = asap("flops", "-m", model, "--method", "vispruner", "-k", 16, "--json")
+        assert result.exit_code == 0, result.output

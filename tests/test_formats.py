@@ -134,3 +134,18 @@ def test_a_bar_in_a_markdown_cell_is_escaped(capsys):
     table.add_row("runs/a|b", "64")
     display.show(table, "markdown")
     assert [cell.strip() for cell in capsys.readouterr().out.splitlines()[2].split(" | ")] == ["| runs/a\\|b", "64 |"]
+
+
+def test_a_pipe_in_a_question_type_stays_in_its_markdown_header(stdout_of, tmp_path):
+    """A question type `a|b` split its header cell: 7 header cells over rows of 6."""
+    from pathlib import Path
+
+    car = Path(__file__).resolve().parent.parent / "examples" / "car.png"
+    data = tmp_path / "pipe.jsonl"
+    data.write_text(
+        json.dumps({"image": str(car), "question": "what colour is the car?", "answer": "red", "type": "a|b"})
+    )
+    text = stdout_of("eval", "--data", data, "--methods", "vanilla", "--format", "markdown", "--threads", 1)
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [len(line.replace("\\|", "").strip("|").split("|")) for line in lines]
+    assert len(set(cells)) == 1 and "a\\|b" in lines[0]

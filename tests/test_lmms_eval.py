@@ -35,11 +35,12 @@ def needs_lmms_eval(test):
 def test_model_args_are_read_as_asap_reads_its_options():
     args = ModelArgs.parse(
         {"pretrained": "demo", "method": "asap", "k": 64, "layer": 2, "seed": 3, "lambda_max": 1, "merge_threshold": 0.9,
-         "score_queries": "text", "dtype": "float32"}
+         "score_queries": "text", "dtype": "float32", "threads": 1}
     )  # fmt: skip
     assert (args.pretrained, args.method, args.k, args.layer, args.seed) == ("demo", "asap", 64, 2, 3)
     assert args.options == {"lambda_max": 1.0, "merge_threshold": 0.9, "score_queries": "text"}
-    assert (args.device, args.dtype, args.device_map) == ("auto", "float32", None)
+    assert (args.device, args.dtype, args.device_map, args.threads) == ("auto", "float32", None, 1)
+    assert ModelArgs.parse({"pretrained": "demo"}).threads is None  # the CLI's default rule (machine.choose_threads)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +51,7 @@ def test_model_args_are_read_as_asap_reads_its_options():
         ({"k": 1.5}, "k needs a whole number"),
         ({"k": True}, "k needs a whole number"),  # lmms-eval reads k=true as True
         ({"layer": "two"}, "layer needs a whole number"),
+        ({"threads": 0}, "threads needs a whole number of at least 1"),
         ({"method": "fastvv"}, "unknown method 'fastvv'"),
         ({"lambda_max": 2.0}, "lambda-max must be in (0, 1]"),
         ({"lambda_max": "high"}, "lambda-max needs a number"),

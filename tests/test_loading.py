@@ -121,3 +121,22 @@ def test_random_weights_are_made_in_the_target_dtype_with_no_float32_copy():
     ratio, dtypes = result.stdout.split(" ", 1)
     assert dtypes.strip() == "{'torch.bfloat16'}"
     assert float(ratio) < 1.5
+
+
+def test_sigterm_removes_the_offload_folder(offload_map, tmp_path):
+    """What `timeout`, a job scheduler or CI sends: the offloaded weights go with the process (five
+    folders were left by one interrupted test run)."""
+    script = (
+        "import sys, time; from asapcli.runtime.loading import load\n"
+        f"load('demo', device_map={str(offload_map)!r}); print('loaded', flush=True); time.sleep(60)\n"
+    )
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=environment)
+    try:
+        assert process.stdout.readline().strip() == "loaded"
+        assert [path.name[:13] for path in tmp_path.iterdir()] == ["asap-offload-"]
+        process.terminate()
+        assert process.wait(timeout=60) == 143
+    finally:
+        process.kill()
+    assert list(tmp_path.iterdir()) == []

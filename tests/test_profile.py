@@ -158,3 +158,14 @@ def test_decoding_past_the_context_is_refused_not_measured(llava_path, asap):
     result = asap("profile", "-m", llava_path, *FAST, "--decode-tokens", 100000)
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: the prompt is ") and "--decode-tokens asks for 100000 more" in result.stderr
+
+
+def test_profile_caption_says_where_each_method_pruned(llava_path, asap):
+    result = asap(
+        "profile", "-m", llava_path, "--methods", "vanilla,vispruner,pdrop,sparsevlm,asap", "-k", 16,
+        "--repeats", 1, "--warmup", 0, "--decode-tokens", 2, "--threads", 1,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if "prompt tokens;" in line)
+    assert "vispruner: before layer 0 (L=0)" in line and "asap: pruned after layer 1 (L=2)" in line
+    assert "pdrop, sparsevlm: in stages, the first after layer 0 (L=1)" in line

@@ -264,3 +264,19 @@ def test_refusals_are_one_line(asap, llava_next_path, image_file):
         "Error: Invalid value for '--method': prumerge-plus prunes before the language model"
     )
     assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next"])
+def test_an_adaptive_count_that_reaches_the_span_keeps_it_whole(family, model_paths, image_file, asap, monkeypatch):
+    """More than a sixth of the patches outliers: the adaptive picks take every patch, the step keeps
+    the span as it is (it failed writing the span's states into the tensor they were a view of)."""
+    from asapcli.engine import ops
+
+    monkeypatch.setattr(ops, "outlier_count", lambda scores: scores.shape[0] // 3)
+    common = [image_file, "what colour?", "-m", model_paths[family], "--max-tokens", 4, "--threads", 1, "--json"]
+    pruned = asap("run", *common, "--method", "prumerge-plus", "-k", 16, "--adaptive")
+    assert pruned.exit_code == 0, pruned.output
+    vanilla = json.loads(asap("run", *common, "--method", "vanilla").stdout)
+    answer = json.loads(pruned.stdout)
+    assert answer["kept_tokens"] == answer["visual_tokens"] == vanilla["visual_tokens"]
+    assert answer["answer"] == vanilla["answer"]

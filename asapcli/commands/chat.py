@@ -263,7 +263,7 @@ def _stats_text(stats: ChatStats) -> str:
     if stats.last_prefill_seconds is not None:
         rate = stats.last_decode_tokens_per_second
         decode = "not timed" if rate is None else f"{rate:.1f} tokens/s"
-        speeds = f"prefill {stats.last_prefill_seconds:.3f} s, decode {decode}"
+        speeds = f"prefill {stats.last_prefill_seconds:.3f} s, decode {decode} (one sample each, {stats.environment.timed_on})"
     return "\n".join(
         [
             (

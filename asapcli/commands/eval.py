@@ -131,7 +131,8 @@ def _show(outcome: Outcome) -> None:
         "All figures in %. FLOPs: paper Eq. 8, visual tokens only (over all the questions); accuracy: "
         f"normalised exact match, greedy; avg: mean over question types ({types}), ± half its 95% interval (each "
         "cell's in --json); rel: avg / vanilla's"
-        + ("; top/bot: questions about one object in that half of the image." if _has_regions(report) else "."),
+        + ("; top/bot: questions about one object in that half of the image." if _has_regions(report) else ".")
+        + f" Answered on {report.environment.timed_on}.",
         markup=False,
         soft_wrap=True,
     )

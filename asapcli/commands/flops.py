@@ -105,10 +105,11 @@ def _budgets_table(counts: list[FlopsCount]) -> display.Shown:
         *([f"{vanilla / scale:.3f}", "100.0"] if measured else []),
     )  # fmt: skip
     for count in counts:
-        ((layer, tokens),) = count.steps
+        # a method in stages (pdrop, sparsevlm) prunes at several layers: each step, in order
+        layers, tokens = ("/".join(str(step[i]) for step in count.steps) for i in (0, 1))
         pruned = count.counted["pruned"].total if measured else None
         table.add_row(
-            str(count.budget), str(layer), str(tokens), f"{count.pruned / scale:.3f}",
+            str(count.budget), layers, tokens, f"{count.pruned / scale:.3f}",
             f"{100 * count.pruned / count.vanilla:.1f}",
             *([f"{pruned / scale:.3f}", f"{100 * pruned / vanilla:.1f}"] if measured else []),
         )  # fmt: skip

@@ -19,6 +19,7 @@ from ..engine.methods import DEFAULT_COMPARISON, DEFAULT_EVALUATION, DEFAULT_SID
 from ..engine.settings import SEEDS, MethodGrid, PruneSettings, budget_and_layer
 from ..errors import UsageError, ascii_digits, whole_number
 from ..report import display
+from ..runtime.machine import THREADS_RULE, choose_threads
 from ..runtime.presets import Preset, find_preset, preset_names
 
 if TYPE_CHECKING:
@@ -241,7 +242,11 @@ Methods = Annotated[
 Threads = Annotated[
     int | None,
     typer.Option(
-        "--threads", min=1, max=1024, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice)."
+        "--threads",
+        min=1,
+        max=1024,
+        metavar="N",
+        help=f"CPU threads for PyTorch. Default: {THREADS_RULE}. Every summary and record says the count used.",
     ),
 ]
 
@@ -288,8 +293,7 @@ class Where:
 
         from ..runtime.loading import load
 
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(choose_threads(self.threads))  # every summary and record says the count
         transformers_logging.set_verbosity_error()  # generate()'s notices are not the user's business
         # Our own spinner says what is loading; a download from the hub shows the hub's own progress
         # (bytes and time left) on stderr, which transformers' switch would silence too.

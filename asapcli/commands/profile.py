@@ -16,7 +16,10 @@ from . import options
 
 IMAGE_HELP = "The image. Default: a built-in test pattern (what it shows does not change the cost)."
 PROMPT_HELP = "The question asked about the image."
-REPEATS_HELP = "Timed rounds, one prefill per method each; the median is shown."
+REPEATS_HELP = (
+    "Timed rounds, one prefill per method each: the median, its IQR and the time ratio's 95% interval are shown "
+    "(6 rounds or more for 95%)."
+)
 BATCH_HELP = "Also run N copies of the sample as one batch, beside batch 1, and compare their images/s."
 
 
@@ -27,7 +30,7 @@ def profile(
     image: Annotated[Path | None, typer.Option("--image", "-i", metavar="FILE", help=IMAGE_HELP)] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help=PROMPT_HELP)] = "Describe the image.",
     comparison: options.Comparison,
-    repeats: Annotated[int, typer.Option("--repeats", metavar="N", min=1, help=REPEATS_HELP)] = 5,
+    repeats: Annotated[int, typer.Option("--repeats", metavar="N", min=1, help=REPEATS_HELP)] = 10,
     warmup: Annotated[int, typer.Option("--warmup", metavar="N", min=0, help="Untimed prefills before them.")] = 1,
     decode_tokens: Annotated[
         int, typer.Option("--decode-tokens", metavar="N", min=1, help="Tokens decoded to time decoding.")
@@ -58,13 +61,26 @@ def profile(
             repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, on_step=step,
         )  # fmt: skip
 
-    _show(rows, output, loaded.device, grid.methods, batch)
+    _warn(rows)  # first: on a terminal it stands above the table whose cells it marks
+    _show(rows, output, grid.methods, batch)
 
 
-def _show(rows: list[ProfileRow], output: str, device, methods, batch: int) -> None:
+def _warn(rows: list[ProfileRow]) -> None:
+    """One line on stderr when a timing cannot be trusted, naming why and what to do (pyperf's and
+    hyperfine's warning); the table marks the cells with "!", the JSON says `stable: false` and why."""
+    from ..measure.stability import ADVICE
+
+    found: dict[str, list[str]] = {}
+    for row in rows:
+        for cause, why in row.unstable.items():
+            found.setdefault(cause, []).append(why if cause == "load" else f"{_name(row)}: {why}")
+    if found:
+        causes = "; ".join(dict.fromkeys(why for whys in found.values() for why in whys))
+        display.warning(f"these timings may be unreliable: {causes}. {ADVICE}.")
+
+
+def _show(rows: list[ProfileRow], output: str, methods, batch: int) -> None:
     """The rows as --json / --format say; a table says under it how each figure was measured."""
-    import torch
-
     from ..measure import profiling
 
     if output == "json":
@@ -74,16 +90,51 @@ def _show(rows: list[ProfileRow], output: str, device, methods, batch: int) -> N
     if output == "csv":
         display.print_csv([display.flat(dataclasses.asdict(row)) for row in rows])
         return
-    on_gpu = device.type == "cuda"
-    display.show(_table(rows, on_gpu, batched=batch > 1), output)
+    display.show(_table(rows, batched=batch > 1), output)
     if output != "table":
         return
-    gpu_name = torch.cuda.get_device_name(device) if on_gpu else None
-    for line in profiling.how_measured(rows[0], methods, batch, gpu_name):
+    for line in profiling.how_measured(rows, methods, batch) + _undecided(rows):
         display.out.print(line, markup=False, soft_wrap=True)
 
 
-def _table(rows: list[ProfileRow], on_gpu: bool, batched: bool) -> display.Shown:
+def _name(row: ProfileRow) -> str:
+    return row.method if row.k is None else f"{row.method} k={row.k}" + (f" n={row.batch}" if row.batch > 1 else "")
+
+
+def _undecided(rows: list[ProfileRow]) -> list[str]:
+    """A line per budget whose methods this run cannot tell apart by time: their time ratios'
+    intervals overlap, so which is faster is not measured (never a bare ranking from noise)."""
+    from ..measure.stability import Interval, indistinct
+
+    lines = []
+    for k, batch in dict.fromkeys((row.k, row.batch) for row in rows if row.k is not None):
+        intervals = {
+            row.method: Interval(row.time_ratio, *row.time_ratio_interval, row.time_ratio_confidence or 0.0)
+            for row in rows
+            if (row.k, row.batch) == (k, batch) and row.time_ratio_interval is not None
+        }
+        for group in indistinct(intervals):
+            where = f"k={k}" + (f", n={batch}" if batch > 1 else "")
+            lines.append(f"{where}: {', '.join(group)} take the same time within their intervals (not told apart).")
+    return lines
+
+
+def _marked(row: ProfileRow, cell: str, text: str) -> str:
+    """A timing cell, with "!" where the run's verdict says it cannot be trusted."""
+    from ..measure.stability import Verdict
+
+    return text + "!" if Verdict(row.unstable).marks(cell) else text
+
+
+def _ratio_cells(row: ProfileRow) -> tuple[str, str]:
+    """time % and its interval."""
+    if row.time_ratio is None:
+        return "-", "-"
+    low, high = row.time_ratio_interval
+    return _marked(row, "ratio", f"{row.time_ratio * 100:.1f}"), f"{low * 100:.1f}-{high * 100:.1f}"
+
+
+def _table(rows: list[ProfileRow], batched: bool) -> display.Shown:
     columns = [
         ("method", lambda row: row.method),
         ("k", lambda row: "-" if row.k is None else str(row.k)),
@@ -94,8 +145,10 @@ def _table(rows: list[ProfileRow], on_gpu: bool, batched: bool) -> display.Shown
         ("prompt\n%", lambda row: f"{row.prompt_flops_ratio * 100:.1f}"),
         ("KV\nMB", lambda row: f"{row.kv_cache_bytes / 2**20:.1f}"),
         ("peak\nMB", lambda row: f"{row.peak_memory_bytes / 2**20:.1f}"),
-        ("ms", lambda row: f"{row.prefill_seconds * 1000:.1f}"),
-        ("time\n%", lambda row: "-" if row.time_ratio is None else f"{row.time_ratio * 100:.1f}"),
+        ("ms", lambda row: _marked(row, "prefill", f"{row.prefill_seconds * 1000:.1f}")),
+        ("IQR\n%", lambda row: f"{row.prefill_seconds_iqr / row.prefill_seconds * 100:.0f}"),
+        ("time\n%", lambda row: _ratio_cells(row)[0]),
+        ("95%\ninterval", lambda row: _ratio_cells(row)[1]),
         *(
             [
                 ("img/s", lambda row: f"{row.images_per_second:.2f}"),
@@ -104,7 +157,7 @@ def _table(rows: list[ProfileRow], on_gpu: bool, batched: bool) -> display.Shown
             if batched
             else []
         ),
-        ("tok/s", lambda row: f"{row.decode_tokens_per_second:.1f}"),
+        ("tok/s", lambda row: _marked(row, "decode", f"{row.decode_tokens_per_second:.1f}")),
     ]
     what = "one image" + (", batch 1 and batched" if batched else "")
     first = rows[0]

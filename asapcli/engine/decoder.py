@@ -293,7 +293,8 @@ class PrunePass:
         slots = selection.kept.sort().values + item.now.start  # in order, the tokens fill them
         keep[item.row, item.now] = False
         keep[item.row, slots] = True
-        hidden[item.row, slots] = selection.hidden
+        # clone: a step that keeps its whole span hands back the span's own states, a view of `hidden`
+        hidden[item.row, slots] = selection.hidden.clone()
         item.absorbed = _absorbed(item, selection) if item.stages else selection.token_absorbed()
         item.index = item.index.to(selection.kept.device)[selection.kept]
         item.roles, item.merged = selection.token_roles(), item.merged + selection.merged

@@ -30,7 +30,7 @@ def make_plan(settings: PruneSettings, spans: list[tuple[int, int]]) -> PruningP
     return PruningPlan(
         method=method,
         k=settings.k,
-        layer=method.stage_layers(settings.layer, settings.num_layers)[0],
+        layer=settings.first_layer,
         spans=spans,
         renumber=method.renumbers,
         num_layers=settings.num_layers,

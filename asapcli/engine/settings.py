@@ -59,6 +59,13 @@ class PruneSettings:
         return settings
 
     @property
+    def first_layer(self) -> int:
+        """L as it prunes: the layer its first step comes after (0: before the language model; a
+        method in stages its own first stage's, whatever --layer says). Needs `for_model` first
+        where the method's stages depend on the model's depth."""
+        return self.method.stage_layers(self.layer, self.num_layers)[0]
+
+    @property
     def hyperparameters(self) -> dict:
         """The hyperparameters given, by name, in their declarations' order."""
         return {name: getattr(self.method, name) for name in HYPERPARAMETERS if name in self.given}

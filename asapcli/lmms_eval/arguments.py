@@ -31,12 +31,13 @@ class ModelArgs:
     device: str
     dtype: str
     device_map: str | None
+    threads: int | None  # PyTorch's CPU threads; None: machine.choose_threads' default, as the CLI's
     prune: PruneSettings  # made from the above, k and L defaulting to the preset's (as the CLI)
 
     @classmethod
     def parse(cls, given: dict) -> ModelArgs:
         """`given` as lmms-eval parsed `key=value,...` (numbers and true/false already converted)."""
-        known = ("pretrained", "method", "k", "layer", "seed", *HYPERPARAMETERS, *WHERE)
+        known = ("pretrained", "method", "k", "layer", "seed", "threads", *HYPERPARAMETERS, *WHERE)
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise UsageError(f"model_args: asap takes no {', '.join(unknown)}; it takes {', '.join(known)}")
@@ -57,6 +58,7 @@ class ModelArgs:
             device=_text(given.get("device", "auto"), "device"),
             dtype=_text(given.get("dtype", "auto"), "dtype"),
             device_map=_text(given["device_map"], "device_map") if "device_map" in given else None,
+            threads=whole(given["threads"], "threads") if "threads" in given else None,
             prune=prune,
         )
 

@@ -25,6 +25,7 @@ from ..errors import AsapError, UsageError
 from ..runtime.generation import GenerationResult, flops_ratio, generate_batch
 from ..runtime.inputs import build_batch_inputs
 from ..runtime.loading import load
+from ..runtime.machine import choose_threads
 from .arguments import ModelArgs, whole
 
 
@@ -48,6 +49,7 @@ class Asap(lmms):
             if device == "auto" and args.device_map is None and torch.cuda.is_available():
                 device = f"cuda:{self.accelerator.local_process_index}"
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        torch.set_num_threads(choose_threads(args.threads))  # as the CLI: none that oversubscribe the CPUs
         self.loaded = load(args.pretrained, device=device, dtype=args.dtype, device_map=args.device_map)
         self.prune = args.settings(self.loaded)
         logger.info(f"asap: {args.pretrained} on {self.loaded.device}, {self.prune}")

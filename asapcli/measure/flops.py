@@ -21,7 +21,7 @@ from ..engine.settings import PruneSettings, budget_and_layer, check_numbers, me
 from ..errors import UsageError
 from ..records import Environment, FlopsReport, FlopsStage, MeasuredFlops
 from ..runtime.environment import environment
-from ..runtime.presets import find_preset, load_architecture, model_label
+from ..runtime.presets import find_preset, load_architecture, model_label, vision_tower_type
 
 if TYPE_CHECKING:
     from ..runtime.loading import Loaded
@@ -65,6 +65,7 @@ class FlopsCount:
         if (random_weights or layers is not None) and not measure:
             raise UsageError("--random-weights and --layers build the model that --measure counts; add --measure")
         pruner = _checked(k, layer, schedule, method)
+        _check_tower(pruner, model)
         arch = load_architecture(model, visual_tokens)
         budget = None
         full_layers = None
@@ -195,3 +196,18 @@ def _budget_stages(arch, steps: list[tuple[int, int]], k: int | None, model: str
             f"(give k below {arch.visual_tokens})"
         )
     return [Stage(arch.layers, arch.visual_tokens)]  # the preset's k keeps them all
+
+
+# The vision towers whose [CLS] token the [CLS] methods read (engine/vision.py finds it on the model)
+CLS_TOWERS = ("clip_vision_model",)
+
+
+def _check_tower(pruner: type[PruningMethod], model: str) -> None:
+    """Refuse a count for a run that cannot happen: a [CLS] method on a tower without one (asap run
+    refuses it once the model is loaded; here the config tells)."""
+    tower = vision_tower_type(model) if pruner.reads_vision else None
+    if tower is not None and tower not in CLS_TOWERS:
+        raise UsageError(
+            f"{pruner.name} ranks patches by the vision tower's [CLS] attention; {model}'s tower ({tower}) has no "
+            "[CLS] token, so asap run refuses it and there is no schedule to count; use a CLIP-tower LLaVA model"
+        )

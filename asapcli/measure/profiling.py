@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,10 +29,13 @@ from ..engine.plans import token_counts
 from ..engine.settings import MethodGrid, PruneSettings
 from ..errors import AsapError
 from ..records import ProfileRow
+from ..runtime import machine
 from ..runtime.generation import context_length, kv_cache_bytes, to_device
 from ..runtime.inputs import build_batch_inputs
 from ..runtime.loading import Loaded
 from ..runtime.presets import built_from_numbers
+from . import stability
+from .stability import Spread
 
 T = TypeVar("T")
 
@@ -42,6 +44,7 @@ T = TypeVar("T")
 class Measurement:
     method: str
     k: int | None  # None: a method that prunes nothing (vanilla)
+    layer: int  # L as it pruned: its first step came after layer L-1 (0: before the language model)
     batch: int  # samples in the forward; the token, FLOPs and ratio figures are per sample
     visual_tokens: int
     kept_tokens: int
@@ -51,17 +54,26 @@ class Measurement:
     prompt_flops_ratio: float  # Eq. 8 counted over every prompt token, text included
     kv_cache_bytes: int  # the whole batch's, as is the peak memory
     peak_memory_bytes: int
-    prefill_seconds: list[float] = field(default_factory=list)
-    decode_tokens_per_second: float = 0.0  # tokens of every row
+    prefill_seconds: list[float] = field(default_factory=list)  # one per round, in round order
+    decode_step_seconds: list[float] = field(default_factory=list)  # one per decoded token (every row's)
 
     @property
-    def prefill_median(self) -> float:
-        return statistics.median(self.prefill_seconds)
+    def prefill(self) -> Spread:
+        return Spread.of(self.prefill_seconds)
+
+    @property
+    def decode(self) -> Spread:
+        return Spread.of(self.decode_step_seconds)
 
     @property
     def images_per_second(self) -> float:
         """Prefill throughput: samples (one image each) prefilled per second."""
-        return self.batch / self.prefill_median
+        return self.batch / self.prefill.median
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens of every row per second, at the median step."""
+        return self.batch / self.decode.median
 
 
 def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
@@ -72,28 +84,28 @@ def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
     return output.logits[:, -1], output.past_key_values, pruning.plans[0]
 
 
-def decode(loaded: Loaded, logits: torch.Tensor, cache: DynamicCache, steps: int) -> None:
-    """`steps` greedy tokens on `cache`, whatever they are (end-of-text does not stop it). No
+def decode_step(loaded: Loaded, logits: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """One greedy token on `cache`, whatever it is (end-of-text does not stop it); its logits. No
     padding mask: the rows of a profiling batch are copies of one sample, none is padded."""
     with torch.inference_mode():
-        for _ in range(steps):
-            token = logits.argmax(dim=-1, keepdim=True)
-            logits = loaded.model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        token = logits.argmax(dim=-1, keepdim=True)
+        return loaded.model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
 
 
-def seconds(device: torch.device, work: Callable[[], object]) -> float:
-    """Time `work`: CUDA events on a GPU, wall time on CPU; the device is synchronised first."""
+def timed(device: torch.device, work: Callable[[], T]) -> tuple[float, T]:
+    """Seconds `work` took, and what it returned: CUDA events on a GPU (synchronised before and
+    after), wall time on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        work()
+        result = work()
         end.record()
         torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000
+        return start.elapsed_time(end) / 1000, result
     started = time.perf_counter()
-    work()
-    return time.perf_counter() - started
+    result = work()
+    return time.perf_counter() - started, result
 
 
 def peak_memory(device: torch.device, work: Callable[[], T]) -> tuple[int, T]:
@@ -156,7 +168,7 @@ def measure(
     times: list[list[float]] = [[] for _ in cases]
     for round_index in range(warmup + repeats):
         for (settings, inputs), case_times in zip(cases, times):
-            elapsed = seconds(device, lambda settings=settings, inputs=inputs: prefill(loaded, inputs, settings))
+            elapsed, _ = timed(device, lambda settings=settings, inputs=inputs: prefill(loaded, inputs, settings))
             if round_index >= warmup:
                 case_times.append(elapsed)
             step()
@@ -180,8 +192,11 @@ def _costs(
     device = loaded.device
     peak, (logits, cache, plan) = peak_memory(device, lambda: prefill(loaded, inputs, settings))
     cache_bytes = kv_cache_bytes(cache)
-    decode(loaded, logits, cache, 1)  # warm the decode path
-    decode_time = seconds(device, lambda: decode(loaded, logits, cache, decode_tokens))
+    logits = decode_step(loaded, logits, cache)  # warms the decode path
+    steps = []
+    for _ in range(decode_tokens):
+        elapsed, logits = timed(device, lambda logits=logits: decode_step(loaded, logits, cache))
+        steps.append(elapsed)
 
     batch, prompt = inputs["input_ids"].shape
     visual, kept = token_counts(plan)
@@ -190,6 +205,7 @@ def _costs(
     return Measurement(
         method=settings.method.name,
         k=settings.k if plan.method.prunes else None,
+        layer=plan.layer,
         batch=batch,
         visual_tokens=visual,
         kept_tokens=kept,
@@ -200,7 +216,7 @@ def _costs(
         kv_cache_bytes=cache_bytes,
         peak_memory_bytes=peak,
         prefill_seconds=times,
-        decode_tokens_per_second=batch * decode_tokens / decode_time if decode_time > 0 else 0.0,
+        decode_step_seconds=steps,
     )
 
 
@@ -232,32 +248,54 @@ def profile(
     picture: Image.Image,
     settings: list[PruneSettings],
     batch: int = 1,
-    repeats: int = 5,
+    repeats: int = 10,
     warmup: int = 1,
     decode_tokens: int = 16,
     on_step: Callable[[], None] | None = None,
 ) -> list[ProfileRow]:
     """`asap profile`: the sample prefilled under every settings, at batch 1 and at `batch`
-    (copies of it), measured side by side (see measure()); a record per run and batch size."""
+    (copies of it), measured side by side (see measure()); a record per run and batch size, each
+    with its spread and its verdict (measure.stability)."""
     batches = [build_batch_inputs(loaded.processor, [(prompt, picture)] * size) for size in sorted({1, batch})]
     _check_fits(loaded, int(batches[0]["input_ids"].shape[1]), decode_tokens)
+    load_start = machine.load_average()
     results = measure(
         loaded, batches, settings, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, on_step=on_step
     )
-    context = conditions(loaded, settings[0].layer, int(batches[0]["input_ids"].shape[1]), repeats, warmup)
+    load_end = machine.load_average()
+    context = conditions(loaded, int(batches[0]["input_ids"].shape[1]), repeats, warmup)
+    context |= {
+        "cpus_available": machine.available_cpus(),
+        "load_average_start": load_start,
+        "load_average_end": load_end,
+    }
+    loads = [load for load in (load_start, load_end) if load is not None]
+    busiest = max(loads) if loads else None
     found = loaded.environment
-    return [ProfileRow(model=model, **context, **_figures(result, results), environment=found) for result in results]
+    return [
+        ProfileRow(
+            model=model, **context, **_figures(result, results, busiest, context["cpus_available"]), environment=found
+        )
+        for result in results
+    ]
 
 
-def _figures(result: Measurement, results: list[Measurement]) -> dict:
-    """One measurement's figures, its time beside vanilla's at the same batch size and its
-    throughput beside its own at batch 1."""
+def _figures(result: Measurement, results: list[Measurement], load: float | None, cpus: int) -> dict:
+    """One measurement's figures with their spread: its time beside vanilla's at the same batch
+    size (round by round), its throughput beside its own at batch 1, and its verdict."""
     # k is None only for a method that prunes nothing: the reference every time is set against
     vanilla = next((other for other in results if other.k is None and other.batch == result.batch), None)
     single = next(other for other in results if (other.method, other.k, other.batch) == (result.method, result.k, 1))
+    ratio = None
+    if vanilla is not None:
+        ratio = stability.median_interval(stability.paired_ratios(result.prefill_seconds, vanilla.prefill_seconds))
+    prefill, decode = result.prefill, result.decode
+    pruned = ratio if result is not vanilla else None  # vanilla's own ratio is 1 by construction
+    verdict = stability.judge(prefill, decode, pruned, result.prompt_flops_ratio, load, cpus)
     return {
         "method": result.method,
         "k": result.k,
+        "layer": result.layer,
         "batch": result.batch,
         "visual_tokens": result.visual_tokens,
         "kept_tokens": result.kept_tokens,
@@ -267,16 +305,24 @@ def _figures(result: Measurement, results: list[Measurement]) -> dict:
         "prompt_flops_ratio": result.prompt_flops_ratio,
         "kv_cache_bytes": result.kv_cache_bytes,
         "peak_memory_bytes": result.peak_memory_bytes,
-        "prefill_seconds": result.prefill_median,
+        "prefill_seconds": prefill.median,
+        "prefill_seconds_iqr": prefill.iqr,
         "prefill_seconds_all": result.prefill_seconds,
-        "time_ratio": result.prefill_median / vanilla.prefill_median if vanilla else None,
+        "time_ratio": ratio.median if ratio else None,
+        "time_ratio_interval": [ratio.low, ratio.high] if ratio else None,
+        "time_ratio_confidence": ratio.confidence if ratio else None,
         "images_per_second": result.images_per_second,
         "throughput_ratio": result.images_per_second / single.images_per_second,
         "decode_tokens_per_second": result.decode_tokens_per_second,
+        "decode_step_seconds": decode.median,
+        "decode_step_seconds_iqr": decode.iqr,
+        "decode_step_seconds_all": result.decode_step_seconds,
+        "stable": verdict.stable,
+        "unstable": verdict.reasons,
     }
 
 
-def conditions(loaded: Loaded, layer: int, prompt_tokens: int, repeats: int, warmup: int) -> dict:
+def conditions(loaded: Loaded, prompt_tokens: int, repeats: int, warmup: int) -> dict:
     """What every figure of a measurement depends on: where it ran and how it was timed."""
     on_gpu = loaded.device.type == "cuda"
     return {
@@ -286,7 +332,6 @@ def conditions(loaded: Loaded, layer: int, prompt_tokens: int, repeats: int, war
         "device": str(loaded.device),
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "threads": None if on_gpu else torch.get_num_threads(),
-        "layer": layer,
         "prompt_tokens": prompt_tokens,
         "repeats": repeats,
         "warmup": warmup,
@@ -295,25 +340,29 @@ def conditions(loaded: Loaded, layer: int, prompt_tokens: int, repeats: int, war
     }
 
 
-def how_measured(
-    row: ProfileRow, methods: Sequence[type[PruningMethod]], batch: int, gpu_name: str | None
-) -> list[str]:
+def how_measured(rows: Sequence[ProfileRow], methods: Sequence[type[PruningMethod]], batch: int) -> list[str]:
     """The lines under a table of measurements that say what each figure is and how it was got."""
-    early = [method.name for method in methods if method.before_llm]
-    on_gpu = gpu_name is not None
-    where = gpu_name if on_gpu else f"CPU, {row.threads} thread{'' if row.threads == 1 else 's'}"
+    row = rows[0]
+    on_gpu = row.time == "cuda_events"
     time = "CUDA-event time" if on_gpu else "wall time"
     memory = "torch.cuda.max_memory_allocated" if on_gpu else "CPU allocator peak (torch profiler)"
-    layer, repeats, warmup = row.layer, row.repeats, row.warmup
+    repeats, warmup = row.repeats, row.warmup
+    load = (
+        "unknown" if row.load_average_start is None else f"{row.load_average_start:.1f} -> {row.load_average_end:.1f}"
+    )
     notes = [
-        f"{where}, {row.dtype}; {row.prompt_tokens} prompt tokens; pruned after layer {layer - 1} (L={layer})"
-        + (f"; {', '.join(early)}: before layer 0 (L=0)." if early else "."),
+        f"{row.environment.timed_on}, {row.dtype}; {row.prompt_tokens} prompt tokens; {_where_pruned(rows, methods)}.",
         "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
         (
-            f"kept: of {row.visual_tokens} visual tokens; ms: the prefill's {time}, median of {repeats} rounds "
-            f"after {warmup} warm-up, methods interleaved; time %: of vanilla's."
+            f"kept: of {row.visual_tokens} visual tokens; ms: the prefill's {time}, median of {repeats} rounds after "
+            f"{warmup} warm-up, methods interleaved; IQR %: the rounds' interquartile range over that median."
         ),
-        f"peak MB: {memory} during prefill, above the weights, KV cache included; tok/s: decoding.",
+        (
+            "time %: the median of each round's time over vanilla's in that round; 95% interval: of that median "
+            f"(distribution-free; {row.time_ratio_confidence or 0:.0%} at {repeats} rounds)."
+        ),
+        f"peak MB: {memory} during prefill, above the weights, KV cache included; tok/s: decoding, at the median step.",
+        f"Load average {load} on {row.cpus_available} CPUs; !: a figure the warning above says not to trust.",
     ]
     notes += built_from_numbers(row.random_weights, row.decoder_layers, row.decoder_layers_full)
     if batch > 1:
@@ -322,3 +371,23 @@ def how_measured(
             "vs 1: over batch 1's for the same method; KV, peak and decode tok/s: the whole batch's."
         )
     return notes
+
+
+def _where_pruned(rows: Sequence[ProfileRow], methods: Sequence[type[PruningMethod]]) -> str:
+    """Where each method pruned, in its own words: after layer L-1, before layer 0, or in stages."""
+    kinds = {method.name: method for method in methods}
+    said: dict[str, list[str]] = {}
+    for row in rows:
+        method = kinds.get(row.method)
+        if row.k is None or method is None:
+            continue
+        if method.before_llm:
+            where = "before layer 0 (L=0)"
+        elif method.reads_layer:
+            where = f"pruned after layer {row.layer - 1} (L={row.layer})"
+        else:
+            where = f"in stages, the first after layer {row.layer - 1} (L={row.layer})"
+        said.setdefault(where, [])
+        if row.method not in said[where]:  # one per method, whatever its budgets and batch sizes
+            said[where].append(row.method)
+    return "; ".join(f"{', '.join(names)}: {where}" for where, names in said.items()) or "nothing pruned"

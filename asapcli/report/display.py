@@ -156,8 +156,9 @@ def show(shown: Shown, format_: str = "table") -> None:
 
     headers = [header.replace("\n", " ") for header in shown.headers]
     align = ["left"] * shown.left + ["right"] * (len(headers) - shown.left)
-    if format_ == "markdown":  # a '|' in a cell (a model's path) would split it
+    if format_ == "markdown":  # a '|' in a cell or a header (a path, a question type) would split it
         rows = [[cell.replace("|", "\\|") for cell in row] for row in shown.rows]
+        headers = [header.replace("|", "\\|") for header in headers]
         write(tabulate(rows, headers, tablefmt="github", colalign=align, disable_numparse=True) + "\n")
         return
     write(tabulate(shown.rows, headers, tablefmt="latex_booktabs", colalign=align, disable_numparse=True) + "\n")
@@ -254,6 +255,11 @@ def note(message: str) -> None:
     err.print(message, markup=False, style="dim", soft_wrap=True)
 
 
+def warning(message: str) -> None:
+    """One line on stderr that a result should not be read as it stands, never wrapped."""
+    err.print(f"Warning: {message}", markup=False, style="yellow", soft_wrap=True)
+
+
 def error(message: str) -> None:
     err.print(f"Error: {message}", markup=False, soft_wrap=True)
 
@@ -269,9 +275,9 @@ def flop_unit(flop_count: float) -> tuple[str, float]:
 def speeds(result: GenerationResult) -> str:
     """How fast one generation ran, saying what a figure includes; no decode rate over too few
     tokens to mean anything."""
-    prefill = f"prefill {result.prefill_seconds:.3f} s"
-    if result.cold:
-        prefill += " (first call: includes warm-up)"
+    # one sample, not a median: `asap profile` measures with a spread
+    prefill = f"prefill {result.prefill_seconds:.3f} s (one sample, {result.timed_on}"
+    prefill += "; first call: includes warm-up)" if result.cold else ")"
     if result.decode_tokens_per_second is None:
         from ..runtime.generation import MIN_DECODE_TOKENS  # loaded already: a generation has run
 

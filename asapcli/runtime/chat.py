@@ -222,7 +222,7 @@ class ChatSession:
             pending_images=len(self.pending),
             k=self.settings.k,
             method=self.settings.method.name,
-            layer=self.settings.layer,
+            layer=self.settings.first_layer,  # as run reports it (pdrop's stages start after layer 0)
             cache_tokens_per_layer=lengths,
             kv_cache_bytes=kv_cache_bytes(self.cache),
             tflops_vanilla=self.tflops_vanilla,

@@ -10,6 +10,7 @@ import platform
 
 from .. import __version__
 from ..records import Environment
+from . import machine
 
 
 @functools.cache  # asked for each answer of a long eval: the packages do not change meanwhile
@@ -46,5 +47,9 @@ def environment(device: str | None = None, dtype: str | None = None) -> Environm
         cuda=torch.version.cuda if on_gpu else None,
         dtype=dtype,
         threads=torch.get_num_threads() if device is not None and not on_gpu else None,
+        cpus_available=machine.available_cpus(),
+        cpu_model=machine.cpu_model(),
+        load_average=machine.load_average(),
+        gpu_driver=machine.gpu_driver() if on_gpu else None,
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )

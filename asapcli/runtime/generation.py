@@ -47,6 +47,7 @@ class GenerationResult:
     stopped: bool = False  # cut short by `should_stop`
     ended: str = "end"  # one of ENDINGS
     cold: bool = False  # the model's first generation: its times include one-time warm-up
+    timed_on: str = ""  # where its times were taken (Environment.timed_on): one sample each, no spread
 
     @property
     def pruned(self) -> bool:
@@ -282,6 +283,7 @@ def _result(
         stopped=stopped,
         ended=_ending(loaded, int(prompt_ids.numel()) + padding, new_ids, max_tokens, stopped),
         cold=clock.cold,
+        timed_on=loaded.environment.timed_on,
     )
 
 

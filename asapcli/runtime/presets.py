@@ -14,6 +14,7 @@ it (load_architecture): both without torch, so that `asap flops` on a preset sta
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -110,6 +111,26 @@ def resolve_source(model: str) -> tuple[str | None, Preset | None]:
             f"unknown preset {model!r}; known presets: {', '.join(preset_names())} (or a folder, or a hub id)"
         )
     return model, None
+
+
+def vision_tower_type(model: str) -> str | None:
+    """The model_type of the vision tower of a preset or a local folder, from its config alone (no
+    weights, no transformers); None where the config does not say (a hub id, a config-less preset)."""
+    source, preset = resolve_source(model)
+    config = preset.config if preset is not None and preset.config else None
+    if config is None and source is not None and (Path(source) / "config.json").is_file():
+        try:
+            config = json.loads((Path(source) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    if not config:
+        return None
+    vision = config.get("vision_config")
+    if isinstance(vision, dict) and vision.get("model_type"):
+        return vision["model_type"]
+    # transformers' default tower where the config names none: LLaVA's a CLIP, others their own
+    family = config.get("model_type")
+    return "clip_vision_model" if family in ("llava", "llava_next") else family
 
 
 def load_architecture(model: str, visual_tokens: int | None = None) -> Architecture:
