@@ -24,7 +24,9 @@ def main() -> None:
         raise SystemExit(130) from None
     try:
         app()
-    except OSError as error:  # the commands report their own; this is typer's --install-completion writing a shell's file
+    except (
+        OSError
+    ) as error:  # the commands report their own; this is typer's --install-completion writing a shell's file
         where = f"cannot write {error.filename}: " if error.filename else ""
         sys.stderr.write(f"Error: {where}{error.strerror or error}\n")
         raise SystemExit(1) from None

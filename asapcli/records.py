@@ -151,9 +151,11 @@ class ProfileRow:
     decode_step_seconds: float  # the median of the timed decoding steps
     decode_step_seconds_iqr: float
     decode_step_seconds_all: list[float]
+    busy_cpus: float | None  # CPUs other processes kept busy while the rounds ran (runnable tasks, averaged)
     stable: bool  # no cause below: the times can be read as measured
-    # what makes them unreliable, cause -> why in words; causes: prefill_spread, decode_spread,
-    # under_flops (a time ratio under the prompt's FLOPs ratio), load (more runnable tasks than CPUs)
+    # what makes them unreliable, cause -> why in words; causes: few_rounds, few_steps (under 6),
+    # prefill_spread, decode_spread (IQR over 10% of the median), under_flops (a time ratio under the
+    # prompt's FLOPs ratio), load (its threads and other work's over the CPUs)
     unstable: dict[str, str]
     environment: Environment
 

@@ -432,6 +432,31 @@ MUTANTS = [
     Mutant('a decode rate from the mean step', 'asapcli/measure/profiling.py', (
         ("        return self.batch / self.decode.median", "        return self.batch * len(self.decode_step_seconds) / sum(self.decode_step_seconds)"),
     ), ("tests/test_stability.py",)),
+    # Issue 36: the mutation pass's survivors, each with a test that fails on it.
+    Mutant('P08 the merged count of patches unpadding cut', PRUMERGE, (
+        ("item.in_span(rest).numel()", "rest.numel()"),
+    ), ("tests/test_prumerge_plus.py",)),
+    Mutant('T06 an adaptive count equal to the span laid out by slots', TOWER, (
+        ("        if len(self.claims) >= tokens:", "        if len(self.claims) > tokens:"),
+    ), ("tests/test_prumerge_plus.py",)),
+    Mutant('U1 a selection written from a view of its own tensor', DECODER, (
+        ("        hidden[item.row, slots] = selection.hidden.clone()", "        hidden[item.row, slots] = selection.hidden"),
+    ), ("tests/test_prumerge_plus.py",)),
+    Mutant('D01 a stage counted from the stage before', PDROP, (
+        ("            count = max(1, int(tokens * ratio**stage))", "            count = max(1, int(left * ratio))"),
+    ), ("tests/test_pdrop.py",)),
+    Mutant('S05 a table tie goes to the larger budget', SPARSEVLM, (
+        ("key=lambda budget: (abs(budget - k * TABLE_TOKENS / tokens), budget))", "key=lambda budget: (abs(budget - k * TABLE_TOKENS / tokens), -budget))"),
+    ), ("tests/test_sparsevlm.py",)),
+    Mutant('S06 a cluster absorbs its centre', SPARSEVLM, (
+        ("for j in torch.nonzero(cluster == c).flatten() if j != centre]", "for j in torch.nonzero(cluster == c).flatten()]"),
+    ), ("tests/test_sparsevlm.py",)),
+    Mutant('M01 a later stage absorbed lists left in its own numbering', DECODER, (
+        ("        item.absorbed = _absorbed(item, selection) if item.stages else selection.token_absorbed()", "        item.absorbed = selection.token_absorbed()"),
+    ), ("tests/test_sparsevlm.py",)),
+    Mutant('D05 stage scores read without the cached offset', DECODER, (
+        ("                scores = importance[row : row + 1, cached + span.start : cached + span.stop]", "                scores = importance[row : row + 1, span.start : span.stop]"),
+    ), ("tests/test_pdrop.py",)),
 ]  # fmt: skip
 
 

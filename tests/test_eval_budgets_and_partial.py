@@ -132,9 +132,8 @@ def test_a_log_that_fills_its_disk_loses_neither_the_table_nor_the_answers(tmp_p
     assert result.exit_code == 1
     assert "vanilla" in result.stdout and "fastv" in result.stdout  # the table, every answer scored
     assert plot.is_file()
-    assert (
-        result.stderr.strip().splitlines()[-1].startswith(f"Error: cannot write {log}: No space left on device after")
-    )
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert error.startswith(f"Error: cannot write {log}: No space left on device after")
     lines = log.read_text().splitlines()
     assert lines and all(json.loads(line)["method"] in ("vanilla", "fastv") for line in lines)  # whole lines only
 
@@ -182,3 +181,28 @@ def test_more_presses_after_the_first_do_not_cut_the_partial_table(monkeypatch, 
     assert "Interrupted after 2 answers" in result.stderr
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the fixture restored it
     signal.signal(signal.SIGINT, before)
+
+
+def test_a_log_and_a_plot_on_a_full_disk_are_both_reported(tmp_path, asap, monkeypatch):
+    """The log kept 17 of 60 answers and the only error named the plot: the log's is said first."""
+    from asapcli.report import figures
+
+    log, plot = tmp_path / "log.jsonl", tmp_path / "accuracy.png"
+    real_write = evaluation.AnswerLog.write
+
+    def full_after_one(self, *args):
+        if self.lines >= 1:
+            self.error = f"No space left on device after {self.lines} answers"
+            return None
+        return real_write(self, *args)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(plot))
+
+    monkeypatch.setattr(evaluation.AnswerLog, "write", full_after_one)
+    monkeypatch.setattr(figures, "save_figure", full)
+    result = asap("eval", "--n", 3, "--methods", "vanilla,fastv", "-k", 64, "--log", log, "--plot", plot)
+    assert result.exit_code == 1 and "fastv" in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2 and errors[0].startswith(f"Error: cannot write {log}: No space left on device after 1")
+    assert str(plot) in errors[1]

@@ -251,3 +251,12 @@ def test_flops_counts_a_cls_method_on_a_clip_tower_from_its_config(llava_path, a
     for model in ("llava-1.5-7b", "llava-next-7b", str(llava_path)):
         result = asap("flops", "-m", model, "--method", "vispruner", "-k", 16, "--json")
         assert result.exit_code == 0, result.output
+
+
+def test_measure_counts_a_method_in_stages_by_its_own_schedule(asap):
+    """sparsevlm's stages were refused as "a --schedule of several" though no --schedule was given."""
+    result = asap("flops", "--method", "sparsevlm", "-k", 64, "--measure", "--threads", 1, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["stages"]) > 2 and report["measured"]["method"] == "sparsevlm"
+    assert report["measured"]["stages_tflops"] == pytest.approx([stage["tflops"] for stage in report["stages"]])

@@ -168,6 +168,8 @@ def test_bad_model_args_on_the_command_line_are_one_error_line_before_lmms_eval_
         (["--batch_size", "0"], "--batch_size needs a whole number of at least 1, got '0'"),
         (["--config", "<bad.yaml>"], "--config <bad.yaml>: not a YAML file lmms-eval can read"),
         (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
+        (["--config", "<k.yaml>"], "--config <k.yaml>: model_args: k needs a whole number of at least 1, got 'abc'"),
+        (["--gen_kwargs", "num_beams=2"], "--gen_kwargs num_beams=2: the asap model decodes greedily or by sampling"),
         (["--output_path", "/dev/full"], "--output_path /dev/full: /dev/full is not a folder"),
         (["--output_path", "<read-only>/results"], "--output_path <read-only>/results: <read-only> is not writable"),
     ],
@@ -178,14 +180,15 @@ def test_what_lmms_eval_would_fail_on_late_is_refused_first(tmp_path, monkeypatc
     import asapcli.lmms_eval.__main__ as launcher
 
     (tmp_path / "bad.yaml").write_text("a: [b\n")
+    (tmp_path / "k.yaml").write_text("- model: asap\n  model_args: pretrained=demo,k=abc\n  tasks: asap_demo\n")
     (tmp_path / "read-only").mkdir(mode=0o555)
     if os.access(tmp_path / "read-only", os.W_OK) and "read-only" in message:
         pytest.skip("running as a user who may write anywhere")
 
     def fill(text: str) -> str:
-        return text.replace("<bad.yaml>", str(tmp_path / "bad.yaml")).replace(
-            "<read-only>", str(tmp_path / "read-only")
-        )
+        for name in ("bad.yaml", "k.yaml", "read-only"):
+            text = text.replace(f"<{name}>", str(tmp_path / name))
+        return text
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["asapcli.lmms_eval", "--model", "asap", "--tasks", "asap_demo",
@@ -220,3 +223,13 @@ def test_ctrl_c_in_lmms_eval_is_one_line_and_status_130(monkeypatch, capsys):
     monkeypatch.setattr("lmms_eval.__main__.cli_evaluate", interrupted)
     assert launcher.main() == 130
     assert capsys.readouterr().err == "Error: interrupted\n"
+
+
+@needs_lmms_eval
+def test_an_answer_is_cut_at_the_first_stop_string():
+    """N45: the answer up to the first of the task's stop strings, wherever each occurs."""
+    from asapcli.lmms_eval.model import _cut
+
+    assert _cut("red. It is a car. Yes.", ["."]) == "red"
+    assert _cut("red\nIt is. a car", [".", "\n"]) == "red"
+    assert _cut("red", []) == "red"

@@ -310,3 +310,34 @@ def test_a_bad_option_is_one_error_line(asap):
     result = asap("run", REPO / "examples" / "car.png", QUESTION, "--method", "pdrop", "--stage-ratio", "2")
     assert result.exit_code == 2
     assert result.stderr.strip() == "Error: stage-ratio must be budget or a number in (0, 1), got '2'"
+
+
+def test_each_stage_keeps_its_share_of_the_span_not_of_the_stage_before(asap):
+    """Stage s keeps int(N lambda^s), as the authors' int(n * ratio) of the whole span: rounding each
+    stage's count from the one before loses tokens (-k 25 on LLaVA-1.5-7B: 104/19/3, not 104/18/3)."""
+    result = asap("flops", "-m", "llava-1.5-7b", "--method", "pdrop", "-k", 25, "--json")
+    assert result.exit_code == 0, result.output
+    ratio, _ = matched_ratio(576, 25, 32)
+    tokens = [stage["tokens"] for stage in json.loads(result.stdout)["stages"]]
+    assert tokens == [576] + [int(576 * ratio**stage) for stage in (1, 2, 3)] == [576, 104, 19, 3]
+
+
+def test_an_image_in_a_later_turn_is_scored_at_its_own_place_in_the_cache(llava_path, images):
+    """The stages' attention read after the cached turns: the image of turn 2 keeps what one
+    prefill of the whole dialogue keeps (turn 1 had no image, so its cache is what that prefill
+    computes); read without the offset, a chat kept token 258 where 252 was right."""
+    lvlm = load(str(llava_path), device="cpu")
+    session = ChatSession(lvlm, PruneSettings(method="pdrop", k=32), max_tokens=4)
+    session.ask("hello there, how are you?")
+    session.add_image("picture", images[1])
+    second = session.ask("what is it?")
+    (span,) = second.result.spans
+    ids = torch.tensor([session.seen[: second.result.prompt_tokens]])
+    pixels = lvlm.processor.image_processor(images[1], return_tensors="pt")["pixel_values"]
+    with torch.inference_mode(), asapcli.pruned(lvlm.model, method="pdrop", k=32) as pruning:
+        lvlm.model(input_ids=ids, pixel_values=pixels)
+    (image,) = pruning.report().images
+    assert image.start == span.start > 0
+    assert [(layer, list(kept)) for layer, kept in image.stages] == [
+        (layer, kept.tolist()) for layer, kept in span.stages
+    ]

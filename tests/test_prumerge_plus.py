@@ -280,3 +280,21 @@ def test_an_adaptive_count_that_reaches_the_span_keeps_it_whole(family, model_pa
     answer = json.loads(pruned.stdout)
     assert answer["kept_tokens"] == answer["visual_tokens"] == vanilla["visual_tokens"]
     assert answer["answer"] == vanilla["answer"]
+    # picks of all patches but the last, and the extra token for it: exactly the span's count, kept as it is
+    lvlm = load(str(model_paths[family]), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what colour?", 1)], [load_image(image_file)])
+    (image,) = captured(lvlm.model, inputs, k=16, adaptive=True).report().images
+    assert set(image.roles) == {"kept"}  # the span's own states, not projected picks and an extra token
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_merged_count_is_the_span_tokens_the_extra_tokens_took_in(llava_next_path, images, adaptive):
+    """On LLaVA-NeXT unpadding cuts patches of a tile: those the extra token averaged but that have
+    no slot in the span are not the span's merged tokens (--json said 75 merged of 70 visual)."""
+    lvlm = load(str(llava_next_path), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what is it?", 1)], images[:1])
+    report = captured(lvlm.model, inputs, k=10, adaptive=adaptive).report()
+    (image,) = report.images
+    took_in = [set(absorbed) for role, absorbed in zip(image.roles, image.absorbed) if role == "global"]
+    assert report.merged_tokens == sum(len(positions) for positions in took_in)
+    assert 0 < report.merged_tokens <= report.visual_tokens

@@ -370,3 +370,33 @@ def test_run_flops_and_profile_through_the_cli(asap):
 def test_a_bad_option_is_one_error_line(option, error, asap):
     result = asap("run", REPO / "examples" / "car.png", QUESTION, "--method", "sparsevlm", *option)
     assert result.exit_code == 2 and result.stderr.strip().startswith(error) and "\n" not in result.stderr.strip()
+
+
+def test_a_budget_halfway_between_two_table_rows_takes_the_smaller_ones(asap):
+    """k = 96 is as near 64 as 128: the row of 64 (66, 30, 17), scaled to average 96, gives
+    117/49/27 on LLaVA-1.5-7B; the row of 128 (303, 110, 36) would give 148/52/17."""
+    result = asap("flops", "-m", "llava-1.5-7b", "--method", "sparsevlm", "-k", 96, "--json")
+    assert result.exit_code == 0, result.output
+    assert [stage["tokens"] for stage in json.loads(result.stdout)["stages"]] == [576, 117, 49, 27]
+
+
+@pytest.mark.parametrize("counts", ["table", "budget"])
+def test_what_each_cluster_absorbed_is_pruned_tokens_of_the_span_once_each(case, counts):
+    """Every stage's clusters, mapped back to the span's own positions: a cluster never absorbs its
+    centre, a kept token or a token another absorbed, and what earlier stages' clusters absorbed
+    carries on (a later stage's lists were left in its own numbering)."""
+    lvlm, inputs = case
+    with (
+        torch.inference_mode(),
+        asapcli.pruned(lvlm.model, method="sparsevlm", k=BUDGET, stage_counts=counts) as pruning,
+    ):
+        lvlm.model(**inputs)
+    (image,) = pruning.report().images
+    kept = set(image.kept)
+    absorbed = [set(positions) for positions in image.absorbed]
+    assert all(position not in taken for position, taken in zip(image.kept, absorbed))
+    every = [position for taken in absorbed for position in taken]
+    assert len(every) == len(set(every)) and not kept & set(every)
+    assert set(every) <= set(range(image.start, image.end))
+    recycled = [taken for role, taken in zip(image.roles, absorbed) if role == "recycled"]
+    assert recycled and sum(map(len, recycled)) > 0

@@ -3,6 +3,7 @@ verdict that names what made a run unstable (spread, load, a time ratio no prefi
 and a thread count that does not oversubscribe the CPUs. The machine's state is stubbed, so that
 each verdict is tested on a run made unstable on purpose, whatever the test machine is doing."""
 
+import csv
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from asapcli.measure import profiling, stability
 from asapcli.measure.stability import Interval, Spread, judge, median_interval
 from asapcli.runtime import machine
 
-FAST = ["--repeats", "6", "--warmup", "0", "--decode-tokens", "4"]
+FAST = ["--repeats", "6", "--warmup", "0", "--decode-tokens", "6"]
 
 
 # --- the statistics ---------------------------------------------------------------------------
@@ -61,38 +62,76 @@ def test_paired_ratios_keep_what_a_drifting_machine_changes_alike():
 
 
 STEADY = Spread.of([1.0, 1.01, 0.99, 1.0, 1.02, 0.98])
+QUIET = stability.Conditions(rounds=10, steps=16, threads=2, cpus=2, busy=0.0)
 
 
 def test_a_steady_run_on_a_quiet_machine_is_stable():
     ratio = Interval(0.5, 0.48, 0.52, 0.97)
-    verdict = judge(STEADY, STEADY, ratio, prompt_flops_ratio=0.44, load=1.5, cpus=2)
+    verdict = judge(STEADY, STEADY, ratio, 0.44, QUIET)
     assert verdict.stable and verdict.reasons == {}
 
 
 def test_wide_spread_is_named():
     wide = Spread.of([1.0, 1.4, 0.7, 1.0, 1.3, 0.8])
-    verdict = judge(wide, STEADY, None, prompt_flops_ratio=0.44, load=0.1, cpus=2)
-    assert list(verdict.reasons) == ["prefill_spread"] and "spread" in verdict.reasons["prefill_spread"]
+    verdict = judge(wide, STEADY, None, 0.44, QUIET)
+    assert list(verdict.reasons) == ["prefill_spread"] and "spread 37.5%" in verdict.reasons["prefill_spread"]
     assert verdict.marks("prefill") and not verdict.marks("ratio") and not verdict.marks("decode")
-    assert list(judge(STEADY, wide, None, 0.44, 0.1, 2).reasons) == ["decode_spread"]
+    assert list(judge(STEADY, wide, None, 0.44, QUIET).reasons) == ["decode_spread"]
+
+
+def test_too_few_rounds_or_steps_are_no_verdict_of_stability():
+    """One round has no spread and no interval: it cannot be called stable."""
+    one = Spread.of([1.0])
+    few = stability.Conditions(rounds=1, steps=2, threads=1, cpus=2, busy=0.0)
+    verdict = judge(one, Spread.of([0.01, 0.01]), Interval(0.5, 0.5, 0.5, 0.0), 0.44, few)
+    assert list(verdict.reasons) == ["few_rounds", "few_steps"]
+    assert all(verdict.marks(cell) for cell in ("prefill", "decode", "ratio"))
+    assert stability.advice(list(verdict.reasons), 1) == "--repeats 10, --decode-tokens 16"
 
 
 def test_a_time_ratio_under_the_prompts_flops_ratio_is_physically_impossible():
     # issue 33's run: fastv 42.5% and asap 39.3% of vanilla for a whole-prompt FLOPs ratio of 43.9%
     impossible = Interval(0.393, 0.37, 0.41, 0.97)
-    verdict = judge(STEADY, STEADY, impossible, prompt_flops_ratio=0.439, load=0.1, cpus=2)
+    verdict = judge(STEADY, STEADY, impossible, 0.439, QUIET)
     assert list(verdict.reasons) == ["under_flops"] and "43.9%" in verdict.reasons["under_flops"]
     assert verdict.marks("ratio")
     # inside its interval the FLOPs ratio is reachable: no verdict from one low median
-    assert judge(STEADY, STEADY, Interval(0.43, 0.41, 0.45, 0.97), 0.439, 0.1, 2).stable
+    assert judge(STEADY, STEADY, Interval(0.43, 0.41, 0.45, 0.97), 0.439, QUIET).stable
 
 
-def test_a_load_over_the_cpus_marks_every_time():
-    verdict = judge(STEADY, STEADY, None, prompt_flops_ratio=0.44, load=6.5, cpus=2)
-    assert list(verdict.reasons) == ["load"] and "6.5" in verdict.reasons["load"]
-    assert all(verdict.marks(cell) for cell in ("prefill", "decode", "ratio"))
-    assert stability.oversubscribed(2.01, 2) and not stability.oversubscribed(2.0, 2)
-    assert not stability.oversubscribed(None, 2)  # no load average kept (not Linux): no verdict
+@pytest.mark.parametrize(
+    ("threads", "busy", "cpus", "loaded"),
+    [
+        (2, 0.0, 2, False),
+        (2, 0.2, 2, False),
+        (2, 0.5, 2, True),
+        (1, 1.0, 2, False),
+        (1, 1.5, 2, True),
+        (4, 0.0, 2, True),
+    ],
+)
+def test_threads_and_other_work_over_the_cpus_mark_every_time(threads, busy, cpus, loaded):
+    """Judged on the work runnable while the rounds ran (this run's threads, others' tasks), not on
+    the 1-minute load average, which lags a minute behind."""
+    under = stability.Conditions(rounds=10, steps=16, threads=threads, cpus=cpus, busy=busy)
+    verdict = judge(STEADY, STEADY, None, 0.44, under)
+    assert ("load" in verdict.reasons) == loaded
+    if loaded:
+        assert all(verdict.marks(cell) for cell in ("prefill", "decode", "ratio"))
+        assert (
+            f"{threads} thread" in verdict.reasons["load"]
+            and f"{busy:.1f} CPUs of other work" in verdict.reasons["load"]
+        )
+    assert stability.oversubscribed(2.26, 2) and not stability.oversubscribed(2.25, 2)
+    assert not stability.oversubscribed(None, 2)  # nothing known (not Linux): no verdict
+
+
+def test_the_default_threads_never_trip_the_verdict_by_themselves():
+    for cpus in (1, 2, 4, 8):
+        for tenth in range(10 * cpus + 1):
+            busy = tenth / 10
+            threads = machine.threads_for(cpus, busy)
+            assert threads == 1 or not stability.oversubscribed(threads + busy, cpus), (cpus, busy, threads)
 
 
 def test_overlapping_intervals_are_grouped_as_not_told_apart():
@@ -111,8 +150,9 @@ def test_overlapping_intervals_are_grouped_as_not_told_apart():
 
 @pytest.fixture
 def quiet(monkeypatch):
-    """A machine whose load average is low, whatever this one's is."""
+    """A machine with nothing else running, whatever this one runs."""
     monkeypatch.setattr(machine, "load_average", lambda: 0.2)
+    monkeypatch.setattr(machine, "runnable_elsewhere", lambda: 0)
 
 
 def test_profile_json_carries_each_figures_spread_and_verdict(llava_path, asap, quiet):
@@ -120,7 +160,7 @@ def test_profile_json_carries_each_figures_spread_and_verdict(llava_path, asap, 
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     for row in rows:
-        assert len(row["prefill_seconds_all"]) == 6 and len(row["decode_step_seconds_all"]) == 4
+        assert len(row["prefill_seconds_all"]) == 6 and len(row["decode_step_seconds_all"]) == 6
         assert row["prefill_seconds"] == Spread.of(row["prefill_seconds_all"]).median
         assert row["prefill_seconds_iqr"] == pytest.approx(Spread.of(row["prefill_seconds_all"]).iqr)
         assert row["decode_tokens_per_second"] == pytest.approx(1 / Spread.of(row["decode_step_seconds_all"]).median)
@@ -143,8 +183,9 @@ def test_profile_table_shows_the_spread_columns(llava_path, asap, quiet):
     assert result.exit_code == 0, result.output
     for header in ("IQR", "interval"):
         assert header in result.stdout
-    assert "median of 6 rounds" in result.stdout and "97% at 6 rounds" in result.stdout
-    assert "Load average 0.2 -> 0.2 on" in result.stdout
+    text = " ".join(result.stdout.split())
+    assert "median of 6 rounds" in text and "96.9% confidence at 6 rounds" in text
+    assert "load average 0.2 -> 0.2; other work kept 0.0 of them busy during the rounds" in text
 
 
 def _scripted(monkeypatch, prefill: dict[str, list[float]], decode: list[float] | None = None):
@@ -163,7 +204,7 @@ def _scripted(monkeypatch, prefill: dict[str, list[float]], decode: list[float] 
     monkeypatch.setattr(profiling, "measure", measure)
 
 
-STEADY_DECODE = [0.010, 0.0101, 0.0099, 0.010]
+STEADY_DECODE = [0.010, 0.0101, 0.0099, 0.010, 0.0101, 0.0099]
 
 
 def test_an_unstable_run_warns_marks_its_cells_and_says_stable_false(llava_path, asap, quiet, monkeypatch):
@@ -177,7 +218,7 @@ def test_an_unstable_run_warns_marks_its_cells_and_says_stable_false(llava_path,
     assert result.exit_code == 0, result.output
     warning = [line for line in result.stderr.splitlines() if line.startswith("Warning:")]
     assert len(warning) == 1 and "fastv k=16: prefill times spread" in warning[0]
-    assert "--threads 1" in warning[0] and "--repeats" in warning[0]
+    assert warning[0].endswith("Try a quieter machine.")  # --threads 1 already; more rounds do not narrow a spread
     cells = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("fastv", "asap"))}
     assert any(cell.endswith("!") for cell in cells["fastv"]) and not any(c.endswith("!") for c in cells["asap"])
 
@@ -197,24 +238,20 @@ def test_a_ratio_no_prefill_can_reach_is_refused_as_a_result(llava_path, asap, q
 
 
 def test_a_busy_machine_marks_every_timing(llava_path, asap, monkeypatch):
-    """Busy when the measuring starts, quiet by its end: the 1-minute average lags, either counts."""
-    load = {"now": 6.5}
-    monkeypatch.setattr(machine, "load_average", lambda: load["now"])
+    """Other processes runnable while the rounds ran: every timing cell marked, said once."""
+    monkeypatch.setattr(machine, "runnable_elsewhere", lambda: 2)
     monkeypatch.setattr(machine, "available_cpus", lambda: 2)
-    measured = profiling.measure
-
-    def measure(*args, **kwargs):
-        results = measured(*args, **kwargs)
-        load["now"] = 0.2
-        return results
-
-    monkeypatch.setattr(profiling, "measure", measure)
     result = asap("profile", "-m", llava_path, "-k", 16, "--threads", 1, *FAST)
     assert result.exit_code == 0, result.output
-    assert "load average 6.5 over the 2 CPUs" in result.stderr
+    assert "1 thread and 2.0 CPUs of other work on the 2 CPUs" in result.stderr
     for line in result.stdout.splitlines():
         if line.startswith(("vanilla", "fastv", "asap")):
             assert line.rstrip().endswith("!")  # tok/s, as every timing cell
+    rows = [
+        json.loads(line)
+        for line in asap("profile", "-m", llava_path, "-k", 16, "--threads", 1, "--json", *FAST).stdout.splitlines()
+    ]
+    assert all(row["busy_cpus"] == 2.0 and "load" in row["unstable"] for row in rows)
 
 
 def test_methods_inside_each_others_intervals_are_said_to_be_not_told_apart(llava_path, asap, quiet, monkeypatch):
@@ -231,19 +268,28 @@ def test_methods_inside_each_others_intervals_are_said_to_be_not_told_apart(llav
 # --- threads chosen for the machine -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("cpus", "busy", "threads"), [(2, 0.0, 2), (2, 0.4, 2), (2, 1.0, 1), (2, 2.0, 1), (8, 3.0, 5)])
+@pytest.mark.parametrize(
+    ("cpus", "busy", "threads"),
+    [(2, 0.0, 2), (2, 0.2, 2), (2, 0.4, 1), (2, 1.0, 1), (2, 2.0, 1), (8, 3.0, 5), (4, 1.5, 2)],
+)
 def test_threads_keep_to_the_cpus_other_work_leaves(cpus, busy, threads):
     assert machine.threads_for(cpus, busy) == threads
     assert machine.threads_for(cpus, None) == cpus  # no load known: PyTorch's own choice
 
 
-def test_busy_elsewhere_reads_the_runnable_tasks_less_the_reader(tmp_path, monkeypatch):
+def test_runnable_elsewhere_is_the_systems_runnable_tasks_less_this_process(tmp_path, monkeypatch):
     loadavg = tmp_path / "loadavg"
-    loadavg.write_text("6.50 5.00 4.00 3/412 12345\n")  # two other runnable tasks beside the reader
+    loadavg.write_text("6.50 5.00 4.00 3/412 12345\n")  # three runnable tasks, the reading thread among them
     monkeypatch.setattr(machine, "PROC_LOADAVG", loadavg)
-    assert machine.busy_elsewhere() == 2.0
+    assert machine.runnable_elsewhere() == 2 and machine.busy_elsewhere(samples=3) == 2.0
+    monkeypatch.setattr(machine, "_own_runnable", lambda: 3)  # three threads of this process at work
+    assert machine.runnable_elsewhere() == 0
     monkeypatch.setattr(machine, "PROC_LOADAVG", tmp_path / "absent")
-    assert machine.busy_elsewhere() is None
+    assert machine.runnable_elsewhere() is None and machine.busy_elsewhere() is None
+
+
+def test_this_process_counts_its_own_runnable_threads():
+    assert machine._own_runnable() >= 1  # the thread reading, at least
 
 
 def test_a_cgroup_quota_caps_the_cpus(tmp_path, monkeypatch):
@@ -286,3 +332,30 @@ def test_threads_help_says_how_the_default_is_chosen(asap):
     result = asap("run", "--help")
     text = " ".join(result.stdout.split())
     assert "less those other work keeps busy now" in text and "OMP_NUM_THREADS" in text
+
+
+def test_a_method_whose_interval_holds_100_percent_is_not_told_apart_from_vanilla(llava_path, asap, quiet, monkeypatch):
+    vanilla = [1.0, 1.01, 0.99, 1.0, 1.02, 0.98]
+    _scripted(
+        monkeypatch, {"vanilla": vanilla, "fastv": [0.97, 1.03, 0.99, 1.01, 0.98, 1.02], "asap": vanilla}, STEADY_DECODE
+    )
+    result = asap("profile", "-m", llava_path, "-k", 16, "--threads", 1, *FAST)
+    assert "k=16: fastv, asap not told apart from vanilla (the interval holds 100%)." in result.stdout
+
+
+def test_under_six_rounds_no_method_is_told_apart(llava_path, asap, quiet):
+    result = asap("profile", "-m", llava_path, "-k", 16, "--threads", 1, "--repeats", 3, "--warmup", 0)
+    assert "3 rounds: too few for a 95% interval; this run tells no method apart from another." in result.stdout
+    assert "75%" in result.stdout.splitlines()[1]  # the interval's header says the confidence it has
+    assert "3 rounds: too few for a spread or a 95% interval" in result.stderr
+
+
+def test_csv_has_the_same_columns_stable_or_not(llava_path, asap, quiet, monkeypatch):
+    header = asap("profile", "-m", llava_path, "-k", 16, "--threads", 1, "--format", "csv", *FAST).stdout.splitlines()[
+        0
+    ]
+    monkeypatch.setattr(machine, "runnable_elsewhere", lambda: 3)
+    loaded = asap("profile", "-m", llava_path, "-k", 16, "--threads", 1, "--format", "csv", *FAST).stdout.splitlines()
+    assert loaded[0] == header and "unstable" in header.split(",")
+    rows = list(csv.DictReader(loaded))
+    assert all("load" in row["unstable"].split(";") for row in rows)

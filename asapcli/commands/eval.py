@@ -92,10 +92,11 @@ def _report(outcome: Outcome, output: str, run: EvalRun, *, log: Path | None, fi
     _print(outcome, output)  # before any file is written: a failed write loses only that file
     if outcome.interrupted:
         _interrupted(outcome, log, files)
+    if outcome.log_error is not None:  # said first: a plot that fails on the same full disk ends the command
+        display.error(f"cannot write {log}: {outcome.log_error}; it holds the answers before that")
     for path in run.write_files(outcome):
         display.note(f"wrote {path}")
     if outcome.log_error is not None:  # after the table and the other files: only the log's end is lost
-        display.error(f"cannot write {log}: {outcome.log_error}; it holds the answers before that")
         raise typer.Exit(1)
 
 

@@ -67,16 +67,20 @@ def profile(
 
 def _warn(rows: list[ProfileRow]) -> None:
     """One line on stderr when a timing cannot be trusted, naming why and what to do (pyperf's and
-    hyperfine's warning); the table marks the cells with "!", the JSON says `stable: false` and why."""
-    from ..measure.stability import ADVICE
+    hyperfine's warning): what holds for the whole run once (the machine's load, too few rounds or
+    steps), then row by row; the table marks the cells with "!", the JSON says `stable: false` and why."""
+    from ..measure.stability import RUN_WIDE, advice
 
-    found: dict[str, list[str]] = {}
-    for row in rows:
-        for cause, why in row.unstable.items():
-            found.setdefault(cause, []).append(why if cause == "load" else f"{_name(row)}: {why}")
-    if found:
-        causes = "; ".join(dict.fromkeys(why for whys in found.values() for why in whys))
-        display.warning(f"these timings may be unreliable: {causes}. {ADVICE}.")
+    run = dict.fromkeys(why for row in rows for cause, why in row.unstable.items() if cause in RUN_WIDE)
+    said = [
+        f"{_name(row)}: {'; '.join(why for cause, why in row.unstable.items() if cause not in RUN_WIDE)}"
+        for row in rows
+        if set(row.unstable) - set(RUN_WIDE)
+    ]
+    if run or said:
+        causes = list(dict.fromkeys(cause for row in rows for cause in row.unstable))
+        reasons = "; ".join([*run, *said])
+        display.warning(f"these timings may be unreliable: {reasons}. Try {advice(causes, rows[0].threads)}.")
 
 
 def _show(rows: list[ProfileRow], output: str, methods, batch: int) -> None:
@@ -87,8 +91,9 @@ def _show(rows: list[ProfileRow], output: str, methods, batch: int) -> None:
         for row in rows:
             display.print_json(row)
         return
-    if output == "csv":
-        display.print_csv([display.flat(dataclasses.asdict(row)) for row in rows])
+    if output == "csv":  # the causes in one column, so that every run has the same columns
+        records = [dataclasses.asdict(row) | {"unstable": ";".join(row.unstable)} for row in rows]
+        display.print_csv([display.flat(record) for record in records])
         return
     display.show(_table(rows, batched=batch > 1), output)
     if output != "table":
@@ -98,24 +103,33 @@ def _show(rows: list[ProfileRow], output: str, methods, batch: int) -> None:
 
 
 def _name(row: ProfileRow) -> str:
-    return row.method if row.k is None else f"{row.method} k={row.k}" + (f" n={row.batch}" if row.batch > 1 else "")
+    name = row.method if row.k is None else f"{row.method} k={row.k}"
+    return name + (f" n={row.batch}" if row.batch > 1 else "")
 
 
 def _undecided(rows: list[ProfileRow]) -> list[str]:
-    """A line per budget whose methods this run cannot tell apart by time: their time ratios'
-    intervals overlap, so which is faster is not measured (never a bare ranking from noise)."""
-    from ..measure.stability import Interval, indistinct
+    """What this run cannot tell apart by time (never a bare ranking from noise): per budget, the
+    methods whose time ratios' intervals overlap, and those whose interval holds vanilla's 100%;
+    nothing at all under 95% confidence (too few rounds)."""
+    from ..measure.stability import CONFIDENCE, Interval, indistinct
 
+    timed = [row for row in rows if row.k is not None and row.time_ratio_interval is not None]
+    if not timed:
+        return []
+    if (timed[0].time_ratio_confidence or 0.0) < CONFIDENCE:
+        return [f"{timed[0].repeats} rounds: too few for a 95% interval; this run tells no method apart from another."]
     lines = []
-    for k, batch in dict.fromkeys((row.k, row.batch) for row in rows if row.k is not None):
+    for k, batch in dict.fromkeys((row.k, row.batch) for row in timed):
+        where = f"k={k}" + (f", n={batch}" if batch > 1 else "")
+        same = [row for row in timed if (row.k, row.batch) == (k, batch)]
         intervals = {
-            row.method: Interval(row.time_ratio, *row.time_ratio_interval, row.time_ratio_confidence or 0.0)
-            for row in rows
-            if (row.k, row.batch) == (k, batch) and row.time_ratio_interval is not None
+            row.method: Interval(row.time_ratio, *row.time_ratio_interval, row.time_ratio_confidence) for row in same
         }
         for group in indistinct(intervals):
-            where = f"k={k}" + (f", n={batch}" if batch > 1 else "")
             lines.append(f"{where}: {', '.join(group)} take the same time within their intervals (not told apart).")
+        vanilla_like = [row.method for row in same if row.time_ratio_interval[0] <= 1.0 <= row.time_ratio_interval[1]]
+        if vanilla_like:
+            lines.append(f"{where}: {', '.join(vanilla_like)} not told apart from vanilla (the interval holds 100%).")
     return lines
 
 
@@ -127,11 +141,21 @@ def _marked(row: ProfileRow, cell: str, text: str) -> str:
 
 
 def _ratio_cells(row: ProfileRow) -> tuple[str, str]:
-    """time % and its interval."""
+    """time % and its interval; vanilla's is 100 by construction, never marked."""
     if row.time_ratio is None:
         return "-", "-"
+    if row.k is None:
+        return "100.0", "-"
     low, high = row.time_ratio_interval
     return _marked(row, "ratio", f"{row.time_ratio * 100:.1f}"), f"{low * 100:.1f}-{high * 100:.1f}"
+
+
+def _confidence(rows: list[ProfileRow]) -> str:
+    """The intervals' confidence as the column's header says it: 95% (at least) from 6 rounds, less below."""
+    confidence = next((row.time_ratio_confidence for row in rows if row.time_ratio_confidence is not None), None)
+    if confidence is None:
+        return "-"
+    return "95%" if confidence >= 0.95 else f"{confidence:.0%}"
 
 
 def _table(rows: list[ProfileRow], batched: bool) -> display.Shown:
@@ -148,7 +172,7 @@ def _table(rows: list[ProfileRow], batched: bool) -> display.Shown:
         ("ms", lambda row: _marked(row, "prefill", f"{row.prefill_seconds * 1000:.1f}")),
         ("IQR\n%", lambda row: f"{row.prefill_seconds_iqr / row.prefill_seconds * 100:.0f}"),
         ("time\n%", lambda row: _ratio_cells(row)[0]),
-        ("95%\ninterval", lambda row: _ratio_cells(row)[1]),
+        (f"{_confidence(rows)}\ninterval", lambda row: _ratio_cells(row)[1]),
         *(
             [
                 ("img/s", lambda row: f"{row.images_per_second:.2f}"),

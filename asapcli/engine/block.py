@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from ..errors import UsageError
 from . import PrunedDecoder, PruningPlan, UnsupportedModel, image_spans, install, uninstall
-from .plans import make_plan, token_counts, visual_steps
+from .plans import first_layer, make_plan, token_counts, visual_steps
 from .schedule import visual_flops
 from .settings import PruneSettings
 from .vision import VisionTap
@@ -134,7 +134,7 @@ class Pruning:
                 if tokens:
                     pruned_tflops += visual_flops(text_config, tokens, visual_steps(plan))[0]
                     full_tflops += visual_flops(text_config, tokens, [])[0]
-        layer = (self.plans or [make_plan(self.settings, [])])[0].layer
+        layer = first_layer(self.plans[0]) if self.plans else make_plan(self.settings, []).layer
         ratio = pruned_tflops / full_tflops if full_tflops else 1.0
         return PruningReport(self.settings.method.name, self.settings.k, layer, images, visual, kept, merged, ratio)
 

@@ -44,6 +44,13 @@ def token_counts(plan: PruningPlan) -> tuple[int, int]:
     return sum(sizes), sum(kept)
 
 
+def first_layer(plan: PruningPlan) -> int:
+    """L as the plan pruned: the layer of its first step (a method in stages, matched to the
+    budget, may start before its nominal stages); the plan's own L where nothing was pruned."""
+    steps = visual_steps(plan)
+    return steps[0][0] if steps else plan.layer
+
+
 def visual_steps(plan: PruningPlan) -> list[tuple[int, int]]:
     """The plan's schedule over all its spans: (layer, visual tokens left from it on), one step per
     layer where a span loses tokens; what Eq. 7 counts (schedule.visual_flops)."""

@@ -3,9 +3,9 @@ options) with the model `asap` registered and the task folder of `asap_demo` inc
 lmms-eval, it exits 1 when lmms-eval reports that a run failed or had no task (lmms-eval logs the
 error and exits 0), and 2 with one Error line when the command line is wrong in a way that can be
 told before lmms-eval starts (it would print its traceback first, or fail after the run): the
-model `asap`'s --model_args (each key once, `key=value` pairs, values asap takes, a device and
-dtype it can load on), --batch_size, a --config that is not YAML, an --output_path that cannot
-be written. Ctrl-C ends it with one line and status 130."""
+model `asap`'s --model_args and --gen_kwargs (each key once, `key=value` pairs, values asap
+takes, a device and dtype it can load on, no beam search), the same inside a --config, --batch_size,
+a --config that is not YAML, an --output_path that cannot be written. Ctrl-C ends it with one line and status 130."""
 
 from __future__ import annotations
 
@@ -64,11 +64,12 @@ def _note_failure(record, failures: list[str]) -> None:
 def _check_command_line(argv: list[str]) -> None:
     """What can be told wrong before lmms-eval starts; a UsageError naming it."""
     parser = argparse.ArgumentParser(add_help=False)
-    for option in ("--model", "--model_args", "--batch_size", "--config", "--output_path"):
+    for option in ("--model", "--model_args", "--batch_size", "--config", "--output_path", "--gen_kwargs"):
         parser.add_argument(option, default=None)
     given = parser.parse_known_args(argv)[0]
     if given.model == "asap":
         _check_model_args(given.model_args or "")
+        _check_gen_kwargs(given.gen_kwargs or "")
     if given.batch_size is not None and not given.batch_size.startswith("auto"):
         whole_number(given.batch_size, "--batch_size", 1)
     if given.config is not None:
@@ -104,15 +105,38 @@ def _check_model_args(text: str) -> None:
     check_available(args.pretrained)  # lmms-eval would print its traceback of the load first
 
 
+def _check_gen_kwargs(text: str) -> None:
+    """--gen_kwargs as lmms-eval parses them: what the asap model refuses once the run has begun."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    options = simple_parse_args_string(text) if text.strip() else {}
+    beams = options.get("num_beams", 1)
+    if not isinstance(beams, int) or isinstance(beams, bool) or beams > 1:
+        raise UsageError(
+            f"--gen_kwargs num_beams={beams}: the asap model decodes greedily or by sampling; beam search is not supported"
+        )
+
+
 def _check_config(path: str) -> None:
+    """A YAML file lmms-eval can read, and the asap model's arguments in it, checked as on the command line."""
     import yaml
 
     try:
-        yaml.safe_load(Path(path).read_text())
+        runs = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise UsageError(f"--config {path}: not a YAML file lmms-eval can read ({first_line(error)})") from None
+    for run in runs if isinstance(runs, list) else [runs]:  # lmms-eval takes one run's options, or a list of them
+        if isinstance(run, dict) and run.get("model") == "asap":
+            model_args = run.get("model_args") or ""
+            if isinstance(model_args, dict):
+                model_args = ",".join(f"{key}={value}" for key, value in model_args.items())
+            try:
+                _check_model_args(str(model_args))
+                _check_gen_kwargs(str(run.get("gen_kwargs") or ""))
+            except AsapError as error:
+                raise type(error)(f"--config {path}: {error}") from None
 
 
 def _check_writable_folder(path: str) -> None:

@@ -113,9 +113,12 @@ class FlopsCount:
 
     def measure_settings(self) -> PruneSettings:
         """What a measured forward prunes by, checked before the model loads."""
-        if len(self.steps) != 1:
+        if self.budget is not None:  # the method's own schedule, in stages or not, as a run prunes by it
+            layer, k = self.steps[0][0], self.budget
+        elif len(self.steps) == 1:
+            ((layer, k),) = self.steps
+        else:
             raise UsageError("--measure runs one pruning step: give -k/--layer, not a --schedule of several")
-        ((layer, k),) = self.steps
         # A method that prunes before the LLM ignores L (its step is at 0): any it accepts will do.
         method = METHODS[self.method]
         return PruneSettings(self.method, k=k, layer=layer if method.reads_layer else max(layer, method.min_layer))

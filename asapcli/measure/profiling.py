@@ -25,7 +25,7 @@ from transformers import BatchFeature, DynamicCache
 
 from ..engine import PruningMethod, schedule
 from ..engine.block import pruned_as
-from ..engine.plans import token_counts
+from ..engine.plans import first_layer, token_counts, visual_steps
 from ..engine.settings import MethodGrid, PruneSettings
 from ..errors import AsapError
 from ..records import ProfileRow
@@ -56,6 +56,7 @@ class Measurement:
     peak_memory_bytes: int
     prefill_seconds: list[float] = field(default_factory=list)  # one per round, in round order
     decode_step_seconds: list[float] = field(default_factory=list)  # one per decoded token (every row's)
+    busy_cpus: float | None = None  # CPUs other work kept busy while the rounds ran (machine.runnable_elsewhere)
 
     @property
     def prefill(self) -> Spread:
@@ -166,15 +167,20 @@ def measure(
     cases = [(settings, inputs) for settings in runs for inputs in batches]
     step = on_step or (lambda: None)
     times: list[list[float]] = [[] for _ in cases]
+    busy: list[int | None] = []  # other processes' runnable tasks, read after each timed prefill
     for round_index in range(warmup + repeats):
         for (settings, inputs), case_times in zip(cases, times):
             elapsed, _ = timed(device, lambda settings=settings, inputs=inputs: prefill(loaded, inputs, settings))
             if round_index >= warmup:
                 case_times.append(elapsed)
+                busy.append(machine.runnable_elsewhere())
             step()
+    known = [count for count in busy if count is not None]
     results = []
     for (settings, inputs), case_times in zip(cases, times):
-        results.append(_costs(loaded, inputs, settings, case_times, decode_tokens))
+        result = _costs(loaded, inputs, settings, case_times, decode_tokens)
+        result.busy_cpus = sum(known) / len(known) if known else None
+        results.append(result)
         step()
     return results
 
@@ -193,19 +199,21 @@ def _costs(
     peak, (logits, cache, plan) = peak_memory(device, lambda: prefill(loaded, inputs, settings))
     cache_bytes = kv_cache_bytes(cache)
     logits = decode_step(loaded, logits, cache)  # warms the decode path
-    steps = []
+    decoding = []
     for _ in range(decode_tokens):
         elapsed, logits = timed(device, lambda logits=logits: decode_step(loaded, logits, cache))
-        steps.append(elapsed)
+        decoding.append(elapsed)
 
     batch, prompt = inputs["input_ids"].shape
     visual, kept = token_counts(plan)
-    tflops, ratio = schedule.token_flops(loaded.text_config, visual, kept, plan.layer)
-    _, prompt_ratio = schedule.token_flops(loaded.text_config, prompt, prompt - (visual - kept), plan.layer)
+    steps = visual_steps(plan)  # the method's own schedule, in stages or not, as the engine ran it
+    tflops, ratio = schedule.visual_flops(loaded.text_config, visual, steps)
+    prompt_steps = [(layer, prompt - (visual - left)) for layer, left in steps]  # the text is never pruned
+    _, prompt_ratio = schedule.visual_flops(loaded.text_config, prompt, prompt_steps)
     return Measurement(
         method=settings.method.name,
         k=settings.k if plan.method.prunes else None,
-        layer=plan.layer,
+        layer=first_layer(plan),
         batch=batch,
         visual_tokens=visual,
         kept_tokens=kept,
@@ -216,7 +224,7 @@ def _costs(
         kv_cache_bytes=cache_bytes,
         peak_memory_bytes=peak,
         prefill_seconds=times,
-        decode_step_seconds=steps,
+        decode_step_seconds=decoding,
     )
 
 
@@ -262,25 +270,22 @@ def profile(
     results = measure(
         loaded, batches, settings, repeats=repeats, warmup=warmup, decode_tokens=decode_tokens, on_step=on_step
     )
-    load_end = machine.load_average()
     context = conditions(loaded, int(batches[0]["input_ids"].shape[1]), repeats, warmup)
-    context |= {
-        "cpus_available": machine.available_cpus(),
-        "load_average_start": load_start,
-        "load_average_end": load_end,
-    }
-    loads = [load for load in (load_start, load_end) if load is not None]
-    busiest = max(loads) if loads else None
+    context |= {"load_average_start": load_start, "load_average_end": machine.load_average()}
+    under = stability.Conditions(
+        rounds=repeats,
+        steps=decode_tokens,
+        threads=1 if context["threads"] is None else context["threads"],  # a GPU's launches: one host thread
+        cpus=context["cpus_available"],
+        busy=results[0].busy_cpus,
+    )
     found = loaded.environment
     return [
-        ProfileRow(
-            model=model, **context, **_figures(result, results, busiest, context["cpus_available"]), environment=found
-        )
-        for result in results
+        ProfileRow(model=model, **context, **_figures(result, results, under), environment=found) for result in results
     ]
 
 
-def _figures(result: Measurement, results: list[Measurement], load: float | None, cpus: int) -> dict:
+def _figures(result: Measurement, results: list[Measurement], under: stability.Conditions) -> dict:
     """One measurement's figures with their spread: its time beside vanilla's at the same batch
     size (round by round), its throughput beside its own at batch 1, and its verdict."""
     # k is None only for a method that prunes nothing: the reference every time is set against
@@ -291,7 +296,7 @@ def _figures(result: Measurement, results: list[Measurement], load: float | None
         ratio = stability.median_interval(stability.paired_ratios(result.prefill_seconds, vanilla.prefill_seconds))
     prefill, decode = result.prefill, result.decode
     pruned = ratio if result is not vanilla else None  # vanilla's own ratio is 1 by construction
-    verdict = stability.judge(prefill, decode, pruned, result.prompt_flops_ratio, load, cpus)
+    verdict = stability.judge(prefill, decode, pruned, result.prompt_flops_ratio, under)
     return {
         "method": result.method,
         "k": result.k,
@@ -317,6 +322,7 @@ def _figures(result: Measurement, results: list[Measurement], load: float | None
         "decode_step_seconds": decode.median,
         "decode_step_seconds_iqr": decode.iqr,
         "decode_step_seconds_all": result.decode_step_seconds,
+        "busy_cpus": result.busy_cpus,
         "stable": verdict.stable,
         "unstable": verdict.reasons,
     }
@@ -337,6 +343,7 @@ def conditions(loaded: Loaded, prompt_tokens: int, repeats: int, warmup: int) ->
         "warmup": warmup,
         "time": "cuda_events" if on_gpu else "cpu_wall",
         "memory": "cuda_max_memory_allocated" if on_gpu else "cpu_allocator_peak",
+        "cpus_available": machine.available_cpus(),
     }
 
 
@@ -350,19 +357,23 @@ def how_measured(rows: Sequence[ProfileRow], methods: Sequence[type[PruningMetho
     load = (
         "unknown" if row.load_average_start is None else f"{row.load_average_start:.1f} -> {row.load_average_end:.1f}"
     )
+    busy = "" if row.busy_cpus is None else f"; other work kept {row.busy_cpus:.1f} of them busy during the rounds"
     notes = [
         f"{row.environment.timed_on}, {row.dtype}; {row.prompt_tokens} prompt tokens; {_where_pruned(rows, methods)}.",
         "TFLOPs, FLOPs %: paper Eq. 7-8, visual tokens only; prompt %: the same count over every prompt token.",
         (
-            f"kept: of {row.visual_tokens} visual tokens; ms: the prefill's {time}, median of {repeats} rounds after "
-            f"{warmup} warm-up, methods interleaved; IQR %: the rounds' interquartile range over that median."
+            f"kept: of {row.visual_tokens} visual tokens; ms: the prefill's {time}, median of {_rounds(repeats)} "
+            f"after {warmup} warm-up, methods interleaved; IQR %: the rounds' interquartile range over that median."
         ),
-        (
-            "time %: the median of each round's time over vanilla's in that round; 95% interval: of that median "
-            f"(distribution-free; {row.time_ratio_confidence or 0:.0%} at {repeats} rounds)."
-        ),
+    ]
+    if any(other.time_ratio is not None for other in rows):
+        notes.append(
+            "time %: the median of each round's time over vanilla's in that round; interval: of that median "
+            f"(distribution-free; {row.time_ratio_confidence or 0:.1%} confidence at {_rounds(repeats)})."
+        )
+    notes += [
         f"peak MB: {memory} during prefill, above the weights, KV cache included; tok/s: decoding, at the median step.",
-        f"Load average {load} on {row.cpus_available} CPUs; !: a figure the warning above says not to trust.",
+        f"{row.cpus_available} CPUs, load average {load}{busy}; !: a figure the warning says not to trust.",
     ]
     notes += built_from_numbers(row.random_weights, row.decoder_layers, row.decoder_layers_full)
     if batch > 1:
@@ -391,3 +402,7 @@ def _where_pruned(rows: Sequence[ProfileRow], methods: Sequence[type[PruningMeth
         if row.method not in said[where]:  # one per method, whatever its budgets and batch sizes
             said[where].append(row.method)
     return "; ".join(f"{', '.join(names)}: {where}" for where, names in said.items()) or "nothing pruned"
+
+
+def _rounds(count: int) -> str:
+    return f"{count} round{'' if count == 1 else 's'}"

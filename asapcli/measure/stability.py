@@ -89,23 +89,43 @@ def paired_ratios(times: Sequence[float], reference: Sequence[float]) -> list[fl
     return [time / base for time, base in zip(times, reference, strict=True)]
 
 
-def oversubscribed(load: float | None, cpus: int) -> bool:
-    """More runnable tasks than CPUs, on average: threads wait for a core, and times measure the
-    queue. The rule the docs test judges the docs' times by too."""
-    return load is not None and load > cpus
+# Other work under a quarter of a CPU beside this run's threads (a shell, a monitor) is no verdict.
+SLACK = 0.25
+FEWEST = 6  # samples for a median's 95% interval, and for a spread to say something
 
 
-# What to do, said once after the causes.
-ADVICE = "Rerun with --threads 1 (or fewer threads than idle CPUs), more --repeats, or on a quieter machine"
+def oversubscribed(demand: float | None, cpus: int) -> bool:
+    """More runnable work than CPUs (past SLACK): threads wait for a core, and times measure the
+    queue. `demand`: a load average, or this run's threads plus the CPUs other work kept busy.
+    The rule the docs test judges the docs' times by too."""
+    return demand is not None and demand > cpus + SLACK
 
 
-# The causes a verdict can name, as the JSON spells them, and which cells of a table they mark.
+@dataclass(frozen=True)
+class Conditions:
+    """What one run's timings were taken under: its rounds, decoding steps, threads, the CPUs it
+    may use and those other work kept busy meanwhile (None: not known)."""
+
+    rounds: int
+    steps: int
+    threads: int
+    cpus: int
+    busy: float | None
+
+
+# The causes a verdict can name, as the JSON spells them: the cells of a table they mark, and
+# what to do about them.
 CAUSES = {
-    "prefill_spread": "prefill",  # this row's prefill times spread wide
-    "decode_spread": "decode",  # its decoding steps' times
-    "under_flops": "ratio",  # its time ratio lies under what its FLOPs allow
-    "load": "all",  # the machine was oversubscribed: every time of the run
+    "few_rounds": (("prefill", "ratio"), "--repeats 10"),
+    "few_steps": (("decode",), "--decode-tokens 16"),
+    "prefill_spread": (("prefill",), "a quieter machine"),
+    "decode_spread": (("decode",), "a quieter machine"),
+    "under_flops": (("ratio",), "a quieter machine, more --repeats"),
+    "load": (("prefill", "decode", "ratio"), "a quieter machine"),
 }
+
+
+RUN_WIDE = ("load", "few_rounds", "few_steps")  # causes that hold for every row of a run alike
 
 
 @dataclass(frozen=True)
@@ -121,25 +141,36 @@ class Verdict:
 
     def marks(self, cell: str) -> bool:
         """Whether the table marks `cell` (prefill, decode or ratio) as unreliable."""
-        return any(CAUSES[cause] in (cell, "all") for cause in self.reasons)
+        return any(cell in CAUSES[cause][0] for cause in self.reasons)
+
+
+def advice(causes: list[str], threads: int | None) -> str:
+    """What to do about `causes`, once each: the causes' own, and fewer threads where there are some to spare."""
+    said = [CAUSES[cause][1] for cause in causes]
+    if threads is not None and threads > 1 and {"load", "prefill_spread", "decode_spread"} & set(causes):
+        said.append(f"fewer --threads than the {threads} used")
+    return ", ".join(dict.fromkeys(said))
 
 
 def judge(
-    prefill: Spread,
-    decode: Spread | None,
-    ratio: Interval | None,
-    prompt_flops_ratio: float,
-    load: float | None,
-    cpus: int,
+    prefill: Spread, decode: Spread, ratio: Interval | None, prompt_flops_ratio: float, under: Conditions
 ) -> Verdict:
     """The causes that make one method's timings unreliable, each in words."""
     reasons = {}
-    if prefill.wide:
-        reasons["prefill_spread"] = (
-            f"prefill times spread {prefill.relative_iqr:.0%} (IQR over median; over {SPREAD_LIMIT:.0%})"
+    if under.rounds < FEWEST:
+        reasons["few_rounds"] = (
+            f"{under.rounds} round{'s' if under.rounds > 1 else ''}: too few for a spread or a 95% interval ({FEWEST} or more)"
         )
-    if decode is not None and decode.wide:
-        reasons["decode_spread"] = f"decode step times spread {decode.relative_iqr:.0%} (over {SPREAD_LIMIT:.0%})"
+    elif prefill.wide:
+        reasons["prefill_spread"] = (
+            f"prefill times spread {prefill.relative_iqr:.1%} (IQR over median; over {SPREAD_LIMIT:.0%})"
+        )
+    if under.steps < FEWEST:
+        reasons["few_steps"] = (
+            f"{under.steps} decoding step{'s' if under.steps > 1 else ''}: too few for a spread ({FEWEST} or more)"
+        )
+    elif decode.wide:
+        reasons["decode_spread"] = f"decode step times spread {decode.relative_iqr:.1%} (over {SPREAD_LIMIT:.0%})"
     # The vision tower, the embeddings and the prompt's text cost the same pruned or not, so a
     # pruned prefill takes at least its share of the whole prompt's FLOPs: a ratio under it is noise.
     if ratio is not None and ratio.high < prompt_flops_ratio:
@@ -147,8 +178,11 @@ def judge(
             f"time {ratio.median:.1%} of vanilla (at most {ratio.high:.1%}) is under the prompt's FLOPs ratio "
             f"{prompt_flops_ratio:.1%}, which no prefill can beat"
         )
-    if oversubscribed(load, cpus):
-        reasons["load"] = f"load average {load:.1f} over the {cpus} CPUs this process may use"
+    if oversubscribed(under.threads + (under.busy or 0.0), under.cpus):
+        reasons["load"] = (
+            f"{under.threads} thread{'s' if under.threads > 1 else ''} and {under.busy or 0.0:.1f} CPUs of other work "
+            f"on the {under.cpus} CPUs this process may use"
+        )
     return Verdict(reasons)
 
 

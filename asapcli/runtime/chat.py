@@ -213,6 +213,12 @@ class ChatSession:
         self.seen = self.seen[:common]
         return common
 
+    def _layer(self) -> int:
+        """L as the last turn that pruned an image pruned it, as run reports it (a method in stages
+        starts where its schedule does, whatever --layer says); before one, the settings'."""
+        pruned = (turn.result.layer for turn in reversed(self.turns) if turn.result.steps)
+        return next(pruned, self.settings.first_layer)
+
     def stats(self) -> ChatStats:
         lengths = [layer.get_seq_length() for layer in self.cache.layers]
         last = self.turns[-1].result if self.turns else None
@@ -222,7 +228,7 @@ class ChatSession:
             pending_images=len(self.pending),
             k=self.settings.k,
             method=self.settings.method.name,
-            layer=self.settings.first_layer,  # as run reports it (pdrop's stages start after layer 0)
+            layer=self._layer(),
             cache_tokens_per_layer=lengths,
             kv_cache_bytes=kv_cache_bytes(self.cache),
             tflops_vanilla=self.tflops_vanilla,

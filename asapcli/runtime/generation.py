@@ -13,7 +13,7 @@ from transformers import BatchFeature, DynamicCache, StoppingCriteriaList
 
 from ..engine import PruningPlan, SpanRecord, image_spans, schedule
 from ..engine.block import pruned_as
-from ..engine.plans import token_counts, visual_steps
+from ..engine.plans import first_layer, token_counts, visual_steps
 from ..engine.settings import PruneSettings
 from ..errors import AsapError
 from . import streaming
@@ -275,7 +275,7 @@ def _result(
         prefill_seconds=clock.first_token - clock.started,
         decode_tokens_per_second=decoded / decoding if decoded >= MIN_DECODE_TOKENS and decoding > 0 else None,
         flops_ratio=ratio,
-        layer=plan.layer if plan is not None else 0,
+        layer=first_layer(plan) if plan is not None else 0,
         steps=steps,
         spans=[record.shifted(padding) for record in plan.pruned] if plan is not None else [],
         token_ids=new_ids.tolist(),

@@ -50,34 +50,60 @@ def load_average() -> float | None:
         return None
 
 
-def busy_elsewhere() -> float | None:
-    """CPUs that other work keeps busy now: the runnable tasks of the whole system less the one
-    asking, averaged over SAMPLES reads (the kernel's count in /proc/loadavg, which is the load
-    average's own source, not averaged over a minute: a job that started a second ago counts).
-    None off Linux."""
-    counts = []
-    for index in range(SAMPLES):
+def runnable_elsewhere() -> int | None:
+    """Tasks of other processes runnable now: the system's count (the 4th field of /proc/loadavg,
+    the load average's own source) less this process's runnable threads (/proc/self/task). System
+    wide: work pinned to CPUs this process may not use counts too. None off Linux."""
+    try:
+        running = int(PROC_LOADAVG.read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return max(0, running - _own_runnable())
+
+
+def _own_runnable() -> int:
+    """This process's threads in state R (the reading one at least)."""
+    count = 0
+    for task in Path("/proc/self/task").glob("*/stat"):
         try:
-            running = PROC_LOADAVG.read_text().split()[3].split("/")[0]
+            state = task.read_text().rsplit(")", 1)[1].split()[0]  # after the command's "(name)"
         except (OSError, IndexError):
+            continue
+        count += state == "R"
+    return max(1, count)
+
+
+def busy_elsewhere(samples: int = SAMPLES) -> float | None:
+    """CPUs that other work keeps busy now: runnable_elsewhere() averaged over `samples` reads
+    INTERVAL_SECONDS apart (a job that started a second ago counts; the 1-minute load average would
+    not show it yet). None off Linux."""
+    counts = []
+    for index in range(samples):
+        count = runnable_elsewhere()
+        if count is None:
             return None
-        counts.append(int(running) - 1)  # the reading thread is runnable itself
-        if index + 1 < SAMPLES:
+        counts.append(count)
+        if index + 1 < samples:
             time.sleep(INTERVAL_SECONDS)
-    return max(0.0, sum(counts) / len(counts))
+    return sum(counts) / len(counts)
+
+
+# Other work under a quarter of a CPU on average (a shell, a monitor) is not worth a thread.
+SLACK = 0.25
 
 
 def threads_for(cpus: int, busy: float | None) -> int:
-    """The threads that keep to the CPUs left free: `cpus` less `busy`, rounded, at least 1.
-    Unknown load: every CPU (PyTorch's own choice)."""
+    """The threads that keep to the CPUs left free: `cpus` less `busy`, rounded down past SLACK,
+    at least 1; so that threads + busy stays within cpus + SLACK (stability.oversubscribed's
+    rule). Unknown load: every CPU (PyTorch's own choice)."""
     if busy is None:
         return cpus
-    return max(1, min(cpus, round(cpus - busy)))
+    return max(1, min(cpus, math.floor(cpus - busy + SLACK)))
 
 
 THREADS_RULE = (
     "the CPUs this process may use (affinity, cgroup quota) less those other work keeps busy now "
-    "(its runnable tasks now), at least 1; OMP_NUM_THREADS where set"
+    "(runnable tasks of other processes), at least 1; OMP_NUM_THREADS where set"
 )
 
 
