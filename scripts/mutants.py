@@ -457,6 +457,36 @@ MUTANTS = [
     Mutant('D05 stage scores read without the cached offset', DECODER, (
         ("                scores = importance[row : row + 1, cached + span.start : cached + span.stop]", "                scores = importance[row : row + 1, span.start : span.stop]"),
     ), ("tests/test_pdrop.py",)),
+    Mutant('F01 a budget JSON layer from its last step', 'asapcli/measure/flops.py', (
+        ("            layer=self.steps[0][0] if single else None,", "            layer=self.steps[-1][0] if single else None,"),
+    ), ("tests/test_survivors_third.py",)),
+    Mutant('F02 a block report keeps its last call only', BLOCK, (
+        ("                    pruned_tflops += visual_flops(", "                    pruned_tflops = visual_flops("),
+    ), ("tests/test_survivors_third.py",)),
+    Mutant('H01 latex parses numbers', 'asapcli/report/display.py', (
+        ('tablefmt="latex_booktabs", colalign=align, disable_numparse=True)', 'tablefmt="latex_booktabs", colalign=align)'),
+    ), ("tests/test_survivors_third.py",)),
+    Mutant('C01 a device pattern matched at the start only', OPTIONS, (
+        ("re.fullmatch(pattern, text)", "re.match(pattern, text)"),
+    ), ("tests/test_survivors_third.py",)),
+    Mutant('L02 generate drops the seed', 'asapcli/api.py', (
+        ("    settings = PruneSettings(method, k, layer, seed, **options).for_model(model.num_layers)", "    settings = PruneSettings(method, k, layer, 0, **options).for_model(model.num_layers)"),
+    ), ("tests/test_survivors_third.py",)),
+    Mutant('K01 forget counts turns with images, not images', CHAT, (
+        ("        forgotten = sum(_images_in(message) for message in self.messages[:cut])", "        forgotten = sum(1 for message in self.messages[:cut] if _images_in(message))"),
+    ), ("tests/test_survivors_third.py",)),
+    Mutant('N12 the state after pruning kept into a new sequence', DECODER, (
+        ("        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            self._after = _AfterPruning()\n", ""),
+    ), ("tests/test_survivors_third.py",)),
+    Mutant('N17 one random pattern for every image of a prompt', RANDOM, (
+        ("manual_seed(self.seed * 1_000_003 + span.start)", "manual_seed(self.seed * 1_000_003)"),
+    ), ("tests/test_survivors_third.py",)),
+    Mutant('N19 hidden states from the config not refused', BLOCK, (
+        ("            if kwargs.get(output) or getattr(self.model.config, output, False):", "            if kwargs.get(output):"),
+    ), ("tests/test_survivors_third.py",)),
+    Mutant('N45 an answer cut at the last stop string', 'asapcli/lmms_eval/model.py', (
+        ("            text = text.split(stop, 1)[0]", "            text = text.rsplit(stop, 1)[0]"),
+    ), ("-m", "lmms_eval or not lmms_eval", "tests/test_lmms_eval.py::test_an_answer_is_cut_at_the_first_stop_string")),
 ]  # fmt: skip
 
 

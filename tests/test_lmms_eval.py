@@ -233,3 +233,24 @@ def test_an_answer_is_cut_at_the_first_stop_string():
     assert _cut("red. It is a car. Yes.", ["."]) == "red"
     assert _cut("red\nIt is. a car", [".", "\n"]) == "red"
     assert _cut("red", []) == "red"
+
+
+@needs_lmms_eval
+def test_results_lmms_eval_could_not_save_fail_the_run():
+    """A full disk under --output_path: lmms-eval warned "Could not save sample results" and exited 0."""
+    from types import SimpleNamespace
+
+    from asapcli.lmms_eval.__main__ import _note_failure
+
+    def record(level, name, message):
+        return {"level": SimpleNamespace(name=level), "name": name, "message": message}
+
+    failures: list[str] = []
+    tracker = "lmms_eval.loggers.evaluation_tracker"
+    _note_failure(record("INFO", tracker, "Saving results aggregated"), failures)
+    _note_failure(record("WARNING", tracker, "Could not save sample results"), failures)
+    _note_failure(record("INFO", tracker, "OSError(28, 'No space left on device')"), failures)
+    _note_failure(record("INFO", tracker, "Output path not provided, skipping saving results aggregated"), [])
+    assert failures == [
+        "lmms-eval could not save the sample results under --output_path (OSError(28, 'No space left on device'))"
+    ]

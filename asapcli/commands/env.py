@@ -11,8 +11,12 @@ def env_command(*, json: options.Json = False) -> None:
     """Print asap's, Python's, PyTorch's and transformers' versions, the device and the threads."""
     import dataclasses
 
-    from ..runtime.environment import default_device, environment
+    import torch
 
+    from ..runtime.environment import default_device, environment
+    from ..runtime.machine import choose_threads
+
+    torch.set_num_threads(choose_threads())  # the threads a command started now would use
     found = environment(default_device())
     if json:
         display.print_json(found)

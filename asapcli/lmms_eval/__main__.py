@@ -51,9 +51,19 @@ FAILED = "Error during evaluation: "
 NO_TASK = "Need to specify task to evaluate."
 
 
+# lmms-eval's tracker warns, logs the exception's repr at INFO, and goes on to exit 0 (a full disk).
+NOT_SAVED, TRACKER = "Could not save ", "lmms_eval.loggers.evaluation_tracker"
+
+
 def _note_failure(record, failures: list[str]) -> None:
-    message = record["message"]
-    if record["level"].name not in ("ERROR", "CRITICAL") or record["name"] != "lmms_eval.__main__":
+    message, level, name = record["message"], record["level"].name, record["name"]
+    if name == TRACKER:
+        if level == "WARNING" and message.startswith(NOT_SAVED):
+            failures.append(f"lmms-eval could not save the {message.removeprefix(NOT_SAVED)} under --output_path")
+        elif level == "INFO" and failures and failures[-1].endswith("under --output_path"):
+            failures[-1] += f" ({message})"  # the exception, logged right after
+        return
+    if level not in ("ERROR", "CRITICAL") or name != "lmms_eval.__main__":
         return
     if message.startswith(FAILED):
         failures.append(message.removeprefix(FAILED).split(". Please set `--verbosity=DEBUG`")[0])

@@ -49,7 +49,11 @@ def environment(device: str | None = None, dtype: str | None = None) -> Environm
         threads=torch.get_num_threads() if device is not None and not on_gpu else None,
         cpus_available=machine.available_cpus(),
         cpu_model=machine.cpu_model(),
-        load_average=machine.load_average(),
+        load_average=_rounded(machine.load_average()),
         gpu_driver=machine.gpu_driver() if on_gpu else None,
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
+
+
+def _rounded(load: float | None) -> float | None:
+    return None if load is None else round(load, 2)
