@@ -179,3 +179,25 @@ def test_a_per_tile_need_no_k_can_meet_is_refused_as_such():
         VisionZip(contextual=20).select(span, 27)
     with pytest.raises(UsageError, match="1 at k = 3, where it needs 2; give k at least 4$"):
         VisionZip().select(span, 3)
+
+
+@pytest.mark.parametrize(("method", "k", "least"), [("vispruner", 4, 5), ("visionzip", 9, 10), ("prumerge-plus", 4, 5)])
+def test_a_per_tile_budget_too_small_is_refused_before_the_model_loads(
+    method, k, least, asap, llava_next_path, image_file, monkeypatch
+):
+    """Told from the config alone (its grid pinpoints and tile size); it was refused after the load
+    and the image's encoding, and under lmms-eval inside its run (a traceback, then the Error line)."""
+    from asapcli.lmms_eval.arguments import ModelArgs
+    from asapcli.runtime import loading
+
+    monkeypatch.setattr(loading, "load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    result = asap("run", image_file, "what?", "-m", llava_next_path, "--method", method, "-k", k)
+    assert result.exit_code == 2 and f"give k at least {least}" in result.stderr
+    assert result.stderr.startswith(f"Error: {method} on a tiled model gives each of an image's up to 5 tower items")
+    with pytest.raises(UsageError, match=f"^model_args: {method} on a tiled model .* give k at least {least}$"):
+        ModelArgs.parse({"pretrained": str(llava_next_path), "method": method, "k": k})
+    monkeypatch.undo()  # the least k runs
+    answered = asap(
+        "run", image_file, "what?", "-m", llava_next_path, "--method", method, "-k", least, "--max-tokens", 1
+    )
+    assert answered.exit_code == 0, answered.output

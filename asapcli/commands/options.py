@@ -20,7 +20,7 @@ from ..engine.settings import SEEDS, MethodGrid, PruneSettings, budget_and_layer
 from ..errors import UsageError, ascii_digits, whole_number
 from ..report import display
 from ..runtime.machine import THREADS_RULE, choose_threads
-from ..runtime.presets import Preset, find_preset, preset_names
+from ..runtime.presets import Preset, check_tiles, find_preset, preset_names
 
 if TYPE_CHECKING:
     from ..runtime.loading import Loaded
@@ -279,11 +279,13 @@ class Where:
         return preset.config["text_config"]["num_hidden_layers"] if preset and preset.config else None
 
     def check(self, runs: list[PruneSettings]) -> None:
-        """Refuse a layer the model cannot have before the long load, where its depth is known
-        (a 13B architecture takes a minute to build)."""
+        """Refuse before the long load (a 13B architecture takes a minute to build) what the
+        model's config already tells: a layer it cannot have, a per-tile budget too small for a
+        tiling model (LLaVA-NeXT)."""
         if (layers := self.decoder_layers) is not None:
             for settings in runs:
                 settings.for_model(layers)
+        check_tiles(self.model, runs)
 
     def load(self) -> "Loaded":
         """The model, loaded under a spinner, PyTorch's CPU thread count set first."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..engine import DEFAULT_METHOD, HYPERPARAMETERS
 from ..engine.settings import PruneSettings, budget_and_layer
 from ..errors import UsageError, whole_number
-from ..runtime.presets import find_preset
+from ..runtime.presets import check_tiles, find_preset
 
 if TYPE_CHECKING:
     from ..runtime.loading import Loaded
@@ -48,6 +48,10 @@ class ModelArgs:
         seed = whole(given.get("seed", 0), "seed", minimum=0)
         options = {name: given[name] for name in HYPERPARAMETERS if name in given}
         prune = PruneSettings(method, *budget_and_layer(find_preset(pretrained), k, layer), seed, **options)
+        try:
+            check_tiles(pretrained, [prune])
+        except UsageError as error:
+            raise UsageError(f"model_args: {error}") from None
         return cls(
             pretrained=pretrained,
             method=method,

@@ -19,9 +19,13 @@ import tomllib
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..engine.schedule import Architecture
 from ..errors import AsapError, UsageError, first_line
+
+if TYPE_CHECKING:
+    from ..engine.settings import PruneSettings
 
 
 @dataclass(frozen=True)
@@ -113,16 +117,48 @@ def resolve_source(model: str) -> tuple[str | None, Preset | None]:
     return model, None
 
 
+def _config(model: str) -> dict | None:
+    """The config of a preset or a local folder, as a dict (no weights, no transformers); None for a
+    hub id or a config-less preset."""
+    source, preset = resolve_source(model)
+    if preset is not None and preset.config:
+        return preset.config
+    if source is not None and (Path(source) / "config.json").is_file():
+        try:
+            return json.loads((Path(source) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def tiling_of(model: str) -> tuple[int, int] | None:
+    """A tiling model's (LLaVA-NeXT's) most tower items per image (1 + the most tiles of its grid
+    pinpoints, as engine/vision.py's Tiling counts them) and patches per item, from its config
+    alone; None for a model that does not tile, or whose config does not say."""
+    config = _config(model) or {}
+    pinpoints, vision = config.get("image_grid_pinpoints"), config.get("vision_config") or {}
+    size, patch = vision.get("image_size"), vision.get("patch_size")
+    if not pinpoints or not isinstance(size, int) or not isinstance(patch, int):
+        return None
+    tiles = max(-(-height // size) * -(-width // size) for height, width in pinpoints)
+    return 1 + tiles, (size // patch) ** 2
+
+
+def check_tiles(model: str, runs: list[PruneSettings]) -> None:
+    """A budget that a [CLS] method, pruning each tower item of a tiling model alone, cannot split
+    among them, refused in the words the engine would use once the image is encoded."""
+    from ..engine.methods.tower import tiled_budget_problem  # torch-free at import, as the registry
+
+    tiling = tiling_of(model) if any(settings.method.reads_vision for settings in runs) else None
+    for settings in runs if tiling else []:
+        if settings.method.reads_vision and (problem := tiled_budget_problem(settings.method, settings.k, *tiling)):
+            raise UsageError(problem)
+
+
 def vision_tower_type(model: str) -> str | None:
     """The model_type of the vision tower of a preset or a local folder, from its config alone (no
     weights, no transformers); None where the config does not say (a hub id, a config-less preset)."""
-    source, preset = resolve_source(model)
-    config = preset.config if preset is not None and preset.config else None
-    if config is None and source is not None and (Path(source) / "config.json").is_file():
-        try:
-            config = json.loads((Path(source) / "config.json").read_text())
-        except (OSError, ValueError):
-            return None
+    config = _config(model)
     if not config:
         return None
     vision = config.get("vision_config")

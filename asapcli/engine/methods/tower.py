@@ -79,17 +79,27 @@ def tower_image(span: SpanView, k: int, method: PruningMethod) -> TowerImage:
                 f"{span.hidden.shape[0]} tokens"
             )
         return TowerImage([TowerItem(cues, torch.arange(span.hidden.shape[0]))], k, torch.zeros(0, dtype=torch.long))
-    # An item has N patches: a larger share keeps them all (VisionZip could not split more).
-    most, budget = cues.most_items, min(k // cues.most_items, cues.items[0].features.shape[0])
     patches = cues.items[0].features.shape[0]
-    if method.budget_problem(budget):
-        least = next(t for t in itertools.count(budget + 1) if method.budget_problem(t) is None)
-        fix = f"give k at least {least * most}" if least <= patches else f"an item has only {patches} patches"
-        raise UsageError(
-            f"{method} on a tiled model gives each of an image's up to {most} tower items (the base image and its "
-            f"tiles) k // {most} tokens: {budget} at k = {k}, where it needs {least}; {fix}"
-        )
-    return TowerImage(_tiles(cues), budget, (cues.source < 0).nonzero().flatten())
+    problem = tiled_budget_problem(method, k, cues.most_items, patches)
+    if problem:
+        raise UsageError(problem)
+    return TowerImage(_tiles(cues), min(k // cues.most_items, patches), (cues.source < 0).nonzero().flatten())
+
+
+def tiled_budget_problem(method: PruningMethod, k: int, most: int, patches: int) -> str | None:
+    """Why budget k cannot prune an image of a tiling model with `method`, which gives each of its
+    up to `most` tower items of `patches` patches k // most tokens (a larger share keeps them all:
+    VisionZip could not split more); None where it can. Told from the model's config alone, so
+    asked before the model loads (tiling_of) and again as each image is pruned."""
+    budget = min(k // most, patches)
+    if not method.budget_problem(budget):
+        return None
+    least = next(t for t in itertools.count(budget + 1) if method.budget_problem(t) is None)
+    fix = f"give k at least {least * most}" if least <= patches else f"an item has only {patches} patches"
+    return (
+        f"{method} on a tiled model gives each of an image's up to {most} tower items (the base image and its "
+        f"tiles) k // {most} tokens: {budget} at k = {k}, where it needs {least}; {fix}"
+    )
 
 
 def _tiles(cues) -> list[TowerItem]:
