@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -129,7 +130,7 @@ def test_flops_from_a_local_config(llava_path, asap):
         (["-m", "llava-1.5-7b", "--schedule", ""], "--schedule is empty"),
         (["-m", "llava-1.5-7b", "--schedule", " , "], "bad schedule item"),
         (["-m", "llava-1.5-7b", "--schedule", "2:1\N{SUPERSCRIPT TWO}"], "bad schedule item"),
-        (["-m", "llava-1.5-7b", "--measure", "--method", "magic"], "unknown method 'magic'"),
+        (["-m", "llava-1.5-7b", "--measure", "--method", "magic"], "'magic' is not one of"),
         (["-m", "llava-1.5-7b", "--method", "vanilla"], "--method vanilla prunes nothing"),
         (["-m", "./no-such-folder"], "model folder './no-such-folder' not found"),  # not read as a hub id
         (["-m", "llava-1.5-7b", "--layer", "-1"], "layer must be at least 0"),
@@ -260,3 +261,36 @@ def test_measure_counts_a_method_in_stages_by_its_own_schedule(asap):
     report = json.loads(result.stdout)
     assert len(report["stages"]) > 2 and report["measured"]["method"] == "sparsevlm"
     assert report["measured"]["stages_tflops"] == pytest.approx([stage["tflops"] for stage in report["stages"]])
+
+
+@pytest.mark.parametrize("options", [[], ["--stage-ratio", "0.5"]])
+def test_flops_counts_what_run_prunes_with_the_methods_own_options(options, asap):
+    """asap flops goes through run's settings: a method's options change what it counts (they could
+    not: flops built each method with its defaults), and each count is the run's Eq. 8 ratio."""
+    common = ["--method", "pdrop", "-k", "64", *options, "--json"]
+    counted = json.loads(asap("flops", *common).stdout)
+    car = str(Path(__file__).resolve().parent.parent / "examples" / "car.png")
+    answered = asap("run", car, "what colour is the car?", "--max-tokens", 1, "--threads", 1, *common)
+    assert answered.exit_code == 0, answered.output
+    assert counted["flops_ratio"] == pytest.approx(json.loads(answered.stdout)["flops_ratio"], rel=1e-12)
+
+
+def test_flops_with_a_stage_ratio_counts_other_stages_than_the_budget_match(asap):
+    matched, halved = (
+        json.loads(asap("flops", "--method", "pdrop", "-k", "64", *extra, "--json").stdout)
+        for extra in ([], ["--stage-ratio", "0.5"])
+    )
+    assert [stage["tokens"] for stage in halved["stages"]] == [576, 288, 144, 72]
+    assert matched["stages"] != halved["stages"] and matched["flops_ratio"] != halved["flops_ratio"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "fastv", "--stage-ratio", "0.5"], "--stage-ratio is not an option of fastv"),
+        (["--method", "magic"], "'magic' is not one of"),
+    ],
+)
+def test_flops_refuses_options_as_run_does(args, message, asap):
+    result = asap("flops", *args)
+    assert result.exit_code == 2 and message in result.stderr

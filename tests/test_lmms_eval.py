@@ -95,11 +95,12 @@ RUNS = {"vanilla": "method=vanilla", "asap": "method=asap,k=4,layer=2"}  # k=4 g
 @needs_lmms_eval
 def test_lmms_eval_answers_each_question_as_asap_eval(tmp_path, asap):
     """One lmms-eval process (its --config runs each entry in turn) evaluates vanilla, asap, and
-    a run with a bad k; `asap eval` answers the same questions in this process."""
+    a run whose layer the model turns out not to have (what only the loaded model tells: a bad k
+    would refuse the whole --config first); `asap eval` answers the same questions in this process."""
     runs = [
         {"model": "asap", "model_args": f"pretrained=demo,{args}", "tasks": "asap_demo", "limit": LIMIT,
          "batch_size": 1, "log_samples": True, "output_path": str(tmp_path / name)}
-        for name, args in {**RUNS, "bad": "method=asap,k=abc"}.items()
+        for name, args in {**RUNS, "bad": "method=asap,layer=9"}.items()
     ]  # fmt: skip
     (tmp_path / "runs.yaml").write_text(json.dumps(runs))  # JSON is YAML
     environment = {
@@ -116,7 +117,7 @@ def test_lmms_eval_answers_each_question_as_asap_eval(tmp_path, asap):
     )  # fmt: skip
     # lmms-eval exits 0 whatever failed; the launcher says which run failed, with asap's message.
     assert lmms_eval.returncode == 1, lmms_eval.stdout[-3000:] + lmms_eval.stderr[-3000:]
-    assert "Error: model_args: k needs a whole number of at least 1, got 'abc'" in lmms_eval.stderr
+    assert "Error: layer must be in 1..3 for this model (4 decoder layers), got 9" in lmms_eval.stderr
     assert not list((tmp_path / "bad").glob("**/*_results.json"))
 
     log = tmp_path / "asap-eval.jsonl"

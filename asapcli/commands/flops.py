@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..engine.methods import DEFAULT_METHOD, REFERENCE
+from ..engine.methods import REFERENCE
 from ..measure.flops import FlopsCount
 from ..report import display
 from ..runtime.presets import built_from_numbers
@@ -32,21 +32,15 @@ def flops_command(
     ] = None,
     gqa: Annotated[bool, typer.Option("--gqa", help="Count k/v projections at their grouped-query size.")] = False,
     measure: Annotated[bool, typer.Option("--measure", help=MEASURE_HELP)] = False,
-    method: Annotated[
-        str,
-        typer.Option(
-            "--method",
-            metavar="METHOD",
-            help="The method that prunes: divprune, pool, vispruner, visionzip and prumerge-plus prune before layer 0, pool to a square grid.",
-        ),
-    ] = DEFAULT_METHOD,
+    pruning: options.FlopsMethod,
     json: options.json_flag() = False,
     format_: options.Format = None,
 ) -> None:
     """Theoretical FLOPs of the visual tokens, vanilla and pruned (paper Eq. 7-8)."""
     output = options.output_format(format_, json)
     request = {"layer": layer, "schedule": schedule, "visual_tokens": visual_tokens, "gqa": gqa, "measure": measure}
-    request |= {"method": method, "random_weights": where.random_weights, "layers": where.layers}
+    request |= {"method": pruning.method, "options": options.options_given(pruning)}
+    request |= {"random_weights": where.random_weights, "layers": where.layers}
     counts = [FlopsCount.plan(where.model, k=k, **request) for k in options.budget_list(budgets) or [None]]
     if measure:
         counts = _measured(where, counts)
@@ -60,7 +54,7 @@ def flops_command(
     if output != "table":
         display.show(_budgets_table(counts) if len(counts) > 1 else _table(counts[0]), output)
         return
-    _show(counts, where.model, gqa, method)
+    _show(counts, where.model, gqa, pruning.method)
 
 
 def _measured(where: options.Where, counts: list[FlopsCount]) -> list[FlopsCount]:

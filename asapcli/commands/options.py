@@ -395,6 +395,13 @@ class OneMethod(MethodOptions, _Settles):
     layer: Layer = None
 
 
+@dataclasses.dataclass
+class FlopsMethod(MethodOptions):
+    """--method and its options, as run takes them: what asap flops counts the schedule of."""
+
+    method: Method = DEFAULT_METHOD
+
+
 _NOT_IN_CHAT = {
     name: f"{name} prunes before the language model, so a later turn cannot continue its cache; asap chat takes "
     f"{', '.join(CHATTING)}"

@@ -38,6 +38,7 @@ class FlopsCount:
     kv_fraction: float  # k/v projections at kv_heads / heads (grouped-query), else 1
     method: str  # what prunes in a measured forward
     budget: int | None  # k as asked (-k, else the preset's); None for a --schedule
+    options: dict  # the method's own options given (--stage-ratio, ...), as run takes them
     counted: dict | None = None  # fvcore's CountedFlops, REFERENCE's (unpruned) and "pruned", once measured
     full_layers: int | None = None  # the model's own decoder layers, when --layers counts fewer (arch.layers)
     random_weights: bool = False  # the measured model is built with random weights
@@ -55,13 +56,16 @@ class FlopsCount:
         gqa: bool = False,
         measure: bool = False,
         method: str = DEFAULT_METHOD,
+        options: dict | None = None,
         random_weights: bool = False,
         layers: int | None = None,
     ) -> FlopsCount:
         """The schedule that -k/--layer (else the preset's) or --schedule give, checked, on the
-        architecture of `model`, cut to its first `layers` decoder layers when given; counted as
+        architecture of `model`, cut to its first `layers` decoder layers when given: a budget's
+        by the method with its own `options`, made as run makes it (PruneSettings); counted as
         fvcore counts (GQA-aware) when it is to be `measure`d, on a model built with random
         weights when `random_weights`."""
+        options = options or {}
         if (random_weights or layers is not None) and not measure:
             raise UsageError("--random-weights and --layers build the model that --measure counts; add --measure")
         pruner = _checked(k, layer, schedule, method)
@@ -73,15 +77,20 @@ class FlopsCount:
             arch, full_layers = replace(arch, layers=layers), arch.layers
         if schedule is not None:
             steps = parse_schedule(schedule)
+            asked, at = steps[-1][1], steps[0][0]
         else:
             budget, at = budget_and_layer(find_preset(model), k, layer)
-            # The method's own schedule, as the engine prunes by it (several steps for multi-stage methods).
-            steps = pruner().schedule(arch.visual_tokens, budget, at, arch.layers) or [(at, budget)]
+            asked = budget
+        # The method with its options, checked as run checks them. L = 0 before an in-LLM method is
+        # a count only (what pruning before the first layer would save), which no run makes.
+        pruning = PruneSettings(method, k=asked, layer=max(at, pruner.min_layer), **options).method
+        if schedule is None:  # its own schedule, as the engine prunes by it (several steps for one in stages)
+            steps = pruning.schedule(arch.visual_tokens, budget, at, arch.layers) or [(at, budget)]
         if pruner.before_llm and len(steps) == 1:
             # The formula counts what the method does: divprune and pool prune before the first
             # layer whatever layer was asked (as asap run does), and pool keeps its square grid.
             ((_, budget),) = steps
-            steps = [(0, pruner().kept_count(arch.visual_tokens, budget))]
+            steps = [(0, pruning.kept_count(arch.visual_tokens, budget))]
         if schedule is not None:
             stages = pruning_schedule(arch.layers, arch.visual_tokens, steps)
         else:
@@ -90,7 +99,7 @@ class FlopsCount:
         kv_fraction = arch.kv_heads / arch.heads if gqa or measure else 1.0
         random_weights = random_weights or getattr(find_preset(model), "random_weights", False)
         measured_random = measure and random_weights
-        return cls(model, arch, steps, stages, kv_fraction, method, budget, None, full_layers, measured_random)
+        return cls(model, arch, steps, stages, kv_fraction, method, budget, options, None, full_layers, measured_random)
 
     def flops(self, stages: list[Stage]) -> float:
         return schedule_flops(stages, self.arch.hidden, self.arch.intermediate, self.kv_fraction)
@@ -121,7 +130,8 @@ class FlopsCount:
             raise UsageError("--measure runs one pruning step: give -k/--layer, not a --schedule of several")
         # A method that prunes before the LLM ignores L (its step is at 0): any it accepts will do.
         method = METHODS[self.method]
-        return PruneSettings(self.method, k=k, layer=layer if method.reads_layer else max(layer, method.min_layer))
+        layer = layer if method.reads_layer else max(layer, method.min_layer)
+        return PruneSettings(self.method, k=k, layer=layer, **self.options)
 
     def measured(self, loaded: Loaded, settings: PruneSettings, vanilla=None) -> FlopsCount:
         """This count with fvcore's, vanilla and pruned, of the loaded model's language model;
