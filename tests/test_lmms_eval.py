@@ -255,3 +255,40 @@ def test_results_lmms_eval_could_not_save_fail_the_run():
     assert failures == [
         "lmms-eval could not save the sample results under --output_path (OSError(28, 'No space left on device'))"
     ]
+
+
+@needs_lmms_eval
+def test_two_data_parallel_processes_gather_what_one_process_answers(tmp_path):
+    """docs/lmms-eval.md "Several GPUs", on two CPU processes: accelerate's launcher runs two gloo
+    processes, each answers its share of the questions, and rank 0 gathers samples and a score
+    equal to one process's (it was checked by hand only)."""
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets"),
+        "OMP_NUM_THREADS": "1",
+    }
+    task = ["--model", "asap", "--model_args", "pretrained=demo,method=asap,k=4,layer=2", "--tasks", "asap_demo",
+            "--limit", str(LIMIT), "--batch_size", "1", "--log_samples"]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    commands = {
+        "one": [sys.executable, "-m", "asapcli.lmms_eval", *task, "--output_path", str(tmp_path / "one")],
+        "two": [*launch, "-m", "asapcli.lmms_eval", *task, "--output_path", str(tmp_path / "two")],
+    }
+    found = {}
+    for name, command in commands.items():
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=600, check=False
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        ranks = {"one": ["Running on rank 0"], "two": ["Running on rank 0", "Running on rank 1"]}[name]
+        assert all(rank in done.stdout + done.stderr for rank in ranks)  # two processes, each a model of its own
+        (results,) = (tmp_path / name).glob("*/*_results.json")
+        (samples,) = (tmp_path / name).glob("*/*_samples_asap_demo.jsonl")
+        rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda row: row["doc_id"])
+        score = json.loads(results.read_text())["results"]["asap_demo"]["exact_match,none"]
+        found[name] = ([(row["doc_id"], row["filtered_resps"], row["exact_match"]) for row in rows], score)
+    assert [doc for doc, _, _ in found["two"][0]] == list(range(LIMIT))  # every question, gathered on rank 0
+    assert found["two"] == found["one"]

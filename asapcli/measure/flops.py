@@ -71,26 +71,10 @@ class FlopsCount:
         pruner = _checked(k, layer, schedule, method)
         _check_tower(pruner, model)
         arch = load_architecture(model, visual_tokens)
-        budget = None
         full_layers = None
         if layers is not None and layers < arch.layers:
             arch, full_layers = replace(arch, layers=layers), arch.layers
-        if schedule is not None:
-            steps = parse_schedule(schedule)
-            asked, at = steps[-1][1], steps[0][0]
-        else:
-            budget, at = budget_and_layer(find_preset(model), k, layer)
-            asked = budget
-        # The method with its options, checked as run checks them. L = 0 before an in-LLM method is
-        # a count only (what pruning before the first layer would save), which no run makes.
-        pruning = PruneSettings(method, k=asked, layer=max(at, pruner.min_layer), **options).method
-        if schedule is None:  # its own schedule, as the engine prunes by it (several steps for one in stages)
-            steps = pruning.schedule(arch.visual_tokens, budget, at, arch.layers) or [(at, budget)]
-        if pruner.before_llm and len(steps) == 1:
-            # The formula counts what the method does: divprune and pool prune before the first
-            # layer whatever layer was asked (as asap run does), and pool keeps its square grid.
-            ((_, budget),) = steps
-            steps = [(0, pruning.kept_count(arch.visual_tokens, budget))]
+        budget, steps = _steps(arch, model, k, layer, schedule, method, options)
         if schedule is not None:
             stages = pruning_schedule(arch.layers, arch.visual_tokens, steps)
         else:
@@ -181,6 +165,32 @@ class FlopsCount:
             measured=measured,
             environment=self.environment or environment(),
         )
+
+
+def _steps(
+    arch: Architecture, model: str, k: int | None, layer: int | None, schedule: str | None, method: str, options: dict
+) -> tuple[int | None, list[tuple[int, int]]]:
+    """The budget (None for a --schedule) and the pruning steps: the schedule's, or the method's
+    own for the budget, the method made with its options as run makes it (PruneSettings)."""
+    pruner = METHODS[method]
+    budget = None
+    if schedule is not None:
+        steps = parse_schedule(schedule)
+        asked, at = steps[-1][1], steps[0][0]
+    else:
+        budget, at = budget_and_layer(find_preset(model), k, layer)
+        asked = budget
+    # L = 0 before an in-LLM method is a count only (what pruning before the first layer would
+    # save), which no run makes: the settings take the least layer it runs at.
+    pruning = PruneSettings(method, k=asked, layer=max(at, pruner.min_layer), **options).method
+    if schedule is None:  # its own schedule, as the engine prunes by it (several steps for one in stages)
+        steps = pruning.schedule(arch.visual_tokens, budget, at, arch.layers) or [(at, budget)]
+    if pruner.before_llm and len(steps) == 1:
+        # The formula counts what the method does: divprune and pool prune before the first
+        # layer whatever layer was asked (as asap run does), and pool keeps its square grid.
+        ((_, budget),) = steps
+        steps = [(0, pruning.kept_count(arch.visual_tokens, budget))]
+    return budget, steps
 
 
 def _checked(k: int | None, layer: int | None, schedule: str | None, method: str) -> type[PruningMethod]:
