@@ -25,7 +25,7 @@ from asapcli.errors import UsageError
 from asapcli.records import EvalRow
 from asapcli.report import figures
 from asapcli.runtime import patch_layout
-from asapcli.runtime.inputs import build_inputs, load_image, user_message
+from asapcli.runtime.inputs import Samples, build_inputs, load_image, user_message
 from asapcli.runtime.loading import load
 from asapcli.runtime.presets import find_preset
 
@@ -395,7 +395,7 @@ def test_eval_writes_both_plots_from_its_own_numbers(tmp_path, monkeypatch, asap
 
 
 def test_answering_refuses_to_draw_an_image_it_cannot_place(demo, monkeypatch):
-    samples = answering.Samples([(CAR, QUESTION)], {CAR: load_image(CAR)})
+    samples = Samples([(CAR, QUESTION)], {CAR: load_image(CAR)})
     monkeypatch.setattr(patch_layout, "_single_grid", lambda *args: None)
     with pytest.raises(UsageError, match="cannot tell where"):
         answering.answer(demo, PruneSettings("fastv", k=64), samples, max_tokens=1, draws_kept=True)

@@ -81,3 +81,43 @@ def test_a_choice_completes_in_the_shell():
     assert result.stdout.split() == ["divprune"]
     environment["COMP_WORDS"], environment["COMP_CWORD"] = "asap eval --methods vanilla,fa", "3"
     assert CliRunner().invoke(app, [], env=environment, prog_name="asap").stdout.split() == ["vanilla,fastv"]
+
+
+TORCH = ("torch", "transformers")
+TIMED = SCRIPT.replace(
+    'print("EXIT", code, file=sys.stderr)',
+    "import resource\n"
+    "usage = resource.getrusage(resource.RUSAGE_SELF)\n"
+    'print("CPU", usage.ru_utime + usage.ru_stime, file=sys.stderr)\n'
+    'print("EXIT", code, file=sys.stderr)',
+)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["run", "missing.png", "hi"], "image not found: missing.png"),
+        (["run", "examples", "hi"], "is a folder"),
+        (["run", "README.md", "hi"], "README.md"),
+        (["run", "examples/car.png", "hi", "--save-kept", "out.gif"], ".gif"),
+        (["run", "examples/car.png", "hi", "--device", "cuda"], "no CUDA GPU is available; use --device cpu"),
+        (["chat", "missing.png"], "image not found: missing.png"),
+        (["compare", "missing.png", "hi"], "image not found: missing.png"),
+        (["profile", "--image", "missing.png"], "image not found: missing.png"),
+        (["profile", "--device", "cuda:1"], "no CUDA GPU is available"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_a_bad_input_is_refused_before_torch_is_imported(arguments, message, monkeypatch):
+    """Files, output suffixes and devices were checked after torch and transformers were imported:
+    "image not found" came after 9.7 s, --device cuda on a CPU machine after 7.9 s (issue 35)."""
+    if "cuda" in " ".join(arguments):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # none visible, whatever this machine has
+    result = subprocess.run(
+        [sys.executable, "-c", TIMED.format(arguments=arguments, heavy=TORCH)],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    lines = dict(line.split(" ", 1) for line in result.stderr.splitlines() if line.startswith(("EXIT", "HEAVY", "CPU")))
+    assert lines["EXIT"] in ("1", "2") and message in result.stderr, result.stderr
+    assert lines["HEAVY"] == "[]", result.stderr
+    assert float(lines["CPU"]) < 1.0, f"{float(lines['CPU']):.2f} s of CPU"

@@ -11,58 +11,12 @@ from PIL import Image
 
 from ..engine import METHODS, image_spans
 from ..engine.settings import PruneSettings
-from ..errors import UsageError
 from ..records import Answer
 from ..report import figures
 from ..runtime import patch_layout
 from ..runtime.generation import GenerationResult, generate, generate_batch
-from ..runtime.inputs import (
-    build_batch_inputs,
-    build_inputs,
-    check_prompt,
-    check_text,
-    expand_images,
-    load_image,
-    pair_samples,
-    user_message,
-)
+from ..runtime.inputs import Samples, build_batch_inputs, build_inputs, check_text, user_message
 from ..runtime.loading import Loaded
-
-
-@dataclass(frozen=True)
-class Samples:
-    """(image, prompt) pairs in the order given, and each image read once."""
-
-    pairs: list[tuple[Path, str]]
-    pictures: dict[Path, Image.Image]
-
-
-def read_samples(
-    arguments: list[str], images: list[str], prompts: list[str], read_prompt: Callable[[], str]
-) -> Samples:
-    """IMAGE... PROMPT (or, with `prompts`, all images), more `images`; a prompt '-' is
-    `read_prompt()` (stdin). Every prompt is checked and every image read before the model loads."""
-    if not prompts:
-        if len(arguments) < 2 and not images:
-            raise UsageError("give an image and a prompt: asap run IMAGE PROMPT")
-        *arguments, prompt = arguments
-        prompts = [prompt]
-    prompts = [read_prompt() if prompt == "-" else prompt for prompt in prompts]
-    for prompt in prompts:
-        check_prompt(prompt)
-        if _names_a_file(prompt):
-            raise UsageError(
-                f"the prompt {prompt!r} is a file: give the question after the images (asap run IMAGE PROMPT)"
-            )
-    pairs = pair_samples(expand_images([*arguments, *images]), prompts)
-    return Samples(pairs, {path: load_image(path) for path, _ in pairs})
-
-
-def _names_a_file(text: str) -> bool:
-    try:
-        return bool(text.strip()) and Path(text).expanduser().is_file()
-    except (OSError, ValueError):  # too long, or a character no path holds: a question
-        return False
 
 
 @dataclass(frozen=True)

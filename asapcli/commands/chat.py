@@ -53,11 +53,11 @@ def chat(
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
     settings = pruning.settings(where.preset, sampling.seed)  # made and checked before the long load
     where.check([settings])
-    # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
-    from ..runtime.chat import ChatSession
-    from ..runtime.inputs import load_image
+    from ..runtime.inputs import load_image  # light: a bad image fails before torch's import and the load
 
-    first_image = load_image(image) if image is not None else None  # a bad image fails before the long load
+    first_image = load_image(image) if image is not None else None
+    from ..runtime.chat import ChatSession  # imports torch and transformers: seconds of CPU
+
     loaded = where.load()
     session = ChatSession(
         loaded, settings, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed

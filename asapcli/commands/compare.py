@@ -35,16 +35,17 @@ def compare(
     json: options.json_flag("one JSON object (a CompareReport) instead of text") = False,
 ) -> None:
     """Answer PROMPT about IMAGE unpruned and under each method; print the answers and draw what each kept."""
-    from ..records import CompareReport
     from ..report import figures
-    from . import answering
+    from ..runtime.inputs import read_samples
     from .run import _read_stdin
 
     grid = comparison.grid(where.preset, reference=True)  # made and checked before the long load
     where.check(grid.runs())
-    samples = answering.read_samples([str(image), prompt], [], [], _read_stdin)
+    samples = read_samples([str(image), prompt], [], [], _read_stdin)
     if out is not None:
         figures.check_figure_writable(out, inputs=[image])
+    from ..records import CompareReport
+    from . import answering  # imports torch and transformers: after the user's files are checked
 
     loaded = where.load()
     runs = [settings.for_model(loaded.num_layers) for settings in grid.runs()]

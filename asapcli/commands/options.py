@@ -17,9 +17,9 @@ import typer
 from ..engine import DEFAULT_METHOD, HYPERPARAMETERS, METHODS
 from ..engine.methods import DEFAULT_COMPARISON, DEFAULT_EVALUATION, DEFAULT_SIDE_BY_SIDE
 from ..engine.settings import SEEDS, MethodGrid, PruneSettings, budget_and_layer
-from ..errors import UsageError, ascii_digits, whole_number
+from ..errors import AsapError, UsageError, ascii_digits, whole_number
 from ..report import display
-from ..runtime.machine import THREADS_RULE, choose_threads
+from ..runtime.machine import THREADS_RULE, choose_threads, surely_no_cuda
 from ..runtime.presets import Preset, check_tiles, find_preset, preset_names
 
 if TYPE_CHECKING:
@@ -286,6 +286,8 @@ class Where:
             for settings in runs:
                 settings.for_model(layers)
         check_tiles(self.model, runs)
+        if self.device.startswith("cuda") and surely_no_cuda():  # torch's import would take seconds to say so
+            raise AsapError(f"device {self.device!r} asked for, but no CUDA GPU is available; use --device cpu")
 
     def load(self) -> "Loaded":
         """The model, loaded under a spinner, PyTorch's CPU thread count set first."""

@@ -41,15 +41,14 @@ def profile(
     format_: options.Format = None,
 ) -> None:
     """Measure prefill time, peak memory, KV cache and decoding speed per method and budget."""
-    # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
-    from ..measure import profiling
-    from ..runtime.inputs import check_prompt, load_image, pattern_image
+    from ..runtime.inputs import check_prompt, load_image, pattern_image  # light: no torch yet
 
     output = options.output_format(format_, json)
     grid = comparison.grid(where.preset)  # made and checked before the long load
     where.check(grid.runs())
     check_prompt(prompt)
     picture = load_image(image) if image is not None else None
+    from ..measure import profiling  # imports torch and transformers: after the user's input is checked
 
     loaded = where.load()
     picture = picture or pattern_image(*(loaded.preset.pattern if loaded.preset else ()))

@@ -49,15 +49,17 @@ def run(
     """
     settings = pruning.settings(where.preset, sampling.seed)  # made and checked before anything heavy
     where.check([settings])
-    # The work's modules import torch: here, not at the top, so that `asap --help` starts in a blink.
+    # The user's files first, with light modules (PIL, no torch): a typo is refused in a blink.
     from ..report import figures
-    from . import answering
+    from ..runtime.inputs import read_samples
 
-    samples = answering.read_samples(arguments, more_images or [], prompts or [], _read_stdin)
+    samples = read_samples(arguments, more_images or [], prompts or [], _read_stdin)
     if save_kept is not None:
         if len(samples.pairs) > 1:
             raise UsageError("--save-kept draws one image; run one sample to use it")
         figures.check_figure_writable(save_kept, inputs=[path for path, _ in samples.pairs])
+    from . import answering  # imports torch and transformers: seconds of CPU
+
     loaded = where.load()
     settings = settings.for_model(loaded.num_layers)
     several = len(samples.pairs) > 1

@@ -5,13 +5,18 @@ from __future__ import annotations
 import glob
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
-from transformers import BatchFeature, ProcessorMixin
 
 from ..errors import AsapError, UsageError
+
+if TYPE_CHECKING:  # annotations only: reading the user's files must not wait for transformers' import
+    from transformers import BatchFeature, ProcessorMixin
 
 
 def check_readable(path: Path, what: str) -> None:
@@ -170,3 +175,39 @@ def pair_samples(images: list[Path], prompts: list[str]) -> list[tuple[Path, str
             f"{len(images)} images and {len(prompts)} prompts: give one prompt, one image, or as many of each"
         )
     return list(zip(images, prompts, strict=True))
+
+
+@dataclass(frozen=True)
+class Samples:
+    """(image, prompt) pairs in the order given, and each image read once."""
+
+    pairs: list[tuple[Path, str]]
+    pictures: dict[Path, Image.Image]
+
+
+def read_samples(
+    arguments: list[str], images: list[str], prompts: list[str], read_prompt: Callable[[], str]
+) -> Samples:
+    """IMAGE... PROMPT (or, with `prompts`, all images), more `images`; a prompt '-' is
+    `read_prompt()` (stdin). Every prompt is checked and every image read before the model loads."""
+    if not prompts:
+        if len(arguments) < 2 and not images:
+            raise UsageError("give an image and a prompt: asap run IMAGE PROMPT")
+        *arguments, prompt = arguments
+        prompts = [prompt]
+    prompts = [read_prompt() if prompt == "-" else prompt for prompt in prompts]
+    for prompt in prompts:
+        check_prompt(prompt)
+        if _names_a_file(prompt):
+            raise UsageError(
+                f"the prompt {prompt!r} is a file: give the question after the images (asap run IMAGE PROMPT)"
+            )
+    pairs = pair_samples(expand_images([*arguments, *images]), prompts)
+    return Samples(pairs, {path: load_image(path) for path, _ in pairs})
+
+
+def _names_a_file(text: str) -> bool:
+    try:
+        return bool(text.strip()) and Path(text).expanduser().is_file()
+    except (OSError, ValueError):  # too long, or a character no path holds: a question
+        return False

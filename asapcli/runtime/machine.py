@@ -118,6 +118,18 @@ def choose_threads(given: int | None = None) -> int:
     return threads_for(available_cpus(), busy_elsewhere())
 
 
+def surely_no_cuda() -> bool:
+    """No CUDA GPU can be here, told without importing torch: none made visible
+    (CUDA_VISIBLE_DEVICES empty or -1), or a Linux with no NVIDIA driver loaded. False where
+    it cannot be told (another system): torch is asked then."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return True
+    if not Path("/proc").is_dir():
+        return False
+    return not Path("/proc/driver/nvidia").exists() and not list(Path("/dev").glob("nvidia[0-9]*"))
+
+
 @functools.cache
 def cpu_model() -> str | None:
     """The processor's name, as /proc/cpuinfo (or the platform) gives it."""
