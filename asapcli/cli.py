@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .commands import chat, compare, env, eval, flops, profile, run
+from .commands import chat, compare, env, eval, flops, models, profile, run
 from .errors import UsageError, describe
 from .report import display
 
@@ -112,3 +112,4 @@ app.command("flops", cls=_Command)(user_errors(flops.flops_command))
 app.command("profile", cls=_Command)(user_errors(profile.profile))
 app.command("eval", cls=_Command)(user_errors(eval.eval_command))
 app.command("env", cls=_Command)(user_errors(env.env_command))
+app.command("models", cls=_Command)(user_errors(models.models_command))

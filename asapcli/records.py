@@ -258,6 +258,22 @@ class FlopsReport:
 
 
 @dataclass(frozen=True)
+class PresetInfo:
+    """`asap models --json`: one per preset."""
+
+    name: str
+    description: str
+    family: str | None  # the config's model_type (llava, llava_next, qwen2_5_vl, internvl); None: not told
+    weights: str  # "bundled", the hub id they download from, or "architecture only"
+    layers: int  # the language model's decoder layers
+    visual_tokens: int  # per image, as the FLOPs count them
+    context: int | None  # the language model's positions; None where the preset does not say
+    k: int  # the default budget
+    layer: int  # the default L
+    budgets: list[int]  # eval's default budgets
+
+
+@dataclass(frozen=True)
 class Environment:
     """`asap env --json`, and in every record a run prints: the versions, device and date a result
     was measured with (as lmms-eval's results.json carries)."""
@@ -289,4 +305,4 @@ class Environment:
 
 
 RECORDS = (Answer, CompareReport, ChatTurn, ChatStats, ProfileRow, EvalReport, EvalRow, AttentionProfile, LoggedAnswer)
-RECORDS += (FlopsReport, FlopsStage, MeasuredFlops, Architecture, Environment)
+RECORDS += (FlopsReport, FlopsStage, MeasuredFlops, Architecture, PresetInfo, Environment)

@@ -77,13 +77,14 @@ def test_json_transcript_has_one_object_per_turn(llava_path, image_file, second_
 
 
 def test_errors_keep_the_session_and_its_cache(llava_path, image_file, chat):
-    transcript = "hi\n/image missing.png\n/frobnicate\n/k zero\nstill there?\n/stats\n"
+    transcript = "hi\n/image missing.png\n/frobnicate\n/imag car.png\n/k zero\nstill there?\n/stats\n"
     result = chat(image_file, "-m", llava_path, "-k", K, "--max-tokens", 3, "--json", input=transcript)
     assert result.exit_code == 1  # a piped session that met an error says so at the end
     errors = result.stderr.strip().splitlines()
     assert errors == [
         "Error: image not found: missing.png",
-        "Error: unknown command /frobnicate; /help lists them",
+        "Error: unknown command /frobnicate (/help lists them)",
+        "Error: unknown command /imag; did you mean /image? (/help lists them)",
         "Error: /k needs a whole number of at least 1, got 'zero'",
     ]
     first, second, stats = (json.loads(line) for line in result.stdout.splitlines())

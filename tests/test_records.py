@@ -185,3 +185,22 @@ def test_the_docs_list_every_record_and_its_fields():
         assert line, f"docs/json.md lacks {record.__name__}"
         listed = re.findall(r"`(\w+)`", line.group(0).partition(":")[2])
         assert listed == [field.name for field in dataclasses.fields(record)], record.__name__
+
+
+def test_models_lists_every_preset_with_what_it_needs(asap):
+    from asapcli.runtime.presets import preset_names
+
+    result = asap("models", "--json")
+    assert result.exit_code == 0, result.output
+    found = {record["name"]: record for record in map(json.loads, result.stdout.splitlines())}
+    assert list(found) == preset_names()
+    for record in found.values():
+        conforms(record, records.PresetInfo, record["name"])
+    assert (found["demo"]["weights"], found["demo"]["context"]) == ("bundled", 1024)
+    assert (
+        found["llava-1.5-7b"]["weights"] == "llava-hf/llava-1.5-7b-hf"
+        and found["bench"]["weights"] == "architecture only"
+    )
+    assert found["llava-next-7b"]["family"] == "llava_next" and found["llava-next-7b"]["visual_tokens"] == 2880
+    table = asap("models").stdout
+    assert all(line.split()[0] in found for line in table.splitlines()[4 : 4 + len(found)])

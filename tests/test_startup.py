@@ -29,6 +29,8 @@ print("HEAVY", [name for name in {heavy!r} if name in sys.modules], file=sys.std
         ["--version"],
         ["flops", "-m", "llava-1.5-7b"],
         ["flops", "-m", "llava-next-7b", "--schedule", "2:960,16:480", "--json"],
+        ["models"],
+        ["models", "--json"],
         *[[command, "--help"] for command in ("run", "chat", "compare", "flops", "profile", "eval")],
     ],
     ids=" ".join,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import os
 import signal
 import sys
@@ -37,6 +38,9 @@ HELP = """Commands:
   /reset        forget the conversation, its images and the cache (alias /clear)
   /help         this list
   /exit         leave (alias /quit; Ctrl-D too); Ctrl-C stops an answer and keeps the session"""
+
+
+COMMANDS = ("/image", "/drop", "/forget", "/k", "/stats", "/reset", "/clear", "/help", "/exit", "/quit")
 
 
 @options.command
@@ -207,7 +211,9 @@ def _command(session: ChatSession, line: str, json: bool) -> bool:
     elif name == "/stats":
         _show_stats(session, json)
     else:
-        raise UsageError(f"unknown command {name}; /help lists them")
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UsageError(f"unknown command {name}{hint} (/help lists them)")
     return True
 
 

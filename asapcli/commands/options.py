@@ -108,7 +108,7 @@ Model = Annotated[
         "-m",
         "--model",
         metavar="NAME|FOLDER|HUB_ID",
-        help="A preset name (see profiles/), a local model folder or a hub id. Default: demo, the bundled model.",
+        help="A preset name (asap models lists them), a local model folder or a hub id. Default: demo, the bundled model.",
         autocompletion=lambda incomplete: [name for name in preset_names() if name.startswith(incomplete)],
     ),
 ]

@@ -26,6 +26,7 @@ from ..errors import AsapError, UsageError, first_line
 
 if TYPE_CHECKING:
     from ..engine.settings import PruneSettings
+    from ..records import PresetInfo
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,28 @@ def find_preset(name: str) -> Preset | None:
         processor=data.get("processor"),
         random_weights=data.get("random_weights", False),
         pattern=tuple(defaults.get("pattern", (336, 336))),
+    )
+
+
+def preset_info(name: str) -> PresetInfo:
+    """What `asap models` says of a preset, from its file and config alone."""
+    from ..records import PresetInfo
+
+    preset = get_preset(name)
+    config = _config(name) or {}
+    text = config.get("text_config") or {}
+    weights = "bundled" if preset.bundled else "architecture only" if preset.random_weights else preset.hub_id
+    return PresetInfo(
+        name=name,
+        description=preset.description,
+        family=config.get("model_type"),
+        weights=weights or "architecture only",
+        layers=preset.architecture.layers,
+        visual_tokens=preset.architecture.visual_tokens,
+        context=text.get("max_position_embeddings"),
+        k=preset.k,
+        layer=preset.layer,
+        budgets=list(preset.budgets),
     )
 
 
