@@ -87,7 +87,9 @@ def test_flops_counts_in_the_unit_that_shows_them(asap):
 def test_the_summary_says_how_many_were_merged(image_file, asap):
     result = asap("run", EXAMPLES / "car.png", "what colour is the car?")
     assert result.exit_code == 0
-    assert "merged and refilled)" in result.stderr
+    assert (
+        "kept 128/576 visual tokens (selected 2, anchor 15, refilled 111; 111 others merged into them)" in result.stderr
+    )
 
 
 def test_a_figure_is_written_with_the_users_umask(tmp_path, asap):

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
@@ -282,9 +283,22 @@ def speeds(result: GenerationResult) -> str:
         from ..runtime.generation import MIN_DECODE_TOKENS  # loaded already: a generation has run
 
         decoded = max(result.generated_tokens - 1, 0)  # the first token came with the prefill
-        plural = "" if decoded == 1 else "s"
-        return f"{prefill}; decode not timed ({decoded} decoded token{plural}, fewer than {MIN_DECODE_TOKENS})"
+        made = f"{result.generated_tokens} token{'' if result.generated_tokens == 1 else 's'} generated"
+        return f"{prefill}; decode not timed ({made}, {decoded} after the prefill's; {MIN_DECODE_TOKENS} needed)"
     return f"{prefill}; decode {result.decode_tokens_per_second:.1f} tokens/s"
+
+
+def kept_roles(result: GenerationResult) -> str:
+    """What the kept tokens are, where they are not all of one kind, and how many pruned tokens
+    were merged into them: ' (selected 2, anchor 15, refilled 111; 111 others merged into them)'."""
+    from ..engine.methods import ROLES
+
+    roles = Counter(role for span in result.kept_roles for role in span)
+    order = sorted(roles, key=lambda role: list(ROLES).index(role) if role in ROLES else len(ROLES))
+    parts = ", ".join(f"{role} {roles[role]}" for role in order) if len(roles) > 1 else ""
+    merged = f"{result.merged_tokens} others merged into them" if result.merged_tokens else ""
+    said = "; ".join(part for part in (parts, merged) if part)
+    return f" ({said})" if said else ""
 
 
 def summary(settings: PruneSettings, result: GenerationResult) -> str:
@@ -296,9 +310,7 @@ def summary(settings: PruneSettings, result: GenerationResult) -> str:
         if not result.pruned:
             kept = f"k >= {result.visual_tokens} visual tokens, nothing pruned"
         else:
-            kept = f"kept {result.kept_tokens}/{result.visual_tokens} visual tokens"
-            if result.merged_tokens:
-                kept += f" ({result.merged_tokens} merged and refilled)"
+            kept = f"kept {result.kept_tokens}/{result.visual_tokens} visual tokens{kept_roles(result)}"
     return f"{head}{kept}; FLOPs {result.flops_ratio:.1%} of vanilla; {speeds(result)}{cut(result)}"
 
 
