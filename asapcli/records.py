@@ -23,7 +23,8 @@ class AnswerFigures:
     answer: str
     visual_tokens: int  # image tokens in the prompt
     kept_tokens: int  # of them, those past layer L-1 (all when nothing is pruned)
-    merged_tokens: int  # kept tokens merged and refilled (asap)
+    merged_tokens: int  # pruned tokens merged into kept ones (asap's anchors, pool's cells, ...)
+    k_unmet: str | None  # why it kept another count than k asks (pdrop's stages, pool's grid, ...); None: it did not
     flops_ratio: float  # paper Eq. 8, visual tokens only
     prefill_seconds: float
     prefill_includes_warmup: bool  # the process's first generation
@@ -38,6 +39,7 @@ class AnswerFigures:
             "visual_tokens": result.visual_tokens,
             "kept_tokens": result.kept_tokens,
             "merged_tokens": result.merged_tokens,
+            "k_unmet": result.k_unmet,
             "flops_ratio": result.flops_ratio,
             "prefill_seconds": result.prefill_seconds,
             "prefill_includes_warmup": result.cold,

@@ -452,3 +452,20 @@ def test_install_completion_that_cannot_write_is_one_error_line(tmp_path):
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("Error: cannot write ") and len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "kept", "why"),
+    [("asap", 128, None), ("pool", 121, "largest square grid"), ("pdrop", 1, "the mean its stages keep")],
+)
+def test_a_k_the_method_does_not_meet_is_said_with_why(method, kept, why, asap):
+    """pdrop printed "kept 1/576 visual tokens" at k = 128 with no word of why (issue 35)."""
+    common = [CAR, "what colour is the car?", "--method", method, "--max-tokens", 1, "--threads", 1]
+    answer = json.loads(asap("run", *common, "--json").stdout)
+    assert answer["kept_tokens"] == kept
+    assert (answer["k_unmet"] is None) if why is None else why in answer["k_unmet"]
+    summary = asap("run", *common).stderr
+    assert ("k=128 unmet" in summary) == (why is not None)
+    if why is not None:
+        table = asap("eval", "--n", 2, "--methods", method, "-k", 128, "--threads", 1).stdout
+        assert f"k: {answer['k_unmet']}." in table

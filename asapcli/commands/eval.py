@@ -137,6 +137,8 @@ def _show(outcome: Outcome) -> None:
         markup=False,
         soft_wrap=True,
     )
+    for rule in _k_rules(report):
+        display.out.print(f"k: {rule}.", markup=False, soft_wrap=True)
     if report.partial:
         display.out.print(
             f"Partial: interrupted after {outcome.answered} of {outcome.asked} answers; each row scores the "
@@ -144,6 +146,14 @@ def _show(outcome: Outcome) -> None:
             markup=False,
             soft_wrap=True,
         )
+
+
+def _k_rules(report: EvalReport) -> list[str]:
+    """What k means for the methods of the table that keep another count than k (their k_rule)."""
+    from ..engine.methods import METHODS
+
+    names = dict.fromkeys(row.method for row in report.results if row.k is not None)
+    return [rule for name in names if (rule := METHODS[name]().k_rule())]
 
 
 def _table(report: EvalReport) -> display.Shown:

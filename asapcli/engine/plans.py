@@ -44,6 +44,18 @@ def token_counts(plan: PruningPlan) -> tuple[int, int]:
     return sum(sizes), sum(kept)
 
 
+def k_unmet(plan: PruningPlan) -> str | None:
+    """Why the plan keeps another count than k per image (an image at or under k kept whole),
+    where it does: the method's own rule of what k means; None where it keeps what k asks."""
+    if not plan.method.prunes or not plan.spans:
+        return None
+    asked = sum(min(plan.k, end - start) for start, end in plan.spans)
+    _, kept = token_counts(plan)
+    if kept == asked:
+        return None
+    return plan.method.k_rule() or "on a tiling model k is split among an image's tower items, in whole tokens"
+
+
 def first_layer(plan: PruningPlan) -> int:
     """L as the plan pruned: the layer of its first step (a method in stages, matched to the
     budget, may start before its nominal stages); the plan's own L where nothing was pruned."""

@@ -311,6 +311,8 @@ def summary(settings: PruneSettings, result: GenerationResult) -> str:
             kept = f"k >= {result.visual_tokens} visual tokens, nothing pruned"
         else:
             kept = f"kept {result.kept_tokens}/{result.visual_tokens} visual tokens{kept_roles(result)}"
+            if result.k_unmet:
+                kept += f" (k={settings.k} unmet: {result.k_unmet})"
     return f"{head}{kept}; FLOPs {result.flops_ratio:.1%} of vanilla; {speeds(result)}{cut(result)}"
 
 

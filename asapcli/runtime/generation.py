@@ -13,7 +13,7 @@ from transformers import BatchFeature, DynamicCache, StoppingCriteriaList
 
 from ..engine import PruningPlan, SpanRecord, image_spans, schedule
 from ..engine.block import pruned_as
-from ..engine.plans import first_layer, token_counts, visual_steps
+from ..engine.plans import first_layer, k_unmet, token_counts, visual_steps
 from ..engine.settings import PruneSettings
 from ..errors import AsapError
 from . import streaming
@@ -47,6 +47,7 @@ class GenerationResult:
     stopped: bool = False  # cut short by `should_stop`
     ended: str = "end"  # one of ENDINGS
     cold: bool = False  # the model's first generation: its times include one-time warm-up
+    k_unmet: str | None = None  # why it kept another count than k asks (plans.k_unmet); None: it did not
     timed_on: str = ""  # where its times were taken (Environment.timed_on): one sample each, no spread
 
     @property
@@ -283,6 +284,7 @@ def _result(
         stopped=stopped,
         ended=_ending(loaded, int(prompt_ids.numel()) + padding, new_ids, max_tokens, stopped),
         cold=clock.cold,
+        k_unmet=k_unmet(plan) if plan is not None else None,
         timed_on=loaded.environment.timed_on,
     )
 

@@ -209,6 +209,11 @@ class PruningMethod:
         """Kept tokens are numbered 0..M-1, as a shorter prompt (--positions renumber)."""
         return getattr(self, "positions", None) == "renumber"
 
+    def k_rule(self) -> str | None:
+        """What k means for it where that is not "k tokens per image", said when a run keeps
+        another count (None: k per image, tiles aside)."""
+        return None
+
     def budget_problem(self, k: int) -> str | None:
         """Why it cannot run at budget k with its hyperparameters (VisionZip's split of k, SparseVLM's
         table of budgets); None: it can."""

@@ -25,6 +25,12 @@ class PyramidDrop(PruningMethod):
     positions: str = "original"  # or "renumber": numbered afresh after each stage (the authors' code)
     stage_ratio: str = BUDGET  # or lambda itself, e.g. "0.5" (the authors' scripts)
 
+    def k_rule(self) -> str | None:
+        return (
+            "pdrop's k is the mean its stages keep over the layers (or --stage-ratio's); its last stage keeps "
+            "fewer, far fewer on a shallow model"
+        )
+
     def stage_layers(self, layer: int, num_layers: int | None) -> list[int]:
         """D/4, D/2, 3D/4 rounded down (at least layer 1), for a model of `num_layers` = D."""
         return self._layers(num_layers, max(1, (num_layers or STAGES) // STAGES))

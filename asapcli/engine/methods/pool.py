@@ -17,6 +17,10 @@ POOLED_CELL = Role(POOLED, "pooled cell", "#CC79A7")
 @dataclass(frozen=True)
 class Pool(BeforeLLM):
     name = "pool"
+
+    def k_rule(self) -> str | None:
+        return "pool keeps the largest square grid of at most k tokens"
+
     colour = "#8C564B"
     roles = (POOLED_CELL,)
 

@@ -35,6 +35,9 @@ class PruMergePlus(BeforeLLM):
     )
     adaptive: bool = False
 
+    def k_rule(self) -> str | None:
+        return "--adaptive keeps each image's own count (its outliers), whatever k" if self.adaptive else None
+
     def budget_problem(self, k: int) -> str | None:
         if k < 1 and not self.adaptive:  # adaptive: the image sets its count, whatever k
             return f"prumerge-plus keeps at least its extra token: k must be at least 1, got {k}"

@@ -106,6 +106,12 @@ class SparseVLM(PruningMethod):
     stage_counts: str = BUDGET  # or "table": the authors' counts for k = 64, 128, 192
     seed: int = 0  # the density noise of the clustering (the authors' torch.rand)
 
+    def k_rule(self) -> str | None:
+        return (
+            "sparsevlm's k is the mean its stages keep over the layers, clusters included (or its table's counts); "
+            "its last stage keeps fewer, far fewer on a shallow model"
+        )
+
     def stage_layers(self, layer: int, num_layers: int | None) -> list[int]:
         """The layers after the rating ones: the authors prune the rating layer's output."""
         return [rated + 1 for rated in rated_layers(num_layers or DEPTH)]
