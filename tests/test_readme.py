@@ -185,3 +185,10 @@ def test_a_time_without_its_conditions_is_found(tmp_path):
     assert unconditioned_times(document) == ["doc.md '# Speed': '655 ms' without cores, threads, load"]
     document.write_text("# Speed\n\nA progress line every 10 s; the step's limit is 60 s.\n")
     assert unconditioned_times(document) == []
+
+
+def test_ci_runs_the_readmes_test_commands_verbatim():
+    """A missing install step fails in CI, not for a user: .ci/run is the README's commands."""
+    readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text().splitlines()
+    commands = [line.strip() for line in readme.splitlines() if "python -m pytest" in line and line.startswith("    ")]
+    assert len(commands) == 2 and all(command in ci for command in commands), commands
