@@ -26,12 +26,14 @@ options made): a question asked with `asap run` and with this API is pruned the 
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 from PIL import Image
 from transformers import PreTrainedModel
 
-from .engine import DEFAULT_METHOD
+from .engine import DEFAULT_METHOD, HYPERPARAMETERS
 from .engine.block import ImageReport, Pruning, PruningReport, pruned_as
 from .engine.settings import PruneSettings
 from .errors import UsageError
@@ -54,7 +56,9 @@ def pruned(
     underscores (`lambda_max`, `merge_threshold`, `score_queries`, `score`, `positions`); an
     option the method does not take, or a value out of range, raises asapcli.errors.UsageError
     here, before the block. The block can be entered again, each time a fresh one."""
-    return _Block(_transformers_model(model), PruneSettings(method, k, layer, seed, **options))
+    with _in_python():
+        settings = PruneSettings(method, k, layer, seed, **options)
+    return _Block(_transformers_model(model), settings)
 
 
 class _Block:
@@ -74,6 +78,19 @@ class _Block:
         return self._open.pop().__exit__(*raised)
 
 
+@contextmanager
+def _in_python() -> Iterator[None]:
+    """The settings' refusals in the caller's words: a keyword (merge_threshold), not the CLI's
+    flag (--merge-threshold), which the settings share with the command line."""
+    try:
+        yield
+    except UsageError as error:
+        message = str(error)
+        for name, hyperparameter in HYPERPARAMETERS.items():
+            message = re.sub(rf"(?<![\w-])(--)?{re.escape(hyperparameter.flag[2:])}\b", name, message)
+        raise UsageError(message) from None
+
+
 def _transformers_model(model) -> PreTrainedModel:
     if isinstance(model, Loaded):
         return model.model
@@ -85,15 +102,25 @@ def _transformers_model(model) -> PreTrainedModel:
     return model
 
 
-def load(model: str | os.PathLike = "demo", **where) -> Loaded:
+def load(model: str | os.PathLike = "demo", *, progress: bool = False, **where) -> Loaded:
     """A model as `asap -m MODEL` loads it: a preset name ("demo", the bundled model), a local
     folder or a hub id, with its processor; `where` as the CLI's options: device, dtype,
-    device_map, random_weights, layers."""
+    device_map, random_weights, layers. `progress`: transformers' bar of the weights it reads (off:
+    a script's output is its own)."""
+    from transformers.utils import logging as transformers_logging
+
     from .runtime.loading import load as load_model
 
     if not isinstance(model, str | os.PathLike):
         raise UsageError(f"load() takes a preset name, a model folder or a hub id, got {type(model).__name__}")
-    return load_model(os.fspath(model), **where)
+    shown = transformers_logging.is_progress_bar_enabled()
+    if not progress:
+        transformers_logging.disable_progress_bar()
+    try:
+        return load_model(os.fspath(model), **where)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def generate(
@@ -127,7 +154,8 @@ def generate(
         raise UsageError(f"prompt must be a string, got {type(prompt).__name__}")
     check_prompt(prompt)
     k, layer = budget_and_layer(model.preset, k, layer)
-    settings = PruneSettings(method, k, layer, seed, **options).for_model(model.num_layers)
+    with _in_python():
+        settings = PruneSettings(method, k, layer, seed, **options).for_model(model.num_layers)
     picture = image if isinstance(image, Image.Image) else load_image(os.fspath(image))
     inputs = build_inputs(model.processor, [user_message(prompt, 1)], [picture])
     return generation.generate(model, inputs, settings, max_tokens=max_tokens, temperature=temperature, seed=seed)

@@ -106,7 +106,7 @@ def test_a_call_that_continues_a_cache_prunes_only_its_new_image(llava_path, ima
 def test_options_are_checked_as_the_cli_checks_them(llava_path):
     model = fresh(llava_path)
     with (
-        pytest.raises(UsageError, match="--lambda-max is not an option of fastv"),
+        pytest.raises(UsageError, match="^lambda_max is not an option of fastv"),  # the keyword, as called
         asapcli.pruned(model, method="fastv", lambda_max=0.5),
     ):
         pass
@@ -268,3 +268,22 @@ def test_pruned_takes_what_load_returned_and_can_be_entered_again(loaded, images
     with block as pruning:  # the refused inner entry left the outer block as it was
         loaded.model(**inputs)
     assert pruning.report().kept_tokens == 16
+
+
+def test_the_api_names_the_keyword_the_caller_passed(loaded):
+    """It said "--merge-threshold is not an option of fastv" to a caller who wrote merge_threshold."""
+    with pytest.raises(
+        UsageError, match=r"^merge_threshold is not an option of fastv \(fastv takes score_queries, score\)"
+    ):
+        asapcli.pruned(loaded, method="fastv", k=16, merge_threshold=0.5)
+    with pytest.raises(UsageError, match=r"^lambda_max must be in \(0, 1\], got 2"):
+        asapcli.generate(loaded, "unused.png", "what?", method="asap", k=16, lambda_max=2)
+
+
+def test_load_prints_no_progress_bar_unless_asked(llava_path):
+    script = f"import asapcli; asapcli.load({str(llava_path)!r}); print('done')"
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert quiet.returncode == 0 and quiet.stdout == "done\n" and "Loading weights" not in quiet.stderr
+    shown = f"import asapcli; asapcli.load({str(llava_path)!r}, progress=True); print('done')"
+    loud = subprocess.run([sys.executable, "-c", shown], capture_output=True, text=True, check=False)
+    assert "Loading weights" in loud.stderr
