@@ -244,6 +244,8 @@ class FlopsReport:
     """`asap flops --json`: one object (one per budget, as JSON Lines, for several -k)."""
 
     model: str
+    method: str  # what prunes by the schedule (its own, for a budget)
+    options: dict  # the method's own options given (--stage-ratio, ...)
     k: int | None  # the budget asked (-k, else the preset's); None for a --schedule
     layer: int | None  # the layer it prunes after (0: before the language model); None for a --schedule
     random_weights: bool  # the measured model was built with random weights (the counts do not depend on them)

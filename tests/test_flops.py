@@ -294,3 +294,28 @@ def test_flops_with_a_stage_ratio_counts_other_stages_than_the_budget_match(asap
 def test_flops_refuses_options_as_run_does(args, message, asap):
     result = asap("flops", *args)
     assert result.exit_code == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "prumerge-plus", "--adaptive", "-k", "64"], "--adaptive keeps each image's own count"),
+        (
+            ["--method", "visionzip", "--schedule", "1:300,2:100", "--contextual", "5"],
+            "--contextual would change nothing",
+        ),
+        (["--method", "pdrop", "--schedule", "1:300", "--stage-ratio", "0.5"], "--stage-ratio would change nothing"),
+        (["-m", "llava-next-7b", "--method", "vispruner", "-k", "4"], "give k at least 5"),
+        (["-m", "llava-next-7b", "--method", "visionzip", "-k", "9"], "give k at least 10"),
+    ],
+)
+def test_flops_refuses_what_it_cannot_count_as_run_prunes_it(args, message, asap):
+    """A count that was silently not the run's: an image's own count, a schedule that overrides the
+    options given, a per-tile budget run refuses (a hostile pass's findings)."""
+    result = asap("flops", *args)
+    assert result.exit_code == 2 and message in result.stderr and result.stdout == ""
+
+
+def test_flops_json_names_the_method_and_its_options(asap):
+    record = json.loads(asap("flops", "--method", "pdrop", "--stage-ratio", "0.5", "-k", "64", "--json").stdout)
+    assert (record["method"], record["options"]) == ("pdrop", {"stage_ratio": "0.5"})

@@ -170,7 +170,17 @@ def test_bad_model_args_on_the_command_line_are_one_error_line_before_lmms_eval_
         (["--config", "<bad.yaml>"], "--config <bad.yaml>: not a YAML file lmms-eval can read"),
         (["--config", "missing.yaml"], "--config missing.yaml: no such file"),
         (["--config", "<k.yaml>"], "--config <k.yaml>: model_args: k needs a whole number of at least 1, got 'abc'"),
-        (["--gen_kwargs", "num_beams=2"], "--gen_kwargs num_beams=2: the asap model decodes greedily or by sampling"),
+        (["--gen_kwargs", "num_beams=2"], "gen_kwargs num_beams=2: the asap model decodes greedily or by sampling"),
+        (["--gen_kwargs", "num_beams=two"], "gen_kwargs num_beams needs a whole number of at least 1, got 'two'"),
+        (
+            ["--config", "<mapping.yaml>"],
+            "--config <mapping.yaml>: model_args must be key=value text (pretrained=demo,k=64), got dict",
+        ),
+        (["--config", "<llava.yaml>", "--gen_kwargs", "num_beams=3"], "gen_kwargs num_beams=3"),
+        (
+            ["--config", "<llava.yaml>", "--model_args", "pretrained=demo,method=nope"],
+            "model_args: unknown method 'nope'",
+        ),
         (["--output_path", "/dev/full"], "--output_path /dev/full: /dev/full is not a folder"),
         (["--output_path", "<read-only>/results"], "--output_path <read-only>/results: <read-only> is not writable"),
     ],
@@ -182,12 +192,14 @@ def test_what_lmms_eval_would_fail_on_late_is_refused_first(tmp_path, monkeypatc
 
     (tmp_path / "bad.yaml").write_text("a: [b\n")
     (tmp_path / "k.yaml").write_text("- model: asap\n  model_args: pretrained=demo,k=abc\n  tasks: asap_demo\n")
+    (tmp_path / "mapping.yaml").write_text("model: asap\nmodel_args:\n  pretrained: demo\ntasks: asap_demo\n")
+    (tmp_path / "llava.yaml").write_text("model: asap\nmodel_args: pretrained=demo\ntasks: asap_demo\n")
     (tmp_path / "read-only").mkdir(mode=0o555)
     if os.access(tmp_path / "read-only", os.W_OK) and "read-only" in message:
         pytest.skip("running as a user who may write anywhere")
 
     def fill(text: str) -> str:
-        for name in ("bad.yaml", "k.yaml", "read-only"):
+        for name in ("bad.yaml", "k.yaml", "mapping.yaml", "llava.yaml", "read-only"):
             text = text.replace(f"<{name}>", str(tmp_path / name))
         return text
 
@@ -292,3 +304,37 @@ def test_two_data_parallel_processes_gather_what_one_process_answers(tmp_path):
         found[name] = ([(row["doc_id"], row["filtered_resps"], row["exact_match"]) for row in rows], score)
     assert [doc for doc, _, _ in found["two"][0]] == list(range(LIMIT))  # every question, gathered on rank 0
     assert found["two"] == found["one"]
+
+
+@needs_lmms_eval
+def test_the_command_lines_model_args_override_a_configs_as_lmms_eval_does(tmp_path, monkeypatch):
+    """A config's bad k that the command line replaces is no refusal: lmms-eval runs the command line's."""
+    import asapcli.lmms_eval.__main__ as launcher
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model: asap\nmodel_args: pretrained=demo,k=0\ntasks: asap_demo\n")
+    started = []
+    monkeypatch.setattr(
+        sys, "argv", ["asapcli.lmms_eval", "--config", str(config), "--model_args", "pretrained=demo,k=4"]
+    )
+    monkeypatch.setattr("lmms_eval.__main__.cli_evaluate", lambda args: started.append(args))
+    assert launcher.main() == 0 and started
+
+
+@needs_lmms_eval
+def test_a_results_file_the_disk_cut_fails_the_run(tmp_path):
+    """lmms-eval writes its results unclosed: on a full disk the file is empty and it exits 0."""
+    import time
+
+    from asapcli.lmms_eval.__main__ import _unreadable_results
+
+    started = time.time() - 1
+    argv = ["--model", "asap", "--output_path", str(tmp_path)]
+    assert _unreadable_results(argv, started) == [f"lmms-eval wrote no results file under --output_path {tmp_path}"]
+    results = tmp_path / "demo" / "20261206_results.json"
+    results.parent.mkdir()
+    results.write_text("")
+    (message,) = _unreadable_results(argv, started)
+    assert message.startswith(f"lmms-eval's results file {results} is empty or cut")
+    results.write_text('{"results": {}}')
+    assert _unreadable_results(argv, started) == [] and _unreadable_results([*argv, "--predict_only"], started) == []

@@ -4,6 +4,7 @@ or spread by accelerate (`--device-map`), whose per-layer hooks the pruned decod
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -123,9 +124,10 @@ def test_random_weights_are_made_in_the_target_dtype_with_no_float32_copy():
     assert float(ratio) < 1.5
 
 
-def test_sigterm_removes_the_offload_folder(offload_map, tmp_path):
-    """What `timeout`, a job scheduler or CI sends: the offloaded weights go with the process (five
-    folders were left by one interrupted test run)."""
+@pytest.mark.parametrize(("ending", "status"), [("terminate", 143), ("hangup", 129)])
+def test_sigterm_and_sighup_remove_the_offload_folder(offload_map, tmp_path, ending, status):
+    """What `timeout`, a job scheduler or CI sends, or a closed terminal: the offloaded weights go
+    with the process (five folders were left by one interrupted test run)."""
     script = (
         "import sys, time; from asapcli.runtime.loading import load\n"
         f"load('demo', device_map={str(offload_map)!r}); print('loaded', flush=True); time.sleep(60)\n"
@@ -135,8 +137,8 @@ def test_sigterm_removes_the_offload_folder(offload_map, tmp_path):
     try:
         assert process.stdout.readline().strip() == "loaded"
         assert [path.name[:13] for path in tmp_path.iterdir()] == ["asap-offload-"]
-        process.terminate()
-        assert process.wait(timeout=60) == 143
+        process.send_signal(signal.SIGTERM if ending == "terminate" else signal.SIGHUP)
+        assert process.wait(timeout=60) == status
     finally:
         process.kill()
     assert list(tmp_path.iterdir()) == []

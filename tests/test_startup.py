@@ -123,3 +123,24 @@ def test_a_bad_input_is_refused_before_torch_is_imported(arguments, message, mon
     assert lines["EXIT"] in ("1", "2") and message in result.stderr, result.stderr
     assert lines["HEAVY"] == "[]", result.stderr
     assert float(lines["CPU"]) < 1.0, f"{float(lines['CPU']):.2f} s of CPU"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ["run", "examples/car.png", "hi", "-m", "qwen2.5-vl-7b", "--random-weights", "--method", "vispruner"],
+            "has no [CLS] token",
+        ),
+        (["run", "examples/car.png", "hi", "--device-map", "nofile.json"], "--device-map nofile.json: no such file"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_what_the_config_or_a_file_tells_is_refused_before_torch(arguments, message):
+    result = subprocess.run(
+        [sys.executable, "-c", TIMED.format(arguments=arguments, heavy=TORCH)],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    lines = dict(line.split(" ", 1) for line in result.stderr.splitlines() if line.startswith(("EXIT", "HEAVY", "CPU")))
+    assert lines["EXIT"] == "2" and message in result.stderr, result.stderr
+    assert lines["HEAVY"] == "[]" and float(lines["CPU"]) < 1.0, result.stderr

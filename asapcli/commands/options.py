@@ -10,6 +10,7 @@ import functools
 import inspect
 import math
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -20,7 +21,7 @@ from ..engine.settings import SEEDS, MethodGrid, PruneSettings, budget_and_layer
 from ..errors import AsapError, UsageError, ascii_digits, whole_number
 from ..report import display
 from ..runtime.machine import THREADS_RULE, choose_threads, surely_no_cuda
-from ..runtime.presets import Preset, check_tiles, find_preset, preset_names
+from ..runtime.presets import Preset, check_cls_tower, check_tiles, find_preset, preset_names
 
 if TYPE_CHECKING:
     from ..runtime.loading import Loaded
@@ -285,7 +286,10 @@ class Where:
         if (layers := self.decoder_layers) is not None:
             for settings in runs:
                 settings.for_model(layers)
+        check_cls_tower(self.model, runs)
         check_tiles(self.model, runs)
+        if self.device_map is not None and self.device_map.endswith(".json") and not Path(self.device_map).is_file():
+            raise UsageError(f"--device-map {self.device_map}: no such file (a JSON map of module names to devices)")
         if self.device.startswith("cuda") and surely_no_cuda():  # torch's import would take seconds to say so
             raise AsapError(f"device {self.device!r} asked for, but no CUDA GPU is available; use --device cpu")
 

@@ -10,8 +10,10 @@ a --config that is not YAML, an --output_path that cannot be written. Ctrl-C end
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from ..errors import AsapError, UsageError, first_line, whole_number
@@ -33,6 +35,7 @@ def main() -> int:
     MODEL_REGISTRY_V2.register_manifest(MANIFEST, overwrite=True)  # a checkout on PYTHONPATH has no entry point
     failures: list[str] = []
     logger.configure(patcher=lambda record: _note_failure(record, failures))  # survives lmms-eval's logger.remove()
+    started = time.time()
     try:
         cli_evaluate(argparse.Namespace(include_path=_include_path(sys.argv[1:])))
     except SystemExit as end:  # lmms-eval ends some runs with sys.exit(), 0 even after an error
@@ -41,9 +44,29 @@ def main() -> int:
     except KeyboardInterrupt:
         sys.stderr.write("Error: interrupted\n")
         return 130
+    if not failures:
+        failures += _unreadable_results(sys.argv[1:], started)
     for failure in failures:
         sys.stderr.write(f"Error: {failure}\n")
     return 1 if failures else 0
+
+
+def _unreadable_results(argv: list[str], started: float) -> list[str]:
+    """lmms-eval writes its results file unclosed, so a full disk leaves it empty without a word
+    (and exit 0): the --output_path's results of this run, read back."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--output_path", default=None)
+    output = parser.parse_known_args(argv)[0].output_path
+    # predictions only: no results file; data parallel: rank 0 alone writes it
+    if output is None or "--predict_only" in argv or os.environ.get("RANK", "0") != "0":
+        return []
+    written = [path for path in Path(output).expanduser().rglob("*_results.json") if path.stat().st_mtime >= started]
+    for path in written:
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError):
+            return [f"lmms-eval's results file {path} is empty or cut (a full disk?); the run's results are lost"]
+    return [] if written else [f"lmms-eval wrote no results file under --output_path {output}"]
 
 
 # How lmms-eval 0.7's command line logs a run it gave up: an evaluation it caught failing, or no task.
@@ -71,21 +94,41 @@ def _note_failure(record, failures: list[str]) -> None:
         failures.append("no task given: --tasks NAME[,NAME...]")
 
 
+RUN_KEYS = ("model", "model_args", "gen_kwargs")  # what the asap model's checks read of a run
+
+
 def _check_command_line(argv: list[str]) -> None:
-    """What can be told wrong before lmms-eval starts; a UsageError naming it."""
+    """What can be told wrong before lmms-eval starts; a UsageError naming it. Each run is checked
+    as lmms-eval will make it: a --config's run, with what the command line gives explicitly
+    written over it (lmms-eval's rule)."""
     parser = argparse.ArgumentParser(add_help=False)
     for option in ("--model", "--model_args", "--batch_size", "--config", "--output_path", "--gen_kwargs"):
         parser.add_argument(option, default=None)
     given = parser.parse_known_args(argv)[0]
-    if given.model == "asap":
-        _check_model_args(given.model_args or "")
-        _check_gen_kwargs(given.gen_kwargs or "")
+    explicit = {key: getattr(given, key) for key in RUN_KEYS if getattr(given, key) is not None}
+    runs = [{}] if given.config is None else _config_runs(given.config)
+    for run in runs:
+        where = {key: f"--config {given.config}: " for key in run}
+        where |= dict.fromkeys(explicit, "")
+        run = {**run, **explicit}
+        if run.get("model") == "asap":
+            _check_asap_run(run, where)
     if given.batch_size is not None and not given.batch_size.startswith("auto"):
         whole_number(given.batch_size, "--batch_size", 1)
-    if given.config is not None:
-        _check_config(given.config)
     if given.output_path is not None:
         _check_writable_folder(given.output_path)
+
+
+def _check_asap_run(run: dict, where: dict) -> None:
+    """The asap model's model_args and gen_kwargs of one run; `where` says where each came from."""
+    for key, check in (("model_args", _check_model_args), ("gen_kwargs", _check_gen_kwargs)):
+        value = run.get(key) or ""
+        try:
+            if not isinstance(value, str):  # lmms-eval 0.7 calls .strip() on it: a traceback mid-run
+                raise UsageError(f"{key} must be key=value text (pretrained=demo,k=64), got {type(value).__name__}")
+            check(value)
+        except AsapError as error:
+            raise type(error)(f"{where.get(key, '')}{error}") from None
 
 
 def _check_model_args(text: str) -> None:
@@ -105,7 +148,11 @@ def _check_model_args(text: str) -> None:
     twice = sorted({key for key in keys if keys.count(key) > 1})
     if twice:
         raise UsageError(f"model_args: {', '.join(twice)} given more than once; give each once")
-    args = ModelArgs.parse(simple_parse_args_string(text))
+    try:
+        args = ModelArgs.parse(simple_parse_args_string(text))
+    except UsageError as error:  # the settings' words, named as the model_args they came from
+        message = str(error)
+        raise UsageError(message if message.startswith("model_args") else f"model_args: {message}") from None
     try:
         resolve_device_map(args.device_map, args.device)
         resolve_dtype(args.dtype, resolve_device(args.device))
@@ -121,14 +168,16 @@ def _check_gen_kwargs(text: str) -> None:
 
     options = simple_parse_args_string(text) if text.strip() else {}
     beams = options.get("num_beams", 1)
-    if not isinstance(beams, int) or isinstance(beams, bool) or beams > 1:
+    if not isinstance(beams, int) or isinstance(beams, bool) or beams < 1:
+        raise UsageError(f"gen_kwargs num_beams needs a whole number of at least 1, got {beams!r}")
+    if beams > 1:
         raise UsageError(
-            f"--gen_kwargs num_beams={beams}: the asap model decodes greedily or by sampling; beam search is not supported"
+            f"gen_kwargs num_beams={beams}: the asap model decodes greedily or by sampling; beam search is not supported"
         )
 
 
-def _check_config(path: str) -> None:
-    """A YAML file lmms-eval can read, and the asap model's arguments in it, checked as on the command line."""
+def _config_runs(path: str) -> list[dict]:
+    """The runs of a --config, a YAML file lmms-eval can read: its options of one run, or a list of them."""
     import yaml
 
     try:
@@ -137,16 +186,8 @@ def _check_config(path: str) -> None:
         raise UsageError(f"--config {path}: no such file") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise UsageError(f"--config {path}: not a YAML file lmms-eval can read ({first_line(error)})") from None
-    for run in runs if isinstance(runs, list) else [runs]:  # lmms-eval takes one run's options, or a list of them
-        if isinstance(run, dict) and run.get("model") == "asap":
-            model_args = run.get("model_args") or ""
-            if isinstance(model_args, dict):
-                model_args = ",".join(f"{key}={value}" for key, value in model_args.items())
-            try:
-                _check_model_args(str(model_args))
-                _check_gen_kwargs(str(run.get("gen_kwargs") or ""))
-            except AsapError as error:
-                raise type(error)(f"--config {path}: {error}") from None
+    runs = runs if isinstance(runs, list) else [runs]
+    return [{key: run[key] for key in RUN_KEYS if key in run} for run in runs if isinstance(run, dict)]
 
 
 def _check_writable_folder(path: str) -> None:

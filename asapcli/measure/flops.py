@@ -21,7 +21,7 @@ from ..engine.settings import PruneSettings, budget_and_layer, check_numbers, me
 from ..errors import UsageError
 from ..records import Environment, FlopsReport, FlopsStage, MeasuredFlops
 from ..runtime.environment import environment
-from ..runtime.presets import find_preset, load_architecture, model_label, vision_tower_type
+from ..runtime.presets import check_cls_tower, check_tiles, find_preset, load_architecture, model_label
 
 if TYPE_CHECKING:
     from ..runtime.loading import Loaded
@@ -68,8 +68,10 @@ class FlopsCount:
         options = options or {}
         if (random_weights or layers is not None) and not measure:
             raise UsageError("--random-weights and --layers build the model that --measure counts; add --measure")
-        pruner = _checked(k, layer, schedule, method)
-        _check_tower(pruner, model)
+        _checked(k, layer, schedule, method)
+        if schedule is not None and options:  # the steps are given: the method's options would change nothing
+            flags = ", ".join("--" + name.replace("_", "-") for name in options)
+            raise UsageError(f"--schedule gives the pruning steps: {flags} would change nothing; give -k instead")
         arch = load_architecture(model, visual_tokens)
         full_layers = None
         if layers is not None and layers < arch.layers:
@@ -151,6 +153,8 @@ class FlopsCount:
         single = self.budget is not None
         return FlopsReport(
             model=self.model,
+            method=self.method,
+            options=dict(self.options),
             k=self.budget,
             layer=self.steps[0][0] if single else None,
             random_weights=self.random_weights,
@@ -182,7 +186,15 @@ def _steps(
         asked = budget
     # L = 0 before an in-LLM method is a count only (what pruning before the first layer would
     # save), which no run makes: the settings take the least layer it runs at.
-    pruning = PruneSettings(method, k=asked, layer=max(at, pruner.min_layer), **options).method
+    settings = PruneSettings(method, k=asked, layer=max(at, pruner.min_layer), **options)
+    check_cls_tower(model, [settings])  # what asap run refuses has no schedule to count
+    if schedule is None:
+        check_tiles(model, [settings])
+    if settings.method.counts_per_image:
+        raise UsageError(
+            f"{method} --adaptive keeps each image's own count, which no config tells: asap run --json gives its flops_ratio"
+        )
+    pruning = settings.method
     if schedule is None:  # its own schedule, as the engine prunes by it (several steps for one in stages)
         steps = pruning.schedule(arch.visual_tokens, budget, at, arch.layers) or [(at, budget)]
     if pruner.before_llm and len(steps) == 1:
@@ -219,18 +231,3 @@ def _budget_stages(arch, steps: list[tuple[int, int]], k: int | None, model: str
             f"(give k below {arch.visual_tokens})"
         )
     return [Stage(arch.layers, arch.visual_tokens)]  # the preset's k keeps them all
-
-
-# The vision towers whose [CLS] token the [CLS] methods read (engine/vision.py finds it on the model)
-CLS_TOWERS = ("clip_vision_model",)
-
-
-def _check_tower(pruner: type[PruningMethod], model: str) -> None:
-    """Refuse a count for a run that cannot happen: a [CLS] method on a tower without one (asap run
-    refuses it once the model is loaded; here the config tells)."""
-    tower = vision_tower_type(model) if pruner.reads_vision else None
-    if tower is not None and tower not in CLS_TOWERS:
-        raise UsageError(
-            f"{pruner.name} ranks patches by the vision tower's [CLS] attention; {model}'s tower ({tower}) has no "
-            "[CLS] token, so asap run refuses it and there is no schedule to count; use a CLIP-tower LLaVA model"
-        )

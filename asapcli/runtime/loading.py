@@ -226,11 +226,15 @@ def resolve_device_map(device_map: str | None, device: str) -> str | dict | None
 
 
 def _exit_on_sigterm() -> None:
-    """SIGTERM (what `timeout`, a job scheduler and CI send) ends Python without its atexit hooks,
-    leaving an offloaded model's folder (gigabytes) behind; as an exit of status 143 it runs them.
+    """SIGTERM (what `timeout`, a job scheduler and CI send) and SIGHUP (a closed terminal) end
+    Python without its atexit hooks, leaving an offloaded model's folder (gigabytes) behind; as an
+    exit (status 143, 129) they run them.
     Only in the main thread, and only where nobody set a handler of their own."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for ending in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal was closed
+        if signal.getsignal(ending) == signal.SIG_DFL:
+            signal.signal(ending, lambda number, frame: sys.exit(128 + number))
 
 
 def _offload_folder() -> str:

@@ -178,6 +178,23 @@ def check_tiles(model: str, runs: list[PruneSettings]) -> None:
             raise UsageError(problem)
 
 
+# The vision towers whose [CLS] token the [CLS] methods read (engine/vision.py finds it on the model)
+CLS_TOWERS = ("clip_vision_model",)
+
+
+def check_cls_tower(model: str, runs: list[PruneSettings]) -> None:
+    """A [CLS] method on a model whose tower has none, refused from the config alone, before the
+    load (engine/vision.py refuses it again on the loaded model)."""
+    tower = vision_tower_type(model) if any(settings.method.reads_vision for settings in runs) else None
+    if tower is None or tower in CLS_TOWERS:
+        return
+    method = next(settings.method for settings in runs if settings.method.reads_vision)
+    raise UsageError(
+        f"{method} ranks patches by the vision tower's [CLS] attention; {model}'s tower ({tower}) has no [CLS] "
+        "token; use a CLIP-tower LLaVA model"
+    )
+
+
 def vision_tower_type(model: str) -> str | None:
     """The model_type of the vision tower of a preset or a local folder, from its config alone (no
     weights, no transformers); None where the config does not say (a hub id, a config-less preset)."""

@@ -209,6 +209,11 @@ class PruningMethod:
         """Kept tokens are numbered 0..M-1, as a shorter prompt (--positions renumber)."""
         return getattr(self, "positions", None) == "renumber"
 
+    @property
+    def counts_per_image(self) -> bool:
+        """Whether each image sets how many tokens it keeps (not k): no config can tell its cost."""
+        return False
+
     def k_rule(self) -> str | None:
         """What k means for it where that is not "k tokens per image", said when a run keeps
         another count (None: k per image, tiles aside)."""

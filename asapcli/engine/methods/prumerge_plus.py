@@ -35,6 +35,10 @@ class PruMergePlus(BeforeLLM):
     )
     adaptive: bool = False
 
+    @property
+    def counts_per_image(self) -> bool:
+        return self.adaptive
+
     def k_rule(self) -> str | None:
         return "--adaptive keeps each image's own count (its outliers), whatever k" if self.adaptive else None
 
