@@ -25,16 +25,17 @@ options made): a question asked with `asap run` and with this API is pruned the 
 
 from __future__ import annotations
 
+import math
 import os
-import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 from PIL import Image
 from transformers import PreTrainedModel
 
-from .engine import DEFAULT_METHOD, HYPERPARAMETERS
+from .engine import DEFAULT_METHOD
 from .engine.block import ImageReport, Pruning, PruningReport, pruned_as
+from .engine.methods.hyperparameters import in_keywords
 from .engine.settings import PruneSettings
 from .errors import UsageError
 from .runtime.generation import GenerationResult
@@ -78,6 +79,16 @@ class _Block:
         return self._open.pop().__exit__(*raised)
 
 
+def _check_sampling(max_tokens, temperature) -> None:
+    """What the CLI's --max-tokens and --temperature refuse, in the keywords' words."""
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise UsageError(f"max_tokens must be a whole number of at least 1, got {max_tokens!r}")
+    if not isinstance(temperature, int | float) or isinstance(temperature, bool):
+        raise UsageError(f"temperature must be a number, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UsageError(f"temperature must be a finite number of at least 0 (0 is greedy), got {temperature!r}")
+
+
 @contextmanager
 def _in_python() -> Iterator[None]:
     """The settings' refusals in the caller's words: a keyword (merge_threshold), not the CLI's
@@ -85,10 +96,7 @@ def _in_python() -> Iterator[None]:
     try:
         yield
     except UsageError as error:
-        message = str(error)
-        for name, hyperparameter in HYPERPARAMETERS.items():
-            message = re.sub(rf"(?<![\w-])(--)?{re.escape(hyperparameter.flag[2:])}\b", name, message)
-        raise UsageError(message) from None
+        raise UsageError(in_keywords(str(error))) from None
 
 
 def _transformers_model(model) -> PreTrainedModel:
@@ -141,7 +149,7 @@ def generate(
     `asap run --json` prints (kept_tokens, visual_tokens, flops_ratio, prefill_seconds, ...)."""
     from .engine.settings import budget_and_layer
     from .runtime import generation
-    from .runtime.inputs import build_inputs, check_prompt, load_image, user_message
+    from .runtime.inputs import build_inputs, check_prompt, check_text, load_image, user_message
 
     if not isinstance(model, Loaded):
         raise UsageError(
@@ -153,6 +161,8 @@ def generate(
     if not isinstance(prompt, str):
         raise UsageError(f"prompt must be a string, got {type(prompt).__name__}")
     check_prompt(prompt)
+    check_text(model.processor, prompt)  # an image placeholder in the text: the CLI refuses it too
+    _check_sampling(max_tokens, temperature)
     k, layer = budget_and_layer(model.preset, k, layer)
     with _in_python():
         settings = PruneSettings(method, k, layer, seed, **options).for_model(model.num_layers)

@@ -2,6 +2,7 @@
 same engine the CLI drives, and a model left as it was outside the block."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -287,3 +288,24 @@ def test_load_prints_no_progress_bar_unless_asked(llava_path):
     shown = f"import asapcli; asapcli.load({str(llava_path)!r}, progress=True); print('done')"
     loud = subprocess.run([sys.executable, "-c", shown], capture_output=True, text=True, check=False)
     assert "Loading weights" in loud.stderr
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        ({"max_tokens": 0}, "max_tokens must be a whole number of at least 1, got 0"),
+        ({"max_tokens": "2"}, "max_tokens must be a whole number"),
+        ({"temperature": -1}, "temperature must be a finite number of at least 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": "0.5"}, "temperature must be a number"),
+    ],
+)
+def test_generate_refuses_what_the_cli_refuses_in_its_keywords(loaded, images, keywords, message):
+    """They raised transformers' ValueError or a TypeError, or (temperature=-1) decoded greedily."""
+    with pytest.raises(UsageError, match=re.escape(message)):
+        asapcli.generate(loaded, images[0], "what?", k=16, **keywords)
+
+
+def test_generate_refuses_an_image_placeholder_in_the_prompt(loaded, images):
+    with pytest.raises(UsageError, match="image"):
+        asapcli.generate(loaded, images[0], "what is <image> here?", k=16)

@@ -55,6 +55,8 @@ def test_a_boolean_is_not_a_number_for_a_method_option(value):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval is not installed")
+@pytest.mark.lmms_eval  # the launcher imports lmms-eval: the eval extra's step runs it
+@pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval is not installed")
 def test_lambda_max_true_on_lmms_evals_command_line_is_refused(monkeypatch, capsys):
     """lmms-eval reads `lambda_max=true` as True; taken as a number it would run as 1.0."""
     from asapcli.lmms_eval.__main__ import main
@@ -62,7 +64,7 @@ def test_lambda_max_true_on_lmms_evals_command_line_is_refused(monkeypatch, caps
     argv = ["lmms_eval", "--model", "asap", "--model_args", "pretrained=demo,lambda_max=true", "--tasks", "asap_demo"]
     monkeypatch.setattr(sys, "argv", argv)
     assert main() == 2
-    assert capsys.readouterr().err == "Error: lambda-max needs a number, got True\n"
+    assert capsys.readouterr().err == "Error: model_args: lambda_max needs a number, got True\n"
 
 
 def test_a_log_that_is_standard_output_is_refused_before_the_run(tmp_path):

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..engine.methods.hyperparameters import in_keywords
 from ..errors import AsapError, UsageError, first_line, whole_number
 from . import TASKS
 
@@ -151,7 +152,7 @@ def _check_model_args(text: str) -> None:
     try:
         args = ModelArgs.parse(simple_parse_args_string(text))
     except UsageError as error:  # the settings' words, named as the model_args they came from
-        message = str(error)
+        message = in_keywords(str(error))
         raise UsageError(message if message.startswith("model_args") else f"model_args: {message}") from None
     try:
         resolve_device_map(args.device_map, args.device)

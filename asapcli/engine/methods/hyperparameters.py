@@ -155,3 +155,13 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
         ),
     )
 }
+
+
+def in_keywords(message: str) -> str:
+    """A refusal worded with the CLI's flags (--merge-threshold) in the keywords a caller of the
+    API or lmms-eval's model_args writes (merge_threshold)."""
+    import re
+
+    for name, hyperparameter in HYPERPARAMETERS.items():
+        message = re.sub(rf"(?<![\w-])(--)?{re.escape(hyperparameter.flag[2:])}\b", name, message)
+    return message
