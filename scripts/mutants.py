@@ -277,7 +277,7 @@ MUTANTS = [
         ("kept, roles = [image.newlines], [KEPT] * image.newlines.numel()", "kept, roles = [image.newlines[:0]], []"),
     ), ("tests/test_next_tower_methods.py",)),
     Mutant("a tile's budget split over the image's own items, not the model's most", TOWER, (
-        ("min(k // cues.most_items, cues.items[0].features.shape[0])", "min(k // len(cues.items), cues.items[0].features.shape[0])"),
+        ("min(k // cues.most_items, patches)", "min(k // len(cues.items), patches)"),
     ), ("tests/test_next_tower_methods.py",)),
     Mutant("the most items per image counted without the base image", VISION, (
         ("self.most_items = 1 + tiles", "self.most_items = tiles"),
@@ -296,7 +296,7 @@ MUTANTS = [
         ("        if images != self.encoded:", "        if False:"),
     ), ("tests/test_tower_tiles.py",)),
     Mutant("a tile's share not capped at its patches", TOWER, (
-        ("min(k // cues.most_items, cues.items[0].features.shape[0])", "k // cues.most_items"),
+        ("min(k // cues.most_items, patches)", "k // cues.most_items"),
     ), ("tests/test_tower_tiles.py",)),
     Mutant("a token takes a slot an earlier token took", TOWER, (
         ("own = claim >= 0 and claim not in taken", "own = claim >= 0"),
@@ -373,7 +373,7 @@ MUTANTS = [
     Mutant('the API takes a seed of 2**32', 'asapcli/engine/settings.py', (
         ('if "seed" in numbers and not 0 <= numbers["seed"] < SEEDS:', 'if "seed" in numbers and not 0 <= numbers["seed"] <= SEEDS:'),
     ), ("tests/test_survivors.py",)),
-    Mutant('-n on a question file takes one more', 'asapcli/measure/evaluation.py', (
+    Mutant('-n on a question file takes one more', 'asapcli/measure/questions.py', (
         ('if limit is not None and len(items) == limit:', 'if limit is not None and len(items) > limit:'),
     ), ("tests/test_survivors.py",)),
     Mutant("a batch row's end token not counted", 'asapcli/runtime/generation.py', (
@@ -389,7 +389,7 @@ MUTANTS = [
         ('if flop_count >= 0.1 * scale:', 'if flop_count >= scale:'),
     ), ("tests/test_survivors.py",)),
     Mutant('the summary drops the merged count', 'asapcli/report/display.py', (
-        ('if result.merged_tokens:', 'if not result.merged_tokens:'),
+        ('others merged into them" if result.merged_tokens else ""', 'others merged into them" if not result.merged_tokens else ""'),
     ), ("tests/test_survivors.py",)),
     Mutant('a figure written world-writable', 'asapcli/report/figures.py', (
         ('os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())', 'os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o666)'),
@@ -408,20 +408,20 @@ MUTANTS = [
         ("    if ratio is not None and ratio.high < prompt_flops_ratio:", "    if ratio is not None and ratio.median < prompt_flops_ratio:"),
     ), ("tests/test_stability.py",)),
     Mutant('a machine at its CPUs counted oversubscribed', 'asapcli/measure/stability.py', (
-        ("    return load is not None and load > cpus", "    return load is not None and load >= cpus"),
+        ("    return demand is not None and demand > cpus + SLACK", "    return demand is not None and demand >= cpus + SLACK"),
     ), ("tests/test_stability.py",)),
     Mutant('time ratio of medians, not paired rounds', 'asapcli/measure/profiling.py', (
         ("stability.median_interval(stability.paired_ratios(result.prefill_seconds, vanilla.prefill_seconds))",
          "stability.median_interval([result.prefill.median / vanilla.prefill.median] * len(result.prefill_seconds))"),
     ), ("tests/test_stability.py",)),
-    Mutant('the load of the end only', 'asapcli/measure/profiling.py', (
-        ("    loads = [load for load in (load_start, load_end) if load is not None]", "    loads = [load for load in (load_end,) if load is not None]"),
+    Mutant('the work runnable during the rounds ignored', 'asapcli/measure/profiling.py', (
+        ("        busy=results[0].busy_cpus,", "        busy=None,"),
     ), ("tests/test_stability.py",)),
-    Mutant('threads floor the free CPUs', 'asapcli/runtime/machine.py', (
-        ("    return max(1, min(cpus, round(cpus - busy)))", "    return max(1, min(cpus, int(cpus - busy)))"),
+    Mutant('threads rounded, not floored past the slack', 'asapcli/runtime/machine.py', (
+        ("    return max(1, min(cpus, math.floor(cpus - busy + SLACK)))", "    return max(1, min(cpus, round(cpus - busy)))"),
     ), ("tests/test_stability.py",)),
     Mutant('the reader counted as other work', 'asapcli/runtime/machine.py', (
-        ("        counts.append(int(running) - 1)", "        counts.append(int(running))"),
+        ("    return max(0, running - _own_runnable())", "    return max(0, running)"),
     ), ("tests/test_stability.py",)),
     Mutant('the default threads not set', 'asapcli/commands/options.py', (
         ("torch.set_num_threads(choose_threads(self.threads))", "torch.set_num_threads(self.threads or torch.get_num_threads())"),

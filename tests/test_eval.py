@@ -9,7 +9,7 @@ from PIL import Image
 from asapcli.commands import options
 from asapcli.demo import scenes
 from asapcli.engine.settings import PruneSettings
-from asapcli.measure import evaluation
+from asapcli.measure import evaluation, questions
 from asapcli.report import figures
 
 
@@ -92,7 +92,7 @@ def test_scoring_and_rows():
     ]
     score = evaluation.Score(PruneSettings())
     for kind, region, hit in (("colour", "top", True), ("colour", "bottom", False), ("exists", None, True)):
-        score.add(evaluation.Item(None, "q", "a", kind, region), hit, (1.0, 4.0) if hit else (3.0, 4.0))
+        score.add(questions.Item(None, "q", "a", kind, region), hit, (1.0, 4.0) if hit else (3.0, 4.0))
     assert score.accuracy() == {"colour": 0.5, "exists": 1.0} and score.average == 0.75
     assert score.flops_ratio == 5 / 12  # the ratio of the sums, not the mean of 1/4, 3/4, 1/4
     assert score.region_accuracy() == {"top": 1.0, "bottom": 0.0}
@@ -205,14 +205,14 @@ def test_synthetic_questions_render_their_scenes_only_when_asked(monkeypatch):
     rendered = []
     render = scenes.Scene.render
     monkeypatch.setattr(scenes.Scene, "render", lambda self: rendered.append(1) or render(self))
-    items = evaluation.synthetic_items(50)
+    items = questions.synthetic_items(50)
     assert rendered == []  # --n 1000000 does not build a million pictures up front
     assert items[3].picture().size == render(scenes.questions(scenes.EVAL_SEED, 4)[3].scene).size
     assert len(rendered) == 1
 
 
 def test_synthetic_questions_are_bounded(monkeypatch, asap):
-    monkeypatch.setattr(evaluation, "MAX_SYNTHETIC", 10)
+    monkeypatch.setattr(questions, "MAX_SYNTHETIC", 10)
     result = asap("eval", "--n", 11)
     assert result.exit_code == 2 and result.stderr == "Error: --n is at most 10 for the synthetic questions, got 11\n"
 

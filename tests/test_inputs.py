@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from asapcli.errors import AsapError
-from asapcli.measure.evaluation import correct, read_items
+from asapcli.measure.evaluation import correct
+from asapcli.measure.questions import read_items
 from asapcli.runtime.inputs import expand_images, load_image
 
 RED, BLUE = (200, 30, 30), (30, 30, 200)
@@ -132,7 +133,7 @@ def test_a_list_of_accepted_answers_scores_any_of_them(tmp_path):
 def test_questions_piped_into_dev_stdin_name_images_from_the_current_folder(tmp_path):
     Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "car.png")
     line = json.dumps({"image": "car.png", "question": "what colour?", "answer": "red"})
-    script = "from asapcli.measure.evaluation import read_items; print(read_items('/dev/stdin')[0].image)"
+    script = "from asapcli.measure.questions import read_items; print(read_items('/dev/stdin')[0].image)"
     result = subprocess.run(
         [sys.executable, "-c", script], input=line.encode(), capture_output=True, cwd=tmp_path, check=False
     )

@@ -16,7 +16,7 @@ from PIL import Image
 from asapcli.errors import UsageError
 from asapcli.lmms_eval import TASKS, demo_task
 from asapcli.lmms_eval.arguments import ModelArgs
-from asapcli.measure.evaluation import read_items, synthetic_items
+from asapcli.measure.questions import read_items, synthetic_items
 from asapcli.runtime.loading import load
 
 REPO = Path(__file__).resolve().parent.parent

@@ -144,3 +144,24 @@ def test_what_the_config_or_a_file_tells_is_refused_before_torch(arguments, mess
     lines = dict(line.split(" ", 1) for line in result.stderr.splitlines() if line.startswith(("EXIT", "HEAVY", "CPU")))
     assert lines["EXIT"] == "2" and message in result.stderr, result.stderr
     assert lines["HEAVY"] == "[]" and float(lines["CPU"]) < 1.0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["eval", "--data", "missing.jsonl"], "question file not found: missing.jsonl"),
+        (["eval", "--data", "README.md"], "README.md:1: not JSON"),
+        (["eval", "--n", "2", "--plot", "out.gif"], ".gif"),
+        (["eval", "--n", "2", "--log", "no/such/folder/log.jsonl"], "folder no/such/folder does not exist"),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_evals_files_are_refused_before_torch(arguments, message):
+    """eval read its questions and checked its output files after torch's import (4-7 s)."""
+    result = subprocess.run(
+        [sys.executable, "-c", TIMED.format(arguments=arguments, heavy=TORCH)],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    lines = dict(line.split(" ", 1) for line in result.stderr.splitlines() if line.startswith(("EXIT", "HEAVY", "CPU")))
+    assert lines["EXIT"] in ("1", "2") and message in result.stderr, result.stderr
+    assert lines["HEAVY"] == "[]" and float(lines["CPU"]) < 1.0, result.stderr

@@ -40,7 +40,7 @@ def test_the_api_refuses_a_seed_the_cli_refuses():
 
 
 def test_n_takes_that_many_questions_of_a_file():
-    from asapcli.measure.evaluation import read_items
+    from asapcli.measure.questions import read_items
 
     assert len(read_items(EXAMPLES / "questions.jsonl", limit=2)) == 2
 

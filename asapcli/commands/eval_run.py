@@ -8,14 +8,18 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..engine.settings import MethodGrid
 from ..errors import UsageError
-from ..measure import evaluation
-from ..measure.evaluation import AnswerLog, Item, PatchAttention, Score
+from ..measure import questions
+from ..measure.questions import Item
 from ..records import AttentionProfile, EvalReport
 from ..report import figures
-from ..runtime.loading import Loaded
+
+if TYPE_CHECKING:  # the answering's modules import torch: at answer(), after the files are checked
+    from ..engine.settings import MethodGrid
+    from ..measure.evaluation import PatchAttention
+    from ..runtime.loading import Loaded
 
 # add(what, total) starts a progress bar and returns the function that advances it
 Tasks = Callable[[str, int], Callable[[], None]]
@@ -49,7 +53,7 @@ class EvalRun:
     ) -> EvalRun:
         """The questions (--data, else `n` synthetic ones, 200 by default) read and checked, and
         the output files checked writable and distinct."""
-        items = evaluation.read_items(data, n) if data is not None else evaluation.synthetic_items(n or 200)
+        items = questions.read_items(data, n) if data is not None else questions.synthetic_items(n or 200)
         outputs = [path for path in (plot, attention_profile, log) if path is not None]
         if len({path.expanduser().resolve() for path in outputs}) < len(outputs):
             raise UsageError("--plot, --attention-profile and --log must name different files")
@@ -76,6 +80,9 @@ class EvalRun:
         """Every method at every budget of `grid` over the questions, then the attention profile
         if asked for (with the grid's --lambda-max and --score-queries). Ctrl-C stops it and
         keeps what was answered; --log's file holds every answer given."""
+        from ..measure import evaluation
+        from ..measure.evaluation import AnswerLog, Score
+
         items, tasks = self.items, tasks or (lambda description, total: lambda: None)
         suffix = evaluation.default_prompt_suffix(loaded) if prompt_suffix is None else prompt_suffix
         evaluation.check_questions(loaded, items, suffix)
@@ -112,6 +119,8 @@ class EvalRun:
     def _attention(self, loaded: Loaded, grid: MethodGrid, step: Callable[[], None]) -> PatchAttention:
         """The attention profile at the grid's L, with its --lambda-max and --score-queries."""
         lambda_max, queries = grid.options.get("lambda_max"), grid.options.get("score_queries")
+        from ..measure import evaluation
+
         return evaluation.patch_attention(
             loaded, self.items, layer=grid.layer, lambda_max=lambda_max, queries=queries, on_step=step
         )
@@ -135,7 +144,7 @@ class EvalRun:
 
 
 def _profile(attention: PatchAttention) -> AttentionProfile:
-    per_row = PatchAttention.per_row
+    per_row = type(attention).per_row
     return AttentionProfile(
         attention.queries,
         per_row(attention.causal),

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..measure.evaluation import synthetic_items
+from ..measure.questions import synthetic_items
 
 QUESTIONS = 100  # 25 of each question type, about 0.9 MB of pictures
 QUESTION_FILE = "questions.jsonl"
