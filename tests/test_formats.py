@@ -34,6 +34,8 @@ def same(cell: str, value) -> bool:
     """A CSV cell against the JSON value it came from (every digit kept; null as empty)."""
     if value is None:
         return cell == ""
+    if isinstance(value, bool):
+        return cell == ("true" if value else "false")
     if isinstance(value, float):
         return float(cell) == value
     if isinstance(value, list):  # numbers joined with ';'
@@ -149,3 +151,22 @@ def test_a_pipe_in_a_question_type_stays_in_its_markdown_header(stdout_of, tmp_p
     lines = [line for line in text.splitlines() if line.startswith("|")]
     cells = [len(line.replace("\\|", "").strip("|").split("|")) for line in lines]
     assert len(set(cells)) == 1 and "a\\|b" in lines[0]
+
+
+def test_flops_csv_keeps_the_stages_and_writes_booleans_as_json_does(stdout_of):
+    """It wrote Python's False and dropped the stage rows."""
+    rows = list(
+        csv.DictReader(
+            io.StringIO(
+                stdout_of("flops", "-m", "llava-1.5-7b", "--method", "pdrop", "-k", "64,128", "--format", "csv")
+            )
+        )
+    )
+    records = [
+        json.loads(line)
+        for line in stdout_of("flops", "-m", "llava-1.5-7b", "--method", "pdrop", "-k", "64,128", "--json").splitlines()
+    ]
+    for row, record in zip(rows, records, strict=True):
+        assert row["random_weights"] == "false"
+        for field in ("layers", "tokens", "tflops"):
+            assert same(row[f"stages.{field}"], [stage[field] for stage in record["stages"]])

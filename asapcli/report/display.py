@@ -205,8 +205,9 @@ def _rich(shown: Shown, columns: list[int], title: str | None, width: int):
 
 def flat(record: dict, prefix: str = "") -> dict:
     """One table row from a record: nested objects flattened to `outer.inner` columns, lists of
-    numbers kept (print_csv joins them with ';'; lists of objects are left out: they are rows
-    of their own)."""
+    numbers kept (print_csv joins them with ';'), and a list of objects of one shape (flops'
+    stages) as one list column per field, `stages.tokens`; other lists of objects are left out
+    (they are rows of their own)."""
     row = {}
     for key, value in record.items():
         name = f"{prefix}{key}"
@@ -215,9 +216,21 @@ def flat(record: dict, prefix: str = "") -> dict:
         elif isinstance(value, list):
             if all(not isinstance(item, dict | list) for item in value):
                 row[name] = value
+            elif _one_shape(value):
+                row.update({f"{name}.{field}": [item[field] for item in value] for field in value[0]})
         else:
             row[name] = value
     return row
+
+
+def _one_shape(items: list) -> bool:
+    """Objects with the same fields, each a plain value: a list column each."""
+    return bool(items) and all(
+        isinstance(item, dict)
+        and item.keys() == items[0].keys()
+        and not any(isinstance(v, dict | list) for v in item.values())
+        for item in items
+    )
 
 
 def print_csv(rows: list[dict]) -> None:
@@ -234,7 +247,9 @@ def print_csv(rows: list[dict]) -> None:
 
 def _csv_cell(value):
     if isinstance(value, list):
-        return ";".join(str(item) for item in value)
+        return ";".join(str(_csv_cell(item)) for item in value)
+    if isinstance(value, bool):  # as JSON writes them, not Python's True
+        return "true" if value else "false"
     return "" if value is None else value
 
 
