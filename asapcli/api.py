@@ -9,7 +9,7 @@ Inside the block every forward call of `model` that brings image tokens prunes t
 spans are read from that call's `input_ids` (each row of a left-padded batch its own), so
 `generate()`, a plain forward and a chat that continues a KV cache all work as they are.
 Outside the block the model is what it was: the pruned decoder is installed on entry and taken
-out on exit (unless it was there already, as on a model from `asapcli.loading.load`).
+out on exit (unless it was there already, as on a model from `asapcli.load`).
 
 Inside the block the language model's attention runs as PyTorch's SDPA (a model loaded with
 eager attention agrees to float rounding, not to the bit) and returns no hidden states or
@@ -34,14 +34,14 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from .engine import DEFAULT_METHOD
-from .engine.block import ImageReport, Pruning, PruningReport, pruned_as
 from .engine.methods.hyperparameters import in_keywords
+from .engine.session import ImageReport, PromptReport, PruningReport, PruningSession, pruned_as
 from .engine.settings import PruneSettings
 from .errors import UsageError
 from .runtime.generation import GenerationResult
 from .runtime.loading import Loaded
 
-__all__ = ["ImageReport", "Pruning", "PruningReport", "generate", "load", "pruned", "pruned_as"]
+__all__ = ["ImageReport", "PromptReport", "PruningReport", "PruningSession", "generate", "load", "pruned", "pruned_as"]
 
 
 def pruned(
@@ -51,7 +51,7 @@ def pruned(
     layer: int = 2,
     seed: int = 0,
     **options,
-) -> AbstractContextManager[Pruning]:
+) -> AbstractContextManager[PruningSession]:
     """Prune the visual tokens of `model` (a transformers LVLM, or what `load` returned) in every
     forward call inside the block. `options` are the method's own, as the CLI spells them with
     underscores (`lambda_max`, `merge_threshold`, `score_queries`, `score`, `positions`); an
@@ -67,9 +67,9 @@ class _Block:
 
     def __init__(self, model: PreTrainedModel, settings: PruneSettings):
         self.model, self.settings = model, settings
-        self._open: list[AbstractContextManager[Pruning]] = []
+        self._open: list[AbstractContextManager[PruningSession]] = []
 
-    def __enter__(self) -> Pruning:
+    def __enter__(self) -> PruningSession:
         block = pruned_as(self.model, self.settings)
         entered = block.__enter__()  # a refusal (a block open already) leaves the open ones as they are
         self._open.append(block)

@@ -9,6 +9,10 @@ class UsageError(AsapError):
     """A bad option value or argument: exit status 2, like a usage error of the parser."""
 
 
+class UnsupportedModel(AsapError):
+    """The model is built in a way the pruning engine cannot drive (yet)."""
+
+
 def describe(error: Exception) -> str:
     """The one line an error prints: a user error's own message; anything else names its type
     (it is a bug, or a library's refusal we did not foresee)."""

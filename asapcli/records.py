@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .engine.schedule import Architecture
+from .engine.cost import Architecture
 
 if TYPE_CHECKING:
     from .runtime.generation import GenerationResult

@@ -80,9 +80,9 @@ ATTENTION, ASAP, OPS, DECODER = (
     "asapcli/engine/ops.py",
     "asapcli/engine/decoder.py",
 )
-RANDOM, BLOCK, INPUTS, CHAT, STREAMING, EVAL_RUN, OPTIONS, HYPERPARAMETERS_FILE = (
+RANDOM, SESSION, INPUTS, CHAT, STREAMING, EVAL_RUN, OPTIONS, HYPERPARAMETERS_FILE = (
     "asapcli/engine/methods/random.py",
-    "asapcli/engine/block.py",
+    "asapcli/engine/session.py",
     "asapcli/runtime/inputs.py",
     "asapcli/runtime/chat.py",
     "asapcli/runtime/streaming.py",
@@ -90,9 +90,10 @@ RANDOM, BLOCK, INPUTS, CHAT, STREAMING, EVAL_RUN, OPTIONS, HYPERPARAMETERS_FILE 
     "asapcli/commands/options.py",
     "asapcli/engine/methods/hyperparameters.py",
 )
-PDROP, PLANS, SPARSEVLM = (
+PDROP, PRUNE_PASS, CACHE_STATE, SPARSEVLM = (
     "asapcli/engine/methods/pdrop.py",
-    "asapcli/engine/plans.py",
+    "asapcli/engine/prune_pass.py",
+    "asapcli/engine/cache_state.py",
     "asapcli/engine/methods/sparsevlm.py",
 )
 MUTANTS = [
@@ -155,7 +156,7 @@ MUTANTS = [
     Mutant("mask cache keyed without the query count", DECODER, (
         ("if self.key != key:", "if self.key is None or self.key[::2] != key[::2]:"),
     )),
-    Mutant("a span the budget does not shrink gets SG-BiMask", DECODER, (
+    Mutant("a span the budget does not shrink gets SG-BiMask", PRUNE_PASS, (
         ("else dict(plan.steps(start, end))", "else dict(plan.steps(start, end) or [(plan.layer, None)])"),
         ("        if self.plans[item.row].score_only:\n            return item.now.start",
          "        if self.plans[item.row].score_only or item.steps[layer] is None:\n            return item.now.start"),
@@ -167,13 +168,14 @@ MUTANTS = [
          ("        call.rope_positions = _gather_positions(call.rope_positions, keep)\n"
           "        call.rope_positions = call.rope_positions.sort(dim=-1).indices\n")),
     )),
-    Mutant("renumbered decoding steps not shifted", DECODER, (
+    Mutant("renumbered decoding steps not shifted", CACHE_STATE, (
         ("return position_ids if shift is None else position_ids - shift[:, None]", "return position_ids"),
     )),
     # Issue 27: twelve that survived an independent pass, each changing what a user gets.
-    Mutant("pruning state kept into the next sequence of a block", DECODER, (
-        ("        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            self._after = _AfterPruning()\n",
-         "        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            pass\n"),
+    Mutant("pruning state kept into the next sequence of a block", CACHE_STATE, (
+        ("    if state is None or cache.get_seq_length() == 0:", "    if getattr(type(cache), ATTRIBUTE, None) is None:"),
+        ("        setattr(cache, ATTRIBUTE, state)", "        setattr(type(cache), ATTRIBUTE, state)"),
+        ("    state = getattr(cache, ATTRIBUTE, None)", "    state = getattr(type(cache), ATTRIBUTE, None)"),
     ), ("tests/test_api_block_calls.py::test_a_padded_batch_then_a_single_prompt_in_one_block_answer_as_apart",)),
     Mutant("DivPrune's first pick the least isolated token", OPS, (
         ("picked = [int(nearest_other.amin(dim=1).argmax())]", "picked = [int(nearest_other.amin(dim=1).argmin())]"),
@@ -181,18 +183,18 @@ MUTANTS = [
     Mutant("random's seed ignores the span start", RANDOM, (
         ("manual_seed(self.seed * 1_000_003 + span.start)", "manual_seed(self.seed * 1_000_003)"),
     ), ("tests/test_api_block_calls.py::test_random_pruning_draws_each_image_of_a_prompt_afresh_and_repeats_itself",)),
-    Mutant("the model config's output_hidden_states/attentions not refused", BLOCK, (
+    Mutant("the model config's output_hidden_states/attentions not refused", SESSION, (
         ("if kwargs.get(output) or getattr(self.model.config, output, False):", "if kwargs.get(output):"),
     ), ("tests/test_api_block_calls.py::test_the_models_own_config_asking_for_hidden_states_or_attentions_is_refused",)),
-    Mutant("a before-LLM continuation refused with no earlier pruned prefill", BLOCK, (
-        ("if cached and input_ids.shape[1] > 1 and self.prefills and not self.settings.method.continues_cache:",
-         "if cached and input_ids.shape[1] > 1 and not self.settings.method.continues_cache:"),
+    Mutant("a before-LLM continuation refused with no earlier pruned prefill", SESSION, (
+        ("if cached and input_ids.shape[1] > 1 and self.session.prefills and not settings.method.continues_cache:",
+         "if cached and input_ids.shape[1] > 1 and not settings.method.continues_cache:"),
     ), ("tests/test_api_block_calls.py::test_a_cache_filled_outside_the_block_is_continued_inside_it",)),
     Mutant("glob matches not sorted", INPUTS, (
         ("matches = sorted(glob.glob(os.path.expanduser(text)))", "matches = glob.glob(os.path.expanduser(text))"),
     ), ("tests/test_run_glob_and_stream.py::test_a_glob_pairs_its_files_in_sorted_order_with_the_prompts",)),
     Mutant("chat's pruned TFLOPs replaced, not added, each image turn", CHAT, (
-        ("        self.tflops_pruned += schedule.visual_flops(", "        self.tflops_pruned = schedule.visual_flops("),
+        ("pruned = sum(turn.result.flops.pruned for turn in self.turns)", "pruned = sum(turn.result.flops.pruned for turn in self.turns[-1:])"),
     ), ("tests/test_chat_stats.py::test_stats_add_up_the_flops_of_every_image_turn",)),
     Mutant("chat's /reset keeps the queued images", CHAT, (
         ("        self.pending: list[tuple[str, Image.Image]] = []\n",
@@ -303,9 +305,9 @@ MUTANTS = [
     ), ("tests/test_tower_tiles.py",)),
     # Issue 26's hostile pass: what a careless user of the tiled [CLS] methods found.
     Mutant("eval's FLOPs ratio the last question's, not all of theirs", EVALUATION, (
-        ("self.tflops = [total + one for total, one in zip(self.tflops, tflops)]", "self.tflops = list(tflops)"),
+        ("        self.flops.append(flops)", "        self.flops = [flops]"),
     ), ("tests/test_tower_tiles.py", "tests/test_eval.py")),
-    Mutant("a step that kept its whole span counted as pruning", DECODER, (
+    Mutant("a step that kept its whole span counted as pruning", SESSION, (
         ("if positions.numel() < left:", "if True:"),
     ), ("tests/test_tower_tiles.py",)),
     Mutant("a figure's text read as mathtext", FIGURES, (
@@ -337,9 +339,8 @@ MUTANTS = [
     Mutant("later stages' decoding steps not renumbered", DECODER, (
         ("elif index and index in call.shifts:", "elif False:"),
     ), ("tests/test_pdrop.py",)),
-    Mutant("Eq. 7 counts the first step of a schedule only", PLANS, (
-        ("return [(layer, sum(_left(start, end, steps, layer) for start, end, steps in spans)) for layer in layers]",
-         "return [(layer, sum(_left(start, end, steps, layer) for start, end, steps in spans)) for layer in layers[:1]]"),
+    Mutant("Eq. 7 counts the first step of a schedule only", SESSION, (
+        ("for start, end, taken in spans)) for layer in layers)", "for start, end, taken in spans)) for layer in layers[:1])"),
     ), ("tests/test_pdrop.py",)),
     # Issue 26: SparseVLM v1.5.
     Mutant("sparsevlm's ties broken by the lower index, not as torch.topk", SPARSEVLM, (
@@ -367,7 +368,7 @@ MUTANTS = [
         ("+ noise.to(dist.dtype) * 1e-6", "+ noise.to(dist.dtype) * 0"),
     ), ("tests/test_sparsevlm.py",)),
     # Session 12: what a fresh, independent pass of 45 mutations found surviving (tests/test_survivors.py).
-    Mutant("a later stage's report forgets what earlier stages merged", 'asapcli/engine/decoder.py', (
+    Mutant("a later stage's report forgets what earlier stages merged", PRUNE_PASS, (
         ('item.absorbed = _absorbed(item, selection) if item.stages else selection.token_absorbed()', 'item.absorbed = selection.token_absorbed()'),
     ), ("tests/test_survivors.py",)),
     Mutant('the API takes a seed of 2**32', 'asapcli/engine/settings.py', (
@@ -439,7 +440,7 @@ MUTANTS = [
     Mutant('T06 an adaptive count equal to the span laid out by slots', TOWER, (
         ("        if len(self.claims) >= tokens:", "        if len(self.claims) > tokens:"),
     ), ("tests/test_prumerge_plus.py",)),
-    Mutant('U1 a selection written from a view of its own tensor', DECODER, (
+    Mutant('U1 a selection written from a view of its own tensor', PRUNE_PASS, (
         ("        hidden[item.row, slots] = selection.hidden.clone()", "        hidden[item.row, slots] = selection.hidden"),
     ), ("tests/test_prumerge_plus.py",)),
     Mutant('D01 a stage counted from the stage before', PDROP, (
@@ -451,7 +452,7 @@ MUTANTS = [
     Mutant('S06 a cluster absorbs its centre', SPARSEVLM, (
         ("for j in torch.nonzero(cluster == c).flatten() if j != centre]", "for j in torch.nonzero(cluster == c).flatten()]"),
     ), ("tests/test_sparsevlm.py",)),
-    Mutant('M01 a later stage absorbed lists left in its own numbering', DECODER, (
+    Mutant('M01 a later stage absorbed lists left in its own numbering', PRUNE_PASS, (
         ("        item.absorbed = _absorbed(item, selection) if item.stages else selection.token_absorbed()", "        item.absorbed = selection.token_absorbed()"),
     ), ("tests/test_sparsevlm.py",)),
     Mutant('D05 stage scores read without the cached offset', DECODER, (
@@ -460,8 +461,8 @@ MUTANTS = [
     Mutant('F01 a budget JSON layer from its last step', 'asapcli/measure/flops.py', (
         ("            layer=self.steps[0][0] if single else None,", "            layer=self.steps[-1][0] if single else None,"),
     ), ("tests/test_survivors_third.py",)),
-    Mutant('F02 a block report keeps its last call only', BLOCK, (
-        ("                    pruned_tflops += visual_flops(", "                    pruned_tflops = visual_flops("),
+    Mutant('F02 a block report keeps its last call only', "asapcli/engine/cost.py", (
+        ("    return sum(count.pruned for count in counts) / full if full else 1.0", "    return counts[-1].pruned / full if full else 1.0"),
     ), ("tests/test_survivors_third.py",)),
     Mutant('H01 latex parses numbers', 'asapcli/report/display.py', (
         ('tablefmt="latex_booktabs", colalign=align, disable_numparse=True)', 'tablefmt="latex_booktabs", colalign=align)'),
@@ -475,13 +476,24 @@ MUTANTS = [
     Mutant('K01 forget counts turns with images, not images', CHAT, (
         ("        forgotten = sum(_images_in(message) for message in self.messages[:cut])", "        forgotten = sum(1 for message in self.messages[:cut] if _images_in(message))"),
     ), ("tests/test_survivors_third.py",)),
-    Mutant('N12 the state after pruning kept into a new sequence', DECODER, (
-        ("        if chunk_start == 0:  # a new sequence: no pruned cache yet\n            self._after = _AfterPruning()\n", ""),
-    ), ("tests/test_survivors_third.py",)),
+    Mutant('N12 the state after pruning kept on a cache emptied for a new sequence', CACHE_STATE, (
+        ("    if state is None or cache.get_seq_length() == 0:", "    if state is None:"),
+    ), ("tests/test_engine.py::test_a_cache_emptied_for_a_new_sequence_carries_no_pruning_state",)),
+    # Issue 34: the session, the cache's own state, the seam to the attention function.
+    Mutant('S01 the pruning state shared by every cache', CACHE_STATE, (
+        ("        setattr(cache, ATTRIBUTE, state)", "        setattr(type(cache), ATTRIBUTE, state)"),
+        ("    state = getattr(cache, ATTRIBUTE, None)", "    state = getattr(type(cache), ATTRIBUTE, None)"),
+    ), ("tests/test_engine.py::test_the_pruning_state_travels_with_its_cache",)),
+    Mutant('S02 a pass the attention function never saw goes unnoticed', DECODER, (
+        ("            if measures and index not in prune_pass.measured:", "            if False:"),
+    ), ("tests/test_engine.py::test_a_layer_that_does_not_hand_on_the_pass_fails_loudly",)),
+    Mutant("S03 a hand-made batch's disagreeing plans taken", SESSION, (
+        ("        if plans and any(not plan.agrees_with(plans[0]) for plan in plans):", "        if False:"),
+    ), ("tests/test_batches.py::test_plans_of_one_batch_must_agree",)),
     Mutant('N17 one random pattern for every image of a prompt', RANDOM, (
         ("manual_seed(self.seed * 1_000_003 + span.start)", "manual_seed(self.seed * 1_000_003)"),
     ), ("tests/test_survivors_third.py",)),
-    Mutant('N19 hidden states from the config not refused', BLOCK, (
+    Mutant('N19 hidden states from the config not refused', SESSION, (
         ("            if kwargs.get(output) or getattr(self.model.config, output, False):", "            if kwargs.get(output):"),
     ), ("tests/test_survivors_third.py",)),
     Mutant('N45 an answer cut at the last stop string', 'asapcli/lmms_eval/model.py', (

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import pruned_by
 from transformers import AutoModelForImageTextToText
 
 import asapcli
 from asapcli.engine import PrunedDecoder, UnsupportedModel, image_spans
+from asapcli.engine.cost import token_flops
 from asapcli.engine.plans import plan_for
-from asapcli.engine.schedule import token_flops
 from asapcli.engine.settings import PruneSettings
 from asapcli.errors import UsageError
 from asapcli.runtime.inputs import build_batch_inputs, build_inputs, user_message
@@ -46,19 +47,20 @@ def test_generate_inside_the_block_is_the_engine_driven_with_its_plan(method, op
     lvlm = load(str(llava_path), device="cpu")
     inputs = build_inputs(lvlm.processor, [user_message("what is it?", 1)], images[:1])
     plan = plan_for(lvlm, inputs["input_ids"][0], PruneSettings(method, k=8, layer=2, **options))
-    with torch.inference_mode(), lvlm.decoder.pruning(plan):
+    with torch.inference_mode(), pruned_by(lvlm.model, plan) as by_hand:
         expected = lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    done = by_hand.prefills[0]
 
     model = fresh(llava_path)
     with torch.inference_mode(), asapcli.pruned(model, method=method, k=8, layer=2, **options) as pruning:
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(out, expected)
     report = pruning.report()
-    assert [image.kept for image in report.images] == [record.kept.tolist() for record in plan.pruned]
-    assert (report.visual_tokens, report.kept_tokens, report.merged_tokens) == (64, 8, plan.merged)
+    assert [image.kept for image in report.images] == [record.kept.tolist() for record in done.pruned()]
+    assert (report.visual_tokens, report.kept_tokens, report.merged_tokens) == (64, 8, done.prompt().merged_tokens)
     assert report.layer == plan.layer
     text_config = model.config.get_text_config()
-    assert report.flops_ratio == pytest.approx(token_flops(text_config, 64, 8, report.layer)[1])
+    assert report.flops_ratio == pytest.approx(token_flops(text_config, 64, 8, report.layer).ratio)
 
 
 def test_a_padded_batch_reports_each_prompt_in_its_own_tokens(llava_next_path, images):
@@ -74,10 +76,10 @@ def test_a_padded_batch_reports_each_prompt_in_its_own_tokens(llava_next_path, i
     for image, prompt, picture in zip(report.images, prompts, images, strict=True):
         single = build_inputs(lvlm.processor, [user_message(prompt, 1)], [picture])
         expected = plan_for(lvlm, single["input_ids"][0], PruneSettings("fastv", k=8))
-        with torch.inference_mode(), lvlm.decoder.pruning(expected):
+        with torch.inference_mode(), pruned_by(lvlm.model, expected) as by_hand:
             lvlm.model(**single)
-        assert [(image.start, image.end)] == expected.spans
-        assert image.kept == expected.pruned[0].kept.tolist()
+        assert [(image.start, image.end)] == list(expected.spans)
+        assert image.kept == by_hand.prefills[0].pruned()[0].kept.tolist()
 
 
 def test_a_call_that_continues_a_cache_prunes_only_its_new_image(llava_path, images):
@@ -165,7 +167,7 @@ def test_the_flops_ratio_of_several_prompts_is_their_total_over_the_unpruned_tot
     report = pruning.report()
     text_config = model.config.get_text_config()
     assert (report.visual_tokens, report.kept_tokens) == (128, 16)
-    assert report.flops_ratio == pytest.approx(token_flops(text_config, 64, 8, report.layer)[1])
+    assert report.flops_ratio == pytest.approx(token_flops(text_config, 64, 8, report.layer).ratio)
 
 
 def test_what_the_block_cannot_do_is_refused_not_done_wrong(llava_path, images):

@@ -3,6 +3,7 @@ eager attention probabilities."""
 
 import pytest
 import torch
+from tiny_models import pruned_by
 from transformers import AutoModelForImageTextToText
 
 from asapcli.engine import image_spans
@@ -46,6 +47,6 @@ def test_fastv_keeps_the_top_k_of_transformers_eager_last_token_attention(llava_
         attentions = eager(**inputs, output_attentions=True).attentions
     expected = attentions[layer - 1][0, :, -1, start:end].mean(dim=0).topk(k).indices.sort().values + start
     pruning = plan_for(lvlm, ids, PruneSettings(method="fastv", k=k, layer=layer))
-    with torch.inference_mode(), lvlm.decoder.pruning(pruning):
+    with torch.inference_mode(), pruned_by(lvlm.model, pruning) as session:
         lvlm.model(**inputs)
-    assert pruning.pruned[0].kept.tolist() == expected.tolist()
+    assert session.prefills[0].pruned()[0].kept.tolist() == expected.tolist()

@@ -3,6 +3,7 @@ own mask and positions; equal to the same samples run one by one."""
 
 import pytest
 import torch
+from tiny_models import pruned_by
 
 from asapcli.engine.plans import plan_for
 from asapcli.engine.settings import PruneSettings
@@ -20,11 +21,13 @@ def loaded(model_paths):
 
 
 def greedy(lvlm, inputs, plans):
-    with torch.inference_mode(), lvlm.decoder.pruning(plans):
-        return lvlm.model.generate(
+    """Greedy decoding pruned by `plans` made by hand, and what its prefill did."""
+    with torch.inference_mode(), pruned_by(lvlm.model, plans) as session:
+        out = lvlm.model.generate(
             **inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
             output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
+    return out, session.prefills[0]
 
 
 @pytest.mark.parametrize("family", ["llava", "llava-next"])
@@ -43,18 +46,18 @@ def test_a_padded_batch_equals_its_samples_one_by_one(family, method, positions,
     batch = to_device(lvlm, batch)  # the model's device and dtype: tests/test_cuda.py runs this on a GPU
     settings = PruneSettings(method=method, k=8, layer=2, positions=positions)
     plans = [plan_for(lvlm, row, settings) for row in batch["input_ids"]]
-    batched = greedy(lvlm, batch, plans)
+    batched, done = greedy(lvlm, batch, plans)
     assert (batch["attention_mask"] == 0).any()  # the batch really is padded
     for row, (text, image) in enumerate(zip(texts, images, strict=True)):
         single = to_device(lvlm, processor(text=text, images=[image], return_tensors="pt"))
         single_plan = plan_for(lvlm, single["input_ids"][0], settings)
-        alone = greedy(lvlm, single, single_plan)
+        alone, done_alone = greedy(lvlm, single, single_plan)
         length = single["input_ids"].shape[1]
         assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, length:])
         for step in range(STEPS):
             assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-5)
         padding = batch["input_ids"].shape[1] - length
-        assert [r.kept.tolist() for r in single_plan.pruned] == [(r.kept - padding).tolist() for r in plans[row].pruned]
+        assert [r.kept.tolist() for r in done_alone.pruned()] == [(r.kept - padding).tolist() for r in done.pruned(row)]
 
 
 def test_plans_of_one_batch_must_agree(loaded, images):
@@ -64,5 +67,5 @@ def test_plans_of_one_batch_must_agree(loaded, images):
         plan_for(lvlm, ids, PruneSettings(method="fastv", k=8)),
         plan_for(lvlm, ids, PruneSettings(method="fastv", k=4)),
     ]
-    with pytest.raises(ValueError, match="share method, k and layer"), lvlm.decoder.pruning(plans):
+    with pytest.raises(ValueError, match="share method, k and layer"), pruned_by(lvlm.model, plans):
         pass

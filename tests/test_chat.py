@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import pruned_by
 from transformers import AutoModelForImageTextToText
 
 from asapcli.engine import METHODS, PruningPlan, image_spans, make_method
@@ -170,7 +171,7 @@ def test_a_dialogue_equals_one_pruned_prefill_of_it(lvlm, images, method, dialog
     # The chat path: only what the cache has not seen goes through the model.
     cached = session._reuse_cache(ids[0].tolist())
     chat_plan = PruningPlan(make_method(method), K, LAYER, spans=[])
-    with torch.inference_mode(), lvlm.decoder.pruning(chat_plan):
+    with torch.inference_mode(), pruned_by(lvlm.model, chat_plan):
         chat_logits = lvlm.model(input_ids=ids[:, cached:], past_key_values=session.cache, use_cache=True).logits
 
     # The reference: the whole dialogue in one pruned prefill; the spans the chat pruned are
@@ -179,7 +180,7 @@ def test_a_dialogue_equals_one_pruned_prefill_of_it(lvlm, images, method, dialog
     spans = image_spans(ids[0], lvlm.image_token_id)
     pruned_spans = spans if method == "vanilla" else [spans[i] for i in _pruned_spans(session)]
     single_plan = PruningPlan(make_method(method), K, LAYER, spans=pruned_spans)
-    with torch.inference_mode(), lvlm.decoder.pruning(single_plan):
+    with torch.inference_mode(), pruned_by(lvlm.model, single_plan):
         single = lvlm.model(**features, use_cache=True)
 
     assert not replay  # every selection was replayed
@@ -259,7 +260,7 @@ def test_vanilla_chat_with_two_llava_next_images_equals_transformers(llava_next_
     session.ask("and this?")
     features = build_inputs(lvlm.processor, session.messages + [user_message("so?", 0)], session.images)
     cached = session._reuse_cache(features["input_ids"][0].tolist())
-    with torch.inference_mode(), lvlm.decoder.pruning(None):
+    with torch.inference_mode(), pruned_by(lvlm.model, None):
         chat_logits = lvlm.model(
             input_ids=features["input_ids"][:, cached:], past_key_values=session.cache, use_cache=True
         ).logits

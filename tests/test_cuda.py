@@ -11,6 +11,7 @@ import test_batches
 import test_chat
 import torch
 from test_chat import replay_selection  # noqa: F401 (a fixture the chat check takes)
+from tiny_models import pruned_by
 from transformers import AutoModelForImageTextToText
 
 from asapcli.engine.plans import plan_for
@@ -50,7 +51,7 @@ def test_vanilla_equals_transformers_in_bfloat16(demo, demo_reference):
     with torch.inference_mode():
         expected = demo_reference(**inputs).logits
         expected_tokens = demo_reference.generate(**inputs, max_new_tokens=8, do_sample=False)
-        with demo.decoder.pruning(plan):
+        with pruned_by(demo.model, plan):
             ours = demo.model(**inputs).logits
     assert ours.dtype == torch.bfloat16 and ours.device.type == "cuda"
     # bfloat16 keeps 8 bits of mantissa: the same kernels give the same logits, another

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import pruned_by
 from transformers import AutoModelForImageTextToText, DynamicCache
 
-from asapcli.engine import METHODS, image_spans
+from asapcli.engine import METHODS, cache_state, image_spans
 from asapcli.engine.plans import plan_for
 from asapcli.engine.settings import PruneSettings
-from asapcli.errors import UsageError
+from asapcli.errors import UnsupportedModel, UsageError
 from asapcli.runtime.generation import generate
 from asapcli.runtime.inputs import build_inputs, load_image, user_message
 from asapcli.runtime.loading import load
@@ -34,8 +35,15 @@ def two_image_inputs(lvlm, images):
 
 
 def logits(lvlm, inputs, pruning=None, cache=None):
-    with torch.inference_mode(), lvlm.decoder.pruning(pruning):
-        return lvlm.model(**inputs, past_key_values=cache, use_cache=cache is not None).logits
+    return pruned_logits(lvlm, inputs, pruning, cache)[0]
+
+
+def pruned_logits(lvlm, inputs, pruning=None, cache=None):
+    """The logits of one forward call pruned by the plan `pruning` made by hand, and what its
+    prefill did (None where it brought no image)."""
+    with torch.inference_mode(), pruned_by(lvlm.model, pruning) as session:
+        out = lvlm.model(**inputs, past_key_values=cache, use_cache=cache is not None).logits
+    return out, (session.prefills[0] if session.prefills else None)
 
 
 def test_image_spans_are_the_runs_of_image_tokens():
@@ -84,10 +92,11 @@ def test_a_budget_at_or_above_the_image_is_vanilla_bit_for_bit(method, demo):
     for k, lambda_max in [(576, 1.0), (10_000, 1e-12)]:
         settings = PruneSettings(method=method, k=k, lambda_max=lambda_max if method.startswith("asap") else None)
         pruning = plan_for(lvlm, inputs["input_ids"][0], settings)
-        assert torch.equal(logits(lvlm, inputs, pruning), expected)
-        with torch.inference_mode(), lvlm.decoder.pruning(pruning):
+        out, done = pruned_logits(lvlm, inputs, pruning)
+        assert torch.equal(out, expected)
+        with torch.inference_mode(), pruned_by(lvlm.model, pruning) as session:
             assert torch.equal(lvlm.model.generate(**inputs, max_new_tokens=6, do_sample=False), expected_tokens)
-        assert pruning.records == []  # nothing kept, nothing scored
+        assert done.records == session.prefills[0].records == ((),)  # nothing kept, nothing scored
 
 
 def test_only_the_spans_a_budget_shrinks_get_sg_bimask(loaded, images):
@@ -101,12 +110,12 @@ def test_only_the_spans_a_budget_shrinks_get_sg_bimask(loaded, images):
     assert small[1] - small[0] < large[1] - large[0]
     pruning = plan_for(lvlm, ids, PruneSettings(method="asap", k=small[1] - small[0], layer=2))
     cache, plain = (DynamicCache(config=lvlm.model.config.get_text_config()) for _ in range(2))
-    logits(lvlm, inputs, pruning, cache)
+    _, done = pruned_logits(lvlm, inputs, pruning, cache)
     logits(lvlm, inputs, None, plain)
     keys, plain_keys = cache.layers[1].keys, plain.layers[1].keys  # computed from layer 0's output
     assert torch.equal(keys[:, :, small[0] : small[1]], plain_keys[:, :, small[0] : small[1]])
     assert not torch.allclose(keys[:, :, large[0] : large[1]], plain_keys[:, :, large[0] : large[1]], atol=1e-4)
-    assert [len(record.kept) for record in pruning.pruned] == [small[1] - small[0]]
+    assert [len(record.kept) for record in done.pruned()] == [small[1] - small[0]]
 
 
 def test_sg_bimask_changes_the_forward_pass_of_layers_before_l(loaded, images):
@@ -137,14 +146,14 @@ def test_layers_from_l_on_hold_text_plus_k_per_image(family, method, loaded, ima
     visual = sum(end - start for start, end in spans)
     pruning = plan_for(lvlm, ids, PruneSettings(method=method, k=k, layer=layer))
     cache = DynamicCache(config=lvlm.model.config.get_text_config())
-    out = logits(lvlm, inputs, pruning, cache)
+    out, done = pruned_logits(lvlm, inputs, pruning, cache)
     total, text = ids.numel(), ids.numel() - visual
     lengths = [cache.get_seq_length(i) for i in range(lvlm.num_layers)]
     assert lengths == [total] * layer + [text + 2 * k] * (lvlm.num_layers - layer)
     assert out.shape[1] == text + 2 * k
     # Every kept position lies inside its own span; k per span.
-    assert [len(record.kept) for record in pruning.pruned] == [k, k]
-    for kept, (start, end) in zip((record.kept for record in pruning.pruned), spans):
+    assert [len(record.kept) for record in done.pruned()] == [k, k]
+    for kept, (start, end) in zip((record.kept for record in done.pruned()), spans):
         assert kept.min() >= start and kept.max() < end and torch.equal(kept, kept.sort().values)
 
 
@@ -166,7 +175,7 @@ def test_cached_decoding_equals_a_pruned_prefill_of_the_same_tokens(family, load
     inputs = two_image_inputs(lvlm, images)
     ids = inputs["input_ids"][0]
     settings = PruneSettings(method="random", k=8, layer=2, seed=3)
-    with torch.inference_mode(), lvlm.decoder.pruning(plan_for(lvlm, ids, settings)):
+    with torch.inference_mode(), pruned_by(lvlm.model, plan_for(lvlm, ids, settings)):
         generated = lvlm.model.generate(
             **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
@@ -191,11 +200,11 @@ def test_a_plan_ignores_spans_already_in_the_cache(loaded, images):
     more = lvlm.processor.tokenizer(" more", add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([first["input_ids"], more], dim=1)
     second_plan = plan_for(lvlm, ids[0], settings)  # names the old span; nothing in this chunk
-    with torch.inference_mode(), lvlm.decoder.pruning(second_plan):
+    with torch.inference_mode(), pruned_by(lvlm.model, second_plan) as session:
         lvlm.model(input_ids=more, past_key_values=cache, use_cache=True)
     after = [cache.get_seq_length(i) for i in range(lvlm.num_layers)]
     assert [a - b for a, b in zip(after, before)] == [more.shape[1]] * lvlm.num_layers
-    assert second_plan.records == []
+    assert session.prefills[0].records == ((),)
 
 
 def test_bimask_only_is_asap_without_consolidation(loaded, images):
@@ -208,9 +217,8 @@ def test_bimask_only_is_asap_without_consolidation(loaded, images):
         "asap, nothing merged": PruneSettings(method="asap", k=8, merge_threshold=1.0),
         "asap": PruneSettings(method="asap", k=8, merge_threshold=-1.0),  # everything merges
     }.items():
-        pruning = plan_for(lvlm, ids, settings)
-        logits(lvlm, inputs, pruning)
-        kept[name] = torch.cat([record.kept for record in pruning.pruned])
+        _, done = pruned_logits(lvlm, inputs, plan_for(lvlm, ids, settings))
+        kept[name] = torch.cat([record.kept for record in done.pruned()])
     assert torch.equal(kept["bimask-only"], kept["asap, nothing merged"])
     assert not torch.equal(kept["bimask-only"], kept["asap"])  # refilled from the pruned pool
 
@@ -222,10 +230,9 @@ def test_contribution_score_ranks_by_attention_times_value_norm(method, loaded, 
     ids = inputs["input_ids"][0]
     importance = {}
     for score in ("attention", "contribution"):
-        pruning = plan_for(lvlm, ids, PruneSettings(method=method, k=8, score=score))
-        logits(lvlm, inputs, pruning)
-        importance[score] = torch.cat([record.importance for record in pruning.records])
-        assert [len(record.kept) for record in pruning.pruned] == [8, 8]
+        _, done = pruned_logits(lvlm, inputs, plan_for(lvlm, ids, PruneSettings(method=method, k=8, score=score)))
+        importance[score] = torch.cat([record.importance for record in done.records[0]])
+        assert [len(record.kept) for record in done.pruned()] == [8, 8]
     assert not torch.allclose(importance["attention"], importance["contribution"])
 
 
@@ -261,14 +268,14 @@ def test_divprune_equals_the_model_fed_only_the_kept_features(loaded, images):
     inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
     ids = inputs["input_ids"][0]
     pruning = plan_for(lvlm, ids, PruneSettings(method="divprune", k=8))
-    pruned = logits(lvlm, inputs, pruning)
+    pruned, done = pruned_logits(lvlm, inputs, pruning)
     model = lvlm.model
     with torch.inference_mode():
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         features = torch.cat(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
         embeds[inputs["input_ids"] == lvlm.image_token_id] = features.reshape(-1, embeds.shape[-1])
         start, end = image_spans(ids, lvlm.image_token_id)[0]
-        keep = torch.cat([torch.arange(start), pruning.pruned[0].kept, torch.arange(end, ids.numel())])
+        keep = torch.cat([torch.arange(start), done.pruned()[0].kept, torch.arange(end, ids.numel())])
         reference = model(inputs_embeds=embeds[:, keep], position_ids=keep[None]).logits
     assert torch.allclose(pruned, reference, atol=1e-5)
 
@@ -307,12 +314,12 @@ def test_renumbered_divprune_is_the_model_fed_only_the_kept_features(family, loa
         features = torch.cat(ref.model.get_image_features(**image_inputs).pooler_output)
         embeds[inputs["input_ids"] == lvlm.image_token_id] = features.reshape(-1, embeds.shape[-1])
         pruning = plan_for(lvlm, ids, settings)
-        with lvlm.decoder.pruning(pruning):
+        with pruned_by(lvlm.model, pruning) as session:
             steps = lvlm.model.generate(
                 **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
             )
         start, end = image_spans(ids, lvlm.image_token_id)[0]
-        keep = torch.cat([torch.arange(start), pruning.pruned[0].kept, torch.arange(end, ids.numel())])
+        keep = torch.cat([torch.arange(start), session.prefills[0].pruned()[0].kept, torch.arange(end, ids.numel())])
         expected = ref.generate(
             inputs_embeds=embeds[:, keep], max_new_tokens=6, do_sample=False, output_logits=True,
             return_dict_in_generate=True,
@@ -342,8 +349,49 @@ def test_sg_bimask_reaches_a_text_query_selection_only_through_earlier_layers(qu
         pruning = plan_for(
             lvlm, inputs["input_ids"][0], PruneSettings(method, k=128, layer=layer, score_queries=queries)
         )
-        logits(lvlm, inputs, pruning)
-        chosen[method] = pruning.pruned[0].kept, pruning.pruned[0].importance
+        _, done = pruned_logits(lvlm, inputs, pruning)
+        chosen[method] = done.pruned()[0].kept, done.pruned()[0].importance
     (fastv_kept, fastv_importance), (bimask_kept, bimask_importance) = chosen.values()
     assert torch.equal(fastv_kept, bimask_kept) == same
     assert torch.equal(fastv_importance, bimask_importance) == same
+
+
+def test_a_layer_that_does_not_hand_on_the_pass_fails_loudly(llava_path, images, monkeypatch):
+    """The pass reaches the attention function through transformers' keyword passthrough: a
+    transformers that stops handing it on must fail, not prune by plain SDPA's scores."""
+    lvlm = load(str(llava_path), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    layer = lvlm.decoder.decoder.layers[1]  # L = 2: layer 1 scores the span
+    forward = layer.forward
+    monkeypatch.setattr(layer, "forward", lambda *args, prune_pass=None, **kwargs: forward(*args, **kwargs))
+    plan = plan_for(lvlm, inputs["input_ids"][0], PruneSettings(method="fastv", k=8, layer=2))
+    with pytest.raises(UnsupportedModel, match="did not hand the pruning pass to its attention function \\(layer 1\\)"):
+        pruned_logits(lvlm, inputs, plan)
+    assert logits(lvlm, inputs).shape[1] == inputs["input_ids"].shape[1]  # no pass: the layer is not asked
+
+
+def test_the_pruning_state_travels_with_its_cache(llava_path, images):
+    """What a prefill leaves for later calls lives on its cache: a second sequence on another cache
+    starts from none and leaves the first's as it was."""
+    lvlm = load(str(llava_path), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    plan = plan_for(lvlm, inputs["input_ids"][0], PruneSettings(method="divprune", k=8, positions="renumber"))
+    first, second = (DynamicCache(config=lvlm.model.config.get_text_config()) for _ in range(2))
+    pruned_logits(lvlm, inputs, plan, first)
+    shifts = dict(cache_state.of(first).shift)
+    assert shifts  # renumbered: later calls need the shift
+    logits(lvlm, inputs, None, second)
+    assert cache_state.of(second).shift == {} and cache_state.of(first).shift == shifts
+
+
+def test_a_cache_emptied_for_a_new_sequence_carries_no_pruning_state(llava_path, images):
+    """A cache reset for another prompt holds no pruned layers: the renumbering a pruned prefill
+    left on it must not shift the new sequence's positions."""
+    lvlm = load(str(llava_path), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    plan = plan_for(lvlm, inputs["input_ids"][0], PruneSettings(method="divprune", k=8, positions="renumber"))
+    cache = DynamicCache(config=lvlm.model.config.get_text_config())
+    pruned_logits(lvlm, inputs, plan, cache)
+    cache.reset()
+    fresh = DynamicCache(config=lvlm.model.config.get_text_config())
+    assert torch.equal(logits(lvlm, inputs, None, cache), logits(lvlm, inputs, None, fresh))

@@ -8,6 +8,7 @@ from PIL import Image
 
 from asapcli.commands import options
 from asapcli.demo import scenes
+from asapcli.engine.cost import VisualFlops
 from asapcli.engine.settings import PruneSettings
 from asapcli.measure import evaluation, questions
 from asapcli.report import figures
@@ -92,7 +93,7 @@ def test_scoring_and_rows():
     ]
     score = evaluation.Score(PruneSettings())
     for kind, region, hit in (("colour", "top", True), ("colour", "bottom", False), ("exists", None, True)):
-        score.add(questions.Item(None, "q", "a", kind, region), hit, (1.0, 4.0) if hit else (3.0, 4.0))
+        score.add(questions.Item(None, "q", "a", kind, region), hit, VisualFlops(1.0 if hit else 3.0, 4.0))
     assert score.accuracy() == {"colour": 0.5, "exists": 1.0} and score.average == 0.75
     assert score.flops_ratio == 5 / 12  # the ratio of the sums, not the mean of 1/4, 3/4, 1/4
     assert score.region_accuracy() == {"top": 1.0, "bottom": 0.0}

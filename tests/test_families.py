@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from asapcli.engine import PrunedDecoder, UnsupportedModel, check_supported, image_spans, install
-from asapcli.engine.plans import plan_for, visual_steps
+from asapcli.engine.plans import plan_for
 from asapcli.engine.settings import PruneSettings
 from asapcli.runtime.generation import generate
 from asapcli.runtime.loading import Loaded, prepare
@@ -60,8 +60,15 @@ def family(request, families):
 
 
 def logits(loaded, inputs, pruning=None, cache=None):
-    with torch.inference_mode(), loaded.decoder.pruning(pruning):
-        return loaded.model(**inputs, past_key_values=cache, use_cache=cache is not None).logits
+    return pruned_logits(loaded, inputs, pruning, cache)[0]
+
+
+def pruned_logits(loaded, inputs, pruning=None, cache=None):
+    """The logits of one forward call pruned by the plan `pruning` made by hand, and what its
+    prefill did."""
+    with torch.inference_mode(), tiny_models.pruned_by(loaded.model, pruning) as session:
+        out = loaded.model(**inputs, past_key_values=cache, use_cache=cache is not None).logits
+    return out, (session.prefills[0] if session.prefills else None)
 
 
 def test_each_image_is_one_span_of_its_own_tokens(family):
@@ -85,7 +92,7 @@ def test_vanilla_matches_transformers_forward_and_generate(family):
         expected = family.reference(**inputs).logits
         expected_tokens = family.reference.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert torch.allclose(logits(loaded, inputs, pruning), expected, atol=1e-5)
-    with torch.inference_mode(), loaded.decoder.pruning(pruning):
+    with torch.inference_mode(), tiny_models.pruned_by(loaded.model, pruning):
         tokens = loaded.model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert torch.equal(tokens, expected_tokens)
 
@@ -106,12 +113,12 @@ def test_layers_from_l_on_hold_text_plus_k_per_image(family, method):
     visual = sum(end - start for start, end in spans)
     pruning = plan_for(loaded, ids, PruneSettings(method=method, k=k, layer=layer))
     cache = DynamicCache(config=loaded.model.config.get_text_config())
-    out = logits(loaded, family.inputs, pruning, cache)
+    out, done = pruned_logits(loaded, family.inputs, pruning, cache)
     text = ids.numel() - visual
     lengths = [cache.get_seq_length(i) for i in range(loaded.num_layers)]
     assert lengths == [ids.numel()] * layer + [text + 2 * k] * (loaded.num_layers - layer)
     assert out.shape[1] == text + 2 * k
-    for kept, (start, end) in zip((record.kept for record in pruning.pruned), spans, strict=True):
+    for kept, (start, end) in zip((record.kept for record in done.pruned()), spans, strict=True):
         assert len(kept) == k and kept.min() >= start and kept.max() < end
 
 
@@ -125,8 +132,8 @@ def test_each_layer_holds_what_the_methods_schedule_leaves(family, method):
     visual = sum(end - start for start, end in image_spans(ids, loaded.image_token_id))
     pruning = plan_for(loaded, ids, PruneSettings(method=method, k=8, layer=2))
     cache = DynamicCache(config=loaded.model.config.get_text_config())
-    out = logits(loaded, family.inputs, pruning, cache)
-    steps = visual_steps(pruning)
+    out, done = pruned_logits(loaded, family.inputs, pruning, cache)
+    steps = done.prompt().steps
     left = [min([visual] + [count for at, count in steps if at <= layer]) for layer in range(loaded.num_layers)]
     assert steps and left[-1] < visual  # it pruned
     assert [cache.get_seq_length(i) for i in range(loaded.num_layers)] == [ids.numel() - visual + n for n in left]
@@ -140,7 +147,7 @@ def test_cached_decoding_equals_a_pruned_prefill_of_the_same_tokens(family):
     ids = inputs["input_ids"][0]
     settings = PruneSettings(method="random", k=8, layer=2, seed=3)
     steps = 6
-    with torch.inference_mode(), loaded.decoder.pruning(plan_for(loaded, ids, settings)):
+    with torch.inference_mode(), tiny_models.pruned_by(loaded.model, plan_for(loaded, ids, settings)):
         generated = loaded.model.generate(
             **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
             output_logits=True, return_dict_in_generate=True,
@@ -162,7 +169,7 @@ def test_kept_tokens_keep_their_original_3d_positions(families):
     inputs, loaded, reference = qwen.inputs, qwen.loaded, qwen.reference
     ids = inputs["input_ids"][0]
     pruning = plan_for(loaded, ids, PruneSettings(method="divprune", k=8))
-    pruned = logits(loaded, inputs, pruning)
+    pruned, done = pruned_logits(loaded, inputs, pruning)
     with torch.inference_mode():
         model = reference.model
         positions, _ = model.get_rope_index(
@@ -174,7 +181,7 @@ def test_kept_tokens_keep_their_original_3d_positions(families):
         embeds[inputs["input_ids"] == loaded.image_token_id] = features
         (first_start, first_end), (second_start, second_end) = image_spans(ids, loaded.image_token_id)
         keep = torch.cat([
-            torch.arange(first_start), pruning.pruned[0].kept, torch.arange(first_end, second_start), pruning.pruned[1].kept,
+            torch.arange(first_start), done.pruned()[0].kept, torch.arange(first_end, second_start), done.pruned()[1].kept,
             torch.arange(second_end, ids.numel()),
         ])  # fmt: skip
         assert not torch.equal(positions[1, 0, keep], positions[2, 0, keep])  # height and width differ: 3-D
@@ -196,12 +203,15 @@ def test_a_qwen_batch_equals_its_samples_one_by_one(families, images, method):
                "return_dict_in_generate": True}  # fmt: skip
     with (
         torch.inference_mode(),
-        loaded.decoder.pruning([plan_for(loaded, row, settings) for row in batch["input_ids"]]),
+        tiny_models.pruned_by(loaded.model, [plan_for(loaded, row, settings) for row in batch["input_ids"]]),
     ):
         batched = loaded.model.generate(**batch, **options)
     for row, sample in enumerate(samples):
         single = tiny_models.qwen_batch(tokenizer, [sample])
-        with torch.inference_mode(), loaded.decoder.pruning(plan_for(loaded, single["input_ids"][0], settings)):
+        with (
+            torch.inference_mode(),
+            tiny_models.pruned_by(loaded.model, plan_for(loaded, single["input_ids"][0], settings)),
+        ):
             alone = loaded.model.generate(**single, **options)
         for step in range(steps):
             assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-5)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from reference_asap import ReferenceLM
+from tiny_models import pruned_by
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import asapcli
@@ -41,9 +42,9 @@ def demo():
 def demo_plan(demo, method: str, k: int = 128, **options):
     inputs = build_inputs(demo.processor, [user_message(QUESTION, 1)], [load_image(CAR)])
     plan = plan_for(demo, inputs["input_ids"][0], PruneSettings(method, k=k, layer=2, **options))
-    with torch.inference_mode(), demo.decoder.pruning(plan):
+    with torch.inference_mode(), pruned_by(demo.model, plan) as session:
         demo.model(**inputs)
-    return inputs, plan
+    return inputs, session.prefills[0]
 
 
 # ---- roles, from the engine ------------------------------------------------------------------
@@ -53,12 +54,12 @@ def test_asaps_roles_are_the_references_anchors_sources_and_refills(demo):
     """The reference (written from the paper alone) records which selected token absorbed which
     and what the pool refilled; the engine's roles must say the same, token by token."""
     torch.set_num_threads(1)
-    inputs, plan = demo_plan(demo, "asap")
+    inputs, done = demo_plan(demo, "asap")
     model = AutoModelForImageTextToText.from_pretrained(find_preset("demo").bundled_path()).eval()
     expected = ReferenceLM(model).pruned(inputs, "asap", 128, 2)
-    ((start, _),) = plan.spans
+    ((start, _),) = done.plans[0].spans
     debug = expected.debug[start]
-    (record,) = plan.pruned
+    (record,) = done.pruned()
     kept = (record.kept - start).tolist()
     roles = dict(zip(kept, record.roles, strict=True))
     absorbed = dict(zip(kept, record.absorbed, strict=True))
@@ -70,14 +71,16 @@ def test_asaps_roles_are_the_references_anchors_sources_and_refills(demo):
     }
     for anchor in anchors:
         assert sorted(absorbed[anchor]) == sorted(debug["sources"][anchor])
-    assert sum(map(len, absorbed.values())) == plan.merged == len(debug["refill"]) == 111  # the README's demo
+    assert (
+        sum(map(len, absorbed.values())) == done.prompt().merged_tokens == len(debug["refill"]) == 111
+    )  # the README's demo
     assert all(absorbed[i] == [] for i, role in roles.items() if role != ANCHOR)
 
 
 def test_fastv_divprune_and_random_keep_by_selection_only(demo):
     for method, role in (("fastv", SELECTED), ("divprune", DIVERSE), ("random", SELECTED)):
-        _, plan = demo_plan(demo, method)
-        assert plan.pruned[0].roles == [role] * 128 and plan.pruned[0].absorbed == [[]] * 128
+        _, done = demo_plan(demo, method)
+        assert done.pruned()[0].roles == [role] * 128 and done.pruned()[0].absorbed == [[]] * 128
 
 
 def test_a_method_has_one_colour_in_every_figure():

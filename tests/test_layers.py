@@ -97,5 +97,5 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_rule_sees_an_upward_import():
     assert rank("asapcli.engine.decoder") < rank("asapcli.runtime.loading") < rank("asapcli.commands.run")
-    assert "asapcli.engine.block" in GRAPH["asapcli.runtime.generation"]
+    assert "asapcli.engine.session" in GRAPH["asapcli.runtime.generation"]
     assert "asapcli.report.display" in GRAPH["asapcli.commands.run"]  # `from ..report import display`

@@ -27,7 +27,7 @@ def test_presets_are_found_from_a_checkout_with_no_installed_mapping():
 def test_every_package_of_the_source_is_in_the_distribution():
     """pyproject lists the packages by name (profiles/ is mapped into asapcli): a new subpackage
     left off the list works in an editable install and is missing from a built one, as
-    asapcli.engine.schedule once was."""
+    asapcli.engine.cost once was."""
     listed = set(tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {
         ".".join(init.parent.relative_to(CHECKOUT).parts) for init in (CHECKOUT / "asapcli").rglob("__init__.py")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import reference_baselines as ref
 import torch
+from tiny_models import pruned_by
 from transformers import DynamicCache
 
 import asapcli
@@ -204,8 +205,8 @@ def test_the_cache_holds_each_stage_and_the_report_counts_the_schedule(demo, car
     lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
     assert lengths == [full, full - n + counts[1], full - n + counts[2], full - n + counts[3]]
     assert (report.layer, report.visual_tokens, report.kept_tokens) == (1, n, counts[3])
-    expected = asapcli.engine.schedule.visual_flops(demo.model.config.get_text_config(), n, sorted(counts.items()))
-    assert report.flops_ratio == pytest.approx(expected[1])
+    expected = asapcli.engine.cost.visual_flops(demo.model.config.get_text_config(), n, sorted(counts.items()))
+    assert report.flops_ratio == pytest.approx(expected.ratio)
     # Eq. 7 of the same schedule: 1 layer with all 576, then one with each stage's count.
     assert report.flops_ratio < 1
 
@@ -220,22 +221,23 @@ def test_a_padded_batch_equals_its_rows_one_by_one(positions, llava_next_path, i
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
     settings = PruneSettings(method="pdrop", k=1, positions=positions, stage_ratio="0.5")
     plans = [plan_for(lvlm, row, settings) for row in batch["input_ids"]]
-    with torch.inference_mode(), lvlm.decoder.pruning(plans):
+    with torch.inference_mode(), pruned_by(lvlm.model, plans) as session:
         batched = _greedy(lvlm.model, batch)
-    counts = [[len(kept) for _, kept in plan.pruned[0].stages] for plan in plans]
+    done = session.prefills[0]
+    counts = [[len(kept) for _, kept in done.pruned(row)[0].stages] for row in range(len(plans))]
     assert counts[0] != counts[1] and (batch["attention_mask"] == 0).any()
     for row, (text, image) in enumerate(zip(texts, images, strict=True)):
         single = processor(text=text, images=[image], return_tensors="pt")
         plan = plan_for(lvlm, single["input_ids"][0], settings)
-        with torch.inference_mode(), lvlm.decoder.pruning(plan):
+        with torch.inference_mode(), pruned_by(lvlm.model, plan) as session:
             alone = _greedy(lvlm.model, single)
         length = single["input_ids"].shape[1]
         assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, length:])
         for step in range(STEPS):
             assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-5)
         padding = batch["input_ids"].shape[1] - length
-        mine = [(layer, kept.tolist()) for layer, kept in plan.pruned[0].stages]
-        theirs = [(layer, (kept - padding).tolist()) for layer, kept in plans[row].pruned[0].stages]
+        mine = [(layer, kept.tolist()) for layer, kept in session.prefills[0].pruned()[0].stages]
+        theirs = [(layer, (kept - padding).tolist()) for layer, kept in done.pruned(row)[0].stages]
         assert mine == theirs
 
 
@@ -252,7 +254,7 @@ def test_a_later_turn_prunes_its_own_image_by_the_schedule(positions, llava_path
     steps = PyramidDrop().schedule(64, 32, 2, 4)
     assert len(steps) == 3
     for turn in (first, second):
-        (span,) = turn.result.spans
+        (span,) = turn.result.pruning.spans
         assert [(layer, len(kept)) for layer, kept in span.stages] == steps
         assert turn.result.steps == steps
     lengths = [layer.get_seq_length() for layer in session.cache.layers]
@@ -331,7 +333,7 @@ def test_an_image_in_a_later_turn_is_scored_at_its_own_place_in_the_cache(llava_
     session.ask("hello there, how are you?")
     session.add_image("picture", images[1])
     second = session.ask("what is it?")
-    (span,) = second.result.spans
+    (span,) = second.result.pruning.spans
     ids = torch.tensor([session.seen[: second.result.prompt_tokens]])
     pixels = lvlm.processor.image_processor(images[1], return_tensors="pt")["pixel_values"]
     with torch.inference_mode(), asapcli.pruned(lvlm.model, method="pdrop", k=32) as pruning:

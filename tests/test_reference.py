@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from reference_asap import ReferenceLM
+from tiny_models import pruned_by
 from transformers import AutoModelForImageTextToText
 
 from asapcli.engine.plans import plan_for
@@ -91,24 +92,24 @@ def _engine(setup: Setup, method, k, layer, lambda_max, threshold, queries, scor
 
     handle = setup.lvlm.decoder.decoder.layers[layer].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.inference_mode(), setup.lvlm.decoder.pruning(pruning):
+        with torch.inference_mode(), pruned_by(setup.lvlm.model, pruning) as session:
             logits = setup.lvlm.model(**setup.inputs).logits
     finally:
         handle.remove()
-    return pruning, seen["hidden"][0], logits[0]
+    return session.prefills[0], seen["hidden"][0], logits[0]
 
 
 def _check(setup: Setup, method, k, layer, lambda_max=1.0, threshold=0.9, queries="last", score="attention"):
-    pruning, hidden, logits = _engine(setup, method, k, layer, lambda_max, threshold, queries, score)
+    done, hidden, logits = _engine(setup, method, k, layer, lambda_max, threshold, queries, score)
     expected = setup.reference.pruned(
         setup.inputs, method, k, layer, lambda_max, threshold, queries, score, embedded=setup.embedded
     )
     pruned_spans = setup.spans if k < setup.span else 0
     assert len(expected.kept) == pruned_spans
-    got_kept = [record.kept.cpu().tolist() for record in pruning.pruned]
+    got_kept = [record.kept.cpu().tolist() for record in done.pruned()]
     want_kept = [positions.tolist() for positions in expected.kept]
     assert got_kept == want_kept, _kept_diff(got_kept, want_kept)
-    assert pruning.merged == expected.merged
+    assert done.prompt().merged_tokens == expected.merged
     assert hidden.shape == expected.entering.shape
     assert logits.shape == expected.logits.shape
     torch.testing.assert_close(hidden.double(), expected.entering, **HIDDEN_TOL)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import reference_baselines as ref
 import torch
+from tiny_models import pruned_by
 from transformers import DynamicCache
 
 import asapcli
@@ -255,8 +256,8 @@ def test_the_report_and_eq7_count_the_schedule(demo, inputs):
     full = inputs["input_ids"].shape[1] + STEPS - 1
     lengths = [layer.get_seq_length() for layer in out.past_key_values.layers]
     assert lengths == [full] + [full - 576 + count for _, count in steps]
-    expected = asapcli.engine.schedule.visual_flops(demo.model.config.get_text_config(), 576, steps)
-    assert report.flops_ratio == pytest.approx(expected[1]) and report.flops_ratio < 1
+    expected = asapcli.engine.cost.visual_flops(demo.model.config.get_text_config(), 576, steps)
+    assert report.flops_ratio == pytest.approx(expected.ratio) and report.flops_ratio < 1
 
 
 @pytest.mark.parametrize("positions", ["original", "renumber"])
@@ -268,21 +269,24 @@ def test_a_padded_llava_next_batch_equals_its_rows_one_by_one(positions, llava_n
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
     settings = PruneSettings(method="sparsevlm", k=8, positions=positions)
     plans = [plan_for(lvlm, row, settings) for row in batch["input_ids"]]
-    with torch.inference_mode(), lvlm.decoder.pruning(plans):
+    with torch.inference_mode(), pruned_by(lvlm.model, plans) as session:
         batched = _greedy(lvlm.model, batch)
-    assert all(len(plan.pruned[0].stages) >= 2 for plan in plans) and (batch["attention_mask"] == 0).any()
+    done = session.prefills[0]
+    assert (
+        all(len(done.pruned(row)[0].stages) >= 2 for row in range(len(plans))) and (batch["attention_mask"] == 0).any()
+    )
     for row, (text, image) in enumerate(zip(texts, images, strict=True)):
         single = processor(text=text, images=[image], return_tensors="pt")
         plan = plan_for(lvlm, single["input_ids"][0], settings)
-        with torch.inference_mode(), lvlm.decoder.pruning(plan):
+        with torch.inference_mode(), pruned_by(lvlm.model, plan) as session:
             alone = _greedy(lvlm.model, single)
         length = single["input_ids"].shape[1]
         assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, length:])
         for step in range(STEPS):
             assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-5)
         padding = batch["input_ids"].shape[1] - length
-        mine = [(layer, kept.tolist()) for layer, kept in plan.pruned[0].stages]
-        theirs = [(layer, (kept - padding).tolist()) for layer, kept in plans[row].pruned[0].stages]
+        mine = [(layer, kept.tolist()) for layer, kept in session.prefills[0].pruned()[0].stages]
+        theirs = [(layer, (kept - padding).tolist()) for layer, kept in done.pruned(row)[0].stages]
         assert mine == theirs
 
 
@@ -298,7 +302,7 @@ def test_a_later_turn_prunes_its_own_image(llava_path, images):
     steps = SparseVLM().schedule(64, 16, 2, 4)
     assert len(steps) >= 2
     for turn in (first, second):
-        (span,) = turn.result.spans
+        (span,) = turn.result.pruning.spans
         assert [(layer, len(kept)) for layer, kept in span.stages] == steps
     lengths = [layer.get_seq_length() for layer in session.cache.layers]
     total = len(session.seen)

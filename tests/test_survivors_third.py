@@ -67,7 +67,7 @@ def test_the_apis_seed_chooses_the_random_methods_tokens(tiny, images):
         kept.append(pruning.report().images[0].kept)
     assert kept[0] == kept[2] != kept[1]
     result = asapcli.generate(tiny, images[0], "what?", method="random", k=16, seed=7, max_tokens=1)
-    assert result.spans[0].kept.tolist() == [position - 0 for position in kept[1]]
+    assert result.pruning.spans[0].kept.tolist() == [position - 0 for position in kept[1]]
 
 
 def test_forget_of_a_turn_that_brought_two_images_forgets_both(tiny, images):

@@ -4,6 +4,7 @@ that tests load them through the same path as a hub checkpoint. No network."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2Im
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from asapcli.engine.session import PruningSession, attached
 from asapcli.runtime.random_model import (
     LlavaShape,
     char_tokenizer,
@@ -167,3 +169,14 @@ def internvl_inputs(tokenizer, images, prompt: str) -> BatchFeature:
     vision = "".join(f"<img>{'<IMG_CONTEXT>' * INTERNVL_TILE_TOKENS * int(n)}</img>" for n in pixels["num_patches"])
     ids = tokenizer(f"USER: {vision}\n{prompt}\nASSISTANT:", return_tensors="pt")
     return BatchFeature({**ids, "pixel_values": pixels["pixel_values"]})
+
+
+@contextmanager
+def pruned_by(model, plans):
+    """The next forward call of `model` (a generate()'s prefill) pruned by `plans` made by hand (one
+    per row, or one; None: nothing), through a bare session: yields the session, whose `prefills`
+    say what the call did."""
+    session = PruningSession(None, model.config.get_text_config())
+    with attached(model, session):
+        session.plan_next(plans)
+        yield session

@@ -64,15 +64,14 @@ def answer(
 
 
 def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResult, span=None) -> Answered:
-    prunes = settings.method.prunes  # else no budget, no pruning layer: none to report
     record = Answer(
         **Answer.figures(result),
         image=str(image),
         prompt=prompt,
         model=loaded.name,
         method=settings.method.name,
-        k=settings.k if prunes else None,
-        layer=result.layer if prunes else None,
+        k=settings.budget,
+        layer=result.layer if settings.method.prunes else None,  # no pruning layer to report
         options=settings.method.options(),
         prompt_tokens=result.prompt_tokens,
         device=str(loaded.device),
@@ -87,13 +86,14 @@ def kept_view(loaded: Loaded, picture: Image.Image, answered: Answered) -> figur
     start, end = answered.span
     layout = patch_layout.span_layout(loaded.processor, picture.size, end - start)
     result, record = answered.result, answered.record
-    pruned = bool(result.kept_positions)
+    image = next((image for image in result.pruning.images if image.start == start), None)
+    pruned = image is not None and image.kept is not None
     title = figures.kept_title(loaded.label, record.method, record.k, record.layer, result.kept_tokens, end - start)
     return figures.kept_view(
         layout,
-        [position - start for position in result.kept_positions[0]] if pruned else None,
-        result.kept_roles[0] if pruned else None,
-        result.kept_absorbed[0] if pruned else None,
+        [position - start for position in image.kept] if pruned else None,
+        image.roles if pruned else None,
+        [[position - start for position in group] for group in image.absorbed] if pruned else None,
         title,
         record.method,
     )

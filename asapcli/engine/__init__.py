@@ -23,11 +23,11 @@ from .methods import (
 # name -> the submodule that defines it, imported (with torch and transformers) when first asked for.
 _COMPUTING = {
     "PrunedDecoder": "decoder",
-    "PruningPlan": "decoder",
-    "SpanRecord": "decoder",
-    "UnsupportedModel": "decoder",
+    "PruningPlan": "plans",
+    "SpanRecord": "prune_pass",
+    "UnsupportedModel": "wiring",
     "check_supported": "wiring",
-    "image_spans": "wiring",
+    "image_spans": "plans",
     "install": "wiring",
     "uninstall": "wiring",
 }

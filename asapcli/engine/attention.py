@@ -1,6 +1,8 @@
 """The attention function registered with transformers for the language model.
 
-It receives query and key after RoPE (transformers' AttentionInterface contract). Outside a
+It receives query and key after RoPE (transformers' AttentionInterface contract), and the
+pruning pass as the keyword argument `prune_pass` that the pruned decoder gives its layers and
+transformers hands on (the decoder checks that it arrived). Outside a
 pruning prefill, and in layers >= L, it is transformers' own SDPA function unchanged. In layers
 0..L-1 of a pruning prefill it computes the attention mass of each image span (Eq. 2), swaps the
 causal mask for SG-BiMask inside the spans when the method asks for it (Eq. 4-5), and at layer
@@ -25,7 +27,7 @@ from . import ops
 from .methods import PruningMethod, SpanScores
 
 if TYPE_CHECKING:
-    from .decoder import PrunePass
+    from .prune_pass import PrunePass
 
 ATTENTION_NAME = "asap_sdpa"
 
@@ -95,6 +97,7 @@ def asap_attention(
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     heads = _Heads(module, query, repeat_kv(key, module.num_key_value_groups), value, attention_mask, scaling)
     attention_mask = _measure_spans(heads, prune_pass)
+    prune_pass.measured.add(module.layer_idx)  # the decoder checks that the pass got here
     return sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 

@@ -66,6 +66,11 @@ class PruneSettings:
         return self.method.stage_layers(self.layer, self.num_layers)[0]
 
     @property
+    def budget(self) -> int | None:
+        """k as a record reports it: None for a method that takes no budget (vanilla)."""
+        return self.k if self.method.prunes else None
+
+    @property
     def hyperparameters(self) -> dict:
         """The hyperparameters given, by name, in their declarations' order."""
         return {name: getattr(self.method, name) for name in HYPERPARAMETERS if name in self.given}

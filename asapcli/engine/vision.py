@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .decoder import UnsupportedModel
+from ..errors import UnsupportedModel
 from .methods.tower import TiledCues
 
 

@@ -1,13 +1,13 @@
 """How the pruned decoder is wired into a transformers LVLM: install and uninstall it, check that
-the engine can drive a model, find the image spans of a prompt."""
+the engine can drive a model."""
 
 from __future__ import annotations
 
-import torch
 from transformers import PreTrainedModel
 
+from ..errors import UnsupportedModel
 from . import attention
-from .decoder import PrunedDecoder, UnsupportedModel
+from .decoder import PrunedDecoder
 
 
 def install(model: PreTrainedModel) -> PrunedDecoder:
@@ -78,13 +78,3 @@ def _language_model(model: PreTrainedModel):
         return model.get_decoder()
     except (AttributeError, NotImplementedError) as error:
         raise UnsupportedModel(f"{type(model).__name__} does not expose its language model (get_decoder)") from error
-
-
-def image_spans(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
-    """[start, end) of every contiguous run of image tokens in one sequence (1-D ids). One run is
-    one image: LLaVA-NeXT's tiles and newline slots all carry the image token id."""
-    is_image = torch.cat([torch.zeros(1, dtype=torch.int8), (input_ids == image_token_id).to(torch.int8).cpu()])
-    edges = torch.diff(torch.cat([is_image, torch.zeros(1, dtype=torch.int8)]))
-    starts = (edges == 1).nonzero().squeeze(1).tolist()
-    ends = (edges == -1).nonzero().squeeze(1).tolist()
-    return list(zip(starts, ends))

@@ -21,8 +21,9 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
+from ..engine import cost
 from ..errors import AsapError, UsageError
-from ..runtime.generation import GenerationResult, flops_ratio, generate_batch
+from ..runtime.generation import GenerationResult, generate_batch
 from ..runtime.inputs import build_batch_inputs
 from ..runtime.loading import load
 from ..runtime.machine import choose_threads
@@ -82,7 +83,7 @@ class Asap(lmms):
             kept, merged = sum(r.kept_tokens for r in results), sum(r.merged_tokens for r in results)
             logger.info(
                 f"asap: {kept}/{visual} visual tokens kept ({merged} merged), "
-                f"FLOPs {100 * flops_ratio(self.loaded, results):.1f}% of vanilla (Eq. 8)"
+                f"FLOPs {100 * cost.eq8(result.flops for result in results):.1f}% of vanilla (Eq. 8)"
             )
         return answers
 

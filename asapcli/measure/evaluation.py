@@ -9,20 +9,22 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from ..demo import scenes
+from ..engine import cost
 from ..engine.methods import DEFAULT_METHOD, METHODS
 from ..engine.plans import plan_for
+from ..engine.session import PruningSession, attached
 from ..engine.settings import MethodGrid, PruneSettings
 from ..errors import AsapError
 from ..records import Environment, EvalRow, LoggedAnswer
 from ..runtime import patch_layout
-from ..runtime.generation import context_length, generate_batch, to_device, visual_tflops
+from ..runtime.generation import context_length, generate_batch, to_device
 from ..runtime.inputs import build_batch_inputs, check_text
 from ..runtime.loading import Loaded
 from .questions import Item
@@ -55,15 +57,15 @@ class Score:
     """Exact-match results of one method at one budget."""
 
     settings: PruneSettings
-    tflops: list[float] = field(default_factory=lambda: [0.0, 0.0])  # Eq. 7 summed: as pruned, unpruned
+    flops: list[cost.VisualFlops] = field(default_factory=list)  # Eq. 7 of each answer's visual tokens
     hits: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     totals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     region_hits: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     region_totals: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, item: Item, correct: bool, tflops: tuple[float, float]) -> None:
-        """One answer: whether it was right, and its visual tokens' Eq. 7 (pruned, unpruned)."""
-        self.tflops = [total + one for total, one in zip(self.tflops, tflops)]
+    def add(self, item: Item, correct: bool, flops: cost.VisualFlops) -> None:
+        """One answer: whether it was right, and its visual tokens' Eq. 7."""
+        self.flops.append(flops)
         self.hits[item.type] += correct
         self.totals[item.type] += 1
         if item.region is not None:
@@ -72,10 +74,9 @@ class Score:
 
     @property
     def flops_ratio(self) -> float:
-        """Eq. 8 over every question answered (the ratio of the sums, as generation.flops_ratio):
-        each image keeps its own count of tokens (LLaVA-NeXT's tiles, an adaptive method)."""
-        pruned, full = self.tflops
-        return pruned / full if full else 1.0
+        """Eq. 8 over every question answered: each image keeps its own count of tokens
+        (LLaVA-NeXT's tiles, an adaptive method)."""
+        return cost.eq8(self.flops)
 
     def accuracy(self) -> dict[str, float]:
         return {kind: self.hits[kind] / self.totals[kind] for kind in self.totals}
@@ -93,7 +94,7 @@ class Score:
         """The score as a row of the table (and of --json), `relative` to vanilla's average."""
         return EvalRow(
             method=self.settings.method.name,
-            k=self.settings.k if self.settings.method.prunes else None,
+            k=self.settings.budget,
             flops_ratio=self.flops_ratio,
             accuracy=self.accuracy(),
             region_accuracy=self.region_accuracy(),
@@ -181,7 +182,7 @@ def evaluate(
             results = generate_batch(loaded, inputs, score.settings, max_tokens=max_tokens, seed=score.settings.seed)
             for index, (item, result) in enumerate(zip(group, results), start=start):
                 hit = correct(result.text, item.answer)
-                score.add(item, hit, visual_tflops(loaded, result))
+                score.add(item, hit, result.flops)
                 if on_answer is not None:
                     on_answer(score, index, result.text, hit)
                 if on_step is not None:
@@ -215,7 +216,7 @@ class AnswerLog:
         item, settings = self.items[index], score.settings
         record = LoggedAnswer(
             method=settings.method.name,
-            k=settings.k if settings.method.prunes else None,
+            k=settings.budget,
             index=index,
             image=str(item.image) if isinstance(item.image, Path) else None,
             question=item.question,
@@ -283,10 +284,12 @@ def patch_attention(
         inputs = build_batch_inputs(loaded.processor, [(item.question, picture)])
         everything = inputs["input_ids"].shape[1]
         for mask, settings in masks.items():
-            plan = replace(plan_for(loaded, inputs["input_ids"][0], settings.with_budget(everything)), score_only=True)
-            with torch.inference_mode(), loaded.decoder.pruning(plan):
+            plan = plan_for(loaded, inputs["input_ids"][0], settings.with_budget(everything), score_only=True)
+            session = PruningSession(settings, loaded.text_config)
+            with torch.inference_mode(), attached(loaded.model, session):
+                session.plan_next(plan)
                 loaded.model(**to_device(loaded, inputs))
-            sums[mask] = sums[mask] + _on_grid(loaded, picture, plan.records[0].importance)
+            sums[mask] = sums[mask] + _on_grid(loaded, picture, session.prefills[0].records[0][0].importance)
             if on_step is not None:
                 on_step()
     return PatchAttention(layer, queries, *((sums[mask] / len(items)).tolist() for mask in masks))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..engine import DEFAULT_METHOD, METHODS, REFERENCE, PruningMethod
-from ..engine.schedule import (
+from ..engine.cost import (
     CONVENTION,
     GQA_CONVENTION,
     Architecture,

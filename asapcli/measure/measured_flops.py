@@ -14,6 +14,7 @@ to fvcore's tracer at all.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections import Counter
@@ -23,8 +24,8 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
-from ..engine import PruningPlan
 from ..engine.plans import make_plan
+from ..engine.session import PruningSession, attached
 from ..engine.settings import PruneSettings
 from ..runtime.loading import Loaded
 
@@ -50,30 +51,33 @@ def sdpa_flops(inputs, outputs) -> int:
 
 
 class _VisualOnly(torch.nn.Module):
-    """The pruned decoder on a sequence of visual tokens, pruned by `plan` (fvcore traces a
-    module called with tensors)."""
+    """The pruned decoder on a sequence of visual tokens, the whole sequence one image span that
+    the `session` attached to it prunes (None: nothing pruned); fvcore traces a module called
+    with tensors."""
 
-    def __init__(self, loaded: Loaded, plan: PruningPlan | None):
+    def __init__(self, loaded: Loaded, session: PruningSession | None):
         super().__init__()
         self.decoder = loaded.decoder
-        self.plan = plan
+        self.session = session
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        with self.decoder.pruning(self.plan):
-            return self.decoder(inputs_embeds=states, use_cache=False).last_hidden_state
+        if self.session is not None:  # the decoder is called directly: no input_ids to plan from
+            self.session.plan_next(make_plan(self.session.settings, [(0, states.shape[1])]))
+        return self.decoder(inputs_embeds=states, use_cache=False).last_hidden_state
 
 
 def count_flops(loaded: Loaded, visual_tokens: int, settings: PruneSettings | None = None) -> CountedFlops:
     """fvcore's count of one language-model forward over `visual_tokens` tokens, pruned to
     `settings.k` after layer `settings.layer` - 1 when settings are given."""
-    plan = make_plan(settings, [(0, visual_tokens)]) if settings is not None else None
+    session = PruningSession(settings, loaded.text_config) if settings is not None else None
     hidden = loaded.model.config.get_text_config().hidden_size
     generator = torch.Generator().manual_seed(0)
     states = torch.randn(1, visual_tokens, hidden, generator=generator).to(loaded.device, loaded.model.dtype)
-    analysis = FlopCountAnalysis(_VisualOnly(loaded, plan).eval(), (states,))
+    analysis = FlopCountAnalysis(_VisualOnly(loaded, session).eval(), (states,))
     analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flops)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
-    with warnings.catch_warnings(), torch.no_grad():
+    attach = attached(loaded.model, session) if session is not None else contextlib.nullcontext()
+    with warnings.catch_warnings(), torch.no_grad(), attach:
         warnings.simplefilter("ignore")  # the tracer's notes on data-dependent selection
         by_module = analysis.by_module_and_operator()
     layers = [f"decoder.decoder.layers.{index}" for index in range(loaded.num_layers)]

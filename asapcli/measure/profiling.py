@@ -23,9 +23,8 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
-from ..engine import PruningMethod, schedule
-from ..engine.block import pruned_as
-from ..engine.plans import first_layer, token_counts, visual_steps
+from ..engine import PruningMethod, cost
+from ..engine.session import pruned_as
 from ..engine.settings import MethodGrid, PruneSettings
 from ..errors import AsapError
 from ..records import ProfileRow
@@ -79,10 +78,10 @@ class Measurement:
 
 def prefill(loaded: Loaded, inputs: BatchFeature, settings: PruneSettings):
     """One pruned prefill of a whole batch, a plan per row: (logits of the last token, cache,
-    the first row's plan)."""
+    what the first row's prefill pruned)."""
     with torch.inference_mode(), pruned_as(loaded.model, settings) as pruning:
         output = loaded.model(**inputs, use_cache=True, logits_to_keep=1)
-    return output.logits[:, -1], output.past_key_values, pruning.plans[0]
+    return output.logits[:, -1], output.past_key_values, pruning.prefills[0].prompt(0)
 
 
 def decode_step(loaded: Loaded, logits: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
@@ -196,7 +195,7 @@ def _costs(
 ) -> Measurement:
     """Memory and KV cache of one more prefill, decoding speed on its cache, FLOPs in theory."""
     device = loaded.device
-    peak, (logits, cache, plan) = peak_memory(device, lambda: prefill(loaded, inputs, settings))
+    peak, (logits, cache, pruned) = peak_memory(device, lambda: prefill(loaded, inputs, settings))
     cache_bytes = kv_cache_bytes(cache)
     logits = decode_step(loaded, logits, cache)  # warms the decode path
     decoding = []
@@ -205,22 +204,20 @@ def _costs(
         decoding.append(elapsed)
 
     batch, prompt = inputs["input_ids"].shape
-    visual, kept = token_counts(plan)
-    steps = visual_steps(plan)  # the method's own schedule, in stages or not, as the engine ran it
-    tflops, ratio = schedule.visual_flops(loaded.text_config, visual, steps)
-    prompt_steps = [(layer, prompt - (visual - left)) for layer, left in steps]  # the text is never pruned
-    _, prompt_ratio = schedule.visual_flops(loaded.text_config, prompt, prompt_steps)
+    visual = pruned.visual_tokens
+    flops = pruned.tflops(loaded.text_config)  # the method's own schedule, in stages or not, as the engine ran it
+    prompt_steps = [(layer, prompt - (visual - left)) for layer, left in pruned.steps]  # the text is never pruned
     return Measurement(
         method=settings.method.name,
-        k=settings.k if plan.method.prunes else None,
-        layer=first_layer(plan),
+        k=settings.budget,
+        layer=pruned.layer,
         batch=batch,
         visual_tokens=visual,
-        kept_tokens=kept,
-        merged_tokens=plan.merged,
-        tflops=tflops,
-        flops_ratio=ratio,
-        prompt_flops_ratio=prompt_ratio,
+        kept_tokens=pruned.kept_tokens,
+        merged_tokens=pruned.merged_tokens,
+        tflops=flops.pruned,
+        flops_ratio=flops.ratio,
+        prompt_flops_ratio=cost.visual_flops(loaded.text_config, prompt, prompt_steps).ratio,
         kv_cache_bytes=cache_bytes,
         peak_memory_bytes=peak,
         prefill_seconds=times,

@@ -308,7 +308,7 @@ def kept_roles(result: GenerationResult) -> str:
     were merged into them: ' (selected 2, anchor 15, refilled 111; 111 others merged into them)'."""
     from ..engine.methods import ROLES
 
-    roles = Counter(role for span in result.kept_roles for role in span)
+    roles = Counter(role for span in result.pruning.spans for role in span.roles)
     order = sorted(roles, key=lambda role: list(ROLES).index(role) if role in ROLES else len(ROLES))
     parts = ", ".join(f"{role} {roles[role]}" for role in order) if len(roles) > 1 else ""
     merged = f"{result.merged_tokens} others merged into them" if result.merged_tokens else ""

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, DynamicCache
 
-from ..engine import image_spans, schedule
+from ..engine import cache_state, image_spans
 from ..engine.settings import PruneSettings
 from ..errors import AsapError, UsageError
 from ..records import ChatStats, ChatTurn, Environment
@@ -85,8 +85,6 @@ class ChatSession:
         self.cache = DynamicCache(config=self.loaded.model.config.get_text_config())
         self.seen: list[int] = []  # the token ids the cache holds, in order
         self.turns: list[Turn] = []
-        self.tflops_vanilla = 0.0  # Eq. 7 for the images pruned so far, unpruned and pruned
-        self.tflops_pruned = 0.0
 
     def add_image(self, name: str, image: Image.Image) -> None:
         """Queue an image for the next message."""
@@ -146,7 +144,12 @@ class ChatSession:
             raise AsapError(self._too_long(ids.numel(), len(new_images)))
         # A turn that fails anywhere leaves the session as it found it: the cache's tensors are
         # never changed in place (crop slices, update concatenates), so keeping them is enough.
-        saved = self.cache, [dict(vars(layer)) for layer in self.cache.layers], self.seen
+        saved = (
+            self.cache,
+            [dict(vars(layer)) for layer in self.cache.layers],
+            self.seen,
+            cache_state.of(self.cache).copy(),
+        )
         try:
             self._reuse_cache(ids.tolist())
             result = generate(
@@ -170,23 +173,16 @@ class ChatSession:
         turn = Turn(len(self.turns) + 1, text, [name for name, _ in self.pending], result, self.cache.get_seq_length())
         self.pending = []
         self.turns.append(turn)
-        if result.visual_tokens:
-            self._count_flops(result)
         return turn
 
-    def _restore(self, cache: DynamicCache, layers: list[dict], seen: list[int]) -> None:
-        """The cache as a failed turn found it."""
+    def _restore(self, cache: DynamicCache, layers: list[dict], seen: list[int], state: cache_state.CacheState) -> None:
+        """The cache as a failed turn found it, with the pruning state it carried."""
         self.cache, self.seen = cache, seen
+        setattr(cache, cache_state.ATTRIBUTE, state)
         del self.cache.layers[len(layers) :]  # layers a cache built lazily may have added
         for layer, attributes in zip(self.cache.layers, layers):
             vars(layer).clear()
             vars(layer).update(attributes)
-
-    def _count_flops(self, result: GenerationResult) -> None:
-        """Eq. 7 of the images this turn brought, unpruned and as pruned."""
-        config, visual = self.loaded.text_config, result.visual_tokens
-        self.tflops_vanilla += schedule.visual_flops(config, visual, [])[0]
-        self.tflops_pruned += schedule.visual_flops(config, visual, result.steps)[0]
 
     def _reuse_cache(self, ids: list[int]) -> int:
         """Cut the cache back to its longest common prefix with `ids` (always leaving at least one
@@ -222,6 +218,8 @@ class ChatSession:
     def stats(self) -> ChatStats:
         lengths = [layer.get_seq_length() for layer in self.cache.layers]
         last = self.turns[-1].result if self.turns else None
+        vanilla = sum(turn.result.flops.full for turn in self.turns)  # Eq. 7 of the images each turn brought
+        pruned = sum(turn.result.flops.pruned for turn in self.turns)
         return ChatStats(
             turns=len(self.turns),
             images=len(self.images),
@@ -231,9 +229,9 @@ class ChatSession:
             layer=self._layer(),
             cache_tokens_per_layer=lengths,
             kv_cache_bytes=kv_cache_bytes(self.cache),
-            tflops_vanilla=self.tflops_vanilla,
-            tflops=self.tflops_pruned,
-            tflops_saved=self.tflops_vanilla - self.tflops_pruned,
+            tflops_vanilla=vanilla,
+            tflops=pruned,
+            tflops_saved=vanilla - pruned,
             last_prefill_seconds=last.prefill_seconds if last else None,
             last_decode_tokens_per_second=last.decode_tokens_per_second if last else None,
             environment=self.loaded.environment,

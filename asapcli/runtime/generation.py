@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import BatchFeature, DynamicCache, StoppingCriteriaList
 
-from ..engine import PruningPlan, SpanRecord, image_spans, schedule
-from ..engine.block import pruned_as
-from ..engine.plans import first_layer, k_unmet, token_counts, visual_steps
+from ..engine import cost, image_spans
+from ..engine.session import PromptReport, pruned_as
 from ..engine.settings import PruneSettings
 from ..errors import AsapError
 from . import streaming
@@ -33,22 +32,25 @@ class GenerationResult:
     text: str
     prompt_tokens: int
     generated_tokens: int
-    visual_tokens: int
-    kept_tokens: int
-    merged_tokens: int
     prefill_seconds: float
     decode_tokens_per_second: float | None  # None: fewer than MIN_DECODE_TOKENS decoded
-    flops_ratio: float
-    layer: int = 0  # L of the plan: 0 for methods that prune before the language model
-    steps: list[tuple[int, int]] = field(default_factory=list)  # the prompt's visual schedule (plans.visual_steps)
-    spans: list[SpanRecord] = field(default_factory=list)  # each image span pruned, in the prompt's own positions
+    pruning: PromptReport  # what its prefill pruned, in the prompt's own positions
+    flops: cost.VisualFlops  # Eq. 7 of the prompt's visual tokens, as pruned and whole
     token_ids: list[int] = field(default_factory=list)  # the generated tokens, end-of-text included
     fed_tokens: int = 0  # prompt tokens this call prefilled (the rest came from the cache)
     stopped: bool = False  # cut short by `should_stop`
     ended: str = "end"  # one of ENDINGS
     cold: bool = False  # the model's first generation: its times include one-time warm-up
-    k_unmet: str | None = None  # why it kept another count than k asks (plans.k_unmet); None: it did not
     timed_on: str = ""  # where its times were taken (Environment.timed_on): one sample each, no spread
+
+    # The prompt's pruning, read from its one report.
+    visual_tokens = property(lambda self: self.pruning.visual_tokens)
+    kept_tokens = property(lambda self: self.pruning.kept_tokens)
+    merged_tokens = property(lambda self: self.pruning.merged_tokens)
+    layer = property(lambda self: self.pruning.layer)  # L as pruned: 0 for methods that prune before the LLM
+    steps = property(lambda self: list(self.pruning.steps))  # the prompt's visual schedule, as Eq. 7 counts it
+    k_unmet = property(lambda self: self.pruning.k_unmet)  # why it kept another count than k asks; None: it did not
+    flops_ratio = property(lambda self: self.flops.ratio)  # Eq. 8
 
     @property
     def pruned(self) -> bool:
@@ -56,17 +58,8 @@ class GenerationResult:
 
     @property
     def kept_positions(self) -> list[list[int]]:
-        return [span.kept.tolist() for span in self.spans]
-
-    @property
-    def kept_roles(self) -> list[list[str]]:
-        """Why each kept token was kept (engine.methods.ROLES), per span."""
-        return [span.roles for span in self.spans]
-
-    @property
-    def kept_absorbed(self) -> list[list[list[int]]]:
-        """The span indices each kept token absorbed, per span."""
-        return [span.absorbed for span in self.spans]
+        """The positions kept of each image the prompt's prefill pruned."""
+        return [span.kept.tolist() for span in self.pruning.spans]
 
 
 def generate(
@@ -90,13 +83,13 @@ def generate(
     streamer = TextStream(loaded.processor.tokenizer, on_text) if on_text is not None else None
     stop = StopWhen(should_stop) if should_stop is not None else None
     cached = cache.get_seq_length() if cache is not None else 0
-    output, clock, plans = _generate(
+    output, clock, prompts = _generate(
         loaded, inputs, settings, max_tokens=max_tokens, sampling=sampling_options(temperature), seed=seed,
         streamer=streamer, stop=stop, cache=cache,
     )  # fmt: skip
     prompt_len = inputs["input_ids"].shape[1]
     return _result(
-        loaded, prompt_ids=inputs["input_ids"][0], new_ids=output[0, prompt_len:], plan=plans and plans[0],
+        loaded, prompt_ids=inputs["input_ids"][0], new_ids=output[0, prompt_len:], report=prompts and prompts[0],
         clock=clock, cached=cached, stopped=bool(stop and stop.fired), max_tokens=max_tokens,
     )  # fmt: skip
 
@@ -119,14 +112,14 @@ def generate_batch(
     inputs = to_device(loaded, inputs)
     sampling = sampling if sampling is not None else sampling_options(temperature)
     stop = EachStep(on_step) if on_step is not None else None
-    output, clock, plans = _generate(
+    output, clock, prompts = _generate(
         loaded, inputs, settings, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop
     )
-    plans = plans or [None] * output.shape[0]
+    prompts = prompts or [None] * output.shape[0]
     prompt_len = inputs["input_ids"].shape[1]
     eos = _end_tokens(loaded)
     results = []
-    for row, plan in enumerate(plans):
+    for row, report in enumerate(prompts):
         new_ids = output[row, prompt_len:].tolist()
         ends = [index for index, token in enumerate(new_ids) if token in eos]
         new_ids = new_ids[: ends[0] + 1] if ends else new_ids  # what follows is the batch's padding
@@ -136,7 +129,7 @@ def generate_batch(
             loaded,
             prompt_ids=prompt_ids,
             new_ids=new_ids,
-            plan=plan,
+            report=report,
             clock=clock,
             padding=padding,
             max_tokens=max_tokens,
@@ -151,22 +144,6 @@ def sampling_options(temperature: float) -> dict:
     if temperature <= 0:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
-
-
-def flops_ratio(loaded: Loaded, results: list[GenerationResult]) -> float:
-    """Eq. 8 over several answers' prompts: their visual tokens' FLOPs over those of keeping
-    every one (the v^2 term of Eq. 7 is per sequence, so it is the ratio of the sums)."""
-    flops = [visual_tflops(loaded, result) for result in results]
-    full = sum(whole for _, whole in flops)
-    return sum(pruned for pruned, _ in flops) / full if full else 1.0
-
-
-def visual_tflops(loaded: Loaded, result: GenerationResult) -> tuple[float, float]:
-    """Eq. 7 of one answer's visual tokens: as pruned, and with every one kept (0 without any)."""
-    if not result.visual_tokens:
-        return 0.0, 0.0
-    pruned = schedule.visual_flops(loaded.text_config, result.visual_tokens, result.steps)[0]
-    return pruned, schedule.visual_flops(loaded.text_config, result.visual_tokens, [])[0]
 
 
 def context_length(loaded: Loaded) -> int:
@@ -217,9 +194,9 @@ def _generate(
     streamer: TextStream | None = None,
     stop: StopWhen | EachStep | None = None,
     cache: DynamicCache | None = None,
-) -> tuple[torch.Tensor, _Clock, list[PruningPlan] | None]:
+) -> tuple[torch.Tensor, _Clock, list[PromptReport] | None]:
     """The model's own generate() inside the API's pruning block: the output ids, its times and
-    the prefill's plans (one per row; None when the prompt brought no image)."""
+    what the prefill pruned (one report per row; None when the prompt brought no image)."""
     model, tokenizer = loaded.model, loaded.processor.tokenizer
     max_tokens = _room(loaded, inputs["input_ids"].shape[1], max_tokens)
     torch.manual_seed(seed)
@@ -240,7 +217,9 @@ def _generate(
     streaming.synchronize(model.device)
     finished = time.perf_counter()
     cold, loaded.warm = not loaded.warm, True
-    return output, _Clock(started, first.at or finished, finished, cold), pruning.plans
+    prefill = pruning.prefills[0] if pruning.prefills else None
+    prompts = [prefill.prompt(row) for row in range(len(prefill.plans))] if prefill is not None else None
+    return output, _Clock(started, first.at or finished, finished, cold), prompts
 
 
 def _result(
@@ -248,7 +227,7 @@ def _result(
     *,
     prompt_ids: torch.Tensor,
     new_ids: torch.Tensor,
-    plan: PruningPlan | None,
+    report: PromptReport | None,
     clock: _Clock,
     cached: int = 0,
     padding: int = 0,
@@ -256,35 +235,27 @@ def _result(
     max_tokens: int = 0,
 ) -> GenerationResult:
     """The figures of one sequence: its prompt (`cached` tokens of it came from the cache,
-    `padding` batch padding before it left out), its new tokens, its plan; `max_tokens` as asked."""
+    `padding` batch padding before it left out), its new tokens, what its prefill pruned;
+    `max_tokens` as asked."""
     n_new = int(new_ids.numel())
     decoded = n_new - 1  # the first token came with the prefill
-    if plan is None:  # no image among the tokens prefilled (those of the cache were counted before)
-        visual = kept = sum(end - start for start, end in image_spans(prompt_ids[cached:], loaded.image_token_id))
-    else:
-        visual, kept = token_counts(plan)
-    steps = visual_steps(plan) if plan is not None else []
-    _, ratio = schedule.visual_flops(loaded.text_config, visual, steps)
+    if report is None:  # no image among the tokens prefilled (those of the cache were counted before)
+        visual = sum(end - start for start, end in image_spans(prompt_ids[cached:], loaded.image_token_id))
+        report = PromptReport(0, (), (), visual, visual, 0, (), 0, None)
     decoding = clock.finished - clock.first_token
     return GenerationResult(
         text=loaded.processor.tokenizer.decode(new_ids, skip_special_tokens=True).strip(),
         prompt_tokens=int(prompt_ids.numel()),
         generated_tokens=n_new,
-        visual_tokens=visual,
-        kept_tokens=kept,
-        merged_tokens=plan.merged if plan is not None else 0,
         prefill_seconds=clock.first_token - clock.started,
         decode_tokens_per_second=decoded / decoding if decoded >= MIN_DECODE_TOKENS and decoding > 0 else None,
-        flops_ratio=ratio,
-        layer=first_layer(plan) if plan is not None else 0,
-        steps=steps,
-        spans=[record.shifted(padding) for record in plan.pruned] if plan is not None else [],
+        pruning=report,
+        flops=report.tflops(loaded.text_config),
         token_ids=new_ids.tolist(),
         fed_tokens=int(prompt_ids.numel()) - cached,
         stopped=stopped,
         ended=_ending(loaded, int(prompt_ids.numel()) + padding, new_ids, max_tokens, stopped),
         cold=clock.cold,
-        k_unmet=k_unmet(plan) if plan is not None else None,
         timed_on=loaded.environment.timed_on,
     )
 

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..engine.schedule import Architecture
+from ..engine.cost import Architecture
 from ..errors import AsapError, UsageError, first_line
 
 if TYPE_CHECKING:

@@ -6,6 +6,7 @@ per layer with v visual tokens 4 v d^2 + 2 v^2 d + 3 v d m (d hidden, m FFN inte
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import UsageError, ascii_digits
@@ -102,29 +103,43 @@ def parse_schedule(text: str) -> list[tuple[int, int]]:
     return steps
 
 
-def flops_ratio(
-    stages: list[Stage], visual_tokens: int, hidden: int, intermediate: int, kv_fraction: float = 1.0
-) -> float:
-    """Eq. 8: pruned FLOPs over L x full-layer FLOPs."""
-    num_layers = sum(stage.layers for stage in stages)
-    vanilla = num_layers * layer_flops(visual_tokens, hidden, intermediate, kv_fraction)
-    return schedule_flops(stages, hidden, intermediate, kv_fraction) / vanilla if vanilla else 1.0
+@dataclass(frozen=True)
+class VisualFlops:
+    """Eq. 7 of one prompt's visual tokens in TFLOPs: as pruned, and with every one kept."""
+
+    pruned: float
+    full: float
+
+    @property
+    def ratio(self) -> float:
+        """Eq. 8: the pruned FLOPs over those of keeping every token."""
+        return self.pruned / self.full if self.full else 1.0
 
 
-def token_flops(text_config, tokens: int, kept: int, layer: int) -> tuple[float, float]:
-    """Theoretical TFLOPs (Eq. 7) of `tokens` tokens of which `kept` go past layer L-1 in the
-    language model that `text_config` describes, and the ratio to keeping them all (Eq. 8).
-    The paper counts the visual tokens; given the whole prompt, the same formula tells what the
-    prefill as a whole should save."""
+def token_flops(text_config, tokens: int, kept: int, layer: int) -> VisualFlops:
+    """Eq. 7-8 of `tokens` tokens of which `kept` go past layer L-1 in the language model that
+    `text_config` describes. The paper counts the visual tokens; given the whole prompt, the same
+    formula tells what the prefill as a whole should save."""
     return visual_flops(text_config, tokens, [(layer, kept)] if kept < tokens else [])
 
 
-def visual_flops(text_config, tokens: int, steps: list[tuple[int, int]]) -> tuple[float, float]:
-    """Theoretical TFLOPs (Eq. 7) of `tokens` tokens pruned by `steps` (layer, tokens left from it
-    on; empty: none pruned) in the language model that `text_config` describes, and the ratio to
-    keeping them all (Eq. 8): a plan's schedule as the engine runs it (plans.visual_steps)."""
+def visual_flops(text_config, tokens: int, steps: list[tuple[int, int]]) -> VisualFlops:
+    """Eq. 7-8 of `tokens` tokens pruned by `steps` (layer, tokens left from it on; empty: none
+    pruned) in the language model that `text_config` describes: a prompt's schedule as the engine
+    ran it (session.PromptReport.steps)."""
     hidden, intermediate = text_config.hidden_size, text_config.intermediate_size
     num_layers = text_config.num_hidden_layers
     stages = pruning_schedule(num_layers, tokens, steps) if steps else [Stage(num_layers, tokens)]
-    tflops = schedule_flops(stages, hidden, intermediate) / 1e12
-    return tflops, flops_ratio(stages, tokens, hidden, intermediate)
+    full = [Stage(num_layers, tokens)]
+    return VisualFlops(
+        schedule_flops(stages, hidden, intermediate) / 1e12, schedule_flops(full, hidden, intermediate) / 1e12
+    )
+
+
+def eq8(counts: Iterable[VisualFlops]) -> float:
+    """Eq. 8 over several prompts: their visual tokens' FLOPs over those of keeping every one. The
+    v^2 term of Eq. 7 is per sequence, so it is the ratio of the sums, not the mean of the ratios;
+    1 where no prompt brought a visual token."""
+    counts = list(counts)
+    full = sum(count.full for count in counts)
+    return sum(count.pruned for count in counts) / full if full else 1.0
