@@ -102,7 +102,7 @@ def model_without_image_token(tmp_path, llava_path):
         (["{image}", "hi", "-m", "{model}", "--lambda-max", "1.5"], 2, "lambda-max must be in (0, 1]"),
         (["{image}", "   ", "-m", "{model}"], 2, "the prompt is empty"),
         (["{image}", "<image> hi", "-m", "{model}"], 2, "contains '<image>', this model's image placeholder"),
-        (["{image}", "hi", "-m", "{model}", "--method", "magic"], 2, "'magic' is not one of vanilla, fastv"),
+        (["{image}", "hi", "-m", "{model}", "--method", "magic"], 2, "'magic' is not one of vanilla, asap"),
         (["{image}", "hi", "-m", "{no_image_token}"], 1, "has no image_token_id"),
         (["{image}", "hi", "-m", "no-such-org/no-such-model"], 1, "is not in the local Hugging Face cache"),
         (["{image}", "hi", "-m", "{model}", "--device", "cuda:7"], 1, "no CUDA GPU"),
@@ -194,7 +194,7 @@ def test_positions_renumber_is_for_methods_that_prune_before_the_llm(llava_path,
     result = asap("run", image_file, "what?", "-m", llava_path, "--method", "fastv", "--positions", "renumber")
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        "Error: --positions renumber is for methods that shorten the sequence they feed on (divprune, pool, vispruner, visionzip, prumerge-plus, pdrop, sparsevlm); "
+        "Error: --positions renumber is for methods that shorten the sequence they feed on (pdrop, sparsevlm, divprune, pool, prumerge-plus, visionzip, vispruner); "
         "fastv keeps original positions"
     )
     args = ["run", image_file, "what?", "-m", llava_path, "--method", "divprune", "-k", 8, "--json"]
@@ -390,8 +390,8 @@ def test_a_download_shows_the_hubs_progress_and_loading_shows_none(image_file, l
 def test_help_lists_choices_and_the_methods_own_defaults(asap):
     text = " ".join(asap("run", "--help", env={"COLUMNS": "200"}).stdout.split())
     assert (
-        "--method {vanilla|fastv|random|asap|asap-bimask-only|divprune|pool|vispruner|visionzip|prumerge-plus|pdrop|"
-        "sparsevlm}" in text
+        "--method {vanilla|asap|asap-bimask-only|fastv|pdrop|random|sparsevlm|divprune|pool|prumerge-plus|visionzip|"
+        "vispruner}" in text
     )
     assert "--score-queries {last|text|all}" in text and "Default: last." in text
     assert "SG-BiMask's largest forward visibility, in (0, 1]. Default: 1.0." in text

@@ -137,7 +137,7 @@ def test_cpu_peak_memory_sees_a_temporary_and_what_is_kept():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--methods", "fastv,foo"], "'foo' is not one of vanilla, fastv"),
+        (["--methods", "fastv,foo"], "'foo' is not one of vanilla, asap"),
         (["-k", "0"], "k needs a whole number of at least 1"),
         (["-k", "16,x"], "got 'x'"),
         (["--layer", "4"], "layer must be in 1..3"),

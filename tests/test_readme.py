@@ -192,3 +192,19 @@ def test_ci_runs_the_readmes_test_commands_verbatim():
     readme, ci = (REPO / "README.md").read_text(), (REPO / ".ci" / "run").read_text().splitlines()
     commands = [line.strip() for line in readme.splitlines() if "python -m pytest" in line and line.startswith("    ")]
     assert len(commands) == 2 and all(command in ci for command in commands), commands
+
+
+@pytest.mark.parametrize(
+    "document, methods_row, options_row",
+    [("README.md", "| `--method` |", "| `--lambda-max`"), ("docs/lmms-eval.md", "| `method` |", "| `lambda_max`")],
+)
+def test_the_docs_name_every_registered_method_and_option(document, methods_row, options_row):
+    """The method registry is the list; the docs' rows that list methods and their options are
+    checked against it, so that a new method's module cannot leave them stale."""
+    from asapcli.engine.methods import HYPERPARAMETERS, METHODS
+
+    lines = (REPO / document).read_text().splitlines()
+    methods, options = (next(line for line in lines if line.startswith(row)) for row in (methods_row, options_row))
+    assert set(METHODS) <= set(re.findall(r"`([a-z][a-z0-9-]*)`", methods))
+    spelled = {name.replace("_", "-") if document == "README.md" else name for name in HYPERPARAMETERS}
+    assert spelled <= set(re.findall(r"`-*([a-z_-]+)`", options))

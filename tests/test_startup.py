@@ -50,14 +50,14 @@ def test_the_command_imports_no_heavy_library(arguments):
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["run", "examples/car.png", "hi", "--method", "fastvv"], "'fastvv' is not one of vanilla, fastv,"),
+        (["run", "examples/car.png", "hi", "--method", "fastvv"], "'fastvv' is not one of vanilla, asap,"),
         (["run", "examples/car.png", "hi", "--dtype", "fp16"], "'fp16' is not one of auto, bfloat16"),
         (["run", "examples/car.png", "hi", "--device", "gpu"], "'gpu' is not one of auto, cpu, cuda"),
         (["run", "examples/car.png", "hi", "-k", "0"], "k needs a whole number of at least 1, got '0'"),
         (["run", "examples/car.png", "hi", "--positions", "renum"], "did you mean 'renumber'?"),
         (["profile", "--k", "0"], "k needs a whole number of at least 1, got '0'"),
         (["profile", "--format", "mardown"], "did you mean 'markdown'?"),
-        (["eval", "--methods", "vanilla,fastvv"], "'fastvv' is not one of vanilla, fastv,"),
+        (["eval", "--methods", "vanilla,fastvv"], "'fastvv' is not one of vanilla, asap,"),
         (["compare", "examples/car.png", "hi", "--methods", "asap,divprun"], "did you mean 'divprune'?"),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else "",

@@ -270,7 +270,10 @@ def test_the_cli_refuses_it_in_one_line(asap):
     result = asap("chat", CAR, "--method", "vispruner", input="/quit\n")
     assert result.exit_code == 2
     assert result.stderr.startswith("Error: Invalid value for '--method': vispruner prunes before the language model")
-    assert len(result.stderr.splitlines()) == 1 and "asap chat takes vanilla, fastv" in result.stderr
+    assert (
+        len(result.stderr.splitlines()) == 1
+        and "asap chat takes vanilla, asap, asap-bimask-only, fastv" in result.stderr
+    )
 
 
 def test_profile_on_bench(asap):

@@ -1,19 +1,24 @@
 """Pruning methods behind one interface; `METHODS` is the registry the CLI offers.
 
-Adding a method is one module here (a PruningMethod with its traits and `select`) and one line
-in METHODS. A method module imports torch and the engine's ops inside `select` only: the CLI
-reads the registry (names, options, defaults, traits) to build its help and to count FLOPs, and
-starts in a blink without torch."""
+Adding a method is one module here: a PruningMethod subclass with its `name`, traits and
+`select`, which registers itself as its module is imported (base.PruningMethod.__init_subclass__);
+this package imports each of its modules. A method module imports torch and the engine's ops
+inside `select` only: the CLI reads the registry (names, options, defaults, traits) to build its
+help and to count FLOPs, and starts in a blink without torch."""
 
 from __future__ import annotations
 
-from .asap import ANCHOR, REFILLED, Asap, AsapBimaskOnly
+import importlib
+import pkgutil
+
+from .asap import ANCHOR, REFILLED, Asap
 from .base import (
     BY_SCORE,
     DIVERSE,
     GLOBAL_TOKEN,
     KEPT,
     KEPT_DIVERSE,
+    REGISTERED,
     SELECTED,
     UNPRUNED,
     PruningMethod,
@@ -25,32 +30,24 @@ from .base import (
 from .divprune import DivPrune
 from .fastv import FastV
 from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
-from .pdrop import PyramidDrop
-from .pool import POOLED, Pool
-from .prumerge_plus import SAMPLED, PruMergePlus
+from .pool import POOLED
+from .prumerge_plus import SAMPLED
 from .random import Random
-from .sparsevlm import RECYCLED, SparseVLM
+from .sparsevlm import RECYCLED
 from .vanilla import Vanilla
-from .visionzip import CONTEXTUAL, VisionZip
-from .vispruner import VisPruner
+from .visionzip import CONTEXTUAL
 
-METHODS: dict[str, type[PruningMethod]] = {
-    m.name: m
-    for m in (
-        Vanilla,
-        FastV,
-        Random,
-        Asap,
-        AsapBimaskOnly,
-        DivPrune,
-        Pool,
-        VisPruner,
-        VisionZip,
-        PruMergePlus,
-        PyramidDrop,
-        SparseVLM,
-    )
-}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def _listed(method: type[PruningMethod]) -> tuple:
+    """The registry's order: the unpruned reference, the methods that prune inside the language
+    model, those that prune before it; by name within each."""
+    return method.prunes, method.before_llm, method.name
+
+
+METHODS: dict[str, type[PruningMethod]] = {cls.name: cls for cls in sorted(REGISTERED.values(), key=_listed)}
 DEFAULT_METHOD = Asap.name  # what run, chat, flops and the API prune with unless told
 REFERENCE = Vanilla.name  # the unpruned run every other is measured against (compare's first column)
 DEFAULT_COMPARISON = (Vanilla.name, FastV.name, Asap.name)  # profile's --methods unless told

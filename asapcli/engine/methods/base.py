@@ -109,6 +109,11 @@ class Selection:
         )
 
 
+# Every method class that names itself, by name, as their modules define them (methods/__init__.py
+# imports every module of the package and orders them into METHODS).
+REGISTERED: dict[str, type[PruningMethod]] = {}
+
+
 class PruningMethod:
     """One visual-token pruning method. Subclasses are frozen dataclasses whose fields are the
     hyperparameters they take (see hyperparameters.py); they set the class traits below and
@@ -171,6 +176,14 @@ class PruningMethod:
     score_queries: str | None = None
     score: str = "attention"
     lambda_max: float = 1.0
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that names itself registers, so that a method is its module alone."""
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in REGISTERED and REGISTERED[cls.name] is not cls:
+                raise TypeError(f"two pruning methods are named {cls.name!r}: {REGISTERED[cls.name]} and {cls}")
+            REGISTERED[cls.name] = cls
 
     def __str__(self) -> str:
         return self.name
