@@ -8,12 +8,8 @@ against these fields, key by key and type by type."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .engine.cost import Architecture
-
-if TYPE_CHECKING:
-    from .runtime.generation import GenerationResult
 
 
 @dataclass(frozen=True)
@@ -31,22 +27,6 @@ class AnswerFigures:
     decode_tokens_per_second: float | None  # None: under 8 decoded tokens
     generated_tokens: int
     ended: str  # end (the model ended it), max-tokens, context (the model's context is full) or stopped
-
-    @staticmethod
-    def figures(result: GenerationResult) -> dict:
-        return {
-            "answer": result.text,
-            "visual_tokens": result.visual_tokens,
-            "kept_tokens": result.kept_tokens,
-            "merged_tokens": result.merged_tokens,
-            "k_unmet": result.k_unmet,
-            "flops_ratio": result.flops_ratio,
-            "prefill_seconds": result.prefill_seconds,
-            "prefill_includes_warmup": result.cold,
-            "decode_tokens_per_second": result.decode_tokens_per_second,
-            "generated_tokens": result.generated_tokens,
-            "ended": result.ended,
-        }
 
 
 @dataclass(frozen=True)

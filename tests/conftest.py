@@ -4,6 +4,7 @@ small images, the `asap` fixture that runs the CLI in-process, and the CUDA mark
 import importlib.util
 import os
 import signal
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -85,7 +86,23 @@ def image_file(tmp_path, images):
 @pytest.fixture(scope="session", autouse=True)
 def checkpoints_read_once():
     """The CLI tests load their models through loading.load, the real path; the checkpoints of
-    one unchanged folder are read from disk once per session (loading.reusing_checkpoints).
-    transformers' own from_pretrained, which the tests' reference models use, reads afresh."""
-    with loading.reusing_checkpoints():
-        yield
+    one unchanged folder are read from disk once per session and the model shared (load() still
+    checks it and installs the engine each time); hub ids, placements other than the CPU and
+    changed folders are read afresh. transformers' own from_pretrained, which the tests'
+    reference models use, reads afresh too."""
+    read, cache = loading.read_checkpoint, {}
+
+    def read_once(source, dtype, local_only=False, device_map="cpu"):
+        folder = Path(source)
+        if device_map != "cpu" or not folder.is_dir():
+            return read(source, dtype, local_only, device_map)
+        files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file())
+        key = (str(folder.resolve()), dtype, files)
+        if key not in cache:
+            cache[key] = read(source, dtype, local_only, device_map)
+        return cache[key]
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(loading, "read_checkpoint", read_once)
+    yield
+    patch.undo()

@@ -1,10 +1,15 @@
 """The package's layers, as docs/design.md draws them: each module imports only from its own
-layer or those below it, and the import graph has no cycle. Read from the source with `ast`
-(imports under `if TYPE_CHECKING:` are annotations, not imports, and are left out)."""
+layer or those below it, and the import graph has no cycle. Read from the source with `ast`,
+every import wherever it is (in a function too). A name taken from a package's facade
+(`from ..engine import install`, whose __init__ imports it lazily) counts as an import of the
+module that defines it, and so does a name read off the root package (`import asapcli;
+asapcli.pruned`). Imports under `if TYPE_CHECKING:` count for the layers (an annotation names a
+type of the layer it comes from) but not for cycles (they never run)."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import asapcli
@@ -37,42 +42,62 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    """The asapcli modules `path` imports, wherever in the file (function-level imports too)."""
-    name, tree = module_name(path), ast.parse(path.read_text())
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    skipped = {
+def is_module(name: str) -> bool:
+    path = PACKAGE.parent / name.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def defined_in(package: str, attribute: str) -> str:
+    """The module that defines `package.attribute` (a class or function its facade hands on);
+    the package itself for anything else (a constant)."""
+    if is_module(f"{package}.{attribute}"):
+        return f"{package}.{attribute}"
+    value = getattr(importlib.import_module(package), attribute, None)
+    where = getattr(value, "__module__", None)
+    return where if isinstance(where, str) and where.split(".")[0] == "asapcli" else package
+
+
+def imports(name: str, source: str, is_package: bool = False) -> tuple[set[str], set[str]]:
+    """The asapcli modules a module imports: (those it imports when it runs, those under
+    TYPE_CHECKING), each name resolved to the module that defines it."""
+    tree = ast.parse(source)
+    package = name if is_package else name.rpartition(".")[0]
+    typing = {
         id(node)
         for guard in ast.walk(tree)
         if isinstance(guard, ast.If) and "TYPE_CHECKING" in ast.unparse(guard.test)
         for node in ast.walk(guard)
     }
-    found = set()
+    running, annotating = set(), set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
+        found = annotating if id(node) in typing else running
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "asapcli"}
         elif isinstance(node, ast.ImportFrom):
             base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
             target = ".".join(base + ([node.module] if node.module else []))
-            if target.split(".")[0] != "asapcli":
-                continue
-            for alias in node.names:  # `from . import display` imports a module
-                sub = f"{target}.{alias.name}"
-                found.add(sub if (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").exists() else target)
+            if target.split(".")[0] == "asapcli":
+                found |= {defined_in(target, alias.name) for alias in node.names}
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "asapcli":
+            found.add(defined_in("asapcli", node.attr))  # the root package's lazy names
     # A package's __init__ runs before any of its modules: importing it from inside is no cycle.
-    return {target for target in found if not (name + ".").startswith(target + ".")}
+    inside = {target for target in running | annotating if (name + ".").startswith(target + ".")}
+    return running - inside, annotating - inside
 
 
-GRAPH = {module_name(path): imports(path) for path in PACKAGE.rglob("*.py") if "tasks" not in path.parts}
+EDGES = {
+    module_name(path): imports(module_name(path), path.read_text(), path.name == "__init__.py")
+    for path in PACKAGE.rglob("*.py")
+    if "tasks" not in path.parts
+}
+GRAPH = {module: running for module, (running, _) in EDGES.items()}
 
 
 def test_no_module_imports_from_a_layer_above_its_own():
     upward = [
         f"{module} ({LAYERS[rank(module)][0]}) imports {target} ({LAYERS[rank(target)][0]})"
-        for module, targets in GRAPH.items()
-        for target in targets
+        for module, (running, annotating) in EDGES.items()
+        for target in running | annotating
         if rank(target) > rank(module)
     ]
     assert not upward, "\n".join(upward)
@@ -99,3 +124,13 @@ def test_the_rule_sees_an_upward_import():
     assert rank("asapcli.engine.decoder") < rank("asapcli.runtime.loading") < rank("asapcli.commands.run")
     assert "asapcli.engine.session" in GRAPH["asapcli.runtime.generation"]
     assert "asapcli.report.display" in GRAPH["asapcli.commands.run"]  # `from ..report import display`
+
+
+def test_the_rule_sees_through_facades_the_root_package_and_annotations():
+    """Probe modules of the engine's layer, as the checks above read the package's own."""
+    through_facade = imports("asapcli.engine.probe", "from . import PrunedDecoder, install\n")[0]
+    assert through_facade == {"asapcli.engine.decoder", "asapcli.engine.wiring"}
+    off_the_root = imports("asapcli.engine.probe", "import asapcli\n\ndef f(m):\n    return asapcli.pruned(m)\n")[0]
+    assert "asapcli.api" in off_the_root and rank("asapcli.api") > rank("asapcli.engine.probe")
+    annotation = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..runtime.loading import Loaded\n"
+    assert imports("asapcli.engine.probe", annotation) == (set(), {"asapcli.runtime.loading"})

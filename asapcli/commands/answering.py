@@ -65,7 +65,7 @@ def answer(
 
 def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResult, span=None) -> Answered:
     record = Answer(
-        **Answer.figures(result),
+        **result.figures(),
         image=str(image),
         prompt=prompt,
         model=loaded.name,

@@ -1,19 +1,23 @@
 """The pruning plan: what one forward call prunes in one sequence, made from PruneSettings and
-the sequence's image spans (`image_spans`). Immutable: what the decoder did comes back as SpanRecords, kept by
-the session (engine/session.py)."""
+the sequence's image spans (`image_spans`). Immutable: what the decoder did comes back as
+SpanRecords, kept by the session (engine/session.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from .methods import PruningMethod
 from .settings import PruneSettings
 
-if TYPE_CHECKING:
-    from ..runtime.loading import Loaded
+
+class LoadedModel(Protocol):
+    """What a plan made by hand reads of a loaded model (runtime/loading.py's Loaded)."""
+
+    num_layers: int
+    image_token_id: int
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def make_plan(settings: PruneSettings, spans: list[tuple[int, int]], *, score_on
 
 
 def plan_for(
-    loaded: Loaded, input_ids: torch.Tensor, settings: PruneSettings, *, score_only: bool = False
+    loaded: LoadedModel, input_ids: torch.Tensor, settings: PruneSettings, *, score_only: bool = False
 ) -> PruningPlan:
     """The plan for the image spans of `input_ids` (one sequence), made by hand for a session's
     next call (session.plan_next): the attention profile's score-only plans, tests. Answers go

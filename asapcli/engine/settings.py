@@ -9,13 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import UsageError
 from .methods import DEFAULT_METHOD, HYPERPARAMETERS, METHODS, REFERENCE, PruningMethod
-
-if TYPE_CHECKING:
-    from ..runtime.presets import Preset
 
 DEFAULT_K, DEFAULT_LAYER = 128, 2  # where neither the user nor the model's preset says
 
@@ -184,7 +181,14 @@ class MethodGrid:
         return PruneSettings._made(method, k, self.layer, self.seed, given=frozenset(given))
 
 
-def budget_and_layer(preset: Preset | None, k: int | None, layer: int | None) -> tuple[int, int]:
+class Defaults(Protocol):
+    """A model's own k and L, where it has them (runtime/presets.py's Preset)."""
+
+    k: int | None
+    layer: int | None
+
+
+def budget_and_layer(preset: Defaults | None, k: int | None, layer: int | None) -> tuple[int, int]:
     """k and L as given, else the preset's, else PruneSettings' defaults."""
     k = k if k is not None else preset.k if preset is not None and preset.k is not None else DEFAULT_K
     if layer is None:

@@ -46,7 +46,7 @@ class Turn:
     def record(self, environment: Environment) -> ChatTurn:
         """The turn as --json prints it."""
         return ChatTurn(
-            **ChatTurn.figures(self.result),
+            **self.result.figures(),
             turn=self.number,
             prompt=self.prompt,
             images=self.images,

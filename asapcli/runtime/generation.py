@@ -56,6 +56,22 @@ class GenerationResult:
     def pruned(self) -> bool:
         return self.kept_tokens < self.visual_tokens
 
+    def figures(self) -> dict:
+        """The fields of records.AnswerFigures, which every answering record carries."""
+        return {
+            "answer": self.text,
+            "visual_tokens": self.visual_tokens,
+            "kept_tokens": self.kept_tokens,
+            "merged_tokens": self.merged_tokens,
+            "k_unmet": self.k_unmet,
+            "flops_ratio": self.flops_ratio,
+            "prefill_seconds": self.prefill_seconds,
+            "prefill_includes_warmup": self.cold,
+            "decode_tokens_per_second": self.decode_tokens_per_second,
+            "generated_tokens": self.generated_tokens,
+            "ended": self.ended,
+        }
+
     @property
     def kept_positions(self) -> list[list[int]]:
         """The positions kept of each image the prompt's prefill pruned."""

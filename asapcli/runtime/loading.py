@@ -10,8 +10,6 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,40 +154,11 @@ def _damaged_weights(source: str) -> str | None:
     return None
 
 
-# Checkpoints read in this process, by folder, dtype and its files' sizes and times, while
-# `reusing_checkpoints()` is on (a test session, a notebook that loads one folder again and again).
-_READ: dict | None = None
-
-
-@contextmanager
-def reusing_checkpoints() -> Iterator[None]:
-    """Inside the block, a local folder whose files have not changed is read from disk once and its
-    model shared (load() still checks it and installs the engine each time); hub ids, placements
-    other than the CPU and changed folders are read afresh."""
-    global _READ
-    previous, _READ = _READ, {}
-    try:
-        yield
-    finally:
-        _READ = previous
-
-
 def read_checkpoint(
     source: str, dtype: torch.dtype, local_only: bool = False, device_map: str | dict = "cpu"
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A transformers checkpoint (folder or hub id) as from_pretrained reads it, in `dtype`,
     placed by `device_map`; `local_only`: from a folder or the local cache, never the network."""
-    folder = Path(source)
-    if _READ is None or device_map != "cpu" or not folder.is_dir():
-        return _read(source, dtype, local_only, device_map)
-    files = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file())
-    key = (str(folder.resolve()), dtype, files)
-    if key not in _READ:
-        _READ[key] = _read(source, dtype, local_only, device_map)
-    return _READ[key]
-
-
-def _read(source: str, dtype: torch.dtype, local_only: bool, device_map: str | dict):
     offload = {"offload_folder": _offload_folder()} if isinstance(device_map, dict) or device_map in DEVICE_MAPS else {}
     return (
         AutoModelForImageTextToText.from_pretrained(
