@@ -30,6 +30,13 @@ def main() -> None:
         where = f"cannot write {error.filename}: " if error.filename else ""
         sys.stderr.write(f"Error: {where}{error.strerror or error}\n")
         raise SystemExit(1) from None
+    except (KeyError, ValueError) as error:  # a shell calling completion with COMP_WORDS/COMP_CWORD missing or bad
+        import os
+
+        if not any(name.endswith("_COMPLETE") for name in os.environ):
+            raise
+        sys.stderr.write(f"Error: shell completion needs COMP_WORDS and a whole-number COMP_CWORD ({error})\n")
+        raise SystemExit(1) from None
 
 
 def __getattr__(name: str):

@@ -1,5 +1,8 @@
 """Errors a user can cause. The CLI prints them as one `Error:` line; anything else is a bug."""
 
+import difflib
+from collections.abc import Sequence
+
 
 class AsapError(Exception):
     """A problem with the user's input or environment, with what to do about it."""
@@ -20,6 +23,14 @@ def describe(error: Exception) -> str:
         return str(error)
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {first} (ASAP_DEBUG=1 shows the traceback)"
+
+
+def not_one_of(value: str, choices: Sequence[str]) -> str:
+    """The refusal of a value that is none of `choices`, with the closest one as a suggestion:
+    every command, option and API argument that takes a choice words it so."""
+    close = difflib.get_close_matches(value, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{value!r} is not one of {', '.join(choices)}{hint}"
 
 
 def whole_number(text: str, what: str, minimum: int = 1) -> int:

@@ -186,10 +186,18 @@ MUTANTS = [
     Mutant("the model config's output_hidden_states/attentions not refused", SESSION, (
         ("if kwargs.get(output) or getattr(self.model.config, output, False):", "if kwargs.get(output):"),
     ), ("tests/test_api_block_calls.py::test_the_models_own_config_asking_for_hidden_states_or_attentions_is_refused",)),
-    Mutant("a before-LLM continuation refused with no earlier pruned prefill", SESSION, (
-        ("if cached and input_ids.shape[1] > 1 and self.session.prefills and not settings.method.continues_cache:",
-         "if cached and input_ids.shape[1] > 1 and not settings.method.continues_cache:"),
+    Mutant("a continuation refused on a cache no method shortened", CACHE_STATE, (
+        ("        if self.shortened_by is not None and tokens > 1:", "        if tokens > 1:"),
     ), ("tests/test_api_block_calls.py::test_a_cache_filled_outside_the_block_is_continued_inside_it",)),
+    Mutant("a cache shortened before the LLM continued after its block", DECODER, (
+        ("            call.state.shortened_by = prune_pass.method.name", "            pass"),
+    ), ("tests/test_hostile_fourth.py::test_a_cache_shortened_before_the_llm_is_not_continued_after_its_block",)),
+    Mutant("a staged method's --layer ignored", "asapcli/engine/settings.py", (
+        ("    if not method.reads_layer and method.prunes and not method.before_llm:", "    if False:"),
+    ), ("tests/test_hostile_fourth.py::test_a_layer_given_to_a_method_in_stages_is_refused_not_ignored",)),
+    Mutant("a second thread's block told blocks do not nest", SESSION, (
+        ("        if _OPEN[model] != threading.get_ident():", "        if False:"),
+    ), ("tests/test_hostile_fourth.py::test_a_second_threads_block_on_the_same_model_says_so",)),
     Mutant("glob matches not sorted", INPUTS, (
         ("matches = sorted(glob.glob(os.path.expanduser(text)))", "matches = glob.glob(os.path.expanduser(text))"),
     ), ("tests/test_run_glob_and_stream.py::test_a_glob_pairs_its_files_in_sorted_order_with_the_prompts",)),

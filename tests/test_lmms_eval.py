@@ -52,7 +52,7 @@ def test_model_args_are_read_as_asap_reads_its_options():
         ({"k": True}, "k needs a whole number"),  # lmms-eval reads k=true as True
         ({"layer": "two"}, "layer needs a whole number"),
         ({"threads": 0}, "threads needs a whole number of at least 1"),
-        ({"method": "fastvv"}, "unknown method 'fastvv'"),
+        ({"method": "fastvv"}, "'fastvv' is not one of vanilla, asap"),
         ({"lambda_max": 2.0}, "lambda-max must be in (0, 1]"),
         ({"lambda_max": "high"}, "lambda-max needs a number"),
         ({"score_queries": "first"}, "score-queries must be one of last, text, all"),
@@ -179,7 +179,7 @@ def test_bad_model_args_on_the_command_line_are_one_error_line_before_lmms_eval_
         (["--config", "<llava.yaml>", "--gen_kwargs", "num_beams=3"], "gen_kwargs num_beams=3"),
         (
             ["--config", "<llava.yaml>", "--model_args", "pretrained=demo,method=nope"],
-            "model_args: unknown method 'nope'",
+            "model_args: 'nope' is not one of vanilla, asap",
         ),
         (["--output_path", "/dev/full"], "--output_path /dev/full: /dev/full is not a folder"),
         (["--output_path", "<read-only>/results"], "--output_path <read-only>/results: <read-only> is not writable"),

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..engine.methods import REFERENCE
+from ..engine.methods import METHODS, REFERENCE
 from ..measure.flops import FlopsCount
 from ..report import display
 from ..runtime.presets import built_from_numbers
@@ -83,6 +83,13 @@ def _show(counts: list[FlopsCount], model: str, gqa: bool, method: str) -> None:
             markup=False,
             soft_wrap=True,
         )
+        if METHODS[method].stage_scores:  # run through the layer's own modules, so fvcore counts them there
+            display.out.print(
+                f"{method} ranks each stage by the layer's own q and k projections of every token entering it: "
+                "the measured column counts them in the stage's first layer, which Eq. 7 does not.",
+                markup=False,
+                soft_wrap=True,
+            )
     for line in built_from_numbers(count.random_weights, count.arch.layers, count.full_layers or count.arch.layers):
         display.out.print(line, markup=False, soft_wrap=True)
 

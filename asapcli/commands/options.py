@@ -5,7 +5,6 @@ group into Typer options and hands the command the group back. An option whose h
 command (--json says what it prints) is declared once as a function of that help."""
 
 import dataclasses
-import difflib
 import functools
 import inspect
 import math
@@ -17,8 +16,8 @@ import typer
 
 from ..engine import DEFAULT_METHOD, HYPERPARAMETERS, METHODS
 from ..engine.methods import DEFAULT_COMPARISON, DEFAULT_EVALUATION, DEFAULT_SIDE_BY_SIDE
-from ..engine.settings import SEEDS, MethodGrid, PruneSettings, budget_and_layer
-from ..errors import AsapError, UsageError, ascii_digits, whole_number
+from ..engine.settings import MethodGrid, PruneSettings, budget_and_layer, check_layer_read, check_numbers
+from ..errors import AsapError, UsageError, ascii_digits, not_one_of, whole_number
 from ..report import display
 from ..runtime.machine import THREADS_RULE, choose_threads, surely_no_cuda
 from ..runtime.presets import Preset, check_cls_tower, check_tiles, find_preset, preset_names
@@ -38,9 +37,7 @@ def _choice(values: tuple[str, ...], pattern: str | None = None, refused: dict[s
             return text
         if refused and text in refused:
             raise typer.BadParameter(refused[text])
-        close = difflib.get_close_matches(text, values, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise typer.BadParameter(f"{text!r} is not one of {', '.join(values)}{hint}")
+        raise typer.BadParameter(not_one_of(text, values))
 
     return {"parser": parse, "autocompletion": lambda incomplete: [v for v in values if v.startswith(incomplete)]}
 
@@ -90,8 +87,11 @@ def _whole_option(flag: str, text: str) -> int:
 
 
 def _seed(value: int) -> int:
-    if not 0 <= value < SEEDS:
-        raise typer.BadParameter(f"{value} is not a seed: a whole number from 0 to {SEEDS - 1}")
+    """--seed checked as it is parsed, in the settings' words."""
+    try:
+        check_numbers(seed=value)
+    except UsageError as error:
+        raise typer.BadParameter(str(error)) from None
     return value
 
 
@@ -388,6 +388,8 @@ def options_given(group) -> dict:
 class _Settles:
     def settings(self, preset: Preset | None, seed: int = 0) -> PruneSettings:
         """The settings, made and checked once; k and L not given come from `preset`."""
+        if self.layer is not None:
+            check_layer_read(METHODS[self.method])
         k, layer = budget_and_layer(preset, self.k, self.layer)
         return PruneSettings(self.method, k, layer, seed, **options_given(self))
 

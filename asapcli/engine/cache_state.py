@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import UnsupportedModel
+from ..errors import UnsupportedModel, UsageError
 
 # The attribute of a transformers cache that holds its CacheState.
 ATTRIBUTE = "asap_pruning"
@@ -20,10 +20,22 @@ class CacheState:
     """Per pruning step: `padding[layer]` says which tokens of the cache of the layers from
     `layer` on (to the next step's layer) are real, (B, cached), None where all are;
     `shift[layer]` (B,) how far a renumbered row's positions in those layers run behind the ones
-    generate() counts from the whole prompt."""
+    generate() counts from the whole prompt. `shortened_by`: the method that pruned layer 0's
+    cache too (before the language model), whose length then no longer locates the next token:
+    only one-token decoding steps can continue it."""
 
     padding: dict[int, torch.Tensor | None] = field(default_factory=dict)
     shift: dict[int, torch.Tensor] = field(default_factory=dict)
+    shortened_by: str | None = None
+
+    def check_continuation(self, tokens: int) -> None:
+        """Refuse a call of several tokens on a cache whose layer 0 was shortened: generate() would
+        feed the part of the prompt it thinks the cache lacks again, and answer from that."""
+        if self.shortened_by is not None and tokens > 1:
+            raise UsageError(
+                f"{self.shortened_by} prunes before the first layer, so a cache it pruned cannot be continued by a "
+                "later call; answer each prompt from the start (asap chat refuses these methods for the same reason)"
+            )
 
     @staticmethod
     def _step(steps: dict, layer: int) -> int | None:
@@ -98,7 +110,7 @@ class CacheState:
         return None  # a pruned layer of one sequence, or of aligned rows: nothing is padding
 
     def copy(self) -> CacheState:
-        return CacheState(dict(self.padding), dict(self.shift))
+        return CacheState(dict(self.padding), dict(self.shift), self.shortened_by)
 
 
 def of(cache) -> CacheState:

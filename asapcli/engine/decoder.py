@@ -194,6 +194,7 @@ class PrunedDecoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start
         state = cache_state.of(cache)
+        state.check_continuation(embeds.shape[1])
         base = position_ids.expand(embeds.shape[0], -1) if position_ids.ndim == 2 else None
         rope_positions, position_ids = _split_positions(state.shifted(position_ids))
         real = attention_mask[:, -embeds.shape[1] :].bool() if attention_mask is not None else None
@@ -281,6 +282,8 @@ class PrunedDecoder(nn.Module):
             real = real & call.real.gather(1, keep)
         call.real = real
         call.state.note_padding(layer, real, call.cached(layer))
+        if layer == 0:  # layer 0's cache is shorter than the sequence from now on
+            call.state.shortened_by = prune_pass.method.name
         call.rope_positions = _gather_positions(call.rope_positions, keep)
         if call.position_ids is not None:
             call.position_ids = _gather_positions(call.position_ids, keep)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel
 
 from ..errors import UnsupportedModel, UsageError
-from . import cost
+from . import cache_state, cost
 from .decoder import PrunedDecoder
 from .plans import PruningPlan, image_spans, make_plan
 from .prune_pass import SpanRecord
@@ -225,8 +225,13 @@ class PruningSession:
         )
 
 
-# Models attached to a session now: a second session around the same calls would prune them twice.
-_OPEN: weakref.WeakSet = weakref.WeakSet()
+# Models attached to a session now, and the thread that attached each: a second session around
+# the same calls would prune them twice.
+_OPEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+ANOTHER_THREAD = (
+    "this model is inside an asapcli.pruned block in another thread: a model prunes for one thread at a time; "
+    "give each thread a model of its own"
+)
 
 
 @contextmanager
@@ -234,16 +239,18 @@ def attached(model: PreTrainedModel, session: PruningSession) -> Iterator[Prunin
     """The model's decoder reads and writes `session` inside the block (installed for it where
     it was not), and only from the thread that opened it."""
     if model in _OPEN:
+        if _OPEN[model] != threading.get_ident():
+            raise UsageError(ANOTHER_THREAD)
         raise UsageError("this model is inside an asapcli.pruned block already; blocks do not nest")
     was_installed = isinstance(model.get_decoder(), PrunedDecoder)
     decoder = install(model)
-    _OPEN.add(model)
+    _OPEN[model] = threading.get_ident()
     decoder.session = session
     try:
         yield session
     finally:
         decoder.session = None
-        _OPEN.discard(model)
+        _OPEN.pop(model, None)
         if not was_installed:
             uninstall(model)
 
@@ -281,10 +288,7 @@ class _CallPlanner:
 
     def __call__(self, module, args: tuple, kwargs: dict) -> None:
         if threading.get_ident() != self.owner:  # the session is the block's thread's alone
-            raise UsageError(
-                "this model is inside an asapcli.pruned block in another thread: a model prunes for one thread "
-                "at a time; give each thread a model of its own"
-            )
+            raise UsageError(ANOTHER_THREAD)
         plans, padding = self.plans_for_call(args, kwargs) or (None, None)
         self.session.plan_next(plans, padding)
 
@@ -301,12 +305,8 @@ class _CallPlanner:
         if cached and input_ids.shape[1] == 1:
             return None
         settings = self.session.settings
-        if cached and input_ids.shape[1] > 1 and self.session.prefills and not settings.method.continues_cache:
-            # Their cache is shorter than the sequence it holds: generate() would feed its image again.
-            raise UsageError(
-                f"{settings.method} prunes before the first layer, so a cache it pruned cannot be continued by a later "
-                "call; answer each prompt from the start (asap chat refuses these methods for the same reason)"
-            )
+        if cache is not None:  # before the model's forward (its vision tower) runs
+            cache_state.of(cache).check_continuation(input_ids.shape[1])
         mask = kwargs.get("attention_mask")
         padding = [0] * input_ids.shape[0] if mask is None else (mask[:, : cached + input_ids.shape[1]] == 0).sum(1)
         image_token = self.model.config.image_token_id

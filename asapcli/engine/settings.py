@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
-from ..errors import UsageError
+from ..errors import UsageError, not_one_of
 from .methods import DEFAULT_METHOD, HYPERPARAMETERS, METHODS, REFERENCE, PruningMethod
 
 DEFAULT_K, DEFAULT_LAYER = 128, 2  # where neither the user nor the model's preset says
@@ -203,7 +203,7 @@ def method_classes(names: Sequence[str]) -> list[type[PruningMethod]]:
     """The registered method of each name; a UsageError naming the first unknown one."""
     unknown = [name for name in names if name not in METHODS]
     if unknown:
-        raise UsageError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        raise UsageError(not_one_of(unknown[0], list(METHODS)))
     return [METHODS[name] for name in names]
 
 
@@ -214,7 +214,7 @@ def check_numbers(**numbers) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
             raise UsageError(f"{name} must be a whole number, got {value!r}")
     if "k" in numbers and numbers["k"] < 1:
-        raise UsageError(f"k must be at least 1, got {numbers['k']}")
+        raise UsageError(f"k needs a whole number of at least 1, got {numbers['k']}")
     if "seed" in numbers and not 0 <= numbers["seed"] < SEEDS:
         raise UsageError(f"seed must be a whole number from 0 to {SEEDS - 1}, got {numbers['seed']}")
 
@@ -229,6 +229,18 @@ def check_budget(method: PruningMethod, k: int) -> None:
     problem = method.budget_problem(k)
     if problem:
         raise UsageError(problem)
+
+
+def check_layer_read(method: type[PruningMethod], flag: str = "--layer") -> None:
+    """A layer the user gave for one method is one it prunes at: a method whose stages follow
+    the model's depth (pdrop, sparsevlm) would ignore it without a word. (A comparison of several
+    methods applies L to those that read it.)"""
+    if not method.reads_layer and method.prunes and not method.before_llm:  # those say L = 0 themselves
+        first = ", ".join(map(str, method().stage_layers(DEFAULT_LAYER, 32)))
+        raise UsageError(
+            f"{method.name} does not read {flag}: its stages sit at fixed fractions of the model's depth (layers "
+            f"{first} of a 32-layer model); leave {flag} out"
+        )
 
 
 def check_layer(layer: int, methods: Sequence[type[PruningMethod]]) -> None:

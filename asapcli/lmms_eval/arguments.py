@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..engine import DEFAULT_METHOD, HYPERPARAMETERS
-from ..engine.settings import PruneSettings, budget_and_layer
+from ..engine import DEFAULT_METHOD, HYPERPARAMETERS, METHODS
+from ..engine.settings import PruneSettings, budget_and_layer, check_layer_read
 from ..errors import UsageError, whole_number
 from ..runtime.presets import check_tiles, find_preset
 
@@ -45,6 +45,8 @@ class ModelArgs:
         pretrained = _text(given.get("pretrained", "demo"), "pretrained")
         k = whole(given["k"], "k") if "k" in given else None
         layer = whole(given["layer"], "layer") if "layer" in given else None
+        if layer is not None and method in METHODS:
+            check_layer_read(METHODS[method], "layer")
         seed = whole(given.get("seed", 0), "seed", minimum=0)
         options = {name: given[name] for name in HYPERPARAMETERS if name in given}
         prune = PruneSettings(method, *budget_and_layer(find_preset(pretrained), k, layer), seed, **options)

@@ -17,7 +17,7 @@ from ..engine.cost import (
     pruning_schedule,
     schedule_flops,
 )
-from ..engine.settings import PruneSettings, budget_and_layer, check_numbers, method_classes
+from ..engine.settings import PruneSettings, budget_and_layer, check_layer_read, check_numbers, method_classes
 from ..errors import UsageError
 from ..records import Environment, FlopsReport, FlopsStage, MeasuredFlops
 from ..runtime.environment import environment
@@ -215,6 +215,8 @@ def _checked(k: int | None, layer: int | None, schedule: str | None, method: str
     if layer is not None and layer < 0:  # a schedule's step may prune before layer 0, whatever the method
         raise UsageError(f"layer must be at least 0 (0 prunes before the first layer), got {layer}")
     (pruner,) = method_classes([method])
+    if layer is not None:
+        check_layer_read(pruner)
     if not pruner.prunes:
         raise UsageError(f"--method {method} prunes nothing: its count is the vanilla row of any other method's")
     return pruner

@@ -1,0 +1,93 @@
+"""Findings of the hostile passes on the third pass's code, each with the case that showed it."""
+
+import pytest
+
+from asapcli.errors import UsageError
+from asapcli.lmms_eval.arguments import ModelArgs
+
+CAR = "examples/car.png"
+
+
+@pytest.mark.parametrize("method", ["pdrop", "sparsevlm"])
+def test_a_layer_given_to_a_method_in_stages_is_refused_not_ignored(method, asap):
+    """Their stages follow the model's depth: --layer 3 ran exactly as --layer 9 did, without a word."""
+    expected = f"{method} does not read --layer: its stages sit at fixed fractions of the model's depth"
+    for args in (["run", CAR, "hi", "--method", method, "--layer", 3], ["flops", "--method", method, "--layer", 3]):
+        result = asap(*args)
+        assert result.exit_code == 2 and result.stderr.startswith(f"Error: {expected}"), result.output
+    with pytest.raises(UsageError, match=f"{method} does not read layer"):
+        ModelArgs.parse({"pretrained": "demo", "method": method, "layer": "3"})
+    compared = asap("flops", "--method", "fastv", "--layer", 3, "--json")  # a method that reads it takes it
+    assert compared.exit_code == 0, compared.output
+
+
+def test_a_second_threads_block_on_the_same_model_says_so(llava_path):
+    """Two threads each opening a block on one model were told "blocks do not nest", which none did."""
+    import threading
+
+    import asapcli
+    from asapcli.runtime.loading import load
+
+    model = load(str(llava_path), device="cpu").model
+    errors = []
+
+    def second():
+        try:
+            with asapcli.pruned(model, method="fastv", k=8):
+                pass
+        except UsageError as error:
+            errors.append(str(error))
+
+    with asapcli.pruned(model, method="fastv", k=8):
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join()
+        with pytest.raises(UsageError, match="blocks do not nest"), asapcli.pruned(model, method="fastv", k=8):
+            pass
+    assert errors and errors[0].startswith("this model is inside an asapcli.pruned block in another thread")
+
+
+@pytest.mark.parametrize("method", ["divprune", "pool"])
+def test_a_cache_shortened_before_the_llm_is_not_continued_after_its_block(method, llava_path, images):
+    """Inside a block a second call on a divprune-pruned cache was refused; after the block the
+    same call ran, and generate() fed what it took for the missing part of the prompt again."""
+    import torch
+
+    import asapcli
+    from asapcli.runtime.inputs import build_inputs, user_message
+    from asapcli.runtime.loading import load
+
+    lvlm = load(str(llava_path), device="cpu")
+    inputs = build_inputs(lvlm.processor, [user_message("what?", 1)], images[:1])
+    more = lvlm.processor.tokenizer(" and then some", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        with asapcli.pruned(lvlm.model, method=method, k=4):
+            cache = lvlm.model(**inputs, use_cache=True).past_key_values
+            with pytest.raises(UsageError, match=f"{method} prunes before the first layer"):
+                lvlm.model(input_ids=more, past_key_values=cache, use_cache=True)
+        token = lvlm.model(input_ids=more[:, :1], past_key_values=cache, use_cache=True)  # a decoding step goes on
+        assert token.logits.shape[1] == 1
+        with pytest.raises(UsageError, match=f"{method} prunes before the first layer, so a cache it pruned cannot"):
+            lvlm.model(input_ids=more, past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("words", [{"COMP_WORDS": "asap run --method ", "COMP_CWORD": "abc"}, {}])
+def test_a_malformed_completion_call_is_one_error_line(words):
+    """A shell (or a hand) calling completion without COMP_WORDS or with a bad COMP_CWORD got a traceback."""
+    import os
+    import shutil
+    import subprocess
+
+    env = {**os.environ, "_ASAP_COMPLETE": "complete_bash", **words}
+    result = subprocess.run([shutil.which("asap")], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Error: shell completion needs COMP_WORDS and a whole-number COMP_CWORD")
+
+
+def test_pdrops_measured_count_says_it_holds_the_rankings_projections(llava_path, asap):
+    """pdrop's measured stage ran 20x over Eq. 7 without a word: its ranking's q and k projections."""
+    result = asap("flops", "-m", llava_path, "--method", "pdrop", "-k", 8, "--measure", "--threads", 1)
+    assert result.exit_code == 0, result.output
+    assert "pdrop ranks each stage by the layer's own q and k projections" in result.stdout
+    fastv = asap("flops", "-m", llava_path, "--method", "fastv", "-k", 8, "--measure", "--threads", 1)
+    assert "ranks each stage" not in fastv.stdout
