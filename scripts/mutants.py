@@ -195,6 +195,9 @@ MUTANTS = [
     Mutant("a staged method's --layer ignored", "asapcli/engine/settings.py", (
         ("    if not method.reads_layer and method.prunes and not method.before_llm:", "    if False:"),
     ), ("tests/test_hostile_fourth.py::test_a_layer_given_to_a_method_in_stages_is_refused_not_ignored",)),
+    Mutant("eval's columns in the data file's order", EVALUATION, (
+        ("for kind in questions.in_column_order(self.totals)}", "for kind in self.totals}"),
+    ), ("tests/test_hostile_fourth.py::test_evals_columns_keep_one_order_whatever_the_data_files_order",)),
     Mutant("a second thread's block told blocks do not nest", SESSION, (
         ("        if _OPEN[model] != threading.get_ident():", "        if False:"),
     ), ("tests/test_hostile_fourth.py::test_a_second_threads_block_on_the_same_model_says_so",)),

@@ -91,3 +91,22 @@ def test_pdrops_measured_count_says_it_holds_the_rankings_projections(llava_path
     assert "pdrop ranks each stage by the layer's own q and k projections" in result.stdout
     fastv = asap("flops", "-m", llava_path, "--method", "fastv", "-k", 8, "--measure", "--threads", 1)
     assert "ranks each stage" not in fastv.stdout
+
+
+def test_evals_columns_keep_one_order_whatever_the_data_files_order(asap, tmp_path):
+    """The question types' columns followed the order a file first named them in: two files with
+    the same questions in another order gave two tables that did not line up."""
+    import json
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    lines = (examples / "questions.jsonl").read_text().splitlines()
+    orders = []
+    for name, chosen in (("as-is", lines), ("reversed", lines[::-1])):
+        data = tmp_path / f"{name}.jsonl"
+        rows = [json.loads(line) | {"image": str(examples / json.loads(line)["image"])} for line in chosen]
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        result = asap("eval", "--data", data, "--methods", "vanilla", "--threads", 1, "--json")
+        assert result.exit_code == 0, result.output
+        orders.append(list(json.loads(result.stdout)["results"][0]["accuracy"]))
+    assert orders[0] == orders[1] == ["colour", "shape", "exists", "position"]

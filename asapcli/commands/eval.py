@@ -127,7 +127,10 @@ def _show(outcome: Outcome) -> None:
     """The table, what its columns mean and, when interrupted, how much of the run it covers."""
     report = outcome.report
     display.show(_table(report))
-    types = ", ".join(dict.fromkeys(SHORT.get(kind, kind) for row in report.results for kind in row.accuracy))
+    from ..measure.questions import in_column_order  # PIL: after the run, not at the command's start
+
+    kinds = in_column_order({kind for row in report.results for kind in row.accuracy})
+    types = ", ".join(SHORT.get(kind, kind) for kind in kinds)
     display.out.print(
         "All figures in %. FLOPs: paper Eq. 8, visual tokens only (over all the questions); accuracy: "
         f"normalised exact match, greedy; avg: mean over question types ({types}), ± half its 95% interval (each "
@@ -160,7 +163,9 @@ def _table(report: EvalReport) -> display.Shown:
     """Table 1's layout: a row per method and budget; the FLOPs ratio, each question type's
     accuracy, the average with its interval, the average over vanilla's, in percent."""
     rows = report.results
-    types = list(dict.fromkeys(kind for row in rows for kind in row.accuracy))
+    from ..measure.questions import in_column_order
+
+    types = in_column_order({kind for row in rows for kind in row.accuracy})
     regions = [region for region in ("top", "bottom") if any(region in row.region_accuracy for row in rows)]
     headers = [SHORT.get(name, name) for name in (*types, "avg ±", "rel", *regions)]
     partial = " (partial)" if report.partial else ""

@@ -27,6 +27,7 @@ from ..runtime import patch_layout
 from ..runtime.generation import context_length, generate_batch, to_device
 from ..runtime.inputs import build_batch_inputs, check_text
 from ..runtime.loading import Loaded
+from . import questions
 from .questions import Item
 
 # LLaVA's evaluation prompt for short answers (its GQA, VQAv2 and TextVQA scripts); the demo
@@ -79,7 +80,7 @@ class Score:
         return cost.eq8(self.flops)
 
     def accuracy(self) -> dict[str, float]:
-        return {kind: self.hits[kind] / self.totals[kind] for kind in self.totals}
+        return {kind: self.hits[kind] / self.totals[kind] for kind in questions.in_column_order(self.totals)}
 
     def region_accuracy(self) -> dict[str, float]:
         return {region: self.region_hits[region] / self.region_totals[region] for region in self.region_totals}

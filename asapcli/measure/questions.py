@@ -105,3 +105,10 @@ def _record_problem(record: dict) -> str | None:
     if not all(isinstance(answer, str) and answer.strip() for answer in answers):
         return f"answer must be a string or a list of strings (accepted answers), got {json.dumps(record['answer'])}"
     return None
+
+
+def in_column_order(kinds) -> list[str]:
+    """Question types in the table's order, whatever order a data file brings them in: the demo's
+    own (scenes.QUESTION_TYPES), then any other by name."""
+    known = list(scenes.QUESTION_TYPES)
+    return sorted(kinds, key=lambda kind: (known.index(kind), "") if kind in known else (len(known), kind))
