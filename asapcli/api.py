@@ -25,7 +25,6 @@ options made): a question asked with `asap run` and with this API is pruned the 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -38,6 +37,7 @@ from .engine.methods.hyperparameters import in_keywords
 from .engine.session import ImageReport, PromptReport, PruningReport, PruningSession, pruned_as
 from .engine.settings import PruneSettings
 from .errors import UsageError
+from .runtime import sampling
 from .runtime.generation import GenerationResult
 from .runtime.loading import Loaded
 
@@ -79,14 +79,14 @@ class _Block:
         return self._open.pop().__exit__(*raised)
 
 
-def _check_sampling(max_tokens, temperature) -> None:
-    """What the CLI's --max-tokens and --temperature refuse, in the keywords' words."""
+def _check_sampling(max_tokens, temperature, top_p, top_k) -> None:
+    """What the CLI's --max-tokens, --temperature, --top-p and --top-k refuse, in the keywords' words."""
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise UsageError(f"max_tokens must be a whole number of at least 1, got {max_tokens!r}")
-    if not isinstance(temperature, int | float) or isinstance(temperature, bool):
-        raise UsageError(f"temperature must be a number, got {temperature!r}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise UsageError(f"temperature must be a finite number of at least 0 (0 is greedy), got {temperature!r}")
+    try:
+        sampling.check(temperature, top_p, top_k)
+    except UsageError as error:
+        raise UsageError(str(error).replace("top-p", "top_p").replace("top-k", "top_k")) from None
 
 
 @contextmanager
@@ -141,15 +141,19 @@ def generate(
     layer: int | None = None,
     max_tokens: int = 128,
     temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
     seed: int = 0,
+    system: str | None = None,
     **options,
 ) -> GenerationResult:
     """One answer about one image (a path or a PIL image), pruned as `asap run` prunes it: k and L
-    default to the model's preset's, else 128 and 2. The result holds the text and the figures
-    `asap run --json` prints (kept_tokens, visual_tokens, flops_ratio, prefill_seconds, ...)."""
+    default to the model's preset's, else 128 and 2; `system`: a system prompt before the
+    question. The result holds the text and the figures `asap run --json` prints (kept_tokens,
+    visual_tokens, flops_ratio, prefill_seconds, ...)."""
     from .engine.settings import budget_and_layer
     from .runtime import generation
-    from .runtime.inputs import build_inputs, check_prompt, check_text, load_image, user_message
+    from .runtime.inputs import build_inputs, check_prompt, check_text, load_image, opening, user_message
 
     if not isinstance(model, Loaded):
         raise UsageError(
@@ -160,12 +164,17 @@ def generate(
         raise UsageError(f"image must be a path or a PIL image, got {type(image).__name__}")
     if not isinstance(prompt, str):
         raise UsageError(f"prompt must be a string, got {type(prompt).__name__}")
-    check_prompt(prompt)
-    check_text(model.processor, prompt)  # an image placeholder in the text: the CLI refuses it too
-    _check_sampling(max_tokens, temperature)
+    if system is not None and (not isinstance(system, str) or not system.strip()):
+        raise UsageError(f"system must be a non-empty string, got {system!r}")
+    for text in (prompt, system) if system else (prompt,):
+        check_prompt(text)
+        check_text(model.processor, text)  # an image placeholder in the text: the CLI refuses it too
+    _check_sampling(max_tokens, temperature, top_p, top_k)
     k, layer = budget_and_layer(model.preset, k, layer)
     with _in_python():
         settings = PruneSettings(method, k, layer, seed, **options).for_model(model.num_layers)
     picture = image if isinstance(image, Image.Image) else load_image(os.fspath(image))
-    inputs = build_inputs(model.processor, [user_message(prompt, 1)], [picture])
-    return generation.generate(model, inputs, settings, max_tokens=max_tokens, temperature=temperature, seed=seed)
+    inputs = build_inputs(model.processor, [*opening(system), user_message(prompt, 1)], [picture])
+    return generation.generate(
+        model, inputs, settings, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+    )

@@ -195,6 +195,12 @@ MUTANTS = [
     Mutant("a staged method's --layer ignored", "asapcli/engine/settings.py", (
         ("    if not method.reads_layer and method.prunes and not method.before_llm:", "    if False:"),
     ), ("tests/test_hostile_fourth.py::test_a_layer_given_to_a_method_in_stages_is_refused_not_ignored",)),
+    Mutant("--top-k not handed to generate()", "asapcli/runtime/sampling.py", (
+        ('"top_k": top_k, "top_p": top_p}', '"top_k": None, "top_p": top_p}'),
+    ), ("tests/test_sampling_options.py",)),
+    Mutant("/forget drops the system prompt", CHAT, (
+        ("self.messages[:start] + self.messages[cut:]", "self.messages[cut:]"),
+    ), ("tests/test_sampling_options.py::test_forget_keeps_the_system_prompt",)),
     Mutant("eval's columns in the data file's order", EVALUATION, (
         ("for kind in questions.in_column_order(self.totals)}", "for kind in self.totals}"),
     ), ("tests/test_hostile_fourth.py::test_evals_columns_keep_one_order_whatever_the_data_files_order",)),

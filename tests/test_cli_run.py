@@ -478,7 +478,8 @@ METHOD_OPTIONS = (
 )
 COMMAND_OPTIONS = {
     "chat": f"image {WHERE} --random-weights --layers --method --k --layer --lambda-max --merge-threshold "
-    "--score-queries --score --positions --stage-ratio --stage-counts --max-tokens --temperature --seed --json",
+    "--score-queries --score --positions --stage-ratio --stage-counts --max-tokens --temperature --top-p --top-k "
+    "--seed --system --json",
     "compare": f"image prompt {WHERE} --random-weights --layers --methods --k --layer --seed {METHOD_OPTIONS} "
     "--max-tokens --out --json",
     "env": "--json",
@@ -490,7 +491,7 @@ COMMAND_OPTIONS = {
     "profile": f"{WHERE} --random-weights --layers --image --prompt --methods --k --layer --seed {METHOD_OPTIONS} "
     "--repeats --warmup --decode-tokens --batch --json --format",
     "run": f"arguments --image --prompt {WHERE} --random-weights --layers --method --k --layer {METHOD_OPTIONS} "
-    "--max-tokens --temperature --seed --save-kept --json",
+    "--max-tokens --temperature --top-p --top-k --seed --system --save-kept --json",
 }
 
 

@@ -15,7 +15,7 @@ from ..records import Answer
 from ..report import figures
 from ..runtime import patch_layout
 from ..runtime.generation import GenerationResult, generate, generate_batch
-from ..runtime.inputs import Samples, build_batch_inputs, build_inputs, check_text, user_message
+from ..runtime.inputs import Samples, build_batch_inputs, build_inputs, check_text, opening, user_message
 from ..runtime.loading import Loaded
 
 
@@ -35,7 +35,10 @@ def answer(
     *,
     max_tokens: int = 128,
     temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
     seed: int = 0,
+    system: str | None = None,
     on_text: Callable[[str], None] | None = None,
     on_step: Callable[[], None] | None = None,
     draws_kept: bool = False,
@@ -44,17 +47,17 @@ def answer(
     (each row its own plan, the same answers), `on_step` called after each decoding step.
     `draws_kept`: the caller will draw the kept patches, so a model whose image tokens cannot
     be placed on the image fails before generating."""
-    for prompt in dict.fromkeys(prompt for _, prompt in samples.pairs):
-        check_text(loaded.processor, prompt)
-    sampling = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    for text in dict.fromkeys([prompt for _, prompt in samples.pairs] + ([system] if system else [])):
+        check_text(loaded.processor, text)
+    sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
     if len(samples.pairs) > 1:
         inputs = build_batch_inputs(
-            loaded.processor, [(prompt, samples.pictures[image]) for image, prompt in samples.pairs]
+            loaded.processor, [(prompt, samples.pictures[image]) for image, prompt in samples.pairs], system
         )
         results = generate_batch(loaded, inputs, settings, **sampling, on_step=on_step)
         return [_answered(loaded, settings, *pair, result) for pair, result in zip(samples.pairs, results, strict=True)]
     ((image, prompt),) = samples.pairs
-    inputs = build_inputs(loaded.processor, [user_message(prompt, 1)], [samples.pictures[image]])
+    inputs = build_inputs(loaded.processor, [*opening(system), user_message(prompt, 1)], [samples.pictures[image]])
     spans = image_spans(inputs["input_ids"][0], loaded.image_token_id)
     span = spans[0] if spans else None
     if draws_kept:

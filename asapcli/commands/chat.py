@@ -63,9 +63,7 @@ def chat(
     from ..runtime.chat import ChatSession  # imports torch and transformers: seconds of CPU
 
     loaded = where.load()
-    session = ChatSession(
-        loaded, settings, max_tokens=sampling.max_tokens, temperature=sampling.temperature, seed=sampling.seed
-    )
+    session = ChatSession(loaded, settings, **sampling.generation, system=sampling.system)
     if first_image is not None:
         session.add_image(image.name, first_image)
 

@@ -19,6 +19,7 @@ from ..engine.methods import DEFAULT_COMPARISON, DEFAULT_EVALUATION, DEFAULT_SID
 from ..engine.settings import MethodGrid, PruneSettings, budget_and_layer, check_layer_read, check_numbers
 from ..errors import AsapError, UsageError, ascii_digits, not_one_of, whole_number
 from ..report import display
+from ..runtime import sampling
 from ..runtime.machine import THREADS_RULE, choose_threads, surely_no_cuda
 from ..runtime.presets import Preset, check_cls_tower, check_tiles, find_preset, preset_names
 
@@ -192,6 +193,25 @@ Temperature = Annotated[
 Seed = Annotated[
     int, typer.Option("--seed", callback=_seed, metavar="N", help="Seed for sampling and for the random method.")
 ]
+TopP = Annotated[
+    float | None,
+    typer.Option(
+        "--top-p", callback=lambda value: value if value is None else _finite(value), metavar="P",
+        help="With --temperature: sample from the likeliest tokens whose probability adds up to P, in (0, 1].",
+    ),
+]  # fmt: skip
+TopK = Annotated[
+    int | None,
+    typer.Option("--top-k", min=1, metavar="N", help="With --temperature: sample from the N likeliest tokens."),
+]
+System = Annotated[
+    str | None,
+    typer.Option(
+        "--system",
+        metavar="TEXT",
+        help="A system prompt before the first message, as the model's chat template renders it.",
+    ),
+]
 
 
 def json_flag(prints: str = "one JSON object on stdout instead of text"):
@@ -337,7 +357,21 @@ class Sampling:
 
     max_tokens: MaxTokens = 128
     temperature: Temperature = 0.0
+    top_p: TopP = None
+    top_k: TopK = None
     seed: Seed = 0
+    system: System = None
+
+    def __post_init__(self):
+        sampling.check(self.temperature, self.top_p, self.top_k)  # --top-p without a temperature, say
+        if self.system is not None and not self.system.strip():
+            raise UsageError("--system is empty; give the system prompt's text, or leave --system out")
+
+    @property
+    def generation(self) -> dict:
+        """The keywords of answering and chat for it."""
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "seed": self.seed}  # fmt: skip
 
 
 def _field_default(method: type, name: str):

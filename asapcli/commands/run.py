@@ -67,9 +67,8 @@ def run(
         # a batch decodes all its samples together: its steps are tokens, at most --max-tokens
         step = tasks(f"Decoding {len(samples.pairs)} samples in one batch", sampling.max_tokens) if tasks else None
         answers = answering.answer(
-            loaded, settings, samples, max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-            seed=sampling.seed, on_text=None if json or several else display.write, on_step=step,
-            draws_kept=save_kept is not None,
+            loaded, settings, samples, **sampling.generation, system=sampling.system,
+            on_text=None if json or several else display.write, on_step=step, draws_kept=save_kept is not None,
         )  # fmt: skip
     _show(answers, settings, json, several)
     if save_kept is not None:  # after the answer is out: a failed write loses only the picture

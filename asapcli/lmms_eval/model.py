@@ -104,7 +104,7 @@ class Asap(lmms):
         max_tokens = whole(options.get("max_new_tokens", 10), "max_new_tokens")
         sampling = _sampling(options)
         return generate_batch(
-            self.loaded, inputs, self.prune, max_tokens=max_tokens, seed=self.prune.seed, sampling=sampling
+            self.loaded, inputs, self.prune, max_tokens=max_tokens, seed=self.prune.seed, options=sampling
         )
 
     def loglikelihood(self, requests):

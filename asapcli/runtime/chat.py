@@ -27,7 +27,7 @@ from ..engine.settings import PruneSettings
 from ..errors import AsapError, UsageError
 from ..records import ChatStats, ChatTurn, Environment
 from .generation import GenerationResult, context_length, generate, kv_cache_bytes
-from .inputs import build_inputs, check_prompt, check_text, user_message
+from .inputs import build_inputs, check_prompt, check_text, opening, user_message
 from .loading import Loaded
 
 # Processor outputs with one entry per image along dim 0; a turn passes only its new images.
@@ -65,6 +65,10 @@ class ChatSession:
         max_tokens: int = 128,
         temperature: float = 0.0,
         seed: int = 0,
+        *,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        system: str | None = None,
     ):
         settings = settings.for_model(loaded.num_layers)
         if not settings.method.continues_cache:
@@ -73,13 +77,16 @@ class ChatSession:
         self.loaded = loaded
         self.settings = settings
         self.max_tokens = max_tokens
-        self.temperature = temperature
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.seed = seed
+        self.system = (
+            check_text(loaded.processor, system) if system else None
+        )  # the dialogue's opening, kept by /forget
         self.reset()
 
     def reset(self) -> None:
         """Forget the dialogue, its images (pending ones too) and the cache."""
-        self.messages: list[dict] = []
+        self.messages: list[dict] = opening(self.system)
         self.images: list[Image.Image] = []
         self.pending: list[tuple[str, Image.Image]] = []
         self.cache = DynamicCache(config=self.loaded.model.config.get_text_config())
@@ -115,12 +122,12 @@ class ChatSession:
         first = next((i for i, message in enumerate(self.messages) if _images_in(message)), None)
         if first is None:
             return 0
-        cut = first + 2  # the user's message and the answer to it
-        forgotten = sum(_images_in(message) for message in self.messages[:cut])
-        self.messages, self.images = self.messages[cut:], self.images[forgotten:]
+        start, cut = len(opening(self.system)), first + 2  # the system prompt stays; the answer goes with its turn
+        forgotten = sum(_images_in(message) for message in self.messages[start:cut])
+        self.messages, self.images = self.messages[:start] + self.messages[cut:], self.images[forgotten:]
         self.cache = DynamicCache(config=self.loaded.model.config.get_text_config())
         self.seen = []
-        return cut
+        return cut - start
 
     def set_k(self, k: int) -> None:
         """The budget for images from the next message on."""
@@ -158,6 +165,8 @@ class ChatSession:
                 self.settings,  # prunes the images the cache has not seen: those in the prefilled tokens
                 max_tokens=self.max_tokens,
                 temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
                 seed=self.seed,
                 on_text=on_text,
                 cache=self.cache,

@@ -15,7 +15,7 @@ from ..engine import cost, image_spans
 from ..engine.session import PromptReport, pruned_as
 from ..engine.settings import PruneSettings
 from ..errors import AsapError
-from . import streaming
+from . import sampling, streaming
 from .loading import Loaded
 from .streaming import EachStep, FirstToken, StopWhen, TextStream
 
@@ -85,6 +85,8 @@ def generate(
     *,
     max_tokens: int = 128,
     temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
     seed: int = 0,
     on_text: Callable[[str], None] | None = None,
     cache: DynamicCache | None = None,
@@ -100,8 +102,8 @@ def generate(
     stop = StopWhen(should_stop) if should_stop is not None else None
     cached = cache.get_seq_length() if cache is not None else 0
     output, clock, prompts = _generate(
-        loaded, inputs, settings, max_tokens=max_tokens, sampling=sampling_options(temperature), seed=seed,
-        streamer=streamer, stop=stop, cache=cache,
+        loaded, inputs, settings, max_tokens=max_tokens, options=sampling.generate_options(temperature, top_p, top_k),
+        seed=seed, streamer=streamer, stop=stop, cache=cache,
     )  # fmt: skip
     prompt_len = inputs["input_ids"].shape[1]
     return _result(
@@ -117,19 +119,22 @@ def generate_batch(
     *,
     max_tokens: int = 128,
     temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
     seed: int = 0,
-    sampling: dict | None = None,
+    options: dict | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> list[GenerationResult]:
     """Several samples as one left-padded batch (`inputs`), each row pruned on its own: prefilled
-    and decoded together, a result per row (the times are the batch's). `sampling`: generate()'s
-    own sampling options in place of those `temperature` makes (lmms-eval passes its task's);
+    and decoded together, a result per row (the times are the batch's). `options`: generate()'s
+    own sampling options in place of those `temperature`, `top_p` and `top_k` make (lmms-eval
+    passes its task's);
     `on_step` is called after each decoding step (at most `max_tokens`: a progress bar's)."""
     inputs = to_device(loaded, inputs)
-    sampling = sampling if sampling is not None else sampling_options(temperature)
+    options = options if options is not None else sampling.generate_options(temperature, top_p, top_k)
     stop = EachStep(on_step) if on_step is not None else None
     output, clock, prompts = _generate(
-        loaded, inputs, settings, max_tokens=max_tokens, sampling=sampling, seed=seed, stop=stop
+        loaded, inputs, settings, max_tokens=max_tokens, options=options, seed=seed, stop=stop
     )
     prompts = prompts or [None] * output.shape[0]
     prompt_len = inputs["input_ids"].shape[1]
@@ -152,14 +157,6 @@ def generate_batch(
         )
         results.append(result)
     return results
-
-
-def sampling_options(temperature: float) -> dict:
-    """generate()'s options for picking each token: greedily, or by sampling at `temperature`
-    from every token (no top-k or top-p cut)."""
-    if temperature <= 0:
-        return {"do_sample": False}
-    return {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
 
 
 def context_length(loaded: Loaded) -> int:
@@ -205,7 +202,7 @@ def _generate(
     settings: PruneSettings,
     *,
     max_tokens: int,
-    sampling: dict,
+    options: dict,
     seed: int,
     streamer: TextStream | None = None,
     stop: StopWhen | EachStep | None = None,
@@ -228,7 +225,7 @@ def _generate(
             past_key_values=cache,
             pad_token_id=pad_id,
             stopping_criteria=StoppingCriteriaList([first, stop] if stop else [first]),
-            **sampling,
+            **options,
         )
     streaming.synchronize(model.device)
     finished = time.perf_counter()

@@ -116,6 +116,11 @@ def check_text(processor: ProcessorMixin, text: str) -> str:
     return text
 
 
+def opening(system: str | None) -> list[dict]:
+    """The messages before the first turn: the system prompt, where one is given."""
+    return [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+
+
 def user_message(text: str, n_images: int) -> dict:
     """One user turn in the chat-template message format, images first (LLaVA's convention)."""
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
@@ -134,10 +139,13 @@ def prompt_text(processor: ProcessorMixin, messages: list[dict]) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def build_batch_inputs(processor: ProcessorMixin, samples: list[tuple[str, Image.Image]]) -> BatchFeature:
-    """Several (prompt, image) samples, each one user turn, left-padded into one batch (the
-    padding side generate() needs)."""
-    texts = [prompt_text(processor, [user_message(check_text(processor, prompt), 1)]) for prompt, _ in samples]
+def build_batch_inputs(
+    processor: ProcessorMixin, samples: list[tuple[str, Image.Image]], system: str | None = None
+) -> BatchFeature:
+    """Several (prompt, image) samples, each one user turn after the `system` prompt if given,
+    left-padded into one batch (the padding side generate() needs)."""
+    start = opening(system)
+    texts = [prompt_text(processor, [*start, user_message(check_text(processor, prompt), 1)]) for prompt, _ in samples]
     images = [image for _, image in samples]
     return processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
 
