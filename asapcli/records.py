@@ -238,6 +238,11 @@ class FlopsReport:
     architecture: Architecture
     convention: str
     measured: MeasuredFlops | None  # None: without --measure
+    kv_cache: str  # how kv_bytes count the layers before the first pruning step: "exact" (all) or "compact"
+    text_tokens: int  # the prompt's text tokens, held in every layer (--text-tokens)
+    kv_dtype: str  # the values' dtype (--dtype; auto counts 16-bit)
+    kv_bytes_vanilla: int  # the KV cache after a prefill of the text and every visual token (Table 4)
+    kv_bytes: int  # the same, pruned by the schedule
     environment: Environment  # device and dtype None where no model was loaded (no --measure)
 
 

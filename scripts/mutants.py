@@ -201,6 +201,12 @@ MUTANTS = [
     Mutant("/forget drops the system prompt", CHAT, (
         ("self.messages[:start] + self.messages[cut:]", "self.messages[cut:]"),
     ), ("tests/test_sampling_options.py::test_forget_keeps_the_system_prompt",)),
+    Mutant("a compact cache counted as an exact one", "asapcli/engine/cost.py", (
+        ('    if cache == "compact" and len(stages) > 1 and stages[0].tokens == arch.visual_tokens:', "    if False:"),
+    ), ("tests/test_flops.py::test_flops_gives_table_4s_kv_storage_without_weights",)),
+    Mutant("KV storage without the text tokens", "asapcli/engine/cost.py", (
+        ("    return sum((text_tokens + tokens) * width * value_bytes for tokens in held)", "    return sum(tokens * width * value_bytes for tokens in held)"),
+    ), ("tests/test_flops.py::test_flops_gives_table_4s_kv_storage_without_weights",)),
     Mutant("eval's columns in the data file's order", EVALUATION, (
         ("for kind in questions.in_column_order(self.totals)}", "for kind in self.totals}"),
     ), ("tests/test_hostile_fourth.py::test_evals_columns_keep_one_order_whatever_the_data_files_order",)),
@@ -401,7 +407,7 @@ MUTANTS = [
         ('decoded = n_new - 1  # the first token came with the prefill', 'decoded = n_new  # the first token came with the prefill'),
     ), ("tests/test_survivors.py",)),
     Mutant("/forget leaves the oldest image's answer", 'asapcli/runtime/chat.py', (
-        ("cut = first + 2  # the user's message and the answer to it", "cut = first + 1  # the user's message and the answer to it"),
+        ("start, cut = len(opening(self.system)), first + 2", "start, cut = len(opening(self.system)), first + 1"),
     ), ("tests/test_survivors.py",)),
     Mutant('FLOPs shown in a unit a thousand times too small', 'asapcli/report/display.py', (
         ('if flop_count >= 0.1 * scale:', 'if flop_count >= scale:'),
@@ -491,7 +497,7 @@ MUTANTS = [
         ("    settings = PruneSettings(method, k, layer, seed, **options).for_model(model.num_layers)", "    settings = PruneSettings(method, k, layer, 0, **options).for_model(model.num_layers)"),
     ), ("tests/test_survivors_third.py",)),
     Mutant('K01 forget counts turns with images, not images', CHAT, (
-        ("        forgotten = sum(_images_in(message) for message in self.messages[:cut])", "        forgotten = sum(1 for message in self.messages[:cut] if _images_in(message))"),
+        ("        forgotten = sum(_images_in(message) for message in self.messages[start:cut])", "        forgotten = sum(1 for message in self.messages[start:cut] if _images_in(message))"),
     ), ("tests/test_survivors_third.py",)),
     Mutant('N12 the state after pruning kept on a cache emptied for a new sequence', CACHE_STATE, (
         ("    if state is None or cache.get_seq_length() == 0:", "    if state is None:"),

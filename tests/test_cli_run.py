@@ -485,7 +485,8 @@ COMMAND_OPTIONS = {
     "env": "--json",
     "eval": f"{WHERE} --data --n --methods --k --layer --seed {METHOD_OPTIONS} --max-tokens --batch --plot "
     "--attention-profile --log-samples --prompt-suffix --json --format",
-    "flops": f"{WHERE} --random-weights --layers --k --layer --schedule --visual-tokens --gqa --measure --method "
+    "flops": f"{WHERE} --random-weights --layers --k --layer --schedule --visual-tokens --gqa --measure --kv-cache "
+    "--text-tokens --method "
     f"{METHOD_OPTIONS} --json --format",
     "models": "--json",
     "profile": f"{WHERE} --random-weights --layers --image --prompt --methods --k --layer --seed {METHOD_OPTIONS} "

@@ -77,10 +77,10 @@ def test_flops_takes_several_budgets_as_profile_and_eval_do(asap):
     table = asap(*args).stdout.splitlines()
     rows = [line.split() for line in table if line.split() and line.split()[0] in ("vanilla", "192", "128", "64")]
     assert rows == [
-        ["vanilla", "576", "3.817", "100.0"],
-        ["192", "2", "192", "1.413", "37.0"],
-        ["128", "2", "128", "1.020", "26.7"],
-        ["64", "2", "64", "0.628", "16.5"],
+        ["vanilla", "576", "3.817", "100.0", "288.00"],  # KV: 32 layers x 576 tokens x 16 KiB
+        ["192", "2", "192", "1.413", "37.0", "108.00"],  # layers 0..1 whole, 30 at 192
+        ["128", "2", "128", "1.020", "26.7", "78.00"],
+        ["64", "2", "64", "0.628", "16.5", "48.00"],
     ]
     csv_rows = list(csv.DictReader(io.StringIO(asap(*args, "--format", "csv").stdout)))
     (one,) = csv.DictReader(io.StringIO(asap("flops", "-m", "llava-1.5-7b", "-k", "128", "--format", "csv").stdout))
@@ -325,3 +325,22 @@ def test_flops_refuses_what_it_cannot_count_as_run_prunes_it(args, message, asap
 def test_flops_json_names_the_method_and_its_options(asap):
     record = json.loads(asap("flops", "--method", "pdrop", "--stage-ratio", "0.5", "-k", "64", "--json").stdout)
     assert (record["method"], record["options"]) == ("pdrop", {"stage_ratio": "0.5"})
+
+
+def test_flops_gives_table_4s_kv_storage_without_weights(asap):
+    """The paper's Table 4 (LLaVA-1.5-7B, float16): vanilla 321.39 MB, FastV 129.73 MB at k = 192 and
+    97.33 MB at 128, every layer holding the text (about 67 tokens) and the kept visual tokens: a
+    compact cache. MB there are MiB (bytes / 2**20). An exact cache keeps layers 0..L-1 whole."""
+    args = ["flops", "-m", "llava-1.5-7b", "--method", "fastv", "-k", "192,128", "--text-tokens", 67, "--dtype"]
+    lines = asap(*args, "float16", "--kv-cache", "compact", "--json").stdout.splitlines()
+    compact = [json.loads(line) for line in lines]
+    assert compact[0]["kv_bytes_vanilla"] / 2**20 == pytest.approx(321.39, abs=1)
+    assert [r["kv_bytes"] / 2**20 for r in compact] == pytest.approx([129.73, 97.33], abs=1)
+    assert all((r["kv_cache"], r["text_tokens"], r["kv_dtype"]) == ("compact", 67, "float16") for r in compact)
+    one = ["flops", "-m", "llava-1.5-7b", "--method", "fastv", "-k", 128, "--text-tokens", 67, "--json"]
+    exact = json.loads(asap(*one).stdout)
+    layer_bytes = 2 * 4096 * 2  # K and V of one token in one layer, 16-bit
+    assert exact["kv_bytes"] == (2 * (576 + 67) + 30 * (128 + 67)) * layer_bytes  # layers 0..1 whole
+    table = asap(*args, "float32", "--kv-cache", "compact")
+    assert table.exit_code == 0, table.output
+    assert "KV MiB: the KV cache after the prefill (compact cache, 67 text tokens, float32" in table.stdout

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
+from ..engine.cost import KV_CACHES
 from ..engine.methods import METHODS, REFERENCE
-from ..measure.flops import FlopsCount
+from ..measure.flops import FlopsCount, Storage
 from ..report import display
 from ..runtime.presets import built_from_numbers
 from . import options
@@ -18,6 +19,11 @@ LAYER_HELP = "Prune after layer L-1; 0 prunes before the first layer."
 SCHEDULE_HELP = "Several pruning steps LAYER:TOKENS,..., e.g. 2:960,16:480 (instead of -k/--layer)."
 VISUAL_TOKENS_HELP = "Visual tokens before pruning (default: the model's)."
 MEASURE_HELP = "Also count a real forward of the model's language model with fvcore (loads the model)."
+KV_CACHE_HELP = (
+    "How the KV storage counts the layers before the first pruning step: exact (every token they saw, as exact "
+    "decoding needs) or compact (only what the step kept: the paper's Table 4)."
+)
+TEXT_TOKENS_HELP = "The prompt's text tokens, held in every layer's KV cache beside the visual ones (default 0)."
 
 
 @options.command
@@ -32,6 +38,10 @@ def flops_command(
     ] = None,
     gqa: Annotated[bool, typer.Option("--gqa", help="Count k/v projections at their grouped-query size.")] = False,
     measure: Annotated[bool, typer.Option("--measure", help=MEASURE_HELP)] = False,
+    kv_cache: Annotated[
+        str, typer.Option("--kv-cache", metavar="{exact|compact}", help=KV_CACHE_HELP, **options.choice(KV_CACHES))
+    ] = "exact",
+    text_tokens: Annotated[int, typer.Option("--text-tokens", metavar="N", min=0, help=TEXT_TOKENS_HELP)] = 0,
     pruning: options.FlopsMethod,
     json: options.json_flag() = False,
     format_: options.Format = None,
@@ -41,6 +51,7 @@ def flops_command(
     request = {"layer": layer, "schedule": schedule, "visual_tokens": visual_tokens, "gqa": gqa, "measure": measure}
     request |= {"method": pruning.method, "options": options.options_given(pruning)}
     request |= {"random_weights": where.random_weights, "layers": where.layers}
+    request |= {"storage": Storage(kv_cache, text_tokens, where.dtype)}
     counts = [FlopsCount.plan(where.model, k=k, **request) for k in options.budget_list(budgets) or [None]]
     if measure:
         counts = _measured(where, counts)
@@ -90,20 +101,35 @@ def _show(counts: list[FlopsCount], model: str, gqa: bool, method: str) -> None:
                 markup=False,
                 soft_wrap=True,
             )
+    display.out.print(_storage_line(count, alone=len(counts) == 1), markup=False, soft_wrap=True)
     for line in built_from_numbers(count.random_weights, count.arch.layers, count.full_layers or count.arch.layers):
         display.out.print(line, markup=False, soft_wrap=True)
+
+
+def _storage_line(count: FlopsCount, alone: bool) -> str:
+    """How the KV storage was counted, and for one budget its figures (several: the KV MiB column)."""
+    storage = count.storage
+    how = f"{storage.cache} cache, {storage.text_tokens} text tokens, {storage.dtype}"
+    if not alone:
+        return f"KV MiB: the KV cache after the prefill ({how}; --kv-cache, --text-tokens, --dtype)."
+    vanilla, pruned = count.kv_bytes_vanilla, count.kv_bytes()
+    return (
+        f"KV storage after the prefill ({how}): vanilla {vanilla / 2**20:.2f} MiB, pruned {pruned / 2**20:.2f} MiB "
+        f"({100 * pruned / vanilla:.1f}%)."
+    )
 
 
 def _budgets_table(counts: list[FlopsCount]) -> display.Shown:
     """Several budgets side by side: vanilla, then one row per k (Table 1's FLOPs column)."""
     first, measured = counts[0], counts[0].counted is not None
     unit, scale = display.flop_unit(first.vanilla)
-    columns = ["k", "L", "tokens from L", unit, "ratio %"] + ([f"measured {unit}", "measured %"] if measured else [])
+    columns = ["k", "L", "tokens from L", unit, "ratio %", "KV MiB"]
+    columns += [f"measured {unit}", "measured %"] if measured else []
     table = display.Shown(f"{first.label}: FLOPs of the visual tokens by budget", columns)
     vanilla = first.counted[REFERENCE].total if measured else None
     table.add_row(
         REFERENCE, "", str(first.arch.visual_tokens), f"{first.vanilla / scale:.3f}", "100.0",
-        *([f"{vanilla / scale:.3f}", "100.0"] if measured else []),
+        f"{first.kv_bytes_vanilla / 2**20:.2f}", *([f"{vanilla / scale:.3f}", "100.0"] if measured else []),
     )  # fmt: skip
     for count in counts:
         # a method in stages (pdrop, sparsevlm) prunes at several layers: each step, in order
@@ -111,7 +137,7 @@ def _budgets_table(counts: list[FlopsCount]) -> display.Shown:
         pruned = count.counted["pruned"].total if measured else None
         table.add_row(
             str(count.budget), layers, tokens, f"{count.pruned / scale:.3f}",
-            f"{100 * count.pruned / count.vanilla:.1f}",
+            f"{100 * count.pruned / count.vanilla:.1f}", f"{count.kv_bytes() / 2**20:.2f}",
             *([f"{pruned / scale:.3f}", f"{100 * pruned / vanilla:.1f}"] if measured else []),
         )  # fmt: skip
     return table

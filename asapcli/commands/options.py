@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..runtime.loading import Loaded
 
 
-def _choice(values: tuple[str, ...], pattern: str | None = None, refused: dict[str, str] | None = None) -> dict:
+def choice(values: tuple[str, ...], pattern: str | None = None, refused: dict[str, str] | None = None) -> dict:
     """typer.Option keywords that check a value against `values` (or the regular expression
     `pattern`) as the command line is parsed, before anything heavy is imported, with the closest
     value as a suggestion, and complete it in the shell. `refused`: values this command does not
@@ -45,7 +45,7 @@ def _choice(values: tuple[str, ...], pattern: str | None = None, refused: dict[s
 
 def _choices(values: tuple[str, ...], what: str) -> dict:
     """_choice for a comma-separated list of `values` (--methods)."""
-    single = _choice(values)["parser"]
+    single = choice(values)["parser"]
 
     def parse(text: str) -> str:
         for item in (item.strip() for item in text.split(",") if item.strip()):
@@ -117,7 +117,7 @@ Model = Annotated[
 Method = Annotated[
     str,
     typer.Option(
-        "--method", metavar="{" + "|".join(METHODS) + "}", help="The pruning method.", **_choice(tuple(METHODS))
+        "--method", metavar="{" + "|".join(METHODS) + "}", help="The pruning method.", **choice(tuple(METHODS))
     ),
 ]
 K = Annotated[
@@ -140,7 +140,7 @@ Device = Annotated[
         "--device",
         metavar="{auto|cpu|cuda|cuda:N}",
         help="Where the model runs.",
-        **_choice(("auto", "cpu", "cuda"), pattern=r"cuda:\d+"),
+        **choice(("auto", "cpu", "cuda"), pattern=r"cuda:\d+"),
     ),
 ]
 DeviceMap = Annotated[
@@ -158,7 +158,7 @@ Dtype = Annotated[
         "--dtype",
         metavar="{auto|bfloat16|float16|float32}",
         help="Precision of the weights; auto: bfloat16 on GPU, float32 on CPU.",
-        **_choice(DTYPE_NAMES),
+        **choice(DTYPE_NAMES),
     ),
 ]
 RANDOM_WEIGHTS_HELP = (
@@ -225,7 +225,7 @@ Format = Annotated[
     typer.Option(
         "--format",
         metavar="{table|json|csv|markdown|latex}",
-        **_choice(display.FORMATS),
+        **choice(display.FORMATS),
         help="table (default), json (as --json), or csv, markdown, latex: one row per result, for a spreadsheet "
         "or a paper.",
     ),
@@ -385,7 +385,7 @@ def _method_option(name: str, methods: dict[str, type]) -> tuple:
     takers = [method for method, cls in methods.items() if name in cls.hyperparameters()]
     defaults = {str(_field_default(methods[method], name)) for method in takers}
     metavar = "{" + "|".join(hyperparameter.choices) + "}" if hyperparameter.choices else "X"
-    checked = _choice(hyperparameter.choices) if hyperparameter.choices else {}
+    checked = choice(hyperparameter.choices) if hyperparameter.choices else {}
     if hyperparameter.type is int and not checked:
         checked = {"parser": functools.partial(_whole_option, hyperparameter.flag)}
     option = typer.Option(
@@ -456,7 +456,7 @@ ChatMethodName = Annotated[
         "--method",
         metavar="{" + "|".join(CHATTING) + "}",
         help="The pruning method (those that prune inside the language model: a later turn continues the cache).",
-        **_choice(tuple(CHATTING), refused=_NOT_IN_CHAT),
+        **choice(tuple(CHATTING), refused=_NOT_IN_CHAT),
     ),
 ]
 

@@ -103,6 +103,24 @@ def parse_schedule(text: str) -> list[tuple[int, int]]:
     return steps
 
 
+KV_CACHES = ("exact", "compact")
+VALUE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def kv_storage(
+    arch: Architecture, stages: list[Stage], text_tokens: int, value_bytes: int, cache: str = "exact"
+) -> int:
+    """Bytes of the KV cache after one prefill (the paper's Table 4): every layer holds K and V
+    (kv_heads x head_dim values each) of the text and of the visual tokens it keeps. An "exact"
+    cache keeps in the layers before the first pruning step every token they saw, as exact
+    decoding needs; a "compact" one holds there only what that step kept, as Table 4 counts."""
+    width = 2 * arch.hidden * arch.kv_heads // arch.heads
+    held = [stage.tokens for stage in stages for _ in range(stage.layers)]
+    if cache == "compact" and len(stages) > 1 and stages[0].tokens == arch.visual_tokens:
+        held[: stages[0].layers] = [stages[1].tokens] * stages[0].layers
+    return sum((text_tokens + tokens) * width * value_bytes for tokens in held)
+
+
 @dataclass(frozen=True)
 class VisualFlops:
     """Eq. 7 of one prompt's visual tokens in TFLOPs: as pruned, and with every one kept."""

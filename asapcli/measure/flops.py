@@ -11,8 +11,11 @@ from ..engine import DEFAULT_METHOD, METHODS, REFERENCE, PruningMethod
 from ..engine.cost import (
     CONVENTION,
     GQA_CONVENTION,
+    KV_CACHES,
+    VALUE_BYTES,
     Architecture,
     Stage,
+    kv_storage,
     parse_schedule,
     pruning_schedule,
     schedule_flops,
@@ -30,6 +33,23 @@ COUNTER = "fvcore (multiply-accumulates) with a scaled_dot_product_attention han
 
 
 @dataclass(frozen=True)
+class Storage:
+    """How the KV storage of a budget is counted: the cache mode, the prompt's text tokens (held
+    in every layer), and the dtype of its values (auto: 16-bit, as checkpoints and GPUs hold them)."""
+
+    cache: str = "exact"
+    text_tokens: int = 0
+    dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.cache not in KV_CACHES:
+            raise UsageError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {self.cache!r}")
+        if self.text_tokens < 0:
+            raise UsageError(f"--text-tokens needs a whole number of at least 0, got {self.text_tokens}")
+        object.__setattr__(self, "dtype", "float16" if self.dtype == "auto" else self.dtype)
+
+
+@dataclass(frozen=True)
 class FlopsCount:
     model: str
     arch: Architecture
@@ -43,6 +63,7 @@ class FlopsCount:
     full_layers: int | None = None  # the model's own decoder layers, when --layers counts fewer (arch.layers)
     random_weights: bool = False  # the measured model is built with random weights
     environment: Environment | None = None  # the measured model's; None: numbers alone
+    storage: Storage | None = None  # how its KV cache is counted (Table 4)
 
     @classmethod
     def plan(
@@ -59,6 +80,7 @@ class FlopsCount:
         options: dict | None = None,
         random_weights: bool = False,
         layers: int | None = None,
+        storage: Storage | None = None,
     ) -> FlopsCount:
         """The schedule that -k/--layer (else the preset's) or --schedule give, checked, on the
         architecture of `model`, cut to its first `layers` decoder layers when given: a budget's
@@ -85,7 +107,20 @@ class FlopsCount:
         kv_fraction = arch.kv_heads / arch.heads if gqa or measure else 1.0
         random_weights = random_weights or getattr(find_preset(model), "random_weights", False)
         measured_random = measure and random_weights
-        return cls(model, arch, steps, stages, kv_fraction, method, budget, options, None, full_layers, measured_random)
+        counted = cls(
+            model, arch, steps, stages, kv_fraction, method, budget, options, None, full_layers, measured_random
+        )
+        return replace(counted, storage=storage or Storage())
+
+    def kv_bytes(self, stages: list[Stage] | None = None) -> int:
+        """The KV storage of the pruned schedule (of `stages` where given), as `storage` counts it."""
+        storage = self.storage or Storage()
+        held = stages if stages is not None else self.stages
+        return kv_storage(self.arch, held, storage.text_tokens, VALUE_BYTES[storage.dtype], storage.cache)
+
+    @property
+    def kv_bytes_vanilla(self) -> int:
+        return self.kv_bytes([Stage(self.arch.layers, self.arch.visual_tokens)])
 
     def flops(self, stages: list[Stage]) -> float:
         return schedule_flops(stages, self.arch.hidden, self.arch.intermediate, self.kv_fraction)
@@ -167,6 +202,11 @@ class FlopsCount:
             architecture=self.arch,
             convention=self.convention,
             measured=measured,
+            kv_cache=(self.storage or Storage()).cache,
+            text_tokens=(self.storage or Storage()).text_tokens,
+            kv_dtype=(self.storage or Storage()).dtype,
+            kv_bytes_vanilla=self.kv_bytes_vanilla,
+            kv_bytes=self.kv_bytes(),
             environment=self.environment or environment(),
         )
 
