@@ -207,6 +207,13 @@ MUTANTS = [
     Mutant("KV storage without the text tokens", "asapcli/engine/cost.py", (
         ("    return sum((text_tokens + tokens) * width * value_bytes for tokens in held)", "    return sum(tokens * width * value_bytes for tokens in held)"),
     ), ("tests/test_flops.py::test_flops_gives_table_4s_kv_storage_without_weights",)),
+    Mutant("--flops takes the smallest k within the share", "asapcli/engine/cost.py", (
+        ("    return max(fitting)", "    return min(fitting)"),
+    ), ("tests/test_flops_targets.py",)),
+    Mutant("--flops gives every method of a grid the first method's k", "asapcli/engine/settings.py", (
+        ("pairs.append((cls, budget_for(method, layer, budget) if targets else budget))",
+         "pairs.append((cls, budget_for(_configured(classes[-1], seed, {}), layer, budget) if targets else budget))"),
+    ), ("tests/test_flops_targets.py::test_eval_at_equal_flops_gives_each_method_its_own_k",)),
     Mutant("eval's columns in the data file's order", EVALUATION, (
         ("for kind in questions.in_column_order(self.totals)}", "for kind in self.totals}"),
     ), ("tests/test_hostile_fourth.py::test_evals_columns_keep_one_order_whatever_the_data_files_order",)),

@@ -477,21 +477,21 @@ METHOD_OPTIONS = (
     "--stage-ratio --stage-counts"
 )
 COMMAND_OPTIONS = {
-    "chat": f"image {WHERE} --random-weights --layers --method --k --layer --lambda-max --merge-threshold "
+    "chat": f"image {WHERE} --random-weights --layers --method --k --flops --layer --lambda-max --merge-threshold "
     "--score-queries --score --positions --stage-ratio --stage-counts --max-tokens --temperature --top-p --top-k "
     "--seed --system --json",
-    "compare": f"image prompt {WHERE} --random-weights --layers --methods --k --layer --seed {METHOD_OPTIONS} "
+    "compare": f"image prompt {WHERE} --random-weights --layers --methods --k --flops --layer --seed {METHOD_OPTIONS} "
     "--max-tokens --out --json",
     "env": "--json",
-    "eval": f"{WHERE} --data --n --methods --k --layer --seed {METHOD_OPTIONS} --max-tokens --batch --plot "
+    "eval": f"{WHERE} --data --n --methods --k --flops --layer --seed {METHOD_OPTIONS} --max-tokens --batch --plot "
     "--attention-profile --log-samples --prompt-suffix --json --format",
-    "flops": f"{WHERE} --random-weights --layers --k --layer --schedule --visual-tokens --gqa --measure --kv-cache "
+    "flops": f"{WHERE} --random-weights --layers --k --flops --layer --schedule --visual-tokens --gqa --measure --kv-cache "
     "--text-tokens --method "
     f"{METHOD_OPTIONS} --json --format",
     "models": "--json",
-    "profile": f"{WHERE} --random-weights --layers --image --prompt --methods --k --layer --seed {METHOD_OPTIONS} "
+    "profile": f"{WHERE} --random-weights --layers --image --prompt --methods --k --flops --layer --seed {METHOD_OPTIONS} "
     "--repeats --warmup --decode-tokens --batch --json --format",
-    "run": f"arguments --image --prompt {WHERE} --random-weights --layers --method --k --layer {METHOD_OPTIONS} "
+    "run": f"arguments --image --prompt {WHERE} --random-weights --layers --method --k --flops --layer {METHOD_OPTIONS} "
     "--max-tokens --temperature --top-p --top-k --seed --system --save-kept --json",
 }
 

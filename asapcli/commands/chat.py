@@ -55,7 +55,7 @@ def chat(
     json: options.json_flag("one JSON object per turn instead of text") = False,
 ) -> None:
     """Chat about images, pruning each image's visual tokens once, in the turn that brings it."""
-    settings = pruning.settings(where.preset, sampling.seed)  # made and checked before the long load
+    settings = pruning.settings(where, sampling.seed)  # made and checked before the long load
     where.check([settings])
     from ..runtime.inputs import load_image  # light: a bad image fails before torch's import and the load
 

@@ -39,7 +39,7 @@ def compare(
     from ..runtime.inputs import read_samples
     from .run import _read_stdin
 
-    grid = comparison.grid(where.preset, reference=True)  # made and checked before the long load
+    grid = comparison.grid(where, reference=True)  # made and checked before the long load
     where.check(grid.runs())
     samples = read_samples([str(image), prompt], [], [], _read_stdin)
     if out is not None:

@@ -66,7 +66,7 @@ def eval_command(
 ) -> None:
     """Accuracy of each method at each budget: per question type, average, relative to vanilla."""
     output = options.output_format(format_, json)
-    grid = comparison.grid(where.preset)  # made and checked before the long load
+    grid = comparison.grid(where)  # made and checked before the long load
     where.check(grid.runs())
     if plot is not None and not any(method.prunes for method in grid.methods):
         raise UsageError("--plot draws accuracy against FLOPs of pruning methods; name one in --methods beside vanilla")

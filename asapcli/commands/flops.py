@@ -8,11 +8,13 @@ from typing import Annotated
 
 import typer
 
-from ..engine.cost import KV_CACHES
+from ..engine.cost import KV_CACHES, budget_for, parse_targets
 from ..engine.methods import METHODS, REFERENCE
+from ..engine.settings import PruneSettings, budget_and_layer
+from ..errors import UsageError
 from ..measure.flops import FlopsCount, Storage
 from ..report import display
-from ..runtime.presets import built_from_numbers
+from ..runtime.presets import built_from_numbers, load_architecture
 from . import options
 
 LAYER_HELP = "Prune after layer L-1; 0 prunes before the first layer."
@@ -31,6 +33,7 @@ def flops_command(
     *,
     where: options.Where,
     budgets: options.Budgets = None,
+    flops: options.FlopsTargets = None,
     layer: Annotated[int | None, typer.Option("--layer", metavar="L", help=LAYER_HELP)] = None,
     schedule: Annotated[str | None, typer.Option("--schedule", metavar="LAYER:TOKENS,...", help=SCHEDULE_HELP)] = None,
     visual_tokens: Annotated[
@@ -52,7 +55,10 @@ def flops_command(
     request |= {"method": pruning.method, "options": options.options_given(pruning)}
     request |= {"random_weights": where.random_weights, "layers": where.layers}
     request |= {"storage": Storage(kv_cache, text_tokens, where.dtype)}
-    counts = [FlopsCount.plan(where.model, k=k, **request) for k in options.budget_list(budgets) or [None]]
+    ks = _at_flops(where, pruning, flops, layer, visual_tokens) if flops is not None else options.budget_list(budgets)
+    if flops is not None and (budgets is not None or schedule is not None):
+        raise UsageError("give --flops, -k or --schedule, one of them: --flops chooses k")
+    counts = [FlopsCount.plan(where.model, k=k, **request) for k in ks or [None]]
     if measure:
         counts = _measured(where, counts)
     if output == "json":
@@ -66,6 +72,14 @@ def flops_command(
         display.show(_budgets_table(counts) if len(counts) > 1 else _table(counts[0]), output)
         return
     _show(counts, where.model, gqa, pruning.method)
+
+
+def _at_flops(where: options.Where, pruning, flops: str, layer: int | None, visual_tokens: int | None) -> list[int]:
+    """The method's k at each --flops share, on the model's numbers (as run chooses it)."""
+    preset_layer = budget_and_layer(where.preset, None, layer)[1]
+    method = PruneSettings(pruning.method, layer=preset_layer, **options.options_given(pruning)).method
+    architecture = load_architecture(where.model, visual_tokens) if visual_tokens else where.flops_architecture()
+    return [budget_for(architecture, method, preset_layer, target) for target in parse_targets(flops)]
 
 
 def _measured(where: options.Where, counts: list[FlopsCount]) -> list[FlopsCount]:

@@ -15,13 +15,22 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..engine import DEFAULT_METHOD, HYPERPARAMETERS, METHODS
+from ..engine.cost import budget_for, parse_targets
 from ..engine.methods import DEFAULT_COMPARISON, DEFAULT_EVALUATION, DEFAULT_SIDE_BY_SIDE
 from ..engine.settings import MethodGrid, PruneSettings, budget_and_layer, check_layer_read, check_numbers
 from ..errors import AsapError, UsageError, ascii_digits, not_one_of, whole_number
 from ..report import display
 from ..runtime import sampling
 from ..runtime.machine import THREADS_RULE, choose_threads, surely_no_cuda
-from ..runtime.presets import Preset, check_cls_tower, check_tiles, find_preset, preset_names
+from ..runtime.presets import (
+    Preset,
+    check_cls_tower,
+    check_tiles,
+    find_preset,
+    load_architecture,
+    preset_names,
+    tiling_of,
+)
 
 if TYPE_CHECKING:
     from ..runtime.loading import Loaded
@@ -313,6 +322,18 @@ class Where:
         if self.device.startswith("cuda") and surely_no_cuda():  # torch's import would take seconds to say so
             raise AsapError(f"device {self.device!r} asked for, but no CUDA GPU is available; use --device cpu")
 
+    def flops_architecture(self):
+        """What --flops counts by: the model's numbers, read without its weights (one visual-token
+        count per image: a tiling model's varies with the image)."""
+        if tiling_of(self.model) is not None:
+            raise UsageError(
+                f"--flops needs one visual-token count per image; {self.model} tiles each image by its size "
+                "(LLaVA-NeXT): give -k"
+            )
+        architecture = load_architecture(self.model)
+        layers = self.decoder_layers
+        return dataclasses.replace(architecture, layers=layers) if layers is not None else architecture
+
     def load(self) -> "Loaded":
         """The model, loaded under a spinner, PyTorch's CPU thread count set first."""
         import huggingface_hub
@@ -419,13 +440,33 @@ def options_given(group) -> dict:
     return {name: value for name, value in values.items() if value is not None}
 
 
+FLOPS_HELP = (
+    "A share of vanilla's visual FLOPs (25% or 0.25) in place of -k: each method gets the largest k that stays "
+    "within it (Eq. 7-8, on the model's visual tokens per image), so that methods compare at equal cost."
+)
+FLOPS_TARGETS_HELP = FLOPS_HELP.replace("A share", "Comma-separated shares")
+Flops = Annotated[str | None, typer.Option("--flops", metavar="PCT", help=FLOPS_HELP)]
+FlopsTargets = Annotated[str | None, typer.Option("--flops", metavar="PCT,...", help=FLOPS_TARGETS_HELP)]
+
+
 class _Settles:
-    def settings(self, preset: Preset | None, seed: int = 0) -> PruneSettings:
-        """The settings, made and checked once; k and L not given come from `preset`."""
+    def settings(self, where: Where, seed: int = 0) -> PruneSettings:
+        """The settings, made and checked once; k and L not given come from the model's preset,
+        k from --flops where given."""
         if self.layer is not None:
             check_layer_read(METHODS[self.method])
-        k, layer = budget_and_layer(preset, self.k, self.layer)
-        return PruneSettings(self.method, k, layer, seed, **options_given(self))
+        k, layer = budget_and_layer(where.preset, self.k, self.layer)
+        settings = PruneSettings(self.method, k, layer, seed, **options_given(self))
+        if self.flops is None:
+            return settings
+        if self.k is not None:
+            raise UsageError("give -k or --flops, not both: --flops chooses k")
+        targets = parse_targets(self.flops)
+        if len(targets) > 1:
+            raise UsageError(f"--flops takes one share here, got {self.flops!r}")
+        if not settings.method.prunes:
+            return settings
+        return settings.with_budget(budget_for(where.flops_architecture(), settings.method, layer, targets[0]))
 
 
 @dataclasses.dataclass
@@ -434,6 +475,7 @@ class OneMethod(MethodOptions, _Settles):
 
     method: Method = DEFAULT_METHOD
     k: K = None
+    flops: Flops = None
     layer: Layer = None
 
 
@@ -467,6 +509,7 @@ class ChatMethod(ChatMethodOptions, _Settles):
 
     method: ChatMethodName = DEFAULT_METHOD
     k: K = None
+    flops: Flops = None
     layer: Layer = None
 
 
@@ -477,17 +520,24 @@ class Comparison(MethodOptions):
 
     methods: Methods = COMPARED
     budgets: Budgets = None
+    flops: FlopsTargets = None
     layer: Layer = None
     seed: Seed = 0
 
-    def grid(self, preset: Preset | None, *, reference: bool = False) -> MethodGrid:
+    def grid(self, where: Where | None, *, reference: bool = False) -> MethodGrid:
         """The methods at their budgets, made and checked once, before the model loads: budgets
-        and L not given come from `preset`; `reference`: the unpruned reference runs first,
+        and L not given come from the model's preset, each method's own budget from --flops
+        where given (None: no model, the defaults); `reference`: the unpruned reference runs first,
         named or not."""
-        names = method_list(self.methods)
-        budgets = self.budgets_for(preset)
+        names, preset = method_list(self.methods), where.preset if where is not None else None
         layer = budget_and_layer(preset, None, self.layer)[1]
-        return MethodGrid(names, budgets, layer=layer, seed=self.seed, reference=reference, **options_given(self))
+        common = {"layer": layer, "seed": self.seed, "reference": reference, **options_given(self)}
+        if self.flops is None:
+            return MethodGrid(names, self.budgets_for(preset), **common)
+        if self.budgets is not None:
+            raise UsageError("give -k or --flops, not both: --flops chooses each method's k")
+        targets, architecture = parse_targets(self.flops), where.flops_architecture()
+        return MethodGrid(names, [], targets=targets, budget_for=functools.partial(budget_for, architecture), **common)
 
     def budgets_for(self, preset: Preset | None) -> list[int]:
         """-k as given, else the preset's k."""

@@ -44,7 +44,7 @@ def profile(
     from ..runtime.inputs import check_prompt, load_image, pattern_image  # light: no torch yet
 
     output = options.output_format(format_, json)
-    grid = comparison.grid(where.preset)  # made and checked before the long load
+    grid = comparison.grid(where)  # made and checked before the long load
     where.check(grid.runs())
     check_prompt(prompt)
     picture = load_image(image) if image is not None else None

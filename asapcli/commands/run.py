@@ -47,7 +47,7 @@ def run(
 
     Several images (or prompts) run as one padded batch: each sample keeps its own k tokens.
     """
-    settings = pruning.settings(where.preset, sampling.seed)  # made and checked before anything heavy
+    settings = pruning.settings(where, sampling.seed)  # made and checked before anything heavy
     where.check([settings])
     # The user's files first, with light modules (PIL, no torch): a typo is refused in a blink.
     from ..report import figures

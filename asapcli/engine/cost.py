@@ -6,6 +6,7 @@ per layer with v visual tokens 4 v d^2 + 2 v^2 d + 3 v d m (d hidden, m FFN inte
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -101,6 +102,47 @@ def parse_schedule(text: str) -> list[tuple[int, int]]:
     if len(set(layers)) != len(layers):
         raise UsageError(f"schedule names a layer twice: {text}")
     return steps
+
+
+def budget_for(arch: Architecture, method, layer: int, target: float) -> int:
+    """The largest k whose visual FLOPs (Eq. 7-8), as the method's schedule prunes an image of
+    `arch.visual_tokens` tokens with L = `layer`, stay within `target` of vanilla's: what --flops
+    gives each method, so that methods compare at equal cost. A UsageError names the least the
+    method can do where the target is under it."""
+    tokens = arch.visual_tokens
+    full = schedule_flops([Stage(arch.layers, tokens)], arch.hidden, arch.intermediate)
+
+    def ratio(k: int) -> float:
+        steps = method.schedule(tokens, k, layer, arch.layers)
+        stages = pruning_schedule(arch.layers, tokens, steps) if steps else [Stage(arch.layers, tokens)]
+        return schedule_flops(stages, arch.hidden, arch.intermediate) / full
+
+    fitting = [k for k in range(1, tokens + 1) if ratio(k) <= target * (1 + 1e-12)]
+    if not fitting:
+        least = min(ratio(k) for k in range(1, tokens + 1))
+        raise UsageError(
+            f"{method} cannot prune to {target:.1%} of vanilla's visual FLOPs on this model: the least it runs at "
+            f"is {least:.1%}; give --flops {math.ceil(least * 1000) / 10:g}% or more"
+        )
+    return max(fitting)
+
+
+def parse_targets(text: str) -> list[float]:
+    """--flops: comma-separated shares of vanilla's visual FLOPs, each a percentage (25%) or a
+    fraction (0.25), above 0 and at most 100%; one given twice counted once."""
+    targets = []
+    for item in (item.strip() for item in text.split(",") if item.strip()):
+        number = item.removesuffix("%")
+        try:
+            value = float(number) / (100 if item.endswith("%") else 1)
+        except ValueError:
+            raise UsageError(f"--flops takes percentages (25%) or fractions (0.25), got {item!r}") from None
+        if not 0 < value <= 1 or not math.isfinite(value):
+            raise UsageError(f"--flops must be above 0 and at most 100% of vanilla's visual FLOPs, got {item!r}")
+        targets.append(value)
+    if not targets:
+        raise UsageError("--flops is empty")
+    return list(dict.fromkeys(targets))
 
 
 KV_CACHES = ("exact", "compact")

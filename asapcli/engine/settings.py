@@ -6,7 +6,7 @@ upper bound: `for_model` checks that once the model is known, and the value says
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -131,7 +131,9 @@ class MethodGrid:
     """Several methods compared at several budgets under one layer L, one seed and the method
     options given, each option applied to the methods that take it: what compare, profile and
     eval run. `reference`: the unpruned reference runs first whether named or not (compare's
-    first column). Checked once where made, as PruneSettings are, against every method named."""
+    first column). Checked once where made, as PruneSettings are, against every method named.
+    With `targets` (shares of vanilla's FLOPs: --flops) in place of budgets, `budget_for`
+    (method, L, target) -> k gives each method its own budget at each target."""
 
     methods: tuple[type[PruningMethod], ...]
     budgets: tuple[int, ...]
@@ -139,6 +141,7 @@ class MethodGrid:
     seed: int
     options: Mapping
     reference: bool
+    pairs: tuple[tuple[type[PruningMethod], int], ...]  # the runs' methods and budgets, in runs' order
 
     def __init__(
         self,
@@ -148,6 +151,8 @@ class MethodGrid:
         layer: int = DEFAULT_LAYER,
         seed: int = 0,
         reference: bool = False,
+        targets: Sequence[float] = (),
+        budget_for: Callable[[PruningMethod, int, float], int] | None = None,
         **options,
     ):
         classes = method_classes(methods)
@@ -158,22 +163,28 @@ class MethodGrid:
         if reference and not any(not cls.prunes for cls in classes):
             classes = [METHODS[REFERENCE], *classes]
         check_layer(layer, classes)
-        for cls in classes:  # each method with the options it takes, at every budget
-            taken = {name: value for name, value in given.items() if name in cls.hyperparameters()}
-            for k in budgets if cls.prunes else ():
-                check_budget(_configured(cls, seed, taken), k)
-        values = {"methods": tuple(classes), "budgets": tuple(budgets), "layer": layer, "seed": seed}
+        unpruned = [cls for cls in classes if not cls.prunes]
+        pairs = [(cls, budgets[0] if budgets else DEFAULT_K) for cls in unpruned]  # a budget means nothing to them
+        for budget in targets or budgets:  # each pruning method with the options it takes, at every budget
+            for cls in classes:
+                if cls.prunes:
+                    method = _configured(cls, seed, {n: v for n, v in given.items() if n in cls.hyperparameters()})
+                    pairs.append((cls, budget_for(method, layer, budget) if targets else budget))
+                    check_budget(method, pairs[-1][1])
+        values = {
+            "methods": tuple(classes),
+            "budgets": tuple(budgets),
+            "layer": layer,
+            "seed": seed,
+            "pairs": tuple(pairs),
+        }
         for name, value in {**values, "options": MappingProxyType(given), "reference": reference}.items():
             object.__setattr__(self, name, value)
 
     def runs(self) -> list[PruneSettings]:
-        """Every run, in one order: the methods that prune nothing first, once each (a budget
-        means nothing to them: they carry the first), then for each budget in the order given,
-        each pruning method in the order given."""
-        unpruned = [cls for cls in self.methods if not cls.prunes]
-        pruning = [cls for cls in self.methods if cls.prunes]
-        pairs = [(cls, self.budgets[0]) for cls in unpruned] + [(cls, k) for k in self.budgets for cls in pruning]
-        return [self._settings(cls, k) for cls, k in pairs]
+        """Every run, in one order: the methods that prune nothing first, once each, then for each
+        budget (or FLOPs target) in the order given, each pruning method in the order given."""
+        return [self._settings(cls, k) for cls, k in self.pairs]
 
     def _settings(self, cls: type[PruningMethod], k: int) -> PruneSettings:
         given = {name: value for name, value in self.options.items() if name in cls.hyperparameters()}

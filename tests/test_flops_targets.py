@@ -1,0 +1,64 @@
+"""--flops PCT: each method at the largest k whose visual FLOPs (Eq. 7-8) stay within the share."""
+
+import json
+
+import pytest
+
+from asapcli.engine import cost
+from asapcli.errors import UsageError
+
+CAR = "examples/car.png"
+
+
+def ratio(asap, method: str, k: int) -> float:
+    return json.loads(asap("flops", "--method", method, "-k", k, "--json").stdout)["flops_ratio"]
+
+
+@pytest.mark.parametrize("method", ["asap", "divprune", "pdrop"])
+def test_run_at_a_flops_share_takes_the_largest_k_within_it(method, asap):
+    result = asap("run", CAR, "what colour is the car?", "--method", method, "--flops", "60%", "--threads", 1, "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    assert answer["flops_ratio"] <= 0.60 < ratio(asap, method, answer["k"] + 1)
+    assert answer["flops_ratio"] == pytest.approx(ratio(asap, method, answer["k"]))
+
+
+def test_eval_at_equal_flops_gives_each_method_its_own_k(asap):
+    args = ["eval", "--n", 4, "--methods", "vanilla,fastv,divprune,pdrop", "--flops", "55%,70%", "--threads", 1]
+    result = asap(*args, "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["results"]
+    assert [row["method"] for row in rows] == ["vanilla"] + ["fastv", "divprune", "pdrop"] * 2
+    for target, group in ((0.55, rows[1:4]), (0.70, rows[4:])):
+        assert all(target - 0.01 < row["flops_ratio"] <= target for row in group)
+    assert len({row["k"] for row in rows[1:4]}) == 3  # equal cost, three budgets
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["run", CAR, "hi", "--flops", "5%"],
+            "asap cannot prune to 5.0% of vanilla's visual FLOPs on this model: the least",
+        ),
+        (["run", CAR, "hi", "--flops", "50%", "-k", 64], "give -k or --flops, not both"),
+        (["run", CAR, "hi", "--flops", "30%,40%"], "--flops takes one share here"),
+        (["eval", "--n", 2, "--flops", "150%"], "--flops must be above 0 and at most 100%"),
+        (["flops", "-m", "llava-next-7b", "--flops", "30%"], "--flops needs one visual-token count per image"),
+        (["profile", "--flops", "half"], "--flops takes percentages (25%) or fractions (0.25), got 'half'"),
+    ],
+)
+def test_flops_shares_refused_in_one_line(args, message, asap):
+    result = asap(*args)
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1 and message in result.stderr, result.output
+
+
+def test_the_flops_command_prints_the_budget_a_share_gives(asap):
+    counted = json.loads(asap("flops", "-m", "llava-1.5-7b", "--method", "divprune", "--flops", "0.3", "--json").stdout)
+    assert counted["k"] == 175 and counted["flops_ratio"] <= 0.3
+
+
+def test_targets_parse_as_percentages_or_fractions():
+    assert cost.parse_targets("25%, 0.5,25%") == [0.25, 0.5]
+    with pytest.raises(UsageError, match="--flops is empty"):
+        cost.parse_targets(" , ")
