@@ -32,10 +32,10 @@ from contextlib import AbstractContextManager, contextmanager
 from PIL import Image
 from transformers import PreTrainedModel
 
-from .engine import DEFAULT_METHOD
+from .engine import DEFAULT_METHOD, METHODS
 from .engine.methods.hyperparameters import in_keywords
 from .engine.session import ImageReport, PromptReport, PruningReport, PruningSession, pruned_as
-from .engine.settings import PruneSettings
+from .engine.settings import DEFAULT_LAYER, PruneSettings, check_layer_read
 from .errors import UsageError
 from .runtime import sampling
 from .runtime.generation import GenerationResult
@@ -48,7 +48,7 @@ def pruned(
     model: PreTrainedModel | Loaded,
     method: str = DEFAULT_METHOD,
     k: int = 128,
-    layer: int = 2,
+    layer: int | None = None,
     seed: int = 0,
     **options,
 ) -> AbstractContextManager[PruningSession]:
@@ -56,9 +56,11 @@ def pruned(
     forward call inside the block. `options` are the method's own, as the CLI spells them with
     underscores (`lambda_max`, `merge_threshold`, `score_queries`, `score`, `positions`); an
     option the method does not take, or a value out of range, raises asapcli.errors.UsageError
-    here, before the block. The block can be entered again, each time a fresh one."""
+    here, before the block. `layer` (L) defaults to 2; pdrop and sparsevlm, whose stages follow
+    the model's depth, take none. The block can be entered again, each time a fresh one."""
     with _in_python():
-        settings = PruneSettings(method, k, layer, seed, **options)
+        _check_layer_read(method, layer)
+        settings = PruneSettings(method, k, DEFAULT_LAYER if layer is None else layer, seed, **options)
     return _Block(_transformers_model(model), settings)
 
 
@@ -77,6 +79,12 @@ class _Block:
 
     def __exit__(self, *raised) -> bool | None:
         return self._open.pop().__exit__(*raised)
+
+
+def _check_layer_read(method, layer: int | None) -> None:
+    """A layer given to a method in stages, which would ignore it, refused as the CLI refuses it."""
+    if layer is not None and isinstance(method, str) and method in METHODS:
+        check_layer_read(METHODS[method], "layer")
 
 
 def _check_sampling(max_tokens, temperature, top_p, top_k) -> None:
@@ -170,6 +178,7 @@ def generate(
         check_prompt(text)
         check_text(model.processor, text)  # an image placeholder in the text: the CLI refuses it too
     _check_sampling(max_tokens, temperature, top_p, top_k)
+    _check_layer_read(method, layer)
     k, layer = budget_and_layer(model.preset, k, layer)
     with _in_python():
         settings = PruneSettings(method, k, layer, seed, **options).for_model(model.num_layers)

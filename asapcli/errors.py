@@ -28,7 +28,9 @@ def describe(error: Exception) -> str:
 def not_one_of(value: str, choices: Sequence[str]) -> str:
     """The refusal of a value that is none of `choices`, with the closest one as a suggestion:
     every command, option and API argument that takes a choice words it so."""
-    close = difflib.get_close_matches(value, choices, n=1)
+    text = value if isinstance(value, str) else repr(value)
+    lowered = {choice.lower(): choice for choice in choices}  # ASAP: asap, whatever difflib's ratio says
+    close = [lowered[text.lower()]] if text.lower() in lowered else difflib.get_close_matches(text, choices, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{value!r} is not one of {', '.join(choices)}{hint}"
 

@@ -214,6 +214,13 @@ MUTANTS = [
         ("pairs.append((cls, budget_for(method, layer, budget) if targets else budget))",
          "pairs.append((cls, budget_for(_configured(classes[-1], seed, {}), layer, budget) if targets else budget))"),
     ), ("tests/test_flops_targets.py::test_eval_at_equal_flops_gives_each_method_its_own_k",)),
+    Mutant("a step by hand on a shortened cache placed at layer 0's length", DECODER, (
+        ("torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start + state.dropped",
+         "torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start"),
+    ), ("tests/test_hostile_fourth.py::test_a_decoding_step_by_hand_on_a_shortened_cache_is_generates_step",)),
+    Mutant("a suggestion for a method in capitals", "asapcli/errors.py", (
+        ("close = [lowered[text.lower()]] if text.lower() in lowered else", "close ="),
+    ), ("tests/test_hostile_fourth.py::test_more_of_the_fourth_passs_cases_are_refused_in_one_line",)),
     Mutant("eval's columns in the data file's order", EVALUATION, (
         ("for kind in questions.in_column_order(self.totals)}", "for kind in self.totals}"),
     ), ("tests/test_hostile_fourth.py::test_evals_columns_keep_one_order_whatever_the_data_files_order",)),

@@ -53,7 +53,9 @@ def test_parse_schedule():
 
 
 def test_flops_cli_table_and_json(asap):
-    result = asap("flops", "-m", "llava-1.5-7b", "--k", "128", "--layer", "2")
+    counted = json.loads(asap("flops", "-m", "llava-1.5-7b", "--k", "128", "--layer", "2", "--json").stdout)
+    assert (round(counted["tflops_vanilla"], 3), round(counted["flops_ratio"], 4)) == (3.817, 0.2671)
+    result = asap("flops", "-m", "llava-1.5-7b", "--k", "128", "--layer", "2")  # the table shows the record's figures
     assert result.exit_code == 0, result.output
     assert "3.817" in result.stdout and "26.71%" in result.stdout and "multiply-accumulates" in result.stdout
     result = asap("flops", "-m", "llava-next-7b", "--schedule", "2:960,16:480", "--json")
@@ -310,7 +312,11 @@ def test_flops_refuses_options_as_run_does(args, message, asap):
             ["--method", "visionzip", "--schedule", "1:300,2:100", "--contextual", "5"],
             "--contextual would change nothing",
         ),
-        (["--method", "pdrop", "--schedule", "1:300", "--stage-ratio", "0.5"], "--stage-ratio would change nothing"),
+        (
+            ["--method", "asap", "--schedule", "1:300", "--merge-threshold", "0.5"],
+            "--merge-threshold would change nothing",
+        ),
+        (["--method", "pdrop", "--schedule", "1:300"], "pdrop does not read --schedule"),
         (["-m", "llava-next-7b", "--method", "vispruner", "-k", "4"], "give k at least 5"),
         (["-m", "llava-next-7b", "--method", "visionzip", "-k", "9"], "give k at least 10"),
     ],

@@ -110,3 +110,54 @@ def test_evals_columns_keep_one_order_whatever_the_data_files_order(asap, tmp_pa
         assert result.exit_code == 0, result.output
         orders.append(list(json.loads(result.stdout)["results"][0]["accuracy"]))
     assert orders[0] == orders[1] == ["colour", "shape", "exists", "position"]
+
+
+@pytest.mark.parametrize("method, options", [("divprune", {}), ("pool", {}), ("divprune", {"positions": "renumber"})])
+def test_a_decoding_step_by_hand_on_a_shortened_cache_is_generates_step(method, options):
+    """A step called by hand (no position_ids) on a cache a before-LLM method shortened was placed
+    at layer 0's cache length, the dropped tokens short of its true position: its logits were
+    0.5-2.8 off generate()'s, and the greedy token changed."""
+    import torch
+
+    import asapcli
+    from asapcli.runtime.inputs import build_inputs, load_image, user_message
+
+    demo = asapcli.load("demo", progress=False)
+    inputs = build_inputs(demo.processor, [user_message("what colour is the car?", 1)], [load_image(CAR)])
+    with torch.inference_mode(), asapcli.pruned(demo, method=method, k=128, **options):
+        reference = demo.model.generate(
+            **inputs, max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True
+        )
+        first = demo.model(**inputs, use_cache=True)
+        token = first.logits[:, -1:].argmax(-1)
+        second = demo.model(input_ids=token, past_key_values=first.past_key_values, use_cache=True)
+    torch.testing.assert_close(second.logits[:, -1], reference.scores[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["flops", "--schedule", "2:64", "--method", "pdrop"], "pdrop does not read --schedule"),
+        (["eval", "--methods", "pdrop", "--layer", 3, "-k", 128, "--n", 2], "pdrop does not read --layer"),
+        (["run", CAR, "hi", "--method", "ASAP"], "did you mean 'asap'?"),
+    ],
+)
+def test_more_of_the_fourth_passs_cases_are_refused_in_one_line(args, message, asap):
+    result = asap(*args)
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1 and message in result.stderr, result.output
+    mixed = asap("flops", "--method", "fastv", "--layer", 3, "--json")  # a method that reads L in the grid: taken
+    assert mixed.exit_code == 0
+
+
+def test_the_api_refuses_a_layer_for_a_method_in_stages_and_a_method_that_is_none():
+    import asapcli
+
+    demo = asapcli.load("demo", progress=False)
+    with pytest.raises(UsageError, match="pdrop does not read layer"), asapcli.pruned(demo, method="pdrop", layer=3):
+        pass
+    with pytest.raises(UsageError, match="sparsevlm does not read layer"):
+        asapcli.generate(demo, CAR, "hi", method="sparsevlm", layer=5)
+    with pytest.raises(UsageError, match="None is not one of vanilla"), asapcli.pruned(demo, method=None):
+        pass
+    with asapcli.pruned(demo, method="pdrop") as pruning:  # no layer given: its stages' own
+        assert pruning.settings.method.name == "pdrop"

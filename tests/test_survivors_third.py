@@ -50,7 +50,14 @@ def test_latex_keeps_every_digit_as_shown(asap):
     cells = [
         [cell.strip() for cell in line.rstrip("\\ ").split("&")] for line in result.stdout.splitlines() if "&" in line
     ]
-    assert ["vanilla", "", "576", "3.817", "100.0"] in cells and ["128", "2", "128", "1.020", "26.7"] in cells
+    assert ["vanilla", "", "576", "3.817", "100.0", "288.00"] in cells and [
+        "128",
+        "2",
+        "128",
+        "1.020",
+        "26.7",
+        "78.00",
+    ] in cells
 
 
 def test_a_device_with_trailing_junk_is_refused_as_it_is_parsed(asap):

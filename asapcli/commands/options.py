@@ -530,6 +530,10 @@ class Comparison(MethodOptions):
         where given (None: no model, the defaults); `reference`: the unpruned reference runs first,
         named or not."""
         names, preset = method_list(self.methods), where.preset if where is not None else None
+        pruners = [METHODS[name] for name in names if name in METHODS and METHODS[name].prunes]
+        if self.layer is not None and pruners and not any(cls.reads_layer for cls in pruners):
+            for cls in pruners:  # no method named reads L: one in stages says why
+                check_layer_read(cls)
         layer = budget_and_layer(preset, None, self.layer)[1]
         common = {"layer": layer, "seed": self.seed, "reference": reference, **options_given(self)}
         if self.flops is None:

@@ -21,12 +21,13 @@ class CacheState:
     `layer` on (to the next step's layer) are real, (B, cached), None where all are;
     `shift[layer]` (B,) how far a renumbered row's positions in those layers run behind the ones
     generate() counts from the whole prompt. `shortened_by`: the method that pruned layer 0's
-    cache too (before the language model), whose length then no longer locates the next token:
-    only one-token decoding steps can continue it."""
+    cache too (before the language model), whose length then no longer locates the next token
+    (`dropped` more tokens precede it): only one-token decoding steps can continue it."""
 
     padding: dict[int, torch.Tensor | None] = field(default_factory=dict)
     shift: dict[int, torch.Tensor] = field(default_factory=dict)
     shortened_by: str | None = None
+    dropped: int = 0  # the tokens layer 0's cache lost: its length plus these is the sequence's
 
     def check_continuation(self, tokens: int) -> None:
         """Refuse a call of several tokens on a cache whose layer 0 was shortened: generate() would
@@ -110,7 +111,7 @@ class CacheState:
         return None  # a pruned layer of one sequence, or of aligned rows: nothing is padding
 
     def copy(self) -> CacheState:
-        return CacheState(dict(self.padding), dict(self.shift), self.shortened_by)
+        return CacheState(dict(self.padding), dict(self.shift), self.shortened_by, self.dropped)
 
 
 def of(cache) -> CacheState:

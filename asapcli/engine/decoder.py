@@ -191,10 +191,10 @@ class PrunedDecoder(nn.Module):
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
         chunk_start = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start
         state = cache_state.of(cache)
         state.check_continuation(embeds.shape[1])
+        if position_ids is None:  # after the tokens the sequence holds, those a shortened layer 0 lost included
+            position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start + state.dropped
         base = position_ids.expand(embeds.shape[0], -1) if position_ids.ndim == 2 else None
         rope_positions, position_ids = _split_positions(state.shifted(position_ids))
         real = attention_mask[:, -embeds.shape[1] :].bool() if attention_mask is not None else None
@@ -277,6 +277,7 @@ class PrunedDecoder(nn.Module):
         or renumbered); which of them are real is noted for the pruned layers' masks."""
         if prune_pass.method.stage_scores:
             self._stage_scores(call, prune_pass, layer)
+        before = call.hidden.shape[1]
         keep, call.hidden, real = prune_pass.prune(call.hidden, call.chunk_start, layer, call.real)
         if call.real is not None:  # batch padding and earlier fillers are not real either
             real = real & call.real.gather(1, keep)
@@ -284,6 +285,7 @@ class PrunedDecoder(nn.Module):
         call.state.note_padding(layer, real, call.cached(layer))
         if layer == 0:  # layer 0's cache is shorter than the sequence from now on
             call.state.shortened_by = prune_pass.method.name
+            call.state.dropped += before - call.hidden.shape[1]
         call.rope_positions = _gather_positions(call.rope_positions, keep)
         if call.position_ids is not None:
             call.position_ids = _gather_positions(call.position_ids, keep)

@@ -212,7 +212,7 @@ def budget_and_layer(preset: Defaults | None, k: int | None, layer: int | None) 
 
 def method_classes(names: Sequence[str]) -> list[type[PruningMethod]]:
     """The registered method of each name; a UsageError naming the first unknown one."""
-    unknown = [name for name in names if name not in METHODS]
+    unknown = [name for name in names if not isinstance(name, str) or name not in METHODS]
     if unknown:
         raise UsageError(not_one_of(unknown[0], list(METHODS)))
     return [METHODS[name] for name in names]

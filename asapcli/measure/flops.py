@@ -257,6 +257,8 @@ def _checked(k: int | None, layer: int | None, schedule: str | None, method: str
     (pruner,) = method_classes([method])
     if layer is not None:
         check_layer_read(pruner)
+    if schedule is not None:  # its own stages are what it prunes by: a schedule's steps would count another
+        check_layer_read(pruner, "--schedule")
     if not pruner.prunes:
         raise UsageError(f"--method {method} prunes nothing: its count is the vanilla row of any other method's")
     return pruner
