@@ -33,13 +33,15 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from .engine import DEFAULT_METHOD, METHODS
+from .engine.cost import budget_for, parse_targets
 from .engine.methods.hyperparameters import in_keywords
 from .engine.session import ImageReport, PromptReport, PruningReport, PruningSession, pruned_as
-from .engine.settings import DEFAULT_LAYER, PruneSettings, check_layer_read
+from .engine.settings import DEFAULT_K, DEFAULT_LAYER, PruneSettings, check_layer_read
 from .errors import UsageError
 from .runtime import sampling
 from .runtime.generation import GenerationResult
 from .runtime.loading import Loaded
+from .runtime.presets import architecture_of
 
 __all__ = ["ImageReport", "PromptReport", "PruningReport", "PruningSession", "generate", "load", "pruned", "pruned_as"]
 
@@ -47,21 +49,51 @@ __all__ = ["ImageReport", "PromptReport", "PruningReport", "PruningSession", "ge
 def pruned(
     model: PreTrainedModel | Loaded,
     method: str = DEFAULT_METHOD,
-    k: int = 128,
+    k: int | None = None,
     layer: int | None = None,
     seed: int = 0,
+    *,
+    flops: float | str | None = None,
     **options,
 ) -> AbstractContextManager[PruningSession]:
     """Prune the visual tokens of `model` (a transformers LVLM, or what `load` returned) in every
     forward call inside the block. `options` are the method's own, as the CLI spells them with
     underscores (`lambda_max`, `merge_threshold`, `score_queries`, `score`, `positions`); an
     option the method does not take, or a value out of range, raises asapcli.errors.UsageError
-    here, before the block. `layer` (L) defaults to 2; pdrop and sparsevlm, whose stages follow
-    the model's depth, take none. The block can be entered again, each time a fresh one."""
+    here, before the block. `k` defaults to 128, `layer` (L) to 2; pdrop and sparsevlm, whose
+    stages follow the model's depth, take no layer. `flops` (0.25 or "25%") in place of k: the
+    largest k whose visual FLOPs stay within that share of vanilla's (Eq. 7-8), as --flops.
+    The block can be entered again, each time a fresh one."""
+    transformers_model = _transformers_model(model)
     with _in_python():
         _check_layer_read(method, layer)
-        settings = PruneSettings(method, k, DEFAULT_LAYER if layer is None else layer, seed, **options)
-    return _Block(_transformers_model(model), settings)
+        k_or_default, layer_or_default = DEFAULT_K if k is None else k, DEFAULT_LAYER if layer is None else layer
+        settings = PruneSettings(method, k_or_default, layer_or_default, seed, **options)
+        if flops is not None:
+            settings = _at_flops(settings, k, flops, transformers_model.config)
+    return _Block(transformers_model, settings)
+
+
+def _at_flops(settings: PruneSettings, k, flops, config) -> PruneSettings:
+    """`settings` at the largest k within the FLOPs share `flops` (the API's --flops), on the
+    numbers of the model's `config`."""
+    if k is not None:
+        raise UsageError("give k or flops, not both: flops chooses k")
+    try:
+        architecture = architecture_of(config, "the model")
+    except UsageError:
+        raise UsageError(
+            "flops needs one visual-token count per image; this model's varies with the image (LLaVA-NeXT): give k"
+        ) from None
+    targets = parse_targets(flops if isinstance(flops, str) else str(flops))
+    if len(targets) > 1:
+        raise UsageError(f"flops takes one share, got {flops!r}")
+    (target,) = targets
+    try:
+        k = budget_for(architecture, settings.method, settings.layer, target) if settings.method.prunes else None
+    except UsageError as error:
+        raise UsageError(str(error).replace("give --flops", "give flops")) from None
+    return settings if k is None else settings.with_budget(k)
 
 
 class _Block:

@@ -62,3 +62,22 @@ def test_targets_parse_as_percentages_or_fractions():
     assert cost.parse_targets("25%, 0.5,25%") == [0.25, 0.5]
     with pytest.raises(UsageError, match="--flops is empty"):
         cost.parse_targets(" , ")
+
+
+def test_the_api_and_lmms_evals_model_args_take_a_flops_share():
+    import torch
+
+    import asapcli
+    from asapcli.lmms_eval.arguments import ModelArgs
+    from asapcli.runtime.inputs import build_inputs, load_image, user_message
+
+    demo = asapcli.load("demo", progress=False)
+    inputs = build_inputs(demo.processor, [user_message("what colour is the car?", 1)], [load_image(CAR)])
+    with torch.inference_mode(), asapcli.pruned(demo, method="divprune", flops=0.6) as pruning:
+        demo.model.generate(**inputs, max_new_tokens=2)
+    report = pruning.report()
+    assert report.flops_ratio <= 0.6 and report.k == ModelArgs.parse({"method": "divprune", "flops": "60%"}).prune.k
+    with pytest.raises(UsageError, match="give k or flops, not both"):
+        asapcli.pruned(demo, k=64, flops="60%")
+    with pytest.raises(UsageError, match="model_args: asap cannot prune to 5.0% .* give flops=50.1% or more"):
+        ModelArgs.parse({"pretrained": "demo", "flops": "5%"})

@@ -58,7 +58,7 @@ def test_model_args_are_read_as_asap_reads_its_options():
         ({"score_queries": "first"}, "score-queries must be one of last, text, all"),
         ({"method": "fastv", "merge_threshold": 0.9}, "--merge-threshold is not an option of fastv"),
         ({"positions": "renumber"}, "--positions renumber is for methods that shorten the sequence they feed on"),
-        ({"topk": 64}, "asap takes no topk; it takes pretrained, method, k, layer"),
+        ({"topk": 64}, "asap takes no topk; it takes pretrained, method, k, flops, layer"),
     ],
 )
 def test_a_bad_model_arg_is_asaps_usage_error(given, message):

@@ -27,9 +27,8 @@ from ..runtime.presets import (
     check_cls_tower,
     check_tiles,
     find_preset,
-    load_architecture,
+    flops_architecture,
     preset_names,
-    tiling_of,
 )
 
 if TYPE_CHECKING:
@@ -323,14 +322,8 @@ class Where:
             raise AsapError(f"device {self.device!r} asked for, but no CUDA GPU is available; use --device cpu")
 
     def flops_architecture(self):
-        """What --flops counts by: the model's numbers, read without its weights (one visual-token
-        count per image: a tiling model's varies with the image)."""
-        if tiling_of(self.model) is not None:
-            raise UsageError(
-                f"--flops needs one visual-token count per image; {self.model} tiles each image by its size "
-                "(LLaVA-NeXT): give -k"
-            )
-        architecture = load_architecture(self.model)
+        """What --flops counts by (presets.flops_architecture), cut to --layers where given."""
+        architecture = flops_architecture(self.model)
         layers = self.decoder_layers
         return dataclasses.replace(architecture, layers=layers) if layers is not None else architecture
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..engine import DEFAULT_METHOD, HYPERPARAMETERS, METHODS
+from ..engine.cost import budget_for, parse_targets
 from ..engine.settings import PruneSettings, budget_and_layer, check_layer_read
 from ..errors import UsageError, whole_number
-from ..runtime.presets import check_tiles, find_preset
+from ..runtime.presets import check_tiles, find_preset, flops_architecture
 
 if TYPE_CHECKING:
     from ..runtime.loading import Loaded
@@ -37,7 +38,7 @@ class ModelArgs:
     @classmethod
     def parse(cls, given: dict) -> ModelArgs:
         """`given` as lmms-eval parsed `key=value,...` (numbers and true/false already converted)."""
-        known = ("pretrained", "method", "k", "layer", "seed", "threads", *HYPERPARAMETERS, *WHERE)
+        known = ("pretrained", "method", "k", "flops", "layer", "seed", "threads", *HYPERPARAMETERS, *WHERE)
         unknown = sorted(set(given) - set(known))
         if unknown:
             raise UsageError(f"model_args: asap takes no {', '.join(unknown)}; it takes {', '.join(known)}")
@@ -50,6 +51,8 @@ class ModelArgs:
         seed = whole(given.get("seed", 0), "seed", minimum=0)
         options = {name: given[name] for name in HYPERPARAMETERS if name in given}
         prune = PruneSettings(method, *budget_and_layer(find_preset(pretrained), k, layer), seed, **options)
+        if "flops" in given:
+            prune = _at_flops(prune, pretrained, k, given["flops"])
         try:
             check_tiles(pretrained, [prune])
         except UsageError as error:
@@ -71,6 +74,21 @@ class ModelArgs:
     def settings(self, loaded: Loaded) -> PruneSettings:
         """The pruning settings, checked against the model (the layer's upper bound)."""
         return self.prune.for_model(loaded.num_layers)
+
+
+def _at_flops(prune: PruneSettings, pretrained: str, k: int | None, flops) -> PruneSettings:
+    """`prune` at the largest k within the FLOPs share `flops` (--flops of the CLI)."""
+    if k is not None:
+        raise UsageError("model_args: give k or flops, not both: flops chooses k")
+    (target,) = parse_targets(str(flops)) if "," not in str(flops) else (None,)
+    if target is None:
+        raise UsageError(f"model_args: flops takes one share, got {flops!r}")
+    if not prune.method.prunes:
+        return prune
+    try:
+        return prune.with_budget(budget_for(flops_architecture(pretrained, "flops"), prune.method, prune.layer, target))
+    except UsageError as error:
+        raise UsageError(f"model_args: {str(error).replace('give --flops ', 'give flops=')}") from None
 
 
 def _text(value, name: str) -> str:

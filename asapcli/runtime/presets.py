@@ -223,6 +223,22 @@ def load_architecture(model: str, visual_tokens: int | None = None) -> Architect
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise AsapError(f"cannot read the config of {model!r}: {first_line(error)}") from error
+    return architecture_of(config, model, visual_tokens)
+
+
+def flops_architecture(model: str, flag: str = "--flops") -> Architecture:
+    """What a FLOPs share (--flops) chooses k by: the model's numbers, read without its weights,
+    with one visual-token count per image (a tiling model's varies with the image: refused)."""
+    if tiling_of(model) is not None:
+        raise UsageError(
+            f"{flag} needs one visual-token count per image; {model} tiles each image by its size (LLaVA-NeXT): "
+            f"give {'-k' if flag.startswith('--') else 'k'}"
+        )
+    return load_architecture(model)
+
+
+def architecture_of(config, model: str, visual_tokens: int | None = None) -> Architecture:
+    """The numbers the FLOPs formulas need, from a transformers config (a model's own)."""
     text = config.get_text_config()
     if visual_tokens is None:
         visual_tokens = _tokens_per_image(config)
