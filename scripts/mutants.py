@@ -221,6 +221,20 @@ MUTANTS = [
     Mutant("a suggestion for a method in capitals", "asapcli/errors.py", (
         ("close = [lowered[text.lower()]] if text.lower() in lowered else", "close ="),
     ), ("tests/test_hostile_fourth.py::test_more_of_the_fourth_passs_cases_are_refused_in_one_line",)),
+    # The fourth pass's mutation review: its four survivors.
+    Mutant("R05 k unmet against k, not the image's tokens", SESSION, (
+        ("    if kept == sum(min(plan.k, end - start) for start, end in plan.spans):", "    if kept == sum(plan.k for start, end in plan.spans):"),
+    ), ("tests/test_hostile_fourth.py::test_a_budget_at_or_over_the_image_is_met_not_unmet",)),
+    Mutant("R09 a two-token continuation of a shortened cache let through", CACHE_STATE, (
+        ("        if self.shortened_by is not None and tokens > 1:", "        if self.shortened_by is not None and tokens > 2:"),
+    ), ("tests/test_hostile_fourth.py::test_a_cache_shortened_before_the_llm_is_not_continued_after_its_block",)),
+    Mutant("R11 Eq. 8 over prompts the mean of their ratios", "asapcli/engine/cost.py", (
+        ("    return sum(count.pruned for count in counts) / full if full else 1.0",
+         "    return sum(count.ratio for count in counts) / len(counts) if full else 1.0"),
+    ), ("tests/test_hostile_fourth.py::test_eq_8_over_prompts_is_the_ratio_of_the_sums",)),
+    Mutant("R19 vanilla refused a layer", "asapcli/engine/settings.py", (
+        ("    if not method.reads_layer and method.prunes and not method.before_llm:", "    if not method.reads_layer and not method.before_llm:"),
+    ), ("tests/test_hostile_fourth.py::test_vanilla_takes_a_layer_it_ignores",)),
     Mutant("eval's columns in the data file's order", EVALUATION, (
         ("for kind in questions.in_column_order(self.totals)}", "for kind in self.totals}"),
     ), ("tests/test_hostile_fourth.py::test_evals_columns_keep_one_order_whatever_the_data_files_order",)),

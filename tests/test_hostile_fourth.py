@@ -67,8 +67,9 @@ def test_a_cache_shortened_before_the_llm_is_not_continued_after_its_block(metho
                 lvlm.model(input_ids=more, past_key_values=cache, use_cache=True)
         token = lvlm.model(input_ids=more[:, :1], past_key_values=cache, use_cache=True)  # a decoding step goes on
         assert token.logits.shape[1] == 1
-        with pytest.raises(UsageError, match=f"{method} prunes before the first layer, so a cache it pruned cannot"):
-            lvlm.model(input_ids=more, past_key_values=cache, use_cache=True)
+        for tokens in (more[:, :2], more):  # two tokens are as many as twenty here
+            with pytest.raises(UsageError, match=f"{method} prunes before the first layer, so a cache it pruned"):
+                lvlm.model(input_ids=tokens, past_key_values=cache, use_cache=True)
 
 
 @pytest.mark.parametrize("words", [{"COMP_WORDS": "asap run --method ", "COMP_CWORD": "abc"}, {}])
@@ -161,3 +162,25 @@ def test_the_api_refuses_a_layer_for_a_method_in_stages_and_a_method_that_is_non
         pass
     with asapcli.pruned(demo, method="pdrop") as pruning:  # no layer given: its stages' own
         assert pruning.settings.method.name == "pdrop"
+
+
+def test_a_budget_at_or_over_the_image_is_met_not_unmet(asap):
+    """M5 of the fourth pass: k above the image's tokens keeps it whole, which is what k asks."""
+    import json
+
+    record = json.loads(asap("run", CAR, "hi", "--method", "fastv", "-k", 1000, "--threads", 1, "--json").stdout)
+    assert (record["kept_tokens"], record["k_unmet"]) == (576, None)
+
+
+def test_eq_8_over_prompts_is_the_ratio_of_the_sums():
+    """M11: a prompt with more visual tokens weighs more (the v^2 term is per sequence)."""
+    from asapcli.engine.cost import VisualFlops, eq8
+
+    assert eq8([VisualFlops(1.0, 4.0), VisualFlops(1.0, 2.0)]) == pytest.approx(2 / 6)
+    assert eq8([]) == 1.0
+
+
+def test_vanilla_takes_a_layer_it_ignores(asap):
+    """M19: the refusal of --layer is for methods in stages; vanilla prunes nothing and says so."""
+    result = asap("run", CAR, "hi", "--method", "vanilla", "--layer", 3, "--threads", 1, "--max-tokens", 1)
+    assert result.exit_code == 0, result.output
