@@ -79,13 +79,18 @@ def _at_flops(settings: PruneSettings, k, flops, config) -> PruneSettings:
     numbers of the model's `config`."""
     if k is not None:
         raise UsageError("give k or flops, not both: flops chooses k")
+    if isinstance(flops, bool) or not isinstance(flops, int | float | str):
+        raise UsageError(f"flops must be a share of vanilla's FLOPs, 0.25 or '25%', got {flops!r}")
     try:
         architecture = architecture_of(config, "the model")
     except UsageError:
         raise UsageError(
             "flops needs one visual-token count per image; this model's varies with the image (LLaVA-NeXT): give k"
         ) from None
-    targets = parse_targets(flops if isinstance(flops, str) else str(flops))
+    try:
+        targets = parse_targets(flops if isinstance(flops, str) else str(flops))
+    except UsageError as error:
+        raise UsageError(str(error).replace("--flops", "flops")) from None
     if len(targets) > 1:
         raise UsageError(f"flops takes one share, got {flops!r}")
     (target,) = targets
@@ -185,15 +190,16 @@ def generate(
     top_k: int | None = None,
     seed: int = 0,
     system: str | None = None,
+    flops: float | str | None = None,
     **options,
 ) -> GenerationResult:
     """One answer about one image (a path or a PIL image), pruned as `asap run` prunes it: k and L
-    default to the model's preset's, else 128 and 2; `system`: a system prompt before the
-    question. The result holds the text and the figures `asap run --json` prints (kept_tokens,
+    default to the model's preset's, else 128 and 2 (`flops` in place of k, as `pruned` takes
+    it); `system`: a system prompt before the question. The result holds the text and the figures `asap run --json` prints (kept_tokens,
     visual_tokens, flops_ratio, prefill_seconds, ...)."""
     from .engine.settings import budget_and_layer
     from .runtime import generation
-    from .runtime.inputs import build_inputs, check_prompt, check_text, load_image, opening, user_message
+    from .runtime.inputs import build_inputs, check_prompt, check_system, check_text, load_image, opening, user_message
 
     if not isinstance(model, Loaded):
         raise UsageError(
@@ -206,14 +212,15 @@ def generate(
         raise UsageError(f"prompt must be a string, got {type(prompt).__name__}")
     if system is not None and (not isinstance(system, str) or not system.strip()):
         raise UsageError(f"system must be a non-empty string, got {system!r}")
-    for text in (prompt, system) if system else (prompt,):
-        check_prompt(text)
-        check_text(model.processor, text)  # an image placeholder in the text: the CLI refuses it too
+    check_prompt(prompt)
+    check_text(model.processor, prompt)  # an image placeholder in the text: the CLI refuses it too
+    check_system(model.processor, system, generation.context_length(model), "system")
     _check_sampling(max_tokens, temperature, top_p, top_k)
     _check_layer_read(method, layer)
-    k, layer = budget_and_layer(model.preset, k, layer)
     with _in_python():
-        settings = PruneSettings(method, k, layer, seed, **options).for_model(model.num_layers)
+        settings = PruneSettings(method, *budget_and_layer(model.preset, k, layer), seed, **options)
+        settings = _at_flops(settings, k, flops, model.model.config) if flops is not None else settings
+        settings = settings.for_model(model.num_layers)
     picture = image if isinstance(image, Image.Image) else load_image(os.fspath(image))
     inputs = build_inputs(model.processor, [*opening(system), user_message(prompt, 1)], [picture])
     return generation.generate(

@@ -235,6 +235,19 @@ MUTANTS = [
     Mutant("R19 vanilla refused a layer", "asapcli/engine/settings.py", (
         ("    if not method.reads_layer and method.prunes and not method.before_llm:", "    if not method.reads_layer and not method.before_llm:"),
     ), ("tests/test_hostile_fourth.py::test_vanilla_takes_a_layer_it_ignores",)),
+    Mutant("--flops tries budgets a method cannot run at", "asapcli/engine/cost.py", (
+        ("for k in range(1, tokens + 1) if method.budget_problem(k) is None}", "for k in range(1, tokens + 1)}"),
+    ), ("tests/test_flops_targets.py::test_the_second_passs_flops_cases",)),
+    Mutant("--flops takes an adaptive count", "asapcli/engine/cost.py", (
+        ("    if method.counts_per_image:\n", "    if False:\n"),
+    ), ("tests/test_flops_targets.py::test_the_second_passs_flops_cases",)),
+    Mutant("a system prompt longer than the context taken", "asapcli/runtime/inputs.py", (
+        ("    if tokens >= limit:", "    if tokens > 10 * limit:"),
+    ), ("tests/test_sampling_options.py::test_a_system_prompt_is_checked_before_the_first_turn",)),
+    Mutant("a blank question type taken", "asapcli/measure/questions.py", (
+        ("    if not isinstance(kind, str) or not kind.strip() or kind != kind.strip() or \"\\n\" in kind:",
+         "    if not isinstance(kind, str):"),
+    ), ("tests/test_hostile_fourth.py::test_a_question_type_is_a_name",)),
     Mutant("eval's columns in the data file's order", EVALUATION, (
         ("for kind in questions.in_column_order(self.totals)}", "for kind in self.totals}"),
     ), ("tests/test_hostile_fourth.py::test_evals_columns_keep_one_order_whatever_the_data_files_order",)),
@@ -522,7 +535,8 @@ MUTANTS = [
         ("re.fullmatch(pattern, text)", "re.match(pattern, text)"),
     ), ("tests/test_survivors_third.py",)),
     Mutant('L02 generate drops the seed', 'asapcli/api.py', (
-        ("    settings = PruneSettings(method, k, layer, seed, **options).for_model(model.num_layers)", "    settings = PruneSettings(method, k, layer, 0, **options).for_model(model.num_layers)"),
+        ("settings = PruneSettings(method, *budget_and_layer(model.preset, k, layer), seed, **options)",
+         "settings = PruneSettings(method, *budget_and_layer(model.preset, k, layer), 0, **options)"),
     ), ("tests/test_survivors_third.py",)),
     Mutant('K01 forget counts turns with images, not images', CHAT, (
         ("        forgotten = sum(_images_in(message) for message in self.messages[start:cut])", "        forgotten = sum(1 for message in self.messages[start:cut] if _images_in(message))"),

@@ -39,7 +39,7 @@ def test_eval_at_equal_flops_gives_each_method_its_own_k(asap):
     [
         (
             ["run", CAR, "hi", "--flops", "5%"],
-            "asap cannot prune to 5.0% of vanilla's visual FLOPs on this model: the least",
+            "asap cannot prune to 5.00% of vanilla's visual FLOPs on this model: the least",
         ),
         (["run", CAR, "hi", "--flops", "50%", "-k", 64], "give -k or --flops, not both"),
         (["run", CAR, "hi", "--flops", "30%,40%"], "--flops takes one share here"),
@@ -79,5 +79,41 @@ def test_the_api_and_lmms_evals_model_args_take_a_flops_share():
     assert report.flops_ratio <= 0.6 and report.k == ModelArgs.parse({"method": "divprune", "flops": "60%"}).prune.k
     with pytest.raises(UsageError, match="give k or flops, not both"):
         asapcli.pruned(demo, k=64, flops="60%")
-    with pytest.raises(UsageError, match="model_args: asap cannot prune to 5.0% .* give flops=50.1% or more"):
+    with pytest.raises(UsageError, match="model_args: asap cannot prune to 5.00% .* give flops=50.06% or more"):
         ModelArgs.parse({"pretrained": "demo", "flops": "5%"})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["flops", "--method", "sparsevlm", "--stage-counts", "table", "--flops", "60%"], None),  # its table's budgets
+        (["run", CAR, "hi", "--flops", "5%", "--method", "prumerge-plus", "--adaptive"], "--adaptive keeps each image"),
+        (["run", CAR, "hi", "--flops", "60%", "--method", "pdrop", "--stage-ratio", "0.5"], "do not depend on k"),
+        (["flops", "--flops", "75.0%", "--layer", 3], "the least it runs at is 75.03%; give --flops 75.03% or more"),
+        (["flops", "--flops", "100%"], "--flops 100% keeps every visual token of demo: nothing pruned to count"),
+        (["flops", "--visual-tokens", 1, "--flops", "60%"], "an image of 1 visual token leaves nothing to prune"),
+        (["flops", "-m", "llava-next-7b", "--flops", "30%"], "(or --visual-tokens N, the count to choose k for)"),
+    ],
+)
+def test_the_second_passs_flops_cases(args, message, asap):
+    """A table's budgets only (a KeyError before), an adaptive or fixed count refused (it ran at
+    17.7% for 5%), numbers that do not contradict each other, advice that can be followed."""
+    result = asap(*args)
+    if message is None:
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1 and message in result.stderr, (
+            result.output
+        )
+
+
+def test_the_apis_generate_takes_flops_in_its_own_words():
+    import asapcli
+
+    demo = asapcli.load("demo", progress=False)
+    result = asapcli.generate(demo, CAR, "what colour is the car?", method="divprune", flops=0.6, max_tokens=2)
+    assert result.flops_ratio <= 0.6
+    with pytest.raises(UsageError, match="flops must be a share of vanilla's FLOPs, 0.25 or '25%', got \\[0.5, 0.6\\]"):
+        asapcli.pruned(demo, flops=[0.5, 0.6])
+    with pytest.raises(UsageError, match="^flops must be above 0"):
+        asapcli.pruned(demo, flops=2)

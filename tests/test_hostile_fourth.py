@@ -184,3 +184,16 @@ def test_vanilla_takes_a_layer_it_ignores(asap):
     """M19: the refusal of --layer is for methods in stages; vanilla prunes nothing and says so."""
     result = asap("run", CAR, "hi", "--method", "vanilla", "--layer", 3, "--threads", 1, "--max-tokens", 1)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("kind", [1, True, ["a"], "", " colour", "two\nlines"])
+def test_a_question_type_is_a_name(kind, asap, tmp_path):
+    """Types that were numbers, lists or blank became columns named by Python's repr, or blank."""
+    import json
+    from pathlib import Path
+
+    car = Path(__file__).resolve().parent.parent / CAR
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"image": str(car), "question": "what colour?", "answer": "red", "type": kind}) + "\n")
+    result = asap("eval", "--data", data, "--methods", "vanilla", "--threads", 1)
+    assert result.exit_code == 1 and f"{data}:1: type must be a question type's name" in result.stderr, result.output

@@ -80,3 +80,15 @@ def test_the_apis_keywords_are_refused_in_its_own_words(demo):
         asapcli.generate(demo, CAR, QUESTION, top_k=3)
     with pytest.raises(UsageError, match="system must be a non-empty string"):
         asapcli.generate(demo, CAR, QUESTION, system="")
+
+
+def test_a_system_prompt_is_checked_before_the_first_turn(asap):
+    """A placeholder in it was blamed on 'the text'; one too long for the context failed every turn
+    after /reset, which keeps it."""
+    result = asap("run", CAR, QUESTION, "--system", "look at <image>")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: --system: the text contains '<image>'")
+    long = "word " * 1100
+    result = asap("chat", "--system", long, "--max-tokens", 2, input="hello\n")
+    assert (
+        result.exit_code == 2 and "--system is 1100 tokens: the model's context of 1024 leaves no room" in result.stderr
+    )

@@ -14,8 +14,16 @@ from ..engine.settings import PruneSettings
 from ..records import Answer
 from ..report import figures
 from ..runtime import patch_layout
-from ..runtime.generation import GenerationResult, generate, generate_batch
-from ..runtime.inputs import Samples, build_batch_inputs, build_inputs, check_text, opening, user_message
+from ..runtime.generation import GenerationResult, context_length, generate, generate_batch
+from ..runtime.inputs import (
+    Samples,
+    build_batch_inputs,
+    build_inputs,
+    check_system,
+    check_text,
+    opening,
+    user_message,
+)
 from ..runtime.loading import Loaded
 
 
@@ -47,8 +55,9 @@ def answer(
     (each row its own plan, the same answers), `on_step` called after each decoding step.
     `draws_kept`: the caller will draw the kept patches, so a model whose image tokens cannot
     be placed on the image fails before generating."""
-    for text in dict.fromkeys([prompt for _, prompt in samples.pairs] + ([system] if system else [])):
-        check_text(loaded.processor, text)
+    for prompt in dict.fromkeys(prompt for _, prompt in samples.pairs):
+        check_text(loaded.processor, prompt)
+    check_system(loaded.processor, system, context_length(loaded))
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "seed": seed}
     if len(samples.pairs) > 1:
         inputs = build_batch_inputs(

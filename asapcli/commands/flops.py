@@ -23,7 +23,8 @@ VISUAL_TOKENS_HELP = "Visual tokens before pruning (default: the model's)."
 MEASURE_HELP = "Also count a real forward of the model's language model with fvcore (loads the model)."
 KV_CACHE_HELP = (
     "How the KV storage counts the layers before the first pruning step: exact (every token they saw, as exact "
-    "decoding needs) or compact (only what the step kept: the paper's Table 4)."
+    "decoding needs) or compact (only what the step kept: the paper's Table 4). Values in --dtype's bytes; "
+    "auto counts 16-bit."
 )
 TEXT_TOKENS_HELP = "The prompt's text tokens, held in every layer's KV cache beside the visual ones (default 0)."
 
@@ -78,8 +79,14 @@ def _at_flops(where: options.Where, pruning, flops: str, layer: int | None, visu
     """The method's k at each --flops share, on the model's numbers (as run chooses it)."""
     preset_layer = budget_and_layer(where.preset, None, layer)[1]
     method = PruneSettings(pruning.method, layer=preset_layer, **options.options_given(pruning)).method
-    architecture = load_architecture(where.model, visual_tokens) if visual_tokens else where.flops_architecture()
-    return [budget_for(architecture, method, preset_layer, target) for target in parse_targets(flops)]
+    try:
+        architecture = load_architecture(where.model, visual_tokens) if visual_tokens else where.flops_architecture()
+    except UsageError as error:  # a tiling model: its tokens per image are for asap flops to be told
+        raise UsageError(f"{error} (or --visual-tokens N, the count to choose k for)") from None
+    ks = [budget_for(architecture, method, preset_layer, target) for target in parse_targets(flops)]
+    if any(k >= architecture.visual_tokens for k in ks):
+        raise UsageError(f"--flops {flops} keeps every visual token of {where.model}: nothing pruned to count")
+    return ks
 
 
 def _measured(where: options.Where, counts: list[FlopsCount]) -> list[FlopsCount]:

@@ -107,9 +107,14 @@ def parse_schedule(text: str) -> list[tuple[int, int]]:
 def budget_for(arch: Architecture, method, layer: int, target: float) -> int:
     """The largest k whose visual FLOPs (Eq. 7-8), as the method's schedule prunes an image of
     `arch.visual_tokens` tokens with L = `layer`, stay within `target` of vanilla's: what --flops
-    gives each method, so that methods compare at equal cost. A UsageError names the least the
-    method can do where the target is under it."""
+    gives each method, so that methods compare at equal cost. Only budgets the method can run at
+    count (SparseVLM's table). A UsageError says why there is none: the target is under the least
+    the method does, or k does not set its counts (an adaptive count, a fixed stage ratio)."""
     tokens = arch.visual_tokens
+    if tokens < 2:
+        raise UsageError(f"an image of {tokens} visual token leaves nothing to prune: --flops has no k to choose")
+    if method.counts_per_image:
+        raise UsageError(f"--flops chooses k, but {method.k_rule()}: give -k, or leave the option out")
     full = schedule_flops([Stage(arch.layers, tokens)], arch.hidden, arch.intermediate)
 
     def ratio(k: int) -> float:
@@ -117,12 +122,15 @@ def budget_for(arch: Architecture, method, layer: int, target: float) -> int:
         stages = pruning_schedule(arch.layers, tokens, steps) if steps else [Stage(arch.layers, tokens)]
         return schedule_flops(stages, arch.hidden, arch.intermediate) / full
 
-    fitting = [k for k in range(1, tokens + 1) if ratio(k) <= target * (1 + 1e-12)]
+    ratios = {k: ratio(k) for k in range(1, tokens + 1) if method.budget_problem(k) is None}
+    if len(ratios) > 1 and len(set(ratios.values())) == 1:
+        raise UsageError(f"--flops chooses k, but {method}'s counts do not depend on k with these options: give -k")
+    fitting = [k for k, share in ratios.items() if share <= target * (1 + 1e-12)]
     if not fitting:
-        least = min(ratio(k) for k in range(1, tokens + 1))
+        least = min(ratios.values())
         raise UsageError(
-            f"{method} cannot prune to {target:.1%} of vanilla's visual FLOPs on this model: the least it runs at "
-            f"is {least:.1%}; give --flops {math.ceil(least * 1000) / 10:g}% or more"
+            f"{method} cannot prune to {target:.2%} of vanilla's visual FLOPs on this model: the least it runs at "
+            f"is {least:.2%}; give --flops {math.ceil(least * 10000) / 100:g}% or more"
         )
     return max(fitting)
 

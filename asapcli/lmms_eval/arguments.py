@@ -80,7 +80,10 @@ def _at_flops(prune: PruneSettings, pretrained: str, k: int | None, flops) -> Pr
     """`prune` at the largest k within the FLOPs share `flops` (--flops of the CLI)."""
     if k is not None:
         raise UsageError("model_args: give k or flops, not both: flops chooses k")
-    (target,) = parse_targets(str(flops)) if "," not in str(flops) else (None,)
+    try:
+        (target,) = parse_targets(str(flops)) if "," not in str(flops) else (None,)
+    except UsageError as error:
+        raise UsageError(f"model_args: {str(error).replace('--flops', 'flops')}") from None
     if target is None:
         raise UsageError(f"model_args: flops takes one share, got {flops!r}")
     if not prune.method.prunes:

@@ -101,6 +101,9 @@ def _record_problem(record: dict) -> str | None:
             return f"{key} must be a non-empty string, got {json.dumps(record[key])}"
     if record["image"].startswith(("http://", "https://")):
         return f"image URLs are not supported ({record['image']}): download the image and give its file"
+    kind = record.get("type", ALL)
+    if not isinstance(kind, str) or not kind.strip() or kind != kind.strip() or "\n" in kind:
+        return f"type must be a question type's name (one line, no space around it), got {json.dumps(kind)}"
     answers = record["answer"] if isinstance(record["answer"], list) else [record["answer"]]
     if not all(isinstance(answer, str) and answer.strip() for answer in answers):
         return f"answer must be a string or a list of strings (accepted answers), got {json.dumps(record['answer'])}"

@@ -27,7 +27,7 @@ from ..engine.settings import PruneSettings
 from ..errors import AsapError, UsageError
 from ..records import ChatStats, ChatTurn, Environment
 from .generation import GenerationResult, context_length, generate, kv_cache_bytes
-from .inputs import build_inputs, check_prompt, check_text, opening, user_message
+from .inputs import build_inputs, check_prompt, check_system, check_text, opening, user_message
 from .loading import Loaded
 
 # Processor outputs with one entry per image along dim 0; a turn passes only its new images.
@@ -79,9 +79,8 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.seed = seed
-        self.system = (
-            check_text(loaded.processor, system) if system else None
-        )  # the dialogue's opening, kept by /forget
+        # the dialogue's opening, kept by /forget and /reset
+        self.system = check_system(loaded.processor, system, context_length(loaded))
         self.reset()
 
     def reset(self) -> None:

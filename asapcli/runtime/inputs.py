@@ -100,6 +100,22 @@ def check_prompt(prompt: str) -> str:
     return prompt
 
 
+def check_system(processor: ProcessorMixin, system: str | None, limit: int, flag: str = "--system") -> str | None:
+    """A system prompt the model can take: no image placeholder, and room left in its context of
+    `limit` tokens."""
+    if system is None:
+        return None
+    try:
+        check_text(processor, system)
+    except UsageError as error:
+        raise UsageError(f"{flag}: {error}") from None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokens = len(tokenizer(system, add_special_tokens=False)["input_ids"])
+    if tokens >= limit:
+        raise UsageError(f"{flag} is {tokens} tokens: the model's context of {limit} leaves no room for a question")
+    return system
+
+
 def check_text(processor: ProcessorMixin, text: str) -> str:
     """Refuse a model's image placeholder in the user's text: the processor would take it for an
     image of its own (and fail, or answer about the wrong picture)."""
