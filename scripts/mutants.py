@@ -248,6 +248,43 @@ MUTANTS = [
         ("    if not isinstance(kind, str) or not kind.strip() or kind != kind.strip() or \"\\n\" in kind:",
          "    if not isinstance(kind, str):"),
     ), ("tests/test_hostile_fourth.py::test_a_question_type_is_a_name",)),
+    # The second mutation review of the fourth pass: its twelve survivors.
+    Mutant("Q02 --flops never keeps every token", "asapcli/engine/cost.py", (
+        ("for k in range(1, tokens + 1) if method.budget_problem(k) is None}", "for k in range(1, tokens) if method.budget_problem(k) is None}"),
+    ), ("tests/test_mutation_fourth.py::test_a_flops_share_of_100_percent_keeps_every_token",)),
+    Mutant("Q03 the suggested share rounded, not rounded up", "asapcli/engine/cost.py", (
+        ("math.ceil(least * 10000) / 100", "round(least * 10000) / 100"),
+    ), ("tests/test_mutation_fourth.py::test_the_share_a_refusal_suggests_is_one_that_runs",)),
+    Mutant("Q04 a share of 100% refused", "asapcli/engine/cost.py", (
+        ("        if not 0 < value <= 1 or not math.isfinite(value):", "        if not 0 < value < 1 or not math.isfinite(value):"),
+    ), ("tests/test_mutation_fourth.py::test_a_flops_share_of_100_percent_keeps_every_token",)),
+    Mutant("Q07 a compact cache before the first stage holds the last", "asapcli/engine/cost.py", (
+        ("[stages[1].tokens] * stages[0].layers", "[stages[-1].tokens] * stages[0].layers"),
+    ), ("tests/test_mutation_fourth.py::test_a_compact_cache_of_a_method_in_stages_holds_its_first_stage_before_it",)),
+    Mutant("Q09 --top-p 1 refused", "asapcli/runtime/sampling.py", (
+        ("not 0 < top_p <= 1):", "not 0 < top_p < 1):"),
+    ), ("tests/test_mutation_fourth.py::test_the_command_lines_sampling_options_reach_the_sampler",)),
+    Mutant("Q11 the command line drops --top-k", OPTIONS, (
+        ('"top_k": self.top_k, "seed": self.seed}', '"top_k": None, "seed": self.seed}'),
+    ), ("tests/test_mutation_fourth.py::test_the_command_lines_sampling_options_reach_the_sampler",)),
+    Mutant("Q14 a comparison refuses L when one method ignores it", OPTIONS, (
+        ("and not any(cls.reads_layer for cls in pruners):", "and not all(cls.reads_layer for cls in pruners):"),
+    ), ("tests/test_mutation_fourth.py::test_layer_in_a_comparison_and_at_a_flops_share",)),
+    Mutant("Q15 a grid at a share chooses k for L = 2", "asapcli/engine/settings.py", (
+        ("budget_for(method, layer, budget) if targets else budget", "budget_for(method, DEFAULT_LAYER, budget) if targets else budget"),
+    ), ("tests/test_mutation_fourth.py::test_layer_in_a_comparison_and_at_a_flops_share",)),
+    Mutant("Q16 flops chooses k ignoring --visual-tokens", "asapcli/commands/flops.py", (
+        ("load_architecture(where.model, visual_tokens) if visual_tokens", "load_architecture(where.model) if visual_tokens"),
+    ), ("tests/test_mutation_fourth.py::test_flops_chooses_k_for_the_visual_tokens_it_is_told",)),
+    Mutant("Q20 a batch drops --system", "asapcli/runtime/inputs.py", (
+        ("    start = opening(system)", "    start = opening(None)"),
+    ), ("tests/test_mutation_fourth.py::test_a_batchs_rows_each_get_the_system_prompt",)),
+    Mutant("Q22 one's own question types in hash order", "asapcli/measure/questions.py", (
+        ('else (len(known), kind))', 'else (len(known), ""))'),
+    ), ("tests/test_mutation_fourth.py::test_question_types_of_ones_own_come_in_one_order",)),
+    Mutant("Q23 lmms-eval drops k beside flops", "asapcli/lmms_eval/arguments.py", (
+        ("    if k is not None:\n        raise UsageError(\"model_args: give k or flops", "    if False:\n        raise UsageError(\"model_args: give k or flops"),
+    ), ("tests/test_mutation_fourth.py::test_lmms_evals_model_args_refuse_k_beside_flops",)),
     Mutant("eval's columns in the data file's order", EVALUATION, (
         ("for kind in questions.in_column_order(self.totals)}", "for kind in self.totals}"),
     ), ("tests/test_hostile_fourth.py::test_evals_columns_keep_one_order_whatever_the_data_files_order",)),
