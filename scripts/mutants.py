@@ -285,6 +285,9 @@ MUTANTS = [
     Mutant("Q23 lmms-eval drops k beside flops", "asapcli/lmms_eval/arguments.py", (
         ("    if k is not None:\n        raise UsageError(\"model_args: give k or flops", "    if False:\n        raise UsageError(\"model_args: give k or flops"),
     ), ("tests/test_mutation_fourth.py::test_lmms_evals_model_args_refuse_k_beside_flops",)),
+    Mutant("methods at one share labelled by budgets alone", FIGURES, (
+        ("        if len(budgets) == 1 or len(methods) == 1:", "        if True:"),
+    ), ("tests/test_figures.py::test_methods_at_one_flops_share_label_each_its_own_k",)),
     Mutant("eval's columns in the data file's order", EVALUATION, (
         ("for kind in questions.in_column_order(self.totals)}", "for kind in self.totals}"),
     ), ("tests/test_hostile_fourth.py::test_evals_columns_keep_one_order_whatever_the_data_files_order",)),

@@ -427,3 +427,13 @@ def test_budgets_that_cost_the_same_share_one_label():
     rows += [row("pdrop", k, 0.251, 0.54, 0.51, 0.57) for k in (128, 64)] + [row("pdrop", 192, 0.306, 0.8, 0.78, 0.83)]
     axes = figures.draw_accuracy(figures.accuracy_points(rows), "demo").axes[0]
     assert sorted(text.get_text() for text in axes.texts) == ["k=192", "k=64,128"]
+
+
+def test_methods_at_one_flops_share_label_each_its_own_k():
+    """At one --flops share the methods stand within half a percent of each other with budgets of
+    their own: their labels were drawn over each other ("k=3̶7̶0")."""
+    rows = [row("vanilla", None, 1.0, 0.98, 0.95, 1.0)]
+    rows += [row("fastv", 88, 0.550, 0.90, 0.85, 0.95), row("divprune", 370, 0.548, 0.92, 0.88, 0.96)]
+    rows += [row("fastv", 289, 0.700, 0.95, 0.90, 0.99)]
+    axes = figures.draw_accuracy(figures.accuracy_points(rows), "demo").axes[0]
+    assert sorted(text.get_text() for text in axes.texts) == ["divprune k=370\nfastv k=88", "k=289"]
