@@ -35,6 +35,7 @@ class Answer(AnswerFigures):
 
     image: str
     prompt: str
+    system: str | None  # the system prompt before the question (--system); None: none
     model: str
     method: str
     k: int | None  # None for vanilla, which uses no budget (as in profile and eval)

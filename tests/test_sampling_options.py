@@ -39,6 +39,7 @@ def test_a_system_prompt_goes_before_the_question(demo, asap):
     assert told.exit_code == 0, told.output
     words = len(demo.processor.tokenizer("Answer in one word.", add_special_tokens=False)["input_ids"])
     assert json.loads(told.stdout)["prompt_tokens"] >= plain["prompt_tokens"] + words
+    assert (json.loads(told.stdout)["system"], plain["system"]) == ("Answer in one word.", None)  # the record says it
     result = asapcli.generate(demo, CAR, QUESTION, system="Answer in one word.", max_tokens=2)
     assert result.prompt_tokens == json.loads(told.stdout)["prompt_tokens"]
 

@@ -64,7 +64,8 @@ def answer(
             loaded.processor, [(prompt, samples.pictures[image]) for image, prompt in samples.pairs], system
         )
         results = generate_batch(loaded, inputs, settings, **sampling, on_step=on_step)
-        return [_answered(loaded, settings, *pair, result) for pair, result in zip(samples.pairs, results, strict=True)]
+        pairs = zip(samples.pairs, results, strict=True)
+        return [_answered(loaded, settings, *pair, result, system=system) for pair, result in pairs]
     ((image, prompt),) = samples.pairs
     inputs = build_inputs(loaded.processor, [*opening(system), user_message(prompt, 1)], [samples.pictures[image]])
     spans = image_spans(inputs["input_ids"][0], loaded.image_token_id)
@@ -72,14 +73,17 @@ def answer(
     if draws_kept:
         patch_layout.span_layout(loaded.processor, samples.pictures[image].size, span[1] - span[0] if span else 0)
     result = generate(loaded, inputs, settings, on_text=on_text, **sampling)
-    return [_answered(loaded, settings, image, prompt, result, span)]
+    return [_answered(loaded, settings, image, prompt, result, span, system)]
 
 
-def _answered(loaded, settings, image: Path, prompt: str, result: GenerationResult, span=None) -> Answered:
+def _answered(
+    loaded, settings, image: Path, prompt: str, result: GenerationResult, span=None, system: str | None = None
+) -> Answered:
     record = Answer(
         **result.figures(),
         image=str(image),
         prompt=prompt,
+        system=system,
         model=loaded.name,
         method=settings.method.name,
         k=settings.budget,
