@@ -42,7 +42,7 @@ def main() -> None:
 def __getattr__(name: str):
     # `asapcli.pruned`, `load` and `generate` without importing torch and transformers until it is used (the CLI's
     # start-up does not need them).
-    if name in ("pruned", "load", "generate"):
+    if name in ("pruned", "load", "generate", "SequenceCache"):
         from . import api
 
         return getattr(api, name)

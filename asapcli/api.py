@@ -33,6 +33,7 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from .engine import DEFAULT_METHOD, METHODS
+from .engine.cache_state import SequenceCache
 from .engine.cost import budget_for, parse_targets
 from .engine.methods.hyperparameters import in_keywords
 from .engine.session import ImageReport, PromptReport, PruningReport, PruningSession, pruned_as
@@ -43,7 +44,17 @@ from .runtime.generation import GenerationResult
 from .runtime.loading import Loaded
 from .runtime.presets import architecture_of
 
-__all__ = ["ImageReport", "PromptReport", "PruningReport", "PruningSession", "generate", "load", "pruned", "pruned_as"]
+__all__ = [
+    "ImageReport",
+    "PromptReport",
+    "PruningReport",
+    "PruningSession",
+    "SequenceCache",
+    "generate",
+    "load",
+    "pruned",
+    "pruned_as",
+]
 
 
 def pruned(

@@ -121,6 +121,7 @@ class ProfileRow:
     flops_ratio: float
     prompt_flops_ratio: float  # Eq. 8 over every prompt token
     kv_cache_bytes: int
+    kv_cache: str | None  # --kv-cache as it ran: exact, or compact (layers before the first step cut); None: takes none
     peak_memory_bytes: int
     prefill_seconds: float  # the median of the repeats
     prefill_seconds_iqr: float  # their interquartile range

@@ -173,9 +173,9 @@ MUTANTS = [
     )),
     # Issue 27: twelve that survived an independent pass, each changing what a user gets.
     Mutant("pruning state kept into the next sequence of a block", CACHE_STATE, (
-        ("    if state is None or cache.get_seq_length() == 0:", "    if getattr(type(cache), ATTRIBUTE, None) is None:"),
+        ("    state = getattr(cache, ATTRIBUTE, None)\n    if state is None or", "    state = getattr(type(cache), ATTRIBUTE, None)\n    if state is None or"),
+        ("    if state is None or held(cache, 0) == 0:", "    if getattr(type(cache), ATTRIBUTE, None) is None:"),
         ("        setattr(cache, ATTRIBUTE, state)", "        setattr(type(cache), ATTRIBUTE, state)"),
-        ("    state = getattr(cache, ATTRIBUTE, None)", "    state = getattr(type(cache), ATTRIBUTE, None)"),
     ), ("tests/test_api_block_calls.py::test_a_padded_batch_then_a_single_prompt_in_one_block_answer_as_apart",)),
     Mutant("DivPrune's first pick the least isolated token", OPS, (
         ("picked = [int(nearest_other.amin(dim=1).argmax())]", "picked = [int(nearest_other.amin(dim=1).argmin())]"),
@@ -187,10 +187,10 @@ MUTANTS = [
         ("if kwargs.get(output) or getattr(self.model.config, output, False):", "if kwargs.get(output):"),
     ), ("tests/test_api_block_calls.py::test_the_models_own_config_asking_for_hidden_states_or_attentions_is_refused",)),
     Mutant("a continuation refused on a cache no method shortened", CACHE_STATE, (
-        ("        if self.shortened_by is not None and tokens > 1:", "        if tokens > 1:"),
+        ("    if state is not None and state.shortened_by is not None and tokens > 1 and", "    if tokens > 1 and"),
     ), ("tests/test_api_block_calls.py::test_a_cache_filled_outside_the_block_is_continued_inside_it",)),
     Mutant("a cache shortened before the LLM continued after its block", DECODER, (
-        ("            call.state.shortened_by = prune_pass.method.name", "            pass"),
+        ("            call.state.shortened(\n", "            (lambda *_: None)(\n"),
     ), ("tests/test_hostile_fourth.py::test_a_cache_shortened_before_the_llm_is_not_continued_after_its_block",)),
     Mutant("a staged method's --layer ignored", "asapcli/engine/settings.py", (
         ("    if not method.reads_layer and method.prunes and not method.before_llm:", "    if False:"),
@@ -215,9 +215,9 @@ MUTANTS = [
          "pairs.append((cls, budget_for(_configured(classes[-1], seed, {}), layer, budget) if targets else budget))"),
     ), ("tests/test_flops_targets.py::test_eval_at_equal_flops_gives_each_method_its_own_k",)),
     Mutant("a step by hand on a shortened cache placed at layer 0's length", DECODER, (
-        ("torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start + state.dropped",
-         "torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start"),
-    ), ("tests/test_hostile_fourth.py::test_a_decoding_step_by_hand_on_a_shortened_cache_is_generates_step",)),
+        ("        chunk_start = cache_state.held(cache, 0) + state.dropped", "        chunk_start = cache_state.held(cache, 0)"),
+    ), ("tests/test_hostile_fourth.py::test_a_decoding_step_by_hand_on_a_shortened_cache_is_generates_step",
+        "tests/test_compact_cache.py::test_a_chat_continues_a_compact_cache")),
     Mutant("a suggestion for a method in capitals", "asapcli/errors.py", (
         ("close = [lowered[text.lower()]] if text.lower() in lowered else", "close ="),
     ), ("tests/test_hostile_fourth.py::test_more_of_the_fourth_passs_cases_are_refused_in_one_line",)),
@@ -226,7 +226,7 @@ MUTANTS = [
         ("    if kept == sum(min(plan.k, end - start) for start, end in plan.spans):", "    if kept == sum(plan.k for start, end in plan.spans):"),
     ), ("tests/test_hostile_fourth.py::test_a_budget_at_or_over_the_image_is_met_not_unmet",)),
     Mutant("R09 a two-token continuation of a shortened cache let through", CACHE_STATE, (
-        ("        if self.shortened_by is not None and tokens > 1:", "        if self.shortened_by is not None and tokens > 2:"),
+        ("state.shortened_by is not None and tokens > 1 and", "state.shortened_by is not None and tokens > 2 and"),
     ), ("tests/test_hostile_fourth.py::test_a_cache_shortened_before_the_llm_is_not_continued_after_its_block",)),
     Mutant("R11 Eq. 8 over prompts the mean of their ratios", "asapcli/engine/cost.py", (
         ("    return sum(count.pruned for count in counts) / full if full else 1.0",
@@ -582,12 +582,12 @@ MUTANTS = [
         ("        forgotten = sum(_images_in(message) for message in self.messages[start:cut])", "        forgotten = sum(1 for message in self.messages[start:cut] if _images_in(message))"),
     ), ("tests/test_survivors_third.py",)),
     Mutant('N12 the state after pruning kept on a cache emptied for a new sequence', CACHE_STATE, (
-        ("    if state is None or cache.get_seq_length() == 0:", "    if state is None:"),
+        ("    if state is None or held(cache, 0) == 0:", "    if state is None:"),
     ), ("tests/test_engine.py::test_a_cache_emptied_for_a_new_sequence_carries_no_pruning_state",)),
     # Issue 34: the session, the cache's own state, the seam to the attention function.
     Mutant('S01 the pruning state shared by every cache', CACHE_STATE, (
         ("        setattr(cache, ATTRIBUTE, state)", "        setattr(type(cache), ATTRIBUTE, state)"),
-        ("    state = getattr(cache, ATTRIBUTE, None)", "    state = getattr(type(cache), ATTRIBUTE, None)"),
+        ("    state = getattr(cache, ATTRIBUTE, None)\n    if state is None or", "    state = getattr(type(cache), ATTRIBUTE, None)\n    if state is None or"),
     ), ("tests/test_engine.py::test_the_pruning_state_travels_with_its_cache",)),
     Mutant('S02 a pass the attention function never saw goes unnoticed', DECODER, (
         ("            if measures and index not in prune_pass.measured:", "            if False:"),
@@ -604,6 +604,28 @@ MUTANTS = [
     Mutant('N45 an answer cut at the last stop string', 'asapcli/lmms_eval/model.py', (
         ("            text = text.split(stop, 1)[0]", "            text = text.rsplit(stop, 1)[0]"),
     ), ("-m", "lmms_eval or not lmms_eval", "tests/test_lmms_eval.py::test_an_answer_is_cut_at_the_first_stop_string")),
+    # Issue 37: the compact KV cache.
+    Mutant("C01 a compact cache never cut", CACHE_STATE, (
+        ("            setattr(layer, name, torch.cat([states[:, :, :before], taken], dim=2))", "            pass"),
+    ), ("tests/test_compact_cache.py::test_each_layer_holds_what_each_mode_claims",)),
+    Mutant("C02 a compact cache cut in the first pruned layer too", CACHE_STATE, (
+        ("    for layer in cache.layers[:layers]:", "    for layer in cache.layers[: layers + 1]:"),
+    ), ("tests/test_compact_cache.py::test_each_layer_holds_what_each_mode_claims",)),
+    Mutant("C03 a compact cache cut to the last stage's tokens", DECODER, (
+        ("        if call.first_step is None:\n            call.first_step", "        if True:\n            call.first_step"),
+    ), ("tests/test_compact_cache.py::test_each_layer_holds_what_each_mode_claims",)),
+    Mutant("C04 a compact batch's padding forgotten in the cut layers", CACHE_STATE, (
+        ("    state.note_padding(0, real, held(cache, 0) - chunk)", "    pass"),
+    ), ("tests/test_compact_cache.py::test_a_padded_batch_with_a_compact_cache_equals_its_samples_one_by_one",)),
+    Mutant("C05 a SequenceCache reports what layer 0 holds", CACHE_STATE, (
+        ("        return held + state.dropped if layer_idx == 0 and held and state is not None else held", "        return held"),
+    ), ("tests/test_compact_cache.py::test_a_chat_continues_a_compact_cache",)),
+    Mutant("C06 a SequenceCache's queries placed at the sequence's length", CACHE_STATE, (
+        ("        return super().get_seq_length(layer_idx)  # a query follows", "        return self.get_seq_length(layer_idx)  # a query follows"),
+    ), ("tests/test_compact_cache.py::test_a_plain_cache_compacted_is_not_continued_but_a_sequence_cache_is",)),
+    Mutant("C07 chat on a plain DynamicCache", CHAT, (
+        ("        return SequenceCache(config=", "        return __import__(\"transformers\").DynamicCache(config="),
+    ), ("tests/test_compact_cache.py::test_a_chat_continues_a_compact_cache",)),
 ]  # fmt: skip
 
 

@@ -276,7 +276,7 @@ def test_pruned_takes_what_load_returned_and_can_be_entered_again(loaded, images
 def test_the_api_names_the_keyword_the_caller_passed(loaded):
     """It said "--merge-threshold is not an option of fastv" to a caller who wrote merge_threshold."""
     with pytest.raises(
-        UsageError, match=r"^merge_threshold is not an option of fastv \(fastv takes score_queries, score\)"
+        UsageError, match=r"^merge_threshold is not an option of fastv \(fastv takes score_queries, score, kv_cache\)"
     ):
         asapcli.pruned(loaded, method="fastv", k=16, merge_threshold=0.5)
     with pytest.raises(UsageError, match=r"^lambda_max must be in \(0, 1\], got 2"):

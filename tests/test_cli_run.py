@@ -232,6 +232,7 @@ def test_run_says_how_the_answer_ended_and_which_options_the_method_ran_with(asa
         "merge_threshold": 0.9,
         "score_queries": "last",
         "score": "attention",
+        "kv_cache": "exact",
     }
     args = ["run", CAR, "what colour is the car?", "--method", "divprune", "--positions", "renumber"]
     record = json.loads(asap(*args, "--max-tokens", 1, "--json").stdout)
@@ -240,7 +241,7 @@ def test_run_says_how_the_answer_ended_and_which_options_the_method_ran_with(asa
     vanilla = json.loads(asap("run", CAR, "what colour is the car?", "--method", "vanilla", "--json").stdout)
     assert vanilla["options"] == {}
     drawn = json.loads(asap("run", CAR, "what colour is the car?", "--method", "random", "--seed", 3, "--json").stdout)
-    assert drawn["options"] == {"seed": 3}  # which tokens were drawn, reproducible from the record
+    assert drawn["options"] == {"seed": 3, "kv_cache": "exact"}  # which tokens were drawn, reproducible from the record
     pooled = asap("run", CAR, "what colour is the car?", "--method", "pool", "--layer", 0, "--json")
     assert pooled.exit_code == 0 and json.loads(pooled.stdout)["layer"] == 0  # what pool does anyway
 
@@ -472,14 +473,15 @@ def test_a_k_the_method_does_not_meet_is_said_with_why(method, kept, why, asap):
 
 
 WHERE = "--model --device --dtype --device-map --threads"
-METHOD_OPTIONS = (
+COUNTED_OPTIONS = (
     "--lambda-max --merge-threshold --score-queries --score --important-ratio --positions --contextual --adaptive "
     "--stage-ratio --stage-counts"
-)
+)  # what asap flops counts by: its own --kv-cache counts every method's cache
+METHOD_OPTIONS = f"{COUNTED_OPTIONS} --kv-cache"
 COMMAND_OPTIONS = {
     "chat": f"image {WHERE} --random-weights --layers --method --k --flops --layer --lambda-max --merge-threshold "
-    "--score-queries --score --positions --stage-ratio --stage-counts --max-tokens --temperature --top-p --top-k "
-    "--seed --system --json",
+    "--score-queries --score --positions --stage-ratio --stage-counts --kv-cache --max-tokens --temperature --top-p "
+    "--top-k --seed --system --json",
     "compare": f"image prompt {WHERE} --random-weights --layers --methods --k --flops --layer --seed {METHOD_OPTIONS} "
     "--max-tokens --out --json",
     "env": "--json",
@@ -487,7 +489,7 @@ COMMAND_OPTIONS = {
     "--attention-profile --log-samples --prompt-suffix --json --format",
     "flops": f"{WHERE} --random-weights --layers --k --flops --layer --schedule --visual-tokens --gqa --measure --kv-cache "
     "--text-tokens --method "
-    f"{METHOD_OPTIONS} --json --format",
+    f"{COUNTED_OPTIONS} --json --format",
     "models": "--json",
     "profile": f"{WHERE} --random-weights --layers --image --prompt --methods --k --flops --layer --seed {METHOD_OPTIONS} "
     "--repeats --warmup --decode-tokens --batch --json --format",

@@ -49,10 +49,14 @@ def is_module(name: str) -> bool:
 
 def defined_in(package: str, attribute: str) -> str:
     """The module that defines `package.attribute` (a class or function its facade hands on);
-    the package itself for anything else (a constant)."""
+    the package itself for anything else (a constant), or for a module that needs an optional
+    extra to import (asapcli.lmms_eval.plugin needs lmms-eval, which the core suite runs without)."""
     if is_module(f"{package}.{attribute}"):
         return f"{package}.{attribute}"
-    value = getattr(importlib.import_module(package), attribute, None)
+    try:
+        value = getattr(importlib.import_module(package), attribute, None)
+    except ImportError:
+        return package
     where = getattr(value, "__module__", None)
     return where if isinstance(where, str) and where.split(".")[0] == "asapcli" else package
 

@@ -19,7 +19,7 @@ def test_a_method_takes_the_declared_hyperparameters_it_has_fields_for():
     for name, method in METHODS.items():
         fields = {field.name for field in dataclasses.fields(method)}
         assert set(method.hyperparameters()) == fields & set(HYPERPARAMETERS), name
-    assert METHODS["fastv"].hyperparameters() == ["score_queries", "score"]
+    assert METHODS["fastv"].hyperparameters() == ["score_queries", "score", "kv_cache"]
     assert "merge_threshold" not in METHODS["asap-bimask-only"].hyperparameters()  # it merges nothing
     assert METHODS["vanilla"].hyperparameters() == []
 
@@ -41,7 +41,7 @@ def test_an_option_the_method_ignores_is_a_usage_error_naming_its_options(image_
     result = asap("run", image_file, "what?", "--method", "fastv", "--merge-threshold", 0.1, "--lambda-max", 0.5)
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        "Error: --lambda-max is not an option of fastv (fastv takes --score-queries, --score); "
+        "Error: --lambda-max is not an option of fastv (fastv takes --score-queries, --score, --kv-cache); "
         "asap, asap-bimask-only take it"
     )
     result = asap("run", image_file, "what?", "--method", "vanilla", "--score", "attention")

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ..engine.cost import KV_CACHES, budget_for, parse_targets
-from ..engine.methods import METHODS, REFERENCE
+from ..engine.cost import budget_for, parse_targets
+from ..engine.methods import KV_CACHES, METHODS, REFERENCE
 from ..engine.settings import PruneSettings, budget_and_layer
 from ..errors import UsageError
 from ..measure.flops import FlopsCount, Storage

@@ -411,17 +411,23 @@ def _method_option(name: str, methods: dict[str, type]) -> tuple:
     return (name, Annotated[hyperparameter.type | None, option], dataclasses.field(default=None, kw_only=True))
 
 
-def method_options(name: str, methods: dict[str, type]) -> type:
+def method_options(name: str, methods: dict[str, type], leave_out: tuple[str, ...] = ()) -> type:
     """The hyperparameters of `methods` as given on the command line (None: not given), one
-    option per declaration in engine.HYPERPARAMETERS that one of them takes; keyword-only, so
-    that they follow a group's own options."""
-    taken = [option for option in HYPERPARAMETERS if any(option in cls.hyperparameters() for cls in methods.values())]
+    option per declaration in engine.HYPERPARAMETERS that one of them takes (but `leave_out`);
+    keyword-only, so that they follow a group's own options."""
+    taken = [
+        option
+        for option in HYPERPARAMETERS
+        if option not in leave_out and any(option in cls.hyperparameters() for cls in methods.values())
+    ]
     group = dataclasses.make_dataclass(name, [_method_option(option, methods) for option in taken])
     group.__module__ = __name__
     return group
 
 
 MethodOptions = method_options("MethodOptions", METHODS)
+# asap flops counts every method's KV storage by its own --kv-cache, vanilla's too
+CountedMethodOptions = method_options("CountedMethodOptions", METHODS, leave_out=("kv_cache",))
 # chat continues its cache turn after turn: only the methods that can (not those that prune before layer 0)
 CHATTING = {name: cls for name, cls in METHODS.items() if cls.continues_cache}
 ChatMethodOptions = method_options("ChatMethodOptions", CHATTING)
@@ -473,7 +479,7 @@ class OneMethod(MethodOptions, _Settles):
 
 
 @dataclasses.dataclass
-class FlopsMethod(MethodOptions):
+class FlopsMethod(CountedMethodOptions):
     """--method and its options, as run takes them: what asap flops counts the schedule of."""
 
     method: Method = DEFAULT_METHOD

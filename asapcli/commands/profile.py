@@ -183,6 +183,8 @@ def _table(rows: list[ProfileRow], batched: bool) -> display.Shown:
         ("tok/s", lambda row: _marked(row, "decode", f"{row.decode_tokens_per_second:.1f}")),
     ]
     what = "one image" + (", batch 1 and batched" if batched else "")
+    if any(row.kv_cache == "compact" for row in rows):
+        what += ", compact KV cache"
     first = rows[0]
     label = model_label(first.model, first.random_weights, first.decoder_layers, first.decoder_layers_full)
     table = display.Shown(f"{label}: prefill of {what}", [header for header, _ in columns], keys=2)

@@ -11,6 +11,7 @@ import importlib
 from .methods import (
     DEFAULT_METHOD,
     HYPERPARAMETERS,
+    KV_CACHES,
     METHODS,
     POSITIONS,
     REFERENCE,
@@ -35,6 +36,7 @@ _COMPUTING = {
 __all__ = [
     "DEFAULT_METHOD",
     "HYPERPARAMETERS",
+    "KV_CACHES",
     "METHODS",
     "POSITIONS",
     "REFERENCE",

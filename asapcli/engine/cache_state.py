@@ -1,13 +1,19 @@
 """What a pruning prefill leaves for the later calls on the same KV cache (the decoding steps of
-one generate(), a chat's later turns): which cached tokens of the pruned layers are real, and how
-far renumbered positions run behind generate()'s. It travels with the cache it describes (one
-attribute), so a chat's turns, each its own session, continue it, and two caches never mix."""
+one generate(), a chat's later turns): which cached tokens of the pruned layers are real, how
+far renumbered positions run behind generate()'s, and how many tokens layer 0's cache lost. It
+travels with the cache it describes (one attribute), so a chat's turns, each its own session,
+continue it, and two caches never mix.
+
+A cache whose layer 0 lost tokens (a method before the language model; --kv-cache compact) no
+longer tells by its length where the sequence is, which generate() reads to find what a later
+call brings that the cache lacks: a SequenceCache reports the sequence's length instead."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from ..errors import UnsupportedModel, UsageError
 
@@ -20,23 +26,19 @@ class CacheState:
     """Per pruning step: `padding[layer]` says which tokens of the cache of the layers from
     `layer` on (to the next step's layer) are real, (B, cached), None where all are;
     `shift[layer]` (B,) how far a renumbered row's positions in those layers run behind the ones
-    generate() counts from the whole prompt. `shortened_by`: the method that pruned layer 0's
-    cache too (before the language model), whose length then no longer locates the next token
-    (`dropped` more tokens precede it): only one-token decoding steps can continue it."""
+    generate() counts from the whole prompt. `shortened_by`: what pruned layer 0's cache too (a
+    method before the language model, a compact cache), whose length then no longer locates the
+    next token (`dropped` more tokens precede it)."""
 
     padding: dict[int, torch.Tensor | None] = field(default_factory=dict)
     shift: dict[int, torch.Tensor] = field(default_factory=dict)
     shortened_by: str | None = None
     dropped: int = 0  # the tokens layer 0's cache lost: its length plus these is the sequence's
 
-    def check_continuation(self, tokens: int) -> None:
-        """Refuse a call of several tokens on a cache whose layer 0 was shortened: generate() would
-        feed the part of the prompt it thinks the cache lacks again, and answer from that."""
-        if self.shortened_by is not None and tokens > 1:
-            raise UsageError(
-                f"{self.shortened_by} prunes before the first layer, so a cache it pruned cannot be continued by a "
-                "later call; answer each prompt from the start (asap chat refuses these methods for the same reason)"
-            )
+    def shortened(self, why: str, dropped: int) -> None:
+        """Layer 0's cache lost `dropped` of the tokens a prefill brought (`why`: by what)."""
+        self.shortened_by = why
+        self.dropped += dropped
 
     @staticmethod
     def _step(steps: dict, layer: int) -> int | None:
@@ -114,13 +116,65 @@ class CacheState:
         return CacheState(dict(self.padding), dict(self.shift), self.shortened_by, self.dropped)
 
 
+class SequenceCache(DynamicCache):
+    """A DynamicCache whose length (layer 0's, what generate() asks) is the sequence's: the tokens
+    its layer 0 holds plus those pruning dropped from it. generate() prefills what a call brings
+    past that length, so a later call (a chat's next turn) can continue a cache whose layer 0 lost
+    tokens; on a plain DynamicCache only one-token decoding steps can. Each layer's attention
+    still follows what that layer holds (`held`)."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        held = super().get_seq_length(layer_idx)
+        state = getattr(self, ATTRIBUTE, None)
+        return held + state.dropped if layer_idx == 0 and held and state is not None else held
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(layer_idx)  # a query follows the keys its own layer holds
+
+
+def held(cache, layer: int) -> int:
+    """The tokens layer `layer` of `cache` holds (0 without a cache)."""
+    if cache is None or layer >= len(cache.layers):
+        return 0
+    return cache.layers[layer].get_seq_length()
+
+
+def check_continuation(cache, tokens: int) -> None:
+    """Refuse a call of several tokens on a plain cache whose layer 0 was shortened: generate()
+    would feed again the part of the prompt it thinks the cache lacks, and answer from that."""
+    state = getattr(cache, ATTRIBUTE, None) if held(cache, 0) else None  # an empty cache starts afresh
+    if state is not None and state.shortened_by is not None and tokens > 1 and not isinstance(cache, SequenceCache):
+        raise UsageError(
+            f"{state.shortened_by}, so a cache it pruned cannot be continued by a later call on transformers' "
+            "DynamicCache, whose length is no longer the sequence's; answer each prompt from the start, or hand "
+            "generate() an asapcli.SequenceCache (asap chat's)"
+        )
+
+
+def compact(cache, layers: int, kept: torch.Tensor, real: torch.Tensor, chunk: int, why: str) -> None:
+    """Cut layers 0..`layers`-1 of `cache` to what the prune step before layer `layers` kept, once
+    the prefill is done (--kv-cache compact): of the `chunk` tokens the prefill added, each row
+    keeps those at the chunk indices `kept` (B, M) in order, `real` (B, M) marking which are
+    real. The layers then hold what the step's layer holds, as the paper's Table 4 counts."""
+    state = of(cache)
+    state.note_padding(0, real, held(cache, 0) - chunk)
+    for layer in cache.layers[:layers]:
+        before = layer.get_seq_length() - chunk
+        index = (kept + before)[:, None, :, None]
+        for name in ("keys", "values"):
+            states = getattr(layer, name)
+            taken = states.gather(2, index.expand(-1, states.shape[1], -1, states.shape[3]))
+            setattr(layer, name, torch.cat([states[:, :, :before], taken], dim=2))
+    state.shortened(why, chunk - kept.shape[1])
+
+
 def of(cache) -> CacheState:
     """The state `cache` carries (created with it where it has none): a cache that holds nothing
     yet, or no cache at all (a call without one), starts from none, whatever it held before."""
     if cache is None:
         return CacheState()
     state = getattr(cache, ATTRIBUTE, None)
-    if state is None or cache.get_seq_length() == 0:
+    if state is None or held(cache, 0) == 0:
         state = CacheState()
         setattr(cache, ATTRIBUTE, state)
     return state

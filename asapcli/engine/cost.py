@@ -153,7 +153,6 @@ def parse_targets(text: str) -> list[float]:
     return list(dict.fromkeys(targets))
 
 
-KV_CACHES = ("exact", "compact")
 VALUE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 

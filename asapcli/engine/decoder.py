@@ -25,11 +25,12 @@ the single-layer methods, several for multi-stage ones such as PyramidDrop). Aft
 the sequence holds text + the kept visual tokens; the kept tokens keep their ORIGINAL position
 ids, so RoPE is unchanged for them. Any other call (`_continue`: a decoding step, a chat's text
 turn, a prompt with nothing to prune) runs the layers over what the cache holds. The
-DynamicCache then holds all tokens in layers < L and the pruned sequence in layers >= L; layer 0
-is never pruned, so its length (`get_seq_length()`) stays the true position of the next token,
-which a chat's later turns rely on. Methods that prune before the language model (`before_llm`,
-L = 0) prune layer 0 too: single prompts decode fine (generate() numbers the steps from the
-attention mask), chat refuses them.
+DynamicCache then holds all tokens in layers < L and the pruned sequence in layers >= L, or,
+with a compact cache (`kv_cache="compact"`), the pruned sequence in every layer once the prefill
+is done. Each layer's attention follows what that layer holds; a call's positions follow the
+sequence, the tokens layer 0 lost included (engine/cache_state.py: a prefill that cuts layer 0,
+a compact one or one before the language model, continues on a SequenceCache, or in one-token
+decoding steps).
 
 A batch takes one plan per row (left-padded, as generate() pads). Rows may keep different
 numbers of tokens (LLaVA-NeXT tiles differ per image): the shorter rows are left-filled with
@@ -98,9 +99,11 @@ class _Call:
     base: torch.Tensor | None = None
     real: torch.Tensor | None = None
     shifts: dict = field(default_factory=dict)
+    # The first prune step's layer, chunk indices kept and which are real: what a compact cache keeps before it.
+    first_step: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def cached(self, layer: int) -> int:
-        return self.cache.get_seq_length(layer) if self.cache is not None else 0
+        return cache_state.held(self.cache, layer)
 
 
 class _Masks:
@@ -190,11 +193,11 @@ class PrunedDecoder(nn.Module):
         use_cache = config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
-        chunk_start = cache.get_seq_length() if cache is not None else 0
         state = cache_state.of(cache)
-        state.check_continuation(embeds.shape[1])
-        if position_ids is None:  # after the tokens the sequence holds, those a shortened layer 0 lost included
-            position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start + state.dropped
+        cache_state.check_continuation(cache, embeds.shape[1])
+        chunk_start = cache_state.held(cache, 0) + state.dropped  # the sequence's tokens before the call
+        if position_ids is None:
+            position_ids = torch.arange(embeds.shape[1], device=embeds.device)[None] + chunk_start
         base = position_ids.expand(embeds.shape[0], -1) if position_ids.ndim == 2 else None
         rope_positions, position_ids = _split_positions(state.shifted(position_ids))
         real = attention_mask[:, -embeds.shape[1] :].bool() if attention_mask is not None else None
@@ -230,8 +233,14 @@ class PrunedDecoder(nn.Module):
 
     def _prefill(self, call: _Call, prune_pass: PrunePass, kwargs: dict) -> torch.Tensor:
         """A pruning prefill: the layers over the call's tokens, a prune step before each layer of
-        the pass's schedule, the attention of the layers before it measuring its spans."""
-        return self._layers(call, prune_pass, kwargs)
+        the pass's schedule, the attention of the layers before it measuring its spans; then, for
+        a compact cache, the layers before the first step cut to what it kept."""
+        hidden = self._layers(call, prune_pass, kwargs)
+        if prune_pass.method.compacts and call.use_cache and call.first_step is not None:
+            layer, kept, real = call.first_step
+            why = f"{prune_pass.method.name} with --kv-cache compact cut the first layer's cache"
+            cache_state.compact(call.cache, layer, kept, real, prune_pass.chunk[1], why)
+        return hidden
 
     def _continue(self, call: _Call, kwargs: dict) -> torch.Tensor:
         """A call that prunes nothing (a decoding step, text, a prompt kept whole): the layers over
@@ -283,9 +292,12 @@ class PrunedDecoder(nn.Module):
             real = real & call.real.gather(1, keep)
         call.real = real
         call.state.note_padding(layer, real, call.cached(layer))
+        if call.first_step is None:
+            call.first_step = (layer, keep, real)
         if layer == 0:  # layer 0's cache is shorter than the sequence from now on
-            call.state.shortened_by = prune_pass.method.name
-            call.state.dropped += before - call.hidden.shape[1]
+            call.state.shortened(
+                f"{prune_pass.method.name} prunes before the first layer", before - call.hidden.shape[1]
+            )
         call.rope_positions = _gather_positions(call.rope_positions, keep)
         if call.position_ids is not None:
             call.position_ids = _gather_positions(call.position_ids, keep)

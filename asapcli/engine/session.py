@@ -306,7 +306,7 @@ class _CallPlanner:
             return None
         settings = self.session.settings
         if cache is not None:  # before the model's forward (its vision tower) runs
-            cache_state.of(cache).check_continuation(input_ids.shape[1])
+            cache_state.check_continuation(cache, input_ids.shape[1])
         mask = kwargs.get("attention_mask")
         padding = [0] * input_ids.shape[0] if mask is None else (mask[:, : cached + input_ids.shape[1]] == 0).sum(1)
         image_token = self.model.config.image_token_id

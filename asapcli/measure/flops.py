@@ -7,11 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from ..engine import DEFAULT_METHOD, METHODS, REFERENCE, PruningMethod
+from ..engine import DEFAULT_METHOD, KV_CACHES, METHODS, REFERENCE, PruningMethod
 from ..engine.cost import (
     CONVENTION,
     GQA_CONVENTION,
-    KV_CACHES,
     VALUE_BYTES,
     Architecture,
     Stage,

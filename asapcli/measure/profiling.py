@@ -52,6 +52,7 @@ class Measurement:
     flops_ratio: float  # Eq. 8
     prompt_flops_ratio: float  # Eq. 8 counted over every prompt token, text included
     kv_cache_bytes: int  # the whole batch's, as is the peak memory
+    kv_cache: str | None  # --kv-cache as it ran (exact, compact); None: a method that takes none
     peak_memory_bytes: int
     prefill_seconds: list[float] = field(default_factory=list)  # one per round, in round order
     decode_step_seconds: list[float] = field(default_factory=list)  # one per decoded token (every row's)
@@ -219,6 +220,7 @@ def _costs(
         flops_ratio=flops.ratio,
         prompt_flops_ratio=cost.visual_flops(loaded.text_config, prompt, prompt_steps).ratio,
         kv_cache_bytes=cache_bytes,
+        kv_cache=settings.method.options().get("kv_cache"),
         peak_memory_bytes=peak,
         prefill_seconds=times,
         decode_step_seconds=decoding,
@@ -306,6 +308,7 @@ def _figures(result: Measurement, results: list[Measurement], under: stability.C
         "flops_ratio": result.flops_ratio,
         "prompt_flops_ratio": result.prompt_flops_ratio,
         "kv_cache_bytes": result.kv_cache_bytes,
+        "kv_cache": result.kv_cache,
         "peak_memory_bytes": result.peak_memory_bytes,
         "prefill_seconds": prefill.median,
         "prefill_seconds_iqr": prefill.iqr,

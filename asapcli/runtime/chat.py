@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import BatchFeature, DynamicCache
+from transformers import BatchFeature
 
 from ..engine import cache_state, image_spans
+from ..engine.cache_state import SequenceCache
 from ..engine.settings import PruneSettings
 from ..errors import AsapError, UsageError
 from ..records import ChatStats, ChatTurn, Environment
@@ -88,9 +89,14 @@ class ChatSession:
         self.messages: list[dict] = opening(self.system)
         self.images: list[Image.Image] = []
         self.pending: list[tuple[str, Image.Image]] = []
-        self.cache = DynamicCache(config=self.loaded.model.config.get_text_config())
+        self.cache = self._new_cache()
         self.seen: list[int] = []  # the token ids the cache holds, in order
         self.turns: list[Turn] = []
+
+    def _new_cache(self) -> SequenceCache:
+        """An empty cache whose length stays the dialogue's, whatever pruning cut from layer 0
+        (--kv-cache compact): what the next turn is located by."""
+        return SequenceCache(config=self.loaded.model.config.get_text_config())
 
     def add_image(self, name: str, image: Image.Image) -> None:
         """Queue an image for the next message."""
@@ -124,7 +130,7 @@ class ChatSession:
         start, cut = len(opening(self.system)), first + 2  # the system prompt stays; the answer goes with its turn
         forgotten = sum(_images_in(message) for message in self.messages[start:cut])
         self.messages, self.images = self.messages[:start] + self.messages[cut:], self.images[forgotten:]
-        self.cache = DynamicCache(config=self.loaded.model.config.get_text_config())
+        self.cache = self._new_cache()
         self.seen = []
         return cut - start
 
@@ -183,7 +189,9 @@ class ChatSession:
         self.turns.append(turn)
         return turn
 
-    def _restore(self, cache: DynamicCache, layers: list[dict], seen: list[int], state: cache_state.CacheState) -> None:
+    def _restore(
+        self, cache: SequenceCache, layers: list[dict], seen: list[int], state: cache_state.CacheState
+    ) -> None:
         """The cache as a failed turn found it, with the pruning state it carried."""
         self.cache, self.seen = cache, seen
         setattr(cache, cache_state.ATTRIBUTE, state)
@@ -208,7 +216,7 @@ class ChatSession:
             (end for _, end in image_spans(torch.tensor(self.seen), self.loaded.image_token_id)), default=0
         )
         if common < last_image_end:  # the cached images no longer match: start over
-            self.cache = DynamicCache(config=self.loaded.model.config.get_text_config())
+            self.cache = self._new_cache()
             self.seen = []
             return 0
         # Only text after the last image goes, and text is never pruned: every layer drops as many.

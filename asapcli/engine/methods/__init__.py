@@ -29,7 +29,7 @@ from .base import (
 )
 from .divprune import DivPrune
 from .fastv import FastV
-from .hyperparameters import HYPERPARAMETERS, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
+from .hyperparameters import HYPERPARAMETERS, KV_CACHES, POSITIONS, SCORE_QUERIES, SCORES, Hyperparameter
 from .pool import POOLED
 from .prumerge_plus import SAMPLED
 from .random import Random
@@ -80,6 +80,7 @@ __all__ = [
     "DIVERSE",
     "HYPERPARAMETERS",
     "KEPT",
+    "KV_CACHES",
     "METHODS",
     "POOLED",
     "POSITIONS",

@@ -32,6 +32,7 @@ class AsapBimaskOnly(PruningMethod):
     score_queries: str = "last"
     score: str = "attention"
     lambda_max: float = 1.0
+    kv_cache: str = "exact"  # or "compact": layers 0..L-1 keep only the kept tokens once the prefill is done
 
     def select(self, span: SpanView, k: int) -> Selection:
         from .. import ops  # at call time: the registry imports without torch (methods/__init__.py)

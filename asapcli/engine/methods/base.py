@@ -223,6 +223,12 @@ class PruningMethod:
         return getattr(self, "positions", None) == "renumber"
 
     @property
+    def compacts(self) -> bool:
+        """The layers before its first step keep only what that step kept, once the prefill is
+        done (--kv-cache compact)."""
+        return getattr(self, "kv_cache", None) == "compact"
+
+    @property
     def counts_per_image(self) -> bool:
         """Whether each image sets how many tokens it keeps (not k): no config can tell its cost."""
         return False

@@ -14,6 +14,7 @@ class FastV(PruningMethod):
     colour = "#0072B2"
     score_queries: str = "last"
     score: str = "attention"
+    kv_cache: str = "exact"  # or "compact": layers 0..L-1 keep only the kept tokens once the prefill is done
 
     def select(self, span: SpanView, k: int) -> Selection:
         from .. import ops  # at call time: the registry imports without torch (methods/__init__.py)

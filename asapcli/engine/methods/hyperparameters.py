@@ -72,6 +72,7 @@ SCORE_QUERIES = ("last", "text", "all")
 SCORES = ("attention", "contribution")
 POSITIONS = ("original", "renumber")
 STAGE_COUNTS = ("budget", "table")
+KV_CACHES = ("exact", "compact")
 
 HYPERPARAMETERS: dict[str, Hyperparameter] = {
     h.name: h
@@ -152,6 +153,18 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
             "the image tokens each stage keeps: budget (matched to -k, default) or table (the authors' counts "
             "for -k 64, 128, 192).",
             choices=STAGE_COUNTS,
+        ),
+        Hyperparameter(
+            "kv_cache",
+            str,
+            "what the KV cache of the layers before the (first) pruning step keeps once the prefill is done: every "
+            "token they saw (exact, default: decoding attends there as the prefill did) or only the tokens that "
+            "step kept (compact: every layer holds the kept tokens alone, as the paper's Table 4 counts).",
+            choices=KV_CACHES,
+            refusal="--kv-cache {value} is for methods that prune inside the language model ({takers}): {method} "
+            "leaves no layer's cache to compact (one that prunes before the language model holds only its kept "
+            "tokens in every layer already; vanilla prunes nothing)",
+            implied="exact",
         ),
     )
 }

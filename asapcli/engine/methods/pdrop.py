@@ -24,6 +24,7 @@ class PyramidDrop(PruningMethod):
     roles = (replace(BY_SCORE, label="kept by each stage's attention"),)
     positions: str = "original"  # or "renumber": numbered afresh after each stage (the authors' code)
     stage_ratio: str = BUDGET  # or lambda itself, e.g. "0.5" (the authors' scripts)
+    kv_cache: str = "exact"  # or "compact": layers before the first stage keep only what it kept, once prefilled
 
     def k_rule(self) -> str | None:
         return (

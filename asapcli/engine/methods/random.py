@@ -13,6 +13,7 @@ class Random(PruningMethod):
     colour = "#999999"
     roles = (replace(BY_SCORE, label="chosen at random"),)
     seed: int = 0
+    kv_cache: str = "exact"  # or "compact": layers 0..L-1 keep only the kept tokens once the prefill is done
 
     def select(self, span: SpanView, k: int) -> Selection:
         import torch  # at call time: the registry imports without torch (methods/__init__.py)

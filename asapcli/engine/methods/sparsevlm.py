@@ -105,6 +105,7 @@ class SparseVLM(PruningMethod):
     positions: str = "original"  # or "renumber": numbered afresh after each stage (the authors' code)
     stage_counts: str = BUDGET  # or "table": the authors' counts for k = 64, 128, 192
     seed: int = 0  # the density noise of the clustering (the authors' torch.rand)
+    kv_cache: str = "exact"  # or "compact": layers before the first stage keep only what it kept, once prefilled
 
     def k_rule(self) -> str | None:
         return (

@@ -1,0 +1,228 @@
+"""--kv-cache compact (issue 37): once the prefill is done, the layers before the first pruning
+step keep only the tokens that step kept, so that every layer holds what the paper's Table 4
+counts. Checked against a reference that does the same by hand: an exact prefill, its early
+layers' caches cut to the text and the step's kept positions, then greedy decoding by the
+model's own forward outside any block."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import asapcli
+from asapcli.errors import UsageError
+from asapcli.runtime.inputs import build_inputs, user_message
+from asapcli.runtime.loading import load
+
+STEPS = 5
+K = 8
+
+
+@pytest.fixture(scope="module")
+def lvlm(llava_path):
+    return load(str(llava_path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def inputs(lvlm, images):
+    return build_inputs(lvlm.processor, [user_message("what is in the picture?", 1)], images[:1])
+
+
+def prefill(lvlm, inputs, method: str, kv_cache: str, **options):
+    """The prefill's cache and logits, and the positions the first pruning step kept (text and
+    kept visual tokens), from its record."""
+    with torch.inference_mode(), asapcli.pruned(lvlm.model, method=method, k=K, kv_cache=kv_cache, **options) as block:
+        out = lvlm.model(**inputs, use_cache=True)
+    (record,) = block.prefills[0].pruned()
+    first_layer, first_kept = record.stages[0]
+    tokens = inputs["input_ids"].shape[1]
+    text = [p for p in range(tokens) if not record.start <= p < record.end]
+    return out, first_layer, sorted(text + first_kept.tolist())
+
+
+def cut_by_hand(cache, layers: int, positions: list[int]) -> DynamicCache:
+    """A plain DynamicCache: layers 0..layers-1 of `cache` at `positions`, the others as they are."""
+    plain = DynamicCache()
+    index = torch.tensor(positions)
+    for number, layer in enumerate(cache.layers):
+        keys, values = layer.keys, layer.values
+        if number < layers:
+            keys, values = keys[:, :, index], values[:, :, index]
+        plain.update(keys.clone(), values.clone(), number)
+    return plain
+
+
+def greedy_by_hand(model, logits, cache, position: int) -> tuple[list[int], list[torch.Tensor]]:
+    """STEPS greedy tokens by the model's own forward (no block: the installed decoder is gone),
+    each step placed at its position in the whole sequence."""
+    tokens, all_logits = [], [logits]
+    with torch.inference_mode():
+        for step in range(STEPS):
+            token = all_logits[-1].argmax(-1, keepdim=True)
+            tokens.append(int(token))
+            if step == STEPS - 1:
+                break
+            out = model(input_ids=token, past_key_values=cache, position_ids=torch.tensor([[position + step]]))
+            all_logits.append(out.logits[:, -1])
+    return tokens, all_logits
+
+
+def generated(lvlm, inputs, method: str, kv_cache: str, **options):
+    with torch.inference_mode(), asapcli.pruned(lvlm.model, method=method, k=K, kv_cache=kv_cache, **options):
+        return lvlm.model.generate(
+            **inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("fastv", {}), ("asap", {}), ("pdrop", {}), ("pdrop", {"positions": "renumber"}), ("sparsevlm", {})],
+)
+def test_each_layer_holds_what_each_mode_claims(method, options, lvlm, inputs):
+    """exact: layers before the first step hold every token; compact: the text and the tokens
+    that step kept, the very keys and values the exact prefill computed there; the layers from
+    the step on are the same in both."""
+    exact, layer, kept = prefill(lvlm, inputs, method, "exact", **options)
+    compact, compact_layer, compact_kept = prefill(lvlm, inputs, method, "compact", **options)
+    assert (compact_layer, compact_kept) == (layer, kept) and layer >= 1
+    tokens = inputs["input_ids"].shape[1]
+    for number, (whole, cut) in enumerate(zip(exact.past_key_values.layers, compact.past_key_values.layers)):
+        if number < layer:
+            assert whole.keys.shape[2] == tokens and cut.keys.shape[2] == len(kept) < tokens
+            assert torch.equal(cut.keys, whole.keys[:, :, kept]) and torch.equal(cut.values, whole.values[:, :, kept])
+        else:
+            assert torch.equal(cut.keys, whole.keys) and torch.equal(cut.values, whole.values)
+    assert torch.equal(compact.logits, exact.logits)  # the prefill itself is the same
+
+
+@pytest.mark.parametrize("method, options", [("fastv", {}), ("asap", {}), ("pdrop", {}), ("sparsevlm", {})])
+def test_compact_decoding_equals_decoding_on_caches_cut_by_hand(method, options, lvlm, inputs):
+    """(Renumbered positions are left out: the layers from the first step on number the decoding
+    steps otherwise than those before it, which the model's own forward cannot.)"""
+    exact, layer, kept = prefill(lvlm, inputs, method, "exact", **options)
+    reference = cut_by_hand(exact.past_key_values, layer, kept)
+    tokens, logits = greedy_by_hand(lvlm.model, exact.logits[:, -1], reference, inputs["input_ids"].shape[1])
+    out = generated(lvlm, inputs, method, "compact", **options)
+    assert out.sequences[0, -STEPS:].tolist() == tokens
+    for step in range(STEPS):
+        assert torch.allclose(out.logits[step], logits[step], atol=1e-5)
+    exact_out = generated(lvlm, inputs, method, "exact", **options)
+    assert torch.equal(exact_out.logits[0], out.logits[0])  # the first token comes from the prefill
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(exact_out.logits, out.logits))
+
+
+@pytest.mark.parametrize("method", ["fastv", "asap"])
+def test_nothing_pruned_is_vanilla_to_the_bit_in_both_modes(method, lvlm, inputs):
+    tokens = int((inputs["input_ids"] == lvlm.image_token_id).sum())
+    with torch.inference_mode():
+        own = lvlm.model.generate(
+            **inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    for kv_cache in ("exact", "compact"):
+        with torch.inference_mode(), asapcli.pruned(lvlm.model, method=method, k=tokens, kv_cache=kv_cache):
+            out = lvlm.model.generate(
+                **inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+                output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+        assert torch.equal(out.sequences, own.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(out.logits, own.logits))
+
+
+def test_a_plain_cache_compacted_is_not_continued_but_a_sequence_cache_is(lvlm, inputs):
+    """After a compact prefill layer 0 holds fewer tokens than the sequence: a DynamicCache's
+    length no longer says where the sequence is, a SequenceCache's does."""
+    more = lvlm.processor.tokenizer(" and then some", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    tokens = inputs["input_ids"].shape[1]
+    with torch.inference_mode(), asapcli.pruned(lvlm.model, method="fastv", k=K, kv_cache="compact"):
+        plain = lvlm.model(**inputs, use_cache=True).past_key_values
+        with pytest.raises(UsageError, match="fastv with --kv-cache compact cut the first layer's cache"):
+            lvlm.model(input_ids=more, past_key_values=plain, use_cache=True)
+        sequence = asapcli.SequenceCache(config=lvlm.model.config.get_text_config())
+        lvlm.model(**inputs, past_key_values=sequence, use_cache=True)
+        assert sequence.get_seq_length() == tokens and sequence.layers[0].get_seq_length() < tokens
+        continued = lvlm.model(input_ids=more, past_key_values=sequence, use_cache=True).logits
+    assert sequence.get_seq_length() == tokens + more.shape[1]
+    # the same tokens fed one by one (what any cache continues) answer alike
+    with torch.inference_mode(), asapcli.pruned(lvlm.model, method="fastv", k=K, kv_cache="compact"):
+        stepped = asapcli.SequenceCache(config=lvlm.model.config.get_text_config())
+        lvlm.model(**inputs, past_key_values=stepped, use_cache=True)
+        for index in range(more.shape[1]):
+            step = lvlm.model(input_ids=more[:, index : index + 1], past_key_values=stepped, use_cache=True).logits
+            assert torch.allclose(step[0, -1], continued[0, index], atol=1e-5)
+
+
+def test_compact_is_refused_where_no_layer_is_kept_whole(llava_path):
+    model = load(str(llava_path), device="cpu").model
+    for method in ("divprune", "vanilla"):
+        with pytest.raises(UsageError, match="kv_cache compact is for methods that prune inside the language model"):
+            asapcli.pruned(model, method=method, kv_cache="compact")
+    asapcli.pruned(model, method="divprune", kv_cache="exact")  # what it does anyway
+
+
+COMPACT_DIALOGUES = {
+    "an image, then text": [("image", 0), ("ask", "what is in the picture?"), ("ask", "and which colour?")],
+    "an image on turn 2, /k, another": [
+        ("ask", "hi"), ("image", 0), ("ask", "what is it?"), ("k", 4), ("image", 1), ("ask", "and this?"),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dialogue", COMPACT_DIALOGUES.values(), ids=COMPACT_DIALOGUES.keys())
+@pytest.mark.parametrize("method", ["fastv", "asap", "pdrop"])
+def test_a_chat_continues_a_compact_cache(method, dialogue, lvlm, images):
+    """Each turn's image pruned and its early layers cut in its own turn; the next turn goes on
+    from the dialogue's length (a SequenceCache), as the model's own forward on a copy of that
+    cache, each new token placed at its place in the dialogue, answers."""
+    from test_chat import play
+    from tiny_models import pruned_by
+
+    from asapcli.engine import PruningPlan, make_method
+    from asapcli.engine.settings import PruneSettings
+    from asapcli.runtime.chat import ChatSession
+
+    session = ChatSession(lvlm, PruneSettings(method, k=K, kv_cache="compact"), max_tokens=4)
+    play(session, images, dialogue)
+    visual = int((torch.tensor(session.seen) == lvlm.image_token_id).sum())
+    held = [layer.get_seq_length() for layer in session.cache.layers]
+    assert session.cache.get_seq_length() == len(session.seen) > held[0]
+    if method != "pdrop":  # one step: every layer holds the text and the kept tokens alone
+        kept = sum(turn.result.pruning.kept_tokens for turn in session.turns if turn.result.pruning)
+        assert held == [len(session.seen) - visual + kept] * len(held)
+    ids = build_inputs(lvlm.processor, session.messages + [user_message("one more?", 0)], session.images)["input_ids"]
+    cached = session._reuse_cache(ids[0].tolist())
+    reference = cut_by_hand(session.cache, 0, [])
+    with torch.inference_mode(), pruned_by(lvlm.model, PruningPlan(make_method(method), K, 2, spans=[])):
+        chat_logits = lvlm.model(input_ids=ids[:, cached:], past_key_values=session.cache, use_cache=True).logits
+    with torch.inference_mode():
+        positions = torch.arange(cached, ids.shape[1])[None]
+        own = lvlm.model(input_ids=ids[:, cached:], past_key_values=reference, position_ids=positions).logits
+    assert torch.allclose(chat_logits, own, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava-next"])
+@pytest.mark.parametrize("method", ["fastv", "asap", "pdrop"])
+def test_a_padded_batch_with_a_compact_cache_equals_its_samples_one_by_one(family, method, model_paths, images):
+    """The layers cut after the prefill keep each row's batch padding and fillers (rows that
+    keep fewer tokens: LLaVA-NeXT tiles the two images differently) masked out while decoding."""
+    from test_batches import PROMPTS, STEPS, greedy
+
+    from asapcli.engine.plans import plan_for
+    from asapcli.engine.settings import PruneSettings
+
+    lvlm = load(str(model_paths[family]), device="cpu")
+    processor = lvlm.processor
+    texts = [processor.apply_chat_template([user_message(p, 1)], add_generation_prompt=True) for p in PROMPTS]
+    batch = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    settings = PruneSettings(method=method, k=K, kv_cache="compact")
+    batched, _ = greedy(lvlm, batch, [plan_for(lvlm, row, settings) for row in batch["input_ids"]])
+    exact, _ = greedy(
+        lvlm, batch, [plan_for(lvlm, row, settings.replace(kv_cache="exact")) for row in batch["input_ids"]]
+    )
+    assert not all(torch.allclose(a, b, atol=1e-5) for a, b in zip(batched.logits[1:], exact.logits[1:]))
+    for row, (text, image) in enumerate(zip(texts, images, strict=True)):
+        single = processor(text=text, images=[image], return_tensors="pt")
+        alone, _ = greedy(lvlm, single, plan_for(lvlm, single["input_ids"][0], settings))
+        assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, single["input_ids"].shape[1] :])
+        for step in range(STEPS):
+            assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-5)
