@@ -18,7 +18,8 @@ def test_run_streams_an_answer_and_a_summary(llava_path, image_file, asap):
     assert "FLOPs" in result.stderr and "prefill" in result.stderr
     # A cold first call over at most 4 decoded tokens: said, and no decode rate made up from it.
     assert "(one sample, CPU, " in result.stderr  # a single timing, labelled as one, with its threads
-    assert "first call: includes warm-up)" in result.stderr and "decode not timed" in result.stderr
+    assert "first call: includes warm-up)" in result.stderr and "decode rate not shown (" in result.stderr
+    assert "tokens generated; a rate needs 9)" in result.stderr
 
 
 def test_run_json_is_one_object_with_the_figures(llava_path, image_file, asap):

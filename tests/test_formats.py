@@ -54,11 +54,14 @@ def test_eval_csv_markdown_and_latex_say_what_json_says(stdout_of):
     table = markdown_rows(stdout_of(*args, "--format", "markdown"))  # Table 1: percent, intervals
     assert [row["method"] for row in table] == ["vanilla", "asap"] and table[0]["k"] == "-"
     asap_row = expected[1]
-    half = (asap_row["average_ci95"][1] - asap_row["average_ci95"][0]) * 50
-    assert table[1]["avg ±"] == f"{asap_row['average'] * 100:.1f}±{half:.1f}"
+    low, high = asap_row["average_ci95"]
+    assert (table[1]["avg"], table[1]["95%"]) == (
+        f"{asap_row['average'] * 100:.1f}",
+        f"{low * 100:.1f}-{high * 100:.1f}",
+    )
     assert table[1]["FLOPs"] == f"{asap_row['flops_ratio'] * 100:.1f}" and table[1]["col"] != ""
     latex = stdout_of(*args, "--format", "latex").splitlines()
-    assert latex[0] == r"\begin{tabular}{lrrrrrrrrrr}" and latex[-1] == r"\end{tabular}"
+    assert latex[0] == r"\begin{tabular}{lrrrrrrrrrrr}" and latex[-1] == r"\end{tabular}"
     body = latex[latex.index(r"\midrule") + 1 : latex.index(r"\bottomrule")]
     assert [line.split("&")[0].strip() for line in body] == ["vanilla", "asap"]
 

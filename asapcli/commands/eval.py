@@ -133,7 +133,7 @@ def _show(outcome: Outcome) -> None:
     types = ", ".join(SHORT.get(kind, kind) for kind in kinds)
     display.out.print(
         "All figures in %. FLOPs: paper Eq. 8, visual tokens only (over all the questions); accuracy: "
-        f"normalised exact match, greedy; avg: mean over question types ({types}), ± half its 95% interval (each "
+        f"normalised exact match, greedy; avg: mean over question types ({types}); 95%: its 95% interval (each "
         "cell's in --json); rel: avg / vanilla's"
         + ("; top/bot: questions about one object in that half of the image." if _has_regions(report) else ".")
         + f" Answered on {report.environment.timed_on}.",
@@ -167,7 +167,7 @@ def _table(report: EvalReport) -> display.Shown:
 
     types = in_column_order({kind for row in rows for kind in row.accuracy})
     regions = [region for region in ("top", "bottom") if any(region in row.region_accuracy for row in rows)]
-    headers = [SHORT.get(name, name) for name in (*types, "avg ±", "rel", *regions)]
+    headers = [SHORT.get(name, name) for name in (*types, "avg", "95%", "rel", *regions)]
     partial = " (partial)" if report.partial else ""
     title = f"{report.model}: {report.data}, n={report.n}, L={report.layer}{partial}"
     table = display.Shown(title, ["method", "k", "FLOPs", *headers], keys=2)
@@ -177,7 +177,8 @@ def _table(report: EvalReport) -> display.Shown:
             "-" if row.k is None else str(row.k),
             _percent(row.flops_ratio),
             *(_percent(row.accuracy.get(kind)) for kind in types),  # a partial row may lack some
-            f"{_percent(row.average)}±{(row.average_ci95[1] - row.average_ci95[0]) * 50:.1f}",
+            _percent(row.average),
+            "-".join(_percent(bound) for bound in row.average_ci95),  # Wilson's: not symmetric near 0 and 100
             _percent(row.relative),
             *(_percent(row.region_accuracy.get(region)) for region in regions),
         )

@@ -297,9 +297,9 @@ def speeds(result: GenerationResult) -> str:
     if result.decode_tokens_per_second is None:
         from ..runtime.generation import MIN_DECODE_TOKENS  # loaded already: a generation has run
 
-        decoded = max(result.generated_tokens - 1, 0)  # the first token came with the prefill
         made = f"{result.generated_tokens} token{'' if result.generated_tokens == 1 else 's'} generated"
-        return f"{prefill}; decode not timed ({made}, {decoded} after the prefill's; {MIN_DECODE_TOKENS} needed)"
+        # the first token comes with the prefill: a rate needs MIN_DECODE_TOKENS after it
+        return f"{prefill}; decode rate not shown ({made}; a rate needs {MIN_DECODE_TOKENS + 1})"
     return f"{prefill}; decode {result.decode_tokens_per_second:.1f} tokens/s"
 
 
