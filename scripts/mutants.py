@@ -626,6 +626,9 @@ MUTANTS = [
     Mutant("C07 chat on a plain DynamicCache", CHAT, (
         ("        return SequenceCache(config=", "        return __import__(\"transformers\").DynamicCache(config="),
     ), ("tests/test_compact_cache.py::test_a_chat_continues_a_compact_cache",)),
+    Mutant("C08 a score-only compact prefill marks the cache cut", CACHE_STATE, (
+        ("    if kept.shape[1] == chunk:  # the step kept", "    if False:  # the step kept"),
+    ), ("tests/test_compact_cache.py::test_a_compact_prefill_that_only_scored_cuts_nothing",)),
 ]  # fmt: skip
 
 

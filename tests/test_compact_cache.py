@@ -226,3 +226,21 @@ def test_a_padded_batch_with_a_compact_cache_equals_its_samples_one_by_one(famil
         assert torch.equal(batched.sequences[row, -STEPS:], alone.sequences[0, single["input_ids"].shape[1] :])
         for step in range(STEPS):
             assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-5)
+
+
+def test_a_compact_prefill_that_only_scored_cuts_nothing(lvlm, inputs):
+    """The attention profile's score-only plans prune nothing: a compact cache of one is whole,
+    and a later call continues it as any other."""
+    from tiny_models import pruned_by
+
+    from asapcli.engine.plans import plan_for
+    from asapcli.engine.settings import PruneSettings
+
+    settings = PruneSettings("fastv", k=K, kv_cache="compact")
+    more = lvlm.processor.tokenizer(" and then some", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    plan = plan_for(lvlm, inputs["input_ids"][0], settings, score_only=True)
+    with torch.inference_mode(), pruned_by(lvlm.model, plan):
+        cache = lvlm.model(**inputs, use_cache=True).past_key_values
+        lvlm.model(input_ids=more, past_key_values=cache, use_cache=True)
+    tokens = inputs["input_ids"].shape[1] + more.shape[1]
+    assert [layer.get_seq_length() for layer in cache.layers] == [tokens] * len(cache.layers)

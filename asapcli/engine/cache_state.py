@@ -156,6 +156,8 @@ def compact(cache, layers: int, kept: torch.Tensor, real: torch.Tensor, chunk: i
     the prefill is done (--kv-cache compact): of the `chunk` tokens the prefill added, each row
     keeps those at the chunk indices `kept` (B, M) in order, `real` (B, M) marking which are
     real. The layers then hold what the step's layer holds, as the paper's Table 4 counts."""
+    if kept.shape[1] == chunk:  # the step kept every token (a score-only plan): nothing to cut
+        return
     state = of(cache)
     state.note_padding(0, real, held(cache, 0) - chunk)
     for layer in cache.layers[:layers]:
