@@ -66,7 +66,7 @@ class ChatTurn(AnswerFigures):
     prompt: str
     images: list[str]  # the images this turn brought
     fed_tokens: int  # prompt tokens this turn prefilled (the rest came from the cache)
-    cached_tokens: int  # tokens in the cache after the turn
+    cached_tokens: int  # the dialogue's tokens the cache continues from after the turn (/stats: each layer's)
     stopped: bool  # cut short by Ctrl-C
     environment: Environment
 
@@ -150,6 +150,7 @@ class EvalRow:
 
     method: str
     k: int | None  # None: vanilla
+    options: dict  # the method's own options as it ran: those given and its defaults ({} for vanilla)
     flops_ratio: float
     accuracy: dict[str, float]  # per question type
     region_accuracy: dict[str, float]  # "top" / "bottom" of the image

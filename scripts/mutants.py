@@ -609,13 +609,13 @@ MUTANTS = [
         ("            setattr(layer, name, torch.cat([states[:, :, :before], taken], dim=2))", "            pass"),
     ), ("tests/test_compact_cache.py::test_each_layer_holds_what_each_mode_claims",)),
     Mutant("C02 a compact cache cut in the first pruned layer too", CACHE_STATE, (
-        ("    for layer in cache.layers[:layers]:", "    for layer in cache.layers[: layers + 1]:"),
+        ("    for layer in cache.layers[start:stop]:", "    for layer in cache.layers[start : stop + 1]:"),
     ), ("tests/test_compact_cache.py::test_each_layer_holds_what_each_mode_claims",)),
-    Mutant("C03 a compact cache cut to the last stage's tokens", DECODER, (
-        ("        if call.first_step is None:\n            call.first_step", "        if True:\n            call.first_step"),
+    Mutant("C03 a compact cache cut to the last stage's tokens", PRUNE_PASS, (
+        ("item.stages[0][0], item.stages[0][1] - chunk_start", "item.stages[0][0], item.stages[-1][1] - chunk_start"),
     ), ("tests/test_compact_cache.py::test_each_layer_holds_what_each_mode_claims",)),
     Mutant("C04 a compact batch's padding forgotten in the cut layers", CACHE_STATE, (
-        ("    state.note_padding(0, real, held(cache, 0) - chunk)", "    pass"),
+        ("    state.note_padding(start, real.gather(1, order) & filled, before)", "    pass"),
     ), ("tests/test_compact_cache.py::test_a_padded_batch_with_a_compact_cache_equals_its_samples_one_by_one",)),
     Mutant("C05 a SequenceCache reports what layer 0 holds", CACHE_STATE, (
         ("        return held + state.dropped if layer_idx == 0 and held and state is not None else held", "        return held"),
@@ -626,9 +626,9 @@ MUTANTS = [
     Mutant("C07 chat on a plain DynamicCache", CHAT, (
         ("        return SequenceCache(config=", "        return __import__(\"transformers\").DynamicCache(config="),
     ), ("tests/test_compact_cache.py::test_a_chat_continues_a_compact_cache",)),
-    Mutant("C08 a score-only compact prefill marks the cache cut", CACHE_STATE, (
-        ("    if kept.shape[1] == chunk:  # the step kept", "    if False:  # the step kept"),
-    ), ("tests/test_compact_cache.py::test_a_compact_prefill_that_only_scored_cuts_nothing",)),
+    Mutant("C08 every image cut at the first step of the call's first", CACHE_STATE, (
+        ("        index, real, start = index.gather(1, keep), kept_real, layer", "        break"),
+    ), ("tests/test_compact_cache.py::test_spans_first_pruned_at_different_layers_are_each_cut_before_their_own",)),
 ]  # fmt: skip
 
 

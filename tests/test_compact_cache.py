@@ -244,3 +244,71 @@ def test_a_compact_prefill_that_only_scored_cuts_nothing(lvlm, inputs):
         lvlm.model(input_ids=more, past_key_values=cache, use_cache=True)
     tokens = inputs["input_ids"].shape[1] + more.shape[1]
     assert [layer.get_seq_length() for layer in cache.layers] == [tokens] * len(cache.layers)
+
+
+def test_spans_first_pruned_at_different_layers_are_each_cut_before_their_own(model_paths):
+    """SparseVLM on LLaVA-NeXT: a small image's schedule starts later than a large one's. Each
+    layer holds, of each image, what that image's own first step kept before it, and what the
+    layer saw after it: in one prompt, and in a padded batch (each row as alone)."""
+    from PIL import Image
+    from test_batches import STEPS, greedy
+
+    from asapcli.engine.plans import plan_for
+    from asapcli.engine.settings import PruneSettings
+
+    lvlm = load(str(model_paths["llava-next"]), device="cpu")
+    small, car = Image.new("RGB", (64, 16), (200, 30, 30)), Image.open("examples/car.png").convert("RGB")
+    settings = PruneSettings("sparsevlm", k=32, kv_cache="compact")
+    both = build_inputs(lvlm.processor, [user_message("what are they?", 2)], [small, car])
+    with torch.inference_mode(), asapcli.pruned(lvlm.model, method="sparsevlm", k=32, kv_cache="compact") as block:
+        cache = lvlm.model(**both, use_cache=True).past_key_values
+    records = block.prefills[0].pruned()
+    assert len({record.stages[0][0] for record in records}) == 2  # the images start at different layers
+    text = both["input_ids"].shape[1] - sum(record.end - record.start for record in records)
+    for number, layer in enumerate(cache.layers):
+        held = [
+            next(len(kept) for at, kept in reversed(r.stages) if at <= max(number, r.stages[0][0])) for r in records
+        ]
+        assert layer.get_seq_length() == text + sum(held), number
+
+    processor = lvlm.processor
+    texts = [processor.apply_chat_template([user_message("what is it?", 1)], add_generation_prompt=True)] * 2
+    batch = processor(text=texts, images=[small, car], return_tensors="pt", padding=True, padding_side="left")
+    batched, done = greedy(lvlm, batch, [plan_for(lvlm, row, settings) for row in batch["input_ids"]])
+    assert done.pruned(0)[0].stages[0][0] != done.pruned(1)[0].stages[0][0]
+    for row, image in enumerate([small, car]):
+        single = processor(text=texts[row], images=[image], return_tensors="pt")
+        alone, _ = greedy(lvlm, single, plan_for(lvlm, single["input_ids"][0], settings))
+        for step in range(STEPS):
+            assert torch.allclose(batched.logits[step][row], alone.logits[step][0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "method, option",
+    [("vanilla", {"kv_cache": "exact"}), ("divprune", {"kv_cache": "exact"}), ("fastv", {"positions": "original"})],
+)
+def test_a_value_a_method_behaves_as_anyway_is_taken_everywhere(method, option):
+    """lmms-eval's model_args method=vanilla,kv_cache=exact raised an AttributeError: the value
+    was kept as given to a method without that field."""
+    from asapcli.engine.settings import PruneSettings
+    from asapcli.lmms_eval.arguments import ModelArgs
+
+    settings = PruneSettings(method, 8, 2, 0, **option)
+    assert settings.hyperparameters == {} and repr(settings).startswith(f"PruneSettings({method!r}")
+    assert ModelArgs.parse({"method": method, **option}).prune.method.name == method
+
+
+def test_every_output_says_a_cache_was_compact(asap):
+    """A compact run could not be told from an exact one in eval's table and records, run's
+    summary, compare's lines."""
+    car = "examples/car.png"
+    run = asap("run", car, "what colour is the car?", "--method", "fastv", "--kv-cache", "compact", "--threads", 1)
+    assert run.exit_code == 0 and "fastv k=128 L=2 (compact KV cache): kept 128/576" in run.stderr
+    compare = asap("compare", car, "what?", "--methods", "vanilla,fastv", "--kv-cache", "compact", "--threads", 1)
+    assert "fastv k=128 (kept 128/576, compact KV cache): " in compare.stdout
+    assert "vanilla (kept 576/576): " in compare.stdout  # it takes no --kv-cache
+    args = ("eval", "--n", 2, "--methods", "vanilla,fastv", "-k", 64, "--threads", 1)
+    rows = __import__("json").loads(asap(*args, "--kv-cache", "compact", "--json").stdout)["results"]
+    assert [row["options"].get("kv_cache") for row in rows] == [None, "compact"]
+    assert "L=2, compact KV cache" in asap(*args, "--kv-cache", "compact").stdout
+    assert "compact" not in asap(*args).stdout.splitlines()[0]

@@ -134,10 +134,12 @@ def compare(
 
 
 def comparison_line(answered: Answered) -> str:
-    """`method k=N (kept K/V): answer`, as `asap compare` prints each."""
+    """`method k=N (kept K/V): answer`, as `asap compare` prints each (`, compact KV cache` after
+    K/V for a run with one)."""
     record = answered.record
     budget = "" if record.k is None else f" k={record.k}"
-    return f"{record.method}{budget} (kept {record.kept_tokens}/{record.visual_tokens}): {record.answer}"
+    compact = ", compact KV cache" if record.options.get("kv_cache") == "compact" else ""
+    return f"{record.method}{budget} (kept {record.kept_tokens}/{record.visual_tokens}{compact}): {record.answer}"
 
 
 def comparison_figure(loaded: Loaded, samples: Samples, answers: list[Answered]):

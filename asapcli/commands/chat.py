@@ -69,8 +69,10 @@ def chat(
 
     interactive = sys.stdin.isatty()
     if interactive and not json:
+        compact = ", compact KV cache" if settings.method.compacts else ""
         display.note(
-            f"Chatting with {where.model} ({settings.method}, k={settings.k}, L={settings.layer}). /help lists commands."
+            f"Chatting with {where.model} ({settings.method}, k={settings.k}, L={settings.layer}{compact}). "
+            "/help lists commands."
         )
     with line_editing(interactive):
         failed = _converse(session, json, interactive)
@@ -181,7 +183,7 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
         line = display.summary(session.settings, result)
         if not result.visual_tokens:  # the turn brought no image: nothing to prune
             line = f"{result.fed_tokens} new tokens; {display.speeds(result)}{display.cut(result)}"
-        display.note(f"{line}; {turn.cached_tokens} tokens in cache")
+        display.note(f"{line}; the dialogue so far: {turn.cached_tokens} tokens (/stats: what each layer holds)")
 
 
 def _command(session: ChatSession, line: str, json: bool) -> bool:

@@ -169,7 +169,8 @@ def _table(report: EvalReport) -> display.Shown:
     regions = [region for region in ("top", "bottom") if any(region in row.region_accuracy for row in rows)]
     headers = [SHORT.get(name, name) for name in (*types, "avg", "95%", "rel", *regions)]
     partial = " (partial)" if report.partial else ""
-    title = f"{report.model}: {report.data}, n={report.n}, L={report.layer}{partial}"
+    compact = ", compact KV cache" if any(row.options.get("kv_cache") == "compact" for row in rows) else ""
+    title = f"{report.model}: {report.data}, n={report.n}, L={report.layer}{compact}{partial}"
     table = display.Shown(title, ["method", "k", "FLOPs", *headers], keys=2)
     for row in rows:
         table.add_row(

@@ -151,23 +151,55 @@ def check_continuation(cache, tokens: int) -> None:
         )
 
 
-def compact(cache, layers: int, kept: torch.Tensor, real: torch.Tensor, chunk: int, why: str) -> None:
-    """Cut layers 0..`layers`-1 of `cache` to what the prune step before layer `layers` kept, once
-    the prefill is done (--kv-cache compact): of the `chunk` tokens the prefill added, each row
-    keeps those at the chunk indices `kept` (B, M) in order, `real` (B, M) marking which are
-    real. The layers then hold what the step's layer holds, as the paper's Table 4 counts."""
-    if kept.shape[1] == chunk:  # the step kept every token (a score-only plan): nothing to cut
+def compact(cache, steps: list, spans: list, chunk: int, real: torch.Tensor | None, why: str) -> None:
+    """Cut, once the prefill is done (--kv-cache compact), the caches of the layers before each
+    image span's first prune step to what that step kept of it: every layer then holds what the
+    paper's Table 4 counts. `steps`: the prefill's prune steps in order, (layer, the indices each
+    row kept of the tokens entering it (B, M), which of them are real); `spans`: (row, start, end,
+    first step's layer, the chunk indices it kept) per pruned span (PrunePass.first_steps); `chunk`:
+    the tokens the prefill brought, `real`: which of them are real (None: all). Rows that keep fewer tokens than
+    others are left-filled with masked slots, as a prune step fills them."""
+    if not spans:
         return
-    state = of(cache)
-    state.note_padding(0, real, held(cache, 0) - chunk)
-    for layer in cache.layers[:layers]:
-        before = layer.get_seq_length() - chunk
-        index = (kept + before)[:, None, :, None]
+    state, batch, device = of(cache), steps[0][1].shape[0], steps[0][1].device
+    index = torch.arange(chunk, device=device).expand(batch, -1)
+    real = torch.ones(batch, chunk, dtype=torch.bool, device=device) if real is None else real
+    start = 0
+    for layer, keep, kept_real in steps:
+        wanted = _still_whole(index, spans, start)
+        if start < layer and not bool(wanted.all()):
+            width = _cut(cache, state, start, layer, wanted, real)
+            if start == 0:
+                state.shortened(why, chunk - width)
+        index, real, start = index.gather(1, keep), kept_real, layer
+
+
+def _still_whole(index: torch.Tensor, spans: list, start: int) -> torch.Tensor:
+    """Which of the tokens the layers from `start` hold (chunk indices `index`, (B, M)) a compact
+    cache keeps: all but those of a span not pruned yet there that its first step dropped."""
+    wanted = torch.ones_like(index, dtype=torch.bool)
+    for row, first, end, layer, kept in spans:
+        if layer > start:
+            ids = index[row]
+            wanted[row] &= (ids < first) | (ids >= end) | torch.isin(ids, kept)
+    return wanted
+
+
+def _cut(cache, state: CacheState, start: int, stop: int, wanted: torch.Tensor, real: torch.Tensor) -> int:
+    """Layers start..stop-1 cut to the `wanted` of the tokens the prefill brought them (B, M),
+    rows left-filled; their padding noted. The tokens they hold now of the prefill's."""
+    from .ops import left_filled
+
+    order, filled = left_filled(wanted)
+    before = held(cache, start) - wanted.shape[1]
+    state.note_padding(start, real.gather(1, order) & filled, before)
+    for layer in cache.layers[start:stop]:
+        index = (order + before)[:, None, :, None]
         for name in ("keys", "values"):
             states = getattr(layer, name)
             taken = states.gather(2, index.expand(-1, states.shape[1], -1, states.shape[3]))
             setattr(layer, name, torch.cat([states[:, :, :before], taken], dim=2))
-    state.shortened(why, chunk - kept.shape[1])
+    return order.shape[1]
 
 
 def of(cache) -> CacheState:

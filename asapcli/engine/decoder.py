@@ -99,8 +99,8 @@ class _Call:
     base: torch.Tensor | None = None
     real: torch.Tensor | None = None
     shifts: dict = field(default_factory=dict)
-    # The first prune step's layer, chunk indices kept and which are real: what a compact cache keeps before it.
-    first_step: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    # Each prune step's layer, the indices it kept of the tokens entering it and which are real: a compact cache's cuts.
+    steps: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def cached(self, layer: int) -> int:
         return cache_state.held(self.cache, layer)
@@ -235,11 +235,11 @@ class PrunedDecoder(nn.Module):
         """A pruning prefill: the layers over the call's tokens, a prune step before each layer of
         the pass's schedule, the attention of the layers before it measuring its spans; then, for
         a compact cache, the layers before the first step cut to what it kept."""
+        entering = call.real
         hidden = self._layers(call, prune_pass, kwargs)
-        if prune_pass.method.compacts and call.use_cache and call.first_step is not None:
-            layer, kept, real = call.first_step
+        if prune_pass.method.compacts and call.use_cache:
             why = f"{prune_pass.method.name} with --kv-cache compact cut the first layer's cache"
-            cache_state.compact(call.cache, layer, kept, real, prune_pass.chunk[1], why)
+            cache_state.compact(call.cache, call.steps, prune_pass.first_steps(), prune_pass.chunk[1], entering, why)
         return hidden
 
     def _continue(self, call: _Call, kwargs: dict) -> torch.Tensor:
@@ -292,8 +292,7 @@ class PrunedDecoder(nn.Module):
             real = real & call.real.gather(1, keep)
         call.real = real
         call.state.note_padding(layer, real, call.cached(layer))
-        if call.first_step is None:
-            call.first_step = (layer, keep, real)
+        call.steps.append((layer, keep, real))
         if layer == 0:  # layer 0's cache is shorter than the sequence from now on
             call.state.shortened(
                 f"{prune_pass.method.name} prunes before the first layer", before - call.hidden.shape[1]

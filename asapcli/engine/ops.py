@@ -12,6 +12,20 @@ import torch
 EPS = 1e-6  # the paper's epsilon, Eq. 3 and Eq. 4
 
 
+def left_filled(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept tokens of each row (`keep`, (B, N)) as one (B, M) batch: their indices, in position
+    order, and which are real. Kept tokens rank above dropped ones, each group in position order:
+    the top M ranks of a row are its kept tokens and, for a row that keeps fewer than the longest,
+    its last dropped slots as fillers; sorted by rank, the fillers come first (left padding)."""
+    batch, length = keep.shape
+    width = int(keep.sum(1).max())
+    position = torch.arange(length, device=keep.device)
+    rank = torch.where(keep, position + length, position).expand(batch, -1)
+    top = rank.topk(width, dim=1)
+    index = top.indices.gather(1, top.values.argsort(dim=1))
+    return index, keep.gather(1, index)
+
+
 def attention_mass(span_queries: torch.Tensor, span_keys: torch.Tensor, scaling: float) -> torch.Tensor:
     """Eq. 2: s_j = sum_{i in I} q_i . k_j * scale, averaged over heads.
 

@@ -115,6 +115,17 @@ class PrunePass:
         index = torch.arange(end - start)
         self.items.append(_Span(row, ordinal, start, end, slice(start, end), steps, index))
 
+    def first_steps(self) -> list[tuple[int, int, int, int, torch.Tensor]]:
+        """Each span its steps pruned: (row, start, end, the layer of its first step, the chunk
+        indices that step kept), in chunk coordinates: what a compact cache keeps of it in the
+        layers before that step."""
+        chunk_start = self.chunk[0]
+        return [
+            (item.row, item.start, item.end, item.stages[0][0], item.stages[0][1] - chunk_start)
+            for item in self.items
+            if item.stages
+        ]
+
     @property
     def spans(self) -> list[tuple[int, slice]]:
         """Each span as (row, where its tokens are now in chunk coordinates)."""
@@ -256,17 +267,9 @@ def _absorbed(item: _Span, selection) -> list[list[int]]:
 
 
 def _gather_kept(keep: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kept tokens of each row (`keep`, (B, N)) as one (B, M) batch: their indices, states and
-    which are real. Kept tokens rank above dropped ones, each group in position order: the top M
-    ranks of a row are its kept tokens and, for a row that keeps fewer than the longest, its last
-    dropped slots as fillers; sorted by rank, the fillers come first."""
-    batch, length = keep.shape
-    width = int(keep.sum(1).max())
-    position = torch.arange(length, device=keep.device)
-    rank = torch.where(keep, position + length, position).expand(batch, -1)
-    top = rank.topk(width, dim=1)
-    index = top.indices.gather(1, top.values.argsort(dim=1))
-    real = keep.gather(1, index)
+    """The kept tokens of each row (`keep`, (B, N)) as one left-filled (B, M) batch
+    (ops.left_filled): their indices, states and which are real."""
+    index, real = ops.left_filled(keep)
     return index, hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])), real
 
 

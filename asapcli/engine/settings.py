@@ -43,6 +43,7 @@ class PruneSettings:
         check_numbers(k=k, layer=layer, seed=seed)
         check_layer(layer, [cls])
         given = check_options({name: value for name, value in options.items() if value is not None}, [cls])
+        given = {name: value for name, value in given.items() if name in cls.hyperparameters()}  # not implied ones
         configured = _configured(cls, seed, given)
         check_budget(configured, k)
         _fill(self, method=configured, k=k, layer=layer, seed=seed, given=frozenset(given))

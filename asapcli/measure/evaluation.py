@@ -96,6 +96,7 @@ class Score:
         return EvalRow(
             method=self.settings.method.name,
             k=self.settings.budget,
+            options=self.settings.method.options(),
             flops_ratio=self.flops_ratio,
             accuracy=self.accuracy(),
             region_accuracy=self.region_accuracy(),

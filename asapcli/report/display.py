@@ -234,11 +234,15 @@ def _one_shape(items: list) -> bool:
 
 
 def print_csv(rows: list[dict]) -> None:
-    """Records (dicts, one key set) on stdout as CSV: every digit kept, empty for null, lists of
-    numbers joined with ';'."""
+    """Records (dicts) on stdout as CSV: every digit kept, empty for null, lists of numbers joined
+    with ';'. A key some rows lack (vanilla's options) takes its place among the others."""
     import csv
 
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns: list[str] = []
+    for row in rows:
+        for previous, key in zip([None, *row], row):
+            if key not in columns:
+                columns.insert(columns.index(previous) + 1 if previous is not None else 0, key)
     writer = csv.DictWriter(sys.stdout, columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows({key: _csv_cell(row.get(key)) for key in columns} for row in rows)
@@ -321,7 +325,8 @@ def summary(settings: PruneSettings, result: GenerationResult) -> str:
     if not settings.method.prunes:  # k and L mean nothing to it
         head, kept = f"{settings.method}: ", f"all {result.visual_tokens} visual tokens kept (no pruning)"
     else:
-        head = f"{settings.method} k={settings.k} L={result.layer}: "
+        compact = " (compact KV cache)" if settings.method.compacts else ""
+        head = f"{settings.method} k={settings.k} L={result.layer}{compact}: "
         if not result.pruned:
             kept = f"k >= {result.visual_tokens} visual tokens, nothing pruned"
         else:

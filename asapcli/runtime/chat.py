@@ -42,7 +42,7 @@ class Turn:
     prompt: str
     images: list[str]  # the images this turn brought
     result: GenerationResult
-    cached_tokens: int  # tokens in the (layer-0) cache after the turn
+    cached_tokens: int  # the dialogue's tokens the cache continues from (a compact layer 0 holds fewer)
 
     def record(self, environment: Environment) -> ChatTurn:
         """The turn as --json prints it."""
