@@ -343,3 +343,14 @@ def test_an_image_in_a_later_turn_is_scored_at_its_own_place_in_the_cache(llava_
     assert [(layer, list(kept)) for layer, kept in image.stages] == [
         (layer, kept.tolist()) for layer, kept in span.stages
     ]
+
+
+@pytest.mark.parametrize("method", ["pdrop", "sparsevlm"])
+def test_a_method_in_stages_on_a_one_layer_model_is_refused_in_one_line(method, asap):
+    """Its stages at D/4, D/2, 3D/4 of one layer are none: an IndexError reached the user."""
+    result = asap("run", "examples/car.png", "what?", "-m", "bench", "--layers", 1, "--method", method)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"Error: {method} prunes in stages between decoder layers; this model has 1 decoder layer, so no layer to "
+        "prune before"
+    )

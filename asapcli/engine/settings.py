@@ -108,6 +108,11 @@ class PruneSettings:
                 f"{self.method} prunes after a decoder layer L with layers after it; this model has "
                 f"{num_layers} decoder layer{'' if num_layers == 1 else 's'}, so none to prune after"
             )
+        if self.method.prunes and not self.method.stage_layers(self.layer, num_layers):  # pdrop's D/4.. on D = 1
+            raise UsageError(
+                f"{self.method} prunes in stages between decoder layers; this model has {num_layers} decoder "
+                f"layer{'' if num_layers == 1 else 's'}, so no layer to prune before"
+            )
         if self.method.reads_layer and self.layer > num_layers - 1:
             raise UsageError(
                 f"layer must be in 1..{num_layers - 1} for this model ({num_layers} decoder layers), got {self.layer}"
