@@ -605,30 +605,62 @@ MUTANTS = [
         ("            text = text.split(stop, 1)[0]", "            text = text.rsplit(stop, 1)[0]"),
     ), ("-m", "lmms_eval or not lmms_eval", "tests/test_lmms_eval.py::test_an_answer_is_cut_at_the_first_stop_string")),
     # Issue 37: the compact KV cache.
-    Mutant("C01 a compact cache never cut", CACHE_STATE, (
+    Mutant("KV01 a compact cache never cut", CACHE_STATE, (
         ("            setattr(layer, name, torch.cat([states[:, :, :before], taken], dim=2))", "            pass"),
     ), ("tests/test_compact_cache.py::test_each_layer_holds_what_each_mode_claims",)),
-    Mutant("C02 a compact cache cut in the first pruned layer too", CACHE_STATE, (
+    Mutant("KV02 a compact cache cut in the first pruned layer too", CACHE_STATE, (
         ("    for layer in cache.layers[start:stop]:", "    for layer in cache.layers[start : stop + 1]:"),
     ), ("tests/test_compact_cache.py::test_each_layer_holds_what_each_mode_claims",)),
-    Mutant("C03 a compact cache cut to the last stage's tokens", PRUNE_PASS, (
+    Mutant("KV03 a compact cache cut to the last stage's tokens", PRUNE_PASS, (
         ("item.stages[0][0], item.stages[0][1] - chunk_start", "item.stages[0][0], item.stages[-1][1] - chunk_start"),
     ), ("tests/test_compact_cache.py::test_each_layer_holds_what_each_mode_claims",)),
-    Mutant("C04 a compact batch's padding forgotten in the cut layers", CACHE_STATE, (
+    Mutant("KV04 a compact batch's padding forgotten in the cut layers", CACHE_STATE, (
         ("    state.note_padding(start, real.gather(1, order) & filled, before)", "    pass"),
     ), ("tests/test_compact_cache.py::test_a_padded_batch_with_a_compact_cache_equals_its_samples_one_by_one",)),
-    Mutant("C05 a SequenceCache reports what layer 0 holds", CACHE_STATE, (
+    Mutant("KV05 a SequenceCache reports what layer 0 holds", CACHE_STATE, (
         ("        return held + state.dropped if layer_idx == 0 and held and state is not None else held", "        return held"),
     ), ("tests/test_compact_cache.py::test_a_chat_continues_a_compact_cache",)),
-    Mutant("C06 a SequenceCache's queries placed at the sequence's length", CACHE_STATE, (
+    Mutant("KV06 a SequenceCache's queries placed at the sequence's length", CACHE_STATE, (
         ("        return super().get_seq_length(layer_idx)  # a query follows", "        return self.get_seq_length(layer_idx)  # a query follows"),
     ), ("tests/test_compact_cache.py::test_a_plain_cache_compacted_is_not_continued_but_a_sequence_cache_is",)),
-    Mutant("C07 chat on a plain DynamicCache", CHAT, (
+    Mutant("KV07 chat on a plain DynamicCache", CHAT, (
         ("        return SequenceCache(config=", "        return __import__(\"transformers\").DynamicCache(config="),
     ), ("tests/test_compact_cache.py::test_a_chat_continues_a_compact_cache",)),
-    Mutant("C08 every image cut at the first step of the call's first", CACHE_STATE, (
+    Mutant("KV08 every image cut at the first step of the call's first", CACHE_STATE, (
         ("        index, real, start = index.gather(1, keep), kept_real, layer", "        break"),
     ), ("tests/test_compact_cache.py::test_spans_first_pruned_at_different_layers_are_each_cut_before_their_own",)),
+    # The second mutation review of the compact cache: its survivors (M01-M25), each killed by a test now.
+    Mutant("KM01 a cut after cached tokens takes the earliest ones", CACHE_STATE, (
+        ("        index = (order + before)[:, None, :, None]", "        index = order[:, None, :, None]"),
+    ), ("tests/test_compact_cache.py::test_a_cut_after_tokens_cached_before_keeps_those_and_what_the_call_kept",)),
+    Mutant("KM08 a SequenceCache emptied reports the tokens cut before", CACHE_STATE, (
+        ("if layer_idx == 0 and held and state is not None else held", "if layer_idx == 0 and state is not None else held"),
+    ), ("tests/test_compact_cache.py::test_a_sequence_cache_emptied_starts_afresh",)),
+    Mutant("KM10 an emptied cut cache refused a new prompt", CACHE_STATE, (
+        ("    state = getattr(cache, ATTRIBUTE, None) if held(cache, 0) else None", "    state = getattr(cache, ATTRIBUTE, None)"),
+    ), ("tests/test_compact_cache.py::test_a_sequence_cache_emptied_starts_afresh",)),
+    Mutant("KM11 compact without a cache cuts a cache", DECODER, (
+        ("        if prune_pass.method.compacts and call.use_cache:", "        if prune_pass.method.compacts:"),
+    ), ("tests/test_compact_cache.py::test_compact_without_a_cache_or_with_a_bare_one",)),
+    Mutant("KM16 profile's vanilla said exact", "asapcli/measure/profiling.py", (
+        ('kv_cache=settings.method.options().get("kv_cache"),', 'kv_cache=settings.method.options().get("kv_cache", "exact"),'),
+    ), ("tests/test_compact_cache.py::test_profile_says_which_runs_were_compact",)),
+    Mutant("KM18 profile's title says compact only when every row is", "asapcli/commands/profile.py", (
+        ('    if any(row.kv_cache == "compact" for row in rows):', '    if all(row.kv_cache == "compact" for row in rows):'),
+    ), ("tests/test_compact_cache.py::test_profile_says_which_runs_were_compact",)),
+    Mutant("KM20 /forget starts a plain cache", CHAT, (
+        ("        self.cache = self._new_cache()\n        self.seen = []\n        return cut - start",
+         "        self.cache = __import__(\"transformers\").DynamicCache(config=self.loaded.model.config.get_text_config())\n        self.seen = []\n        return cut - start"),
+    ), ("tests/test_compact_cache.py::test_chat_keeps_a_sequence_cache_when_it_starts_over",)),
+    Mutant("KM22 sparsevlm compact by default", SPARSEVLM, (
+        ('    kv_cache: str = "exact"', '    kv_cache: str = "compact"'),
+    ), ("tests/test_compact_cache.py::test_every_method_that_takes_it_defaults_to_exact",)),
+    Mutant("KM24 a padded batch's sequence counted by its real tokens", CACHE_STATE, (
+        ("                state.shortened(why, chunk - width)", "                state.shortened(why, chunk - int(real.sum()))"),
+    ), ("tests/test_compact_cache.py::test_a_padded_batch_on_a_sequence_cache_reports_the_sequences_length",)),
+    Mutant("KM25 a bare cache's layers read past their end", CACHE_STATE, (
+        ("    if cache is None or layer >= len(cache.layers):", "    if cache is None or layer > len(cache.layers):"),
+    ), ("tests/test_compact_cache.py::test_compact_without_a_cache_or_with_a_bare_one",)),
 ]  # fmt: skip
 
 

@@ -312,3 +312,120 @@ def test_every_output_says_a_cache_was_compact(asap):
     assert [row["options"].get("kv_cache") for row in rows] == [None, "compact"]
     assert "L=2, compact KV cache" in asap(*args, "--kv-cache", "compact").stdout
     assert "compact" not in asap(*args).stdout.splitlines()[0]
+
+
+# The second mutation review's survivors (M01-M25), each a test that fails on it.
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_a_cut_after_tokens_cached_before_keeps_those_and_what_the_call_kept(method, lvlm, inputs):
+    """A chat's image on its second turn: the layers before the step keep the earlier turn's
+    tokens and the call's text and kept tokens, the very keys the exact prefill computed there,
+    in order (M01, M03)."""
+    prefix = lvlm.processor.tokenizer("hello there", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    config = lvlm.model.config.get_text_config()
+    call = {key: value for key, value in inputs.items() if key != "attention_mask"}
+    caches = {}
+    for mode in ("exact", "compact"):
+        cache = asapcli.SequenceCache(config=config)
+        with torch.inference_mode(), asapcli.pruned(lvlm.model, method=method, k=K, kv_cache=mode) as block:
+            lvlm.model(input_ids=prefix, past_key_values=cache, use_cache=True)
+            lvlm.model(**call, past_key_values=cache, use_cache=True)
+        caches[mode] = cache
+    (record,) = block.prefills[-1].pruned()
+    first_layer, first_kept = record.stages[0]
+    everything = range(prefix.shape[1] + inputs["input_ids"].shape[1])
+    kept = sorted([p for p in everything if not record.start <= p < record.end] + first_kept.tolist())
+    assert caches["compact"].get_seq_length() == len(everything)
+    for number in range(first_layer):
+        whole, cut = caches["exact"].layers[number], caches["compact"].layers[number]
+        assert torch.equal(cut.keys, whole.keys[:, :, kept]) and torch.equal(cut.values, whole.values[:, :, kept])
+
+
+def test_a_sequence_cache_emptied_starts_afresh(lvlm, inputs):
+    """After reset() it reports 0, not the tokens an earlier prefill cut (M08), and a new prompt
+    on it inside the block is a first prefill, not a refused continuation (M10)."""
+    cache = asapcli.SequenceCache(config=lvlm.model.config.get_text_config())
+    with torch.inference_mode(), asapcli.pruned(lvlm.model, method="fastv", k=K, kv_cache="compact"):
+        first = lvlm.model(**inputs, past_key_values=cache, use_cache=True).logits
+        cache.reset()
+        assert cache.get_seq_length() == 0
+        plain = lvlm.model(**inputs, use_cache=True).past_key_values
+        plain.reset()
+        again = lvlm.model(**inputs, past_key_values=plain, use_cache=True).logits
+    assert torch.equal(first, again)
+
+
+def test_compact_without_a_cache_or_with_a_bare_one(lvlm, inputs):
+    """use_cache=False leaves nothing to cut (M11); a DynamicCache made without a config grows
+    its layers as they come (M25)."""
+    with torch.inference_mode():
+        with asapcli.pruned(lvlm.model, method="fastv", k=K, kv_cache="exact"):
+            exact = lvlm.model(**inputs, use_cache=False).logits
+        with asapcli.pruned(lvlm.model, method="fastv", k=K, kv_cache="compact"):
+            compact = lvlm.model(**inputs, use_cache=False).logits
+            bare = lvlm.model(**inputs, past_key_values=DynamicCache(), use_cache=True).past_key_values
+    assert torch.equal(exact, compact)
+    assert bare.layers[0].get_seq_length() == inputs["input_ids"].shape[1] - 64 + K
+
+
+def test_a_padded_batch_on_a_sequence_cache_reports_the_sequences_length(lvlm, images):
+    """Rows that keep different numbers are left-filled: the cache is as long as the longest
+    row's, and the sequence as the batch's input (M24)."""
+    processor = lvlm.processor
+    texts = [
+        processor.apply_chat_template([user_message(p, 1)], add_generation_prompt=True)
+        for p in ("what?", "where is the blue thing in this picture?")
+    ]
+    batch = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    cache = asapcli.SequenceCache(config=lvlm.model.config.get_text_config())
+    with torch.inference_mode(), asapcli.pruned(lvlm.model, method="pdrop", k=K, kv_cache="compact"):
+        lvlm.model(**batch, past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == batch["input_ids"].shape[1] > cache.layers[0].get_seq_length()
+
+
+def test_the_refusal_names_who_takes_it_and_who_does_not(llava_path):
+    model = load(str(llava_path), device="cpu").model
+    with pytest.raises(UsageError) as refused:
+        asapcli.pruned(model, method="divprune", kv_cache="compact")
+    assert str(refused.value) == (
+        "kv_cache compact is for methods that prune inside the language model (asap, asap-bimask-only, fastv, pdrop, "
+        "random, sparsevlm): divprune leaves no layer's cache to compact (one that prunes before the language model "
+        "holds only its kept tokens in every layer already; vanilla prunes nothing)"
+    )  # M15
+
+
+def test_every_method_that_takes_it_defaults_to_exact():
+    from asapcli.engine.methods import METHODS
+
+    takers = [cls for cls in METHODS.values() if "kv_cache" in cls.hyperparameters()]
+    assert {cls.name for cls in takers} == {"asap", "asap-bimask-only", "fastv", "pdrop", "random", "sparsevlm"}
+    assert all(cls().kv_cache == "exact" and not cls().compacts for cls in takers)  # M22
+
+
+def test_profile_says_which_runs_were_compact(asap):
+    args = ("profile", "--methods", "vanilla,fastv", "-k", 8, "--repeats", 1, "--warmup", 0, "--decode-tokens", 2)
+    rows = [
+        __import__("json").loads(line) for line in asap(*args, "--kv-cache", "compact", "--json").stdout.splitlines()
+    ]
+    assert [row["kv_cache"] for row in rows] == [None, "compact"]  # M16: vanilla takes none
+    assert "compact KV cache" in asap(*args, "--kv-cache", "compact").stdout  # M18: vanilla is in the table
+    assert "compact" not in asap(*args).stdout
+
+
+def test_chat_keeps_a_sequence_cache_when_it_starts_over(lvlm, images):
+    """/forget and a dialogue whose cached images no longer match start a new cache: a
+    SequenceCache still, so that a compact cache's next turn goes on (M20, M21)."""
+    from asapcli.engine.settings import PruneSettings
+    from asapcli.runtime.chat import ChatSession
+
+    session = ChatSession(lvlm, PruneSettings("fastv", k=K, kv_cache="compact"), max_tokens=2)
+    session.add_image("first", images[0])
+    session.ask("what is it?")
+    session.forget_oldest_image()
+    assert isinstance(session.cache, asapcli.SequenceCache)
+    session.add_image("second", images[1])
+    session.ask("and this?")
+    session.ask("sure?")  # continues the compact cache of the turn after /forget
+    assert session._reuse_cache([session.seen[0] + 1, *session.seen[1:]]) == 0
+    assert isinstance(session.cache, asapcli.SequenceCache)

@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import UnsupportedModel, UsageError
+from .ops import left_filled
 
 # The attribute of a transformers cache that holds its CacheState.
 ATTRIBUTE = "asap_pruning"
@@ -155,10 +156,11 @@ def compact(cache, steps: list, spans: list, chunk: int, real: torch.Tensor | No
     """Cut, once the prefill is done (--kv-cache compact), the caches of the layers before each
     image span's first prune step to what that step kept of it: every layer then holds what the
     paper's Table 4 counts. `steps`: the prefill's prune steps in order, (layer, the indices each
-    row kept of the tokens entering it (B, M), which of them are real); `spans`: (row, start, end,
-    first step's layer, the chunk indices it kept) per pruned span (PrunePass.first_steps); `chunk`:
-    the tokens the prefill brought, `real`: which of them are real (None: all). Rows that keep fewer tokens than
-    others are left-filled with masked slots, as a prune step fills them."""
+    row kept of the tokens entering it (B, M), which of them are real); `spans`: (row, start,
+    end, its first step's layer, the chunk indices that step kept) per pruned span
+    (PrunePass.first_steps); `chunk`: the tokens the prefill brought, `real`: which of them are
+    real (None: all). Rows that keep fewer tokens than others are left-filled with masked slots,
+    as a prune step fills them."""
     if not spans:
         return
     state, batch, device = of(cache), steps[0][1].shape[0], steps[0][1].device
@@ -166,7 +168,7 @@ def compact(cache, steps: list, spans: list, chunk: int, real: torch.Tensor | No
     real = torch.ones(batch, chunk, dtype=torch.bool, device=device) if real is None else real
     start = 0
     for layer, keep, kept_real in steps:
-        wanted = _still_whole(index, spans, start)
+        wanted = _compact_keeps(index, spans, start)
         if start < layer and not bool(wanted.all()):
             width = _cut(cache, state, start, layer, wanted, real)
             if start == 0:
@@ -174,22 +176,20 @@ def compact(cache, steps: list, spans: list, chunk: int, real: torch.Tensor | No
         index, real, start = index.gather(1, keep), kept_real, layer
 
 
-def _still_whole(index: torch.Tensor, spans: list, start: int) -> torch.Tensor:
+def _compact_keeps(index: torch.Tensor, spans: list, start: int) -> torch.Tensor:
     """Which of the tokens the layers from `start` hold (chunk indices `index`, (B, M)) a compact
     cache keeps: all but those of a span not pruned yet there that its first step dropped."""
     wanted = torch.ones_like(index, dtype=torch.bool)
-    for row, first, end, layer, kept in spans:
-        if layer > start:
+    for row, begin, end, first_layer, kept in spans:
+        if first_layer > start:
             ids = index[row]
-            wanted[row] &= (ids < first) | (ids >= end) | torch.isin(ids, kept)
+            wanted[row] &= (ids < begin) | (ids >= end) | torch.isin(ids, kept)
     return wanted
 
 
 def _cut(cache, state: CacheState, start: int, stop: int, wanted: torch.Tensor, real: torch.Tensor) -> int:
     """Layers start..stop-1 cut to the `wanted` of the tokens the prefill brought them (B, M),
     rows left-filled; their padding noted. The tokens they hold now of the prefill's."""
-    from .ops import left_filled
-
     order, filled = left_filled(wanted)
     before = held(cache, start) - wanted.shape[1]
     state.note_padding(start, real.gather(1, order) & filled, before)
