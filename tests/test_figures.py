@@ -321,7 +321,7 @@ def test_compare_checks_its_figure_before_the_model_loads(tmp_path, asap):
 
 
 def row(method, k, flops, average, low, high) -> EvalRow:
-    return EvalRow(method, k, flops, {}, {}, average, None, 10, {}, [low, high])
+    return EvalRow(method, k, {}, flops, {}, {}, average, None, 10, {}, [low, high])
 
 
 def test_the_accuracy_plot_labels_each_point_with_its_k_and_draws_vanilla_as_a_line():
