@@ -69,9 +69,10 @@ def pruned(
 ) -> AbstractContextManager[PruningSession]:
     """Prune the visual tokens of `model` (a transformers LVLM, or what `load` returned) in every
     forward call inside the block. `options` are the method's own, as the CLI spells them with
-    underscores (`lambda_max`, `merge_threshold`, `score_queries`, `score`, `positions`); an
-    option the method does not take, or a value out of range, raises asapcli.errors.UsageError
-    here, before the block. `k` defaults to 128, `layer` (L) to 2; pdrop and sparsevlm, whose
+    underscores (`lambda_max`, `merge_threshold`, `score_queries`, `score`, `positions`,
+    `kv_cache`, ...); an option the method does not take, or a value out of range, raises
+    asapcli.errors.UsageError here, before the block. With `kv_cache="compact"`, a cache to be
+    continued by calls of several tokens is an `asapcli.SequenceCache`. `k` defaults to 128, `layer` (L) to 2; pdrop and sparsevlm, whose
     stages follow the model's depth, take no layer. `flops` (0.25 or "25%") in place of k: the
     largest k whose visual FLOPs stay within that share of vanilla's (Eq. 7-8), as --flops.
     The block can be entered again, each time a fresh one."""
