@@ -422,14 +422,12 @@ def test_a_piped_chat_says_when_an_answer_was_cut(asap):
 
 
 def test_help_lists_only_what_the_command_takes(asap):
-    """chat listed divprune, pool and vispruner (which it refuses) and their options; eval listed
-    --layers and --random-weights (which it refuses)."""
+    """eval listed --layers and --random-weights (which it refuses); chat takes every method (a
+    SequenceCache continues the caches of those that prune before the language model too)."""
     from asapcli.engine.methods import METHODS
 
     chat = asap("chat", "--help").stdout
-    refused = [name for name, method in METHODS.items() if not method.continues_cache]
-    assert refused and not any(name in chat for name in refused)
-    assert "--important-ratio" not in chat and "pdrop" in chat
+    assert all(name in chat for name in METHODS) and "--important-ratio" in chat
     evaluated = asap("eval", "--help").stdout
     assert "--layers" not in evaluated and "--random-weights" not in evaluated
     assert "--important-ratio" in asap("run", "--help").stdout
@@ -480,9 +478,8 @@ COUNTED_OPTIONS = (
 )  # what asap flops counts by: its own --kv-cache counts every method's cache
 METHOD_OPTIONS = f"{COUNTED_OPTIONS} --kv-cache"
 COMMAND_OPTIONS = {
-    "chat": f"image {WHERE} --random-weights --layers --method --k --flops --layer --lambda-max --merge-threshold "
-    "--score-queries --score --positions --stage-ratio --stage-counts --kv-cache --max-tokens --temperature --top-p "
-    "--top-k --seed --system --json",
+    "chat": f"image {WHERE} --random-weights --layers --method --k --flops --layer {METHOD_OPTIONS} --max-tokens "
+    "--temperature --top-p --top-k --seed --system --json",
     "compare": f"image prompt {WHERE} --random-weights --layers --methods --k --flops --layer --seed {METHOD_OPTIONS} "
     "--max-tokens --out --json",
     "env": "--json",

@@ -2,7 +2,8 @@
 step keep only the tokens that step kept, so that every layer holds what the paper's Table 4
 counts. Checked against a reference that does the same by hand: an exact prefill, its early
 layers' caches cut to the text and the step's kept positions, then greedy decoding by the
-model's own forward outside any block."""
+model's own forward outside any block. And the SequenceCache that continues a cache whose
+layer 0 was cut (compact, or a method before the language model) in a chat's later turns."""
 
 import pytest
 import torch
@@ -429,3 +430,33 @@ def test_chat_keeps_a_sequence_cache_when_it_starts_over(lvlm, images):
     session.ask("sure?")  # continues the compact cache of the turn after /forget
     assert session._reuse_cache([session.seen[0] + 1, *session.seen[1:]]) == 0
     assert isinstance(session.cache, asapcli.SequenceCache)
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("divprune", {"positions": "renumber"}), ("vispruner", {}), ("visionzip", {}), ("prumerge-plus", {})],
+)
+def test_a_chat_continues_the_cache_of_a_method_before_the_llm(method, options, lvlm, images):
+    """They cut layer 0 too: on a SequenceCache a later turn goes on from the dialogue's length,
+    as the model's own forward on a copy of that cache answers with each new token at its place
+    (renumbered: less the shift the pruned prefills left)."""
+    from test_chat import play
+    from tiny_models import pruned_by
+
+    from asapcli.engine import PruningPlan, cache_state, make_method
+    from asapcli.engine.settings import PruneSettings
+    from asapcli.runtime.chat import ChatSession
+
+    session = ChatSession(lvlm, PruneSettings(method, k=K, **options), max_tokens=3)
+    play(session, images, [("image", 0), ("ask", "what is it?"), ("ask", "sure?"), ("image", 1), ("ask", "and this?")])
+    assert session.cache.get_seq_length() == len(session.seen) > session.cache.layers[0].get_seq_length()
+    ids = build_inputs(lvlm.processor, session.messages + [user_message("one more?", 0)], session.images)["input_ids"]
+    cached = session._reuse_cache(ids[0].tolist())
+    reference = cut_by_hand(session.cache, 0, [])
+    shift = cache_state.of(session.cache).shift_at(0)
+    positions = torch.arange(cached, ids.shape[1])[None] - (0 if shift is None else shift[:, None])
+    with torch.inference_mode(), pruned_by(lvlm.model, PruningPlan(make_method(method), K, 0, spans=[])):
+        chat_logits = lvlm.model(input_ids=ids[:, cached:], past_key_values=session.cache, use_cache=True).logits
+    with torch.inference_mode():
+        own = lvlm.model(input_ids=ids[:, cached:], past_key_values=reference, position_ids=positions).logits
+    assert torch.allclose(chat_logits, own, atol=1e-5)

@@ -26,11 +26,10 @@ def test_a_method_takes_the_declared_hyperparameters_it_has_fields_for():
 
 @pytest.mark.parametrize("command", ["run", "chat", "profile", "eval"])
 def test_every_pruning_command_offers_each_hyperparameter_once(command):
-    """Each hyperparameter of a method the command takes, once (chat takes the methods that
-    continue a cache: none of the others' options)."""
+    """Each hyperparameter of a method the command takes, once."""
     click_command = typer.main.get_command(app).commands[command]
     flags = [flag for parameter in click_command.params for flag in parameter.opts]
-    methods = [method for method in METHODS.values() if method.continues_cache or command != "chat"]
+    methods = list(METHODS.values())
     for name, hyperparameter in HYPERPARAMETERS.items():
         taken = any(name in method.hyperparameters() for method in methods)
         assert flags.count(hyperparameter.flag) == int(taken), (command, hyperparameter.flag)

@@ -50,7 +50,7 @@ def chat(
     ] = None,
     *,
     where: options.Where,
-    pruning: options.ChatMethod,
+    pruning: options.OneMethod,
     sampling: options.Sampling,
     json: options.json_flag("one JSON object per turn instead of text") = False,
 ) -> None:

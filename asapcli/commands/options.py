@@ -35,17 +35,14 @@ if TYPE_CHECKING:
     from ..runtime.loading import Loaded
 
 
-def choice(values: tuple[str, ...], pattern: str | None = None, refused: dict[str, str] | None = None) -> dict:
+def choice(values: tuple[str, ...], pattern: str | None = None) -> dict:
     """typer.Option keywords that check a value against `values` (or the regular expression
     `pattern`) as the command line is parsed, before anything heavy is imported, with the closest
-    value as a suggestion, and complete it in the shell. `refused`: values this command does not
-    take though others do, each with why."""
+    value as a suggestion, and complete it in the shell."""
 
     def parse(text: str) -> str:
         if text in values or (pattern is not None and re.fullmatch(pattern, text)):
             return text
-        if refused and text in refused:
-            raise typer.BadParameter(refused[text])
         raise typer.BadParameter(not_one_of(text, values))
 
     return {"parser": parse, "autocompletion": lambda incomplete: [v for v in values if v.startswith(incomplete)]}
@@ -428,9 +425,6 @@ def method_options(name: str, methods: dict[str, type], leave_out: tuple[str, ..
 MethodOptions = method_options("MethodOptions", METHODS)
 # asap flops counts every method's KV storage by its own --kv-cache, vanilla's too
 CountedMethodOptions = method_options("CountedMethodOptions", METHODS, leave_out=("kv_cache",))
-# chat continues its cache turn after turn: only the methods that can (not those that prune before layer 0)
-CHATTING = {name: cls for name, cls in METHODS.items() if cls.continues_cache}
-ChatMethodOptions = method_options("ChatMethodOptions", CHATTING)
 
 
 def options_given(group) -> dict:
@@ -470,7 +464,7 @@ class _Settles:
 
 @dataclasses.dataclass
 class OneMethod(MethodOptions, _Settles):
-    """--method, -k, --layer and the method's options: what run prunes by."""
+    """--method, -k, --layer and the method's options: what run and chat prune by."""
 
     method: Method = DEFAULT_METHOD
     k: K = None
@@ -483,33 +477,6 @@ class FlopsMethod(CountedMethodOptions):
     """--method and its options, as run takes them: what asap flops counts the schedule of."""
 
     method: Method = DEFAULT_METHOD
-
-
-_NOT_IN_CHAT = {
-    name: f"{name} prunes before the language model, so a later turn cannot continue its cache; asap chat takes "
-    f"{', '.join(CHATTING)}"
-    for name, cls in METHODS.items()
-    if not cls.continues_cache
-}
-ChatMethodName = Annotated[
-    str,
-    typer.Option(
-        "--method",
-        metavar="{" + "|".join(CHATTING) + "}",
-        help="The pruning method (those that prune inside the language model: a later turn continues the cache).",
-        **choice(tuple(CHATTING), refused=_NOT_IN_CHAT),
-    ),
-]
-
-
-@dataclasses.dataclass
-class ChatMethod(ChatMethodOptions, _Settles):
-    """--method, -k, --layer and the method's options, as chat takes them."""
-
-    method: ChatMethodName = DEFAULT_METHOD
-    k: K = None
-    flops: Flops = None
-    layer: Layer = None
 
 
 @dataclasses.dataclass

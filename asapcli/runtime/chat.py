@@ -25,7 +25,7 @@ from transformers import BatchFeature
 from ..engine import cache_state, image_spans
 from ..engine.cache_state import SequenceCache
 from ..engine.settings import PruneSettings
-from ..errors import AsapError, UsageError
+from ..errors import AsapError
 from ..records import ChatStats, ChatTurn, Environment
 from .generation import GenerationResult, context_length, generate, kv_cache_bytes
 from .inputs import build_inputs, check_prompt, check_system, check_text, opening, user_message
@@ -71,10 +71,7 @@ class ChatSession:
         top_k: int | None = None,
         system: str | None = None,
     ):
-        settings = settings.for_model(loaded.num_layers)
-        if not settings.method.continues_cache:
-            # Layer 0's cache length is what locates each new turn: theirs is shorter.
-            raise UsageError(f"{settings.method} prunes before the language model; asap chat takes in-LLM methods only")
+        settings = settings.for_model(loaded.num_layers)  # a method before the LLM too: a SequenceCache goes on
         self.loaded = loaded
         self.settings = settings
         self.max_tokens = max_tokens

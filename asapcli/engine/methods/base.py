@@ -138,8 +138,6 @@ class PruningMethod:
       steps from the full prompt.
     - `min_layer`: the smallest L it accepts; `reads_layer`: whether L is where it prunes, so
       that the model's layer count bounds it.
-    - `continues_cache`: whether a later call can continue a KV cache it pruned (asap chat); a
-      method that shortens layer 0's cache cannot.
     - `roles`: the roles its selections give, in the legend's order, with their labels.
     - `reads_vision`: it ranks tokens by what the vision tower saw ([CLS] attention, patch
       features at the feature layer): the block taps the tower for it (engine/vision.py).
@@ -166,7 +164,6 @@ class PruningMethod:
     before_llm: ClassVar[bool] = False
     min_layer: ClassVar[int] = 1  # layers 0..L-1 see every token
     reads_layer: ClassVar[bool] = True
-    continues_cache: ClassVar[bool] = True
     roles: ClassVar[tuple[Role, ...]] = (BY_SCORE,)
     paired_with: ClassVar[str | None] = None
     colour: ClassVar[str] = "#000000"
@@ -266,12 +263,12 @@ class PruningMethod:
 @dataclass(frozen=True)
 class BeforeLLM(PruningMethod):
     """A method that prunes the projected visual features before decoder layer 0 (L = 0 whatever
-    the user gave): chat cannot continue its cache, shorter than the sequence from layer 0 on. Its
-    kept tokens keep their own positions, or are numbered 0..M-1 as a shorter prompt would be
-    (--positions renumber: what the authors' pipelines that feed fewer embeddings do)."""
+    the user gave): its cache is shorter than the sequence from layer 0 on (a chat continues it
+    on a SequenceCache). Its kept tokens keep their own positions, or are numbered 0..M-1 as a
+    shorter prompt would be (--positions renumber: what the authors' pipelines that feed fewer
+    embeddings do)."""
 
     before_llm = True
     min_layer = 0  # it never reads L: 0 says so
     reads_layer = False
-    continues_cache = False
     positions: str = "original"
