@@ -661,6 +661,16 @@ MUTANTS = [
     Mutant("KM25 a bare cache's layers read past their end", CACHE_STATE, (
         ("    if cache is None or layer >= len(cache.layers):", "    if cache is None or layer > len(cache.layers):"),
     ), ("tests/test_compact_cache.py::test_compact_without_a_cache_or_with_a_bare_one",)),
+    # The hostile pass of chat with every method (session 16).
+    Mutant("KH1 after /forget the images left go without their pixels", CHAT, (
+        ("                _with_images_from(features, cached_images),", "                _with_images_from(features, len(images) - len(new_images)),"),
+    ), ("tests/test_chat.py::test_after_forget_the_images_left_are_read_again_with_their_pixels",)),
+    Mutant("KH2 /k not checked against the model's tiles", CHAT, (
+        ("        check_tiles(self.loaded.name, [settings])", "        pass"),
+    ), ("tests/test_chat.py::test_k_set_in_chat_is_checked_as_minus_k_is",)),
+    Mutant("KH3 chat's banner says the L asked for", "asapcli/commands/chat.py", (
+        ("L={settings.first_layer}{compact}", "L={settings.layer}{compact}"),
+    ), ("tests/test_chat.py::test_k_set_in_chat_is_checked_as_minus_k_is",)),
 ]  # fmt: skip
 
 

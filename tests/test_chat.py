@@ -422,3 +422,33 @@ def test_stats_names_the_layer_the_method_pruned_after_as_run_does(llava_path, i
     run = asap("run", image_file, "hi", "-m", llava_path, "--method", method, "-k", 16, "--max-tokens", 2, "--json")
     assert stats["layer"] == json.loads(run.stdout)["layer"]
     assert (stats["layer"] == 2) == (method == "asap")
+
+
+def test_after_forget_the_images_left_are_read_again_with_their_pixels(lvlm, images):
+    """/forget starts the cache over, and the next turn prefills what is left of the dialogue: its
+    images went without their pixels (the model read their tokens as text, no error), as if they
+    were still cached. Found by the hostile pass of session 16."""
+    session = ChatSession(lvlm, PruneSettings("vanilla"), max_tokens=3)
+    play(session, images, [("image", 0), ("ask", "what is it?"), ("image", 1), ("ask", "and this?")])
+    session.forget_oldest_image()
+    session.ask("still?")
+    features = build_inputs(lvlm.processor, session.messages + [user_message("one more?", 0)], session.images)
+    ids = features["input_ids"]
+    cached = session._reuse_cache(ids[0].tolist())
+    with torch.inference_mode():
+        chat_logits = lvlm.model(input_ids=ids[:, cached:], past_key_values=session.cache, use_cache=True).logits
+        single = lvlm.model(**features).logits
+    assert len(session.images) == 1 and torch.allclose(chat_logits[0, -1], single[0, -1], atol=1e-5)
+
+
+def test_k_set_in_chat_is_checked_as_minus_k_is(llava_next_path):
+    """/k 3 with vispruner on LLaVA-NeXT was taken, then every turn with an image refused it."""
+    from asapcli.commands.chat import banner
+    from asapcli.errors import UsageError
+
+    lvlm = load(str(llava_next_path), device="cpu")
+    session = ChatSession(lvlm, PruneSettings("vispruner", k=10))
+    with pytest.raises(UsageError, match="give k at least"):
+        session.set_k(3)
+    assert session.settings.k == 10
+    assert "(vispruner, k=10, L=0)" in banner("nx", session)  # it prunes before layer 0, whatever --layer says

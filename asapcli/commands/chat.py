@@ -69,11 +69,7 @@ def chat(
 
     interactive = sys.stdin.isatty()
     if interactive and not json:
-        compact = ", compact KV cache" if settings.method.compacts else ""
-        display.note(
-            f"Chatting with {where.model} ({settings.method}, k={settings.k}, L={settings.layer}{compact}). "
-            "/help lists commands."
-        )
+        display.note(banner(where.model, session))
     with line_editing(interactive):
         failed = _converse(session, json, interactive)
     if failed and not interactive:
@@ -184,6 +180,16 @@ def _turn(session: ChatSession, text: str, json: bool, interactive: bool) -> Non
         if not result.visual_tokens:  # the turn brought no image: nothing to prune
             line = f"{result.fed_tokens} new tokens; {display.speeds(result)}{display.cut(result)}"
         display.note(f"{line}; the dialogue so far: {turn.cached_tokens} tokens (/stats: what each layer holds)")
+
+
+def banner(model: str, session: ChatSession) -> str:
+    """The line a terminal's chat opens with: the model, the method, k and L as it prunes."""
+    settings = session.settings
+    compact = ", compact KV cache" if settings.method.compacts else ""
+    return (
+        f"Chatting with {model} ({settings.method}, k={settings.k}, L={settings.first_layer}{compact}). "
+        "/help lists commands."
+    )
 
 
 def _command(session: ChatSession, line: str, json: bool) -> bool:

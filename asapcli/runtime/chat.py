@@ -30,6 +30,7 @@ from ..records import ChatStats, ChatTurn, Environment
 from .generation import GenerationResult, context_length, generate, kv_cache_bytes
 from .inputs import build_inputs, check_prompt, check_system, check_text, opening, user_message
 from .loading import Loaded
+from .presets import check_tiles
 
 # Processor outputs with one entry per image along dim 0; a turn passes only its new images.
 PER_IMAGE_INPUTS = ("pixel_values", "image_sizes")
@@ -132,8 +133,10 @@ class ChatSession:
         return cut - start
 
     def set_k(self, k: int) -> None:
-        """The budget for images from the next message on."""
-        self.settings = self.settings.with_budget(k)
+        """The budget for images from the next message on, checked as -k is."""
+        settings = self.settings.with_budget(k)
+        check_tiles(self.loaded.name, [settings])  # a [CLS] method's k per tile on LLaVA-NeXT
+        self.settings = settings
 
     def ask(
         self,
@@ -160,10 +163,11 @@ class ChatSession:
             cache_state.of(self.cache).copy(),
         )
         try:
-            self._reuse_cache(ids.tolist())
+            common = self._reuse_cache(ids.tolist())
+            cached_images = len(image_spans(ids[:common], self.loaded.image_token_id))  # none after /forget
             result = generate(
                 self.loaded,
-                _with_images_from(features, len(images) - len(new_images)),
+                _with_images_from(features, cached_images),
                 self.settings,  # prunes the images the cache has not seen: those in the prefilled tokens
                 max_tokens=self.max_tokens,
                 temperature=self.temperature,
