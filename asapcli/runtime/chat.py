@@ -154,14 +154,7 @@ class ChatSession:
         ids = features["input_ids"][0]
         if ids.numel() >= context_length(self.loaded):
             raise AsapError(self._too_long(ids.numel(), len(new_images)))
-        # A turn that fails anywhere leaves the session as it found it: the cache's tensors are
-        # never changed in place (crop slices, update concatenates), so keeping them is enough.
-        saved = (
-            self.cache,
-            [dict(vars(layer)) for layer in self.cache.layers],
-            self.seen,
-            cache_state.of(self.cache).copy(),
-        )
+        saved = self._saved()
         try:
             common = self._reuse_cache(ids.tolist())
             cached_images = len(image_spans(ids[:common], self.loaded.image_token_id))  # none after /forget
@@ -189,6 +182,13 @@ class ChatSession:
         self.pending = []
         self.turns.append(turn)
         return turn
+
+    def _saved(self) -> tuple:
+        """What `_restore` puts back after a turn that failed anywhere: the cache's tensors are
+        never changed in place (crop slices, update concatenates, a compact cut gathers anew), so
+        keeping them is enough."""
+        layers = [dict(vars(layer)) for layer in self.cache.layers]
+        return self.cache, layers, self.seen, cache_state.of(self.cache).copy()
 
     def _restore(
         self, cache: SequenceCache, layers: list[dict], seen: list[int], state: cache_state.CacheState
